@@ -1,0 +1,95 @@
+"""snaplearn-client: classify a photo or ask for recommendations from the command line.
+
+    snaplearn-client classify IMAGE --user U [--top-k 3] [--vision HOST:PORT]
+    snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
+    snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf.json_format import MessageToJson
+
+from snaplearn_client.client import DEFAULT_RECOMMENDER_TARGET, DEFAULT_VISION_TARGET
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snaplearn-client", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--vision", default=os.environ.get("SNAPLEARN_VISION_TARGET", DEFAULT_VISION_TARGET)
+    )
+    parser.add_argument(
+        "--recommender", default=os.environ.get("SNAPLEARN_RECOMMENDER_TARGET", DEFAULT_RECOMMENDER_TARGET)
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    parser.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    classify = commands.add_parser("classify", help="classify one image file")
+    classify.add_argument("image", type=Path)
+    classify.add_argument("--user", required=True)
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--model", default="")
+    classify.add_argument("--model-version", default="")
+
+    recommend = commands.add_parser("recommend", help="what should this student practise next?")
+    recommend.add_argument("--user", required=True)
+    recommend.add_argument("--k", type=int, default=10)
+    recommend.add_argument("--exclude-seen", action="store_true")
+    recommend.add_argument("--grade", type=int, action="append", default=[])
+    recommend.add_argument("--format", action="append", default=[])
+    recommend.add_argument("--concept", action="append", default=[])
+
+    demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
+    demo.add_argument("--photos-per-student", type=int, default=6)
+    demo.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from snaplearn_client.client import RecommenderClient, VisionClient
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "classify":
+            with VisionClient(args.vision, timeout_s=args.timeout) as vision:
+                reply = vision.classify(
+                    args.image.read_bytes(), args.user, args.top_k, args.model, args.model_version
+                )
+            if args.json:
+                print(MessageToJson(reply))
+                return 0
+            print(f"model {reply.model_name}/{reply.model_version}  request {reply.request_id}")
+            for rank, label in enumerate(reply.labels, 1):
+                print(f"  {rank}. {label.label:<14} {label.score:.3f}")
+            print(f"  queued {reply.queue_ms:.1f} ms, computed {reply.compute_ms:.1f} ms (batch {reply.batch_size})")
+        elif args.command == "recommend":
+            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+                reply = recommender.recommend(
+                    args.user, args.k, args.exclude_seen, args.grade, args.format, args.concept
+                )
+            if args.json:
+                print(MessageToJson(reply))
+                return 0
+            cold = " (cold start)" if reply.cold_start else ""
+            print(f"for {reply.user_id}{cold}, model {reply.model_version}, {reply.events_applied} events")
+            for rank, item in enumerate(reply.items, 1):
+                print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
+                print(f"      {item.reason}")
+        else:
+            from snaplearn_client.demo import run_demo
+
+            return run_demo(args.vision, args.recommender, args.photos_per_student, args.seed)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

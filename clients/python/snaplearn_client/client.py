@@ -1,0 +1,126 @@
+"""Small synchronous clients for the vision and recommender services.
+
+Retries use gRPC's own retry policy (service config), so they apply per attempt with
+exponential backoff and only for UNAVAILABLE: a request that failed for a reason that
+retrying cannot fix (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Self
+
+import grpc
+
+from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
+from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
+
+DEFAULT_VISION_TARGET = "127.0.0.1:50051"
+DEFAULT_RECOMMENDER_TARGET = "127.0.0.1:50052"
+
+
+def _service_config(service: str, max_attempts: int) -> str:
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service}],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, min(max_attempts, 5)),
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _channel(target: str, service: str, max_attempts: int) -> grpc.Channel:
+    options = [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _service_config(service, max_attempts)),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ]
+    return grpc.insecure_channel(target, options=options)
+
+
+class _Client:
+    service_name = ""
+
+    def __init__(self, target: str, timeout_s: float = 5.0, max_attempts: int = 4) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = _channel(target, self.service_name, max_attempts)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel connects (raises grpc.FutureTimeoutError otherwise)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class VisionClient(_Client):
+    service_name = "snaplearn.vision.v1.VisionService"
+
+    def __init__(self, target: str = DEFAULT_VISION_TARGET, timeout_s: float = 5.0, max_attempts: int = 4):
+        super().__init__(target, timeout_s, max_attempts)
+        self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
+
+    def classify(
+        self,
+        image: bytes,
+        user_id: str,
+        top_k: int = 0,
+        model_name: str = "",
+        model_version: str = "",
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> vision_pb2.ClassifyResponse:
+        request = vision_pb2.ClassifyRequest(
+            user_id=user_id,
+            image=image,
+            top_k=top_k,
+            model_name=model_name,
+            model_version=model_version,
+            request_id=request_id,
+        )
+        return self._stub.Classify(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+
+class RecommenderClient(_Client):
+    service_name = "snaplearn.recommender.v1.RecommenderService"
+
+    def __init__(
+        self, target: str = DEFAULT_RECOMMENDER_TARGET, timeout_s: float = 5.0, max_attempts: int = 4
+    ) -> None:
+        super().__init__(target, timeout_s, max_attempts)
+        self._stub = recommender_pb2_grpc.RecommenderServiceStub(self._channel)
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        exclude_seen: bool = False,
+        grades: Sequence[int] = (),
+        formats: Sequence[str] = (),
+        concepts: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> recommender_pb2.RecommendResponse:
+        request = recommender_pb2.RecommendRequest(
+            user_id=user_id,
+            k=k,
+            exclude_seen=exclude_seen,
+            filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
+        )
+        return self._stub.Recommend(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)

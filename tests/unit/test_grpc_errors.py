@@ -1,0 +1,72 @@
+"""Every row of the domain-error -> status table, through a real grpc.aio server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc import aio
+
+from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
+from snaplearn_common import errors
+from snaplearn_common.grpc_errors import STATUS_BY_ERROR, status_for
+from snaplearn_common.server import start_grpc_server
+
+EXPECTED = {
+    errors.InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+}
+
+
+def test_table_covers_every_domain_error() -> None:
+    table = dict(STATUS_BY_ERROR)
+    assert table == EXPECTED
+    domain_errors = {cls for cls in vars(errors).values() if isinstance(cls, type)}
+    assert domain_errors - {errors.SnapLearnError} == set(EXPECTED)
+
+
+def test_unknown_exceptions_are_internal() -> None:
+    assert status_for(RuntimeError("boom")) == grpc.StatusCode.INTERNAL
+
+
+class _Raising(vision_pb2_grpc.VisionServiceServicer):
+    """Raises the domain error named by the request's user_id."""
+
+    async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
+        if request.user_id == "ok":
+            return vision_pb2.ClassifyResponse(request_id="fine")
+        if request.user_id == "crash":
+            raise RuntimeError("secret internal detail")
+        raise getattr(errors, request.user_id)(f"{request.user_id} raised on purpose")
+
+
+@pytest.fixture
+async def stub():
+    server = await start_grpc_server(
+        [lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(_Raising(), s)],
+        ["snaplearn.vision.v1.VisionService"],
+    )
+    async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield vision_pb2_grpc.VisionServiceStub(channel)
+    await server.stop(0)
+
+
+@pytest.mark.parametrize(("error", "code"), list(EXPECTED.items()), ids=lambda v: getattr(v, "__name__", ""))
+async def test_each_row_maps_to_its_status_and_server_keeps_serving(stub, error, code) -> None:
+    with pytest.raises(aio.AioRpcError) as raised:
+        await stub.Classify(vision_pb2.ClassifyRequest(user_id=error.__name__))
+    assert raised.value.code() == code
+    assert raised.value.details() == f"{error.__name__} raised on purpose"
+    reply = await stub.Classify(vision_pb2.ClassifyRequest(user_id="ok"))
+    assert reply.request_id == "fine"
+
+
+async def test_unexpected_exception_is_internal_without_leaking_details(stub) -> None:
+    with pytest.raises(aio.AioRpcError) as raised:
+        await stub.Classify(vision_pb2.ClassifyRequest(user_id="crash"))
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in raised.value.details()
+    assert "Classify" in raised.value.details()

@@ -1,0 +1,41 @@
+"""The shared server bootstrap: health, reflection, graceful readiness flip."""
+
+from __future__ import annotations
+
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from snaplearn.vision.v1 import vision_pb2_grpc
+from snaplearn_common.server import start_grpc_server
+
+SERVICE = "snaplearn.vision.v1.VisionService"
+
+
+async def test_health_reflection_and_readiness_flip() -> None:
+    server = await start_grpc_server(
+        [lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(vision_pb2_grpc.VisionServiceServicer(), s)],
+        [SERVICE],
+        serving=False,
+    )
+    assert server.port > 0
+    async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        await server.set_serving(True)
+        for name in ("", SERVICE):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = [r async for r in reflection.ServerReflectionInfo(iter([request]))]
+        names = {s.name for s in responses[0].list_services_response.service}
+        assert {SERVICE, "grpc.health.v1.Health"} <= names
+
+        await server.set_serving(False)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    await server.stop(0)
