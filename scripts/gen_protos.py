@@ -60,14 +60,17 @@ def check() -> int:
         stale = sorted(set(want) ^ set(have))
         stale += [p for p in want if p in have and not filecmp.cmp(fresh / p, OUT_ROOT / p, shallow=False)]
         if stale:
-            print("generated code is stale; run `make protos`:", *map(str, stale), sep="\n  ", file=sys.stderr)
+            stale_list = "\n  ".join(map(str, stale))
+            print(f"generated code is stale; run `make protos`:\n  {stale_list}", file=sys.stderr)
             return 1
     print(f"generated code is up to date ({len(want)} files)")
     return 0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if committed generated code is stale")
     args = parser.parse_args()
     if args.check:

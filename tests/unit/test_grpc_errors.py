@@ -35,7 +35,7 @@ def test_unknown_exceptions_are_internal() -> None:
 class _Raising(vision_pb2_grpc.VisionServiceServicer):
     """Raises the domain error named by the request's user_id."""
 
-    async def Classify(self, request, context):  # noqa: N802 (gRPC method name)
+    async def Classify(self, request, context):
         if request.user_id == "ok":
             return vision_pb2.ClassifyResponse(request_id="fine")
         if request.user_id == "crash":

@@ -12,9 +12,13 @@ from snaplearn_common.server import start_grpc_server
 SERVICE = "snaplearn.vision.v1.VisionService"
 
 
+class _Unimplemented(vision_pb2_grpc.VisionServiceServicer):
+    """Only the bootstrap is under test here."""
+
+
 async def test_health_reflection_and_readiness_flip() -> None:
     server = await start_grpc_server(
-        [lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(vision_pb2_grpc.VisionServiceServicer(), s)],
+        [lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(_Unimplemented(), s)],
         [SERVICE],
         serving=False,
     )

@@ -1,8 +1,8 @@
 """snaplearn-client: classify a photo or ask for recommendations from the command line.
 
-    snaplearn-client classify IMAGE --user U [--top-k 3] [--vision HOST:PORT]
-    snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
-    snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
+snaplearn-client classify IMAGE --user U [--top-k 3] [--vision HOST:PORT]
+snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
+snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from snaplearn_client.client import DEFAULT_RECOMMENDER_TARGET, DEFAULT_VISION_T
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="snaplearn-client", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--vision", default=os.environ.get("SNAPLEARN_VISION_TARGET", DEFAULT_VISION_TARGET)
-    )
+    parser.add_argument("--vision", default=os.environ.get("SNAPLEARN_VISION_TARGET", DEFAULT_VISION_TARGET))
     parser.add_argument(
         "--recommender", default=os.environ.get("SNAPLEARN_RECOMMENDER_TARGET", DEFAULT_RECOMMENDER_TARGET)
     )
@@ -67,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"model {reply.model_name}/{reply.model_version}  request {reply.request_id}")
             for rank, label in enumerate(reply.labels, 1):
                 print(f"  {rank}. {label.label:<14} {label.score:.3f}")
-            print(f"  queued {reply.queue_ms:.1f} ms, computed {reply.compute_ms:.1f} ms (batch {reply.batch_size})")
+            timing = f"queued {reply.queue_ms:.1f} ms, computed {reply.compute_ms:.1f} ms"
+            print(f"  {timing} (batch of {reply.batch_size})")
         elif args.command == "recommend":
             with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
                 reply = recommender.recommend(

@@ -1,0 +1,204 @@
+"""`snaplearn up`: start the whole system on one machine and show it working.
+
+Trains the default vision model if the model repository has none, starts the vision
+server and the recommender (each its own process, on the embedded event bus by
+default), runs the demo against them, then keeps them running until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    data_dir: Path
+    host: str = "127.0.0.1"
+    vision_port: int = 50051
+    vision_metrics_port: int = 9101
+    recommender_port: int = 50052
+    recommender_metrics_port: int = 9102
+    demo: bool = True
+    exit_after_demo: bool = False
+    ready_timeout_s: float = 180.0
+    bus_args: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+
+class ManagedProcess:
+    """A child server process whose output goes to a log file and who reports readiness via a file."""
+
+    def __init__(self, name: str, argv: Sequence[str], log_path: Path, ready_file: Path) -> None:
+        self.name, self.argv, self.log_path, self.ready_file = name, list(argv), log_path, ready_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.ready_file.unlink(missing_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            # Own process group: a Ctrl-C in the terminal reaches the launcher, which then drains children.
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def wait_ready(self, timeout_s: float) -> dict[str, int]:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                try:
+                    return dict(json.loads(self.ready_file.read_text()))
+                except json.JSONDecodeError:
+                    pass  # being written; read again
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n{self.log_tail()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def ensure_default_model(settings: LaunchSettings) -> None:
+    """Train the default model unless the repository already has it (progress bar on the terminal)."""
+    command = [sys.executable, "-m", "snaplearn_vision.train", "--repository", str(settings.models_dir)]
+    subprocess.run([*command, "--if-missing"], check=True)
+
+
+def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
+    data, logs, host = settings.data_dir, settings.logs_dir, settings.host
+    vision = ManagedProcess(
+        "vision server",
+        [
+            sys.executable, "-m", "snaplearn_vision.main",
+            "--host", host, "--port", str(settings.vision_port),
+            "--metrics-port", str(settings.vision_metrics_port),
+            "--model-repository", str(settings.models_dir),
+            "--ready-file", str(data / "run" / "vision.json"),
+            *settings.bus_args,
+        ],
+        logs / "vision.log",
+        data / "run" / "vision.json",
+    )  # fmt: skip
+    recommender = ManagedProcess(
+        "recommender",
+        [
+            sys.executable, "-m", "snaplearn_recommender.main",
+            "--host", host, "--port", str(settings.recommender_port),
+            "--metrics-port", str(settings.recommender_metrics_port),
+            "--checkpoint-dir", str(data / "recommender"),
+            "--ready-file", str(data / "run" / "recommender.json"),
+            *settings.bus_args,
+        ],
+        logs / "recommender.log",
+        data / "run" / "recommender.json",
+    )  # fmt: skip
+    return [vision, recommender]
+
+
+def up(settings: LaunchSettings) -> int:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    print(f"== SnapLearn: data in {settings.data_dir}, logs in {settings.logs_dir}", flush=True)
+    ensure_default_model(settings)
+    processes = server_processes(settings)
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    try:
+        for process in processes:
+            process.start()
+        ports = [process.wait_ready(settings.ready_timeout_s) for process in processes]
+        vision_ports, recommender_ports = ports
+        vision = f"{settings.host}:{vision_ports['port']}"
+        recommender = f"{settings.host}:{recommender_ports['port']}"
+        print(
+            f"== vision server  {vision}  (metrics http://{settings.host}:{vision_ports['metrics_port']}/metrics)"
+        )
+        print(
+            f"== recommender    {recommender}  "
+            f"(metrics http://{settings.host}:{recommender_ports['metrics_port']}/metrics)",
+            flush=True,
+        )
+        demo_rc = 0
+        if settings.demo:
+            from snaplearn_client.demo import run_demo
+
+            demo_rc = run_demo(vision, recommender)
+        if settings.exit_after_demo:
+            return demo_rc
+        print("\n== SnapLearn is running. Try:")
+        print(f"   .venv/bin/snaplearn-client --recommender {recommender} recommend --user demo-ada")
+        print("   Ctrl-C stops everything (servers drain in-flight calls first).", flush=True)
+        while not stop_requested.wait(0.5):
+            for process in processes:
+                if process.process is not None and process.process.poll() is not None:
+                    print(f"{process.name} exited unexpectedly:\n{process.log_tail()}", file=sys.stderr)
+                    return 1
+        return 0
+    finally:
+        print("\n== stopping SnapLearn", flush=True)
+        for process in reversed(processes):
+            process.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="snaplearn", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("up", help="start everything, run the demo, serve until Ctrl-C")
+    run.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SNAPLEARN_DATA_DIR", "var")))
+    run.add_argument("--host", default="127.0.0.1")
+    run.add_argument("--vision-port", type=int, default=50051)
+    run.add_argument("--vision-metrics-port", type=int, default=9101)
+    run.add_argument("--recommender-port", type=int, default=50052)
+    run.add_argument("--recommender-metrics-port", type=int, default=9102)
+    run.add_argument("--no-demo", dest="demo", action="store_false", help="start the servers only")
+    run.add_argument("--exit-after-demo", action="store_true", help="stop once the demo has run (smoke test)")
+    run.add_argument("--ready-timeout", type=float, default=180.0)
+    args, bus_args = parser.parse_known_args(argv)
+    settings = LaunchSettings(
+        data_dir=args.data_dir,
+        host=args.host,
+        vision_port=args.vision_port,
+        vision_metrics_port=args.vision_metrics_port,
+        recommender_port=args.recommender_port,
+        recommender_metrics_port=args.recommender_metrics_port,
+        demo=args.demo,
+        exit_after_demo=args.exit_after_demo,
+        ready_timeout_s=args.ready_timeout,
+        bus_args=tuple(bus_args) or ("--bus", "embedded", "--bus-path", str(args.data_dir / "bus.db")),
+    )
+    return up(settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
