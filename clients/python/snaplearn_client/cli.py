@@ -69,15 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {timing} (batch of {reply.batch_size})")
         elif args.command == "recommend":
             with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
-                reply = recommender.recommend(
+                recommendation = recommender.recommend(
                     args.user, args.k, args.exclude_seen, args.grade, args.format, args.concept
                 )
             if args.json:
-                print(MessageToJson(reply))
+                print(MessageToJson(recommendation))
                 return 0
-            cold = " (cold start)" if reply.cold_start else ""
-            print(f"for {reply.user_id}{cold}, model {reply.model_version}, {reply.events_applied} events")
-            for rank, item in enumerate(reply.items, 1):
+            cold = " (cold start)" if recommendation.cold_start else ""
+            print(f"for {recommendation.user_id}{cold}, model {recommendation.model_version}, {recommendation.events_applied} events")
+            for rank, item in enumerate(recommendation.items, 1):
                 print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
                 print(f"      {item.reason}")
         else:
