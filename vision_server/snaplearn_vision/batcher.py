@@ -1,0 +1,398 @@
+"""Dynamic batching: many concurrent callers, one blocking batch function.
+
+Each `submit` parks an asyncio future in a bounded FIFO queue; a single loop task takes
+batches off the head of the queue and runs the *blocking* batch function in a dedicated
+executor, never on the event loop (the same shape as Ray Serve's serve/batching.py and
+LitServe's collate step).
+
+A batch is dispatched when `max_batch_size` requests wait, or when the oldest one has
+waited `max_queue_delay_s`, whichever comes first, and only when an executor thread is
+free. The next batch keeps forming in the queue while the current one computes, so
+it leaves the moment the executor frees up (pipelining) while at most one batch
+computes per executor thread.
+
+Right before compute, requests whose deadline has passed fail with DeadlineExpired and
+requests whose caller went away (future cancelled) are skipped, so the batch function
+never sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar
+
+from snaplearn_common import errors
+
+log = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+Clock = Callable[[], float]
+
+# Rejection reasons reported to BatcherMetrics.count_rejection (label values).
+REJECT_QUEUE_FULL = "queue_full"
+REJECT_DEADLINE = "deadline_expired"
+REJECT_CANCELLED = "cancelled"
+REJECT_SHUTTING_DOWN = "shutting_down"
+
+
+class BatcherMetrics(Protocol):
+    """What the batcher reports; VisionMetrics.for_model() returns one of these."""
+
+    def set_queue_depth(self, depth: int) -> None: ...
+
+    def observe_queue_wait(self, seconds: float) -> None: ...
+
+    def observe_batch(self, size: int, compute_s: float) -> None: ...
+
+    def count_rejection(self, reason: str) -> None: ...
+
+
+class BatchOutputMismatch(RuntimeError):
+    """The batch function returned a number of results different from the number of inputs.
+
+    Deliberately not a SnapLearnError: it is a server bug, so clients see INTERNAL.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingLimits:
+    """Validated batching limits.
+
+    max_batch_size: the most requests computed together.
+    max_queue_delay_s: how long the oldest waiting request may wait for a fuller batch.
+    max_queue_size: the most requests waiting (not yet computing); more are rejected.
+    """
+
+    max_batch_size: int
+    max_queue_delay_s: float
+    max_queue_size: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch_size, bool) or not isinstance(self.max_batch_size, int):
+            raise ValueError(f"max_batch_size must be an int, got {self.max_batch_size!r}")
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not self.max_queue_delay_s >= 0:  # also rejects NaN
+            raise ValueError(f"max_queue_delay_s must be >= 0, got {self.max_queue_delay_s}")
+        if self.max_queue_delay_s == float("inf"):
+            raise ValueError("max_queue_delay_s must be finite")
+        if isinstance(self.max_queue_size, bool) or not isinstance(self.max_queue_size, int):
+            raise ValueError(f"max_queue_size must be an int, got {self.max_queue_size!r}")
+        if self.max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchedResult(Generic[ResultT]):
+    """One request's result plus how it was served."""
+
+    value: ResultT
+    queue_wait_s: float  # from submit to the start of its batch's compute
+    compute_s: float  # wall time of the batch function for its whole batch
+    batch_size: int  # requests actually computed in that batch
+
+
+@dataclass(eq=False, slots=True)  # eq=False: identity comparison, so deque.remove finds *this* request
+class _Request(Generic[ItemT, ResultT]):
+    item: ItemT
+    future: asyncio.Future[BatchedResult[ResultT]]
+    enqueued_at: float
+    deadline: float | None
+
+
+@dataclass(slots=True)
+class _NullMetrics:
+    def set_queue_depth(self, depth: int) -> None:
+        pass
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        pass
+
+    def observe_batch(self, size: int, compute_s: float) -> None:
+        pass
+
+    def count_rejection(self, reason: str) -> None:
+        pass
+
+
+@dataclass(slots=True)
+class _Stats:
+    """Counters for tests and debugging (the metrics object is the operational view)."""
+
+    batches: int = 0
+    computed: int = 0
+    expired: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """Collects concurrent `submit` calls into batches for a blocking `process(items) -> results`.
+
+    Lifecycle: `start()` (from a running event loop), any number of `submit`s, then
+    `stop(drain=True)` which rejects new work, computes everything already queued and
+    shuts the executor down. `stop(drain=False)` fails queued requests with Unavailable
+    instead (the batch already computing still finishes: a thread cannot be interrupted).
+    """
+
+    def __init__(
+        self,
+        process: Callable[[list[ItemT]], Sequence[ResultT]],
+        limits: BatchingLimits,
+        *,
+        name: str = "batcher",
+        metrics: BatcherMetrics | None = None,
+        compute_threads: int = 1,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        if compute_threads < 1:
+            raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
+        self._process = process
+        self.limits = limits
+        self.name = name
+        self._metrics: BatcherMetrics = metrics if metrics is not None else _NullMetrics()
+        self._compute_threads = compute_threads
+        self._clock = clock
+        self._pending: collections.deque[_Request[ItemT, ResultT]] = collections.deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        self._compute_tasks: set[asyncio.Task[None]] = set()
+        # Created in start(): asyncio primitives belong to the loop that runs the batcher.
+        self._wakeup: asyncio.Event | None = None
+        self._free_threads: asyncio.Semaphore | None = None
+        self._accepting = False
+        self._draining = False
+        self.stats = _Stats()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._accepting
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (not those computing)."""
+        return len(self._pending)
+
+    def start(self) -> None:
+        if self._loop_task is not None:
+            raise RuntimeError(f"{self.name} already started")
+        self._executor = ThreadPoolExecutor(
+            max_workers=self._compute_threads, thread_name_prefix=f"{self.name}-compute"
+        )
+        self._wakeup = asyncio.Event()
+        self._free_threads = asyncio.Semaphore(self._compute_threads)
+        self._accepting = True
+        self._loop_task = asyncio.get_running_loop().create_task(self._batching_loop(), name=f"{self.name}-loop")
+
+    async def stop(self, drain: bool = True) -> None:
+        """Stop accepting; compute (drain=True) or fail (drain=False) what is queued; join the executor."""
+        if self._loop_task is None:
+            return
+        self._accepting = False
+        if not drain:
+            while self._pending:
+                request = self._pending.popleft()
+                self._fail(request, errors.Unavailable(f"{self.name} is shutting down"), REJECT_SHUTTING_DOWN)
+            self._metrics.set_queue_depth(0)
+        self._draining = True
+        self._wake()
+        try:
+            await self._loop_task
+        finally:
+            if self._compute_tasks:
+                await asyncio.gather(*self._compute_tasks, return_exceptions=True)
+            if self._executor is not None:
+                # The loop and compute tasks are done, so no batch is running: this returns at once.
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    # -- submitting ------------------------------------------------------------------------
+
+    async def submit(self, item: ItemT, deadline: float | None = None) -> BatchedResult[ResultT]:
+        """Queue `item` and wait for its result.
+
+        deadline: absolute time on this batcher's clock (time.monotonic() by default);
+        None waits as long as it takes. Raises Overloaded at once when the queue is full,
+        DeadlineExpired when the deadline passes before compute, Unavailable when stopped,
+        or whatever the batch function raised for this item's batch.
+        """
+        if not self._accepting:
+            self._metrics.count_rejection(REJECT_SHUTTING_DOWN)
+            raise errors.Unavailable(f"{self.name} is not accepting requests (stopped or not started)")
+        now = self._clock()
+        if deadline is not None and deadline <= now:
+            self._count(REJECT_DEADLINE)
+            raise errors.DeadlineExpired(f"the request's deadline passed before it was queued in {self.name}")
+        if len(self._pending) >= self.limits.max_queue_size:
+            self._count(REJECT_QUEUE_FULL)
+            raise errors.Overloaded(
+                f"server overloaded: {self.name} queue is full ({self.limits.max_queue_size} requests waiting); "
+                "retry with backoff"
+            )
+        future: asyncio.Future[BatchedResult[ResultT]] = asyncio.get_running_loop().create_future()
+        request = _Request(item=item, future=future, enqueued_at=now, deadline=deadline)
+        self._pending.append(request)
+        self._metrics.set_queue_depth(len(self._pending))
+        # The loop only needs waking when its decision may change: the queue stopped being
+        # empty (a delay timer starts) or a full batch is ready.
+        if len(self._pending) == 1 or len(self._pending) >= self.limits.max_batch_size:
+            self._wake()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: free its queue slot now rather than at dispatch.
+            if not future.done() or future.cancelled():
+                with contextlib.suppress(ValueError):  # already taken into a batch
+                    self._pending.remove(request)
+                    self._metrics.set_queue_depth(len(self._pending))
+                    self._count(REJECT_CANCELLED, stat="cancelled")
+            raise
+
+    # -- the batching loop -----------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    async def _batching_loop(self) -> None:
+        assert self._free_threads is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            # Hold a thread before choosing a batch: the batch is taken as late as possible,
+            # so it has the most requests and deadlines are checked right before compute.
+            await self._free_threads.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._free_threads.release()
+                raise
+            if batch is None:
+                self._free_threads.release()
+                return
+            task = loop.create_task(self._compute(batch), name=f"{self.name}-batch")
+            self._compute_tasks.add(task)
+            task.add_done_callback(self._compute_tasks.discard)
+
+    async def _next_batch(self) -> list[_Request[ItemT, ResultT]] | None:
+        """Wait until a batch is due and take it; None once stopping with nothing left."""
+        assert self._wakeup is not None
+        limits = self.limits
+        while True:
+            if not self._pending:
+                if self._draining:
+                    return None
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if len(self._pending) < limits.max_batch_size and not self._draining:
+                remaining = self._pending[0].enqueued_at + limits.max_queue_delay_s - self._clock()
+                if remaining > 0:
+                    self._wakeup.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                    continue  # re-evaluate: woken early, timer fired, or the head was cancelled
+            batch = self._take_batch()
+            if batch:
+                return batch
+            # Everything at the head had expired or was cancelled: look again.
+
+    def _take_batch(self) -> list[_Request[ItemT, ResultT]]:
+        now = self._clock()
+        batch: list[_Request[ItemT, ResultT]] = []
+        while self._pending and len(batch) < self.limits.max_batch_size:
+            request = self._pending.popleft()
+            if request.future.done():  # cancelled by its caller
+                self._count(REJECT_CANCELLED, stat="cancelled")
+                continue
+            if request.deadline is not None and request.deadline <= now:
+                self._fail(
+                    request,
+                    errors.DeadlineExpired(
+                        f"the request's deadline passed after {now - request.enqueued_at:.3f}s "
+                        f"waiting in {self.name}'s queue, before compute"
+                    ),
+                    REJECT_DEADLINE,
+                    stat="expired",
+                )
+                continue
+            batch.append(request)
+        self._metrics.set_queue_depth(len(self._pending))
+        return batch
+
+    async def _compute(self, batch: list[_Request[ItemT, ResultT]]) -> None:
+        assert self._free_threads is not None and self._executor is not None
+        try:
+            started = self._clock()
+            for request in batch:
+                self._metrics.observe_queue_wait(started - request.enqueued_at)
+            items = [request.item for request in batch]
+            loop = asyncio.get_running_loop()
+            try:
+                outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_process, items)
+            except Exception as exc:
+                log.warning("%s: batch of %d failed: %r", self.name, len(batch), exc)
+                for request in batch:
+                    self._settle_exception(request, exc)
+                return
+            self.stats.batches += 1
+            self.stats.computed += len(batch)
+            self.stats.batch_sizes.append(len(batch))
+            self._metrics.observe_batch(len(batch), compute_s)
+            try:
+                output_count = len(outputs)
+            except TypeError:
+                output_count = -1
+            if output_count != len(batch):
+                mismatch = BatchOutputMismatch(
+                    f"{self.name}: batch function returned {output_count if output_count >= 0 else 'no sized'} "
+                    f"results for {len(batch)} inputs"
+                )
+                log.error("%s", mismatch)
+                for request in batch:
+                    self._settle_exception(request, mismatch)
+                return
+            for request, output in zip(batch, outputs, strict=True):
+                if not request.future.done():  # its caller may have gone away meanwhile
+                    request.future.set_result(
+                        BatchedResult(
+                            value=output,
+                            queue_wait_s=started - request.enqueued_at,
+                            compute_s=compute_s,
+                            batch_size=len(batch),
+                        )
+                    )
+        finally:
+            self._free_threads.release()
+
+    def _timed_process(self, items: list[ItemT]) -> tuple[Sequence[ResultT], float]:
+        """Runs on the executor thread."""
+        started = time.perf_counter()
+        outputs = self._process(items)
+        return outputs, time.perf_counter() - started
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _count(self, reason: str, stat: str = "rejected") -> None:
+        setattr(self.stats, stat, getattr(self.stats, stat) + 1)
+        self._metrics.count_rejection(reason)
+
+    def _fail(self, request: _Request[ItemT, ResultT], exc: BaseException, reason: str, stat: str = "rejected") -> None:
+        self._count(reason, stat)
+        self._settle_exception(request, exc)
+
+    @staticmethod
+    def _settle_exception(request: _Request[ItemT, ResultT], exc: BaseException) -> None:
+        if not request.future.done():
+            request.future.set_exception(exc)
