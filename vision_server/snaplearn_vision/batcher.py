@@ -171,7 +171,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._wakeup: asyncio.Event | None = None
         self._free_threads: asyncio.Semaphore | None = None
         self._accepting = False
-        self._draining = False
+        self._stopping = False
         self.stats = _Stats()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -206,7 +206,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 request = self._pending.popleft()
                 self._fail(request, errors.Unavailable(f"{self.name} is shutting down"), REJECT_SHUTTING_DOWN)
             self._metrics.set_queue_depth(0)
-        self._draining = True
+        self._stopping = True
         self._wake()
         try:
             await self._loop_task
@@ -233,7 +233,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise errors.Unavailable(f"{self.name} is not accepting requests (stopped or not started)")
         now = self._clock()
         if deadline is not None and deadline <= now:
-            self._count(REJECT_DEADLINE)
+            self._count(REJECT_DEADLINE, stat="expired")
             raise errors.DeadlineExpired(f"the request's deadline passed before it was queued in {self.name}")
         if len(self._pending) >= self.limits.max_queue_size:
             self._count(REJECT_QUEUE_FULL)
@@ -253,11 +253,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             return await future
         except asyncio.CancelledError:
             # The caller went away: free its queue slot now rather than at dispatch.
-            if not future.done() or future.cancelled():
-                with contextlib.suppress(ValueError):  # already taken into a batch
-                    self._pending.remove(request)
-                    self._metrics.set_queue_depth(len(self._pending))
-                    self._count(REJECT_CANCELLED, stat="cancelled")
+            with contextlib.suppress(ValueError):  # ValueError: already taken into a batch
+                self._pending.remove(request)
+                self._metrics.set_queue_depth(len(self._pending))
+                self._count(REJECT_CANCELLED, stat="cancelled")
             raise
 
     # -- the batching loop -----------------------------------------------------------------
@@ -267,6 +266,18 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._wakeup.set()
 
     async def _batching_loop(self) -> None:
+        try:
+            await self._dispatch_batches()
+        except Exception:
+            # A bug here must not leave callers waiting forever.
+            log.exception("%s: batching loop crashed; failing queued requests", self.name)
+            self._accepting = False
+            while self._pending:
+                request = self._pending.popleft()
+                self._settle_exception(request, errors.Unavailable(f"{self.name} failed; see server logs"))
+            raise
+
+    async def _dispatch_batches(self) -> None:
         assert self._free_threads is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -291,12 +302,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         limits = self.limits
         while True:
             if not self._pending:
-                if self._draining:
+                if self._stopping:
                     return None
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if len(self._pending) < limits.max_batch_size and not self._draining:
+            if len(self._pending) < limits.max_batch_size and not self._stopping:
                 remaining = self._pending[0].enqueued_at + limits.max_queue_delay_s - self._clock()
                 if remaining > 0:
                     self._wakeup.clear()
@@ -342,6 +353,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             try:
                 outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_process, items)
             except Exception as exc:
+                # Every request of the batch gets the same error: none of them has a result.
                 log.warning("%s: batch of %d failed: %r", self.name, len(batch), exc)
                 for request in batch:
                     self._settle_exception(request, exc)
