@@ -1,0 +1,64 @@
+"""`python -m snaplearn_recommender.main` (snaplearn-recommender): serve until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from snaplearn_common.eventbus.factory import open_bus
+from snaplearn_recommender.app import RecommenderApp
+from snaplearn_recommender.config import RecommenderSettings, settings_from_args
+
+log = logging.getLogger("snaplearn_recommender")
+
+
+def write_ready_file(path: Path, ports: dict[str, int | str]) -> None:
+    """Write atomically, so a watcher never reads half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(ports))
+    os.replace(temporary, path)
+
+
+async def run(settings: RecommenderSettings) -> None:
+    if settings.bus is None:
+        raise ValueError("bus settings are required")
+    bus = open_bus(settings.bus)
+    try:
+        app = await RecommenderApp.start(settings, bus)
+        stop_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop_requested.set)
+        log.info("recommender ready on %s:%d (metrics :%d)", settings.host, app.port, app.metrics_port)
+        if settings.ready_file:
+            write_ready_file(
+                settings.ready_file,
+                {
+                    "host": settings.host,
+                    "port": app.port,
+                    "metrics_port": app.metrics_port,
+                    "pid": os.getpid(),
+                },
+            )
+        await stop_requested.wait()
+        log.info("shutting down: readiness off, stopping the worker, draining gRPC")
+        await app.stop()
+    finally:
+        bus.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

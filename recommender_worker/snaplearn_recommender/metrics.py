@@ -1,0 +1,65 @@
+"""The recommender's Prometheus metrics, on a registry of its own (see snaplearn_common.metrics)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from snaplearn_common.metrics import LATENCY_BUCKETS
+
+BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+PREFIX = "snaplearn_recommender"
+
+
+class RecommenderMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.recommend_latency = Histogram(
+            f"{PREFIX}_recommend_latency_seconds",
+            "Time to answer one Recommend from the current snapshot",
+            ["cold_start"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.events_applied = Counter(
+            f"{PREFIX}_events_applied", "ImageClassified events applied to the model", registry=r
+        )
+        self.duplicate_events = Counter(
+            f"{PREFIX}_duplicate_events",
+            "Events skipped because their event_id was already applied",
+            registry=r,
+        )
+        self.malformed_events = Counter(
+            f"{PREFIX}_malformed_events",
+            "Records on the topic that could not be decoded (skipped)",
+            registry=r,
+        )
+        self.failed_batches = Counter(
+            f"{PREFIX}_failed_batches", "Micro-batches whose model update raised (skipped)", registry=r
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_microbatch_records", "Records per micro-batch", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_duration = Histogram(
+            f"{PREFIX}_microbatch_duration_seconds",
+            "Decode + model update + snapshot build + commit, per micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.snapshot_age = Gauge(
+            f"{PREFIX}_snapshot_age_seconds",
+            "Seconds since the serving snapshot was built (grows while no events arrive; read with the lag)",
+            registry=r,
+        )
+        self.consumer_lag = Gauge(
+            f"{PREFIX}_consumer_lag_records",
+            "Records on the topic not yet applied (after the last batch)",
+            registry=r,
+        )
+        self.known_users = Gauge(f"{PREFIX}_known_users", "Users in the serving snapshot", registry=r)
+
+    def watch_snapshot_age(self, age_s: Callable[[], float]) -> None:
+        """Compute the age at scrape time, so it is right even when no batch runs."""
+        self.snapshot_age.set_function(age_s)

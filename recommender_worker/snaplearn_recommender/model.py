@@ -1,0 +1,563 @@
+"""The LightFM hybrid model, learned incrementally from ImageClassified events.
+
+Features
+- item: identity + concept:* + grade:* + format:* + difficulty:*
+- user: identity + concept:* weighted by the user's CONCEPT PROFILE (time-decayed, score-
+  weighted counts of the concepts their photos were classified as, normalised to sum 1).
+  A brand-new student is therefore personalised by their first photo, before any fit.
+
+Warm start: at construction the model is fitted on synthetic students who are nothing but
+concept profiles (no identity feature), so all of that signal lands in the shared concept
+embeddings, which is what makes the profile features meaningful from the first event.
+
+Online: `apply(events)` dedupes by event id, updates profiles, turns each event into a few
+weighted positive interactions and runs fit_partial on ONLY those. LightFM's parameters are
+indexed by feature, never by user row, so the batch's interaction matrix has one row per
+user *in the batch* (with those users' feature rows) and a column per catalog item: the
+same update as a full-shape matrix with just the new rows, without O(all users) work.
+New users, items and feature values grow LightFM's arrays in place (capacity doubling).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+import scipy.sparse as sp
+from lightfm import LightFM
+
+from snaplearn_recommender.catalog import (
+    FORMATS,
+    Catalog,
+    LabelMapping,
+    LearningItem,
+    default_label_to_concepts,
+)
+from snaplearn_recommender.snapshot import Snapshot, read_only
+
+if TYPE_CHECKING:
+    from snaplearn.events.v1 import events_pb2
+
+# LightFM keeps six arrays per side (see LightFM._initialize); all are indexed by feature.
+PARAMETER_ARRAYS = (
+    "embeddings",
+    "embedding_gradients",
+    "embedding_momentum",
+    "biases",
+    "bias_gradients",
+    "bias_momentum",
+)
+MIN_CAPACITY = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ModelParams:
+    no_components: int = 32
+    loss: str = "warp"
+    learning_rate: float = 0.05
+    epochs_per_batch: int = 3
+    seed: int = 0
+    # Per event: this many positives from the top concept, plus one per other confident concept.
+    items_per_event: int = 3
+    max_concepts_per_event: int = 2
+    min_label_score: float = 0.2
+    profile_half_life_s: float = 7 * 24 * 3600.0
+    prior_students_per_concept: int = 20
+    prior_items_per_student: int = 8
+    prior_epochs: int = 30
+    dedupe_window: int = 100_000
+    # 1 keeps training deterministic (LightFM's OpenMP fit is Hogwild with more threads).
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.no_components < 1 or self.epochs_per_batch < 1 or self.items_per_event < 1:
+            raise ValueError("no_components, epochs_per_batch and items_per_event must be >= 1")
+        if self.loss not in ("warp", "bpr", "logistic"):
+            raise ValueError(f"loss must be warp, bpr or logistic (sample weights), got {self.loss!r}")
+        if not self.learning_rate > 0 or not self.profile_half_life_s > 0:
+            raise ValueError("learning_rate and profile_half_life_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class ClassifiedEvent:
+    """The part of an ImageClassified event the model uses."""
+
+    event_id: str
+    user_id: str
+    labels: tuple[tuple[str, float], ...]
+    time_s: float
+
+    @classmethod
+    def from_proto(cls, message: events_pb2.ImageClassified) -> ClassifiedEvent:
+        time_s = message.time.ToNanoseconds() / 1e9 if message.HasField("time") else 0.0
+        labels = tuple((label.label, float(label.score)) for label in message.labels)
+        return cls(event_id=message.event_id, user_id=message.user_id, labels=labels, time_s=time_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    applied: int  # new (non-duplicate) events
+    duplicates: int
+    interactions: int
+    new_users: int
+    without_known_concepts: int
+
+
+class RecentIds:
+    """Membership over the last `window` ids added (older ids are forgotten)."""
+
+    def __init__(self, window: int) -> None:
+        self._window = window
+        self._order: deque[str] = deque()
+        self._members: set[str] = set()
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._members
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+    def add(self, item: str) -> None:
+        if item in self._members:
+            return
+        self._order.append(item)
+        self._members.add(item)
+        if len(self._order) > self._window:
+            self._members.discard(self._order.popleft())
+
+
+class Vocabulary:
+    """Append-only name -> index."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._index: dict[str, int] = {}
+        self._names: list[str] = []
+        for name in names:
+            self.add(name)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def add(self, name: str) -> int:
+        index = self._index.get(name)
+        if index is None:
+            index = self._index[name] = len(self._names)
+            self._names.append(name)
+        return index
+
+    def get(self, name: str) -> int | None:
+        return self._index.get(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+
+def _item_feature_names(item: LearningItem) -> list[tuple[str, float]]:
+    """(feature, weight) for one item; metadata weights sum to 1 so multi-concept items don't dominate."""
+    concept_weight = 1.0 / len(item.concepts)
+    return [
+        (f"item:{item.item_id}", 1.0),
+        *((f"concept:{c}", concept_weight) for c in item.concepts),
+        (f"grade:{item.grade}", 0.5),
+        (f"format:{item.format}", 0.5),
+        (f"difficulty:{item.difficulty}", 0.5),
+    ]
+
+
+def _grown(array: npt.NDArray[Any], rows: int, fill: float = 0.0) -> npt.NDArray[Any]:
+    """`array` with at least `rows` rows: capacity doubles, so appends are amortised O(1)."""
+    if rows <= array.shape[0]:
+        return array
+    capacity = max(rows, 2 * array.shape[0], MIN_CAPACITY)
+    out = np.full((capacity, *array.shape[1:]), fill, dtype=array.dtype)
+    out[: array.shape[0]] = array
+    return out
+
+
+class RecommenderModel:
+    """LightFM hybrid recommender that learns from micro-batches of events (single writer)."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        params: ModelParams | None = None,
+        label_to_concepts: LabelMapping | None = None,
+    ) -> None:
+        self.params = params or ModelParams()
+        self.label_to_concepts: dict[str, tuple[str, ...]] = dict(
+            label_to_concepts or default_label_to_concepts()
+        )
+        self.catalog = Catalog(())
+        self.events_applied = 0
+        self.snapshots_built = 0
+        self.lightfm = LightFM(
+            no_components=self.params.no_components,
+            loss=self.params.loss,
+            learning_rate=self.params.learning_rate,
+            random_state=np.random.RandomState(self.params.seed),
+        )
+        # Separate streams so that growth, sampling and LightFM's shuffles don't perturb each other.
+        self._init_rng = np.random.RandomState(self.params.seed + 1)
+        self._rng = np.random.default_rng(self.params.seed + 2)
+        self._sampler = random.Random(self.params.seed + 3)  # per-event picks: cheaper than numpy for a few
+        self._recent_event_ids = RecentIds(self.params.dedupe_window)
+        self._item_vocab = Vocabulary()
+        self._user_vocab = Vocabulary()
+        self._concepts = Vocabulary()
+        self._concept_user_feature = np.zeros(0, dtype=np.int64)  # concept -> user feature column
+        # Per user (row = order of first event): identity feature column, profile, profile time.
+        self._user_index: dict[str, int] = {}
+        self._user_identity_feature = np.zeros(0, dtype=np.int64)
+        self._profiles = np.zeros((0, 0), dtype=np.float64)
+        self._profile_time = np.zeros(0, dtype=np.float64)
+        # Seen items per user row: a set for sampling, sorted arrays (rebuilt per batch) for snapshots.
+        self._seen_sets: dict[int, set[int]] = {}
+        self._seen: dict[int, npt.NDArray[np.int64]] = {}
+        self._popularity = np.zeros(0, dtype=np.float64)
+        for side in ("item", "user"):
+            for name, array in self._fresh_parameters(MIN_CAPACITY).items():
+                setattr(self.lightfm, f"{side}_{name}", array)
+        self.add_items(catalog)
+        self._warm_start()
+
+    # --- sizes (for tests and metrics) ---------------------------------------------------------
+
+    @property
+    def n_users(self) -> int:
+        return len(self._user_index)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.catalog)
+
+    @property
+    def n_item_features(self) -> int:
+        return len(self._item_vocab)
+
+    @property
+    def n_user_features(self) -> int:
+        return len(self._user_vocab)
+
+    @property
+    def item_feature_capacity(self) -> int:
+        return int(self.lightfm.item_embeddings.shape[0])
+
+    @property
+    def user_feature_capacity(self) -> int:
+        return int(self.lightfm.user_embeddings.shape[0])
+
+    def item_feature(self, name: str) -> int | None:
+        return self._item_vocab.get(name)
+
+    def user_feature(self, name: str) -> int | None:
+        return self._user_vocab.get(name)
+
+    def profile(self, user_id: str) -> dict[str, float]:
+        """The user's normalised concept profile ({} for unknown users)."""
+        row = self._user_index.get(user_id)
+        if row is None:
+            return {}
+        weights = self._normalised_profiles(np.array([row]))[0]
+        return {self._concepts.names[i]: float(w) for i, w in enumerate(weights) if w > 0}
+
+    # --- growth ---------------------------------------------------------------------------------
+
+    def _fresh_parameters(self, rows: int) -> dict[str, npt.NDArray[np.float32]]:
+        """New parameter rows exactly as LightFM._initialize makes them."""
+        d = self.params.no_components
+        embeddings = ((self._init_rng.rand(rows, d) - 0.5) / d).astype(np.float32)
+        accumulator_start = 1.0 if self.lightfm.learning_schedule == "adagrad" else 0.0
+        return {
+            "embeddings": embeddings,
+            "embedding_gradients": np.full((rows, d), accumulator_start, dtype=np.float32),
+            "embedding_momentum": np.zeros((rows, d), dtype=np.float32),
+            "biases": np.zeros(rows, dtype=np.float32),
+            "bias_gradients": np.full(rows, accumulator_start, dtype=np.float32),
+            "bias_momentum": np.zeros(rows, dtype=np.float32),
+        }
+
+    def _reserve_features(self, side: str, needed: int) -> None:
+        """Ensure LightFM has parameter rows for `needed` features of `side` ("item"/"user")."""
+        capacity = getattr(self.lightfm, f"{side}_embeddings").shape[0]
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity)
+        fresh = self._fresh_parameters(new_capacity - capacity)
+        for name in PARAMETER_ARRAYS:
+            attribute = f"{side}_{name}"
+            setattr(self.lightfm, attribute, np.concatenate([getattr(self.lightfm, attribute), fresh[name]]))
+
+    def _add_concept(self, concept: str) -> int:
+        index = self._concepts.get(concept)
+        if index is not None:
+            return index
+        index = self._concepts.add(concept)
+        column = self._user_vocab.add(f"concept:{concept}")
+        self._reserve_features("user", len(self._user_vocab))
+        self._concept_user_feature = np.append(self._concept_user_feature, column)
+        if self._profiles.shape[1] < len(self._concepts):
+            columns = max(len(self._concepts), 2 * self._profiles.shape[1], 16)
+            self._profiles = np.hstack(
+                [self._profiles, np.zeros((self._profiles.shape[0], columns - self._profiles.shape[1]))]
+            )
+        return index
+
+    def add_items(self, items: Iterable[LearningItem]) -> None:
+        """Append items (new ids only); their new feature values get fresh parameter rows."""
+        new_items = list(items)
+        self.catalog = self.catalog.extended(new_items)
+        for item in new_items:
+            for name, _ in _item_feature_names(item):
+                self._item_vocab.add(name)
+            for concept in item.concepts:
+                self._add_concept(concept)
+        self._reserve_features("item", len(self._item_vocab))
+        self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items))])
+        self._rebuild_item_arrays()
+
+    def _rebuild_item_arrays(self) -> None:
+        rows, columns, weights = [], [], []
+        for position, item in enumerate(self.catalog):
+            for name, weight in _item_feature_names(item):
+                rows.append(position)
+                columns.append(self._item_vocab.add(name))
+                weights.append(weight)
+        shape = (len(self.catalog), self.item_feature_capacity)
+        self._item_features = sp.csr_matrix((weights, (rows, columns)), shape=shape, dtype=np.float32)
+        membership = np.zeros((len(self.catalog), len(self._concepts)), dtype=bool)
+        for position, item in enumerate(self.catalog):
+            membership[position, [self._concepts.add(c) for c in item.concepts]] = True
+        self._concept_membership = read_only(membership)
+        self._item_grades = read_only(np.array([item.grade for item in self.catalog], dtype=np.int64))
+        codes = [FORMATS.index(item.format) for item in self.catalog]
+        self._item_format_codes = read_only(np.array(codes, dtype=np.int64))
+        self._concept_items = {
+            concept: self.catalog.positions_for_concept(concept) for concept in self.catalog.concepts
+        }
+
+    def _user_row(self, user_id: str, time_s: float) -> int:
+        row = self._user_index.get(user_id)
+        if row is not None:
+            return row
+        row = self._user_index[user_id] = len(self._user_index)
+        column = self._user_vocab.add(f"user:{user_id}")
+        self._reserve_features("user", len(self._user_vocab))
+        self._user_identity_feature = _grown(self._user_identity_feature, row + 1)
+        self._user_identity_feature[row] = column
+        self._profiles = _grown(self._profiles, row + 1)
+        self._profile_time = _grown(self._profile_time, row + 1)
+        self._profile_time[row] = time_s
+        return row
+
+    # --- features -------------------------------------------------------------------------------
+
+    def _normalised_profiles(self, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.float64]:
+        profiles = self._profiles[rows, : len(self._concepts)]
+        totals = profiles.sum(axis=1, keepdims=True)
+        return np.divide(profiles, totals, out=np.zeros_like(profiles), where=totals > 0)
+
+    def _concept_feature_rows(self, concept_weights: npt.NDArray[np.float64]) -> sp.csr_matrix:
+        """User feature rows holding only concept features (no identity)."""
+        rows, concepts = np.nonzero(concept_weights)
+        columns = self._concept_user_feature[concepts]
+        shape = (concept_weights.shape[0], self.user_feature_capacity)
+        return sp.csr_matrix(
+            (concept_weights[rows, concepts], (rows, columns)), shape=shape, dtype=np.float32
+        )
+
+    def _user_feature_rows(self, user_rows: npt.NDArray[np.int64]) -> sp.csr_matrix:
+        """identity (weight 1) + normalised concept profile, one row per entry of user_rows."""
+        concept_part = self._concept_feature_rows(self._normalised_profiles(user_rows))
+        identity = sp.csr_matrix(
+            (np.ones(len(user_rows)), (np.arange(len(user_rows)), self._user_identity_feature[user_rows])),
+            shape=concept_part.shape,
+            dtype=np.float32,
+        )
+        return (identity + concept_part).tocsr()
+
+    # --- training -------------------------------------------------------------------------------
+
+    def _fit(
+        self,
+        rows: Sequence[int],
+        items: Sequence[int],
+        weights: Sequence[float],
+        user_features: sp.csr_matrix,
+        epochs: int,
+    ) -> None:
+        """fit_partial on just these (row, item, weight) positives; rows index user_features."""
+        keys = np.asarray(rows, dtype=np.int64) * self.n_items + np.asarray(items, dtype=np.int64)
+        # One entry per (user, item): LightFM's positives lookup must not see duplicates.
+        unique_keys, inverse = np.unique(keys, return_inverse=True)
+        best = np.zeros(len(unique_keys), dtype=np.float32)
+        np.maximum.at(best, inverse, np.asarray(weights, dtype=np.float32))
+        row_ids, item_ids = np.divmod(unique_keys, self.n_items)
+        shape = (user_features.shape[0], self.n_items)
+        interactions = sp.coo_matrix(
+            (np.ones(len(unique_keys), np.float32), (row_ids, item_ids)), shape=shape
+        )
+        sample_weight = sp.coo_matrix((best, (row_ids, item_ids)), shape=shape)
+        self.lightfm.fit_partial(
+            interactions,
+            user_features=user_features,
+            item_features=self._item_features,
+            sample_weight=sample_weight,
+            epochs=epochs,
+            num_threads=self.params.num_threads,
+        )
+
+    def _warm_start(self) -> None:
+        """Fit synthetic concept-profile students so concept embeddings mean something at once."""
+        concepts = self.catalog.concepts
+        profiles: list[npt.NDArray[np.float64]] = []
+        rows: list[int] = []
+        items: list[int] = []
+        weights: list[float] = []
+        for primary in range(len(concepts)):
+            for _ in range(self.params.prior_students_per_concept):
+                profile = np.zeros(len(self._concepts))
+                profile[self._concepts.add(concepts[primary])] = 1.0
+                candidates = list(self._concept_items[concepts[primary]])
+                if len(concepts) > 1 and self._rng.random() < 0.3:  # some students have a side interest
+                    secondary = concepts[int(self._rng.integers(len(concepts)))]
+                    if secondary != concepts[primary]:
+                        profile[self._concepts.add(secondary)] = 0.5
+                        candidates += list(self._concept_items[secondary][:2])
+                chosen = self._rng.choice(
+                    candidates, size=min(len(candidates), self.params.prior_items_per_student), replace=False
+                )
+                row = len(profiles)
+                profiles.append(profile / profile.sum())
+                rows += [row] * len(chosen)
+                items += [int(i) for i in chosen]
+                weights += [1.0] * len(chosen)
+        if rows:
+            features = self._concept_feature_rows(np.vstack(profiles))
+            self._fit(rows, items, weights, features, epochs=self.params.prior_epochs)
+
+    def _concept_scores(self, labels: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+        """Concepts of an event's labels with their score, best first (non-finite/<=0 dropped)."""
+        scores: dict[str, float] = {}
+        for label, raw_score in labels:
+            if not math.isfinite(raw_score) or raw_score <= 0:
+                continue
+            score = min(raw_score, 1.0)
+            mapped = self.label_to_concepts.get(label) or ((label,) if label in self._concepts else ())
+            for concept in mapped:
+                scores[concept] = max(scores.get(concept, 0.0), score)
+        return sorted(scores.items(), key=lambda pair: (-pair[1], pair[0]))
+
+    def _update_profile(self, row: int, concept_scores: list[tuple[str, float]], time_s: float) -> None:
+        last = self._profile_time[row]
+        time_s = time_s if time_s > 0 else last  # no timestamp: no decay
+        half_life = self.params.profile_half_life_s
+        if time_s >= last:
+            self._profiles[row] *= 0.5 ** ((time_s - last) / half_life)
+            self._profile_time[row] = time_s
+            factor = 1.0
+        else:  # out of order: this event is older than the profile
+            factor = 0.5 ** ((last - time_s) / half_life)
+        for concept, score in concept_scores:
+            self._profiles[row, self._add_concept(concept)] += score * factor
+
+    def _choose_positives(self, row: int, concept_scores: list[tuple[str, float]]) -> list[tuple[int, float]]:
+        """items_per_event items of the top concept + 1 per other confident concept, unseen first."""
+        seen = self._seen_sets.get(row, set())
+        chosen: dict[int, float] = {}
+        kept = [
+            (c, s)
+            for rank, (c, s) in enumerate(concept_scores)
+            if c in self._concept_items and (rank == 0 or s >= self.params.min_label_score)
+        ][: self.params.max_concepts_per_event]
+        for rank, (concept, score) in enumerate(kept):
+            wanted = self.params.items_per_event if rank == 0 else 1
+            pool = [p for p in self._concept_items[concept] if p not in chosen]
+            # Plain Python over a concept's items: a few dozen, where numpy set ops cost more.
+            unseen = [p for p in pool if p not in seen]
+            source = unseen or pool
+            for position in self._sampler.sample(source, min(wanted, len(source))):
+                chosen[position] = score
+        return list(chosen.items())
+
+    def apply(self, events: Iterable[ClassifiedEvent], train: bool = True) -> ApplyResult:
+        """Learn from one micro-batch of events (duplicates by event_id are skipped).
+
+        train=False updates profiles, seen items and popularity but runs no fit_partial.
+        """
+        applied = duplicates = new_users = without_concepts = 0
+        batch_rows: dict[int, int] = {}  # user row -> row in this batch's matrices
+        rows: list[int] = []
+        items: list[int] = []
+        weights: list[float] = []
+        for event in events:
+            if event.event_id in self._recent_event_ids:
+                duplicates += 1
+                continue
+            self._recent_event_ids.add(event.event_id)
+            applied += 1
+            concept_scores = self._concept_scores(event.labels)
+            if not concept_scores:
+                without_concepts += 1  # nothing we can teach from this photo
+                continue
+            new_users += event.user_id not in self._user_index
+            row = self._user_row(event.user_id, event.time_s)
+            self._update_profile(row, concept_scores, event.time_s)
+            positives = self._choose_positives(row, concept_scores)
+            if not positives:
+                continue
+            local_row = batch_rows.setdefault(row, len(batch_rows))
+            for position, weight in positives:
+                rows.append(local_row)
+                items.append(position)
+                weights.append(weight)
+                self._popularity[position] += weight
+            self._seen_sets.setdefault(row, set()).update(p for p, _ in positives)
+        for row in batch_rows:  # immutable arrays for snapshots, once per touched user
+            self._seen[row] = read_only(np.array(sorted(self._seen_sets[row]), dtype=np.int64))
+        if rows and train:
+            user_rows = np.fromiter(batch_rows, dtype=np.int64, count=len(batch_rows))
+            self._fit(rows, items, weights, self._user_feature_rows(user_rows), self.params.epochs_per_batch)
+        self.events_applied += applied
+        return ApplyResult(applied, duplicates, len(rows), new_users, without_concepts)
+
+    # --- serving --------------------------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        """An immutable copy of everything Recommend needs (O(users + items) x d)."""
+        lfm = self.lightfm
+        user_rows = np.arange(self.n_users, dtype=np.int64)
+        user_features = self._user_feature_rows(user_rows)
+        self.snapshots_built += 1
+        concepts = self._concepts.names
+        membership = self._concept_membership
+        if membership.shape[1] < len(concepts):  # concepts seen only in labels have no items
+            padding = np.zeros((membership.shape[0], len(concepts) - membership.shape[1]), dtype=bool)
+            membership = np.hstack([membership, padding])
+        return Snapshot(
+            version=f"lightfm-{self.params.seed}.{self.snapshots_built}",
+            events_applied=self.events_applied,
+            catalog=self.catalog,
+            concepts=concepts,
+            item_vectors=np.asarray(self._item_features @ lfm.item_embeddings, dtype=np.float32),
+            item_biases=np.asarray(self._item_features @ lfm.item_biases, dtype=np.float32),
+            item_grades=self._item_grades,
+            item_format_codes=self._item_format_codes,
+            concept_membership=membership,
+            popularity=self._popularity.astype(np.float32),
+            user_index=dict(self._user_index),
+            user_vectors=np.asarray(user_features @ lfm.user_embeddings, dtype=np.float32).reshape(
+                self.n_users, self.params.no_components
+            ),
+            user_profiles=self._normalised_profiles(user_rows).astype(np.float32),
+            seen_items=dict(self._seen),
+        )
