@@ -1,0 +1,1 @@
+"""Backend-independent contract suites (mixins); backends subclass them in tests/integration."""

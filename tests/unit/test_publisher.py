@@ -1,0 +1,213 @@
+"""EventPublisher over a real embedded bus: non-blocking, bounded, retrying, flushed on stop.
+
+Backend trouble is made with small SqliteProducer subclasses (a stalled send, failing
+sends/flushes); everything else is the real SQLite bus in tmp_path.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from snaplearn_common.eventbus.base import Headers
+from snaplearn_common.eventbus.publisher import EventPublisher
+from snaplearn_common.eventbus.sqlite import SqliteEventBus, SqliteProducer
+from snaplearn_common.events import (
+    IMAGE_CLASSIFIED_TOPIC,
+    EncodedEvent,
+    decode_image_classified,
+    encode_image_classified,
+)
+from tests.contract.eventbus_contract import poll_until, unique
+
+TOPIC = IMAGE_CLASSIFIED_TOPIC
+
+
+def event(i: int, user: str = "student-1") -> EncodedEvent:
+    return encode_image_classified(
+        event_id=f"event-{i}",
+        user_id=user,
+        time_s=1_700_000_000.0 + i,
+        model_name="worksheet-cnn",
+        model_version="3",
+        labels=[("fractions", 0.9), ("decimals", 0.1)],
+    )
+
+
+class StalledProducer(SqliteProducer):
+    """A backend that hangs in send until `gate` opens."""
+
+    def __init__(self, bus: SqliteEventBus, gate: threading.Event) -> None:
+        super().__init__(bus)
+        self.gate = gate
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+        assert self.gate.wait(30), "test never opened the gate"
+        super().send(topic, value, key, headers)
+
+
+class FlakyProducer(SqliteProducer):
+    """A backend whose first sends / flushes fail, with an error that quotes the payload."""
+
+    def __init__(self, bus: SqliteEventBus, send_failures: int = 0, flush_failures: int = 0) -> None:
+        super().__init__(bus)
+        self.send_failures = send_failures
+        self.flush_failures = flush_failures
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+        if self.send_failures > 0:
+            self.send_failures -= 1
+            raise sqlite3.OperationalError(f"disk I/O error while writing {value!r}")
+        super().send(topic, value, key, headers)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self.flush_failures > 0:
+            self.flush_failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        super().flush(timeout_s)
+
+
+@pytest.fixture
+def bus(tmp_path: Path) -> Iterator[SqliteEventBus]:
+    with SqliteEventBus(tmp_path / "bus.db") as bus:
+        bus.create_topic(TOPIC, 2)
+        yield bus
+
+
+def read_all(bus: SqliteEventBus, count: int) -> list[bytes]:
+    with bus.consumer(unique("reader"), [TOPIC]) as consumer:
+        records = poll_until(consumer, count, deadline_s=10)
+        assert consumer.poll(timeout_s=0.05) == [], "no duplicates"
+    return [r.value for r in records]
+
+
+def test_publish_never_blocks_while_the_backend_is_stalled(bus: SqliteEventBus) -> None:
+    gate = threading.Event()
+    producer = StalledProducer(bus, gate)
+    publisher = EventPublisher(producer, max_buffered=1000)
+    publisher.start()
+    try:
+        # The backend is stuck in send for as long as the gate is closed; if publish waited
+        # on it, this loop would never finish.
+        assert all(publisher.publish(TOPIC, event(i)) for i in range(100))
+        assert publisher.buffered == 100
+        assert publisher.published == 0
+    finally:
+        gate.set()
+        publisher.stop()
+        producer.close()
+    assert (publisher.published, publisher.dropped, publisher.buffered) == (100, 0, 0)
+    assert len(read_all(bus, 100)) == 100
+
+
+def test_published_events_are_drained_to_the_bus_in_the_background(bus: SqliteEventBus) -> None:
+    with bus.producer() as producer, EventPublisher(producer) as publisher:
+        for i in range(50):
+            publisher.publish(TOPIC, event(i, user=f"student-{i % 5}"))
+        # No stop(), no flush: the drainer delivers on its own.
+        with bus.consumer(unique("reader"), [TOPIC]) as consumer:
+            records = poll_until(consumer, 50, deadline_s=10)
+    decoded = [decode_image_classified(record) for record in records]
+    assert sorted(message.event_id for message in decoded) == sorted(f"event-{i}" for i in range(50))
+    # Keyed by user: each student's events stay in order on one partition.
+    for user in (f"student-{u}" for u in range(5)):
+        ids = [int(m.event_id.split("-")[1]) for m in decoded if m.user_id == user]
+        assert ids == sorted(ids)
+
+
+def test_overflow_is_counted_as_dropped_without_raising(bus: SqliteEventBus) -> None:
+    with bus.producer() as producer:
+        publisher = EventPublisher(producer, max_buffered=10)
+        # Not started yet, so nothing drains: the buffer fills deterministically.
+        accepted = [publisher.publish(TOPIC, event(i)) for i in range(15)]
+        assert accepted == [True] * 10 + [False] * 5
+        assert (publisher.buffered, publisher.dropped) == (10, 5)
+        publisher.start()
+        publisher.stop()
+        assert publisher.publish(TOPIC, event(99)) is False  # after stop: dropped, not raised
+    assert (publisher.published, publisher.dropped, publisher.buffered) == (10, 6, 0)
+    assert len(read_all(bus, 10)) == 10
+
+
+def test_backend_failures_are_retried_then_delivered_once_in_order(bus: SqliteEventBus) -> None:
+    producer = FlakyProducer(bus, send_failures=3, flush_failures=2)
+    publisher = EventPublisher(producer, retry_initial_backoff_s=0.001, retry_max_backoff_s=0.01)
+    with producer, publisher:
+        for i in range(5):
+            publisher.publish(TOPIC, event(i))
+    assert publisher.retried == 5
+    assert (publisher.published, publisher.dropped) == (5, 0)
+    values = read_all(bus, 5)
+    assert values == [event(i).value for i in range(5)]  # one user: one partition, in order
+
+
+def test_stop_flushes_everything(tmp_path: Path) -> None:
+    # A producer that would hold records for a minute unless flushed.
+    with SqliteEventBus(tmp_path / "bus.db", linger_s=60, batch_max_records=100_000) as bus:
+        bus.create_topic(TOPIC, 2)
+        with bus.producer() as producer:
+            publisher = EventPublisher(producer, flush_interval_s=60)
+            publisher.start()
+            for i in range(200):
+                publisher.publish(TOPIC, event(i, user=f"student-{i % 7}"))
+            publisher.stop(timeout_s=10)
+            assert (publisher.published, publisher.buffered) == (200, 0)
+            assert len(read_all(bus, 200)) == 200  # readable before the producer closes
+
+
+def test_stop_gives_up_on_a_dead_backend_and_counts_the_loss(bus: SqliteEventBus) -> None:
+    producer = FlakyProducer(bus, send_failures=10**9)
+    publisher = EventPublisher(producer, retry_initial_backoff_s=0.001, retry_max_backoff_s=0.01)
+    publisher.start()
+    for i in range(3):
+        publisher.publish(TOPIC, event(i))
+    publisher.stop(timeout_s=0.2)  # returns although nothing could be delivered
+    assert (publisher.published, publisher.dropped, publisher.buffered) == (0, 3, 0)
+    assert publisher.retried > 0
+    producer.close()
+
+
+def test_metrics_are_registered(bus: SqliteEventBus) -> None:
+    registry = CollectorRegistry()
+    with bus.producer() as producer:
+        publisher = EventPublisher(producer, max_buffered=3, registry=registry)
+        for i in range(4):
+            publisher.publish(TOPIC, event(i))
+        assert registry.get_sample_value("snaplearn_eventbus_publisher_buffered") == 3
+        publisher.start()
+        publisher.stop()
+    assert registry.get_sample_value("snaplearn_eventbus_publisher_published_total") == 3
+    assert registry.get_sample_value("snaplearn_eventbus_publisher_dropped_total") == 1
+    assert registry.get_sample_value("snaplearn_eventbus_publisher_retried_total") == 0
+    assert registry.get_sample_value("snaplearn_eventbus_publisher_buffered") == 0
+
+
+async def test_async_context_manager_publishes_from_the_event_loop(bus: SqliteEventBus) -> None:
+    with bus.producer() as producer:
+        async with EventPublisher(producer) as publisher:
+            for i in range(20):
+                assert publisher.publish(TOPIC, event(i))  # plain call, on the loop thread
+        assert publisher.published == 20
+    assert len(read_all(bus, 20)) == 20
+
+
+def test_payloads_are_never_logged(bus: SqliteEventBus, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = event(1, user="alice-secret-student")
+    producer = FlakyProducer(bus, send_failures=2)
+    publisher = EventPublisher(producer, max_buffered=1, retry_initial_backoff_s=0.001)
+    publisher.publish(TOPIC, secret)
+    publisher.publish(TOPIC, secret)  # overflow
+    publisher.start()
+    publisher.stop()
+    producer.close()
+    assert publisher.retried == 2 and publisher.dropped == 1 and publisher.published == 1
+    assert caplog.records, "retries and drops are logged"
+    assert "alice-secret-student" not in caplog.text
+    assert "worksheet-cnn" not in caplog.text
