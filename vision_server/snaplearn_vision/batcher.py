@@ -125,7 +125,7 @@ class _NullMetrics:
 
 
 @dataclass(slots=True)
-class _Stats:
+class BatcherStats:
     """Counters for tests and debugging (the metrics object is the operational view)."""
 
     batches: int = 0
@@ -172,7 +172,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._free_threads: asyncio.Semaphore | None = None
         self._accepting = False
         self._stopping = False
-        self.stats = _Stats()
+        self.stats = BatcherStats()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -194,7 +194,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._wakeup = asyncio.Event()
         self._free_threads = asyncio.Semaphore(self._compute_threads)
         self._accepting = True
-        self._loop_task = asyncio.get_running_loop().create_task(self._batching_loop(), name=f"{self.name}-loop")
+        self._loop_task = asyncio.get_running_loop().create_task(
+            self._batching_loop(), name=f"{self.name}-loop"
+        )
 
     async def stop(self, drain: bool = True) -> None:
         """Stop accepting; compute (drain=True) or fail (drain=False) what is queued; join the executor."""
@@ -210,15 +212,31 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._wake()
         try:
             await self._loop_task
+        except Exception:
+            pass  # the loop logged its crash and failed what was queued; finish stopping
         finally:
             if self._compute_tasks:
                 await asyncio.gather(*self._compute_tasks, return_exceptions=True)
             if self._executor is not None:
-                # The loop and compute tasks are done, so no batch is running: this returns at once.
-                self._executor.shutdown(wait=True)
+                # No batch is running any more; wait=False so that even a cancelled stop()
+                # can never block the event loop on a thread.
+                self._executor.shutdown(wait=False)
                 self._executor = None
 
     # -- submitting ------------------------------------------------------------------------
+
+    def check_capacity(self) -> None:
+        """Raise Overloaded (and count it) when the queue is full.
+
+        `submit` checks this itself; callers may check first to skip costly preparation
+        (decoding an image) for a request the queue would refuse anyway.
+        """
+        if len(self._pending) >= self.limits.max_queue_size:
+            self._count(REJECT_QUEUE_FULL)
+            raise errors.Overloaded(
+                f"server overloaded: {self.name} queue is full "
+                f"({self.limits.max_queue_size} requests waiting); retry with backoff"
+            )
 
     async def submit(self, item: ItemT, deadline: float | None = None) -> BatchedResult[ResultT]:
         """Queue `item` and wait for its result.
@@ -235,12 +253,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if deadline is not None and deadline <= now:
             self._count(REJECT_DEADLINE, stat="expired")
             raise errors.DeadlineExpired(f"the request's deadline passed before it was queued in {self.name}")
-        if len(self._pending) >= self.limits.max_queue_size:
-            self._count(REJECT_QUEUE_FULL)
-            raise errors.Overloaded(
-                f"server overloaded: {self.name} queue is full ({self.limits.max_queue_size} requests waiting); "
-                "retry with backoff"
-            )
+        self.check_capacity()
         future: asyncio.Future[BatchedResult[ResultT]] = asyncio.get_running_loop().create_future()
         request = _Request(item=item, future=future, enqueued_at=now, deadline=deadline)
         self._pending.append(request)
@@ -343,50 +356,58 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         return batch
 
     async def _compute(self, batch: list[_Request[ItemT, ResultT]]) -> None:
-        assert self._free_threads is not None and self._executor is not None
+        assert self._free_threads is not None
         try:
-            started = self._clock()
+            await self._compute_batch(batch)
+        except Exception as exc:  # a bug in the bookkeeping, not in the batch function
+            log.exception("%s: unexpected error while computing a batch", self.name)
             for request in batch:
-                self._metrics.observe_queue_wait(started - request.enqueued_at)
-            items = [request.item for request in batch]
-            loop = asyncio.get_running_loop()
-            try:
-                outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_process, items)
-            except Exception as exc:
-                # Every request of the batch gets the same error: none of them has a result.
-                log.warning("%s: batch of %d failed: %r", self.name, len(batch), exc)
-                for request in batch:
-                    self._settle_exception(request, exc)
-                return
-            self.stats.batches += 1
-            self.stats.computed += len(batch)
-            self.stats.batch_sizes.append(len(batch))
-            self._metrics.observe_batch(len(batch), compute_s)
-            try:
-                output_count = len(outputs)
-            except TypeError:
-                output_count = -1
-            if output_count != len(batch):
-                mismatch = BatchOutputMismatch(
-                    f"{self.name}: batch function returned {output_count if output_count >= 0 else 'no sized'} "
-                    f"results for {len(batch)} inputs"
-                )
-                log.error("%s", mismatch)
-                for request in batch:
-                    self._settle_exception(request, mismatch)
-                return
-            for request, output in zip(batch, outputs, strict=True):
-                if not request.future.done():  # its caller may have gone away meanwhile
-                    request.future.set_result(
-                        BatchedResult(
-                            value=output,
-                            queue_wait_s=started - request.enqueued_at,
-                            compute_s=compute_s,
-                            batch_size=len(batch),
-                        )
-                    )
+                self._settle_exception(request, exc)
         finally:
             self._free_threads.release()
+
+    async def _compute_batch(self, batch: list[_Request[ItemT, ResultT]]) -> None:
+        assert self._executor is not None
+        started = self._clock()
+        for request in batch:
+            self._metrics.observe_queue_wait(started - request.enqueued_at)
+        items = [request.item for request in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_process, items)
+        except Exception as exc:
+            # Every request of the batch gets the same error: none of them has a result.
+            log.warning("%s: batch of %d failed: %r", self.name, len(batch), exc)
+            for request in batch:
+                self._settle_exception(request, exc)
+            return
+        self.stats.batches += 1
+        self.stats.computed += len(batch)
+        self.stats.batch_sizes.append(len(batch))
+        self._metrics.observe_batch(len(batch), compute_s)
+        try:
+            output_count = len(outputs)
+        except TypeError:
+            output_count = -1
+        if output_count != len(batch):
+            mismatch = BatchOutputMismatch(
+                f"{self.name}: batch function returned {output_count if output_count >= 0 else 'no sized'} "
+                f"results for {len(batch)} inputs"
+            )
+            log.error("%s", mismatch)
+            for request in batch:
+                self._settle_exception(request, mismatch)
+            return
+        for request, output in zip(batch, outputs, strict=True):
+            if not request.future.done():  # its caller may have gone away meanwhile
+                request.future.set_result(
+                    BatchedResult(
+                        value=output,
+                        queue_wait_s=started - request.enqueued_at,
+                        compute_s=compute_s,
+                        batch_size=len(batch),
+                    )
+                )
 
     def _timed_process(self, items: list[ItemT]) -> tuple[Sequence[ResultT], float]:
         """Runs on the executor thread."""
@@ -400,7 +421,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         setattr(self.stats, stat, getattr(self.stats, stat) + 1)
         self._metrics.count_rejection(reason)
 
-    def _fail(self, request: _Request[ItemT, ResultT], exc: BaseException, reason: str, stat: str = "rejected") -> None:
+    def _fail(
+        self, request: _Request[ItemT, ResultT], exc: BaseException, reason: str, stat: str = "rejected"
+    ) -> None:
         self._count(reason, stat)
         self._settle_exception(request, exc)
 

@@ -1,0 +1,194 @@
+"""The vision server's settings: one typed, frozen object built from flags with env-var fallbacks.
+
+Precedence: command-line flag, then environment variable (SNAPLEARN_VISION_*), then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snaplearn_common.errors import InvalidInput
+from snaplearn_common.eventbus.factory import BusSettings, add_bus_arguments, bus_settings_from_args
+from snaplearn_vision.service import DEFAULT_DECODE_THREADS, DEFAULT_MAX_QUEUE_SIZE
+
+ENV_PREFIX = "SNAPLEARN_VISION_"
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9101
+DEFAULT_MODEL_REPOSITORY = Path("var/models")
+DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
+DEVICES = ("auto", "cpu", "cuda")
+# The default model's identity. snaplearn_vision.train defines the same constants, but importing
+# it pulls in torch, which `--help` should not pay for; a test asserts they agree.
+DEFAULT_MODEL_NAME = "worksheet-topics"
+DEFAULT_MODEL_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class VisionSettings:
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT  # 0 picks a free port
+    metrics_port: int = DEFAULT_METRICS_PORT  # 0 picks a free port
+    model_repository: Path = DEFAULT_MODEL_REPOSITORY
+    model_name: str = DEFAULT_MODEL_NAME
+    model_version: str = DEFAULT_MODEL_VERSION  # "" = the latest version in the repository
+    # Batching: None keeps the model's own config (max_batch_size / max_queue_delay_ms).
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+    decode_threads: int = DEFAULT_DECODE_THREADS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    device: str = "auto"
+    torch_threads: int | None = None  # None = torch's default
+    ready_file: Path | None = None
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    bus: BusSettings | None = field(default=None)  # None: no events published (tests, dry runs)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("port", "metrics_port"):
+            value = getattr(self, name)
+            if not 0 <= value <= 65535:
+                problems.append(f"{name} must be in 0..65535, got {value}")
+        if not self.model_name:
+            problems.append("model_name must not be empty")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            problems.append(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_ms is not None and not self.max_queue_delay_ms >= 0:
+            problems.append(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.max_queue_size < 1:
+            problems.append(f"max_queue_size must be >= 1, got {self.max_queue_size}")
+        if self.decode_threads < 1:
+            problems.append(f"decode_threads must be >= 1, got {self.decode_threads}")
+        if self.max_image_bytes < 1:
+            problems.append(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
+        if self.device not in DEVICES:
+            problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            problems.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.shutdown_grace_s < 0:
+            problems.append(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if problems:
+            raise ValueError("invalid vision server settings: " + "; ".join(problems))
+
+
+def _env(name: str, default: object) -> object:
+    """Environment fallback for a flag; argparse converts string defaults with the flag's type."""
+    return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.strip().lower() in ("", "none", "model") else int(text)
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.strip().lower() in ("", "none", "model") else float(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="snaplearn-vision",
+        description="SnapLearn vision server: classifies worksheet photos over gRPC and publishes "
+        "ImageClassified events. Every flag also reads SNAPLEARN_VISION_<FLAG> from the environment "
+        "(e.g. SNAPLEARN_VISION_PORT).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=_env("HOST", "127.0.0.1"), help="interface to bind")
+    net.add_argument("--port", type=int, default=_env("PORT", DEFAULT_PORT), help="gRPC port (0 = pick)")
+    net.add_argument(
+        "--metrics-port",
+        type=int,
+        default=_env("METRICS_PORT", DEFAULT_METRICS_PORT),
+        help="Prometheus /metrics port (0 = pick)",
+    )
+    net.add_argument(
+        "--ready-file",
+        type=Path,
+        default=_env("READY_FILE", None),
+        help="once serving, write {host, port, metrics_port, pid} as JSON here",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model-repository",
+        type=Path,
+        default=_env("MODEL_REPOSITORY", DEFAULT_MODEL_REPOSITORY),
+        help="folder of <name>/<version>/ model directories",
+    )
+    model.add_argument("--model-name", default=_env("MODEL_NAME", DEFAULT_MODEL_NAME), help="default model")
+    model.add_argument(
+        "--model-version",
+        default=_env("MODEL_VERSION", DEFAULT_MODEL_VERSION),
+        help="default model's version ('' = latest)",
+    )
+    model.add_argument("--device", choices=DEVICES, default=_env("DEVICE", "auto"))
+    model.add_argument(
+        "--torch-threads", type=_optional_int, default=_env("TORCH_THREADS", None), help="intra-op threads"
+    )
+    batching = parser.add_argument_group("batching")
+    batching.add_argument(
+        "--max-batch-size",
+        type=_optional_int,
+        default=_env("MAX_BATCH_SIZE", None),
+        help="override the model's max batch size",
+    )
+    batching.add_argument(
+        "--max-queue-delay-ms",
+        type=_optional_float,
+        default=_env("MAX_QUEUE_DELAY_MS", None),
+        help="override the model's max queue delay",
+    )
+    batching.add_argument(
+        "--max-queue-size",
+        type=int,
+        default=_env("MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE),
+        help="requests waiting per model before RESOURCE_EXHAUSTED",
+    )
+    batching.add_argument(
+        "--decode-threads",
+        type=int,
+        default=_env("DECODE_THREADS", DEFAULT_DECODE_THREADS),
+        help="threads decoding and resizing images",
+    )
+    batching.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
+        help="larger images are rejected with INVALID_ARGUMENT",
+    )
+    ops = parser.add_argument_group("operations")
+    ops.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE_S", 10.0), help="seconds")
+    ops.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    add_bus_arguments(parser)
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return VisionSettings(
+            host=args.host,
+            port=args.port,
+            metrics_port=args.metrics_port,
+            model_repository=args.model_repository,
+            model_name=args.model_name,
+            model_version=args.model_version,
+            max_batch_size=args.max_batch_size,
+            max_queue_delay_ms=args.max_queue_delay_ms,
+            max_queue_size=args.max_queue_size,
+            decode_threads=args.decode_threads,
+            max_image_bytes=args.max_image_bytes,
+            device=args.device,
+            torch_threads=args.torch_threads,
+            ready_file=args.ready_file,
+            shutdown_grace_s=args.shutdown_grace,
+            log_level=args.log_level.upper(),
+            bus=bus_settings_from_args(args),
+        )
+    except (ValueError, InvalidInput) as exc:
+        parser.error(str(exc))

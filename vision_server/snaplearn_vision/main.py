@@ -1,0 +1,246 @@
+"""Run the vision server: `python -m snaplearn_vision.main` or `snaplearn-vision`.
+
+Start-up order makes readiness honest: the gRPC port is bound first with health
+NOT_SERVING, the default model is loaded (and warmed up), then health flips to SERVING
+and the ready line is printed. SIGTERM/SIGINT drain in the reverse order: health
+NOT_SERVING, stop accepting RPCs and let in-flight ones finish, stop the batchers, flush
+the event publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snaplearn_common.errors import NotFound
+from snaplearn_common.eventbus.base import EventBus, Producer
+from snaplearn_common.eventbus.factory import open_bus
+from snaplearn_common.eventbus.publisher import EventPublisher
+from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC
+from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
+from snaplearn_common.server import GrpcServer, start_grpc_server
+from snaplearn_vision.config import VisionSettings, settings_from_args
+from snaplearn_vision.metrics import VisionMetrics
+from snaplearn_vision.service import BatchingOverrides, ClassificationService, ModelSource
+from snaplearn_vision.servicer import SERVICE_NAME, registrar
+
+log = logging.getLogger("snaplearn_vision")
+
+# Room for the other ClassifyRequest fields around the largest accepted image, so that an
+# oversized image gets our INVALID_ARGUMENT message rather than gRPC's RESOURCE_EXHAUSTED.
+_MESSAGE_OVERHEAD_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class RepositoryModels:
+    """A ModelSource over the on-disk repository, loading on the configured device."""
+
+    root: Path
+    device: str
+    max_image_bytes: int
+
+    def load(self, name: str, version: str | None = None) -> Any:
+        from snaplearn_vision.model_repository import ModelRepository  # imports torch: only when serving
+
+        return ModelRepository(self.root).load(
+            name, version or None, device=self.device, max_image_bytes=self.max_image_bytes
+        )
+
+
+class VisionServer:
+    """The whole server as one object: metrics endpoint, publisher, core and gRPC server.
+
+    models: where models come from (default: the repository in settings).
+    bus: an event bus to publish to, owned by the caller (default: settings.bus, opened and
+    closed here; no bus at all when both are None: predictions are then not published).
+    """
+
+    def __init__(
+        self, settings: VisionSettings, *, models: ModelSource | None = None, bus: EventBus | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = VisionMetrics()
+        self._models: ModelSource = models or RepositoryModels(
+            settings.model_repository, settings.device, settings.max_image_bytes
+        )
+        self._bus = bus
+        self._owns_bus = bus is None
+        self._producer: Producer | None = None
+        self.publisher: EventPublisher | None = None
+        self.service: ClassificationService | None = None
+        self.grpc: GrpcServer | None = None
+        self._metrics_endpoint: MetricsEndpoint | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.grpc is not None, "server not started"
+        return self.grpc.port
+
+    @property
+    def metrics_port(self) -> int:
+        assert self._metrics_endpoint is not None, "server not started"
+        return self._metrics_endpoint.port
+
+    @property
+    def target(self) -> str:
+        return f"{self.settings.host}:{self.port}"
+
+    async def listen(self) -> None:
+        """Bind the metrics and gRPC ports (health NOT_SERVING) and start the publisher."""
+        settings = self.settings
+        self._metrics_endpoint = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
+        if self._bus is None and settings.bus is not None:
+            self._bus = await asyncio.to_thread(open_bus, settings.bus)
+            # Idempotent; on Kafka this is where the topic gets its partition count.
+            await asyncio.to_thread(self._bus.create_topic, IMAGE_CLASSIFIED_TOPIC, settings.bus.partitions)
+        if self._bus is not None:
+            self._producer = self._bus.producer()
+            self.publisher = EventPublisher(
+                self._producer, registry=self.metrics.registry, metric_prefix="snaplearn_vision_events"
+            )
+            self.publisher.start()
+        self.service = ClassificationService(
+            self._models,
+            default_model_name=settings.model_name,
+            default_model_version=settings.model_version or None,
+            publisher=self.publisher,
+            metrics=self.metrics,
+            batching=BatchingOverrides(
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_ms=settings.max_queue_delay_ms,
+                max_queue_size=settings.max_queue_size,
+            ),
+            decode_threads=settings.decode_threads,
+            max_image_bytes=settings.max_image_bytes,
+        )
+        self.grpc = await start_grpc_server(
+            [registrar(self.service)],
+            [SERVICE_NAME],
+            host=settings.host,
+            port=settings.port,
+            serving=False,
+            max_message_bytes=settings.max_image_bytes + _MESSAGE_OVERHEAD_BYTES,
+        )
+
+    async def load_and_serve(self) -> None:
+        """Load the default model, then report SERVING."""
+        assert self.service is not None and self.grpc is not None, "call listen() first"
+        await self.service.start()
+        await self.grpc.set_serving(True)
+
+    async def start(self) -> None:
+        await self.listen()
+        await self.load_and_serve()
+
+    async def stop(self) -> None:
+        """Graceful: NOT_SERVING, drain RPCs, stop batchers, flush events. Safe to call twice."""
+        if self.grpc is not None:
+            await self.grpc.stop(self.settings.shutdown_grace_s)
+            self.grpc = None
+        if self.service is not None:
+            await self.service.stop(drain=True)
+            self.service = None
+        if self.publisher is not None:
+            await asyncio.to_thread(self.publisher.stop)
+            self.publisher = None
+        if self._producer is not None:
+            await asyncio.to_thread(self._producer.close)
+            self._producer = None
+        if self._bus is not None and self._owns_bus:
+            await asyncio.to_thread(self._bus.close)
+            self._bus = None
+        if self._metrics_endpoint is not None:
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
+
+    def ready_line(self) -> str:
+        return f"vision server ready on {self.settings.host}:{self.port} (metrics :{self.metrics_port})"
+
+
+def write_ready_file(path: Path, server: VisionServer) -> None:
+    """Atomically (write, then rename), so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "host": server.settings.host,
+        "port": server.port,
+        "metrics_port": server.metrics_port,
+        "pid": os.getpid(),
+    }
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    staging.write_text(json.dumps(payload) + "\n")
+    staging.replace(path)
+
+
+async def serve(settings: VisionSettings) -> int:
+    """Run until SIGTERM/SIGINT; returns the process exit code."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop_requested.set)
+    server = VisionServer(settings)
+    exit_code = 0
+    try:
+        await server.listen()
+        log.info("listening on %s (NOT_SERVING until the model is loaded)", server.target)
+        loading = asyncio.create_task(server.load_and_serve())
+        stopping = asyncio.create_task(stop_requested.wait())
+        await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not loading.done():
+            log.info("stop requested while loading the model")
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            return 0
+        stopping.cancel()
+        loading.result()  # re-raise a failed load
+        # The file first: whoever sees the line may read the file next.
+        if settings.ready_file is not None:
+            write_ready_file(settings.ready_file, server)
+        line = server.ready_line()
+        print(line, flush=True)
+        log.info("%s", line)
+        await stop_requested.wait()
+        log.info("stop requested: draining")
+    except NotFound as exc:
+        log.error(
+            "%s; train the default model with `python -m snaplearn_vision.train --repository %s`",
+            exc,
+            settings.model_repository,
+        )
+        exit_code = 1
+    except Exception:
+        log.exception("vision server failed")
+        exit_code = 1
+    finally:
+        await server.stop()
+        if settings.ready_file is not None:
+            settings.ready_file.unlink(missing_ok=True)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        log.info("vision server stopped")
+    return exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_args(argv)
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    if settings.torch_threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    return asyncio.run(serve(settings))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,451 @@
+"""The classification core: validate, decode, batch, predict, publish. Knows nothing of gRPC.
+
+Per request: checks run first (cheap, with messages a client developer can act on),
+the image is decoded and resized on a thread pool (off the event loop, in parallel across
+requests), then the pixels join the model's DynamicBatcher, whose single model thread runs
+`predict` on whole batches. The prediction is published as an ImageClassified event with
+a non-blocking hand-off that can never fail the request. Image bytes are never logged and
+never leave this module except towards the decoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from snaplearn_common import errors
+from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, EncodedEvent, encode_image_classified
+from snaplearn_vision.batcher import BatchingLimits, DynamicBatcher
+from snaplearn_vision.metrics import (
+    REJECT_DECODE_BACKLOG,
+    REJECT_NOT_READY,
+    REJECT_UNDECODABLE,
+    VisionMetrics,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 5
+MAX_USER_ID_CHARS = 128
+MAX_REQUEST_ID_CHARS = 128
+DEFAULT_MAX_QUEUE_SIZE = 256
+DEFAULT_DECODE_THREADS = 2
+# Model names and versions become repository paths: allow no separators or "..".
+_MODEL_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class LoadedModel(Protocol):
+    """What the service needs of a loaded model (snaplearn_vision.engine.ImageClassifier)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def labels(self) -> Sequence[str]: ...
+
+    @property
+    def config(self) -> Any: ...  # ModelConfig: .batching.max_batch_size, .batching.max_queue_delay_ms
+
+    def decode(self, image_bytes: bytes) -> np.ndarray: ...
+
+    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]: ...
+
+
+class ModelSource(Protocol):
+    """snaplearn_vision.model_repository.ModelRepository: load() raises NotFound."""
+
+    def load(self, name: str, version: str | None = None) -> Any: ...
+
+
+class EventSink(Protocol):
+    """snaplearn_common.eventbus.publisher.EventPublisher: a non-blocking hand-off."""
+
+    def publish(self, topic: str, event: EncodedEvent) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class BatchingOverrides:
+    """Server-side overrides of a model's own batching config; None keeps the model's value."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
+
+    def limits_for(self, model_config: Any) -> BatchingLimits:
+        # ModelConfig keeps them under .batching; accept them at top level too.
+        model_batching = getattr(model_config, "batching", model_config)
+        batch_size = self.max_batch_size if self.max_batch_size is not None else model_batching.max_batch_size
+        delay_ms = (
+            self.max_queue_delay_ms
+            if self.max_queue_delay_ms is not None
+            else model_batching.max_queue_delay_ms
+        )
+        return BatchingLimits(
+            max_batch_size=int(batch_size),
+            max_queue_delay_s=float(delay_ms) / 1000.0,
+            max_queue_size=self.max_queue_size,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ClassificationResult:
+    request_id: str
+    labels: tuple[tuple[str, float], ...]  # highest score first
+    model_name: str
+    model_version: str
+    queue_wait_s: float
+    compute_s: float  # this image's decode plus its batch's model time
+    batch_size: int
+
+
+@dataclass(slots=True)
+class _Served:
+    """A loaded model with its batcher."""
+
+    model: LoadedModel
+    batcher: DynamicBatcher[np.ndarray, np.ndarray]
+
+    @property
+    def key(self) -> str:
+        return f"{self.model.name}:{self.model.version}"
+
+
+def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """The batch function: runs on the batcher's model thread."""
+
+    def predict(images: list[np.ndarray]) -> list[np.ndarray]:
+        return list(model.predict(np.stack(images)))  # one probability row per image
+
+    return predict
+
+
+class ClassificationService:
+    """Serves Classify for the default model and any other model of the repository.
+
+    Models other than the default are loaded on first use and kept (one batcher each);
+    "latest version" is resolved on first use too, so a newer version on disk is picked
+    up by a restart, not mid-flight.
+    """
+
+    def __init__(
+        self,
+        models: ModelSource,
+        *,
+        default_model_name: str,
+        default_model_version: str | None,
+        publisher: EventSink | None = None,
+        metrics: VisionMetrics | None = None,
+        batching: BatchingOverrides | None = None,
+        decode_threads: int = DEFAULT_DECODE_THREADS,
+        max_image_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if decode_threads < 1:
+            raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+        if max_image_bytes is not None and max_image_bytes < 1:
+            raise ValueError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
+        self._models = models
+        self.default_model_name = default_model_name
+        self.default_model_version = default_model_version or None
+        self._publisher = publisher
+        self.metrics = metrics if metrics is not None else VisionMetrics()
+        self._batching = batching if batching is not None else BatchingOverrides()
+        self._decode_threads = decode_threads
+        self.max_image_bytes = max_image_bytes
+        self._clock = clock
+        self._decode_pool: ThreadPoolExecutor | None = None
+        # Resolved "name:version" -> served model; requested (name, version|None) -> that key.
+        self._served: dict[str, _Served] = {}
+        self._aliases: dict[tuple[str, str | None], str] = {}
+        self._loading: dict[tuple[str, str | None], asyncio.Task[_Served]] = {}
+        self._default: _Served | None = None
+        self._accepting = False
+        self._decoding = 0
+        self._in_flight = 0
+        self._idle = asyncio.Event()  # set while no classify call is in flight
+        self._idle.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self._accepting and self._default is not None
+
+    @property
+    def default_model(self) -> LoadedModel | None:
+        return self._default.model if self._default is not None else None
+
+    def batcher_for(
+        self, model_name: str, model_version: str
+    ) -> DynamicBatcher[np.ndarray, np.ndarray] | None:
+        served = self._served.get(f"{model_name}:{model_version}")
+        return served.batcher if served is not None else None
+
+    async def start(self) -> None:
+        """Load the default model (in a thread: it reads files and warms up torch), then accept."""
+        self._decode_pool = ThreadPoolExecutor(
+            max_workers=self._decode_threads, thread_name_prefix="vision-decode"
+        )
+        self._accepting = True
+        try:
+            self._default = await self._served_model(self.default_model_name, self.default_model_version)
+        except BaseException:
+            self._accepting = False
+            raise
+        log.info(
+            "default model %s loaded (labels: %d, batching: %s)",
+            self._default.key,
+            len(self._default.model.labels),
+            self._default.batcher.limits,
+        )
+
+    async def stop(self, drain: bool = True) -> None:
+        """Refuse new requests; finish (drain=True) or fail what is in flight; stop every thread.
+
+        Draining waits for every classify call already admitted (decoding, queued or
+        computing) before the batchers stop, so none of them is cut off half-way.
+        """
+        self._accepting = False
+        for task in list(self._loading.values()):
+            task.cancel()
+        if drain:
+            await self._idle.wait()
+        await asyncio.gather(*(served.batcher.stop(drain) for served in self._served.values()))
+        if self._decode_pool is not None:
+            pool, self._decode_pool = self._decode_pool, None
+            # In a thread: a decode may still be running and the event loop must not wait on it.
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=not drain)
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def classify(
+        self,
+        user_id: str,
+        image_bytes: bytes,
+        top_k: int = 0,
+        model_name: str = "",
+        model_version: str = "",
+        request_id: str = "",
+        deadline: float | None = None,
+    ) -> ClassificationResult:
+        """Classify one image and publish the prediction.
+
+        deadline: absolute time on time.monotonic()'s clock; None means no deadline.
+        Raises InvalidInput, NotFound, Overloaded, DeadlineExpired or Unavailable.
+        """
+        self.metrics.in_flight.inc()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._classify(
+                user_id, image_bytes, top_k, model_name, model_version, request_id, deadline
+            )
+        finally:
+            self.metrics.in_flight.dec()
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _classify(
+        self,
+        user_id: str,
+        image_bytes: bytes,
+        top_k: int,
+        model_name: str,
+        model_version: str,
+        request_id: str,
+        deadline: float | None,
+    ) -> ClassificationResult:
+        self._validate_request(user_id, image_bytes, request_id)
+        if not self.ready:
+            self.metrics.count_rejection(REJECT_NOT_READY)
+            raise errors.Unavailable("the vision server is starting or shutting down; retry shortly")
+        served = await self._resolve(model_name, model_version)
+        model = served.model
+        k = self._validated_top_k(top_k, model)
+        self._check_deadline(deadline, "before decoding")
+        batcher = served.batcher
+        batcher.check_capacity()  # refuse before spending a decode on a request the queue cannot take
+        pixels, decode_s = await self._decode(model, image_bytes)
+        batched = await batcher.submit(pixels, deadline=deadline)
+        labels = tuple(model.top_k(batched.value, k))
+        event_id = request_id or str(uuid.uuid4())
+        self._publish(event_id, user_id, model, labels)
+        return ClassificationResult(
+            request_id=event_id,
+            labels=labels,
+            model_name=model.name,
+            model_version=model.version,
+            queue_wait_s=batched.queue_wait_s,
+            compute_s=decode_s + batched.compute_s,
+            batch_size=batched.batch_size,
+        )
+
+    # -- steps -----------------------------------------------------------------------------
+
+    def _validate_request(self, user_id: str, image_bytes: bytes, request_id: str) -> None:
+        if not user_id or not user_id.strip():
+            raise errors.InvalidInput("user_id is required (an opaque, stable id of the student)")
+        if len(user_id) > MAX_USER_ID_CHARS:
+            raise errors.InvalidInput(
+                f"user_id is {len(user_id)} characters; the limit is {MAX_USER_ID_CHARS}"
+            )
+        if len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise errors.InvalidInput(
+                f"request_id is {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
+            )
+        if not image_bytes:
+            raise errors.InvalidInput("image is empty: send the encoded photo (JPEG, PNG, WebP or BMP)")
+        if self.max_image_bytes is not None and len(image_bytes) > self.max_image_bytes:
+            raise errors.InvalidInput(
+                f"image is {len(image_bytes)} bytes; the limit is {self.max_image_bytes} bytes "
+                "(downscale the photo before sending)"
+            )
+
+    @staticmethod
+    def _validated_top_k(top_k: int, model: LoadedModel) -> int:
+        label_count = len(model.labels)
+        if top_k < 0:
+            raise errors.InvalidInput(f"top_k must be >= 0 (0 means {DEFAULT_TOP_K}), got {top_k}")
+        if top_k == 0:
+            return min(DEFAULT_TOP_K, label_count)
+        if top_k > label_count:
+            raise errors.InvalidInput(
+                f"top_k is {top_k} but model {model.name}:{model.version} has only {label_count} labels"
+            )
+        return top_k
+
+    def _check_deadline(self, deadline: float | None, when: str) -> None:
+        if deadline is not None and deadline <= self._clock():
+            self.metrics.count_rejection("deadline_expired")
+            raise errors.DeadlineExpired(f"the request's deadline passed {when}")
+
+    async def _decode(self, model: LoadedModel, image_bytes: bytes) -> tuple[np.ndarray, float]:
+        if self._decode_pool is None:
+            raise errors.Unavailable("the vision server is shutting down; retry shortly")
+        # The decode pool's own queue is unbounded: bound the backlog here.
+        if self._decoding >= self._batching.max_queue_size:
+            self.metrics.count_rejection(REJECT_DECODE_BACKLOG)
+            raise errors.Overloaded(
+                f"server overloaded: {self._decoding} images are waiting to be decoded; retry with backoff"
+            )
+        self._decoding += 1
+        try:
+            started = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            pixels = await loop.run_in_executor(self._decode_pool, model.decode, image_bytes)
+            decode_s = time.perf_counter() - started
+        except errors.SnapLearnError:
+            raise
+        except Exception as exc:
+            # The decoder promises InvalidInput for bad images, but image libraries raise many
+            # other types on hostile bytes (KeyError, struct.error, ...): the client still sent
+            # an image we cannot read. The traceback is logged (never the bytes) so that a
+            # decoder bug hitting good images shows up in the logs and the counter.
+            self.metrics.count_rejection(REJECT_UNDECODABLE)
+            log.warning("decoder raised %s instead of InvalidInput", type(exc).__name__, exc_info=True)
+            raise errors.InvalidInput(
+                f"image could not be decoded ({type(exc).__name__}); send a JPEG, PNG, WebP or BMP photo"
+            ) from None
+        finally:
+            self._decoding -= 1
+        self.metrics.decode.observe(decode_s)
+        return pixels, decode_s
+
+    def _publish(
+        self, event_id: str, user_id: str, model: LoadedModel, labels: Sequence[tuple[str, float]]
+    ) -> None:
+        """Hand the event to the publisher; whatever happens, the request has its answer."""
+        if self._publisher is None:
+            return
+        try:
+            event = encode_image_classified(
+                event_id=event_id,
+                user_id=user_id,
+                time_s=time.time(),
+                model_name=model.name,
+                model_version=model.version,
+                labels=labels,
+            )
+            accepted = self._publisher.publish(IMAGE_CLASSIFIED_TOPIC, event)
+        except Exception:
+            self.metrics.publish_failures.inc()
+            log.warning(
+                "could not publish ImageClassified %s; the request still succeeds", event_id, exc_info=True
+            )
+            return
+        if accepted is False:  # the publisher's buffer was full and it dropped the event
+            self.metrics.publish_failures.inc()
+            log.warning("publisher dropped ImageClassified %s (buffer full)", event_id)
+
+    # -- models ----------------------------------------------------------------------------
+
+    async def _resolve(self, model_name: str, model_version: str) -> _Served:
+        if not model_name:
+            if model_version:
+                raise errors.InvalidInput("model_version was given without model_name")
+            assert self._default is not None
+            return self._default
+        for field_name, value in (("model_name", model_name), ("model_version", model_version)):
+            if value and not _MODEL_REF.fullmatch(value):
+                raise errors.InvalidInput(
+                    f"{field_name} {value[:64]!r} is not valid: use letters, digits, '.', '_' or '-' "
+                    "(at most 128 characters)"
+                )
+        return await self._served_model(model_name, model_version or None)
+
+    async def _served_model(self, name: str, version: str | None) -> _Served:
+        requested = (name, version)
+        key = self._aliases.get(requested)
+        if key is not None:
+            return self._served[key]
+        task = self._loading.get(requested)
+        if task is None:
+            # One load per model however many requests ask for it at once.
+            task = asyncio.get_running_loop().create_task(self._load(name, version))
+            self._loading[requested] = task
+            task.add_done_callback(lambda _: self._loading.pop(requested, None))
+        # shield: a caller that goes away must not cancel the load others are waiting for.
+        return await asyncio.shield(task)
+
+    def _load_and_warm_up(self, name: str, version: str | None) -> LoadedModel:
+        model: LoadedModel = self._models.load(name, version)
+        warm_up = getattr(model, "warm_up", None)
+        if callable(warm_up):
+            warm_up()  # the first request should not pay for torch's lazy initialisation
+        return model
+
+    async def _load(self, name: str, version: str | None) -> _Served:
+        started = time.perf_counter()
+        model = await asyncio.to_thread(self._load_and_warm_up, name, version)
+        key = f"{model.name}:{model.version}"
+        served = self._served.get(key)
+        if served is None:
+            if not self._accepting:
+                raise errors.Unavailable("the vision server is shutting down")
+            batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
+                _predict_batch(model),
+                self._batching.limits_for(model.config),
+                name=f"model {key}",
+                metrics=self.metrics.for_model(key),
+            )
+            batcher.start()
+            served = _Served(model=model, batcher=batcher)
+            self._served[key] = served
+            log.info("loaded model %s in %.2fs", key, time.perf_counter() - started)
+        self._aliases[(name, version)] = key
+        return served

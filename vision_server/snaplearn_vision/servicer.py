@@ -1,0 +1,72 @@
+"""The gRPC edge of the vision server: proto <-> core, and the request-level metrics.
+
+Domain errors raised by the core propagate; the shared ErrorMappingInterceptor (installed
+by snaplearn_common.server.start_grpc_server) turns them into status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from grpc import aio
+
+from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
+from snaplearn_common.grpc_errors import status_for
+from snaplearn_vision.service import ClassificationService
+
+SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+
+
+class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
+    def __init__(self, service: ClassificationService) -> None:
+        self._service = service
+
+    async def Classify(
+        self, request: vision_pb2.ClassifyRequest, context: aio.ServicerContext
+    ) -> vision_pb2.ClassifyResponse:
+        started = time.monotonic()
+        remaining_s = context.time_remaining()
+        deadline = started + remaining_s if remaining_s is not None else None
+        code = "OK"
+        try:
+            result = await self._service.classify(
+                user_id=request.user_id,
+                image_bytes=request.image,
+                top_k=request.top_k,
+                model_name=request.model_name,
+                model_version=request.model_version,
+                request_id=request.request_id,
+                deadline=deadline,
+            )
+        except asyncio.CancelledError:
+            # The client went away or its deadline passed; gRPC cancels this handler.
+            code = (
+                "DEADLINE_EXCEEDED" if deadline is not None and time.monotonic() >= deadline else "CANCELLED"
+            )
+            raise
+        except Exception as exc:
+            code = status_for(exc).name
+            raise
+        finally:
+            self._service.metrics.observe_request(code, time.monotonic() - started)
+        return vision_pb2.ClassifyResponse(
+            request_id=result.request_id,
+            labels=[vision_pb2.LabelScore(label=label, score=score) for label, score in result.labels],
+            model_name=result.model_name,
+            model_version=result.model_version,
+            queue_ms=result.queue_wait_s * 1000.0,
+            compute_ms=result.compute_s * 1000.0,
+            batch_size=result.batch_size,
+        )
+
+
+def registrar(service: ClassificationService) -> Callable[[aio.Server], None]:
+    """What start_grpc_server's `registrars` wants: adds the VisionService to a server."""
+    servicer = VisionServicer(service)
+
+    def register(server: aio.Server) -> None:
+        vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
+
+    return register
