@@ -109,9 +109,13 @@ def test_cli_classifies_and_recommends(system: tuple[str, str], tmp_path: Path) 
     photo.write_bytes(sample_image_bytes("geometry", seed=3))
     cli = [sys.executable, "-m", "snaplearn_client.cli", "--vision", vision_target]
     cli += ["--recommender", recommender_target]
-    classified = subprocess.run([*cli, "classify", str(photo), "--user", "cli-user"], capture_output=True, text=True)
+    classified = subprocess.run(
+        [*cli, "classify", str(photo), "--user", "cli-user"], capture_output=True, text=True
+    )
     assert classified.returncode == 0, classified.stderr
     assert "1. geometry" in classified.stdout
-    recommended = subprocess.run([*cli, "recommend", "--user", "cli-user", "--k", "3"], capture_output=True, text=True)
+    recommended = subprocess.run(
+        [*cli, "recommend", "--user", "cli-user", "--k", "3"], capture_output=True, text=True
+    )
     assert recommended.returncode == 0, recommended.stderr
     assert recommended.stdout.count("\n") >= 4  # header + 3 items with reasons

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(MessageToJson(recommendation))
                 return 0
             cold = " (cold start)" if recommendation.cold_start else ""
-            print(f"for {recommendation.user_id}{cold}, model {recommendation.model_version}, {recommendation.events_applied} events")
+            model = f"model {recommendation.model_version}, {recommendation.events_applied} events"
+            print(f"for {recommendation.user_id}{cold}, {model}")
             for rank, item in enumerate(recommendation.items, 1):
                 print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
                 print(f"      {item.reason}")
