@@ -212,17 +212,23 @@ def generate_sample_catalog(seed: int = 0, items_per_topic: int = 12) -> Catalog
         raise CatalogError(f"items_per_topic must be >= 1, got {items_per_topic}")
     rng = np.random.default_rng(seed)
     items: list[LearningItem] = []
+    titles: set[str] = set()
     for topic in DEFAULT_TOPICS:
         low, high = _TOPIC_GRADES[topic]
         phrases = _TOPIC_PHRASES[topic]
         for number in range(items_per_topic):
-            item_format = FORMATS[int(rng.integers(len(FORMATS)))]
-            grade = int(rng.integers(low, high + 1))
             if number % _CROSS_TOPIC_EVERY == _CROSS_TOPIC_EVERY - 1:
                 phrase, partner = _CROSS_TOPIC[topic]
                 concepts: tuple[str, ...] = (topic, partner)
             else:
                 phrase, concepts = phrases[number % len(phrases)], (topic,)
+            # Redraw a few times so two items rarely share a title (students see titles, not ids).
+            for _ in range(20):
+                item_format = FORMATS[int(rng.integers(len(FORMATS)))]
+                grade = int(rng.integers(low, high + 1))
+                if f"{phrase} ({item_format}, grade {grade})" not in titles:
+                    break
+            titles.add(f"{phrase} ({item_format}, grade {grade})")
             # Harder within the topic's grade band, plus jitter so difficulty is not just grade.
             band = (grade - low) / max(1, high - low)
             difficulty = int(
