@@ -39,21 +39,27 @@ from snaplearn_recommender.catalog import (
     LearningItem,
     default_label_to_concepts,
 )
+from snaplearn_recommender.features import (
+    MIN_CAPACITY,
+    PARAMETER_ARRAYS,
+    HybridLightFM,
+    Vocabulary,
+    feature_matrix,
+    positives_matrices,
+)
 from snaplearn_recommender.snapshot import Snapshot, read_only
 
 if TYPE_CHECKING:
     from snaplearn.events.v1 import events_pb2
 
-# LightFM keeps six arrays per side (see LightFM._initialize); all are indexed by feature.
-PARAMETER_ARRAYS = (
-    "embeddings",
-    "embedding_gradients",
-    "embedding_momentum",
-    "biases",
-    "bias_gradients",
-    "bias_momentum",
-)
-MIN_CAPACITY = 64
+__all__ = [
+    "PARAMETER_ARRAYS",
+    "ApplyResult",
+    "ClassifiedEvent",
+    "ModelParams",
+    "RecentIds",
+    "RecommenderModel",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,36 +138,6 @@ class RecentIds:
             self._members.discard(self._order.popleft())
 
 
-class Vocabulary:
-    """Append-only name -> index."""
-
-    def __init__(self, names: Iterable[str] = ()) -> None:
-        self._index: dict[str, int] = {}
-        self._names: list[str] = []
-        for name in names:
-            self.add(name)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._index
-
-    def add(self, name: str) -> int:
-        index = self._index.get(name)
-        if index is None:
-            index = self._index[name] = len(self._names)
-            self._names.append(name)
-        return index
-
-    def get(self, name: str) -> int | None:
-        return self._index.get(name)
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._names)
-
-
 def _item_feature_names(item: LearningItem) -> list[tuple[str, float]]:
     """(feature, weight) for one item; metadata weights sum to 1 so multi-concept items don't dominate."""
     concept_weight = 1.0 / len(item.concepts)
@@ -200,14 +176,13 @@ class RecommenderModel:
         self.catalog = Catalog(())
         self.events_applied = 0
         self.snapshots_built = 0
-        self.lightfm = LightFM(
+        self._hybrid = HybridLightFM(
             no_components=self.params.no_components,
             loss=self.params.loss,
             learning_rate=self.params.learning_rate,
-            random_state=np.random.RandomState(self.params.seed),
+            seed=self.params.seed,
         )
-        # Separate streams so that growth, sampling and LightFM's shuffles don't perturb each other.
-        self._init_rng = np.random.RandomState(self.params.seed + 1)
+        # Separate streams so that sampling and LightFM's shuffles don't perturb each other.
         self._rng = np.random.default_rng(self.params.seed + 2)
         self._sampler = random.Random(self.params.seed + 3)  # per-event picks: cheaper than numpy for a few
         self._recent_event_ids = RecentIds(self.params.dedupe_window)
@@ -224,11 +199,14 @@ class RecommenderModel:
         self._seen_sets: dict[int, set[int]] = {}
         self._seen: dict[int, npt.NDArray[np.int64]] = {}
         self._popularity = np.zeros(0, dtype=np.float64)
-        for side in ("item", "user"):
-            for name, array in self._fresh_parameters(MIN_CAPACITY).items():
-                setattr(self.lightfm, f"{side}_{name}", array)
         self.add_items(catalog)
         self._warm_start()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Checkpoints pickled before HybridLightFM held `lightfm` and `_init_rng` directly.
+        if "_hybrid" not in state:
+            state["_hybrid"] = HybridLightFM.wrapping(state.pop("lightfm"), state.pop("_init_rng"))
+        self.__dict__.update(state)
 
     # --- sizes (for tests and metrics) ---------------------------------------------------------
 
@@ -249,12 +227,17 @@ class RecommenderModel:
         return len(self._user_vocab)
 
     @property
+    def lightfm(self) -> LightFM:
+        """The underlying LightFM (its parameter arrays are grown by HybridLightFM)."""
+        return self._hybrid.lightfm
+
+    @property
     def item_feature_capacity(self) -> int:
-        return int(self.lightfm.item_embeddings.shape[0])
+        return self._hybrid.capacity("item")
 
     @property
     def user_feature_capacity(self) -> int:
-        return int(self.lightfm.user_embeddings.shape[0])
+        return self._hybrid.capacity("user")
 
     def item_feature(self, name: str) -> int | None:
         return self._item_vocab.get(name)
@@ -272,38 +255,13 @@ class RecommenderModel:
 
     # --- growth ---------------------------------------------------------------------------------
 
-    def _fresh_parameters(self, rows: int) -> dict[str, npt.NDArray[np.float32]]:
-        """New parameter rows exactly as LightFM._initialize makes them."""
-        d = self.params.no_components
-        embeddings = ((self._init_rng.rand(rows, d) - 0.5) / d).astype(np.float32)
-        accumulator_start = 1.0 if self.lightfm.learning_schedule == "adagrad" else 0.0
-        return {
-            "embeddings": embeddings,
-            "embedding_gradients": np.full((rows, d), accumulator_start, dtype=np.float32),
-            "embedding_momentum": np.zeros((rows, d), dtype=np.float32),
-            "biases": np.zeros(rows, dtype=np.float32),
-            "bias_gradients": np.full(rows, accumulator_start, dtype=np.float32),
-            "bias_momentum": np.zeros(rows, dtype=np.float32),
-        }
-
-    def _reserve_features(self, side: str, needed: int) -> None:
-        """Ensure LightFM has parameter rows for `needed` features of `side` ("item"/"user")."""
-        capacity = getattr(self.lightfm, f"{side}_embeddings").shape[0]
-        if needed <= capacity:
-            return
-        new_capacity = max(needed, 2 * capacity)
-        fresh = self._fresh_parameters(new_capacity - capacity)
-        for name in PARAMETER_ARRAYS:
-            attribute = f"{side}_{name}"
-            setattr(self.lightfm, attribute, np.concatenate([getattr(self.lightfm, attribute), fresh[name]]))
-
     def _add_concept(self, concept: str) -> int:
         index = self._concepts.get(concept)
         if index is not None:
             return index
         index = self._concepts.add(concept)
         column = self._user_vocab.add(f"concept:{concept}")
-        self._reserve_features("user", len(self._user_vocab))
+        self._hybrid.reserve("user", len(self._user_vocab))
         self._concept_user_feature = np.append(self._concept_user_feature, column)
         if self._profiles.shape[1] < len(self._concepts):
             columns = max(len(self._concepts), 2 * self._profiles.shape[1], 16)
@@ -321,19 +279,12 @@ class RecommenderModel:
                 self._item_vocab.add(name)
             for concept in item.concepts:
                 self._add_concept(concept)
-        self._reserve_features("item", len(self._item_vocab))
+        self._hybrid.reserve("item", len(self._item_vocab))
         self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items))])
         self._rebuild_item_arrays()
 
     def _rebuild_item_arrays(self) -> None:
-        rows, columns, weights = [], [], []
-        for position, item in enumerate(self.catalog):
-            for name, weight in _item_feature_names(item):
-                rows.append(position)
-                columns.append(self._item_vocab.add(name))
-                weights.append(weight)
-        shape = (len(self.catalog), self.item_feature_capacity)
-        self._item_features = sp.csr_matrix((weights, (rows, columns)), shape=shape, dtype=np.float32)
+        self._item_features = feature_matrix(map(_item_feature_names, self.catalog), self._item_vocab)
         membership = np.zeros((len(self.catalog), len(self._concepts)), dtype=bool)
         for position, item in enumerate(self.catalog):
             membership[position, [self._concepts.add(c) for c in item.concepts]] = True
@@ -351,7 +302,7 @@ class RecommenderModel:
             return row
         row = self._user_index[user_id] = len(self._user_index)
         column = self._user_vocab.add(f"user:{user_id}")
-        self._reserve_features("user", len(self._user_vocab))
+        self._hybrid.reserve("user", len(self._user_vocab))
         self._user_identity_feature = _grown(self._user_identity_feature, row + 1)
         self._user_identity_feature[row] = column
         self._profiles = _grown(self._profiles, row + 1)
@@ -370,7 +321,7 @@ class RecommenderModel:
         """User feature rows holding only concept features (no identity)."""
         rows, concepts = np.nonzero(concept_weights)
         columns = self._concept_user_feature[concepts]
-        shape = (concept_weights.shape[0], self.user_feature_capacity)
+        shape = (concept_weights.shape[0], len(self._user_vocab))
         return sp.csr_matrix(
             (concept_weights[rows, concepts], (rows, columns)), shape=shape, dtype=np.float32
         )
@@ -396,21 +347,12 @@ class RecommenderModel:
         epochs: int,
     ) -> None:
         """fit_partial on just these (row, item, weight) positives; rows index user_features."""
-        keys = np.asarray(rows, dtype=np.int64) * self.n_items + np.asarray(items, dtype=np.int64)
-        # One entry per (user, item): LightFM's positives lookup must not see duplicates.
-        unique_keys, inverse = np.unique(keys, return_inverse=True)
-        best = np.zeros(len(unique_keys), dtype=np.float32)
-        np.maximum.at(best, inverse, np.asarray(weights, dtype=np.float32))
-        row_ids, item_ids = np.divmod(unique_keys, self.n_items)
         shape = (user_features.shape[0], self.n_items)
-        interactions = sp.coo_matrix(
-            (np.ones(len(unique_keys), np.float32), (row_ids, item_ids)), shape=shape
-        )
-        sample_weight = sp.coo_matrix((best, (row_ids, item_ids)), shape=shape)
-        self.lightfm.fit_partial(
+        interactions, sample_weight = positives_matrices(rows, items, weights, shape)
+        self._hybrid.fit_partial(
             interactions,
-            user_features=user_features,
-            item_features=self._item_features,
+            user_features,
+            self._item_features,
             sample_weight=sample_weight,
             epochs=epochs,
             num_threads=self.params.num_threads,
@@ -534,9 +476,9 @@ class RecommenderModel:
 
     def snapshot(self) -> Snapshot:
         """An immutable copy of everything Recommend needs (O(users + items) x d)."""
-        lfm = self.lightfm
         user_rows = np.arange(self.n_users, dtype=np.int64)
-        user_features = self._user_feature_rows(user_rows)
+        item_biases, item_vectors = self._hybrid.representations("item", self._item_features)
+        _, user_vectors = self._hybrid.representations("user", self._user_feature_rows(user_rows))
         self.snapshots_built += 1
         concepts = self._concepts.names
         membership = self._concept_membership
@@ -548,16 +490,14 @@ class RecommenderModel:
             events_applied=self.events_applied,
             catalog=self.catalog,
             concepts=concepts,
-            item_vectors=np.asarray(self._item_features @ lfm.item_embeddings, dtype=np.float32),
-            item_biases=np.asarray(self._item_features @ lfm.item_biases, dtype=np.float32),
+            item_vectors=item_vectors,
+            item_biases=item_biases,
             item_grades=self._item_grades,
             item_format_codes=self._item_format_codes,
             concept_membership=membership,
             popularity=self._popularity.astype(np.float32),
             user_index=dict(self._user_index),
-            user_vectors=np.asarray(user_features @ lfm.user_embeddings, dtype=np.float32).reshape(
-                self.n_users, self.params.no_components
-            ),
+            user_vectors=user_vectors,
             user_profiles=self._normalised_profiles(user_rows).astype(np.float32),
             seen_items=dict(self._seen),
         )

@@ -59,7 +59,9 @@ def test_sample_items_have_valid_metadata_and_descriptive_titles() -> None:
     assert first_fraction.title.startswith("Adding fractions with unlike denominators (")
     assert catalog.position("fractions-001") == 4 * 12
     assert catalog.get("nope") is None
-    assert len({item.title for item in catalog}) == len(catalog.items), "students see titles: keep them unique"
+    assert len({item.title for item in catalog}) == len(catalog.items), (
+        "students see titles: keep them unique"
+    )
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
