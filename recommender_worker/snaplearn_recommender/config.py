@@ -15,7 +15,7 @@ from snaplearn_common.eventbus.factory import (
     bus_settings_from_args,
 )
 from snaplearn_recommender.model import ModelParams
-from snaplearn_recommender.worker import WorkerSettings
+from snaplearn_recommender.worker import CONSUMER_GROUP, WorkerSettings
 
 ENV_PREFIX = "SNAPLEARN_RECOMMENDER_"
 
@@ -30,6 +30,7 @@ class RecommenderSettings:
     label_map_path: Path | None = None  # None: vision labels are concept names
     checkpoint_dir: Path | None = Path("var/recommender")  # None: no checkpoints
     checkpoint_interval_s: float = 30.0
+    consumer_group: str = CONSUMER_GROUP
     batch_max_events: int = 256
     batch_max_wait_ms: float = 50.0
     no_components: int = 32
@@ -50,7 +51,10 @@ class RecommenderSettings:
         )
 
     def worker_settings(self) -> WorkerSettings:
+        defaults = WorkerSettings()
         return WorkerSettings(
+            topic=self.bus.topic if self.bus else defaults.topic,
+            group_id=self.consumer_group,
             batch_max_events=self.batch_max_events,
             batch_max_wait_s=self.batch_max_wait_ms / 1000,
             checkpoint_interval_s=self.checkpoint_interval_s,
@@ -95,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("CHECKPOINT_INTERVAL", "30") or 30),
         help="seconds",
     )
+    parser.add_argument(
+        "--consumer-group", default=_env("CONSUMER_GROUP", d.consumer_group), help="event bus consumer group"
+    )
     parser.add_argument("--batch-max-events", type=int, default=int(_env("BATCH_MAX_EVENTS", "256") or 256))
     parser.add_argument(
         "--batch-max-wait-ms", type=float, default=float(_env("BATCH_MAX_WAIT_MS", "50") or 50)
@@ -123,6 +130,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RecommenderSettings
         label_map_path=_optional_path(args.label_map),
         checkpoint_dir=_optional_path(args.checkpoint_dir),
         checkpoint_interval_s=args.checkpoint_interval,
+        consumer_group=args.consumer_group,
         batch_max_events=args.batch_max_events,
         batch_max_wait_ms=args.batch_max_wait_ms,
         no_components=args.no_components,

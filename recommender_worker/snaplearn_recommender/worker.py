@@ -1,11 +1,28 @@
-"""The consume loop: events -> micro-batch -> model.apply -> new snapshot -> commit.
+"""The consume loop: events -> micro-batch -> model.apply -> new snapshot -> checkpoint.
 
-Runs on its own thread so the asyncio gRPC server never waits for training. Delivery is
-at-least-once: offsets are committed after the snapshot that includes a batch is
-published, and the model drops events whose id it has already applied. Every
-`checkpoint_interval_s` (and on stop) the model and the offsets it has applied are
-checkpointed together; on start the consumer seeks to the checkpoint's offsets (or to the
-start of the log for a fresh model), so the model is always the result of the log prefix.
+Runs on its own thread so the asyncio gRPC server never waits for training.
+
+Each event changes the model exactly once, across crashes, because the model is always
+the result of a log prefix and knows which prefix:
+- the worker tracks, per partition, the next offset the model expects (`positions`);
+  records below it are redeliveries and skipped; a record above it (a rebalance or a
+  group rejoin moved the fetch position to a committed offset the model is not at) makes
+  the worker seek back. Whatever the committed offsets say, the model reads every offset
+  once and in order;
+- every `checkpoint_interval_s` (and on stop) the model, its event-id dedupe window and
+  `positions` are saved in one file (temp, fsync, rename); only then are those offsets
+  committed to the bus, so committed offsets never claim more than a checkpoint holds
+  (they serve lag monitoring; a restart trusts the checkpoint);
+- on start the worker restores the checkpoint and seeks every partition to its offsets
+  (0 for a fresh model): events applied after the checkpoint died with the process and
+  are applied again, to a model that has not seen them. The event-id window (part of the
+  checkpoint) is the second line of defence, against an event *published* twice.
+Without a checkpoint directory the model starts fresh on each start (from offset 0) and
+offsets are committed after every batch.
+
+Records that cannot be decoded (malformed payload, unknown type or schema version) go to
+the dead-letter topic `<topic>.dlq`, with the error and their origin in headers, before
+their batch is applied; the partition keeps flowing. Dead-lettering is at-least-once.
 """
 
 from __future__ import annotations
@@ -16,7 +33,15 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from snaplearn_common.eventbus.base import Consumer, EventBus, Record, TopicPartition
+from snaplearn_common.eventbus.base import (
+    Consumer,
+    DeliveryFailed,
+    EventBus,
+    Headers,
+    Producer,
+    Record,
+    TopicPartition,
+)
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, decode_image_classified
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.metrics import RecommenderMetrics
@@ -26,17 +51,30 @@ from snaplearn_recommender.snapshot import Snapshot
 log = logging.getLogger(__name__)
 
 CONSUMER_GROUP = "snaplearn-recommender"
+DEAD_LETTER_SUFFIX = ".dlq"
+# Headers added to a dead-lettered record (its own headers are kept).
+HEADER_DLQ_ERROR = "dlq-error"
+HEADER_DLQ_TOPIC = "dlq-origin-topic"
+HEADER_DLQ_PARTITION = "dlq-origin-partition"
+HEADER_DLQ_OFFSET = "dlq-origin-offset"
+HEADER_DLQ_CONSUMER_GROUP = "dlq-consumer-group"
+_MAX_ERROR_CHARS = 500
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSettings:
     topic: str = IMAGE_CLASSIFIED_TOPIC
     group_id: str = CONSUMER_GROUP
-    topic_partitions: int = 4  # used only when the topic does not exist yet
+    topic_partitions: int = 4  # used only when the topic (or its dead-letter topic) does not exist yet
     batch_max_events: int = 256
     batch_max_wait_s: float = 0.05
     idle_poll_s: float = 0.2  # how long an idle poll waits; bounds the reaction time to stop()
     checkpoint_interval_s: float = 30.0
+    dead_letter_flush_timeout_s: float = 10.0
+
+    @property
+    def dead_letter_topic(self) -> str:
+        return self.topic + DEAD_LETTER_SUFFIX
 
 
 @dataclass(slots=True)
@@ -45,9 +83,13 @@ class WorkerStats:
     events_applied: int = 0
     duplicates: int = 0
     malformed: int = 0
+    dead_lettered: int = 0
+    redelivered: int = 0  # records below the model's position (skipped)
+    rewinds: int = 0  # seeks back to the model's position after the fetch position jumped ahead
     batches: int = 0
     failed_batches: int = 0
     checkpoints: int = 0
+    commit_failures: int = 0
 
 
 class RecommenderWorker:
@@ -69,6 +111,7 @@ class RecommenderWorker:
         self._publish = publish
         self._metrics = metrics
         self._checkpointer = checkpointer
+        # Next offset the model expects per partition: what it has applied, nothing else.
         self._positions: dict[TopicPartition, int] = dict(resume_offsets or {})
         self.stats = WorkerStats()
         self._stop = threading.Event()
@@ -76,10 +119,17 @@ class RecommenderWorker:
         self._startup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._last_checkpoint = time.monotonic()
+        self._dead_letters: Producer | None = None
+        self._rewound_to: dict[TopicPartition, int] = {}
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def positions(self) -> dict[TopicPartition, int]:
+        """A copy of the next offset the model expects, per partition."""
+        return dict(self._positions)
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the thread and return once it is subscribed (raises what its setup raised)."""
@@ -93,7 +143,7 @@ class RecommenderWorker:
             raise self._startup_error
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Finish the current batch, commit, checkpoint and leave the consumer group."""
+        """Finish the current batch, checkpoint, commit and leave the consumer group."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -110,17 +160,26 @@ class RecommenderWorker:
             self._ready.set()
             return
         self._ready.set()
+        backoff_s = 0.5
         try:
             while not self._stop.is_set():
-                self._step(consumer)
-        except Exception:
-            log.exception("recommender worker stopped on an unexpected error")
+                try:
+                    self._step(consumer)
+                    backoff_s = 0.5
+                except Exception:
+                    # E.g. the cluster went away mid-call. The model and positions are intact
+                    # (a batch is applied whole or not at all), so carry on after a pause.
+                    log.exception("recommender worker step failed; retrying in %.1f s", backoff_s)
+                    self._stop.wait(backoff_s)
+                    backoff_s = min(30.0, backoff_s * 2)
         finally:
             self._finish(consumer)
 
     def _subscribe(self) -> Consumer:
         topic = self.settings.topic
         self._bus.create_topic(topic, self.settings.topic_partitions)
+        self._bus.create_topic(self.settings.dead_letter_topic, self.settings.topic_partitions)
+        self._dead_letters = self._bus.producer()
         consumer = self._bus.consumer(self.settings.group_id, [topic])
         # The model is the result of a log prefix: resume exactly where it stops (a fresh model,
         # or a partition the checkpoint has not read yet, starts at the beginning of the log).
@@ -144,33 +203,80 @@ class RecommenderWorker:
             records += consumer.poll(max_records=limit - len(records), timeout_s=remaining)
         return records
 
-    def _decode(self, records: list[Record]) -> list[ClassifiedEvent]:
+    def _in_sequence(self, consumer: Consumer, records: list[Record]) -> list[Record]:
+        """The records that continue each partition exactly where the model stands.
+
+        Below the model's position: a redelivery (the fetch position came from an older
+        commit after a rebalance or a rejoin), skipped. Above it: the fetch position jumped
+        past records the model has not applied, so seek back and drop this partition's
+        records from the batch. If the same jump repeats right after that seek, the records
+        in between are gone from the log (retention): accept, loudly.
+        """
+        kept: list[Record] = []
+        expected: dict[TopicPartition, int] = {}
+        rewinding: set[TopicPartition] = set()
+        for record in records:
+            tp = record.topic_partition
+            if tp in rewinding:
+                continue
+            position = expected.get(tp, self._positions.get(tp))
+            if position is not None and record.offset < position:
+                self.stats.redelivered += 1
+                continue
+            if position is not None and record.offset > position:
+                if self._rewound_to.get(tp) != position:
+                    self._rewound_to[tp] = position
+                    self.stats.rewinds += 1
+                    log.info(
+                        "%s: fetched from offset %d, the model is at %d; seeking back",
+                        tp,
+                        record.offset,
+                        position,
+                    )
+                    consumer.seek(tp, position)
+                    rewinding.add(tp)
+                    continue
+                log.error(
+                    "%s: offsets %d..%d are no longer in the log; skipping them",
+                    tp,
+                    position,
+                    record.offset - 1,
+                )
+            self._rewound_to.pop(tp, None)
+            expected[tp] = record.offset + 1
+            kept.append(record)
+        return kept
+
+    def _decode(self, records: list[Record]) -> tuple[list[ClassifiedEvent], list[tuple[Record, Exception]]]:
         events: list[ClassifiedEvent] = []
+        bad: list[tuple[Record, Exception]] = []
         for record in records:
             try:
                 events.append(ClassifiedEvent.from_proto(decode_image_classified(record)))
             except Exception as exc:  # the payload is never logged, only where it is and why
-                self.stats.malformed += 1
-                if self._metrics:
-                    self._metrics.malformed_events.inc()
+                bad.append((record, exc))
                 log.warning(
-                    "skipping malformed record %s[%d]@%d: %s: %s",
+                    "dead-lettering record %s[%d]@%d: %s: %s",
                     record.topic,
                     record.partition,
                     record.offset,
                     type(exc).__name__,
                     exc,
                 )
-        return events
+        return events, bad
 
     def _step(self, consumer: Consumer) -> None:
         records = self._collect(consumer)
         if records:
+            records = self._in_sequence(consumer, records)
+        if records:
             started = time.perf_counter()
-            self._apply(records)
+            if not self._apply(records):
+                return  # stopped while the dead-letter topic was unreachable: not applied
             for record in records:
                 self._positions[record.topic_partition] = record.offset + 1
-            consumer.commit({tp: self._positions[tp] for tp in {r.topic_partition for r in records}})
+            if self._checkpointer is None:
+                self._commit(consumer, self._positions)
             if self._metrics:
                 self._metrics.batch_size.observe(len(records))
                 self._metrics.batch_duration.observe(time.perf_counter() - started)
@@ -179,21 +285,29 @@ class RecommenderWorker:
             self._checkpointer
             and time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s
         ):
-            self._checkpoint()
+            self._checkpoint(consumer)
 
-    def _apply(self, records: list[Record]) -> None:
+    def _apply(self, records: list[Record]) -> bool:
+        """Dead-letter what cannot be decoded, then apply the rest; False if stopped before that."""
+        events, bad = self._decode(records)
+        if bad:
+            if not self._dead_letter(bad):
+                return False
+            self.stats.malformed += len(bad)
+            self.stats.dead_lettered += len(bad)
+            if self._metrics:
+                self._metrics.malformed_events.inc(len(bad))
         self.stats.records_consumed += len(records)
-        events = self._decode(records)
         try:
             result = self._model.apply(events)
         except Exception:
-            # Committed anyway: retrying the same batch would fail the same way. The ids are
-            # already in the dedupe window, so a replay would not apply them either.
+            # Counted as applied anyway: retrying the same batch would fail the same way. The
+            # ids are already in the dedupe window, so a replay would not apply them either.
             self.stats.failed_batches += 1
             if self._metrics:
                 self._metrics.failed_batches.inc()
             log.exception("model update failed for a batch of %d events; skipped", len(events))
-            return
+            return True
         snapshot = self._model.snapshot()
         self._publish(snapshot)
         self.stats.batches += 1
@@ -203,6 +317,64 @@ class RecommenderWorker:
             self._metrics.events_applied.inc(result.applied)
             self._metrics.duplicate_events.inc(result.duplicates)
             self._metrics.known_users.set(snapshot.n_users)
+        return True
+
+    def _dead_letter_headers(self, record: Record, error: Exception) -> Headers:
+        message = f"{type(error).__name__}: {error}"[:_MAX_ERROR_CHARS]
+        return (
+            *record.headers,
+            (HEADER_DLQ_ERROR, message.encode()),
+            (HEADER_DLQ_TOPIC, record.topic.encode()),
+            (HEADER_DLQ_PARTITION, str(record.partition).encode()),
+            (HEADER_DLQ_OFFSET, str(record.offset).encode()),
+            (HEADER_DLQ_CONSUMER_GROUP, self.settings.group_id.encode()),
+        )
+
+    def _dead_letter(self, bad: list[tuple[Record, Exception]]) -> bool:
+        """Write the records to the dead-letter topic, retrying until durable; False if stopped first."""
+        producer = self._dead_letters
+        assert producer is not None, "subscribe first"
+        topic = self.settings.dead_letter_topic
+        to_send = [(record.value, record.key, self._dead_letter_headers(record, exc)) for record, exc in bad]
+        in_flight: list[tuple[bytes, bytes | None, Headers]] = []  # sent since the last completed flush
+        backoff_s = 0.1
+        while True:
+            try:
+                while to_send:
+                    value, key, headers = to_send[0]
+                    producer.send(topic, value, key=key, headers=headers)
+                    in_flight.append(to_send.pop(0))
+                producer.flush(timeout_s=self.settings.dead_letter_flush_timeout_s)
+                return True
+            except DeliveryFailed as exc:
+                lost = set(exc.permanent)
+                if lost:
+                    log.error("the dead-letter topic rejected %d record(s) for good: %s", len(lost), exc)
+                to_send = [in_flight[i] for i in exc.failed if i not in lost and i < len(in_flight)]
+                in_flight = []
+                if not to_send:
+                    return True
+            except Exception as exc:  # send failed, or flush timed out (the producer keeps those)
+                log.warning(
+                    "dead-letter write failed (%s); retrying in %.1f s", type(exc).__name__, backoff_s
+                )
+            if self._stop.wait(backoff_s):
+                return False
+            backoff_s = min(5.0, backoff_s * 2)
+
+    def _commit(self, consumer: Consumer, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit the offsets of partitions this member owns; a failure is only logged (restarts
+        trust the checkpoint, not the commits)."""
+        try:
+            owned = consumer.assignment()
+            mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
+            if mine:
+                consumer.commit(mine)
+        except Exception as exc:
+            self.stats.commit_failures += 1
+            log.warning(
+                "offset commit failed (%s: %s); the checkpoint still holds them", type(exc).__name__, exc
+            )
 
     def _update_lag(self, consumer: Consumer) -> None:
         if not self._metrics:
@@ -217,28 +389,31 @@ class RecommenderWorker:
             sum(max(0, end - self._positions.get(tp, 0)) for tp, end in ends.items())
         )
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, consumer: Consumer | None = None) -> None:
+        """Save model + positions together; then (only then) commit those positions to the bus."""
         if not self._checkpointer:
             return
+        positions = dict(self._positions)
         try:
-            path = self._checkpointer.save(self._model, self._positions)
+            path = self._checkpointer.save(self._model, positions)
         except Exception:
             log.exception("could not write the checkpoint; will retry at the next interval")
         else:
             self.stats.checkpoints += 1
-            log.info("checkpoint written to %s (%d events applied)", path, self._model.events_applied)
+            log.debug("checkpoint written to %s (%d events applied)", path, self._model.events_applied)
+            if consumer is not None:
+                self._commit(consumer, positions)
         self._last_checkpoint = time.monotonic()
 
     def _finish(self, consumer: Consumer) -> None:
-        try:
-            # Only partitions this member owns: another member's progress is not ours to write.
-            owned = {tp: offset for tp, offset in self._positions.items() if tp in consumer.assignment()}
-            if owned:
-                consumer.commit(owned)
-        except Exception:
-            log.exception("final offset commit failed; the next start replays from the checkpoint")
-        self._checkpoint()
-        try:
-            consumer.close()
-        except Exception:
-            log.exception("closing the consumer failed")
+        if self._checkpointer:
+            self._checkpoint(consumer)
+        else:
+            self._commit(consumer, self._positions)
+        for closeable, what in ((consumer, "consumer"), (self._dead_letters, "dead-letter producer")):
+            if closeable is None:
+                continue
+            try:
+                closeable.close()
+            except Exception:
+                log.exception("closing the %s failed", what)

@@ -104,6 +104,7 @@ def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
             "--host", host, "--port", str(settings.vision_port),
             "--metrics-port", str(settings.vision_metrics_port),
             "--model-repository", str(settings.models_dir),
+            "--spool-dir", str(data / "spool"),
             "--ready-file", str(data / "run" / "vision.json"),
             *settings.bus_args,
         ],

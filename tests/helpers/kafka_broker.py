@@ -16,6 +16,9 @@ Use it from a test module by binding the fixture there:
 
     from tests.helpers import kafka_broker
     kafka_bootstrap = kafka_broker.kafka_bootstrap
+
+Fault tests bind `controllable_kafka_broker` too: a `KafkaBroker` whose stop()/start()
+take the same broker down and bring it back with its data (same ports, same log dirs).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import socket
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -73,51 +75,107 @@ def _fail(what: str, result: subprocess.CompletedProcess[str] | None, hint: str 
     pytest.fail(f"{what}\n{hint}\n{output}".strip(), pytrace=False)
 
 
-@pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    existing = os.environ.get(ENV_BOOTSTRAP, "").strip()
-    if existing:
-        yield existing
-        return
+class KafkaBroker:
+    """A single-node broker run by scripts/kafka.sh in its own directory; stop() keeps its data."""
 
-    hint = (
-        "The Kafka tests run a real broker with scripts/kafka.sh, which needs Java 17+ and "
-        "Maven on PATH (apt install openjdk-17-jre-headless maven), or set "
-        f"{ENV_BOOTSTRAP}=host:port to use a running broker."
-    )
-    if shutil.which("java") is None:
-        _fail("java not found on PATH.", None, hint)
-    if shutil.which("bash") is None:
-        _fail("bash not found on PATH.", None, hint)
+    def __init__(self, data_dir: Path) -> None:
+        self.env = {
+            **os.environ,
+            "SNAPLEARN_KAFKA_DIR": str(data_dir),
+            "SNAPLEARN_KAFKA_PORT": str(_free_port()),
+            "SNAPLEARN_KAFKA_CONTROLLER_PORT": str(_free_port()),
+            # The readiness check imports kafka-python: use the interpreter running the tests.
+            "SNAPLEARN_PYTHON": sys.executable,
+        }
+        self.bootstrap = ""
 
-    data_dir = tmp_path_factory.mktemp("kafka-broker")
-    env = {
-        **os.environ,
-        "SNAPLEARN_KAFKA_DIR": str(data_dir),
-        "SNAPLEARN_KAFKA_PORT": str(_free_port()),
-        "SNAPLEARN_KAFKA_CONTROLLER_PORT": str(_free_port()),
-        # The readiness check imports kafka-python: use the interpreter running the tests.
-        "SNAPLEARN_PYTHON": sys.executable,
-    }
-    try:
-        fetched = _run_script("fetch", env, FETCH_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        _fail(f"scripts/kafka.sh fetch did not finish within {FETCH_TIMEOUT_S} s.", None, hint)
-    if fetched.returncode != 0:
-        _fail("scripts/kafka.sh fetch failed.", fetched, hint)
-
-    try:
+    def start(self) -> str:
+        """Start (or restart, with the same ports and data) and return the bootstrap address."""
         try:
-            started = _run_script("start", env, START_TIMEOUT_S)
+            started = _run_script("start", self.env, START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            _fail(f"scripts/kafka.sh start did not finish within {START_TIMEOUT_S} s.", None, hint)
+            _fail(f"scripts/kafka.sh start did not finish within {START_TIMEOUT_S} s.", None, _HINT)
         if started.returncode != 0:
-            _fail("scripts/kafka.sh start failed.", started, hint)
+            _fail("scripts/kafka.sh start failed.", started, _HINT)
         lines = started.stdout.strip().splitlines()
         if not lines:
             _fail("scripts/kafka.sh start printed no bootstrap address.", started)
-        yield lines[-1].strip()
-    finally:
-        # wipe = stop (SIGTERM, then SIGKILL) + delete the session's data directory; runs even
-        # when start failed half-way, so no broker outlives the test session.
-        _run_script("wipe", env, STOP_TIMEOUT_S)
+        self.bootstrap = lines[-1].strip()
+        return self.bootstrap
+
+    def stop(self) -> None:
+        """SIGTERM (then SIGKILL after the script's timeout); topics and offsets stay on disk."""
+        stopped = _run_script("stop", self.env, STOP_TIMEOUT_S)
+        if stopped.returncode != 0:
+            _fail("scripts/kafka.sh stop failed.", stopped)
+
+    def wipe(self) -> None:
+        _run_script("wipe", self.env, STOP_TIMEOUT_S)
+
+
+_HINT = (
+    "The Kafka tests run a real broker with scripts/kafka.sh, which needs Java 17+ and "
+    "Maven on PATH (apt install openjdk-17-jre-headless maven), or set "
+    f"{ENV_BOOTSTRAP}=host:port to use a running broker."
+)
+_session_broker: KafkaBroker | None = None
+
+
+def _fetch_and_start(data_dir: Path) -> KafkaBroker:
+    if shutil.which("java") is None:
+        _fail("java not found on PATH.", None, _HINT)
+    if shutil.which("bash") is None:
+        _fail("bash not found on PATH.", None, _HINT)
+    broker = KafkaBroker(data_dir)
+    try:
+        fetched = _run_script("fetch", broker.env, FETCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        _fail(f"scripts/kafka.sh fetch did not finish within {FETCH_TIMEOUT_S} s.", None, _HINT)
+    if fetched.returncode != 0:
+        _fail("scripts/kafka.sh fetch failed.", fetched, _HINT)
+    try:
+        broker.start()
+    except BaseException:
+        # wipe = stop (SIGTERM, then SIGKILL) + delete the data directory, even half-way.
+        broker.wipe()
+        raise
+    return broker
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> str:
+    existing = os.environ.get(ENV_BOOTSTRAP, "").strip()
+    if existing:
+        return existing
+    return _own_broker(tmp_path_factory, request).bootstrap
+
+
+@pytest.fixture(scope="session")
+def controllable_kafka_broker(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> KafkaBroker:
+    """A broker the test may stop and start: the session's own one, or, when the session uses an
+    external cluster (SNAPLEARN_KAFKA_BOOTSTRAP), a private one started for these tests."""
+    if os.environ.get(ENV_BOOTSTRAP, "").strip():
+        broker = _fetch_and_start(tmp_path_factory.mktemp("kafka-broker-private"))
+        request.addfinalizer(broker.wipe)
+        return broker
+    return _own_broker(tmp_path_factory, request)
+
+
+def _own_broker(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> KafkaBroker:
+    """The session's broker, started on first use and wiped when the session ends."""
+    global _session_broker
+    if _session_broker is None:
+        _session_broker = _fetch_and_start(tmp_path_factory.mktemp("kafka-broker"))
+        broker = _session_broker
+
+        def wipe() -> None:
+            global _session_broker
+            broker.wipe()
+            _session_broker = None
+
+        # Registered on the session-scoped request: runs when the session ends, so no
+        # broker outlives the test run.
+        request.addfinalizer(wipe)
+    return _session_broker

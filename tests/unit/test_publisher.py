@@ -1,7 +1,8 @@
-"""EventPublisher over a real embedded bus: non-blocking, bounded, retrying, flushed on stop.
+"""EventPublisher over a real embedded bus: non-blocking, bounded, retrying, spooling, flushed on stop.
 
 Backend trouble is made with small SqliteProducer subclasses (a stalled send, failing
-sends/flushes); everything else is the real SQLite bus in tmp_path.
+sends/flushes, an outage that holds or drops records the way Kafka's producer does);
+everything else is the real SQLite bus and a real DiskSpool in tmp_path.
 """
 
 from __future__ import annotations
@@ -9,14 +10,16 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from snaplearn_common.eventbus.base import Headers
-from snaplearn_common.eventbus.publisher import EventPublisher
+from snaplearn_common.eventbus.base import DeliveryFailed, Headers
+from snaplearn_common.eventbus.publisher import EventPublisher, decode_spooled, encode_spooled
+from snaplearn_common.eventbus.spool import DiskSpool
 from snaplearn_common.eventbus.sqlite import SqliteEventBus, SqliteProducer
 from snaplearn_common.events import (
     IMAGE_CLASSIFIED_TOPIC,
@@ -71,6 +74,73 @@ class FlakyProducer(SqliteProducer):
             self.flush_failures -= 1
             raise sqlite3.OperationalError("database is locked")
         super().flush(timeout_s)
+
+
+class OutageProducer(SqliteProducer):
+    """A backend that can be down, like a Kafka producer whose broker is unreachable.
+
+    While `down` is set, sends are accepted and held, and flush times out (the records
+    stay held, as Kafka's producer keeps retrying them); with `expire=True` a flush
+    instead gives up on every held record with DeliveryFailed (Kafka's delivery timeout).
+    Once up again, held records are written by the next flush.
+    """
+
+    def __init__(self, bus: SqliteEventBus, expire: bool = False) -> None:
+        super().__init__(bus)
+        self.down = threading.Event()
+        self.expire = expire
+        self.held: list[tuple[str, bytes, bytes | None, Headers]] = []
+        self.sends = 0
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+        self.sends += 1
+        if self.down.is_set():
+            self.held.append((topic, value, key, headers))
+        else:
+            super().send(topic, value, key, headers)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        if self.down.is_set():
+            if self.expire and self.held:
+                failed = list(range(len(self.held)))
+                self.held.clear()
+                raise DeliveryFailed("expired", failed)
+            time.sleep(min(timeout_s or 0.01, 0.01))
+            raise TimeoutError("broker unreachable")
+        held, self.held = self.held, []
+        for topic, value, key, headers in held:
+            super().send(topic, value, key, headers)
+        super().flush(timeout_s)
+
+
+class RejectingProducer(SqliteProducer):
+    """Rejects, for good, every record whose value contains `poison` (like a too-large record)."""
+
+    def __init__(self, bus: SqliteEventBus, poison: bytes) -> None:
+        super().__init__(bus)
+        self.poison = poison
+        self.rejected: list[int] = []
+        self._index = 0
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+        if self.poison in value:
+            self.rejected.append(self._index)
+        else:
+            super().send(topic, value, key, headers)
+        self._index += 1
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        super().flush(timeout_s)
+        rejected, self.rejected, self._index = self.rejected, [], 0
+        if rejected:
+            raise DeliveryFailed("record too large", rejected, rejected)
+
+
+def wait_for(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.005)
 
 
 @pytest.fixture
@@ -152,7 +222,7 @@ def test_stop_flushes_everything(tmp_path: Path) -> None:
     with SqliteEventBus(tmp_path / "bus.db", linger_s=60, batch_max_records=100_000) as bus:
         bus.create_topic(TOPIC, 2)
         with bus.producer() as producer:
-            publisher = EventPublisher(producer, flush_interval_s=60)
+            publisher = EventPublisher(producer)
             publisher.start()
             for i in range(200):
                 publisher.publish(TOPIC, event(i, user=f"student-{i % 7}"))
@@ -211,3 +281,99 @@ def test_payloads_are_never_logged(bus: SqliteEventBus, caplog: pytest.LogCaptur
     assert caplog.records, "retries and drops are logged"
     assert "alice-secret-student" not in caplog.text
     assert "worksheet-cnn" not in caplog.text
+
+
+def fast(producer: SqliteProducer, **kwargs: object) -> EventPublisher:
+    return EventPublisher(
+        producer,
+        flush_timeout_s=0.02,
+        retry_initial_backoff_s=0.001,
+        retry_max_backoff_s=0.02,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_spooled_record_round_trips() -> None:
+    original = event(7, user="student-7")
+    assert decode_spooled(encode_spooled(TOPIC, original)) == (TOPIC, original)
+
+
+@pytest.mark.parametrize("expire", [False, True], ids=["producer-holds", "producer-gives-up"])
+def test_outage_spools_then_replays_everything_once_in_order(
+    bus: SqliteEventBus, tmp_path: Path, expire: bool
+) -> None:
+    producer = OutageProducer(bus, expire=expire)
+    spool = DiskSpool(tmp_path / "spool")
+    publisher = fast(producer, spool=spool)
+    with producer, publisher:
+        publisher.publish(TOPIC, event(0))
+        wait_for(lambda: publisher.published == 1)
+        producer.down.set()
+        for i in range(1, 120):
+            assert publisher.publish(TOPIC, event(i, user=f"student-{i % 3}"))
+        wait_for(lambda: publisher.buffered == 0)  # all of it moved to the spool, none confirmed
+        assert publisher.published == 1 and publisher.spool_pending == 119
+        assert not publisher.healthy and publisher.retried > 0
+        producer.down.clear()
+        wait_for(lambda: publisher.published == 120)
+        assert publisher.healthy
+        for i in range(120, 130):  # healthy again: the direct path
+            publisher.publish(TOPIC, event(i, user=f"student-{i % 3}"))
+    spool.close()
+    assert (publisher.published, publisher.dropped, publisher.spool_pending) == (130, 0, 0)
+    assert publisher.spooled >= 119
+    decoded = [decode_image_classified(r) for r in read_records(bus, 130)]
+    assert sorted(int(m.event_id.split("-")[1]) for m in decoded) == list(range(130))
+    for user in {m.user_id for m in decoded}:  # per user (= partition): publish order
+        ids = [int(m.event_id.split("-")[1]) for m in decoded if m.user_id == user]
+        assert ids == sorted(ids)
+
+
+def test_the_spool_outlives_the_process_and_replays_before_newer_events(
+    bus: SqliteEventBus, tmp_path: Path
+) -> None:
+    producer = OutageProducer(bus, expire=True)
+    producer.down.set()
+    spool = DiskSpool(tmp_path / "spool")
+    publisher = fast(producer, spool=spool)
+    publisher.start()
+    for i in range(50):
+        publisher.publish(TOPIC, event(i))
+    publisher.stop(timeout_s=0.2)  # the broker never came back
+    producer.held.clear()  # the process ends: what the producer held in memory is gone
+    producer.down.clear()
+    producer.close()
+    spool.close()
+    assert (publisher.published, publisher.dropped) == (0, 0), "kept in the spool, not dropped"
+
+    with bus.producer() as healthy:  # the next run of the process
+        respool = DiskSpool(tmp_path / "spool")
+        assert respool.pending == 50
+        with fast(healthy, spool=respool) as again:
+            for i in range(50, 60):
+                again.publish(TOPIC, event(i))
+        respool.close()
+    assert (again.published, again.dropped) == (60, 0)
+    values = [r.value for r in read_records(bus, 60)]
+    assert values == [event(i).value for i in range(60)]  # one user: old events first, in order
+
+
+def test_permanently_rejected_records_are_dropped_and_the_rest_delivered(bus: SqliteEventBus) -> None:
+    poison = encode_image_classified(
+        "event-poison", "student-1", 1.0, "poison-model", "1", [("fractions", 1.0)]
+    )
+    producer = RejectingProducer(bus, b"poison-model")
+    publisher = fast(producer)
+    with producer, publisher:
+        publisher.publish(TOPIC, event(0))
+        publisher.publish(TOPIC, poison)
+        publisher.publish(TOPIC, event(1))
+    assert (publisher.published, publisher.dropped) == (2, 1)
+    assert [r.value for r in read_records(bus, 2)] == [event(0).value, event(1).value]
+
+
+def read_records(bus: SqliteEventBus, count: int) -> list:  # type: ignore[type-arg]
+    with bus.consumer(unique("reader"), [TOPIC]) as consumer:
+        records = poll_until(consumer, count, deadline_s=10)
+        assert consumer.poll(timeout_s=0.05) == [], "no duplicates"
+    return records

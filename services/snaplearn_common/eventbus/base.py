@@ -79,8 +79,28 @@ def partition_for_key(key: bytes, partitions: int) -> int:
     return (murmur2(key) & 0x7FFFFFFF) % partitions
 
 
+class DeliveryFailed(Exception):
+    """Raised by `Producer.flush`: the producer gave up on some records sent since the last flush.
+
+    failed: their indices in send order, counted from the first send after the previous
+    flush that returned or raised DeliveryFailed (exact when one thread sends and flushes);
+    permanent: the subset the bus rejected for good (too large, not authorised), which
+    sending again cannot fix. Every other record of that span is durable.
+    """
+
+    def __init__(self, message: str, failed: Sequence[int], permanent: Sequence[int] = ()) -> None:
+        super().__init__(message)
+        self.failed = tuple(failed)
+        self.permanent = tuple(permanent)
+
+
 class Producer(ABC):
-    """Appends records. `send` may buffer; `flush` returns once everything sent is durable."""
+    """Appends records. `send` may buffer; `flush` returns once everything sent is durable.
+
+    When `flush` raises: TimeoutError (timeout_s passed) or any error other than
+    DeliveryFailed means the records not yet durable are still held and retried by the
+    producer (flush again to wait for them); DeliveryFailed names the records it dropped.
+    """
 
     @abstractmethod
     def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None: ...

@@ -7,6 +7,10 @@ open_bus(bus_settings_from_args(args)), so they agree on flags and environment v
   --bus-path PATH           SNAPLEARN_BUS_PATH          (default var/bus.db)
   --kafka-bootstrap HOSTS   SNAPLEARN_KAFKA_BOOTSTRAP   (default localhost:9092)
   --bus-partitions N        SNAPLEARN_BUS_PARTITIONS    (default 4)
+  --bus-topic NAME          SNAPLEARN_BUS_TOPIC         (default snaplearn.image-classified.v1;
+                                                         its dead-letter topic is NAME.dlq)
+  --bus-session-timeout S   SNAPLEARN_BUS_SESSION_TIMEOUT (default 10; a consumer that dies
+                                                         keeps its partitions this long)
 
 Kafka security settings (kafka-python argument names) come only from the environment,
 so that secrets never appear in a process listing: SNAPLEARN_KAFKA_SECURITY_PROTOCOL,
@@ -27,6 +31,7 @@ from typing import Literal, cast
 
 from snaplearn_common.errors import InvalidInput
 from snaplearn_common.eventbus.base import EventBus
+from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC
 
 Backend = Literal["embedded", "kafka"]
 BACKENDS: tuple[Backend, ...] = ("embedded", "kafka")
@@ -39,6 +44,8 @@ ENV_BACKEND = "SNAPLEARN_BUS"
 ENV_EMBEDDED_PATH = "SNAPLEARN_BUS_PATH"
 ENV_KAFKA_BOOTSTRAP = "SNAPLEARN_KAFKA_BOOTSTRAP"
 ENV_PARTITIONS = "SNAPLEARN_BUS_PARTITIONS"
+ENV_TOPIC = "SNAPLEARN_BUS_TOPIC"
+ENV_SESSION_TIMEOUT = "SNAPLEARN_BUS_SESSION_TIMEOUT"
 # kafka-python keyword -> environment variable.
 KAFKA_SECURITY_ENV: Mapping[str, str] = {
     "security_protocol": "SNAPLEARN_KAFKA_SECURITY_PROTOCOL",
@@ -64,7 +71,15 @@ class BusSettings:
     embedded_path: str = DEFAULT_EMBEDDED_PATH
     kafka_bootstrap_servers: str = DEFAULT_KAFKA_BOOTSTRAP
     partitions: int = DEFAULT_PARTITIONS
+    # The ImageClassified topic (one deployment can run several systems on one cluster).
+    topic: str = IMAGE_CLASSIFIED_TOPIC
     session_timeout_s: float = 10.0
+    # Producer timeouts (Kafka): send blocks at most kafka_max_block_s (the publisher's thread
+    # must get back to spooling while the cluster is down); a record is retried for
+    # kafka_delivery_timeout_s before flush reports it as DeliveryFailed.
+    kafka_max_block_s: float = 5.0
+    kafka_request_timeout_s: float = 30.0
+    kafka_delivery_timeout_s: float = 120.0
     kafka_security: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -74,8 +89,14 @@ class BusSettings:
             )
         if self.partitions < 1:
             raise InvalidInput(f"partitions must be at least 1, got {self.partitions}")
-        if self.session_timeout_s <= 0:
-            raise InvalidInput("session_timeout_s must be positive")
+        for name in (
+            "session_timeout_s",
+            "kafka_max_block_s",
+            "kafka_request_timeout_s",
+            "kafka_delivery_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise InvalidInput(f"{name} must be positive")
 
 
 def open_bus(settings: BusSettings) -> EventBus:
@@ -121,6 +142,19 @@ def add_bus_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"partitions for topics this process creates (env {ENV_PARTITIONS}; "
         f"default {DEFAULT_PARTITIONS})",
     )
+    group.add_argument(
+        "--bus-topic",
+        default=None,
+        help=f"topic of ImageClassified events; dead letters go to <topic>.dlq (env {ENV_TOPIC}; "
+        f"default {IMAGE_CLASSIFIED_TOPIC})",
+    )
+    group.add_argument(
+        "--bus-session-timeout",
+        type=float,
+        default=None,
+        help=f"seconds a crashed consumer keeps its partitions (env {ENV_SESSION_TIMEOUT}; default 10; "
+        "Kafka brokers accept 6..1800 by default)",
+    )
 
 
 def bus_settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> BusSettings:
@@ -144,6 +178,12 @@ def bus_settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] 
     except ValueError:
         raise InvalidInput(f"{ENV_PARTITIONS}={partitions_text!r} is not an integer") from None
     security = {key: env[name] for key, name in KAFKA_SECURITY_ENV.items() if env.get(name)}
+    session_flag = getattr(args, "bus_session_timeout", None)
+    session_text = pick(None if session_flag is None else str(session_flag), ENV_SESSION_TIMEOUT, "10")
+    try:
+        session_timeout_s = float(session_text)
+    except ValueError:
+        raise InvalidInput(f"{ENV_SESSION_TIMEOUT}={session_text!r} is not a number") from None
     return BusSettings(
         backend=cast(Backend, backend),
         embedded_path=pick(getattr(args, "bus_path", None), ENV_EMBEDDED_PATH, DEFAULT_EMBEDDED_PATH),
@@ -151,5 +191,7 @@ def bus_settings_from_args(args: argparse.Namespace, environ: Mapping[str, str] 
             getattr(args, "kafka_bootstrap", None), ENV_KAFKA_BOOTSTRAP, DEFAULT_KAFKA_BOOTSTRAP
         ),
         partitions=partitions,
+        topic=pick(getattr(args, "bus_topic", None), ENV_TOPIC, IMAGE_CLASSIFIED_TOPIC),
+        session_timeout_s=session_timeout_s,
         kafka_security=security,
     )

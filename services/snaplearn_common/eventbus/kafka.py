@@ -48,6 +48,7 @@ from kafka.codec import has_lz4, has_zstd
 from snaplearn_common.errors import InvalidInput, NotFound, Unavailable
 from snaplearn_common.eventbus.base import (
     Consumer,
+    DeliveryFailed,
     EventBus,
     Headers,
     Producer,
@@ -221,7 +222,11 @@ class KafkaEventBus(EventBus):
     default.replication.factor.
     session_timeout_s: a consumer that stops heartbeating (crashed process) loses its
     partitions after this long; a consumer that closes leaves at once.
-    max_block_s: how long `send` may block for topic metadata or for buffer space.
+    max_block_s: how long `send` may block for topic metadata or for buffer space; short,
+    because the publisher's one thread must get back to spooling while the cluster is down.
+    delivery_timeout_s: how long the producer retries a record before giving up on it (it
+    then surfaces in `flush` as DeliveryFailed, and the publisher sends it again).
+    close_timeout_s: how long closing a producer waits for records still in flight.
     client_config: extra kafka-python settings for every client (tests, tuning).
     """
 
@@ -233,8 +238,10 @@ class KafkaEventBus(EventBus):
         replication_factor: int = -1,
         auto_offset_reset: OffsetReset = "earliest",
         session_timeout_s: float = 10.0,
-        max_block_s: float = 30.0,
+        max_block_s: float = 5.0,
         request_timeout_s: float = 30.0,
+        delivery_timeout_s: float = 120.0,
+        close_timeout_s: float = 10.0,
         linger_ms: int = 5,
         compression_type: str | None = None,
         client_config: Mapping[str, Any] | None = None,
@@ -249,12 +256,17 @@ class KafkaEventBus(EventBus):
         self.session_timeout_s = session_timeout_s
         self.max_block_s = max_block_s
         self.request_timeout_s = request_timeout_s
+        self.delivery_timeout_s = max(delivery_timeout_s, request_timeout_s + linger_ms / 1000)
+        self.close_timeout_s = close_timeout_s
         self.linger_ms = linger_ms
         self.compression_type = compression_type or default_compression()
         self._common: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": _CLIENT_ID,
             "request_timeout_ms": int(request_timeout_s * 1000),
+            # kafka-python backs off reconnects up to 30 s; the Java client's 1 s means a
+            # returning broker is used again within a second instead of up to half a minute.
+            "reconnect_backoff_max_ms": 1000,
             **security_config(security),
             **dict(client_config or {}),
         }
@@ -273,6 +285,9 @@ class KafkaEventBus(EventBus):
             bootstrap,
             security=getattr(settings, "kafka_security", None),
             session_timeout_s=float(getattr(settings, "session_timeout_s", 10.0)),
+            max_block_s=float(getattr(settings, "kafka_max_block_s", 5.0)),
+            request_timeout_s=float(getattr(settings, "kafka_request_timeout_s", 30.0)),
+            delivery_timeout_s=float(getattr(settings, "kafka_delivery_timeout_s", 120.0)),
         )
 
     # -- admin ---------------------------------------------------------------------------
@@ -352,6 +367,7 @@ class KafkaEventBus(EventBus):
             "compression_type": self.compression_type,
             "linger_ms": self.linger_ms,
             "max_block_ms": int(self.max_block_s * 1000),
+            "delivery_timeout_ms": int(self.delivery_timeout_s * 1000),
             # Topics are created explicitly with a partition count; never by a typo'd send.
             "allow_auto_create_topics": False,
         }
@@ -423,7 +439,12 @@ class KafkaEventBus(EventBus):
 
 
 class KafkaBusProducer(Producer):
-    """A KafkaProducer; `flush` raises the first delivery error since the previous flush.
+    """A KafkaProducer; `flush` raises DeliveryFailed naming the records lost since the previous flush.
+
+    Records are numbered in send order from the last flush that completed, and each
+    future's errback records its number, so the publisher knows exactly which records to
+    send again (retriable errors, e.g. delivery_timeout expiry after a long outage) and
+    which the cluster rejected for good.
 
     kafka-python (3.0) puts an idempotent producer into a permanent error state after any
     non-retriable delivery error (e.g. one record over the topic's max.message.bytes), and
@@ -439,17 +460,20 @@ class KafkaBusProducer(Producer):
         self._producer = factory()
         self._generation = 0  # bumped with each replacement of self._producer
         self._broken = False
-        self._failed = 0
-        self._first_error: BaseException | None = None
+        self._span = 0  # bumped by each flush that completes: numbers restart from 0
+        self._sent_in_span = 0
+        self._failures: dict[int, BaseException] = {}  # number in the current span -> error
+        self._late_failures = 0  # errors of an older span (a send racing a flush on another thread)
         self._known_topics: set[str] = set()
         self._closed = False
 
-    def _on_error(self, generation: int, exc: BaseException) -> None:
+    def _on_error(self, generation: int, span: int, number: int, exc: BaseException) -> None:
         # Runs on kafka-python's sender thread. Never log the payload: records carry student data.
         with self._lock:
-            self._failed += 1
-            if self._first_error is None:
-                self._first_error = exc
+            if span == self._span:
+                self._failures.setdefault(number, exc)
+            else:
+                self._late_failures += 1
             if generation == self._generation and not getattr(exc, "retriable", False):
                 self._broken = True
 
@@ -493,11 +517,15 @@ class KafkaBusProducer(Producer):
             )
         except kafka_errors.KafkaTimeoutError as exc:
             # No metadata or no buffer space within max_block_ms: the cluster is unreachable
-            # or not keeping up.
+            # or not keeping up. Nothing was accepted, so the record is not numbered.
             raise Unavailable(f"could not send to {topic!r}: {exc}") from exc
-        future.add_errback(functools.partial(self._on_error, generation))
+        with self._lock:
+            span, number = self._span, self._sent_in_span
+            self._sent_in_span += 1
+        future.add_errback(functools.partial(self._on_error, generation, span, number))
 
     def flush(self, timeout_s: float | None = None) -> None:
+        """Wait for every record sent so far; TimeoutError leaves them pending (and numbered)."""
         with self._lock:
             producer = self._producer
         try:
@@ -505,22 +533,44 @@ class KafkaBusProducer(Producer):
         except kafka_errors.KafkaTimeoutError as exc:
             raise TimeoutError(f"flush did not complete within {timeout_s} s") from exc
         with self._lock:
-            failed, error = self._failed, self._first_error
-            self._failed, self._first_error = 0, None
-        if error is not None:
-            log.error("%d record(s) could not be delivered to Kafka (%s)", failed, type(error).__name__)
-            raise error
+            failures, late = self._failures, self._late_failures
+            self._failures, self._late_failures = {}, 0
+            self._span += 1
+            self._sent_in_span = 0
+        if late:
+            log.error("%d record(s) sent during a concurrent flush could not be delivered to Kafka", late)
+        if failures:
+            first = failures[min(failures)]
+            permanent = sorted(n for n, exc in failures.items() if not getattr(exc, "retriable", False))
+            log.error(
+                "%d record(s) could not be delivered to Kafka (%d for good; first: %s)",
+                len(failures),
+                len(permanent),
+                type(first).__name__,
+            )
+            raise DeliveryFailed(
+                f"{len(failures)} record(s) not delivered: {type(first).__name__}: {first}",
+                sorted(failures),
+                permanent,
+            ) from first
 
     def close(self) -> None:
+        """Flush for at most the bus's close_timeout_s, then close; what is left is abandoned."""
         if self._closed:
             return
         self._closed = True
+        wait_s = self._bus.close_timeout_s
         try:
-            self.flush()
+            self.flush(wait_s)
+        except TimeoutError:
+            # The cluster is unreachable: a publisher keeps these in its spool, so closing
+            # must not hang the process's shutdown on them.
+            log.warning("closing the Kafka producer with records still undelivered after %.0f s", wait_s)
+            wait_s = 0
         finally:
             with self._lock:
                 producer = self._producer
-            producer.close()
+            producer.close(timeout=wait_s)
 
 
 class _AssignmentListener(ConsumerRebalanceListener):
@@ -546,6 +596,9 @@ class KafkaBusConsumer(Consumer):
         self.topics = frozenset(topics)
         self._consumer = consumer
         self._timeout_ms = int(request_timeout_s * 1000)
+        # Short: a commit that cannot reach the coordinator (cluster down) must not hold up the
+        # caller's loop for a whole request timeout; the recommender's truth is its checkpoint.
+        self._commit_timeout_ms = min(self._timeout_ms, 5000)
         # Guarded by a lock: the rebalance listener may run on kafka-python's IO thread.
         self._seek_lock = threading.Lock()
         self._pending_seeks: dict[TopicPartition, int] = {}
@@ -593,7 +646,7 @@ class KafkaBusConsumer(Consumer):
         self._check_open()
         if offsets is None:
             # kafka-python's default: the position after the last poll, per assigned partition.
-            self._consumer.commit(timeout_ms=self._timeout_ms)
+            self._consumer.commit(timeout_ms=self._commit_timeout_ms)
             return
         to_commit = {}
         for tp, offset in offsets.items():
@@ -602,7 +655,7 @@ class KafkaBusConsumer(Consumer):
             # kafka-python 3: OffsetAndMetadata(offset, metadata, leader_epoch); -1 = unknown epoch.
             to_commit[_to_kafka_tp(tp)] = OffsetAndMetadata(offset, "", -1)
         if to_commit:
-            self._consumer.commit(offsets=to_commit, timeout_ms=self._timeout_ms)
+            self._consumer.commit(offsets=to_commit, timeout_ms=self._commit_timeout_ms)
 
     def committed(self, tp: TopicPartition) -> int | None:
         self._check_open()

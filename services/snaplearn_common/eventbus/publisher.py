@@ -1,9 +1,28 @@
 """EventPublisher: how a gRPC server publishes events without ever blocking or failing a request.
 
-`publish` only appends to a bounded in-memory buffer (safe from the asyncio event loop);
-a background thread drains the buffer into a Producer, flushing every `flush_interval_s`,
-and retries with backoff while the backend fails. When the buffer is full the event goes
-to `_overflow` (today: counted as dropped; an on-disk spool can take over that one method).
+`publish` only appends to a bounded in-memory buffer (safe from the asyncio event loop; it
+never touches the disk). A background thread, the drainer, moves events to the Producer:
+
+- healthy: buffer -> send -> flush (bounded by flush_timeout_s) -> counted as published;
+- the first flush or send that fails puts the publisher in *backlog* mode: the events not
+  confirmed, then every newer event from the buffer, are appended to the spool (on disk
+  with a DiskSpool, so they survive a restart too), and the drainer replays the spool head
+  in order, backing off between attempts, until the spool is empty; then it is healthy
+  again. The spool is always older than the buffer, so events leave in publish order and
+  each user's events (one partition, by key) stay in order.
+
+Confirmation follows the Producer contract (base.Producer.flush): a TimeoutError (or any
+error other than DeliveryFailed) leaves the records with the producer, which keeps
+retrying them, so the drainer waits on them rather than sending them again;
+DeliveryFailed names records the producer gave up on: the retriable ones are sent again
+from the spool, the permanently rejected ones are dropped (counted). A record can be
+duplicated only when a send was ambiguous (written, but the acknowledgement lost, or the
+process died between the write and the spool's ack); consumers dedupe by event id.
+
+Counters: published (confirmed by the bus), retried (failed attempts), spooled (events
+written to the spool), dropped (never delivered: buffer or spool full, rejected by the
+bus, published after stop, or left in a memory-only spool at stop). Gauges: buffered
+(accepted, not in the spool, not confirmed) and spool_pending.
 
 Payloads carry student data: nothing here logs a key, value or header.
 """
@@ -12,41 +31,88 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from snaplearn_common.eventbus.base import Producer
+from snaplearn_common.eventbus.base import DeliveryFailed, Producer
+from snaplearn_common.eventbus.spool import MemorySpool, Spool, SpoolEntry, SpoolFull
 from snaplearn_common.events import EncodedEvent
 
 log = logging.getLogger(__name__)
 
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+def encode_spooled(topic: str, event: EncodedEvent) -> bytes:
+    """topic, key, value and headers as length-prefixed fields (the spool adds its own checksum)."""
+    parts = [_U16.pack(len(topic.encode())), topic.encode()]
+    parts += [_U32.pack(len(event.key)), event.key, _U32.pack(len(event.value)), event.value]
+    parts.append(_U16.pack(len(event.headers)))
+    for name, value in event.headers:
+        parts += [_U16.pack(len(name.encode())), name.encode(), _U32.pack(len(value)), value]
+    return b"".join(parts)
+
+
+def decode_spooled(data: bytes) -> tuple[str, EncodedEvent]:
+    offset = 0
+
+    def take(size_struct: struct.Struct) -> bytes:
+        nonlocal offset
+        (size,) = size_struct.unpack_from(data, offset)
+        offset += size_struct.size
+        chunk = data[offset : offset + size]
+        if len(chunk) != size:
+            raise ValueError("truncated spool record")
+        offset += size
+        return chunk
+
+    topic = take(_U16).decode()
+    key, value = take(_U32), take(_U32)
+    (count,) = _U16.unpack_from(data, offset)
+    offset += _U16.size
+    headers = tuple((take(_U16).decode(), take(_U32)) for _ in range(count))
+    return topic, EncodedEvent(key=key, value=value, headers=headers)
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    """Records handed to the producer and not yet confirmed, in send order."""
+
+    events: list[tuple[str, EncodedEvent]]
+    entries: list[SpoolEntry] | None  # their spool entries when replayed from the spool
+
 
 class EventPublisher:
-    """Non-blocking, bounded, retrying publisher over a Producer (which the caller owns and closes).
+    """Non-blocking, bounded, spooling publisher over a Producer (which the caller owns and closes).
 
     Lifecycle: start() -> publish()... -> stop(timeout_s). Events published before start()
-    are buffered; stop() drains the buffer and flushes, giving up after timeout_s (what is
-    left is counted as dropped). Also usable as `with` / `async with`.
-
-    Counters (attributes, and Prometheus metrics when `registry` is given):
-    published (durable in the bus), retried (failed send/flush attempts), dropped (never
-    delivered: buffer full, published after stop, or abandoned at stop) and buffered (gauge:
-    accepted but not yet durable).
+    are buffered. stop() delivers what it can within timeout_s; what is left stays in a
+    DiskSpool for the next run (or is counted as dropped with a memory-only spool).
+    spool: where unconfirmed events wait (default: a MemorySpool of max_spooled records);
+    the publisher does not close it. topics: renames the topics callers publish to (the
+    names in snaplearn_common.events) to the ones this deployment configured.
     """
 
     def __init__(
         self,
         producer: Producer,
         *,
+        spool: Spool | None = None,
+        topics: Mapping[str, str] | None = None,
         max_buffered: int = 10_000,
-        flush_interval_s: float = 0.05,
+        max_spooled: int = 100_000,
+        flush_timeout_s: float = 5.0,
         max_batch: int = 500,
         retry_initial_backoff_s: float = 0.05,
-        retry_max_backoff_s: float = 5.0,
+        retry_max_backoff_s: float = 2.0,
         registry: CollectorRegistry | None = None,
         metric_prefix: str = "snaplearn_eventbus_publisher",
         name: str = "event-publisher",
@@ -54,8 +120,10 @@ class EventPublisher:
         if max_buffered < 1:
             raise ValueError("max_buffered must be at least 1")
         self._producer = producer
+        self._spool = spool if spool is not None else MemorySpool(max_spooled)
+        self._topics = dict(topics or {})
         self.max_buffered = max_buffered
-        self._flush_interval_s = flush_interval_s
+        self._flush_timeout_s = flush_timeout_s
         self._max_batch = max(1, max_batch)
         self._initial_backoff_s = retry_initial_backoff_s
         self._max_backoff_s = retry_max_backoff_s
@@ -65,76 +133,99 @@ class EventPublisher:
         self._lock = threading.Lock()
         self._buffer: deque[tuple[str, EncodedEvent]] = deque()
         self._has_work = threading.Condition(self._lock)
-        self._in_flight = 0  # taken from the buffer, sent or being sent, not yet flushed
-        self._stopping = False  # no more publishes accepted; drain and exit
-        self._abandon = threading.Event()  # stop() timed out: stop retrying now
+        self._in_flight = 0  # taken from the buffer by the drainer, not yet confirmed or spooled
+        self._stopping = False
+        self._abandon = threading.Event()  # stop() timed out: finish the current step and exit
         self._thread: threading.Thread | None = None
         self._stopped = False
+        # Drainer-thread state.
+        self._outstanding: _Outstanding | None = None
+        self._failures = 0  # consecutive failed attempts (backoff exponent)
+        self._retry_at = 0.0
         self.published = 0
         self.retried = 0
+        self.spooled = 0
         self.dropped = 0
         self._last_drop_log = 0.0
-        self._published_metric: Counter | None = None
-        self._retried_metric: Counter | None = None
-        self._dropped_metric: Counter | None = None
+        self._metrics: dict[str, Counter] = {}
         if registry is not None:
             self._register_metrics(registry, metric_prefix)
 
     # -- metrics -----------------------------------------------------------------------
 
     def _register_metrics(self, registry: CollectorRegistry, prefix: str) -> None:
-        self._published_metric = Counter(
-            f"{prefix}_published", "Events made durable in the event bus", registry=registry
+        for counter, text in (
+            ("published", "Events confirmed durable by the event bus"),
+            ("retried", "Failed send/flush attempts that were retried"),
+            ("spooled", "Events written to the spool while the bus was unreachable"),
+            ("dropped", "Events never delivered (buffer/spool full, rejected, or abandoned at stop)"),
+        ):
+            self._metrics[counter] = Counter(f"{prefix}_{counter}", text, registry=registry)
+        buffered = Gauge(
+            f"{prefix}_buffered", "Events accepted, not spooled, not yet durable", registry=registry
         )
-        self._retried_metric = Counter(
-            f"{prefix}_retried", "Failed send/flush attempts that were retried", registry=registry
-        )
-        self._dropped_metric = Counter(
-            f"{prefix}_dropped",
-            "Events never delivered (buffer full, or abandoned at stop)",
-            registry=registry,
-        )
-        buffered = Gauge(f"{prefix}_buffered", "Events accepted but not yet durable", registry=registry)
         buffered.set_function(lambda: float(self.buffered))
+        pending = Gauge(f"{prefix}_spool_pending", "Events in the spool awaiting replay", registry=registry)
+        pending.set_function(lambda: float(self.spool_pending))
+
+    def _count(self, counter: str, amount: int = 1) -> None:
+        if amount <= 0:
+            return
+        with self._lock:
+            setattr(self, counter, getattr(self, counter) + amount)
+        metric = self._metrics.get(counter)
+        if metric is not None:
+            metric.inc(amount)
 
     @property
     def buffered(self) -> int:
-        """Events accepted by publish() and not yet durable (in the buffer or in flight)."""
+        """Events accepted by publish() that are neither confirmed nor in the spool."""
         with self._lock:
             return len(self._buffer) + self._in_flight
 
-    def _count_dropped_locked(self, count: int) -> None:
-        self.dropped += count
-        if self._dropped_metric is not None:
-            self._dropped_metric.inc(count)
+    @property
+    def spool_pending(self) -> int:
+        return self._spool.pending
+
+    @property
+    def healthy(self) -> bool:
+        """False while events wait in the spool (the bus was unreachable)."""
+        return self._spool.pending == 0
 
     # -- publishing --------------------------------------------------------------------
 
     def publish(self, topic: str, event: EncodedEvent) -> bool:
         """Buffer an event for publishing; never blocks, never raises. False when it was not accepted."""
+        topic = self._topics.get(topic, topic)
         with self._lock:
             if not self._stopping and len(self._buffer) + self._in_flight < self.max_buffered:
                 self._buffer.append((topic, event))
                 self._has_work.notify()
                 return True
-        self._overflow(topic, event)
+        self._overflow(topic, "publisher stopped" if self._stopping else f"buffer full ({self.max_buffered})")
         return False
 
-    def _overflow(self, topic: str, event: EncodedEvent) -> None:
-        """The one place an event that cannot be buffered goes (an on-disk spool replaces this)."""
+    def _overflow(self, topic: str, reason: str, count: int = 1) -> None:
+        """The one place events that cannot be kept go: counted as dropped, logged at most every 10 s.
+
+        The buffer does not overflow into the spool: publish() runs on the event loop and
+        must not touch the disk, and only the drainer writes the spool, which is how the
+        spool stays older than the buffer. The drainer moves the buffer to the spool within
+        one flush_timeout_s, so the buffer fills only when events arrive faster than that.
+        """
+        self._count("dropped", count)
+        now = time.monotonic()
         with self._lock:
-            self._count_dropped_locked(1)
-            stopping = self._stopping
-            now = time.monotonic()
-            # Rate-limited: under overload this would otherwise log once per request.
             should_log = now - self._last_drop_log >= 10.0
             if should_log:
                 self._last_drop_log = now
-            dropped = self.dropped
         if should_log:
-            reason = "publisher stopped" if stopping else f"buffer full ({self.max_buffered})"
             log.warning(
-                "%s: dropping events for topic %s: %s; %d dropped so far", self._name, topic, reason, dropped
+                "%s: dropping events for topic %s: %s; %d dropped so far",
+                self._name,
+                topic,
+                reason,
+                self.dropped,
             )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -149,7 +240,7 @@ class EventPublisher:
             self._thread.start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop accepting events, deliver what is buffered and flush; give up after timeout_s."""
+        """Stop accepting events, deliver what is possible within timeout_s, spool or count the rest."""
         with self._lock:
             if self._stopped:
                 return
@@ -163,16 +254,26 @@ class EventPublisher:
         thread.join(timeout_s)
         if thread.is_alive():
             self._abandon.set()
-            thread.join(max(1.0, self._flush_interval_s * 2))
+            with self._lock:
+                self._has_work.notify_all()
+            # The current step is bounded by flush_timeout_s; then the drainer spools and exits.
+            thread.join(self._flush_timeout_s + 2.0)
         with self._lock:
             left = len(self._buffer) + self._in_flight
             self._buffer.clear()
             self._in_flight = 0
             self._stopped = True
-            if left:
-                self._count_dropped_locked(left)
         if left:
-            log.error("%s: stopped with %d undelivered events (counted as dropped)", self._name, left)
+            self._count("dropped", left)
+            log.error("%s: stopped with %d events neither delivered nor spooled (dropped)", self._name, left)
+        if isinstance(self._spool, MemorySpool) and self._spool.pending:
+            lost = self._spool.pending
+            self._count("dropped", lost)
+            log.error(
+                "%s: stopped with %d undelivered events and no spool directory (dropped)", self._name, lost
+            )
+        elif self._spool.pending:
+            log.warning("%s: %d events stay in the spool for the next start", self._name, self._spool.pending)
 
     def __enter__(self) -> Self:
         self.start()
@@ -191,68 +292,165 @@ class EventPublisher:
 
     # -- the drainer thread ------------------------------------------------------------
 
-    def _retry(self, attempt: int) -> bool:
-        """Count a failed attempt and back off; False when stop() has given up."""
-        with self._lock:
-            self.retried += 1
-            if self._retried_metric is not None:
-                self._retried_metric.inc()
-        backoff_s = min(self._max_backoff_s, self._initial_backoff_s * (2 ** min(attempt, 30)))
-        return not self._abandon.wait(backoff_s)
+    def _drain_loop(self) -> None:
+        try:
+            while self._next_step():
+                pass
+        except Exception:
+            log.exception("%s: the drainer failed; events stay buffered/spooled", self._name)
 
-    def _send_with_retry(self, topic: str, event: EncodedEvent) -> bool:
-        attempt = 0
-        while not self._abandon.is_set():
+    def _next_step(self) -> bool:
+        """One unit of work; False when the drainer should exit."""
+        backlog = self._outstanding is not None or self._spool.pending > 0
+        with self._lock:
+            while True:
+                if self._abandon.is_set():
+                    break
+                now = time.monotonic()
+                if backlog and now >= self._retry_at:
+                    break
+                if self._buffer:
+                    break
+                if self._stopping and not backlog:
+                    return False
+                wait_s = max(0.0, self._retry_at - now) if backlog else None
+                self._has_work.wait(wait_s)
+            batch = [self._buffer.popleft() for _ in range(min(self._max_batch, len(self._buffer)))]
+            self._in_flight += len(batch)
+        if backlog or self._abandon.is_set():
+            self._to_spool(batch)
+            if self._abandon.is_set():
+                # stop() gave up: leave the backlog in the spool, but spool the buffer first.
+                with self._lock:
+                    rest = list(self._buffer)
+                    self._buffer.clear()
+                    self._in_flight += len(rest)
+                self._to_spool(rest)
+                return False
+            if time.monotonic() >= self._retry_at:
+                self._replay_step()
+            return True
+        self._send_direct(batch)
+        return True
+
+    def _backoff(self) -> None:
+        self._count("retried")
+        delay = min(self._max_backoff_s, self._initial_backoff_s * (2 ** min(self._failures, 30)))
+        self._failures += 1
+        self._retry_at = time.monotonic() + delay
+
+    def _to_spool(self, events: Sequence[tuple[str, EncodedEvent]]) -> None:
+        """Append events taken from the buffer (or not confirmed) to the spool tail."""
+        if not events:
+            return
+        try:
+            self._spool.append([encode_spooled(topic, event) for topic, event in events])
+        except (SpoolFull, OSError) as exc:
+            self._overflow(events[0][0], f"spool unavailable ({type(exc).__name__}: {exc})", len(events))
+        else:
+            self._count("spooled", len(events))
+        with self._lock:
+            self._in_flight -= len(events)
+
+    def _send(self, events: Sequence[tuple[str, EncodedEvent]]) -> int:
+        """Send in order until one send fails; returns how many were handed to the producer."""
+        for sent, (topic, event) in enumerate(events):
             try:
                 self._producer.send(topic, event.value, key=event.key, headers=event.headers)
-                return True
             except Exception as exc:
                 # The exception type only: its message could quote the payload.
-                log.warning("%s: send failed (%s); retrying", self._name, type(exc).__name__)
-                if not self._retry(attempt):
-                    return False
-                attempt += 1
-        return False
+                log.warning("%s: send failed (%s)", self._name, type(exc).__name__)
+                return sent
+        return len(events)
 
-    def _flush_with_retry(self) -> bool:
-        # A Producer keeps what it accepted until a flush succeeds, so retrying the flush
-        # (not re-sending) delivers each event once.
-        attempt = 0
-        while not self._abandon.is_set():
-            try:
-                self._producer.flush()
-                return True
-            except Exception as exc:
-                log.warning("%s: flush failed (%s); retrying", self._name, type(exc).__name__)
-                if not self._retry(attempt):
-                    return False
-                attempt += 1
-        return False
+    def _flush(self) -> DeliveryFailed | Exception | None:
+        try:
+            self._producer.flush(timeout_s=self._flush_timeout_s)
+        except Exception as exc:
+            log.warning("%s: flush failed (%s)", self._name, type(exc).__name__)
+            return exc
+        return None
 
-    def _drain_loop(self) -> None:
-        # Flush when the buffer runs empty (low latency when idle) and at least every
-        # flush_interval_s under sustained load (bounded loss window, fresh counters).
-        next_flush_at = time.monotonic() + self._flush_interval_s
-        while True:
+    def _send_direct(self, batch: list[tuple[str, EncodedEvent]]) -> None:
+        """Healthy path: send + flush; on any failure the unconfirmed events become the spool head."""
+        sent = self._send(batch)
+        outcome = self._flush() if sent else RuntimeError("nothing sent")
+        if outcome is None and sent == len(batch):
+            self._confirmed(len(batch))
             with self._lock:
-                while not self._buffer and not self._stopping:
-                    self._has_work.wait()
-                if not self._buffer:
-                    return  # stopping, and everything accepted has been flushed
-                batch = [self._buffer.popleft() for _ in range(min(self._max_batch, len(self._buffer)))]
-                self._in_flight += len(batch)
-            for topic, event in batch:
-                if not self._send_with_retry(topic, event):
-                    return  # abandoned by stop(); it counts what is left
+                self._in_flight -= len(batch)
+            return
+        self._backoff()
+        if outcome is None:  # the first `sent` are durable; the rest start the backlog
+            self._confirmed(sent)
             with self._lock:
-                buffer_empty = not self._buffer
-            if buffer_empty or time.monotonic() >= next_flush_at:
-                if not self._flush_with_retry():
-                    return
-                next_flush_at = time.monotonic() + self._flush_interval_s
-                with self._lock:
-                    delivered = self._in_flight
-                    self._in_flight = 0
-                    self.published += delivered
-                    if self._published_metric is not None:
-                        self._published_metric.inc(delivered)
+                self._in_flight -= sent
+            self._to_spool(batch[sent:])
+            return
+        failed = self._rejected_and_retry(outcome, batch[:sent])
+        if failed is None:
+            # The producer still holds the sent ones: they go to the spool as outstanding, so
+            # that a later confirmation acknowledges them there instead of sending them again.
+            # (The spool was empty: the healthy path runs only without a backlog.)
+            self._to_spool(batch)
+            entries = self._spool.peek(sent) if sent else []
+            if entries and len(entries) == sent:
+                self._outstanding = _Outstanding(list(batch[:sent]), entries)
+            return
+        confirmed, retry_from = failed
+        self._confirmed(confirmed)
+        with self._lock:
+            self._in_flight -= retry_from
+        self._to_spool([e for i, e in enumerate(batch) if i >= retry_from])
+
+    def _rejected_and_retry(
+        self, outcome: BaseException, sent: Sequence[tuple[str, EncodedEvent]]
+    ) -> tuple[int, int] | None:
+        """For a DeliveryFailed: (records confirmed, index from which to send again); None: still held.
+
+        Permanently rejected records before the first retriable failure are dropped; the
+        retriable ones (and everything after the first of them) are sent again.
+        """
+        if not isinstance(outcome, DeliveryFailed):
+            return None
+        retriable = set(outcome.failed) - set(outcome.permanent)
+        retry_from = min((i for i in retriable if i < len(sent)), default=len(sent))
+        rejected = sum(1 for i in set(outcome.permanent) if i < retry_from)
+        if rejected:
+            self._overflow(sent[0][0], f"rejected by the bus ({outcome})", rejected)
+        return retry_from - rejected, retry_from
+
+    def _confirmed(self, count: int) -> None:
+        if count > 0:
+            self._count("published", count)
+            self._failures = 0
+
+    def _replay_step(self) -> None:
+        """Backlog path: confirm what the producer holds, else send the next chunk of the spool."""
+        if self._outstanding is None:
+            entries = self._spool.peek(self._max_batch)
+            if not entries:
+                return
+            events = [decode_spooled(entry.payload) for entry in entries]
+            sent = self._send(events)
+            if sent == 0:
+                self._backoff()
+                return
+            self._outstanding = _Outstanding(events[:sent], entries[:sent])
+        outstanding = self._outstanding
+        assert outstanding.entries is not None
+        outcome = self._flush()
+        if outcome is None:
+            self._outstanding = None
+            self._spool.ack(outstanding.entries[-1])
+            self._confirmed(len(outstanding.entries))
+            return
+        self._backoff()
+        failed = self._rejected_and_retry(outcome, outstanding.events)
+        if failed is None:
+            return  # still with the producer: flush again after the backoff
+        self._outstanding = None
+        confirmed, retry_from = failed
+        if retry_from > 0:
+            self._spool.ack(outstanding.entries[retry_from - 1])
+            self._confirmed(confirmed)
