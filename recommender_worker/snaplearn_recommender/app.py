@@ -82,6 +82,7 @@ class RecommenderApp:
         worker = RecommenderWorker(
             bus, model, service.publish, settings.worker_settings(), metrics, checkpointer, offsets
         )
+        metrics.watch_worker(worker.stats)
         await asyncio.to_thread(worker.start)
         try:
             grpc_server = await start_grpc_server(

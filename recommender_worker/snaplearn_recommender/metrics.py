@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from snaplearn_common.metrics import LATENCY_BUCKETS
+
+# Worker counters read at scrape time from WorkerStats (the worker thread owns them; no locking
+# needed for monotonically increasing ints read by another thread).
+WORKER_COUNTERS = {
+    "dead_lettered": "Undecodable or unknown-version records sent to the dead-letter topic",
+    "redelivered": "Records below the model's position, skipped (already applied before a restart)",
+    "rewinds": "Seeks back to the model's position after the fetch position jumped ahead",
+    "checkpoints": "Checkpoints of model + offsets written",
+    "commit_failures": "Offset commits that failed (the checkpoint still holds the offsets)",
+    "records_consumed": "Records read from the topic",
+}
 
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 PREFIX = "snaplearn_recommender"
@@ -63,3 +78,17 @@ class RecommenderMetrics:
     def watch_snapshot_age(self, age_s: Callable[[], float]) -> None:
         """Compute the age at scrape time, so it is right even when no batch runs."""
         self.snapshot_age.set_function(age_s)
+
+    def watch_worker(self, stats: Any) -> None:
+        """Export the worker's WorkerStats counters, read at scrape time."""
+        self.registry.register(_WorkerStatsCollector(stats))
+
+
+class _WorkerStatsCollector(Collector):
+    def __init__(self, stats: Any) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        values = dataclasses.asdict(self._stats)
+        for name, help_text in WORKER_COUNTERS.items():
+            yield CounterMetricFamily(f"{PREFIX}_worker_{name}", help_text, value=values[name])

@@ -23,6 +23,7 @@ from snaplearn_common.events import (
 )
 from snaplearn_recommender.catalog import generate_sample_catalog
 from snaplearn_recommender.checkpoint import Checkpointer
+from snaplearn_recommender.metrics import RecommenderMetrics
 from snaplearn_recommender.model import RecommenderModel
 from snaplearn_recommender.worker import RecommenderWorker, WorkerSettings
 from tests.contract.eventbus_contract import poll_until, unique
@@ -87,9 +88,15 @@ def test_poison_records_are_dead_lettered_and_the_partition_keeps_flowing(
         ],
     )
     model = RecommenderModel(CATALOG)
-    worker = RecommenderWorker(bus, model, lambda snapshot: None, settings)
+    metrics = RecommenderMetrics()
+    worker = RecommenderWorker(bus, model, lambda snapshot: None, settings, metrics)
+    metrics.watch_worker(worker.stats)
     run_until_applied(worker, model, 4)
     assert (model.events_applied, worker.stats.dead_lettered) == (4, 2)
+    scraped = metrics.registry.get_sample_value
+    assert scraped("snaplearn_recommender_worker_dead_lettered_total") == 2
+    assert scraped("snaplearn_recommender_worker_records_consumed_total") == 6
+    assert scraped("snaplearn_recommender_malformed_events_total") == 2
 
     with bus.consumer(unique("dlq-reader"), [settings.dead_letter_topic]) as consumer:
         dead = sorted(poll_until(consumer, 2), key=lambda r: int(r.header("dlq-origin-offset") or b"0"))
