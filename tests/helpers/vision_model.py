@@ -28,7 +28,7 @@ from snaplearn_vision.train import (
 )
 
 # ~20 s on one core; enough for the tests' purposes, not for the 95% the real model must reach.
-TEST_TRAINING = TrainingSettings(seed=0, n_per_class=120, epochs=6, progress=False, min_test_accuracy=0.6)
+TEST_TRAINING = TrainingSettings(seed=0, n_per_class=240, epochs=10, progress=False, min_test_accuracy=0.8)
 
 _lock = threading.Lock()
 
