@@ -2,6 +2,15 @@
 
 Usage: python scripts/gen_protos.py [--check]
 
+Two include roots, one protoc run each:
+- protos/ (minus protos/oip/): our own APIs, generated as snaplearn.<api>.v1;
+- protos/oip/: the vendored Open Inference Protocol (package `inference`), generated as
+  snaplearn_oip.* so that it cannot clash with another copy (tritonclient's) in site-packages.
+  Its descriptors also go to a private descriptor pool instead of protobuf's default one:
+  tritonclient registers the same `inference.*` names from other files, and two files defining
+  one name in one pool fail at import ("duplicate symbol"), so a process that serves OIP and
+  uses tritonclient (a test, an embedding app) could not import both.
+
 --check generates into a temporary folder and exits 1 when the committed code differs,
 so CI fails on stale generated code.
 """
@@ -16,12 +25,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_ROOT = REPO / "protos"
+OIP_ROOT = PROTO_ROOT / "oip"
 OUT_ROOT = REPO / "clients" / "python"
-GENERATED_TOP = "snaplearn"  # proto package root: snaplearn.<service>.v1
+# (include root, top-level package it generates); each root's files are generated only once.
+ROOTS = ((PROTO_ROOT, "snaplearn"), (OIP_ROOT, "snaplearn_oip"))
+GENERATED_TOPS = tuple(top for _, top in ROOTS)
+PRIVATE_POOL_TOPS = ("snaplearn_oip",)
+_DEFAULT_POOL = "_descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL = "_descriptor_pool.DescriptorPool().AddSerializedFile("
 
 
-def proto_files() -> list[Path]:
-    return sorted(PROTO_ROOT.rglob("*.proto"))
+def proto_files(root: Path) -> list[Path]:
+    """The .proto files of one include root, without those of a nested root (protos/oip)."""
+    nested = [other for other, _ in ROOTS if other != root and other.is_relative_to(root)]
+    return sorted(p for p in root.rglob("*.proto") if not any(p.is_relative_to(n) for n in nested))
 
 
 def generate(out_dir: Path) -> None:
@@ -29,27 +46,39 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
-    files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
-    args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{include}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        f"--grpc_python_out={out_dir}",
-        *files,
-    ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
-    # Make every generated folder a regular package so mypy and setuptools find them.
-    for folder in [out_dir / GENERATED_TOP, *(out_dir / GENERATED_TOP).rglob("*")]:
-        if folder.is_dir() and folder.name != "__pycache__":
-            (folder / "__init__.py").touch()
+    for root, top in ROOTS:
+        files = [str(p.relative_to(root)) for p in proto_files(root)]
+        args = [
+            "protoc",
+            f"-I{root}",
+            f"-I{include}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            *files,
+        ]
+        if protoc.main(args) != 0:
+            raise SystemExit(f"protoc failed for {root.relative_to(REPO)}")
+        # Make every generated folder a regular package so mypy and setuptools find them.
+        for folder in [out_dir / top, *(out_dir / top).rglob("*")]:
+            if folder.is_dir() and folder.name != "__pycache__":
+                (folder / "__init__.py").touch()
+        if top in PRIVATE_POOL_TOPS:
+            for module in (out_dir / top).rglob("*_pb2.py"):
+                code = module.read_text()
+                if code.count(_DEFAULT_POOL) != 1:
+                    raise SystemExit(f"{module}: expected one {_DEFAULT_POOL!r} to make the pool private")
+                module.write_text(code.replace(_DEFAULT_POOL, _PRIVATE_POOL))
 
 
 def generated_files(root: Path) -> list[Path]:
-    top = root / GENERATED_TOP
-    return sorted(p.relative_to(root) for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    return sorted(
+        p.relative_to(root)
+        for top in GENERATED_TOPS
+        if (root / top).is_dir()
+        for p in (root / top).rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts
+    )
 
 
 def check() -> int:
@@ -76,7 +105,8 @@ def main() -> int:
     if args.check:
         return check()
     generate(OUT_ROOT)
-    print(f"generated {len(generated_files(OUT_ROOT))} files under {OUT_ROOT / GENERATED_TOP}")
+    tops = ", ".join(str(OUT_ROOT / top) for top in GENERATED_TOPS)
+    print(f"generated {len(generated_files(OUT_ROOT))} files under {tops}")
     return 0
 
 

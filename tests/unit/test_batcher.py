@@ -18,6 +18,7 @@ from snaplearn_common import errors
 from snaplearn_vision.batcher import (
     REJECT_CANCELLED,
     REJECT_DEADLINE,
+    REJECT_DEADLINE_UNMEETABLE,
     REJECT_QUEUE_FULL,
     BatchedResult,
     BatchingLimits,
@@ -49,6 +50,7 @@ class RecordingMetrics:
     waits: list[float] = field(default_factory=list)
     batches: list[tuple[int, float]] = field(default_factory=list)
     rejections: list[str] = field(default_factory=list)
+    computing: list[int] = field(default_factory=list)
 
     def set_queue_depth(self, depth: int) -> None:
         self.depths.append(depth)
@@ -58,6 +60,9 @@ class RecordingMetrics:
 
     def observe_batch(self, size: int, compute_s: float) -> None:
         self.batches.append((size, compute_s))
+
+    def set_computing(self, requests: int) -> None:
+        self.computing.append(requests)
 
     def count_rejection(self, reason: str) -> None:
         self.rejections.append(reason)
@@ -204,6 +209,34 @@ async def test_full_queue_rejects_immediately_with_overloaded() -> None:
     assert process.seen == [[1], [2], [3]]
     assert metrics.rejections == [REJECT_QUEUE_FULL]
     assert max(metrics.depths) == 2
+
+
+async def test_a_deadline_the_queue_would_outlast_is_refused_at_once() -> None:
+    clock = ManualClock()
+    metrics = RecordingMetrics()
+    process = GatedDoubler()
+    batcher = make_batcher(process, max_batch_size=2, max_queue_delay_s=0, clock=clock, metrics=metrics)
+    try:
+        # No batch has run: nothing is known about compute time, so nothing is refused for it.
+        assert (await batcher.submit(1, deadline=clock() + 1e-9)).value == 2
+        process.gate.clear()
+        computing = spawn(batcher.submit(2))
+        await process.wait_entered()
+        queued = [spawn(batcher.submit(n, deadline=clock() + HOUR_S)) for n in (3, 4, 5)]
+        await until(lambda: batcher.queue_depth == 3, "three queued")
+        # Three batches (two queued, one computing) stand before it: however fast a batch is
+        # (the one measured took > 0 s), a deadline a nanosecond away cannot be met.
+        with pytest.raises(errors.Overloaded, match="longer than the request's deadline allows"):
+            await batcher.submit(6, deadline=clock() + 1e-9)
+        process.gate.set()
+        assert [(await t).value for t in (computing, *queued)] == [4, 6, 8, 10]
+        # Idle again: admitted whatever the estimate (which the held batch made long), so a
+        # slow batch can never leave a batcher that refuses everything.
+        assert (await batcher.submit(7, deadline=clock() + 1e-9)).value == 14
+    finally:
+        await batcher.stop()
+    assert all(6 not in batch for batch in process.seen)
+    assert metrics.rejections == [REJECT_DEADLINE_UNMEETABLE]
 
 
 async def test_batch_failure_is_fanned_out_to_every_request() -> None:

@@ -11,8 +11,12 @@ free. The next batch keeps forming in the queue while the current one computes, 
 it leaves the moment the executor frees up (pipelining) while at most one batch
 computes per executor thread.
 
-Right before compute, requests whose deadline has passed fail with DeadlineExpired and
-requests whose caller went away (future cancelled) are skipped, so the batch function
+Admission is decided at once, so overload is answered in microseconds rather than after a
+wait: a full queue refuses (Overloaded), and so does a queue whose estimated drain time
+(batches ahead x a moving average of batch compute time) would finish the request after its
+deadline: it would only have taken a slot and then expired. Right before compute, requests
+whose deadline has passed fail with DeadlineExpired and requests whose caller went away
+(future cancelled, as gRPC does when a call is cancelled) are skipped, so the batch function
 never sees them.
 """
 
@@ -39,6 +43,7 @@ Clock = Callable[[], float]
 
 # Rejection reasons reported to BatcherMetrics.count_rejection (label values).
 REJECT_QUEUE_FULL = "queue_full"
+REJECT_DEADLINE_UNMEETABLE = "deadline_unmeetable"  # the queue ahead would outlast the deadline
 REJECT_DEADLINE = "deadline_expired"
 REJECT_CANCELLED = "cancelled"
 REJECT_SHUTTING_DOWN = "shutting_down"
@@ -52,6 +57,8 @@ class BatcherMetrics(Protocol):
     def observe_queue_wait(self, seconds: float) -> None: ...
 
     def observe_batch(self, size: int, compute_s: float) -> None: ...
+
+    def set_computing(self, requests: int) -> None: ...
 
     def count_rejection(self, reason: str) -> None: ...
 
@@ -120,6 +127,9 @@ class _NullMetrics:
     def observe_batch(self, size: int, compute_s: float) -> None:
         pass
 
+    def set_computing(self, requests: int) -> None:
+        pass
+
     def count_rejection(self, reason: str) -> None:
         pass
 
@@ -133,7 +143,11 @@ class BatcherStats:
     expired: int = 0
     cancelled: int = 0
     rejected: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    # The latest batch sizes only: a server computes millions of batches.
+    batch_sizes: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=1024))
+    total_queue_wait_s: float = 0.0  # summed over computed requests
+    total_compute_s: float = 0.0  # summed over batches
+    total_latency_s: float = 0.0  # queue wait + compute, summed over computed requests
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
@@ -154,6 +168,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         metrics: BatcherMetrics | None = None,
         compute_threads: int = 1,
         clock: Clock = time.monotonic,
+        thread_initializer: Callable[[], None] | None = None,
     ) -> None:
         if compute_threads < 1:
             raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
@@ -163,6 +178,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._metrics: BatcherMetrics = metrics if metrics is not None else _NullMetrics()
         self._compute_threads = compute_threads
         self._clock = clock
+        self._thread_initializer = thread_initializer
+        self._batch_seconds = 0.0  # moving average of batch compute time; 0 until one ran
         self._pending: collections.deque[_Request[ItemT, ResultT]] = collections.deque()
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -173,6 +190,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._accepting = False
         self._stopping = False
         self.stats = BatcherStats()
+        self._computing = 0  # requests in batches being computed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -189,7 +207,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._loop_task is not None:
             raise RuntimeError(f"{self.name} already started")
         self._executor = ThreadPoolExecutor(
-            max_workers=self._compute_threads, thread_name_prefix=f"{self.name}-compute"
+            max_workers=self._compute_threads,
+            thread_name_prefix=f"{self.name}-compute",
+            initializer=self._thread_initializer,
         )
         self._wakeup = asyncio.Event()
         self._free_threads = asyncio.Semaphore(self._compute_threads)
@@ -225,18 +245,33 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     # -- submitting ------------------------------------------------------------------------
 
-    def check_capacity(self) -> None:
-        """Raise Overloaded (and count it) when the queue is full.
+    def check_capacity(self, deadline: float | None = None, incoming: int = 0) -> None:
+        """Raise Overloaded (and count it) when the queue is full or would outlast `deadline`.
 
         `submit` checks this itself; callers may check first to skip costly preparation
-        (decoding an image) for a request the queue would refuse anyway.
+        (decoding an image) for a request the queue would refuse anyway, counting as
+        `incoming` the requests they admitted that are still preparing.
         """
-        if len(self._pending) >= self.limits.max_queue_size:
+        depth = len(self._pending) + incoming
+        if depth >= self.limits.max_queue_size:
             self._count(REJECT_QUEUE_FULL)
             raise errors.Overloaded(
                 f"server overloaded: {self.name} queue is full "
                 f"({self.limits.max_queue_size} requests waiting); retry with backoff"
             )
+        # Only when work stands ahead: an idle batcher always admits, so one slow batch (a
+        # first compilation, a stall) cannot leave an estimate that refuses everything forever.
+        if deadline is not None and self._batch_seconds > 0.0 and (depth or self._computing):
+            # Its own batch, the full batches ahead of it, and the one computing now.
+            batches = depth // self.limits.max_batch_size + 1 + (1 if self._computing else 0)
+            expected_s = batches * self._batch_seconds
+            if self._clock() + expected_s > deadline:
+                self._count(REJECT_DEADLINE_UNMEETABLE)
+                raise errors.Overloaded(
+                    f"server overloaded: {depth} requests wait in {self.name}'s queue, about "
+                    f"{expected_s:.3f}s of work, longer than the request's deadline allows; "
+                    "retry with backoff or a longer deadline"
+                )
 
     async def submit(self, item: ItemT, deadline: float | None = None) -> BatchedResult[ResultT]:
         """Queue `item` and wait for its result.
@@ -253,7 +288,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if deadline is not None and deadline <= now:
             self._count(REJECT_DEADLINE, stat="expired")
             raise errors.DeadlineExpired(f"the request's deadline passed before it was queued in {self.name}")
-        self.check_capacity()
+        self.check_capacity(deadline)
         future: asyncio.Future[BatchedResult[ResultT]] = asyncio.get_running_loop().create_future()
         request = _Request(item=item, future=future, enqueued_at=now, deadline=deadline)
         self._pending.append(request)
@@ -324,8 +359,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 remaining = self._pending[0].enqueued_at + limits.max_queue_delay_s - self._clock()
                 if remaining > 0:
                     self._wakeup.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wakeup.wait(), timeout=remaining)
+                    # A timer that sets the event: no task per wait, unlike asyncio.wait_for.
+                    timer = asyncio.get_running_loop().call_later(remaining, self._wakeup.set)
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        timer.cancel()
                     continue  # re-evaluate: woken early, timer fired, or the head was cancelled
             batch = self._take_batch()
             if batch:
@@ -364,6 +403,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             for request in batch:
                 self._settle_exception(request, exc)
         finally:
+            self._computing -= len(batch)
+            self._metrics.set_computing(self._computing)
             self._free_threads.release()
 
     async def _compute_batch(self, batch: list[_Request[ItemT, ResultT]]) -> None:
@@ -373,6 +414,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._metrics.observe_queue_wait(started - request.enqueued_at)
         items = [request.item for request in batch]
         loop = asyncio.get_running_loop()
+        self._computing += len(batch)
+        self._metrics.set_computing(self._computing)
         try:
             outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_process, items)
         except Exception as exc:
@@ -381,9 +424,18 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             for request in batch:
                 self._settle_exception(request, exc)
             return
-        self.stats.batches += 1
-        self.stats.computed += len(batch)
-        self.stats.batch_sizes.append(len(batch))
+        stats = self.stats
+        stats.batches += 1
+        stats.computed += len(batch)
+        stats.batch_sizes.append(len(batch))
+        stats.total_compute_s += compute_s
+        # A short memory: the estimate must follow load (batch sizes) within a few batches.
+        self._batch_seconds = (
+            compute_s if self._batch_seconds == 0.0 else 0.7 * self._batch_seconds + 0.3 * compute_s
+        )
+        waited = sum(started - request.enqueued_at for request in batch)
+        stats.total_queue_wait_s += waited
+        stats.total_latency_s += waited + compute_s * len(batch)
         self._metrics.observe_batch(len(batch), compute_s)
         try:
             output_count = len(outputs)

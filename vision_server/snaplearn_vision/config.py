@@ -21,6 +21,7 @@ DEFAULT_METRICS_PORT = 9101
 DEFAULT_MODEL_REPOSITORY = Path("var/models")
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "fp16", "bf16")  # = snaplearn_vision.engine.PRECISIONS (engine imports torch)
 # The default model's identity. snaplearn_vision.train defines the same constants, but importing
 # it pulls in torch, which `--help` should not pay for; a test asserts they agree.
 DEFAULT_MODEL_NAME = "worksheet-topics"
@@ -43,10 +44,17 @@ class VisionSettings:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     device: str = "auto"
     torch_threads: int | None = None  # None = torch's default
+    # How the model runs (snaplearn_vision.engine.InferenceSettings; the CPU ignores the GPU-only ones).
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile_model: bool = False
     ready_file: Path | None = None
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"
     bus: BusSettings | None = field(default=None)  # None: no events published (tests, dry runs)
+    # Where events wait, on disk, while the bus is unreachable (and across restarts); None
+    # keeps them in memory only. The command line defaults it to var/spool.
+    spool_dir: Path | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -70,6 +78,8 @@ class VisionSettings:
             problems.append(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.torch_threads is not None and self.torch_threads < 1:
             problems.append(f"torch_threads must be >= 1, got {self.torch_threads}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.shutdown_grace_s < 0:
             problems.append(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if problems:
@@ -129,6 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--torch-threads", type=_optional_int, default=_env("TORCH_THREADS", None), help="intra-op threads"
     )
+    model.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=_env("PRECISION", "fp32"),
+        help="model precision (GPU only)",
+    )
+    model.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=_env("CHANNELS_LAST", "1") not in ("0", "false", "False"),
+        help="NHWC memory format for the model and its inputs",
+    )
+    model.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=_env("COMPILE", "0") in ("1", "true", "True"),
+        help="torch.compile the model (GPU only)",
+    )
     batching = parser.add_argument_group("batching")
     batching.add_argument(
         "--max-batch-size",
@@ -164,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     ops.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE_S", 10.0), help="seconds")
     ops.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     add_bus_arguments(parser)
+    parser.add_argument(
+        "--spool-dir",
+        default=_env("SPOOL_DIR", "var/spool"),
+        help="events wait here while the event bus is unreachable ('' = in memory only)",
+    )
     return parser
 
 
@@ -185,10 +218,14 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             max_image_bytes=args.max_image_bytes,
             device=args.device,
             torch_threads=args.torch_threads,
+            precision=args.precision,
+            channels_last=args.channels_last,
+            compile_model=args.compile,
             ready_file=args.ready_file,
             shutdown_grace_s=args.shutdown_grace,
             log_level=args.log_level.upper(),
             bus=bus_settings_from_args(args),
+            spool_dir=Path(args.spool_dir) if args.spool_dir else None,
         )
     except (ValueError, InvalidInput) as exc:
         parser.error(str(exc))

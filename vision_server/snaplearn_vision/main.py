@@ -25,9 +25,11 @@ from snaplearn_common.errors import NotFound
 from snaplearn_common.eventbus.base import EventBus, Producer
 from snaplearn_common.eventbus.factory import open_bus
 from snaplearn_common.eventbus.publisher import EventPublisher
+from snaplearn_common.eventbus.spool import DiskSpool
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.server import GrpcServer, start_grpc_server
+from snaplearn_vision import oip_servicer
 from snaplearn_vision.config import VisionSettings, settings_from_args
 from snaplearn_vision.metrics import VisionMetrics
 from snaplearn_vision.service import BatchingOverrides, ClassificationService, ModelSource
@@ -38,6 +40,7 @@ log = logging.getLogger("snaplearn_vision")
 # Room for the other ClassifyRequest fields around the largest accepted image, so that an
 # oversized image gets our INVALID_ARGUMENT message rather than gRPC's RESOURCE_EXHAUSTED.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 @dataclass(frozen=True)
@@ -47,12 +50,24 @@ class RepositoryModels:
     root: Path
     device: str
     max_image_bytes: int
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile_model: bool = False
 
     def load(self, name: str, version: str | None = None) -> Any:
-        from snaplearn_vision.model_repository import ModelRepository  # imports torch: only when serving
+        # Import torch only when serving.
+        from snaplearn_vision.engine import InferenceSettings
+        from snaplearn_vision.model_repository import ModelRepository
 
+        inference = InferenceSettings(
+            precision=self.precision, channels_last=self.channels_last, compile=self.compile_model
+        )
         return ModelRepository(self.root).load(
-            name, version or None, device=self.device, max_image_bytes=self.max_image_bytes
+            name,
+            version or None,
+            device=self.device,
+            max_image_bytes=self.max_image_bytes,
+            inference=inference,
         )
 
 
@@ -70,11 +85,17 @@ class VisionServer:
         self.settings = settings
         self.metrics = VisionMetrics()
         self._models: ModelSource = models or RepositoryModels(
-            settings.model_repository, settings.device, settings.max_image_bytes
+            settings.model_repository,
+            settings.device,
+            settings.max_image_bytes,
+            settings.precision,
+            settings.channels_last,
+            settings.compile_model,
         )
         self._bus = bus
         self._owns_bus = bus is None
         self._producer: Producer | None = None
+        self._spool: DiskSpool | None = None
         self.publisher: EventPublisher | None = None
         self.service: ClassificationService | None = None
         self.grpc: GrpcServer | None = None
@@ -101,11 +122,18 @@ class VisionServer:
         if self._bus is None and settings.bus is not None:
             self._bus = await asyncio.to_thread(open_bus, settings.bus)
             # Idempotent; on Kafka this is where the topic gets its partition count.
-            await asyncio.to_thread(self._bus.create_topic, IMAGE_CLASSIFIED_TOPIC, settings.bus.partitions)
+            await asyncio.to_thread(self._bus.create_topic, settings.bus.topic, settings.bus.partitions)
         if self._bus is not None:
             self._producer = self._bus.producer()
+            if settings.spool_dir is not None:
+                # Opening scans what an earlier run left to replay: disk I/O, off the loop.
+                self._spool = await asyncio.to_thread(DiskSpool, settings.spool_dir)
             self.publisher = EventPublisher(
-                self._producer, registry=self.metrics.registry, metric_prefix="snaplearn_vision_events"
+                self._producer,
+                spool=self._spool,
+                topics={IMAGE_CLASSIFIED_TOPIC: settings.bus.topic} if settings.bus else None,
+                registry=self.metrics.registry,
+                metric_prefix="snaplearn_vision_events",
             )
             self.publisher.start()
         self.service = ClassificationService(
@@ -123,8 +151,8 @@ class VisionServer:
             max_image_bytes=settings.max_image_bytes,
         )
         self.grpc = await start_grpc_server(
-            [registrar(self.service)],
-            [SERVICE_NAME],
+            [registrar(self.service), oip_servicer.registrar(self.service)],
+            [SERVICE_NAME, oip_servicer.SERVICE_NAME],
             host=settings.host,
             port=settings.port,
             serving=False,
@@ -155,6 +183,9 @@ class VisionServer:
         if self._producer is not None:
             await asyncio.to_thread(self._producer.close)
             self._producer = None
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
         if self._bus is not None and self._owns_bus:
             await asyncio.to_thread(self._bus.close)
             self._bus = None
@@ -182,6 +213,9 @@ def write_ready_file(path: Path, server: VisionServer) -> None:
 
 async def serve(settings: VisionSettings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
+    # The event loop thread answers every RPC (refusals included) and must win the GIL back
+    # quickly from the decode and model threads: after 1 ms rather than the default 5 ms.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,13 +1,14 @@
 """The vision server's Prometheus metrics, on a registry of its own.
 
 Request-level series (latency, errors) are labelled by gRPC status code name and
-recorded at the edge (servicer); batching series are labelled by model ("name:version")
+recorded at the edge (servicers); batching series are labelled by model ("name:version")
 and fed by each model's DynamicBatcher through `for_model`.
+
+For autoscalers: saturation is queue_depth / queue_capacity (rejections start at 1) and
+computing / max_batch_size; rejections{reason="queue_full"} rising means add replicas.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -54,6 +55,29 @@ class VisionMetrics:
             ["model"],
             registry=self.registry,
         )
+        self.queue_capacity = Gauge(
+            "snaplearn_vision_queue_capacity",
+            "Requests a model's batching queue holds before answering RESOURCE_EXHAUSTED.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.max_batch_size = Gauge(
+            "snaplearn_vision_max_batch_size",
+            "The most requests a model computes together.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.computing = Gauge(
+            "snaplearn_vision_computing_requests",
+            "Requests in batches being computed by a model now.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.decoding = Gauge(
+            "snaplearn_vision_decoding_requests",
+            "Images being decoded or waiting for a decode thread.",
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
             "snaplearn_vision_batch_size",
             "Requests per computed batch.",
@@ -95,27 +119,42 @@ class VisionMetrics:
     def count_rejection(self, reason: str) -> None:
         self.rejections.labels(reason=reason).inc()
 
-    def for_model(self, model: str) -> ModelBatchMetrics:
-        """The BatcherMetrics for one model's batcher."""
+    def for_model(self, model: str, max_batch_size: int = 0, queue_capacity: int = 0) -> ModelBatchMetrics:
+        """The BatcherMetrics for one model's batcher (and its limits, published as gauges)."""
+        self.max_batch_size.labels(model=model).set(max_batch_size)
+        self.queue_capacity.labels(model=model).set(queue_capacity)
         return ModelBatchMetrics(self, model)
 
 
-@dataclass(frozen=True, slots=True)
 class ModelBatchMetrics:
-    """Implements snaplearn_vision.batcher.BatcherMetrics for one model."""
+    """Implements snaplearn_vision.batcher.BatcherMetrics for one model.
 
-    metrics: VisionMetrics
-    model: str
+    The labelled children are resolved once: the batcher reports on every request.
+    """
+
+    __slots__ = ("_batch_size", "_compute", "_computing", "_queue_depth", "_queue_wait", "metrics", "model")
+
+    def __init__(self, metrics: VisionMetrics, model: str) -> None:
+        self.metrics = metrics
+        self.model = model
+        self._queue_depth = metrics.queue_depth.labels(model=model)
+        self._queue_wait = metrics.queue_wait.labels(model=model)
+        self._batch_size = metrics.batch_size.labels(model=model)
+        self._compute = metrics.compute.labels(model=model)
+        self._computing = metrics.computing.labels(model=model)
 
     def set_queue_depth(self, depth: int) -> None:
-        self.metrics.queue_depth.labels(model=self.model).set(depth)
+        self._queue_depth.set(depth)
 
     def observe_queue_wait(self, seconds: float) -> None:
-        self.metrics.queue_wait.labels(model=self.model).observe(seconds)
+        self._queue_wait.observe(seconds)
 
     def observe_batch(self, size: int, compute_s: float) -> None:
-        self.metrics.batch_size.labels(model=self.model).observe(size)
-        self.metrics.compute.labels(model=self.model).observe(compute_s)
+        self._batch_size.observe(size)
+        self._compute.observe(compute_s)
+
+    def set_computing(self, requests: int) -> None:
+        self._computing.set(requests)
 
     def count_rejection(self, reason: str) -> None:
         self.metrics.count_rejection(reason)

@@ -11,8 +11,11 @@ never leave this module except towards the decoder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -39,6 +42,7 @@ MAX_USER_ID_CHARS = 128
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_DECODE_THREADS = 2
+COMPUTE_NICENESS = 5  # decode and model threads run this much "nicer" than the event loop
 # Model names and versions become repository paths: allow no separators or "..".
 _MODEL_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -58,9 +62,9 @@ class LoadedModel(Protocol):
     @property
     def config(self) -> Any: ...  # ModelConfig: .batching.max_batch_size, .batching.max_queue_delay_ms
 
-    def decode(self, image_bytes: bytes) -> np.ndarray: ...
+    def decode_pixels(self, image_bytes: bytes) -> np.ndarray: ...  # uint8 [H, W, C]
 
-    def predict(self, batch: np.ndarray) -> np.ndarray: ...
+    def predict_pixels(self, images: Sequence[np.ndarray]) -> np.ndarray: ...  # [N, labels]
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]: ...
 
@@ -102,6 +106,17 @@ class BatchingOverrides:
 
 
 @dataclass(frozen=True, slots=True)
+class Prediction:
+    """One image's probabilities (one per label of `model`) and how they were computed."""
+
+    probabilities: np.ndarray
+    model: LoadedModel
+    queue_wait_s: float
+    compute_s: float  # this image's decode plus its batch's model time
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
 class ClassificationResult:
     request_id: str
     labels: tuple[tuple[str, float], ...]  # highest score first
@@ -118,17 +133,32 @@ class _Served:
 
     model: LoadedModel
     batcher: DynamicBatcher[np.ndarray, np.ndarray]
+    decoding: int = 0  # admitted requests still being decoded: they hold queue places too
 
     @property
     def key(self) -> str:
         return f"{self.model.name}:{self.model.version}"
 
 
+def _compute_thread() -> None:
+    """Runs first in every decode and model thread: lower its scheduling priority.
+
+    When decoding and the model keep every core busy, the event loop thread, which answers
+    refusals and hands results back, must still get a core at once: a compute thread that
+    waits a little costs little throughput, a starved event loop makes every answer late.
+    On Linux the nice value is per thread and inherited by the threads it creates (torch's
+    OpenMP workers); where it cannot be changed nothing happens.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + COMPUTE_NICENESS)
+
+
 def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """The batch function: runs on the batcher's model thread."""
 
     def predict(images: list[np.ndarray]) -> list[np.ndarray]:
-        return list(model.predict(np.stack(images)))  # one probability row per image
+        return list(model.predict_pixels(images))  # one probability row per image
 
     return predict
 
@@ -198,7 +228,7 @@ class ClassificationService:
     async def start(self) -> None:
         """Load the default model (in a thread: it reads files and warms up torch), then accept."""
         self._decode_pool = ThreadPoolExecutor(
-            max_workers=self._decode_threads, thread_name_prefix="vision-decode"
+            max_workers=self._decode_threads, thread_name_prefix="vision-decode", initializer=_compute_thread
         )
         self._accepting = True
         try:
@@ -247,42 +277,16 @@ class ClassificationService:
         deadline: absolute time on time.monotonic()'s clock; None means no deadline.
         Raises InvalidInput, NotFound, Overloaded, DeadlineExpired or Unavailable.
         """
-        self.metrics.in_flight.inc()
-        self._in_flight += 1
-        self._idle.clear()
-        try:
-            return await self._classify(
-                user_id, image_bytes, top_k, model_name, model_version, request_id, deadline
-            )
-        finally:
-            self.metrics.in_flight.dec()
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
-
-    async def _classify(
-        self,
-        user_id: str,
-        image_bytes: bytes,
-        top_k: int,
-        model_name: str,
-        model_version: str,
-        request_id: str,
-        deadline: float | None,
-    ) -> ClassificationResult:
-        self._validate_request(user_id, image_bytes, request_id)
+        self._validate_user(user_id, request_id)
+        self._validate_image(image_bytes)
         if not self.ready:
             self.metrics.count_rejection(REJECT_NOT_READY)
             raise errors.Unavailable("the vision server is starting or shutting down; retry shortly")
         served = await self._resolve(model_name, model_version)
-        model = served.model
-        k = self._validated_top_k(top_k, model)
-        self._check_deadline(deadline, "before decoding")
-        batcher = served.batcher
-        batcher.check_capacity()  # refuse before spending a decode on a request the queue cannot take
-        pixels, decode_s = await self._decode(model, image_bytes)
-        batched = await batcher.submit(pixels, deadline=deadline)
-        labels = tuple(model.top_k(batched.value, k))
+        k = self._validated_top_k(top_k, served.model)
+        prediction = await self.predict(image_bytes, model_name, model_version, deadline)
+        model = prediction.model
+        labels = tuple(model.top_k(prediction.probabilities, k))
         event_id = request_id or str(uuid.uuid4())
         self._publish(event_id, user_id, model, labels)
         return ClassificationResult(
@@ -290,6 +294,86 @@ class ClassificationService:
             labels=labels,
             model_name=model.name,
             model_version=model.version,
+            queue_wait_s=prediction.queue_wait_s,
+            compute_s=prediction.compute_s,
+            batch_size=prediction.batch_size,
+        )
+
+    def publish_prediction(
+        self, user_id: str, request_id: str, prediction: Prediction, top_k: int = 0
+    ) -> str:
+        """Publish a prediction made by `predict` as an ImageClassified event; returns its event id.
+
+        For edges (the Open Inference Protocol) whose callers may name a user.
+        """
+        self._validate_user(user_id, request_id)
+        k = self._validated_top_k(top_k, prediction.model)
+        event_id = request_id or str(uuid.uuid4())
+        labels = prediction.model.top_k(prediction.probabilities, k)
+        self._publish(event_id, user_id, prediction.model, labels)
+        return event_id
+
+    async def predict(
+        self,
+        image_bytes: bytes,
+        model_name: str = "",
+        model_version: str = "",
+        deadline: float | None = None,
+    ) -> Prediction:
+        """One image's probabilities, without publishing anything. Raises like classify."""
+        self.metrics.in_flight.inc()
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._predict(image_bytes, model_name, model_version, deadline)
+        finally:
+            self.metrics.in_flight.dec()
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def served_model(self, model_name: str = "", model_version: str = "") -> LoadedModel:
+        """The model a request naming these would be served by (loading it on first use)."""
+        if not self.ready:
+            self.metrics.count_rejection(REJECT_NOT_READY)
+            raise errors.Unavailable("the vision server is starting or shutting down; retry shortly")
+        return (await self._resolve(model_name, model_version)).model
+
+    def loaded_model(self, model_name: str = "", model_version: str = "") -> LoadedModel | None:
+        """The model if it is loaded now (no loading); "" names the default model / latest version."""
+        if not self.ready:
+            return None
+        if not model_name:
+            return None if model_version else self.default_model
+        key = self._aliases.get((model_name, model_version or None))
+        if key is None and model_version:
+            key = f"{model_name}:{model_version}"
+        served = self._served.get(key) if key is not None else None
+        return served.model if served is not None else None
+
+    async def _predict(
+        self, image_bytes: bytes, model_name: str, model_version: str, deadline: float | None
+    ) -> Prediction:
+        self._validate_image(image_bytes)
+        if not self.ready:
+            self.metrics.count_rejection(REJECT_NOT_READY)
+            raise errors.Unavailable("the vision server is starting or shutting down; retry shortly")
+        served = await self._resolve(model_name, model_version)
+        model = served.model
+        self._check_deadline(deadline, "before decoding")
+        batcher = served.batcher
+        # Refuse before spending a decode on a request the queue cannot take; the requests
+        # decoding now count, or a burst would all pass this check and be refused after decoding.
+        batcher.check_capacity(deadline, incoming=served.decoding)
+        served.decoding += 1
+        try:
+            pixels, decode_s = await self._decode(model, image_bytes)
+        finally:
+            served.decoding -= 1
+        batched = await batcher.submit(pixels, deadline=deadline)
+        return Prediction(
+            probabilities=batched.value,
+            model=model,
             queue_wait_s=batched.queue_wait_s,
             compute_s=decode_s + batched.compute_s,
             batch_size=batched.batch_size,
@@ -297,7 +381,7 @@ class ClassificationService:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _validate_request(self, user_id: str, image_bytes: bytes, request_id: str) -> None:
+    def _validate_user(self, user_id: str, request_id: str) -> None:
         if not user_id or not user_id.strip():
             raise errors.InvalidInput("user_id is required (an opaque, stable id of the student)")
         if len(user_id) > MAX_USER_ID_CHARS:
@@ -308,6 +392,8 @@ class ClassificationService:
             raise errors.InvalidInput(
                 f"request_id is {len(request_id)} characters; the limit is {MAX_REQUEST_ID_CHARS}"
             )
+
+    def _validate_image(self, image_bytes: bytes) -> None:
         if not image_bytes:
             raise errors.InvalidInput("image is empty: send the encoded photo (JPEG, PNG, WebP or BMP)")
         if self.max_image_bytes is not None and len(image_bytes) > self.max_image_bytes:
@@ -344,10 +430,11 @@ class ClassificationService:
                 f"server overloaded: {self._decoding} images are waiting to be decoded; retry with backoff"
             )
         self._decoding += 1
+        self.metrics.decoding.set(self._decoding)
         try:
             started = time.perf_counter()
             loop = asyncio.get_running_loop()
-            pixels = await loop.run_in_executor(self._decode_pool, model.decode, image_bytes)
+            pixels = await loop.run_in_executor(self._decode_pool, model.decode_pixels, image_bytes)
             decode_s = time.perf_counter() - started
         except errors.SnapLearnError:
             raise
@@ -363,6 +450,7 @@ class ClassificationService:
             ) from None
         finally:
             self._decoding -= 1
+            self.metrics.decoding.set(self._decoding)
         self.metrics.decode.observe(decode_s)
         return pixels, decode_s
 
@@ -437,11 +525,13 @@ class ClassificationService:
         if served is None:
             if not self._accepting:
                 raise errors.Unavailable("the vision server is shutting down")
+            limits = self._batching.limits_for(model.config)
             batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
                 _predict_batch(model),
-                self._batching.limits_for(model.config),
+                limits,
                 name=f"model {key}",
-                metrics=self.metrics.for_model(key),
+                metrics=self.metrics.for_model(key, limits.max_batch_size, limits.max_queue_size),
+                thread_initializer=_compute_thread,
             )
             batcher.start()
             served = _Served(model=model, batcher=batcher)

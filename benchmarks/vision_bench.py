@@ -1,0 +1,571 @@
+"""The vision serving benchmark: our server vs the raw bound vs peers, side by side, in one run.
+
+    python benchmarks/vision_bench.py                      # everything; ~10 minutes
+    python benchmarks/vision_bench.py --models mobilenet_v3_small --seconds 10 --no-peers
+
+Installs what it needs itself (the `bench` extra: Ray Serve, LitServe, aiohttp, matplotlib;
+perf_analyzer from the tritonclient 2.41 wheel plus two shared libraries it links, from PyPI
+and Debian), prepares the models, then for each model measures, one after the other on this
+machine:
+
+  raw      decode + preprocess + forward in a tight loop at the best batch size, no server
+  ours-1   our server with batching off (max batch size 1)
+  ours     our server with dynamic batching (the model's own limits)
+  ray      Ray Serve, gRPC proxy, @serve.batch          (benchmarks/vision_peers.py)
+  litserve LitServe, HTTP, LitAPI batching              (benchmarks/vision_peers.py)
+  perf_analyzer against ours over the Open Inference Protocol (a second, C++ load generator)
+
+Each server gets a closed loop at --concurrency (its capacity), then open loops at the same
+absolute rates for everyone: half of our capacity (latency) and three times it (overload).
+Every process runs torch with --torch-threads intra-op threads and flushes denormals on its
+model thread (the engine does; every contender uses the same engine). Events are not
+published by our server here (the peers publish nothing either).
+
+Writes docs/benchmarks/vision.md (tables + targets), vision.png (plot) and vision.json (raw
+numbers); pass --runs 2 to repeat everything and report medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from vision_report import write
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+DOCS = REPO / "docs" / "benchmarks"
+MODELS_DIR = REPO / "var" / "models"
+BENCH_MODELS_DIR = REPO / "var" / "bench-models"
+TOOLS_DIR = REPO / "var" / "bench-tools"
+DEFAULT_MODEL = "worksheet-topics"
+PY = sys.executable
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- setup ------------------------------------------------------------------------------------
+
+
+def ensure_bench_extra() -> None:
+    try:
+        import aiohttp  # noqa: F401
+        import litserve  # noqa: F401
+        import matplotlib  # noqa: F401
+        import ray  # noqa: F401
+    except ImportError:
+        log("installing the bench extra (pip install -e '.[bench]')")
+        subprocess.run([PY, "-m", "pip", "install", "-q", "-e", f"{REPO}[bench]"], check=True)
+
+
+def prepare_models(names: list[str]) -> dict[str, Path]:
+    """model name -> repository root. Random weights for the torchvision architectures."""
+    roots = {}
+    for name in names:
+        if name == DEFAULT_MODEL:
+            subprocess.run(
+                [PY, "-m", "snaplearn_vision.train", "--repository", str(MODELS_DIR), "--if-missing"],
+                check=True,
+            )
+            roots[name] = MODELS_DIR
+            continue
+        code = f"""
+import torch
+from snaplearn_common.topics import DEFAULT_TOPICS
+from snaplearn_vision.architectures import build_model
+from snaplearn_vision.model_repository import BatchingConfig, ModelConfig, ModelRepository
+repository = ModelRepository({str(BENCH_MODELS_DIR)!r})
+if not repository.has_model({name!r}):
+    torch.manual_seed(0)
+    config = ModelConfig(architecture={name!r}, labels=tuple(DEFAULT_TOPICS), input_size=(224, 224),
+        channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+        batching=BatchingConfig(max_batch_size=32, max_queue_delay_ms=5.0), training={{"weights": "random"}})
+    repository.save({name!r}, "1", config, build_model({name!r}, len(DEFAULT_TOPICS), 3, None))
+"""
+        subprocess.run([PY, "-c", code], check=True)
+        roots[name] = BENCH_MODELS_DIR
+    return roots
+
+
+def ensure_perf_analyzer() -> tuple[Path | None, dict[str, str], str]:
+    """(binary, extra environment, note). perf-analyzer on PyPI is a placeholder (0.1.0) for
+    this platform; the tritonclient 2.41 manylinux wheel still ships the binary, which links
+    libb64 (Debian) and libcudart 12 (PyPI) though it never touches a GPU here."""
+    binary = TOOLS_DIR / "tritonclient-2.41.0.data" / "data" / "bin" / "perf_analyzer"
+    libs = [TOOLS_DIR / "usr" / "lib" / "x86_64-linux-gnu", TOOLS_DIR / "nvidia" / "cuda_runtime" / "lib"]
+    env = {"LD_LIBRARY_PATH": ":".join(str(p) for p in libs)}
+    if binary.exists():
+        return binary, env, "perf_analyzer from the tritonclient 2.41.0 wheel"
+    TOOLS_DIR.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for requirement in ("tritonclient==2.41.0", "nvidia-cuda-runtime-cu12==12.9.79"):
+                subprocess.run(
+                    [
+                        PY,
+                        "-m",
+                        "pip",
+                        "download",
+                        "-q",
+                        "--no-deps",
+                        "--only-binary=:all:",
+                        "-d",
+                        tmp,
+                        requirement,
+                    ],
+                    check=True,
+                )
+            subprocess.run(["apt-get", "download", "libb64-0d"], cwd=tmp, check=True, capture_output=True)
+            for wheel in Path(tmp).glob("*.whl"):
+                subprocess.run(["unzip", "-q", "-o", str(wheel), "-d", str(TOOLS_DIR)], check=True)
+            for deb in Path(tmp).glob("*.deb"):
+                subprocess.run(["dpkg-deb", "-x", str(deb), str(TOOLS_DIR)], check=True)
+        binary.chmod(0o755)
+        probe = subprocess.run(
+            [str(binary), "--version"], env={**os.environ, **env}, capture_output=True, text=True
+        )
+        if "error while loading shared libraries" in probe.stderr:
+            return None, env, f"perf_analyzer does not start: {probe.stderr.strip()[:200]}"
+        return binary, env, "perf_analyzer from the tritonclient 2.41.0 wheel"
+    except (subprocess.CalledProcessError, OSError) as error:
+        return None, env, f"perf_analyzer unavailable: {error}"
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def base_env(torch_threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(torch_threads), "PYTHONPATH": str(BENCH_DIR)}
+
+
+@contextlib.contextmanager
+def process(
+    argv: list[str], env: dict[str, str], ready: str, timeout_s: float = 180
+) -> Iterator[subprocess.Popen[str]]:
+    """Start a server; yield once a stdout line contains `ready`; SIGTERM it afterwards."""
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    try:
+        for line in proc.stdout:
+            if ready in line:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{argv[:4]} not ready in {timeout_s}s")
+        else:
+            raise RuntimeError(f"{argv[:4]} exited with {proc.wait()} before it was ready")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(1.0)  # let the CPU settle before the next contender
+
+
+def load(
+    target: str,
+    protocol: str,
+    mode: str,
+    seconds: float,
+    *,
+    concurrency: int = 0,
+    rate: float = 0.0,
+    timeout_s: float = 5.0,
+    warmup_s: float = 3.0,
+) -> dict[str, Any]:
+    argv = [
+        PY,
+        str(BENCH_DIR / "vision_load.py"),
+        "--target",
+        target,
+        "--protocol",
+        protocol,
+        "--seconds",
+        str(seconds),
+        "--warmup",
+        str(warmup_s),
+        "--timeout",
+        str(timeout_s),
+        mode,
+    ]
+    argv += ["--concurrency", str(concurrency)] if mode == "closed" else ["--rate", f"{rate:.2f}"]
+    out = subprocess.run(
+        argv, env={**os.environ, "PYTHONPATH": str(BENCH_DIR)}, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def scrape(metrics_port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Batch-size distribution and mean batch compute time between two scrapes."""
+
+    def delta(prefix: str) -> dict[str, float]:
+        return {k: after[k] - before.get(k, 0.0) for k in after if k.startswith(prefix)}
+
+    sizes = delta("snaplearn_vision_batch_size_bucket")
+    count = sum(delta("snaplearn_vision_batch_size_count").values())
+    total = sum(delta("snaplearn_vision_batch_size_sum").values())
+    compute_s = sum(delta("snaplearn_vision_batch_compute_seconds_sum").values())
+    buckets: dict[str, float] = {}
+    previous = 0.0
+    for key in sorted(sizes, key=lambda k: float(k.split('le="')[1].split('"')[0].replace("+Inf", "inf"))):
+        bound = key.split('le="')[1].split('"')[0]
+        cumulative = sizes[key]
+        if cumulative - previous > 0:
+            buckets[f"<={bound}"] = round((cumulative - previous) / max(count, 1), 3)
+        previous = cumulative
+    rejections = {
+        k.split('reason="')[1].split('"')[0]: v for k, v in delta("snaplearn_vision_rejections_total").items()
+    }
+    return {
+        "batches": count,
+        "mean_batch_size": total / count if count else float("nan"),
+        "mean_batch_compute_ms": 1000 * compute_s / count if count else float("nan"),
+        "batch_size_share": buckets,
+        "rejections": {k: v for k, v in rejections.items() if v},
+    }
+
+
+# -- contenders -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    seconds: float
+    concurrency: int
+    torch_threads: int
+    decode_threads: int
+    max_queue_size: int
+    max_batch_size: int | None
+    max_queue_delay_ms: float
+    peers: bool
+    perf_analyzer: Path | None
+    perf_env: dict[str, str]
+
+
+def ours_argv(
+    root: Path,
+    model: str,
+    port: int,
+    metrics_port: int,
+    ready: Path,
+    settings: Settings,
+    max_batch_size: int | None,
+) -> list[str]:
+    argv = [
+        PY,
+        str(BENCH_DIR / "vision_bench.py"),
+        "serve-ours",
+        "--",
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        "--model-repository",
+        str(root),
+        "--model-name",
+        model,
+        "--model-version",
+        "1",
+        "--device",
+        "cpu",
+        "--torch-threads",
+        str(settings.torch_threads),
+        "--decode-threads",
+        str(settings.decode_threads),
+        "--max-queue-size",
+        str(settings.max_queue_size),
+        "--ready-file",
+        str(ready),
+        "--log-level",
+        "WARNING",
+    ]
+    if max_batch_size is not None:
+        argv += ["--max-batch-size", str(max_batch_size)]
+    return [*argv, "--max-queue-delay-ms", str(settings.max_queue_delay_ms)]
+
+
+def bench_ours(
+    root: Path, model: str, settings: Settings, max_batch_size: int | None, rates: tuple[float, float] | None
+) -> dict[str, Any]:
+    port, metrics_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ours_argv(root, model, port, metrics_port, Path(tmp) / "ready.json", settings, max_batch_size)
+        with process(argv, base_env(settings.torch_threads), "vision server ready"):
+            target = f"127.0.0.1:{port}"
+            result: dict[str, Any] = {}
+            before = scrape(metrics_port)
+            result["closed"] = load(
+                target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency
+            )
+            result["closed"]["server"] = batch_stats(before, scrape(metrics_port))
+            capacity = result["closed"]["throughput"]
+            half, overload = rates if rates is not None else (capacity / 2, capacity * 3)
+            result["rates"] = {"half": half, "overload": overload}
+            before = scrape(metrics_port)
+            result["half"] = load(target, "grpc", "open", settings.seconds, rate=half)
+            result["half"]["server"] = batch_stats(before, scrape(metrics_port))
+            before = scrape(metrics_port)
+            result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload)
+            result["overload"]["server"] = batch_stats(before, scrape(metrics_port))
+            if settings.perf_analyzer is not None and max_batch_size != 1:
+                result["perf_analyzer"] = run_perf_analyzer(settings, model, target)
+    return result
+
+
+def bench_peer(
+    peer: str, root: Path, model: str, settings: Settings, max_batch_size: int, rates: tuple[float, float]
+) -> dict[str, Any]:
+    port = free_port()
+    argv = [
+        PY,
+        str(BENCH_DIR / "vision_peers.py"),
+        peer,
+        "--repository",
+        str(root),
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--torch-threads",
+        str(settings.torch_threads),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--wait-s",
+        str(settings.max_queue_delay_ms / 1000),
+    ]
+    if peer == "ray":
+        target, protocol = f"127.0.0.1:{port}", "grpc"
+    else:
+        target, protocol = f"http://127.0.0.1:{port}/predict", "http"
+    with process(argv, base_env(settings.torch_threads), "ready", timeout_s=300):
+        result: dict[str, Any] = {}
+        result["closed"] = load(
+            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency
+        )
+        result["half"] = load(target, protocol, "open", settings.seconds, rate=rates[0])
+        result["overload"] = load(target, protocol, "open", settings.seconds, rate=rates[1])
+    return result
+
+
+def run_perf_analyzer(settings: Settings, model: str, target: str) -> dict[str, Any]:
+    from vision_load import photos
+
+    assert settings.perf_analyzer is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "images.json"
+        # b64 is the tensor's raw content; for BYTES that is each element's 4-byte length + bytes.
+        entries = [
+            {"IMAGE": {"b64": base64.b64encode(struct.pack("<I", len(photo)) + photo).decode(), "shape": [1]}}
+            for photo in photos(16)
+        ]
+        data.write_text(json.dumps({"data": entries}))
+        csv = Path(tmp) / "out.csv"
+        argv = [
+            str(settings.perf_analyzer),
+            "-m",
+            model,
+            "-u",
+            target,
+            "-i",
+            "grpc",
+            "--input-data",
+            str(data),
+            "--concurrency-range",
+            str(settings.concurrency),
+            "--measurement-interval",
+            str(int(settings.seconds * 1000)),
+            "--stability-percentage",
+            "30",  # this machine is shared: the default 10% rarely settles
+            "--max-trials",
+            "4",
+            "-f",
+            str(csv),
+        ]
+        out = subprocess.run(
+            argv, env={**os.environ, **settings.perf_env}, capture_output=True, text=True, timeout=600
+        )
+        if out.returncode != 0 or not csv.exists():
+            return {"error": (out.stdout + out.stderr).strip()[-800:]}
+        header, row = csv.read_text().splitlines()[:2]
+        values = dict(zip(header.split(","), row.split(","), strict=False))
+        return {
+            "throughput": float(values["Inferences/Second"]),
+            "p50_ms": float(values["p50 latency"]) / 1000,
+            "p99_ms": float(values["p99 latency"]) / 1000,
+        }
+
+
+def raw_bound(root: Path, model: str, settings: Settings) -> dict[str, Any]:
+    argv = [
+        PY,
+        str(BENCH_DIR / "vision_raw.py"),
+        "--repository",
+        str(root),
+        "--model",
+        model,
+        "--seconds",
+        str(max(3.0, settings.seconds / 3)),
+        "--torch-threads",
+        str(settings.torch_threads),
+        "--decode-threads",
+        str(settings.decode_threads),
+    ]
+    out = subprocess.run(
+        argv, env=base_env(settings.torch_threads), capture_output=True, text=True, check=True
+    )
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    log(f"{model}: raw bound")
+    results["raw"] = raw_bound(root, model, settings)
+    # Everyone batches up to the batch size the raw bound found best on this machine.
+    max_batch_size = settings.max_batch_size or int(results["raw"]["best_batch_size"])
+    results["max_batch_size"] = max_batch_size
+    results["max_queue_delay_ms"] = settings.max_queue_delay_ms
+    log(f"{model}: ours, dynamic batching (max batch {max_batch_size})")
+    results["ours"] = bench_ours(root, model, settings, max_batch_size, None)
+    rates = (results["ours"]["rates"]["half"], results["ours"]["rates"]["overload"])
+    log(f"{model}: ours, batching off")
+    results["ours-1"] = bench_ours(root, model, settings, 1, rates)
+    if settings.peers:
+        for peer in ("ray", "litserve"):
+            log(f"{model}: {peer}")
+            try:
+                results[peer] = bench_peer(peer, root, model, settings, max_batch_size, rates)
+            except Exception as error:  # a peer that fails to start is reported, not fatal
+                results[peer] = {"error": f"{type(error).__name__}: {error}"}
+    return results
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def serve_ours(argv: list[str]) -> int:
+    """Our real server entry point with publishing off (the peers publish nothing either)."""
+    from snaplearn_vision.config import settings_from_args
+    from snaplearn_vision.main import serve
+
+    settings = dataclasses.replace(settings_from_args(argv), bus=None)
+    import torch
+
+    if settings.torch_threads is not None:
+        torch.set_num_threads(settings.torch_threads)
+    import logging
+
+    logging.basicConfig(level=settings.log_level)
+    return asyncio.run(serve(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve-ours"]:
+        return serve_ours(argv[2:] if argv[1:2] == ["--"] else argv[1:])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default=f"mobilenet_v3_small,{DEFAULT_MODEL}")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measurement window per load phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    # One intra-op thread: with two, every OpenMP barrier waits for a thread descheduled by the
+    # other work on a shared 2-core machine, and small batches slow down tenfold.
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument(
+        "--max-batch-size", type=int, default=None, help="for every server (default: the raw bound's best)"
+    )
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="for every server")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--no-perf-analyzer", action="store_true")
+    parser.add_argument("--out", type=Path, default=DOCS)
+    args = parser.parse_args(argv)
+    ensure_bench_extra()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    roots = prepare_models(models)
+    perf, perf_env, perf_note = (
+        (None, {}, "perf_analyzer not run") if args.no_perf_analyzer else ensure_perf_analyzer()
+    )
+    log(perf_note)
+    settings = Settings(
+        seconds=args.seconds,
+        concurrency=args.concurrency,
+        torch_threads=args.torch_threads,
+        decode_threads=args.decode_threads,
+        max_queue_size=args.max_queue_size,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        peers=not args.no_peers,
+        perf_analyzer=perf,
+        perf_env=perf_env,
+    )
+    runs = []
+    for run in range(args.runs):
+        log(f"run {run + 1} of {args.runs}")
+        runs.append({model: bench_model(roots[model], model, settings) for model in models})
+    meta = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "torch_threads": args.torch_threads,
+        "decode_threads": args.decode_threads,
+        "max_queue_size": args.max_queue_size,
+        "max_queue_delay_ms": args.max_queue_delay_ms,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+        "notes": perf_note,
+        "command": ("python benchmarks/vision_bench.py " + " ".join(argv)).strip(),
+    }
+    write(runs, meta, args.out)
+    log(f"wrote {args.out / 'vision.md'}")
+    print((args.out / "vision.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

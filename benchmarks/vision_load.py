@@ -1,0 +1,262 @@
+"""Load generator for image classification servers: closed loop or open loop, gRPC or HTTP.
+
+    python benchmarks/vision_load.py --target 127.0.0.1:50051 closed --concurrency 64 --seconds 15
+    python benchmarks/vision_load.py --target 127.0.0.1:50051 open --rate 100 --seconds 15
+    python benchmarks/vision_load.py --target http://127.0.0.1:8000/predict --protocol http closed ...
+
+Closed loop: N callers, each sending its next request when the previous one answers (measures
+capacity). Open loop: requests start at a fixed rate whatever happens to earlier ones (measures
+latency at a given load, and behaviour under overload). Payloads are real JPEG photos rendered
+by snaplearn_vision.worksheets. The requests started inside the measurement window count, and
+the generator waits for all their answers (a warm-up precedes the window). Prints one JSON
+object (see LoadResult).
+
+Protocols: "grpc" sends snaplearn.vision.v1 Classify (our server, and Ray Serve's gRPC proxy
+serving the same proto); "http" POSTs {"image": base64} JSON (LitServe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from grpc import StatusCode, aio
+
+from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
+from snaplearn_common.topics import DEFAULT_TOPICS
+from snaplearn_vision.worksheets import sample_image_bytes
+
+# A call returns (status name, server batch size or 0); it raises nothing.
+Call = Callable[[bytes, float], Awaitable[tuple[str, int]]]
+
+
+def photos(count: int = 48) -> list[bytes]:
+    """Real JPEG photos (about 10 KB, 320x240), a few per topic."""
+    return [sample_image_bytes(DEFAULT_TOPICS[i % len(DEFAULT_TOPICS)], seed=i) for i in range(count)]
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(fraction * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+@dataclass
+class LoadResult:
+    mode: str  # "closed" or "open"
+    concurrency: int  # closed loop
+    rate: float  # open loop: requests started per second
+    seconds: float
+    sent: int = 0
+    ok: int = 0
+    throughput: float = 0.0  # OK answers per second (goodput)
+    p50_ms: float = float("nan")
+    p95_ms: float = float("nan")
+    p99_ms: float = float("nan")
+    errors: dict[str, int] = field(default_factory=dict)  # by status name
+    # Latency of the refusals (RESOURCE_EXHAUSTED / HTTP 429 / 503), which should be immediate.
+    rejected_p99_ms: float = float("nan")
+    mean_batch_size_seen: float = float("nan")  # from responses that report it (ours)
+
+
+class Recorder:
+    def __init__(self, window_start: float, window_end: float) -> None:
+        self.window = (window_start, window_end)
+        self.ok_latencies: list[float] = []
+        self.rejected_latencies: list[float] = []
+        self.statuses: Counter[str] = Counter()
+        self.batch_sizes: list[int] = []
+        self.sent = 0
+
+    def record(self, started: float, finished: float, status: str, batch_size: int) -> None:
+        # By start time: under overload answers arrive late, and each must count for the
+        # window that sent it (the generator waits for every answer before it reports).
+        if not self.window[0] <= started < self.window[1]:
+            return
+        self.sent += 1
+        self.statuses[status] += 1
+        if status == "OK":
+            self.ok_latencies.append(finished - started)
+            if batch_size:
+                self.batch_sizes.append(batch_size)
+        elif status in ("RESOURCE_EXHAUSTED", "HTTP_429", "HTTP_503"):
+            self.rejected_latencies.append(finished - started)
+
+    def result(self, mode: str, concurrency: int, rate: float) -> LoadResult:
+        seconds = self.window[1] - self.window[0]
+        latencies = sorted(self.ok_latencies)
+        rejected = sorted(self.rejected_latencies)
+        return LoadResult(
+            mode=mode,
+            concurrency=concurrency,
+            rate=rate,
+            seconds=seconds,
+            sent=self.sent,
+            ok=len(latencies),
+            throughput=len(latencies) / seconds,
+            p50_ms=percentile(latencies, 0.50) * 1000,
+            p95_ms=percentile(latencies, 0.95) * 1000,
+            p99_ms=percentile(latencies, 0.99) * 1000,
+            errors={status: n for status, n in sorted(self.statuses.items()) if status != "OK"},
+            rejected_p99_ms=percentile(rejected, 0.99) * 1000,
+            mean_batch_size_seen=(sum(self.batch_sizes) / len(self.batch_sizes))
+            if self.batch_sizes
+            else float("nan"),
+        )
+
+
+@contextlib.asynccontextmanager
+async def grpc_caller(target: str) -> Any:
+    # Several channels: one HTTP/2 connection per channel, as many independent clients would use.
+    channels = [
+        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)
+    ]
+    stubs = [vision_pb2_grpc.VisionServiceStub(channel) for channel in channels]
+    counter = 0
+
+    async def call(image: bytes, timeout_s: float) -> tuple[str, int]:
+        nonlocal counter
+        counter += 1
+        stub = stubs[counter % len(stubs)]
+        try:
+            reply = await stub.Classify(
+                vision_pb2.ClassifyRequest(user_id=f"bench-{counter % 1000}", image=image), timeout=timeout_s
+            )
+        except aio.AioRpcError as error:
+            code = error.code()
+            return (code.name if isinstance(code, StatusCode) else str(code)), 0
+        return "OK", reply.batch_size
+
+    try:
+        yield call
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+@contextlib.asynccontextmanager
+async def http_caller(url: str, connections: int) -> Any:
+    import aiohttp  # the bench extra
+
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
+
+    async def call(image: bytes, timeout_s: float) -> tuple[str, int]:
+        body = {"image": base64.b64encode(image).decode()}
+        try:
+            async with session.post(
+                url, json=body, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as response:
+                payload = await response.read()
+                if response.status != 200:
+                    return f"HTTP_{response.status}", 0
+                return "OK", int(json.loads(payload).get("batch_size", 0))
+        except TimeoutError:
+            return "DEADLINE_EXCEEDED", 0
+        except aiohttp.ClientError as error:
+            return type(error).__name__, 0
+
+    try:
+        yield call
+    finally:
+        await session.close()
+
+
+async def closed_loop(
+    call: Call, images: list[bytes], concurrency: int, warmup_s: float, seconds: float, timeout_s: float
+) -> LoadResult:
+    start = time.monotonic()
+    recorder = Recorder(start + warmup_s, start + warmup_s + seconds)
+    stop = recorder.window[1]
+
+    async def caller(index: int) -> None:
+        n = index
+        while time.monotonic() < stop:
+            image = images[n % len(images)]
+            n += concurrency
+            began = time.monotonic()
+            status, batch_size = await call(image, timeout_s)
+            recorder.record(began, time.monotonic(), status, batch_size)
+
+    await asyncio.gather(*(caller(i) for i in range(concurrency)))
+    return recorder.result("closed", concurrency, 0.0)
+
+
+async def open_loop(
+    call: Call, images: list[bytes], rate: float, warmup_s: float, seconds: float, timeout_s: float
+) -> LoadResult:
+    start = time.monotonic()
+    recorder = Recorder(start + warmup_s, start + warmup_s + seconds)
+    interval = 1.0 / rate
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(image: bytes) -> None:
+        began = time.monotonic()
+        status, batch_size = await call(image, timeout_s)
+        recorder.record(began, time.monotonic(), status, batch_size)
+
+    n = 0
+    while True:
+        due = start + n * interval  # fixed schedule: a slow answer never delays the next request
+        if due >= recorder.window[1]:
+            break
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.get_running_loop().create_task(one(images[n % len(images)]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        n += 1
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout_s + 5)
+    return recorder.result("open", 0, rate)
+
+
+async def run(args: argparse.Namespace) -> LoadResult:
+    images = photos()
+    connections = args.concurrency if args.mode == "closed" else 512
+    caller = grpc_caller(args.target) if args.protocol == "grpc" else http_caller(args.target, connections)
+    async with caller as call:
+        if args.mode == "closed":
+            return await closed_loop(call, images, args.concurrency, args.warmup, args.seconds, args.timeout)
+        return await open_loop(call, images, args.rate, args.warmup, args.seconds, args.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--target", required=True, help="host:port (grpc) or URL (http)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--seconds", type=float, default=15.0, help="measurement window")
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
+    modes = parser.add_subparsers(dest="mode", required=True)
+    closed = modes.add_parser("closed", help="N concurrent callers, back to back")
+    closed.add_argument("--concurrency", type=int, default=64)
+    opened = modes.add_parser("open", help="a fixed request rate")
+    opened.add_argument("--rate", type=float, required=True, help="requests per second")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.mode == "open":
+        args.concurrency = 0
+    result = asyncio.run(run(args))
+    json.dump(asdict(result), sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

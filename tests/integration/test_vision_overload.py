@@ -1,0 +1,133 @@
+"""Overload, cancellation and deadlines through real gRPC calls (the unit tests cover the batcher).
+
+The model is held behind a gate (tests/helpers/vision_server.py), so "at once" and "never
+computed" are shown by order of events, not by timings: refusals and cancellations complete
+while the model thread is still blocked, and the gate's record of batch sizes shows what
+reached the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
+from tests.helpers.vision_server import (
+    MODEL_NAME,
+    MODEL_VERSION,
+    Running,
+    ServerFactory,
+    StartServer,
+    correctly_classified_images,
+    request,
+    scrape,
+    until,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def model_root(trained_model_repository: Path) -> Path:  # noqa: F811
+    return Path(trained_model_repository)
+
+
+@pytest.fixture(scope="module")
+def photo(model_root: Path) -> bytes:
+    return correctly_classified_images(model_root)["fractions"]
+
+
+@pytest.fixture
+async def start_server(model_root: Path, tmp_path: Path) -> AsyncIterator[StartServer]:
+    factory = ServerFactory(model_root, tmp_path)
+    yield factory.start
+    await factory.close()
+
+
+def metric(running: Running, name: str) -> float:
+    return scrape(running.server.metrics_port).get(name, 0.0)
+
+
+MODEL_LABEL = f'model="{MODEL_NAME}:{MODEL_VERSION}"'
+
+
+async def test_a_burst_beyond_the_queue_is_refused_while_the_model_is_still_busy(
+    start_server: StartServer, photo: bytes
+) -> None:
+    running = await start_server(max_batch_size=1, max_queue_size=4)
+    gates = running.gates
+    await gates.hold_next_batch()
+    computing = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await gates.wait_batch_held()
+
+    burst = [asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60)) for _ in range(20)]
+    await until(lambda: sum(call.done() for call in burst) == 16, "16 of the burst answered")
+    # Every refusal came back while the model thread is still blocked on the first request.
+    assert not gates.open.is_set() and not computing.done()
+    refused = [call for call in burst if call.done()]
+    assert all(call.exception().code() == grpc.StatusCode.RESOURCE_EXHAUSTED for call in refused)  # type: ignore[union-attr]
+    assert running.batcher().queue_depth == 4
+    assert metric(running, f"snaplearn_vision_queue_depth{{{MODEL_LABEL}}}") == 4
+    assert metric(running, f"snaplearn_vision_queue_capacity{{{MODEL_LABEL}}}") == 4
+    assert metric(running, f"snaplearn_vision_computing_requests{{{MODEL_LABEL}}}") == 1
+    assert metric(running, 'snaplearn_vision_rejections_total{reason="queue_full"}') == 16
+
+    gates.open.set()
+    accepted = [call for call in burst if not call.done()]
+    for call in (computing, *accepted):
+        assert (await call).labels[0].label == "fractions"
+    assert gates.batch_sizes == [1] * 5  # the refused 16 never reached the model
+
+
+async def test_a_cancelled_call_leaves_the_queue_before_compute(
+    start_server: StartServer, photo: bytes
+) -> None:
+    running = await start_server(max_batch_size=4, max_queue_size=8)
+    gates = running.gates
+    await gates.hold_next_batch()
+    computing = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await gates.wait_batch_held()
+
+    # Raw call objects: cancel() cancels the RPC on the wire, as a client going away does.
+    kept = running.stub.Classify(request(photo, user="stays"), timeout=60)
+    abandoned = running.stub.Classify(request(photo, user="leaves"), timeout=60)
+    await until(lambda: running.batcher().queue_depth == 2, "two requests queued")
+    abandoned.cancel()
+    # The server-side handler is cancelled by gRPC and takes its request out of the queue,
+    # while the model is still busy: its slot is free before any batch could have taken it.
+    await until(lambda: running.batcher().queue_depth == 1, "the cancelled request left the queue")
+    await until(
+        lambda: metric(running, 'snaplearn_vision_rejections_total{reason="cancelled"}') == 1, "counted"
+    )
+    assert running.batcher().stats.cancelled == 1 and not gates.open.is_set()
+
+    gates.open.set()
+    assert (await computing).labels[0].label == "fractions"
+    assert (await kept).labels[0].label == "fractions"
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    assert gates.batch_sizes == [1, 1]  # the abandoned request was never computed
+
+
+async def test_requests_whose_deadline_passes_in_the_queue_are_never_computed(
+    start_server: StartServer, photo: bytes
+) -> None:
+    running = await start_server(max_batch_size=4, max_queue_size=8)
+    gates = running.gates
+    await gates.hold_next_batch()
+    computing = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await gates.wait_batch_held()
+    short = [asyncio.ensure_future(running.stub.Classify(request(photo), timeout=0.3)) for _ in range(3)]
+    patient = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await until(lambda: all(call.done() for call in short), "the short deadlines passed")
+    assert all(call.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED for call in short)  # type: ignore[union-attr]
+
+    gates.open.set()
+    assert (await computing).labels[0].label == "fractions"
+    assert (await patient).labels[0].label == "fractions"
+    assert gates.batch_sizes == [1, 1]  # only the patient one joined the second batch
+    assert running.batcher().queue_depth == 0
