@@ -1,4 +1,4 @@
-"""The core Recommend API the gRPC servicer delegates to (no gRPC, no bus).
+"""The core Recommend / SimilarItems API the gRPC servicer delegates to (no gRPC, no bus).
 
 It holds a reference to the current immutable Snapshot. The worker thread replaces it
 with `publish` (a single reference assignment, atomic under the GIL); a request reads the
@@ -11,14 +11,31 @@ from __future__ import annotations
 import time
 from collections.abc import Collection
 
+from threadpoolctl import threadpool_limits
+
 from snaplearn_recommender.metrics import RecommenderMetrics
-from snaplearn_recommender.snapshot import RecommendResult, Snapshot
+from snaplearn_recommender.snapshot import RecommendResult, SimilarItemsResult, Snapshot
 
 
 class RecommendationService:
-    def __init__(self, snapshot: Snapshot, metrics: RecommenderMetrics | None = None) -> None:
+    """`single_threaded_blas` (default on) limits BLAS to one thread for the whole process.
+
+    A request is one short matvec run inline on the event loop; OpenBLAS's worker threads only
+    add hand-off and spinning there. On the 2-core dev box, under load, a 100k-item matvec took
+    ~4.5 ms with 2 BLAS threads and ~0.35 ms with 1 (docs/benchmarks/recommender_serving.md).
+    The recommender does no other BLAS-heavy work (LightFM trains with its own OpenMP loops).
+    """
+
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        metrics: RecommenderMetrics | None = None,
+        single_threaded_blas: bool = True,
+    ) -> None:
         self._snapshot = snapshot
         self._metrics = metrics
+        if single_threaded_blas:
+            threadpool_limits(limits=1, user_api="blas")
         if metrics is not None:
             metrics.watch_snapshot_age(lambda: self._snapshot.age_s())
             metrics.known_users.set(snapshot.n_users)
@@ -47,3 +64,13 @@ class RecommendationService:
             elapsed = time.perf_counter() - started
             self._metrics.recommend_latency.labels(cold_start=str(result.cold_start).lower()).observe(elapsed)
         return result
+
+    def similar_items(
+        self,
+        item_id: str,
+        k: int = 0,
+        grades: Collection[int] = (),
+        formats: Collection[str] = (),
+        concepts: Collection[str] = (),
+    ) -> SimilarItemsResult:
+        return self._snapshot.similar_items(item_id, k, grades, formats, concepts)

@@ -2,6 +2,7 @@
 
 snaplearn-client classify IMAGE --user U [--top-k 3] [--vision HOST:PORT]
 snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
+snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--concept fractions]
 snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
 """
 
@@ -43,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--format", action="append", default=[])
     recommend.add_argument("--concept", action="append", default=[])
 
+    similar = commands.add_parser("similar", help="items like this one (the model's item space)")
+    similar.add_argument("--item", required=True, help="an item_id of the catalog")
+    similar.add_argument("--k", type=int, default=10)
+    similar.add_argument("--grade", type=int, action="append", default=[])
+    similar.add_argument("--format", action="append", default=[])
+    similar.add_argument("--concept", action="append", default=[])
+
     demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
     demo.add_argument("--photos-per-student", type=int, default=6)
     demo.add_argument("--seed", type=int, default=7)
@@ -79,6 +87,16 @@ def main(argv: list[str] | None = None) -> int:
             model = f"model {recommendation.model_version}, {recommendation.events_applied} events"
             print(f"for {recommendation.user_id}{cold}, {model}")
             for rank, item in enumerate(recommendation.items, 1):
+                print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
+                print(f"      {item.reason}")
+        elif args.command == "similar":
+            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+                similar = recommender.similar_items(args.item, args.k, args.grade, args.format, args.concept)
+            if args.json:
+                print(MessageToJson(similar))
+                return 0
+            print(f"like {similar.item_id}, model {similar.model_version}")
+            for rank, item in enumerate(similar.items, 1):
                 print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
                 print(f"      {item.reason}")
         else:

@@ -124,3 +124,20 @@ class RecommenderClient(_Client):
             filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
         )
         return self._stub.Recommend(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def similar_items(
+        self,
+        item_id: str,
+        k: int = 10,
+        grades: Sequence[int] = (),
+        formats: Sequence[str] = (),
+        concepts: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> recommender_pb2.SimilarItemsResponse:
+        """Items closest to `item_id` in the model's item space (NOT_FOUND for an unknown id)."""
+        request = recommender_pb2.SimilarItemsRequest(
+            item_id=item_id,
+            k=k,
+            filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
+        )
+        return self._stub.SimilarItems(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)

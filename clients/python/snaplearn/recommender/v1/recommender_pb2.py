@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\"E\n\x10RecommendFilters\x12\x0e\n\x06grades\x18\x01 \x03(\r\x12\x0f\n\x07\x66ormats\x18\x02 \x03(\t\x12\x10\n\x08\x63oncepts\x18\x03 \x03(\t\"\x81\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12;\n\x07\x66ilters\x18\x04 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"\x81\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x04 \x03(\t\x12\r\n\x05grade\x18\x05 \x01(\r\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xa1\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x16\n\x0e\x65vents_applied\x18\x05 \x01(\x04\x32z\n\x12RecommenderService\x12\x64\n\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\"E\n\x10RecommendFilters\x12\x0e\n\x06grades\x18\x01 \x03(\r\x12\x0f\n\x07\x66ormats\x18\x02 \x03(\t\x12\x10\n\x08\x63oncepts\x18\x03 \x03(\t\"\x81\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12;\n\x07\x66ilters\x18\x04 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"\x81\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x04 \x03(\t\x12\r\n\x05grade\x18\x05 \x01(\r\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xa1\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x16\n\x0e\x65vents_applied\x18\x05 \x01(\x04\"n\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12;\n\x07\x66ilters\x18\x03 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"x\n\x14SimilarItemsResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t2\xe9\x01\n\x12RecommenderService\x12\x64\n\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n\x0cSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RECOMMENDEDITEM']._serialized_end=405
   _globals['_RECOMMENDRESPONSE']._serialized_start=408
   _globals['_RECOMMENDRESPONSE']._serialized_end=569
-  _globals['_RECOMMENDERSERVICE']._serialized_start=571
-  _globals['_RECOMMENDERSERVICE']._serialized_end=693
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=571
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=681
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=683
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=803
+  _globals['_RECOMMENDERSERVICE']._serialized_start=806
+  _globals['_RECOMMENDERSERVICE']._serialized_end=1039
 # @@protoc_insertion_point(module_scope)

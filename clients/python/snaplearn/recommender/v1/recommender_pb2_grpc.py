@@ -41,6 +41,11 @@ class RecommenderServiceStub:
                 request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
                 response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecommendResponse.FromString,
                 _registered_method=True)
+        self.SimilarItems = channel.unary_unary(
+                '/snaplearn.recommender.v1.RecommenderService/SimilarItems',
+                request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+                response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -54,6 +59,14 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimilarItems(self, request, context):
+        """Items closest to one item in the model's learned item space ("more like this").
+        NOT_FOUND for an item_id that is not in the catalog.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +74,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.Recommend,
                     request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecommendRequest.FromString,
                     response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecommendResponse.SerializeToString,
+            ),
+            'SimilarItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimilarItems,
+                    request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
+                    response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +110,33 @@ class RecommenderService:
             '/snaplearn.recommender.v1.RecommenderService/Recommend',
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecommendRequest.SerializeToString,
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecommendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimilarItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snaplearn.recommender.v1.RecommenderService/SimilarItems',
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
             options,
             channel_credentials,
             insecure,
