@@ -1,0 +1,263 @@
+"""The deployment files configure the servers the way they say they do.
+
+The servers are configured only by environment variables (SNAPLEARN_VISION_<FLAG>,
+SNAPLEARN_RECOMMENDER_<FLAG>, SNAPLEARN_BUS*, SNAPLEARN_KAFKA_*). A misspelt variable is
+silently ignored by a server, and no schema catches it, so these tests take the environment each
+container really gets (image ENV + Compose `environment`, or the kustomize-rendered Deployment
+with its ConfigMap), build the server's settings from it with the server's own parser while
+recording which variables it reads, and require every SNAPLEARN_* variable to be read and the key
+settings to come out as intended. Also: the protos' breaking-change check has teeth.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from snaplearn_recommender import config as recommender_config
+from snaplearn_vision import config as vision_config
+
+REPO = Path(__file__).resolve().parents[2]
+VISION_SERVICE = "snaplearn.vision.v1.VisionService"
+RECOMMENDER_SERVICE = "snaplearn.recommender.v1.RecommenderService"
+
+
+@pytest.fixture(scope="module")
+def tools_bin() -> Path:
+    """scripts/deploy_tools.sh: kustomize, buf, ... (installed once, cached; fails loudly if it cannot)."""
+    installed = subprocess.run(
+        ["bash", str(REPO / "scripts/deploy_tools.sh")], capture_output=True, text=True, timeout=900
+    )
+    assert installed.returncode == 0, f"installing the deploy tools failed:\n{installed.stderr}"
+    return Path(installed.stdout.strip())
+
+
+class RecordingEnviron(dict[str, str]):
+    """os.environ stand-in that remembers every variable name looked up."""
+
+    def __init__(self, values: Mapping[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        if isinstance(key, str):
+            self.read.add(key)
+        return super().__contains__(key)
+
+
+def settings_under(
+    environment: Mapping[str, str], build: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, set[str]]:
+    recording = RecordingEnviron(environment)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "environ", recording)
+        settings = build([])
+    return settings, recording.read
+
+
+def assert_all_read(environment: Mapping[str, str], read: set[str], server: str, where: str) -> None:
+    """Every variable meant for `server` (its own prefix, the bus's) was read by its parser.
+
+    One image serves both servers, so its ENV also holds the other server's variables.
+    """
+    prefixes = (f"SNAPLEARN_{server.upper()}_", "SNAPLEARN_BUS", "SNAPLEARN_KAFKA_")
+    ignored = sorted(name for name in environment if name.startswith(prefixes) and name not in read)
+    assert not ignored, f"{where} sets variables the {server} server never reads: {ignored}"
+
+
+# -- Docker ------------------------------------------------------------------------------------
+
+
+def image_environment(dockerfile: Path) -> dict[str, str]:
+    """The ENV of the Dockerfile's last stage (the runtime image)."""
+    text = dockerfile.read_text().replace("\\\n", " ")
+    runtime = text.rsplit("\nFROM ", 1)[1]
+    environment: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            environment.update(re.findall(r"(\w+)=(\S+)", line))
+    return environment
+
+
+def compose_services() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "docker/docker-compose.yml").read_text())["services"]
+
+
+def compose_environment(service: str, dockerfile: str) -> dict[str, str]:
+    environment = image_environment(REPO / "docker" / dockerfile)
+    environment.update({k: str(v) for k, v in compose_services()[service]["environment"].items()})
+    return environment
+
+
+@pytest.mark.parametrize(
+    ("service", "dockerfile", "device"),
+    [("vision", "Dockerfile", "cpu"), ("vision-gpu", "Dockerfile.cuda", "cuda")],
+)
+def test_compose_vision_environment(
+    service: str, dockerfile: str, device: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    environment = compose_environment(service, dockerfile)
+    settings, read = settings_under(environment, vision_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "vision", f"compose service {service}")
+    assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9101)
+    assert settings.model_repository == Path("/models")
+    assert settings.device == device
+    assert settings.bus.backend == "kafka"
+    assert settings.bus.kafka_bootstrap_servers == "kafka:29092"
+    # The probe checks the service the server registers in grpc.health.v1.
+    assert VISION_SERVICE in compose_services()[service]["healthcheck"]["test"]
+
+
+def test_compose_recommender_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    environment = compose_environment("recommender", "Dockerfile")
+    settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "recommender", "compose service recommender")
+    assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50052, 9102)
+    assert settings.checkpoint_dir == Path("/var/lib/snaplearn/recommender")
+    assert settings.bus.backend == "kafka"
+    assert settings.bus.kafka_bootstrap_servers == "kafka:29092"
+    assert RECOMMENDER_SERVICE in compose_services()["recommender"]["healthcheck"]["test"]
+
+
+def test_compose_reuses_the_kafka_compose_file() -> None:
+    compose = yaml.safe_load((REPO / "docker/docker-compose.yml").read_text())
+    assert compose["include"] == ["kafka-compose.yml"]
+    kafka = yaml.safe_load((REPO / "docker/kafka-compose.yml").read_text())["services"]["kafka"]
+    assert "PLAINTEXT://kafka:29092" in kafka["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+
+
+# -- Kubernetes --------------------------------------------------------------------------------
+
+
+def render(tools_bin: Path, kustomization: str) -> list[dict[str, Any]]:
+    rendered = subprocess.run(
+        [str(tools_bin / "kustomize"), "build", str(REPO / kustomization)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [doc for doc in yaml.safe_load_all(rendered.stdout) if doc]
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def container_environment(
+    objects: list[dict[str, Any]], container: dict[str, Any], image_env: dict[str, str]
+) -> dict[str, str]:
+    environment = dict(image_env)
+    for source in container.get("envFrom", []):
+        config_map = find(objects, "ConfigMap", source["configMapRef"]["name"])
+        environment.update(config_map["data"])
+    environment.update({e["name"]: e["value"] for e in container.get("env", [])})
+    return environment
+
+
+def containers(workload: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield from workload["spec"]["template"]["spec"]["containers"]
+
+
+@pytest.mark.parametrize(
+    ("overlay", "dockerfile", "device"), [("cpu", "Dockerfile", "cpu"), ("gpu", "Dockerfile.cuda", "cuda")]
+)
+def test_kubernetes_vision_deployment(
+    overlay: str, dockerfile: str, device: str, tools_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(tools_bin, f"deploy/overlays/{overlay}")
+    deployment = find(objects, "Deployment", "vision")
+    (container,) = containers(deployment)
+    environment = container_environment(objects, container, image_environment(REPO / "docker" / dockerfile))
+    settings, read = settings_under(environment, vision_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "vision", f"overlay {overlay}, Deployment vision")
+    assert settings.device == device
+    assert settings.bus.backend == "kafka"
+    assert settings.host == "0.0.0.0"
+
+    # Probes hit the port the server binds, and readiness asks for the service it registers.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert container["readinessProbe"]["grpc"] == {"port": settings.port, "service": VISION_SERVICE}
+    assert container["startupProbe"]["grpc"]["port"] == settings.port
+    assert container["livenessProbe"]["grpc"]["port"] == settings.port
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(settings.metrics_port)
+    # The pod outlives its drain: preStop, then SIGTERM and the server's own grace period.
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > 5 + settings.shutdown_grace_s
+    models = {"name": "models", "mountPath": str(settings.model_repository), "readOnly": True}
+    assert models in container["volumeMounts"]
+    gpus = container["resources"].get("limits", {}).get("nvidia.com/gpu")
+    assert (gpus == "1") == (overlay == "gpu")
+
+
+def test_kubernetes_recommender_trainer(tools_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = render(tools_bin, "deploy/overlays/cpu")
+    trainer = find(objects, "StatefulSet", "recommender")
+    assert trainer["spec"]["replicas"] == 1  # the single writer of its model
+    (container,) = containers(trainer)
+    environment = container_environment(objects, container, image_environment(REPO / "docker/Dockerfile"))
+    settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "recommender", "StatefulSet recommender")
+    assert settings.bus.backend == "kafka"
+    assert container["readinessProbe"]["grpc"] == {"port": settings.port, "service": RECOMMENDER_SERVICE}
+    # Checkpoints land on the claim, not in the container's filesystem.
+    (claim,) = trainer["spec"]["volumeClaimTemplates"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == claim["metadata"]["name"])
+    assert settings.checkpoint_dir is not None
+    assert settings.checkpoint_dir.is_relative_to(mount["mountPath"])
+
+
+def test_autoscalers_use_metrics_the_adapter_serves(tools_bin: Path) -> None:
+    adapter = yaml.safe_load((REPO / "deploy/monitoring/prometheus-adapter/config.yaml").read_text())
+    served = {rule["name"]["as"] for rule in adapter["rules"]}
+    objects = render(tools_bin, "deploy/previews/recommender-query-replicas")
+    autoscalers = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+    assert {a["metadata"]["name"] for a in autoscalers} == {"vision", "recommender-query"}
+    for autoscaler in autoscalers:
+        names = {m["pods"]["metric"]["name"] for m in autoscaler["spec"]["metrics"] if m["type"] == "Pods"}
+        assert names, f"{autoscaler['metadata']['name']} has no pods metric"
+        assert names <= served, f"{autoscaler['metadata']['name']} scales on {names - served}, not served"
+        target = autoscaler["spec"]["scaleTargetRef"]
+        assert find(objects, target["kind"], target["name"])
+
+
+# -- protos ------------------------------------------------------------------------------------
+
+
+def test_buf_breaking_catches_an_incompatible_change(tools_bin: Path, tmp_path: Path) -> None:
+    """Changing a field's type against the committed baseline must fail `buf breaking`."""
+    protos = tmp_path / "protos"
+    shutil.copytree(REPO / "protos/snaplearn", protos / "snaplearn")
+    (tmp_path / "buf.yaml").write_text("version: v2\nmodules:\n  - path: protos\n")
+    vision = protos / "snaplearn/vision/v1/vision.proto"
+    buf = str(tools_bin / "buf")
+    baseline = str(REPO / "protos/buf-baseline.json")
+
+    unchanged = subprocess.run(
+        [buf, "breaking", "--against", baseline], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert unchanged.returncode == 0, unchanged.stdout + unchanged.stderr
+
+    vision.write_text(vision.read_text().replace("uint32 top_k = 3;", "uint64 top_k = 3;"))
+    changed = subprocess.run(
+        [buf, "breaking", "--against", baseline], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert changed.returncode != 0
+    assert 'changed type from "uint32" to "uint64"' in changed.stdout
