@@ -1,10 +1,25 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FEEDBACK_KIND_UNSPECIFIED: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_VIEWED: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_COMPLETED: _ClassVar[FeedbackKind]
+    FEEDBACK_KIND_SKIPPED: _ClassVar[FeedbackKind]
+FEEDBACK_KIND_UNSPECIFIED: FeedbackKind
+FEEDBACK_KIND_VIEWED: FeedbackKind
+FEEDBACK_KIND_COMPLETED: FeedbackKind
+FEEDBACK_KIND_SKIPPED: FeedbackKind
 
 class RecommendFilters(_message.Message):
     __slots__ = ("grades", "formats", "concepts")
@@ -79,3 +94,25 @@ class SimilarItemsResponse(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[RecommendedItem]
     model_version: str
     def __init__(self, item_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class RecordFeedbackRequest(_message.Message):
+    __slots__ = ("user_id", "item_id", "kind", "request_id", "time")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    item_id: str
+    kind: FeedbackKind
+    request_id: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class RecordFeedbackResponse(_message.Message):
+    __slots__ = ("event_id", "accepted")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    accepted: bool
+    def __init__(self, event_id: _Optional[str] = ..., accepted: _Optional[bool] = ...) -> None: ...

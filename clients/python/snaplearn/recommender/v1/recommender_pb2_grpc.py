@@ -46,6 +46,11 @@ class RecommenderServiceStub:
                 request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
                 response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
                 _registered_method=True)
+        self.RecordFeedback = channel.unary_unary(
+                '/snaplearn.recommender.v1.RecommenderService/RecordFeedback',
+                request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.SerializeToString,
+                response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -67,6 +72,17 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordFeedback(self, request, context):
+        """A student viewed, completed or skipped an item. Published as a FeedbackRecorded event on
+        the same event stream as ImageClassified; the model learns from it within about a second
+        (completed: strong positive, viewed: weak positive, skipped: no positive, and the item is
+        left out of that student's recommendations for a while). INVALID_ARGUMENT for an empty
+        user_id or item_id or an unspecified kind; NOT_FOUND for an item_id not in the catalog.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +95,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.SimilarItems,
                     request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsRequest.FromString,
                     response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsResponse.SerializeToString,
+            ),
+            'RecordFeedback': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordFeedback,
+                    request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.FromString,
+                    response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -137,6 +158,33 @@ class RecommenderService:
             '/snaplearn.recommender.v1.RecommenderService/SimilarItems',
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsRequest.SerializeToString,
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.SimilarItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordFeedback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snaplearn.recommender.v1.RecommenderService/RecordFeedback',
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.SerializeToString,
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

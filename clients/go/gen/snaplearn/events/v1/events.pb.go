@@ -22,6 +22,58 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type FeedbackKind int32
+
+const (
+	FeedbackKind_FEEDBACK_KIND_UNSPECIFIED FeedbackKind = 0
+	FeedbackKind_FEEDBACK_KIND_VIEWED      FeedbackKind = 1
+	FeedbackKind_FEEDBACK_KIND_COMPLETED   FeedbackKind = 2
+	FeedbackKind_FEEDBACK_KIND_SKIPPED     FeedbackKind = 3
+)
+
+// Enum value maps for FeedbackKind.
+var (
+	FeedbackKind_name = map[int32]string{
+		0: "FEEDBACK_KIND_UNSPECIFIED",
+		1: "FEEDBACK_KIND_VIEWED",
+		2: "FEEDBACK_KIND_COMPLETED",
+		3: "FEEDBACK_KIND_SKIPPED",
+	}
+	FeedbackKind_value = map[string]int32{
+		"FEEDBACK_KIND_UNSPECIFIED": 0,
+		"FEEDBACK_KIND_VIEWED":      1,
+		"FEEDBACK_KIND_COMPLETED":   2,
+		"FEEDBACK_KIND_SKIPPED":     3,
+	}
+)
+
+func (x FeedbackKind) Enum() *FeedbackKind {
+	p := new(FeedbackKind)
+	*p = x
+	return p
+}
+
+func (x FeedbackKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FeedbackKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_snaplearn_events_v1_events_proto_enumTypes[0].Descriptor()
+}
+
+func (FeedbackKind) Type() protoreflect.EnumType {
+	return &file_snaplearn_events_v1_events_proto_enumTypes[0]
+}
+
+func (x FeedbackKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FeedbackKind.Descriptor instead.
+func (FeedbackKind) EnumDescriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{0}
+}
+
 // Published by the vision server once per successful Classify call, keyed by user_id.
 // It never carries the image.
 type ImageClassified struct {
@@ -162,6 +214,86 @@ func (x *LabelScore) GetScore() float32 {
 	return 0
 }
 
+// Published by the recommender once per accepted RecordFeedback call, keyed by user_id, on the
+// same topic as ImageClassified (so each student's photos and feedback stay in order); the
+// `event-type` header tells them apart.
+type FeedbackRecorded struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Unique id (the RecordFeedback request id); consumers deduplicate on it.
+	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	UserId        string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	ItemId        string                 `protobuf:"bytes,3,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
+	Kind          FeedbackKind           `protobuf:"varint,4,opt,name=kind,proto3,enum=snaplearn.events.v1.FeedbackKind" json:"kind,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FeedbackRecorded) Reset() {
+	*x = FeedbackRecorded{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeedbackRecorded) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeedbackRecorded) ProtoMessage() {}
+
+func (x *FeedbackRecorded) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeedbackRecorded.ProtoReflect.Descriptor instead.
+func (*FeedbackRecorded) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *FeedbackRecorded) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *FeedbackRecorded) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *FeedbackRecorded) GetItemId() string {
+	if x != nil {
+		return x.ItemId
+	}
+	return ""
+}
+
+func (x *FeedbackRecorded) GetKind() FeedbackKind {
+	if x != nil {
+		return x.Kind
+	}
+	return FeedbackKind_FEEDBACK_KIND_UNSPECIFIED
+}
+
+func (x *FeedbackRecorded) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
 var File_snaplearn_events_v1_events_proto protoreflect.FileDescriptor
 
 const file_snaplearn_events_v1_events_proto_rawDesc = "" +
@@ -178,7 +310,18 @@ const file_snaplearn_events_v1_events_proto_rawDesc = "" +
 	"\n" +
 	"LabelScore\x12\x14\n" +
 	"\x05label\x18\x01 \x01(\tR\x05label\x12\x14\n" +
-	"\x05score\x18\x02 \x01(\x02R\x05scoreB\xe0\x01\n" +
+	"\x05score\x18\x02 \x01(\x02R\x05score\"\xc6\x01\n" +
+	"\x10FeedbackRecorded\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x17\n" +
+	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x17\n" +
+	"\aitem_id\x18\x03 \x01(\tR\x06itemId\x125\n" +
+	"\x04kind\x18\x04 \x01(\x0e2!.snaplearn.events.v1.FeedbackKindR\x04kind\x12.\n" +
+	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time*\x7f\n" +
+	"\fFeedbackKind\x12\x1d\n" +
+	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
+	"\x17FEEDBACK_KIND_COMPLETED\x10\x02\x12\x19\n" +
+	"\x15FEEDBACK_KIND_SKIPPED\x10\x03B\xe0\x01\n" +
 	"\x17com.snaplearn.events.v1B\vEventsProtoP\x01ZJgithub.com/snaplearn/snaplearn/clients/go/gen/snaplearn/events/v1;eventsv1\xa2\x02\x03SEX\xaa\x02\x13Snaplearn.Events.V1\xca\x02\x13Snaplearn\\Events\\V1\xe2\x02\x1fSnaplearn\\Events\\V1\\GPBMetadata\xea\x02\x15Snaplearn::Events::V1b\x06proto3"
 
 var (
@@ -193,20 +336,25 @@ func file_snaplearn_events_v1_events_proto_rawDescGZIP() []byte {
 	return file_snaplearn_events_v1_events_proto_rawDescData
 }
 
-var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_snaplearn_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_snaplearn_events_v1_events_proto_goTypes = []any{
-	(*ImageClassified)(nil),       // 0: snaplearn.events.v1.ImageClassified
-	(*LabelScore)(nil),            // 1: snaplearn.events.v1.LabelScore
-	(*timestamppb.Timestamp)(nil), // 2: google.protobuf.Timestamp
+	(FeedbackKind)(0),             // 0: snaplearn.events.v1.FeedbackKind
+	(*ImageClassified)(nil),       // 1: snaplearn.events.v1.ImageClassified
+	(*LabelScore)(nil),            // 2: snaplearn.events.v1.LabelScore
+	(*FeedbackRecorded)(nil),      // 3: snaplearn.events.v1.FeedbackRecorded
+	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
 }
 var file_snaplearn_events_v1_events_proto_depIdxs = []int32{
-	2, // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
-	1, // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
-	2, // [2:2] is the sub-list for method output_type
-	2, // [2:2] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	4, // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
+	2, // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
+	0, // 2: snaplearn.events.v1.FeedbackRecorded.kind:type_name -> snaplearn.events.v1.FeedbackKind
+	4, // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
+	4, // [4:4] is the sub-list for method output_type
+	4, // [4:4] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_events_v1_events_proto_init() }
@@ -219,13 +367,14 @@ func file_snaplearn_events_v1_events_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_events_v1_events_proto_rawDesc), len(file_snaplearn_events_v1_events_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   2,
+			NumEnums:      1,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
 		GoTypes:           file_snaplearn_events_v1_events_proto_goTypes,
 		DependencyIndexes: file_snaplearn_events_v1_events_proto_depIdxs,
+		EnumInfos:         file_snaplearn_events_v1_events_proto_enumTypes,
 		MessageInfos:      file_snaplearn_events_v1_events_proto_msgTypes,
 	}.Build()
 	File_snaplearn_events_v1_events_proto = out.File

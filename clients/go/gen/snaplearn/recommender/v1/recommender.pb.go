@@ -9,6 +9,7 @@ package recommenderv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -20,6 +21,61 @@ const (
 	// Verify that runtime/protoimpl is sufficiently up-to-date.
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
+
+type FeedbackKind int32
+
+const (
+	FeedbackKind_FEEDBACK_KIND_UNSPECIFIED FeedbackKind = 0
+	// Opened the item: a weak positive.
+	FeedbackKind_FEEDBACK_KIND_VIEWED FeedbackKind = 1
+	// Finished the item: a strong positive.
+	FeedbackKind_FEEDBACK_KIND_COMPLETED FeedbackKind = 2
+	// Passed on the item: no positive; not recommended to this student again for a while.
+	FeedbackKind_FEEDBACK_KIND_SKIPPED FeedbackKind = 3
+)
+
+// Enum value maps for FeedbackKind.
+var (
+	FeedbackKind_name = map[int32]string{
+		0: "FEEDBACK_KIND_UNSPECIFIED",
+		1: "FEEDBACK_KIND_VIEWED",
+		2: "FEEDBACK_KIND_COMPLETED",
+		3: "FEEDBACK_KIND_SKIPPED",
+	}
+	FeedbackKind_value = map[string]int32{
+		"FEEDBACK_KIND_UNSPECIFIED": 0,
+		"FEEDBACK_KIND_VIEWED":      1,
+		"FEEDBACK_KIND_COMPLETED":   2,
+		"FEEDBACK_KIND_SKIPPED":     3,
+	}
+)
+
+func (x FeedbackKind) Enum() *FeedbackKind {
+	p := new(FeedbackKind)
+	*p = x
+	return p
+}
+
+func (x FeedbackKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (FeedbackKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_snaplearn_recommender_v1_recommender_proto_enumTypes[0].Descriptor()
+}
+
+func (FeedbackKind) Type() protoreflect.EnumType {
+	return &file_snaplearn_recommender_v1_recommender_proto_enumTypes[0]
+}
+
+func (x FeedbackKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use FeedbackKind.Descriptor instead.
+func (FeedbackKind) EnumDescriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{0}
+}
 
 type RecommendFilters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -451,11 +507,149 @@ func (x *SimilarItemsResponse) GetModelVersion() string {
 	return ""
 }
 
+type RecordFeedbackRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Required: an item_id of the catalog.
+	ItemId string `protobuf:"bytes,2,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
+	// Required (not UNSPECIFIED).
+	Kind FeedbackKind `protobuf:"varint,3,opt,name=kind,proto3,enum=snaplearn.recommender.v1.FeedbackKind" json:"kind,omitempty"`
+	// Optional idempotency key; it becomes the event id (a new UUID when empty). Retrying a call
+	// with the same request_id records the feedback once. Must be unique across all events.
+	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// When it happened (default: when the server received it). May be in the past (an offline
+	// app syncing later); at most a few minutes in the future.
+	Time          *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordFeedbackRequest) Reset() {
+	*x = RecordFeedbackRequest{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordFeedbackRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordFeedbackRequest) ProtoMessage() {}
+
+func (x *RecordFeedbackRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordFeedbackRequest.ProtoReflect.Descriptor instead.
+func (*RecordFeedbackRequest) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RecordFeedbackRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *RecordFeedbackRequest) GetItemId() string {
+	if x != nil {
+		return x.ItemId
+	}
+	return ""
+}
+
+func (x *RecordFeedbackRequest) GetKind() FeedbackKind {
+	if x != nil {
+		return x.Kind
+	}
+	return FeedbackKind_FEEDBACK_KIND_UNSPECIFIED
+}
+
+func (x *RecordFeedbackRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *RecordFeedbackRequest) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+type RecordFeedbackResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Id of the FeedbackRecorded event (the request_id when one was given).
+	EventId string `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	// True when this call queued the event for the model; false when this server had already
+	// recorded the same request_id (a retry: nothing new was published).
+	Accepted      bool `protobuf:"varint,2,opt,name=accepted,proto3" json:"accepted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RecordFeedbackResponse) Reset() {
+	*x = RecordFeedbackResponse{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RecordFeedbackResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RecordFeedbackResponse) ProtoMessage() {}
+
+func (x *RecordFeedbackResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RecordFeedbackResponse.ProtoReflect.Descriptor instead.
+func (*RecordFeedbackResponse) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RecordFeedbackResponse) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *RecordFeedbackResponse) GetAccepted() bool {
+	if x != nil {
+		return x.Accepted
+	}
+	return false
+}
+
 var File_snaplearn_recommender_v1_recommender_proto protoreflect.FileDescriptor
 
 const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\n" +
-	"*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\"`\n" +
+	"*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n" +
 	"\x10RecommendFilters\x12\x16\n" +
 	"\x06grades\x18\x01 \x03(\rR\x06grades\x12\x18\n" +
 	"\aformats\x18\x02 \x03(\tR\aformats\x12\x1a\n" +
@@ -487,10 +681,26 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x14SimilarItemsResponse\x12\x17\n" +
 	"\aitem_id\x18\x01 \x01(\tR\x06itemId\x12?\n" +
 	"\x05items\x18\x02 \x03(\v2).snaplearn.recommender.v1.RecommendedItemR\x05items\x12#\n" +
-	"\rmodel_version\x18\x03 \x01(\tR\fmodelVersion2\xe9\x01\n" +
+	"\rmodel_version\x18\x03 \x01(\tR\fmodelVersion\"\xd4\x01\n" +
+	"\x15RecordFeedbackRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x17\n" +
+	"\aitem_id\x18\x02 \x01(\tR\x06itemId\x12:\n" +
+	"\x04kind\x18\x03 \x01(\x0e2&.snaplearn.recommender.v1.FeedbackKindR\x04kind\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x04 \x01(\tR\trequestId\x12.\n" +
+	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"O\n" +
+	"\x16RecordFeedbackResponse\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x1a\n" +
+	"\baccepted\x18\x02 \x01(\bR\baccepted*\x7f\n" +
+	"\fFeedbackKind\x12\x1d\n" +
+	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
+	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
+	"\x17FEEDBACK_KIND_COMPLETED\x10\x02\x12\x19\n" +
+	"\x15FEEDBACK_KIND_SKIPPED\x10\x032\xde\x02\n" +
 	"\x12RecommenderService\x12d\n" +
 	"\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n" +
-	"\fSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponseB\x88\x02\n" +
+	"\fSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponse\x12s\n" +
+	"\x0eRecordFeedback\x12/.snaplearn.recommender.v1.RecordFeedbackRequest\x1a0.snaplearn.recommender.v1.RecordFeedbackResponseB\x88\x02\n" +
 	"\x1ccom.snaplearn.recommender.v1B\x10RecommenderProtoP\x01ZTgithub.com/snaplearn/snaplearn/clients/go/gen/snaplearn/recommender/v1;recommenderv1\xa2\x02\x03SRX\xaa\x02\x18Snaplearn.Recommender.V1\xca\x02\x18Snaplearn\\Recommender\\V1\xe2\x02$Snaplearn\\Recommender\\V1\\GPBMetadata\xea\x02\x1aSnaplearn::Recommender::V1b\x06proto3"
 
 var (
@@ -505,29 +715,38 @@ func file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP() []byte {
 	return file_snaplearn_recommender_v1_recommender_proto_rawDescData
 }
 
-var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_snaplearn_recommender_v1_recommender_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_snaplearn_recommender_v1_recommender_proto_goTypes = []any{
-	(*RecommendFilters)(nil),     // 0: snaplearn.recommender.v1.RecommendFilters
-	(*RecommendRequest)(nil),     // 1: snaplearn.recommender.v1.RecommendRequest
-	(*RecommendedItem)(nil),      // 2: snaplearn.recommender.v1.RecommendedItem
-	(*RecommendResponse)(nil),    // 3: snaplearn.recommender.v1.RecommendResponse
-	(*SimilarItemsRequest)(nil),  // 4: snaplearn.recommender.v1.SimilarItemsRequest
-	(*SimilarItemsResponse)(nil), // 5: snaplearn.recommender.v1.SimilarItemsResponse
+	(FeedbackKind)(0),              // 0: snaplearn.recommender.v1.FeedbackKind
+	(*RecommendFilters)(nil),       // 1: snaplearn.recommender.v1.RecommendFilters
+	(*RecommendRequest)(nil),       // 2: snaplearn.recommender.v1.RecommendRequest
+	(*RecommendedItem)(nil),        // 3: snaplearn.recommender.v1.RecommendedItem
+	(*RecommendResponse)(nil),      // 4: snaplearn.recommender.v1.RecommendResponse
+	(*SimilarItemsRequest)(nil),    // 5: snaplearn.recommender.v1.SimilarItemsRequest
+	(*SimilarItemsResponse)(nil),   // 6: snaplearn.recommender.v1.SimilarItemsResponse
+	(*RecordFeedbackRequest)(nil),  // 7: snaplearn.recommender.v1.RecordFeedbackRequest
+	(*RecordFeedbackResponse)(nil), // 8: snaplearn.recommender.v1.RecordFeedbackResponse
+	(*timestamppb.Timestamp)(nil),  // 9: google.protobuf.Timestamp
 }
 var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
-	0, // 0: snaplearn.recommender.v1.RecommendRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
-	2, // 1: snaplearn.recommender.v1.RecommendResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
-	0, // 2: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
-	2, // 3: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
-	1, // 4: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
-	4, // 5: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
-	3, // 6: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
-	5, // 7: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
-	6, // [6:8] is the sub-list for method output_type
-	4, // [4:6] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	1, // 0: snaplearn.recommender.v1.RecommendRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
+	3, // 1: snaplearn.recommender.v1.RecommendResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
+	1, // 2: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
+	3, // 3: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
+	0, // 4: snaplearn.recommender.v1.RecordFeedbackRequest.kind:type_name -> snaplearn.recommender.v1.FeedbackKind
+	9, // 5: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
+	2, // 6: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
+	5, // 7: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
+	7, // 8: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
+	4, // 9: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
+	6, // 10: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
+	8, // 11: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
+	9, // [9:12] is the sub-list for method output_type
+	6, // [6:9] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_recommender_v1_recommender_proto_init() }
@@ -540,13 +759,14 @@ func file_snaplearn_recommender_v1_recommender_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_recommender_v1_recommender_proto_rawDesc), len(file_snaplearn_recommender_v1_recommender_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   6,
+			NumEnums:      1,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_snaplearn_recommender_v1_recommender_proto_goTypes,
 		DependencyIndexes: file_snaplearn_recommender_v1_recommender_proto_depIdxs,
+		EnumInfos:         file_snaplearn_recommender_v1_recommender_proto_enumTypes,
 		MessageInfos:      file_snaplearn_recommender_v1_recommender_proto_msgTypes,
 	}.Build()
 	File_snaplearn_recommender_v1_recommender_proto = out.File

@@ -19,8 +19,9 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RecommenderService_Recommend_FullMethodName    = "/snaplearn.recommender.v1.RecommenderService/Recommend"
-	RecommenderService_SimilarItems_FullMethodName = "/snaplearn.recommender.v1.RecommenderService/SimilarItems"
+	RecommenderService_Recommend_FullMethodName      = "/snaplearn.recommender.v1.RecommenderService/Recommend"
+	RecommenderService_SimilarItems_FullMethodName   = "/snaplearn.recommender.v1.RecommenderService/SimilarItems"
+	RecommenderService_RecordFeedback_FullMethodName = "/snaplearn.recommender.v1.RecommenderService/RecordFeedback"
 )
 
 // RecommenderServiceClient is the client API for RecommenderService service.
@@ -34,6 +35,12 @@ type RecommenderServiceClient interface {
 	// Items closest to one item in the model's learned item space ("more like this").
 	// NOT_FOUND for an item_id that is not in the catalog.
 	SimilarItems(ctx context.Context, in *SimilarItemsRequest, opts ...grpc.CallOption) (*SimilarItemsResponse, error)
+	// A student viewed, completed or skipped an item. Published as a FeedbackRecorded event on
+	// the same event stream as ImageClassified; the model learns from it within about a second
+	// (completed: strong positive, viewed: weak positive, skipped: no positive, and the item is
+	// left out of that student's recommendations for a while). INVALID_ARGUMENT for an empty
+	// user_id or item_id or an unspecified kind; NOT_FOUND for an item_id not in the catalog.
+	RecordFeedback(ctx context.Context, in *RecordFeedbackRequest, opts ...grpc.CallOption) (*RecordFeedbackResponse, error)
 }
 
 type recommenderServiceClient struct {
@@ -64,6 +71,16 @@ func (c *recommenderServiceClient) SimilarItems(ctx context.Context, in *Similar
 	return out, nil
 }
 
+func (c *recommenderServiceClient) RecordFeedback(ctx context.Context, in *RecordFeedbackRequest, opts ...grpc.CallOption) (*RecordFeedbackResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RecordFeedbackResponse)
+	err := c.cc.Invoke(ctx, RecommenderService_RecordFeedback_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RecommenderServiceServer is the server API for RecommenderService service.
 // All implementations must embed UnimplementedRecommenderServiceServer
 // for forward compatibility.
@@ -75,6 +92,12 @@ type RecommenderServiceServer interface {
 	// Items closest to one item in the model's learned item space ("more like this").
 	// NOT_FOUND for an item_id that is not in the catalog.
 	SimilarItems(context.Context, *SimilarItemsRequest) (*SimilarItemsResponse, error)
+	// A student viewed, completed or skipped an item. Published as a FeedbackRecorded event on
+	// the same event stream as ImageClassified; the model learns from it within about a second
+	// (completed: strong positive, viewed: weak positive, skipped: no positive, and the item is
+	// left out of that student's recommendations for a while). INVALID_ARGUMENT for an empty
+	// user_id or item_id or an unspecified kind; NOT_FOUND for an item_id not in the catalog.
+	RecordFeedback(context.Context, *RecordFeedbackRequest) (*RecordFeedbackResponse, error)
 	mustEmbedUnimplementedRecommenderServiceServer()
 }
 
@@ -90,6 +113,9 @@ func (UnimplementedRecommenderServiceServer) Recommend(context.Context, *Recomme
 }
 func (UnimplementedRecommenderServiceServer) SimilarItems(context.Context, *SimilarItemsRequest) (*SimilarItemsResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method SimilarItems not implemented")
+}
+func (UnimplementedRecommenderServiceServer) RecordFeedback(context.Context, *RecordFeedbackRequest) (*RecordFeedbackResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RecordFeedback not implemented")
 }
 func (UnimplementedRecommenderServiceServer) mustEmbedUnimplementedRecommenderServiceServer() {}
 func (UnimplementedRecommenderServiceServer) testEmbeddedByValue()                            {}
@@ -148,6 +174,24 @@ func _RecommenderService_SimilarItems_Handler(srv interface{}, ctx context.Conte
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RecommenderService_RecordFeedback_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RecordFeedbackRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RecommenderServiceServer).RecordFeedback(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RecommenderService_RecordFeedback_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RecommenderServiceServer).RecordFeedback(ctx, req.(*RecordFeedbackRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RecommenderService_ServiceDesc is the grpc.ServiceDesc for RecommenderService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -162,6 +206,10 @@ var RecommenderService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "SimilarItems",
 			Handler:    _RecommenderService_SimilarItems_Handler,
+		},
+		{
+			MethodName: "RecordFeedback",
+			Handler:    _RecommenderService_RecordFeedback_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
