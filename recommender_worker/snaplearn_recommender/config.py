@@ -15,9 +15,13 @@ from snaplearn_common.eventbus.factory import (
     bus_settings_from_args,
 )
 from snaplearn_recommender.model import ModelParams
+from snaplearn_recommender.snapshot_store import open_storage
 from snaplearn_recommender.worker import CONSUMER_GROUP, WorkerSettings
 
 ENV_PREFIX = "SNAPLEARN_RECOMMENDER_"
+# standalone: consume, train and serve (one process). trainer: the same, and publish snapshots.
+# query: no consumer, no training, no checkpoints; serve the newest published snapshot.
+ROLES = ("standalone", "trainer", "query")
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,20 @@ class RecommenderSettings:
     seed: int = 0
     ready_file: Path | None = None
     log_level: str = "INFO"
+    role: str = "standalone"
+    # Required by the trainer and query roles; a str, not a Path: a URL scheme must survive.
+    snapshot_dir: str | None = None
+    publish_interval_s: float = 5.0  # trainer: publish at most this often, when the model changed
+    poll_interval_s: float = 2.0  # query: how often to look for a newer snapshot
+    snapshot_retain: int = 5  # trainer: versions kept in the store
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {self.role!r}")
+        if self.role != "standalone" and self.snapshot_dir is None:
+            raise ValueError(f"role {self.role} needs a snapshot directory (--snapshot-dir)")
+        if self.snapshot_dir is not None:
+            open_storage(self.snapshot_dir)  # no I/O: rejects what is not supported (object stores)
 
     def model_params(self) -> ModelParams:
         return ModelParams(
@@ -115,12 +133,51 @@ def build_parser() -> argparse.ArgumentParser:
         "--ready-file", default=_env("READY_FILE", None), help="JSON of bound ports, once ready"
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
+    scale_out = parser.add_argument_group("scale-out (a trainer publishes snapshots, replicas serve them)")
+    scale_out.add_argument(
+        "--role",
+        choices=ROLES,
+        default=_env("ROLE", d.role),
+        help="standalone (default): consume, train, serve; trainer: also publish snapshots; "
+        "query: serve the newest published snapshot (no consumer, no training, no checkpoints)",
+    )
+    scale_out.add_argument(
+        "--snapshot-dir",
+        default=_env("SNAPSHOT_DIR", None),
+        help="snapshot store shared by the trainer and the query replicas (a directory; shared volume)",
+    )
+    scale_out.add_argument(
+        "--publish-interval",
+        type=float,
+        default=float(_env("PUBLISH_INTERVAL", str(d.publish_interval_s)) or d.publish_interval_s),
+        help="trainer: seconds between publishes (only when the model changed)",
+    )
+    scale_out.add_argument(
+        "--poll-interval",
+        type=float,
+        default=float(_env("POLL_INTERVAL", str(d.poll_interval_s)) or d.poll_interval_s),
+        help="query: seconds between looks for a newer snapshot",
+    )
+    scale_out.add_argument(
+        "--snapshot-retain",
+        type=int,
+        default=int(_env("SNAPSHOT_RETAIN", str(d.snapshot_retain)) or d.snapshot_retain),
+        help="trainer: snapshot versions kept in the store",
+    )
     add_bus_arguments(parser)
     return parser
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> RecommenderSettings:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _settings(args)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+def _settings(args: argparse.Namespace) -> RecommenderSettings:
     return RecommenderSettings(
         host=args.host,
         port=args.port,
@@ -140,4 +197,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> RecommenderSettings
         seed=args.seed,
         ready_file=_optional_path(args.ready_file),
         log_level=str(args.log_level).upper(),
+        role=args.role,
+        snapshot_dir=args.snapshot_dir or None,
+        publish_interval_s=args.publish_interval,
+        poll_interval_s=args.poll_interval,
+        snapshot_retain=args.snapshot_retain,
     )

@@ -74,6 +74,26 @@ class RecommenderMetrics:
             registry=r,
         )
         self.known_users = Gauge(f"{PREFIX}_known_users", "Users in the serving snapshot", registry=r)
+        # Scale-out (snapshot_store.py): the trainer publishes, query replicas load.
+        self.snapshot_store_version = Gauge(
+            f"{PREFIX}_snapshot_store_version",
+            "Store version of the snapshot last published (trainer) or serving (query replica); 0: none",
+            registry=r,
+        )
+        self.snapshots_published = Counter(
+            f"{PREFIX}_snapshots_published", "Snapshots written to the snapshot store", registry=r
+        )
+        self.snapshot_publish_failures = Counter(
+            f"{PREFIX}_snapshot_publish_failures", "Snapshot publishes that failed (retried)", registry=r
+        )
+        self.snapshots_loaded = Counter(
+            f"{PREFIX}_snapshots_loaded", "Snapshots loaded from the store (query replica)", registry=r
+        )
+        self.snapshot_load_failures = Counter(
+            f"{PREFIX}_snapshot_load_failures",
+            "Snapshot versions skipped as corrupt or partial (the previous one kept serving)",
+            registry=r,
+        )
 
     def watch_snapshot_age(self, age_s: Callable[[], float]) -> None:
         """Compute the age at scrape time, so it is right even when no batch runs."""

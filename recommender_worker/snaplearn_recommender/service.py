@@ -13,6 +13,7 @@ from collections.abc import Collection
 
 from threadpoolctl import threadpool_limits
 
+from snaplearn_common.errors import Unavailable
 from snaplearn_recommender.metrics import RecommenderMetrics
 from snaplearn_recommender.snapshot import RecommendResult, SimilarItemsResult, Snapshot
 
@@ -28,21 +29,32 @@ class RecommendationService:
 
     def __init__(
         self,
-        snapshot: Snapshot,
+        snapshot: Snapshot | None,
         metrics: RecommenderMetrics | None = None,
         single_threaded_blas: bool = True,
     ) -> None:
+        # None until a query replica loads its first published snapshot: calls get Unavailable.
         self._snapshot = snapshot
         self._metrics = metrics
         if single_threaded_blas:
             threadpool_limits(limits=1, user_api="blas")
         if metrics is not None:
-            metrics.watch_snapshot_age(lambda: self._snapshot.age_s())
-            metrics.known_users.set(snapshot.n_users)
+            metrics.watch_snapshot_age(lambda: self._snapshot.age_s() if self._snapshot else float("nan"))
+            metrics.known_users.set(snapshot.n_users if snapshot else 0)
 
     @property
     def snapshot(self) -> Snapshot:
-        return self._snapshot
+        return self._current()
+
+    @property
+    def has_snapshot(self) -> bool:
+        return self._snapshot is not None
+
+    def _current(self) -> Snapshot:
+        snapshot = self._snapshot
+        if snapshot is None:
+            raise Unavailable("no model snapshot loaded yet (the trainer has not published one); retry")
+        return snapshot
 
     def publish(self, snapshot: Snapshot) -> None:
         """Serve `snapshot` from now on (called by the worker thread)."""
@@ -57,7 +69,7 @@ class RecommendationService:
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
     ) -> RecommendResult:
-        snapshot = self._snapshot  # read once: the whole answer comes from one snapshot
+        snapshot = self._current()  # read once: the whole answer comes from one snapshot
         started = time.perf_counter()
         result = snapshot.recommend(user_id, k, exclude_seen, grades, formats, concepts)
         if self._metrics is not None:
@@ -73,4 +85,4 @@ class RecommendationService:
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
     ) -> SimilarItemsResult:
-        return self._snapshot.similar_items(item_id, k, grades, formats, concepts)
+        return self._current().similar_items(item_id, k, grades, formats, concepts)
