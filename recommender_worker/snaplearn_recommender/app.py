@@ -21,6 +21,7 @@ from snaplearn_recommender.catalog import (
 )
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.config import RecommenderSettings
+from snaplearn_recommender.feedback import FeedbackChannel
 from snaplearn_recommender.metrics import RecommenderMetrics
 from snaplearn_recommender.model import RecommenderModel
 from snaplearn_recommender.service import RecommendationService
@@ -62,6 +63,7 @@ class RecommenderApp:
     metrics: RecommenderMetrics
     grpc: GrpcServer
     metrics_endpoint: MetricsEndpoint
+    feedback: FeedbackChannel | None = None  # RecordFeedback's publisher (every role)
 
     @property
     def port(self) -> int:
@@ -84,22 +86,44 @@ class RecommenderApp:
         )
         metrics.watch_worker(worker.stats)
         await asyncio.to_thread(worker.start)
+        # RecordFeedback publishes onto the topic the (trainer's) worker reads. A query replica keeps
+        # unconfirmed feedback in memory: a spool directory is one process's, and it has none.
+        worker_settings = settings.worker_settings()
+        spool_dir = (
+            settings.checkpoint_dir / "feedback-spool"
+            if settings.checkpoint_dir and model is not None
+            else None
+        )
+        feedback = await asyncio.to_thread(
+            FeedbackChannel.open,
+            bus,
+            lambda: service.snapshot,
+            worker_settings.topic,
+            worker_settings.topic_partitions,
+            metrics.registry,
+            spool_dir,
+        )
         try:
             grpc_server = await start_grpc_server(
-                [functools.partial(add_to_server, service)],
+                [functools.partial(add_to_server, service, feedback=feedback.recorder)],
                 [SERVICE_NAME],
                 host=settings.host,
                 port=settings.port,
             )
         except BaseException:
             await asyncio.to_thread(worker.stop)
+            await asyncio.to_thread(feedback.close)
             raise
         metrics_endpoint = serve_metrics(metrics.registry, host=settings.host, port=settings.metrics_port)
-        return cls(settings, model, service, worker, metrics, grpc_server, metrics_endpoint)
+        app = cls(settings, model, service, worker, metrics, grpc_server, metrics_endpoint)
+        app.feedback = feedback
+        return app
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """Readiness off, then stop the worker (commit + checkpoint), then drain gRPC."""
         await self.grpc.set_serving(False)
         await asyncio.to_thread(self.worker.stop)
         await self.grpc.stop(grace_s)
+        if self.feedback is not None:  # after the drain: in-flight RecordFeedback calls publish first
+            await asyncio.to_thread(self.feedback.close)
         self.metrics_endpoint.stop()

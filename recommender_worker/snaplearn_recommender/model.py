@@ -16,6 +16,14 @@ indexed by feature, never by user row, so the batch's interaction matrix has one
 user *in the batch* (with those users' feature rows) and a column per catalog item: the
 same update as a full-shape matrix with just the new rows, without O(all users) work.
 New users, items and feature values grow LightFM's arrays in place (capacity doubling).
+
+Engagement feedback (FeedbackRecorded, from RecordFeedback) arrives on the same stream and in
+the same batches: `completed` is a strong positive for that item (weight `completed_weight`),
+`viewed` a weak one (`viewed_weight`); both also count the item's concepts into the profile
+and mark the item seen. `skipped` adds no positive and hides the item from that student's
+recommendations for `skip_window_s` of EVENT time: the model's clock is the latest event time
+it has applied, so replays and restored checkpoints expire skips exactly as the first run
+did, and a skip synced late (older than the window) hides nothing.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import math
 import random
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +40,7 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from lightfm import LightFM
 
+from snaplearn_common.events import FeedbackKind, feedback_kind_from_proto
 from snaplearn_recommender.catalog import (
     FORMATS,
     Catalog,
@@ -56,6 +65,8 @@ __all__ = [
     "PARAMETER_ARRAYS",
     "ApplyResult",
     "ClassifiedEvent",
+    "FeedbackEvent",
+    "ModelEvent",
     "ModelParams",
     "RecentIds",
     "RecommenderModel",
@@ -80,6 +91,10 @@ class ModelParams:
     dedupe_window: int = 100_000
     # 1 keeps training deterministic (LightFM's OpenMP fit is Hogwild with more threads).
     num_threads: int = 1
+    # Engagement feedback (new fields go last: checkpoints unpickle fields by position).
+    completed_weight: float = 1.0
+    viewed_weight: float = 0.3
+    skip_window_s: float = 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.no_components < 1 or self.epochs_per_batch < 1 or self.items_per_event < 1:
@@ -88,6 +103,13 @@ class ModelParams:
             raise ValueError(f"loss must be warp, bpr or logistic (sample weights), got {self.loss!r}")
         if not self.learning_rate > 0 or not self.profile_half_life_s > 0:
             raise ValueError("learning_rate and profile_half_life_s must be > 0")
+        if not self.completed_weight > 0 or not self.viewed_weight > 0 or not self.skip_window_s >= 0:
+            raise ValueError("completed_weight and viewed_weight must be > 0, skip_window_s >= 0")
+
+    @classmethod
+    def upgraded(cls, params: ModelParams) -> ModelParams:
+        """`params` unpickled from an older checkpoint, with defaults for fields it lacks."""
+        return cls(**{f.name: getattr(params, f.name) for f in fields(cls) if hasattr(params, f.name)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,12 +129,40 @@ class ClassifiedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedbackEvent:
+    """A FeedbackRecorded event: a student viewed, completed or skipped a catalog item."""
+
+    event_id: str
+    user_id: str
+    item_id: str
+    kind: FeedbackKind
+    time_s: float
+
+    @classmethod
+    def from_proto(cls, message: events_pb2.FeedbackRecorded) -> FeedbackEvent:
+        """InvalidInput for an unknown kind (the worker dead-letters such records)."""
+        time_s = message.time.ToNanoseconds() / 1e9 if message.HasField("time") else 0.0
+        return cls(
+            event_id=message.event_id,
+            user_id=message.user_id,
+            item_id=message.item_id,
+            kind=feedback_kind_from_proto(message.kind),
+            time_s=time_s,
+        )
+
+
+ModelEvent = ClassifiedEvent | FeedbackEvent
+
+
+@dataclass(frozen=True, slots=True)
 class ApplyResult:
     applied: int  # new (non-duplicate) events
     duplicates: int
     interactions: int
     new_users: int
     without_known_concepts: int
+    feedback: int = 0  # FeedbackRecorded events among `applied`
+    unknown_items: int = 0  # feedback for items not in the catalog (ignored)
 
 
 class RecentIds:
@@ -199,13 +249,26 @@ class RecommenderModel:
         self._seen_sets: dict[int, set[int]] = {}
         self._seen: dict[int, npt.NDArray[np.int64]] = {}
         self._popularity = np.zeros(0, dtype=np.float64)
+        self._init_feedback_state()
         self.add_items(catalog)
         self._warm_start()
+
+    def _init_feedback_state(self) -> None:
+        # Skips per user row: {item position: event time of the latest skip}; the sorted arrays of
+        # what is hidden now (immutable, shared with snapshots); the model's event-time clock; and
+        # the oldest skip time, so that expiring is a no-op until one can have expired.
+        self._skips: dict[int, dict[int, float]] = {}
+        self._skipped: dict[int, npt.NDArray[np.int64]] = {}
+        self._clock = 0.0
+        self._oldest_skip = math.inf
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Checkpoints pickled before HybridLightFM held `lightfm` and `_init_rng` directly.
         if "_hybrid" not in state:
             state["_hybrid"] = HybridLightFM.wrapping(state.pop("lightfm"), state.pop("_init_rng"))
+        if "_skips" not in state:  # pickled before engagement feedback
+            self._init_feedback_state()
+            state["params"] = ModelParams.upgraded(state["params"])
         self.__dict__.update(state)
 
     # --- sizes (for tests and metrics) ---------------------------------------------------------
@@ -238,6 +301,20 @@ class RecommenderModel:
     @property
     def user_feature_capacity(self) -> int:
         return self._hybrid.capacity("user")
+
+    @property
+    def clock_s(self) -> float:
+        """The model's event time: the latest event time it has applied (0 before any)."""
+        return self._clock
+
+    def has_item(self, item_id: str) -> bool:
+        return self.catalog.position(item_id) is not None
+
+    def skipped(self, user_id: str) -> tuple[str, ...]:
+        """Item ids hidden from this user right now (recently skipped), in catalog order."""
+        row = self._user_index.get(user_id)
+        hidden = self._skipped.get(row, ()) if row is not None else ()
+        return tuple(self.catalog[int(p)].item_id for p in hidden)
 
     def item_feature(self, name: str) -> int | None:
         return self._item_vocab.get(name)
@@ -431,13 +508,36 @@ class RecommenderModel:
                 chosen[position] = score
         return list(chosen.items())
 
-    def apply(self, events: Iterable[ClassifiedEvent], train: bool = True) -> ApplyResult:
-        """Learn from one micro-batch of events (duplicates by event_id are skipped).
+    def _apply_feedback(self, event: FeedbackEvent, position: int) -> tuple[int, float] | None:
+        """Profile, seen items, skips for one feedback event; (user row, positive weight) or None."""
+        row = self._user_row(event.user_id, event.time_s)
+        skips = self._skips.get(row)
+        if event.kind is FeedbackKind.SKIPPED:
+            skips = self._skips.setdefault(row, {})
+            skips[position] = max(skips.get(position, event.time_s), event.time_s)
+            self._oldest_skip = min(self._oldest_skip, event.time_s)
+            return None
+        if skips is not None:
+            skips.pop(position, None)  # engaging with it after all ends the skip
+        weight = (
+            self.params.completed_weight
+            if event.kind is FeedbackKind.COMPLETED
+            else self.params.viewed_weight
+        )
+        concepts = self.catalog[position].concepts
+        self._update_profile(row, [(c, weight / len(concepts)) for c in concepts], event.time_s)
+        self._seen_sets.setdefault(row, set()).add(position)
+        self._popularity[position] += weight
+        return row, weight
 
-        train=False updates profiles, seen items and popularity but runs no fit_partial.
+    def apply(self, events: Iterable[ModelEvent], train: bool = True) -> ApplyResult:
+        """Learn from one micro-batch of events, in order (duplicates by event_id are skipped).
+
+        train=False updates profiles, seen items, skips and popularity but runs no fit_partial.
         """
-        applied = duplicates = new_users = without_concepts = 0
+        applied = duplicates = new_users = without_concepts = feedback = unknown_items = 0
         batch_rows: dict[int, int] = {}  # user row -> row in this batch's matrices
+        skip_rows: set[int] = set()  # user rows whose skips changed
         rows: list[int] = []
         items: list[int] = []
         weights: list[float] = []
@@ -447,30 +547,72 @@ class RecommenderModel:
                 continue
             self._recent_event_ids.add(event.event_id)
             applied += 1
-            concept_scores = self._concept_scores(event.labels)
-            if not concept_scores:
-                without_concepts += 1  # nothing we can teach from this photo
-                continue
-            new_users += event.user_id not in self._user_index
-            row = self._user_row(event.user_id, event.time_s)
-            self._update_profile(row, concept_scores, event.time_s)
-            positives = self._choose_positives(row, concept_scores)
-            if not positives:
-                continue
+            self._clock = max(self._clock, event.time_s)
+            if isinstance(event, FeedbackEvent):
+                feedback += 1
+                position = self.catalog.position(event.item_id)
+                if position is None:  # the worker dead-letters these before they get here
+                    unknown_items += 1
+                    continue
+                new_users += event.user_id not in self._user_index
+                positive = self._apply_feedback(event, position)
+                if positive is None:
+                    skip_rows.add(self._user_index[event.user_id])
+                    continue
+                row, weight = positive
+                skip_rows.add(row)
+                positives = [(position, weight)]
+            else:
+                concept_scores = self._concept_scores(event.labels)
+                if not concept_scores:
+                    without_concepts += 1  # nothing we can teach from this photo
+                    continue
+                new_users += event.user_id not in self._user_index
+                row = self._user_row(event.user_id, event.time_s)
+                self._update_profile(row, concept_scores, event.time_s)
+                positives = self._choose_positives(row, concept_scores)
+                if not positives:
+                    continue
+                for position, weight in positives:
+                    self._popularity[position] += weight
+                self._seen_sets.setdefault(row, set()).update(p for p, _ in positives)
             local_row = batch_rows.setdefault(row, len(batch_rows))
             for position, weight in positives:
                 rows.append(local_row)
                 items.append(position)
                 weights.append(weight)
-                self._popularity[position] += weight
-            self._seen_sets.setdefault(row, set()).update(p for p, _ in positives)
         for row in batch_rows:  # immutable arrays for snapshots, once per touched user
             self._seen[row] = read_only(np.array(sorted(self._seen_sets[row]), dtype=np.int64))
+        self._refresh_skips(skip_rows)
         if rows and train:
             user_rows = np.fromiter(batch_rows, dtype=np.int64, count=len(batch_rows))
             self._fit(rows, items, weights, self._user_feature_rows(user_rows), self.params.epochs_per_batch)
         self.events_applied += applied
-        return ApplyResult(applied, duplicates, len(rows), new_users, without_concepts)
+        return ApplyResult(
+            applied, duplicates, len(rows), new_users, without_concepts, feedback, unknown_items
+        )
+
+    def _refresh_skips(self, changed: set[int]) -> None:
+        """Drop skips older than the window (by the model's clock); rebuild the hidden-item arrays
+        of users whose skips changed. A loop over users with skips, and only once one expired."""
+        cutoff = self._clock - self.params.skip_window_s
+        if self._oldest_skip <= cutoff:
+            oldest = math.inf
+            for row, by_item in self._skips.items():
+                expired = [p for p, t in by_item.items() if t <= cutoff]
+                for position in expired:
+                    del by_item[position]
+                if expired:
+                    changed.add(row)
+                oldest = min(oldest, *by_item.values()) if by_item else oldest
+            self._oldest_skip = oldest
+        for row in changed:
+            skips = self._skips.get(row)
+            if skips:
+                self._skipped[row] = read_only(np.array(sorted(skips), dtype=np.int64))
+            else:
+                self._skips.pop(row, None)
+                self._skipped.pop(row, None)
 
     # --- serving --------------------------------------------------------------------------------
 
@@ -500,4 +642,5 @@ class RecommenderModel:
             user_vectors=user_vectors,
             user_profiles=self._normalised_profiles(user_rows).astype(np.float32),
             seen_items=dict(self._seen),
+            skipped_items=dict(self._skipped),
         )

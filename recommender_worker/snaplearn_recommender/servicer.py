@@ -4,18 +4,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import grpc
 from grpc import aio
 
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
+from snaplearn_common.events import FeedbackKind
+from snaplearn_recommender.feedback import FeedbackRecorder
 from snaplearn_recommender.service import RecommendationService
 from snaplearn_recommender.snapshot import RecommendedItem, RecommendResult
 
 SERVICE_NAME = "snaplearn.recommender.v1.RecommenderService"
 
 
+_FEEDBACK_KINDS = {
+    recommender_pb2.FEEDBACK_KIND_VIEWED: FeedbackKind.VIEWED,
+    recommender_pb2.FEEDBACK_KIND_COMPLETED: FeedbackKind.COMPLETED,
+    recommender_pb2.FEEDBACK_KIND_SKIPPED: FeedbackKind.SKIPPED,
+}
+
+
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
-    def __init__(self, service: RecommendationService) -> None:
+    def __init__(self, service: RecommendationService, feedback: FeedbackRecorder | None = None) -> None:
         self._service = service
+        self._feedback = feedback
+
+    async def RecordFeedback(
+        self, request: recommender_pb2.RecordFeedbackRequest, context: aio.ServicerContext
+    ) -> recommender_pb2.RecordFeedbackResponse:
+        if self._feedback is None:  # a server assembled without an event bus to publish to
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not record feedback")
+        assert self._feedback is not None
+        receipt = self._feedback.record(
+            user_id=request.user_id,
+            item_id=request.item_id,
+            kind=_FEEDBACK_KINDS.get(request.kind),  # UNSPECIFIED / unknown: None -> INVALID_ARGUMENT
+            request_id=request.request_id,
+            time_s=request.time.ToNanoseconds() / 1e9 if request.HasField("time") else None,
+        )
+        return recommender_pb2.RecordFeedbackResponse(event_id=receipt.event_id, accepted=receipt.accepted)
 
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: aio.ServicerContext
@@ -72,5 +98,9 @@ def _items(items: Sequence[RecommendedItem]) -> list[recommender_pb2.Recommended
     ]
 
 
-def add_to_server(service: RecommendationService, server: aio.Server) -> None:
-    recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(RecommenderServicer(service), server)
+def add_to_server(
+    service: RecommendationService, server: aio.Server, feedback: FeedbackRecorder | None = None
+) -> None:
+    recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(
+        RecommenderServicer(service, feedback), server
+    )

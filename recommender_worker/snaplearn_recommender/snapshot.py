@@ -101,6 +101,8 @@ class Snapshot:
     user_vectors: FloatArray  # (n_users, d)
     user_profiles: FloatArray  # (n_users, n_concepts), rows sum to 1 (or 0)
     seen_items: Mapping[int, IntArray]  # user row -> sorted item positions
+    # user row -> sorted item positions skipped recently (RecordFeedback): never recommended.
+    skipped_items: Mapping[int, IntArray] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     # Derived per snapshot (see the module docstring).
     # Item-major (d, n_items) layouts: the matvec then streams each row once (4x faster than
@@ -128,6 +130,8 @@ class Snapshot:
             object.__setattr__(self, "user_index", MappingProxyType(dict(self.user_index)))
         if not isinstance(self.seen_items, MappingProxyType):
             object.__setattr__(self, "seen_items", MappingProxyType(dict(self.seen_items)))
+        if not isinstance(self.skipped_items, MappingProxyType):
+            object.__setattr__(self, "skipped_items", MappingProxyType(dict(self.skipped_items)))
         derived = _derived_arrays(self)
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -160,6 +164,8 @@ class Snapshot:
         excluded: IntArray | None = None
         if user_row is not None and exclude_seen:
             excluded = self.seen_items.get(user_row)
+        if user_row is not None and user_row in self.skipped_items:
+            excluded = _excluded_with_skips(excluded, self.skipped_items[user_row])
         if user_row is None:
             # Popularity first; the learned item bias only breaks ties (e.g. before any event).
             positions, scores = self._best(None, k, allowed, excluded)
@@ -341,6 +347,11 @@ def _derived_arrays(snapshot: Snapshot) -> dict[str, Any]:
         "format_masks": MappingProxyType(format_masks),
         "concept_masks": MappingProxyType(concept_masks),
     }
+
+
+def _excluded_with_skips(seen: IntArray | None, skipped: IntArray) -> IntArray:
+    """Sorted, unique positions to leave out (one vectorised union; _best counts them)."""
+    return skipped if seen is None else np.union1d(seen, skipped)
 
 
 def _validated_k(k: int) -> int:

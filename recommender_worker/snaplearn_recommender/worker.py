@@ -20,8 +20,10 @@ the result of a log prefix and knows which prefix:
 Without a checkpoint directory the model starts fresh on each start (from offset 0) and
 offsets are committed after every batch.
 
-Records that cannot be decoded (malformed payload, unknown type or schema version) go to
-the dead-letter topic `<topic>.dlq`, with the error and their origin in headers, before
+The topic carries ImageClassified and FeedbackRecorded events (told apart by the
+`event-type` header), applied to the model in log order. Records that cannot be decoded
+(malformed payload, unknown type or schema version, feedback for an item that is not in the
+model's catalog) go to the dead-letter topic `<topic>.dlq`, with the error and their origin in headers, before
 their batch is applied; the partition keeps flowing. Dead-lettering is at-least-once.
 """
 
@@ -33,6 +35,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from snaplearn.events.v1 import events_pb2
+from snaplearn_common.errors import NotFound
 from snaplearn_common.eventbus.base import (
     Consumer,
     DeliveryFailed,
@@ -42,10 +46,10 @@ from snaplearn_common.eventbus.base import (
     Record,
     TopicPartition,
 )
-from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, decode_image_classified
+from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, decode_event
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.metrics import RecommenderMetrics
-from snaplearn_recommender.model import ClassifiedEvent, RecommenderModel
+from snaplearn_recommender.model import ClassifiedEvent, FeedbackEvent, ModelEvent, RecommenderModel
 from snaplearn_recommender.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -81,6 +85,7 @@ class WorkerSettings:
 class WorkerStats:
     records_consumed: int = 0
     events_applied: int = 0
+    feedback_applied: int = 0  # FeedbackRecorded events among events_applied
     duplicates: int = 0
     malformed: int = 0
     dead_lettered: int = 0
@@ -247,12 +252,23 @@ class RecommenderWorker:
             kept.append(record)
         return kept
 
-    def _decode(self, records: list[Record]) -> tuple[list[ClassifiedEvent], list[tuple[Record, Exception]]]:
-        events: list[ClassifiedEvent] = []
+    def _decode_one(self, record: Record) -> ModelEvent:
+        message = decode_event(record)
+        if isinstance(message, events_pb2.ImageClassified):
+            return ClassifiedEvent.from_proto(message)
+        event = FeedbackEvent.from_proto(message)
+        # RecordFeedback checked the item against its snapshot's catalog, but a replica may run
+        # another catalog; the model cannot learn from an item it does not have.
+        if not self._model.has_item(event.item_id):
+            raise NotFound(f"feedback for item {event.item_id!r}, which is not in the model's catalog")
+        return event
+
+    def _decode(self, records: list[Record]) -> tuple[list[ModelEvent], list[tuple[Record, Exception]]]:
+        events: list[ModelEvent] = []
         bad: list[tuple[Record, Exception]] = []
         for record in records:
             try:
-                events.append(ClassifiedEvent.from_proto(decode_image_classified(record)))
+                events.append(self._decode_one(record))
             except Exception as exc:  # the payload is never logged, only where it is and why
                 bad.append((record, exc))
                 log.warning(
@@ -312,6 +328,7 @@ class RecommenderWorker:
         self._publish(snapshot)
         self.stats.batches += 1
         self.stats.events_applied += result.applied
+        self.stats.feedback_applied += result.feedback
         self.stats.duplicates += result.duplicates
         if self._metrics:
             self._metrics.events_applied.inc(result.applied)

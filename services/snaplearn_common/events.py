@@ -2,12 +2,18 @@
 
 Payloads are protobuf (snaplearn.events.v1); headers say what a payload is so that a
 consumer can reject unknown types or versions without parsing them.
+
+One topic carries every event about a student (ImageClassified from the vision server,
+FeedbackRecorded from the recommender), keyed by user id: a student's events share a
+partition and so keep their order, and the consumer's per-partition offsets and checkpoint
+cover both kinds at once. The `event-type` header tells them apart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -16,11 +22,38 @@ from snaplearn_common.errors import InvalidInput
 from snaplearn_common.eventbus.base import Headers, Record
 
 IMAGE_CLASSIFIED_TOPIC = "snaplearn.image-classified.v1"
+# The same topic on purpose (module docstring): per-student order across both kinds.
+FEEDBACK_RECORDED_TOPIC = IMAGE_CLASSIFIED_TOPIC
 HEADER_EVENT_TYPE = "event-type"
 HEADER_SCHEMA_VERSION = "schema-version"
 HEADER_EVENT_ID = "event-id"
 IMAGE_CLASSIFIED_TYPE = "snaplearn.events.v1.ImageClassified"
+FEEDBACK_RECORDED_TYPE = "snaplearn.events.v1.FeedbackRecorded"
 SCHEMA_VERSION = "1"
+
+
+class FeedbackKind(StrEnum):
+    """What a student did with a recommended item (RecordFeedback)."""
+
+    VIEWED = "viewed"
+    COMPLETED = "completed"
+    SKIPPED = "skipped"
+
+
+_KIND_TO_PROTO = {
+    FeedbackKind.VIEWED: events_pb2.FEEDBACK_KIND_VIEWED,
+    FeedbackKind.COMPLETED: events_pb2.FEEDBACK_KIND_COMPLETED,
+    FeedbackKind.SKIPPED: events_pb2.FEEDBACK_KIND_SKIPPED,
+}
+_PROTO_TO_KIND: dict[int, FeedbackKind] = {int(value): kind for kind, value in _KIND_TO_PROTO.items()}
+
+
+def feedback_kind_from_proto(value: int) -> FeedbackKind:
+    """The kind of a FeedbackRecorded payload; InvalidInput for UNSPECIFIED or an unknown value."""
+    kind = _PROTO_TO_KIND.get(value)
+    if kind is None:
+        raise InvalidInput(f"unknown feedback kind {value}")
+    return kind
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,32 +72,67 @@ def encode_image_classified(
     labels: Sequence[tuple[str, float]],
 ) -> EncodedEvent:
     """Build the event for one prediction; the image itself is never part of it."""
-    ts = Timestamp()
-    ts.FromNanoseconds(int(time_s * 1e9))
     message = events_pb2.ImageClassified(
         event_id=event_id,
         user_id=user_id,
-        time=ts,
+        time=_timestamp(time_s),
         model_name=model_name,
         model_version=model_version,
         labels=[events_pb2.LabelScore(label=label, score=score) for label, score in labels],
     )
-    headers: Headers = (
-        (HEADER_EVENT_TYPE, IMAGE_CLASSIFIED_TYPE.encode()),
+    headers = _headers(IMAGE_CLASSIFIED_TYPE, event_id)
+    return EncodedEvent(key=user_id.encode(), value=message.SerializeToString(), headers=headers)
+
+
+def _headers(event_type: str, event_id: str) -> Headers:
+    return (
+        (HEADER_EVENT_TYPE, event_type.encode()),
         (HEADER_SCHEMA_VERSION, SCHEMA_VERSION.encode()),
         (HEADER_EVENT_ID, event_id.encode()),
     )
-    return EncodedEvent(key=user_id.encode(), value=message.SerializeToString(), headers=headers)
+
+
+def _timestamp(time_s: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(time_s * 1e9))
+    return ts
+
+
+def encode_feedback_recorded(
+    event_id: str, user_id: str, item_id: str, kind: FeedbackKind, time_s: float
+) -> EncodedEvent:
+    """Build the event for one RecordFeedback call (same topic and key as ImageClassified)."""
+    message = events_pb2.FeedbackRecorded(
+        event_id=event_id,
+        user_id=user_id,
+        item_id=item_id,
+        kind=_KIND_TO_PROTO[kind],
+        time=_timestamp(time_s),
+    )
+    return EncodedEvent(
+        key=user_id.encode(),
+        value=message.SerializeToString(),
+        headers=_headers(FEEDBACK_RECORDED_TYPE, event_id),
+    )
+
+
+def event_type(record: Record) -> str:
+    """The record's event type; records without the header are ImageClassified (the first kind)."""
+    header = record.header(HEADER_EVENT_TYPE)
+    return IMAGE_CLASSIFIED_TYPE if header is None else header.decode(errors="replace")
+
+
+def _check_version(record: Record) -> None:
+    version = record.header(HEADER_SCHEMA_VERSION)
+    if version is not None and version.decode(errors="replace") != SCHEMA_VERSION:
+        raise InvalidInput(f"unsupported schema version {version!r} (this consumer reads {SCHEMA_VERSION})")
 
 
 def decode_image_classified(record: Record) -> events_pb2.ImageClassified:
     """Parse a record; InvalidInput when its type/version is unknown or its payload is malformed."""
-    event_type = record.header(HEADER_EVENT_TYPE)
-    version = record.header(HEADER_SCHEMA_VERSION)
-    if event_type is not None and event_type.decode(errors="replace") != IMAGE_CLASSIFIED_TYPE:
-        raise InvalidInput(f"unexpected event type {event_type!r}")
-    if version is not None and version.decode(errors="replace") != SCHEMA_VERSION:
-        raise InvalidInput(f"unsupported schema version {version!r} (this consumer reads {SCHEMA_VERSION})")
+    if event_type(record) != IMAGE_CLASSIFIED_TYPE:
+        raise InvalidInput(f"unexpected event type {record.header(HEADER_EVENT_TYPE)!r}")
+    _check_version(record)
     message = events_pb2.ImageClassified()
     try:
         message.ParseFromString(record.value)
@@ -73,3 +141,30 @@ def decode_image_classified(record: Record) -> events_pb2.ImageClassified:
     if not message.event_id or not message.user_id:
         raise InvalidInput("ImageClassified without event_id or user_id")
     return message
+
+
+def decode_feedback_recorded(record: Record) -> events_pb2.FeedbackRecorded:
+    """Parse a FeedbackRecorded record; InvalidInput like decode_image_classified, and for an
+    empty item id or an unknown kind."""
+    if event_type(record) != FEEDBACK_RECORDED_TYPE:
+        raise InvalidInput(f"unexpected event type {record.header(HEADER_EVENT_TYPE)!r}")
+    _check_version(record)
+    message = events_pb2.FeedbackRecorded()
+    try:
+        message.ParseFromString(record.value)
+    except Exception as exc:
+        raise InvalidInput(f"malformed FeedbackRecorded payload: {exc}") from exc
+    if not message.event_id or not message.user_id or not message.item_id:
+        raise InvalidInput("FeedbackRecorded without event_id, user_id or item_id")
+    feedback_kind_from_proto(message.kind)
+    return message
+
+
+def decode_event(record: Record) -> events_pb2.ImageClassified | events_pb2.FeedbackRecorded:
+    """Parse any event of this topic by its `event-type` header; InvalidInput for unknown types."""
+    kind = event_type(record)
+    if kind == IMAGE_CLASSIFIED_TYPE:
+        return decode_image_classified(record)
+    if kind == FEEDBACK_RECORDED_TYPE:
+        return decode_feedback_recorded(record)
+    raise InvalidInput(f"unexpected event type {kind!r}")

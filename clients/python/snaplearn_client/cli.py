@@ -3,6 +3,7 @@
 snaplearn-client classify IMAGE --user U [--top-k 3] [--vision HOST:PORT]
 snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
 snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--concept fractions]
+snaplearn-client feedback --user U --item ID --kind completed|viewed|skipped [--request-id R]
 snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.json_format import MessageToJson
 
-from snaplearn_client.client import DEFAULT_RECOMMENDER_TARGET, DEFAULT_VISION_TARGET
+from snaplearn_client.client import DEFAULT_RECOMMENDER_TARGET, DEFAULT_VISION_TARGET, FEEDBACK_KINDS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     similar.add_argument("--grade", type=int, action="append", default=[])
     similar.add_argument("--format", action="append", default=[])
     similar.add_argument("--concept", action="append", default=[])
+
+    feedback = commands.add_parser("feedback", help="record that a student viewed/completed/skipped an item")
+    feedback.add_argument("--user", required=True)
+    feedback.add_argument("--item", required=True, help="an item_id of the catalog")
+    feedback.add_argument("--kind", required=True, choices=tuple(FEEDBACK_KINDS))
+    feedback.add_argument("--request-id", default="", help="idempotency key (default: a new UUID)")
 
     demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
     demo.add_argument("--photos-per-student", type=int, default=6)
@@ -99,6 +106,14 @@ def main(argv: list[str] | None = None) -> int:
             for rank, item in enumerate(similar.items, 1):
                 print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
                 print(f"      {item.reason}")
+        elif args.command == "feedback":
+            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+                recorded = recommender.record_feedback(args.user, args.item, args.kind, args.request_id)
+            if args.json:
+                print(MessageToJson(recorded))
+                return 0
+            state = "recorded" if recorded.accepted else "already recorded"
+            print(f"{args.kind} {args.item} for {args.user}: {state} (event {recorded.event_id})")
         else:
             from snaplearn_client.demo import run_demo
 

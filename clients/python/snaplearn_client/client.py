@@ -8,6 +8,7 @@ retrying cannot fix (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) fails at once.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Self
 
@@ -18,6 +19,11 @@ from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 
 DEFAULT_VISION_TARGET = "127.0.0.1:50051"
 DEFAULT_RECOMMENDER_TARGET = "127.0.0.1:50052"
+FEEDBACK_KINDS = {
+    "viewed": recommender_pb2.FEEDBACK_KIND_VIEWED,
+    "completed": recommender_pb2.FEEDBACK_KIND_COMPLETED,
+    "skipped": recommender_pb2.FEEDBACK_KIND_SKIPPED,
+}
 
 
 def _service_config(service: str, max_attempts: int) -> str:
@@ -141,3 +147,29 @@ class RecommenderClient(_Client):
             filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
         )
         return self._stub.SimilarItems(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def record_feedback(
+        self,
+        user_id: str,
+        item_id: str,
+        kind: str,
+        request_id: str = "",
+        time_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> recommender_pb2.RecordFeedbackResponse:
+        """The student viewed, completed or skipped an item (`kind`: one of FEEDBACK_KINDS).
+
+        Without a request_id one is generated here, so that gRPC's retries of this call (on
+        UNAVAILABLE) record the feedback once. time_s: when it happened (default: now, server side).
+        """
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
+        request = recommender_pb2.RecordFeedbackRequest(
+            user_id=user_id,
+            item_id=item_id,
+            kind=FEEDBACK_KINDS[kind],
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        if time_s is not None:
+            request.time.FromNanoseconds(int(time_s * 1e9))
+        return self._stub.RecordFeedback(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)

@@ -1,0 +1,225 @@
+"""RecordFeedback end to end in one process: a real grpc.aio recommender on port 0 over a real
+SqliteEventBus; the call publishes a FeedbackRecorded event, the worker thread consumes it
+with the photos and trains the model, and Recommend reflects it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
+from snaplearn_client import cli
+from snaplearn_common.eventbus.sqlite import SqliteEventBus
+from snaplearn_common.events import (
+    FeedbackKind,
+    encode_feedback_recorded,
+    encode_image_classified,
+)
+from snaplearn_recommender.app import RecommenderApp
+from snaplearn_recommender.catalog import generate_sample_catalog
+from snaplearn_recommender.config import RecommenderSettings
+from snaplearn_recommender.model import RecommenderModel
+from snaplearn_recommender.worker import RecommenderWorker, WorkerSettings
+from tests.contract.eventbus_contract import poll_until, unique
+
+WAIT_S = 30.0
+CATALOG = generate_sample_catalog()
+GEOMETRY = [CATALOG[int(p)] for p in CATALOG.positions_for_concept("geometry")]
+COMPLETED = recommender_pb2.FEEDBACK_KIND_COMPLETED
+SKIPPED = recommender_pb2.FEEDBACK_KIND_SKIPPED
+
+
+@pytest.fixture
+async def bus(tmp_path: Path) -> AsyncIterator[SqliteEventBus]:
+    event_bus = SqliteEventBus(tmp_path / "bus.db")
+    yield event_bus
+    event_bus.close()
+
+
+@pytest.fixture
+async def app(tmp_path: Path, bus: SqliteEventBus) -> AsyncIterator[RecommenderApp]:
+    settings = RecommenderSettings(
+        port=0, metrics_port=0, checkpoint_dir=tmp_path / "checkpoints", batch_max_wait_ms=10
+    )
+    started = await RecommenderApp.start(settings, bus)
+    yield started
+    await started.stop()
+
+
+@pytest.fixture
+async def stub(app: RecommenderApp) -> AsyncIterator[recommender_pb2_grpc.RecommenderServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        yield recommender_pb2_grpc.RecommenderServiceStub(channel)
+
+
+async def _recommend(
+    stub: recommender_pb2_grpc.RecommenderServiceStub, user: str, **kwargs: object
+) -> recommender_pb2.RecommendResponse:
+    return await stub.Recommend(recommender_pb2.RecommendRequest(user_id=user, k=10, **kwargs), timeout=5)  # type: ignore[arg-type]
+
+
+async def _wait_applied(stub: recommender_pb2_grpc.RecommenderServiceStub, count: int) -> None:
+    """Until the serving snapshot has applied `count` events (the worker runs on its own thread)."""
+    deadline = time.monotonic() + WAIT_S
+    while (applied := (await _recommend(stub, "probe")).events_applied) < count:
+        assert time.monotonic() < deadline, f"{applied} of {count} events applied within {WAIT_S} s"
+        await asyncio.sleep(0.02)
+
+
+async def _feedback(
+    stub: recommender_pb2_grpc.RecommenderServiceStub, user: str, item: str, kind: int, request_id: str = ""
+) -> recommender_pb2.RecordFeedbackResponse:
+    request = recommender_pb2.RecordFeedbackRequest(
+        user_id=user, item_id=item, kind=kind, request_id=request_id
+    )  # type: ignore[arg-type]
+    return await stub.RecordFeedback(request, timeout=5)
+
+
+def _ids(response: recommender_pb2.RecommendResponse) -> list[str]:
+    return [item.item_id for item in response.items]
+
+
+async def test_completed_feedback_trains_the_model_and_a_skip_hides_the_item_for_that_student(
+    app: RecommenderApp, stub: recommender_pb2_grpc.RecommenderServiceStub
+) -> None:
+    item = GEOMETRY[0]
+    assert (await _recommend(stub, "ada")).cold_start
+    reply = await _feedback(stub, "ada", item.item_id, COMPLETED, request_id="fb-1")
+    assert (reply.event_id, reply.accepted) == ("fb-1", True)
+    await _wait_applied(stub, 1)
+    after = await _recommend(stub, "ada")
+    assert not after.cold_start
+    assert sum(bool(set(i.concepts) & set(item.concepts)) for i in after.items) >= 8
+    assert item.item_id not in _ids(await _recommend(stub, "ada", exclude_seen=True))
+
+    # bob completes the same item: his list starts like ada's; then ada skips her top item.
+    await _feedback(stub, "bob", item.item_id, COMPLETED)
+    await _wait_applied(stub, 2)
+    top = _ids(await _recommend(stub, "ada"))[0]
+    assert (await _feedback(stub, "ada", top, SKIPPED)).accepted
+    await _wait_applied(stub, 3)
+    assert top not in _ids(await _recommend(stub, "ada"))
+    assert top in _ids(await _recommend(stub, "bob"))
+    assert app.model is not None and app.model.skipped("ada") == (top,)
+
+    retry = await _feedback(stub, "ada", item.item_id, COMPLETED, request_id="fb-1")
+    assert (retry.event_id, retry.accepted) == ("fb-1", False)
+    # A sentinel from the same student (same partition, published after the retry): once it is
+    # applied, a record the retry had published would have been consumed too.
+    await _feedback(stub, "ada", GEOMETRY[2].item_id, COMPLETED)
+    await _wait_applied(stub, 4)
+    assert app.worker is not None
+    assert (app.worker.stats.records_consumed, app.worker.stats.feedback_applied) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("user", "item", "kind", "code", "message"),
+    [
+        ("", GEOMETRY[0].item_id, COMPLETED, grpc.StatusCode.INVALID_ARGUMENT, "user_id is required"),
+        ("ada", "", COMPLETED, grpc.StatusCode.INVALID_ARGUMENT, "item_id is required"),
+        ("ada", GEOMETRY[0].item_id, 0, grpc.StatusCode.INVALID_ARGUMENT, "kind must be one of"),
+        ("ada", GEOMETRY[0].item_id, 7, grpc.StatusCode.INVALID_ARGUMENT, "kind must be one of"),
+        ("ada", "no-such-item", SKIPPED, grpc.StatusCode.NOT_FOUND, "unknown item_id 'no-such-item'"),
+    ],
+    ids=["empty-user", "empty-item", "unspecified-kind", "unknown-kind", "unknown-item"],
+)
+async def test_bad_feedback_is_refused_before_anything_is_published(
+    app: RecommenderApp, stub: recommender_pb2_grpc.RecommenderServiceStub, user, item, kind, code, message
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _feedback(stub, user, item, kind)
+    assert caught.value.code() == code
+    assert message in (caught.value.details() or "")
+    assert app.feedback is not None
+    assert app.feedback.publisher.published == app.feedback.publisher.buffered == 0
+
+
+async def test_a_time_in_the_future_is_invalid(stub: recommender_pb2_grpc.RecommenderServiceStub) -> None:
+    request = recommender_pb2.RecordFeedbackRequest(
+        user_id="ada", item_id=GEOMETRY[0].item_id, kind=COMPLETED
+    )
+    request.time.FromSeconds(int(time.time()) + 3600)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RecordFeedback(request, timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_cli_records_feedback(
+    app: RecommenderApp, stub: recommender_pb2_grpc.RecommenderServiceStub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    item = GEOMETRY[1].item_id
+    argv = ["--recommender", f"127.0.0.1:{app.port}", "feedback", "--user", "cy", "--item", item]
+    assert await asyncio.to_thread(cli.main, [*argv, "--kind", "viewed", "--request-id", "cli-1"]) == 0
+    assert capsys.readouterr().out.strip() == f"viewed {item} for cy: recorded (event cli-1)"
+    assert await asyncio.to_thread(cli.main, [*argv, "--kind", "viewed", "--request-id", "cli-1"]) == 0
+    assert "already recorded" in capsys.readouterr().out
+    await _wait_applied(stub, 1)
+    assert item not in _ids(await _recommend(stub, "cy", exclude_seen=True))
+    bad = [
+        "--recommender",
+        f"127.0.0.1:{app.port}",
+        "feedback",
+        "--user",
+        "cy",
+        "--item",
+        "nope",
+        "--kind",
+        "skipped",
+    ]
+    assert await asyncio.to_thread(cli.main, bad) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# --- the worker on the shared topic -----------------------------------------------------------------
+
+
+@pytest.fixture
+def sync_bus(tmp_path: Path) -> Iterator[SqliteEventBus]:
+    with SqliteEventBus(tmp_path / "worker-bus.db", auto_create_partitions=2) as event_bus:
+        yield event_bus
+
+
+def _run_until(worker: RecommenderWorker, done: Callable[[], bool]) -> None:
+    worker.start()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not done():
+            assert time.monotonic() < deadline, f"not done within {WAIT_S} s: {worker.stats}"
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+
+
+def test_the_worker_applies_photos_and_feedback_in_order_dedupes_and_dead_letters_unknown_items(
+    sync_bus: SqliteEventBus,
+) -> None:
+    settings = WorkerSettings(topic=unique("events"), group_id=unique("recommender"), topic_partitions=2)
+    t0 = 1_700_000_000.0
+    skipped = encode_feedback_recorded("fb-2", "ada", GEOMETRY[1].item_id, FeedbackKind.SKIPPED, t0 + 2)
+    events = [
+        encode_image_classified("photo-1", "ada", t0, "m", "1", [("geometry", 0.9)]),
+        encode_feedback_recorded("fb-1", "ada", GEOMETRY[0].item_id, FeedbackKind.COMPLETED, t0 + 1),
+        encode_feedback_recorded("fb-x", "ada", "no-such-item", FeedbackKind.VIEWED, t0 + 1),
+        skipped,
+        skipped,  # published twice (an ambiguous send): applied once
+    ]
+    sync_bus.create_topic(settings.topic, 2)
+    with sync_bus.producer() as producer:
+        for event in events:
+            producer.send(settings.topic, event.value, key=event.key, headers=event.headers)
+        producer.flush()
+    model = RecommenderModel(CATALOG)
+    worker = RecommenderWorker(sync_bus, model, lambda snapshot: None, settings)
+    _run_until(worker, lambda: worker.stats.records_consumed == 5)
+    assert (worker.stats.events_applied, worker.stats.feedback_applied) == (3, 2)
+    assert (worker.stats.duplicates, worker.stats.dead_lettered) == (1, 1)
+    assert model.skipped("ada") == (GEOMETRY[1].item_id,) and model.clock_s == t0 + 2
+    with sync_bus.consumer(unique("dlq-reader"), [settings.dead_letter_topic]) as consumer:
+        (dead,) = poll_until(consumer, 1)
+    assert dead.value == events[2].value
+    assert b"no-such-item" in (dead.header("dlq-error") or b"")
