@@ -224,10 +224,59 @@ def test_kubernetes_recommender_trainer(tools_bin: Path, monkeypatch: pytest.Mon
     assert settings.checkpoint_dir.is_relative_to(mount["mountPath"])
 
 
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_kubernetes_recommender_query_replicas_follow_the_trainers_snapshots(
+    overlay: str, tools_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(tools_bin, f"deploy/overlays/{overlay}")
+    image_env = image_environment(REPO / "docker/Dockerfile")  # the recommender runs the CPU image
+    trainer = find(objects, "StatefulSet", "recommender")
+    (trainer_container,) = containers(trainer)
+    trainer_env = container_environment(objects, trainer_container, image_env)
+    trainer_settings, read = settings_under(trainer_env, recommender_config.settings_from_args, monkeypatch)
+    assert_all_read(trainer_env, read, "recommender", "StatefulSet recommender")
+    assert trainer_settings.role == "trainer" and trainer_settings.snapshot_dir
+
+    query = find(objects, "Deployment", "recommender-query")
+    (container,) = containers(query)
+    environment = container_environment(objects, container, image_env)
+    settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "recommender", "Deployment recommender-query")
+    assert settings.role == "query"
+    assert settings.snapshot_dir == trainer_settings.snapshot_dir  # the same store, both sides
+    assert settings.bus.backend == "kafka"  # RecordFeedback publishes from the replicas
+    assert container["readinessProbe"]["grpc"] == {"port": settings.port, "service": RECOMMENDER_SERVICE}
+    assert container["livenessProbe"]["grpc"] == {"port": settings.port}  # "": live while waiting
+
+    # One ReadWriteMany claim: mounted read-write by the trainer, read-only by the replicas, at the
+    # snapshot directory both are configured with.
+    claim = find(objects, "PersistentVolumeClaim", "recommender-snapshots")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+
+    def mount_of(workload: dict[str, Any], workload_container: dict[str, Any]) -> dict[str, Any]:
+        volumes = workload["spec"]["template"]["spec"]["volumes"]
+        (volume,) = [
+            v
+            for v in volumes
+            if v.get("persistentVolumeClaim", {}).get("claimName") == "recommender-snapshots"
+        ]
+        (mount,) = [m for m in workload_container["volumeMounts"] if m["name"] == volume["name"]]
+        return mount
+
+    trainer_mount, query_mount = mount_of(trainer, trainer_container), mount_of(query, container)
+    assert trainer_mount["mountPath"] == query_mount["mountPath"] == settings.snapshot_dir
+    assert not trainer_mount.get("readOnly") and query_mount["readOnly"] is True
+
+    autoscaler = find(objects, "HorizontalPodAutoscaler", "recommender-query")
+    assert autoscaler["spec"]["scaleTargetRef"]["name"] == "recommender-query"
+    service = find(objects, "Service", "recommender-query")
+    assert service["spec"]["selector"].items() <= query["spec"]["template"]["metadata"]["labels"].items()
+
+
 def test_autoscalers_use_metrics_the_adapter_serves(tools_bin: Path) -> None:
     adapter = yaml.safe_load((REPO / "deploy/monitoring/prometheus-adapter/config.yaml").read_text())
     served = {rule["name"]["as"] for rule in adapter["rules"]}
-    objects = render(tools_bin, "deploy/previews/recommender-query-replicas")
+    objects = render(tools_bin, "deploy/overlays/cpu")
     autoscalers = [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
     assert {a["metadata"]["name"] for a in autoscalers} == {"vision", "recommender-query"}
     for autoscaler in autoscalers:
