@@ -42,6 +42,7 @@ class RecommenderSettings:
     learning_rate: float = 0.05
     epochs_per_batch: int = 3
     seed: int = 0
+    skip_window_s: float = 24 * 3600.0  # a skipped item stays hidden from that student this long
     ready_file: Path | None = None
     log_level: str = "INFO"
     role: str = "standalone"
@@ -66,6 +67,7 @@ class RecommenderSettings:
             learning_rate=self.learning_rate,
             epochs_per_batch=self.epochs_per_batch,
             seed=self.seed,
+            skip_window_s=self.skip_window_s,
         )
 
     def worker_settings(self) -> WorkerSettings:
@@ -129,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=float(_env("LEARNING_RATE", "0.05") or 0.05))
     parser.add_argument("--epochs-per-batch", type=int, default=int(_env("EPOCHS_PER_BATCH", "3") or 3))
     parser.add_argument("--seed", type=int, default=int(_env("SEED", "0") or 0))
+    parser.add_argument(
+        "--skip-window",
+        type=float,
+        default=float(_env("SKIP_WINDOW", str(d.skip_window_s)) or d.skip_window_s),
+        help="seconds (of event time) a skipped item stays out of that student's recommendations",
+    )
     parser.add_argument(
         "--ready-file", default=_env("READY_FILE", None), help="JSON of bound ports, once ready"
     )
@@ -195,6 +203,7 @@ def _settings(args: argparse.Namespace) -> RecommenderSettings:
         learning_rate=args.learning_rate,
         epochs_per_batch=args.epochs_per_batch,
         seed=args.seed,
+        skip_window_s=args.skip_window,
         ready_file=_optional_path(args.ready_file),
         log_level=str(args.log_level).upper(),
         role=args.role,

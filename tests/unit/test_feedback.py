@@ -329,3 +329,16 @@ def test_a_full_publisher_is_overloaded_and_the_request_id_stays_usable(
         recorder.record("ada", GEOMETRY[0], FeedbackKind.VIEWED, request_id="r-9")
     sink.accept = True
     assert recorder.record("ada", GEOMETRY[0], FeedbackKind.VIEWED, request_id="r-9").accepted
+
+
+def test_the_skip_window_is_a_command_line_setting() -> None:
+    from snaplearn_recommender.config import settings_from_args
+
+    assert settings_from_args([]).model_params().skip_window_s == DAY
+    params = settings_from_args(["--skip-window", "60"]).model_params()
+    model = RecommenderModel(CATALOG, params)
+    model.apply([_feedback("s1", "ada", GEOMETRY[0], FeedbackKind.SKIPPED, T0)])
+    model.apply([_photo("p1", "bob", T0 + 59)])
+    assert model.skipped("ada") == (GEOMETRY[0],)
+    model.apply([_photo("p2", "bob", T0 + 60)])
+    assert model.skipped("ada") == ()
