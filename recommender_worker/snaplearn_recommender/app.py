@@ -8,6 +8,8 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from grpc_health.v1 import health_pb2
+
 from snaplearn_common.eventbus.base import EventBus, TopicPartition
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.server import GrpcServer, start_grpc_server
@@ -24,8 +26,10 @@ from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.feedback import FeedbackChannel
 from snaplearn_recommender.metrics import RecommenderMetrics
 from snaplearn_recommender.model import RecommenderModel
+from snaplearn_recommender.replication import SnapshotFollower, SnapshotPublisher
 from snaplearn_recommender.service import RecommendationService
 from snaplearn_recommender.servicer import SERVICE_NAME, add_to_server
+from snaplearn_recommender.snapshot_store import SnapshotStore, open_storage
 from snaplearn_recommender.worker import RecommenderWorker
 
 log = logging.getLogger(__name__)
@@ -56,13 +60,18 @@ def _restore_or_build(
 
 @dataclass
 class RecommenderApp:
+    """Role standalone: worker + gRPC; trainer: also a snapshot publisher; query: a snapshot
+    follower instead of model and worker (no consumer, no training, no checkpoints)."""
+
     settings: RecommenderSettings
-    model: RecommenderModel
+    model: RecommenderModel | None  # None in a query replica
     service: RecommendationService
-    worker: RecommenderWorker
+    worker: RecommenderWorker | None  # None in a query replica
     metrics: RecommenderMetrics
     grpc: GrpcServer
     metrics_endpoint: MetricsEndpoint
+    publisher: SnapshotPublisher | None = None  # trainer
+    follower: SnapshotFollower | None = None  # query replica
     feedback: FeedbackChannel | None = None  # RecordFeedback's publisher (every role)
 
     @property
@@ -75,17 +84,27 @@ class RecommenderApp:
 
     @classmethod
     async def start(cls, settings: RecommenderSettings, bus: EventBus) -> RecommenderApp:
-        catalog = load_catalog(settings.catalog_path) if settings.catalog_path else generate_sample_catalog()
-        checkpointer = Checkpointer(settings.checkpoint_dir) if settings.checkpoint_dir else None
-        # Warm start / unpickling take a moment of CPU: keep the event loop responsive.
-        model, offsets = await asyncio.to_thread(_restore_or_build, settings, catalog, checkpointer)
         metrics = RecommenderMetrics()
-        service = RecommendationService(model.snapshot(), metrics)
-        worker = RecommenderWorker(
-            bus, model, service.publish, settings.worker_settings(), metrics, checkpointer, offsets
-        )
-        metrics.watch_worker(worker.stats)
-        await asyncio.to_thread(worker.start)
+        model: RecommenderModel | None = None
+        worker: RecommenderWorker | None = None
+        if settings.role == "query":
+            # Nothing to serve until the first published snapshot loads: calls get UNAVAILABLE and
+            # readiness stays NOT_SERVING until then (SnapshotFollower's on_first).
+            service = RecommendationService(None, metrics)
+        else:
+            catalog = (
+                load_catalog(settings.catalog_path) if settings.catalog_path else generate_sample_catalog()
+            )
+            checkpointer = Checkpointer(settings.checkpoint_dir) if settings.checkpoint_dir else None
+            # Warm start / unpickling take a moment of CPU: keep the event loop responsive.
+            trained, offsets = await asyncio.to_thread(_restore_or_build, settings, catalog, checkpointer)
+            model = trained
+            service = RecommendationService(trained.snapshot(), metrics)
+            worker = RecommenderWorker(
+                bus, trained, service.publish, settings.worker_settings(), metrics, checkpointer, offsets
+            )
+            metrics.watch_worker(worker.stats)
+            await asyncio.to_thread(worker.start)
         # RecordFeedback publishes onto the topic the (trainer's) worker reads. A query replica keeps
         # unconfirmed feedback in memory: a spool directory is one process's, and it has none.
         worker_settings = settings.worker_settings()
@@ -109,20 +128,54 @@ class RecommenderApp:
                 [SERVICE_NAME],
                 host=settings.host,
                 port=settings.port,
+                serving=service.has_snapshot,
             )
         except BaseException:
-            await asyncio.to_thread(worker.stop)
+            if worker is not None:
+                await asyncio.to_thread(worker.stop)
             await asyncio.to_thread(feedback.close)
             raise
+        if not service.has_snapshot:
+            # Alive (liveness and startup probes ask for "") but not ready: waiting for the trainer
+            # is not a reason to restart the pod.
+            await grpc_server.health.set("", health_pb2.HealthCheckResponse.SERVING)
         metrics_endpoint = serve_metrics(metrics.registry, host=settings.host, port=settings.metrics_port)
         app = cls(settings, model, service, worker, metrics, grpc_server, metrics_endpoint)
         app.feedback = feedback
+        app._start_scale_out()
         return app
 
+    def _start_scale_out(self) -> None:
+        """Trainer: publish snapshots; query replica: follow them (see replication.py)."""
+        if self.settings.snapshot_dir is None or self.settings.role == "standalone":
+            return
+        store = SnapshotStore(open_storage(self.settings.snapshot_dir), self.settings.snapshot_retain)
+        if self.settings.role == "trainer":
+            service = self.service
+            self.publisher = SnapshotPublisher(
+                store, lambda: service.snapshot, self.settings.publish_interval_s, self.metrics
+            )
+            self.publisher.start()
+        else:
+            self.follower = SnapshotFollower(
+                store,
+                self.service,
+                self.settings.poll_interval_s,
+                self.metrics,
+                on_first=functools.partial(self.grpc.set_serving, True),
+            )
+            self.follower.start()
+
     async def stop(self, grace_s: float = 5.0) -> None:
-        """Readiness off, then stop the worker (commit + checkpoint), then drain gRPC."""
+        """Readiness off, then stop the worker (commit + checkpoint) and publish its last snapshot
+        (trainer) or stop following (query replica), then drain gRPC."""
         await self.grpc.set_serving(False)
-        await asyncio.to_thread(self.worker.stop)
+        if self.follower is not None:
+            await self.follower.stop()
+        if self.worker is not None:
+            await asyncio.to_thread(self.worker.stop)
+        if self.publisher is not None:
+            await self.publisher.stop()
         await self.grpc.stop(grace_s)
         if self.feedback is not None:  # after the drain: in-flight RecordFeedback calls publish first
             await asyncio.to_thread(self.feedback.close)
