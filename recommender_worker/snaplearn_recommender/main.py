@@ -35,7 +35,14 @@ async def run(settings: RecommenderSettings) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop_requested.set)
-        log.info("recommender ready on %s:%d (metrics :%d)", settings.host, app.port, app.metrics_port)
+        log.info(
+            "recommender (%s) listening on %s:%d (metrics :%d)%s",
+            settings.role,
+            settings.host,
+            app.port,
+            app.metrics_port,
+            f"; snapshots in {settings.snapshot_dir}" if settings.snapshot_dir else "",
+        )
         if settings.ready_file:
             write_ready_file(
                 settings.ready_file,
@@ -44,10 +51,11 @@ async def run(settings: RecommenderSettings) -> None:
                     "port": app.port,
                     "metrics_port": app.metrics_port,
                     "pid": os.getpid(),
+                    "role": settings.role,
                 },
             )
         await stop_requested.wait()
-        log.info("shutting down: readiness off, stopping the worker, draining gRPC")
+        log.info("shutting down: readiness off, stopping the worker or the snapshot follower, draining gRPC")
         await app.stop()
     finally:
         bus.close()

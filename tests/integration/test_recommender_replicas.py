@@ -8,6 +8,7 @@ condition with a deadline (publish and poll intervals are 50 ms here); nothing s
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -19,8 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, encode_image_classified
+from snaplearn_common.launcher import ManagedProcess
 from snaplearn_recommender.app import RecommenderApp
+from snaplearn_recommender.catalog import generate_sample_catalog
 from snaplearn_recommender.config import RecommenderSettings
+from snaplearn_recommender.model import ClassifiedEvent, RecommenderModel
 from snaplearn_recommender.servicer import SERVICE_NAME
 from snaplearn_recommender.snapshot_store import LocalDirectoryStorage, SnapshotStore
 
@@ -208,6 +212,54 @@ async def test_a_corrupt_newest_snapshot_is_skipped_and_the_previous_keeps_servi
     assert replica.app.follower.current.version > torn.version
     assert await replica.recommend("fran") == await trainer.recommend("fran")
     assert replica.metric("snapshot_load_failures_total") == 1
+
+
+async def test_a_replica_process_configured_by_environment_serves_what_is_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real command (`python -m snaplearn_recommender.main`), configured like the Deployment."""
+    snapshots = tmp_path / "snapshots"
+    # The child inherits this environment (the Deployment sets these variables).
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_ROLE", "query")
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_SNAPSHOT_DIR", str(snapshots))
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_POLL_INTERVAL", "0.05")
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_CHECKPOINT_DIR", str(tmp_path / "checkpoints"))
+    monkeypatch.setenv("SNAPLEARN_BUS_PATH", str(tmp_path / "bus.db"))
+    replica = ManagedProcess(
+        "query replica",
+        [sys.executable, "-m", "snaplearn_recommender.main", "--port", "0", "--metrics-port", "0",
+         "--ready-file", str(tmp_path / "replica.json")],
+        tmp_path / "replica.log",
+        tmp_path / "replica.json",
+    )  # fmt: skip
+    replica.start()
+    try:
+        ports = await asyncio.to_thread(replica.wait_ready, WAIT_S)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ports['port']}")
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = recommender_pb2_grpc.RecommenderServiceStub(channel)
+
+        async def status() -> int:
+            request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            return int((await health.Check(request, timeout=5)).status)
+
+        assert await status() == NOT_SERVING
+        model = RecommenderModel(generate_sample_catalog())
+        model.apply([ClassifiedEvent(f"e{i}", "fran", (("fractions", 0.9),), 1_000.0 + i) for i in range(8)])
+        snapshot = model.snapshot()
+        await asyncio.to_thread(SnapshotStore(LocalDirectoryStorage(snapshots)).publish, snapshot)
+        await _eventually(lambda: _is(status(), SERVING), "the replica process loads the snapshot")
+
+        response = await stub.Recommend(recommender_pb2.RecommendRequest(user_id="fran", k=10), timeout=5)
+        expected = snapshot.recommend("fran", k=10)
+        assert response.model_version == snapshot.version and response.events_applied == 8
+        assert [item.item_id for item in response.items] == [item.item_id for item in expected.items]
+        await channel.close()
+    finally:
+        await asyncio.to_thread(replica.stop)
+    assert replica.process is not None and replica.process.returncode == 0, replica.log_tail()
+    assert "recommender (query) listening" in replica.log_tail(200)
+    assert not (tmp_path / "checkpoints").exists()  # a replica writes no checkpoints
 
 
 async def _is(status: Awaitable[int], expected: int) -> bool:

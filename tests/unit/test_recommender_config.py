@@ -1,0 +1,48 @@
+"""Recommender settings: the scale-out flags, their environment fallbacks and their checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from snaplearn_recommender.config import RecommenderSettings, settings_from_args
+
+
+def test_default_role_is_standalone_without_a_snapshot_store() -> None:
+    settings = settings_from_args([])
+    assert (settings.role, settings.snapshot_dir) == ("standalone", None)
+
+
+def test_flags_and_environment_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = settings_from_args(
+        ["--role", "trainer", "--snapshot-dir", "/shared/snapshots", "--publish-interval", "2.5"]
+    )
+    assert (settings.role, settings.snapshot_dir, settings.publish_interval_s) == (
+        "trainer",
+        "/shared/snapshots",
+        2.5,
+    )
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_ROLE", "query")
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_SNAPSHOT_DIR", "/mnt/snapshots")
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_POLL_INTERVAL", "0.5")
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_SNAPSHOT_RETAIN", "3")
+    settings = settings_from_args([])
+    assert (settings.role, settings.snapshot_dir) == ("query", "/mnt/snapshots")
+    assert (settings.poll_interval_s, settings.snapshot_retain) == (0.5, 3)
+
+
+@pytest.mark.parametrize("role", ["trainer", "query"])
+def test_trainer_and_query_need_a_snapshot_dir(role: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["--role", role])
+    assert f"role {role} needs a snapshot directory" in capsys.readouterr().err
+
+
+def test_object_store_paths_are_refused_at_startup(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["--role", "query", "--snapshot-dir", "s3://bucket/snapshots"])
+    assert "object stores are not yet" in capsys.readouterr().err
+
+
+def test_unknown_role_is_refused() -> None:
+    with pytest.raises(ValueError, match="role must be one of"):
+        RecommenderSettings(role="leader")
