@@ -135,6 +135,25 @@ def test_compose_recommender_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     assert RECOMMENDER_SERVICE in compose_services()["recommender"]["healthcheck"]["test"]
 
 
+def test_compose_recommender_query_replica_reads_the_trainers_snapshots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    trainer_env = compose_environment("recommender", "Dockerfile")
+    trainer, _ = settings_under(trainer_env, recommender_config.settings_from_args, monkeypatch)
+    environment = compose_environment("recommender-query", "Dockerfile")
+    settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "recommender", "compose service recommender-query")
+    assert (trainer.role, settings.role) == ("trainer", "query")
+    assert settings.snapshot_dir == trainer.snapshot_dir and settings.snapshot_dir
+    # The replica mounts the volume the trainer writes its snapshots into, read-only.
+    services = compose_services()
+    trainer_volume = next(v for v in services["recommender"]["volumes"] if v.startswith("recommender-state:"))
+    volume, mount = trainer_volume.split(":")[:2]
+    assert Path(settings.snapshot_dir).is_relative_to(mount)
+    assert f"{volume}:{mount}:ro" in services["recommender-query"]["volumes"]
+    assert RECOMMENDER_SERVICE in services["recommender-query"]["healthcheck"]["test"]
+
+
 def test_compose_reuses_the_kafka_compose_file() -> None:
     compose = yaml.safe_load((REPO / "docker/docker-compose.yml").read_text())
     assert compose["include"] == ["kafka-compose.yml"]
