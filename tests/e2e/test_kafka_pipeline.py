@@ -137,3 +137,18 @@ def test_poison_records_go_to_the_dead_letter_topic_and_the_partition_keeps_flow
         assert record.header("dlq-consumer-group") == system.group.encode()
     origin_offsets = [int(r.header("dlq-origin-offset") or b"-1") for r in (malformed, unknown_version)]
     assert origin_offsets[1] - origin_offsets[0] == 2  # poison, good, poison on one partition
+
+
+@pytest.mark.kafka
+def test_feedback_over_kafka_trains_the_model_and_hides_a_skipped_item(system: KafkaSystem) -> None:
+    user, item = "kafka-feedback-student", "geometry-001"
+    with RecommenderClient(system.recommender_target) as recommender:
+        applied_before = system.events_applied()
+        assert recommender.record_feedback(user, item, "completed", request_id="kafka-fb-1").accepted
+        system.wait_applied(applied_before + 1)
+        top = recommender.recommend(user, k=10, exclude_seen=True).items[0].item_id
+        assert recommender.record_feedback(user, top, "skipped", request_id="kafka-fb-2").accepted
+        system.wait_applied(applied_before + 2)
+        after = recommender.recommend(user, k=10, exclude_seen=True)
+    # Applied at all means the event-type header survived Kafka (else: dead-lettered as a bad photo).
+    assert not after.cold_start and top not in {i.item_id for i in after.items}
