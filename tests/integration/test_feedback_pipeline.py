@@ -223,3 +223,45 @@ def test_the_worker_applies_photos_and_feedback_in_order_dedupes_and_dead_letter
         (dead,) = poll_until(consumer, 1)
     assert dead.value == events[2].value
     assert b"no-such-item" in (dead.header("dlq-error") or b"")
+
+
+# --- a query replica records feedback; the trainer learns it --------------------------------------
+
+
+async def test_a_query_replica_publishes_feedback_and_serves_the_trainers_result(
+    tmp_path: Path, bus: SqliteEventBus
+) -> None:
+    def settings(role: str, name: str) -> RecommenderSettings:
+        return RecommenderSettings(
+            port=0, metrics_port=0, role=role, snapshot_dir=str(tmp_path / "snapshots"),
+            checkpoint_dir=tmp_path / name, batch_max_wait_ms=10, publish_interval_s=0.05,
+            poll_interval_s=0.05,
+        )  # fmt: skip
+
+    replica = await RecommenderApp.start(settings("query", "replica"), bus)
+    trainer: RecommenderApp | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
+            stub = recommender_pb2_grpc.RecommenderServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:  # no snapshot: cannot check the item yet
+                await _feedback(stub, "ada", GEOMETRY[0].item_id, COMPLETED)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            trainer = await RecommenderApp.start(settings("trainer", "trainer"), bus)
+            deadline = time.monotonic() + WAIT_S
+            while not replica.service.has_snapshot:  # RecordFeedback checks items in the snapshot's catalog
+                assert time.monotonic() < deadline, "the replica loaded no snapshot"
+                await asyncio.sleep(0.02)
+            assert (await _feedback(stub, "ada", GEOMETRY[0].item_id, COMPLETED)).accepted
+            await _wait_applied(stub, 1)
+            top = _ids(await _recommend(stub, "ada"))[0]
+            assert (await _feedback(stub, "ada", top, SKIPPED)).accepted
+            await _wait_applied(stub, 2)
+            assert top not in _ids(await _recommend(stub, "ada"))
+        assert (
+            trainer is not None and trainer.worker is not None and trainer.worker.stats.feedback_applied == 2
+        )
+        assert replica.worker is None and replica.feedback is not None and replica.feedback.spool is None
+    finally:
+        await replica.stop()
+        if trainer is not None:
+            await trainer.stop()
