@@ -234,3 +234,19 @@ def test_object_store_urls_are_refused_not_faked(tmp_path: Path) -> None:
 def test_retain_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="retain"):
         _store(tmp_path, retain=0)
+
+
+def test_an_unchanged_catalog_is_unpickled_once_and_a_new_one_is_read(
+    tmp_path: Path, snapshots: list[Snapshot]
+) -> None:
+    trainer, replica = _store(tmp_path), _store(tmp_path)
+    first = replica.load(trainer.publish(snapshots[0]).version)[1]
+    second = replica.load(trainer.publish(snapshots[1]).version)[1]
+    assert second.catalog is first.catalog  # the same catalog section: reused, not unpickled again
+
+    model = RecommenderModel(generate_sample_catalog())
+    extra = dataclasses.replace(model.catalog[0], item_id="brand-new-item", title="Brand new item")
+    model.add_items([extra])
+    grown = replica.load(trainer.publish(model.snapshot()).version)[1]
+    assert grown.catalog is not first.catalog and grown.catalog.position("brand-new-item") is not None
+    assert grown.n_items == first.n_items + 1
