@@ -67,6 +67,11 @@ class LoadResult:
     # Latency of the refusals (RESOURCE_EXHAUSTED / HTTP 429 / 503), which should be immediate.
     rejected_p99_ms: float = float("nan")
     mean_batch_size_seen: float = float("nan")  # from responses that report it (ours)
+    # The generator's own health: how late (p99) the open loop started requests against its
+    # schedule, and the CPU it used (in cores, over its whole run). A late generator measures
+    # its own queueing, not the server's; on a 2-core machine its CPU is the server's loss.
+    send_lag_p99_ms: float = float("nan")
+    generator_cpu_cores: float = float("nan")
 
 
 class Recorder:
@@ -205,6 +210,7 @@ async def open_loop(
         recorder.record(began, time.monotonic(), status, batch_size)
 
     n = 0
+    lags: list[float] = []
     while True:
         due = start + n * interval  # fixed schedule: a slow answer never delays the next request
         if due >= recorder.window[1]:
@@ -212,13 +218,17 @@ async def open_loop(
         delay = due - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
+        if due >= recorder.window[0]:
+            lags.append(time.monotonic() - due)
         task = asyncio.get_running_loop().create_task(one(images[n % len(images)]))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         n += 1
     if tasks:
         await asyncio.wait(tasks, timeout=timeout_s + 5)
-    return recorder.result("open", 0, rate)
+    result = recorder.result("open", 0, rate)
+    result.send_lag_p99_ms = percentile(sorted(lags), 0.99) * 1000
+    return result
 
 
 async def run(args: argparse.Namespace) -> LoadResult:
@@ -252,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.mode == "open":
         args.concurrency = 0
+    wall, cpu = time.monotonic(), time.process_time()
     result = asyncio.run(run(args))
+    result.generator_cpu_cores = (time.process_time() - cpu) / (time.monotonic() - wall)
     json.dump(asdict(result), sys.stdout)
     print()
     return 0

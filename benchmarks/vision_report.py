@@ -140,6 +140,24 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
     for name in servers:
         errors = runs[0].get(name, {}).get("overload", {}).get("errors", {})
         lines.append(f"- {SERVERS[name]}: {', '.join(f'{k} {int(v)}' for k, v in errors.items()) or 'none'}")
+    lines += [
+        "",
+        "The load generator's own share (medians): it runs on the same 2 cores, so the CPU it burns",
+        "is taken from the server it measures, and a generator that starts requests late (send lag)",
+        "measures its own queueing, not the server's:",
+        "",
+        "| server | generator CPU, cores, at capacity / at 3x | generator send lag p99 ms, half / 3x |",
+        "|---|---|---|",
+    ]
+    for name in servers:
+        if any("error" in run.get(name, {}) for run in runs):
+            continue
+        lines.append(
+            f"| {SERVERS[name]} | {cell(runs, name, 'closed.generator_cpu_cores', 2)} / "
+            f"{cell(runs, name, 'overload.generator_cpu_cores', 2)} "
+            f"| {cell(runs, name, 'half.send_lag_p99_ms', 1)} / "
+            f"{cell(runs, name, 'overload.send_lag_p99_ms', 1)} |"
+        )
     half = runs[0]["ours"]["half"].get("server", {})
     lines += [
         "",

@@ -83,6 +83,36 @@ async def test_a_burst_beyond_the_queue_is_refused_while_the_model_is_still_busy
     assert gates.batch_sizes == [1] * 5  # the refused 16 never reached the model
 
 
+async def test_a_refusal_carries_its_status_message_and_is_counted_by_code(
+    start_server: StartServer, photo: bytes
+) -> None:
+    # The servicer answers domain errors itself (the overload fast path): the client must see
+    # exactly what the interceptor's mapping would have given, and the metrics must count it.
+    running = await start_server(max_batch_size=1, max_queue_size=1)
+    gates = running.gates
+    await gates.hold_next_batch()
+    computing = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await gates.wait_batch_held()
+    queued = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await until(lambda: running.batcher().queue_depth == 1, "one request queued")
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stub.Classify(request(photo), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "queue is full (1 requests waiting); retry with backoff" in (refused.value.details() or "")
+    assert metric(running, 'snaplearn_vision_errors_total{code="RESOURCE_EXHAUSTED"}') == 1
+    assert metric(running, 'snaplearn_vision_request_seconds_count{code="RESOURCE_EXHAUSTED"}') == 1
+
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await running.stub.Classify(request(b""), timeout=60)
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "image is empty" in (invalid.value.details() or "")
+
+    gates.open.set()
+    for call in (computing, queued):
+        assert (await call).labels[0].label == "fractions"
+
+
 async def test_a_cancelled_call_leaves_the_queue_before_compute(
     start_server: StartServer, photo: bytes
 ) -> None:

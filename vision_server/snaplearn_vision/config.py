@@ -13,7 +13,7 @@ from pathlib import Path
 
 from snaplearn_common.errors import InvalidInput
 from snaplearn_common.eventbus.factory import BusSettings, add_bus_arguments, bus_settings_from_args
-from snaplearn_vision.service import DEFAULT_DECODE_THREADS, DEFAULT_MAX_QUEUE_SIZE
+from snaplearn_vision.service import DEFAULT_DECODE_NICENESS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_QUEUE_SIZE
 
 ENV_PREFIX = "SNAPLEARN_VISION_"
 DEFAULT_PORT = 50051
@@ -41,6 +41,8 @@ class VisionSettings:
     max_queue_delay_ms: float | None = None
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
     decode_threads: int = DEFAULT_DECODE_THREADS
+    # How much lower the decode threads' scheduling priority is than the event loop's.
+    decode_niceness: int = DEFAULT_DECODE_NICENESS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     device: str = "auto"
     torch_threads: int | None = None  # None = torch's default
@@ -72,6 +74,8 @@ class VisionSettings:
             problems.append(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         if self.decode_threads < 1:
             problems.append(f"decode_threads must be >= 1, got {self.decode_threads}")
+        if not 0 <= self.decode_niceness <= 19:
+            problems.append(f"decode_niceness must be in 0..19, got {self.decode_niceness}")
         if self.max_image_bytes < 1:
             problems.append(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
         if self.device not in DEVICES:
@@ -183,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="threads decoding and resizing images",
     )
     batching.add_argument(
+        "--decode-niceness",
+        type=int,
+        default=_env("DECODE_NICENESS", DEFAULT_DECODE_NICENESS),
+        help="decode threads run this much nicer than the event loop and model thread (0 = as nice)",
+    )
+    batching.add_argument(
         "--max-image-bytes",
         type=int,
         default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
@@ -215,6 +225,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             max_queue_delay_ms=args.max_queue_delay_ms,
             max_queue_size=args.max_queue_size,
             decode_threads=args.decode_threads,
+            decode_niceness=args.decode_niceness,
             max_image_bytes=args.max_image_bytes,
             device=args.device,
             torch_threads=args.torch_threads,

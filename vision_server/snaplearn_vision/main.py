@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -148,6 +149,7 @@ class VisionServer:
                 max_queue_size=settings.max_queue_size,
             ),
             decode_threads=settings.decode_threads,
+            decode_niceness=settings.decode_niceness,
             max_image_bytes=settings.max_image_bytes,
         )
         self.grpc = await start_grpc_server(
@@ -236,6 +238,10 @@ async def serve(settings: VisionSettings) -> int:
             return 0
         stopping.cancel()
         loading.result()  # re-raise a failed load
+        # Everything alive now (torch, the model, gRPC) lives as long as the server: move it out
+        # of the collector's sight, or every full collection walks those ~10^5 objects and
+        # stalls the event loop (every answer, refusals included) for tens of milliseconds.
+        gc.freeze()
         # The file first: whoever sees the line may read the file next.
         if settings.ready_file is not None:
             write_ready_file(settings.ready_file, server)

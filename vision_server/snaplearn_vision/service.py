@@ -19,7 +19,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +27,7 @@ import numpy as np
 from snaplearn_common import errors
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, EncodedEvent, encode_image_classified
 from snaplearn_vision.batcher import BatchingLimits, DynamicBatcher
+from snaplearn_vision.decode_pool import ChunkedPool
 from snaplearn_vision.metrics import (
     REJECT_DECODE_BACKLOG,
     REJECT_NOT_READY,
@@ -42,7 +42,8 @@ MAX_USER_ID_CHARS = 128
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_DECODE_THREADS = 2
-COMPUTE_NICENESS = 5  # decode and model threads run this much "nicer" than the event loop
+# Decode threads run this much "nicer" than the event loop and the model thread (see _lower_priority).
+DEFAULT_DECODE_NICENESS = 5
 # Model names and versions become repository paths: allow no separators or "..".
 _MODEL_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -140,18 +141,32 @@ class _Served:
         return f"{self.model.name}:{self.model.version}"
 
 
-def _compute_thread() -> None:
-    """Runs first in every decode and model thread: lower its scheduling priority.
+def _lower_priority(niceness: int) -> Callable[[], None]:
+    """A thread initializer for the decode threads: lower the thread's scheduling priority.
 
-    When decoding and the model keep every core busy, the event loop thread, which answers
-    refusals and hands results back, must still get a core at once: a compute thread that
-    waits a little costs little throughput, a starved event loop makes every answer late.
-    On Linux the nice value is per thread and inherited by the threads it creates (torch's
-    OpenMP workers); where it cannot be changed nothing happens.
+    When the decode threads keep every core busy, the event loop thread, which answers
+    refusals and hands results back, must still get a core at once: a decode that waits a
+    little costs little throughput, a starved event loop makes every answer late. The model
+    thread is not niced: it is one thread (one core at most, so it cannot crowd out the loop,
+    which the scheduler favours anyway as it mostly sleeps), it is the bottleneck for real-size
+    models, and a niced thread yields to every other process on a shared machine too.
+    On Linux the nice value is per thread; where it cannot be changed nothing happens.
     """
-    with contextlib.suppress(OSError, AttributeError):
-        thread = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + COMPUTE_NICENESS)
+
+    def initializer() -> None:
+        if niceness <= 0:
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
+
+    return initializer
+
+
+def _decode_with(job: tuple[LoadedModel, bytes]) -> np.ndarray:
+    """The decode pool's function: runs on a decode thread."""
+    model, image_bytes = job
+    return model.decode_pixels(image_bytes)
 
 
 def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
@@ -182,6 +197,7 @@ class ClassificationService:
         batching: BatchingOverrides | None = None,
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_image_bytes: int | None = None,
+        decode_niceness: int = DEFAULT_DECODE_NICENESS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if decode_threads < 1:
@@ -195,9 +211,10 @@ class ClassificationService:
         self.metrics = metrics if metrics is not None else VisionMetrics()
         self._batching = batching if batching is not None else BatchingOverrides()
         self._decode_threads = decode_threads
+        self._decode_thread_initializer = _lower_priority(decode_niceness)
         self.max_image_bytes = max_image_bytes
         self._clock = clock
-        self._decode_pool: ThreadPoolExecutor | None = None
+        self._decode_pool: ChunkedPool[tuple[LoadedModel, bytes], np.ndarray] | None = None
         # Resolved "name:version" -> served model; requested (name, version|None) -> that key.
         self._served: dict[str, _Served] = {}
         self._aliases: dict[tuple[str, str | None], str] = {}
@@ -227,9 +244,13 @@ class ClassificationService:
 
     async def start(self) -> None:
         """Load the default model (in a thread: it reads files and warms up torch), then accept."""
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=self._decode_threads, thread_name_prefix="vision-decode", initializer=_compute_thread
+        self._decode_pool = ChunkedPool(
+            _decode_with,
+            self._decode_threads,
+            name="vision-decode",
+            initializer=self._decode_thread_initializer,
         )
+        self._decode_pool.start()
         self._accepting = True
         try:
             self._default = await self._served_model(self.default_model_name, self.default_model_version)
@@ -257,8 +278,7 @@ class ClassificationService:
         await asyncio.gather(*(served.batcher.stop(drain) for served in self._served.values()))
         if self._decode_pool is not None:
             pool, self._decode_pool = self._decode_pool, None
-            # In a thread: a decode may still be running and the event loop must not wait on it.
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=not drain)
+            await pool.stop(drain)
 
     # -- serving ---------------------------------------------------------------------------
 
@@ -432,10 +452,7 @@ class ClassificationService:
         self._decoding += 1
         self.metrics.decoding.set(self._decoding)
         try:
-            started = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            pixels = await loop.run_in_executor(self._decode_pool, model.decode_pixels, image_bytes)
-            decode_s = time.perf_counter() - started
+            pixels, decode_s = await self._decode_pool.run((model, image_bytes))
         except errors.SnapLearnError:
             raise
         except Exception as exc:
@@ -531,7 +548,6 @@ class ClassificationService:
                 limits,
                 name=f"model {key}",
                 metrics=self.metrics.for_model(key, limits.max_batch_size, limits.max_queue_size),
-                thread_initializer=_compute_thread,
             )
             batcher.start()
             served = _Served(model=model, batcher=batcher)

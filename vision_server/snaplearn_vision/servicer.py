@@ -13,10 +13,12 @@ from collections.abc import Callable
 from grpc import aio
 
 from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
+from snaplearn_common.errors import SnapLearnError
 from snaplearn_common.grpc_errors import status_for
 from snaplearn_vision.service import ClassificationService
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
+_EMPTY_RESPONSE = vision_pb2.ClassifyResponse()
 
 
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
@@ -46,6 +48,15 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
                 "DEADLINE_EXCEEDED" if deadline is not None and time.monotonic() >= deadline else "CANCELLED"
             )
             raise
+        except SnapLearnError as exc:
+            # The hot error path (RESOURCE_EXHAUSTED under overload) answers here, with the
+            # interceptor's mapping, instead of raising through it: context.abort() raises
+            # once more inside gRPC and costs the event loop more than setting the status.
+            status = status_for(exc)
+            code = status.name
+            context.set_code(status)
+            context.set_details(str(exc))
+            return _EMPTY_RESPONSE  # gRPC discards the message of a non-OK status
         except Exception as exc:
             code = status_for(exc).name
             raise
