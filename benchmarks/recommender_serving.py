@@ -8,9 +8,15 @@ Builds a RecommenderModel over a synthetic catalog of --items items, applies --e
     "before" is the pre-optimisation algorithm (kept below as `baseline_recommend`) with the
     process's default BLAS threads, "after" is Snapshot.recommend with BLAS single-threaded
     (what RecommendationService sets);
-(b) server-side handler latency, timed by a server interceptor, while (c) a grpc.aio client in
-    ANOTHER process (this script with --client) drives a real gRPC server in this process with
-    --concurrency concurrent calls for --seconds; requests/s counts calls completed in the window.
+(b) server-side handler latency, timed by a server interceptor, while (c) a load generator in
+    ANOTHER process drives a real gRPC server in this process with --concurrency concurrent
+    calls for --seconds; requests/s counts calls completed in the window. Two load generators:
+    a grpc.aio client (this script with --client) and, when it is installed, ghz (Go; `go install
+    github.com/bojand/ghz/cmd/ghz@latest`), which needs several times less CPU per call, so more
+    of the 2 cores is left to the server. Server and client CPU per request (process CPU time /
+    calls) are reported beside req/s: on a shared machine they are steadier than req/s;
+(d) the same core behind a sync grpc.server (thread pool) instead of grpc.aio, driven by ghz;
+(e) micro-batching cost model: one (B, d+1) x (d+1, n_items) GEMM vs B matvecs.
 Writes docs/benchmarks/recommender_serving.md. Timings on a shared machine are noisy: compare
 rows of one run, not runs.
 """
@@ -22,10 +28,14 @@ import asyncio
 import functools
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +51,12 @@ from snaplearn_recommender.bench import synthetic_events
 from snaplearn_recommender.catalog import FORMATS, MAX_GRADE, MIN_GRADE, Catalog, LearningItem
 from snaplearn_recommender.model import RecommenderModel
 from snaplearn_recommender.service import RecommendationService
-from snaplearn_recommender.servicer import SERVICE_NAME, add_to_server
-from snaplearn_recommender.snapshot import RecommendResult, Snapshot, _reason
+from snaplearn_recommender.servicer import SERVICE_NAME, RecommenderServicer, add_to_server, to_response
+from snaplearn_recommender.snapshot import RecommendResult, Snapshot, _reason, _top_k
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "docs" / "benchmarks" / "recommender_serving.md"
+PROTO = REPO / "protos" / "snaplearn" / "recommender" / "v1" / "recommender.proto"
 K = 20
 USERS = 2_000
 CASES: dict[str, dict[str, Any]] = {
@@ -118,8 +129,67 @@ def baseline_recommend(
 
 
 class BaselineService(RecommendationService):
-    def recommend(self, user_id: str, k: int = 0, exclude_seen: bool = False, **filters: Any) -> Any:
-        return baseline_recommend(self.snapshot, user_id, k, exclude_seen, **filters)
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 0,
+        exclude_seen: bool = False,
+        grades: Collection[int] = (),
+        formats: Collection[str] = (),
+        concepts: Collection[str] = (),
+    ) -> RecommendResult:
+        return baseline_recommend(self.snapshot, user_id, k, exclude_seen, grades, formats, concepts)
+
+
+class OpportunisticBatcher:
+    """EXPERIMENT, not the product: Recommend calls that reach the event loop in the same
+    iteration are scored with one GEMM (flushed by call_soon: no added wait). Plain requests
+    only (known user, no filters, no exclusions); measures whether batches form under grpc.aio."""
+
+    def __init__(self, service: RecommendationService) -> None:
+        self.service = service
+        self.pending: list[tuple[Any, asyncio.Future[RecommendResult]]] = []
+        self.sizes: dict[int, int] = {}
+
+    def submit(self, request: Any) -> asyncio.Future[RecommendResult]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[RecommendResult] = loop.create_future()
+        if not self.pending:
+            loop.call_soon(self.flush)
+        self.pending.append((request, future))
+        return future
+
+    def flush(self) -> None:
+        batch, self.pending = self.pending, []
+        self.sizes[len(batch)] = self.sizes.get(len(batch), 0) + 1
+        snapshot = self.service.snapshot
+        rows = [snapshot.user_index.get(request.user_id) for request, _ in batch]
+        queries = np.ones((len(batch), snapshot.scoring_columns.shape[0]), dtype=np.float32)
+        queries[:, :-1] = snapshot.user_vectors[[row or 0 for row in rows]]
+        scores = queries @ snapshot.scoring_columns
+        for j, ((request, future), row) in enumerate(zip(batch, rows, strict=True)):
+            if row is None:
+                future.set_result(self.service.recommend(request.user_id, request.k))
+                continue
+            top = _top_k(scores[j], request.k or 10)
+            interests = snapshot.top_concepts(request.user_id)
+            items = tuple(
+                snapshot._item(
+                    int(p), float(scores[j, p]), _reason(snapshot.catalog[int(p)].concepts, interests)
+                )
+                for p in top
+            )
+            future.set_result(
+                RecommendResult(request.user_id, items, snapshot.version, False, snapshot.events_applied)
+            )
+
+
+def add_batched_servicer(batcher: OpportunisticBatcher, server: aio.Server) -> None:
+    class BatchedServicer(RecommenderServicer):
+        async def Recommend(self, request: Any, context: aio.ServicerContext) -> Any:
+            return to_response(await batcher.submit(request))
+
+    recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(BatchedServicer(batcher.service), server)
 
 
 def percentiles_ms(seconds: list[float] | np.ndarray) -> dict[str, float]:
@@ -166,30 +236,139 @@ class HandlerTimer(aio.ServerInterceptor):
         )
 
 
-async def serve_and_load(service: RecommendationService, args: argparse.Namespace) -> dict[str, Any]:
-    timer = HandlerTimer()
-    server = await start_grpc_server(
-        [functools.partial(add_to_server, service)], [SERVICE_NAME], interceptors=[timer]
-    )
-    try:
-        client = await asyncio.create_subprocess_exec(
-            sys.executable,
-            __file__,
-            "--client",
-            f"127.0.0.1:{server.port}",
-            "--concurrency",
-            str(args.concurrency),
-            "--seconds",
-            str(args.seconds),
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def find_ghz() -> str | None:
+    found = shutil.which("ghz")
+    fallback = Path.home() / "go" / "bin" / "ghz"  # where `go install` puts it
+    return found or (str(fallback) if fallback.exists() else None)
+
+
+async def run_load(target: str, client: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Drives `target` from another process; adds server/client CPU per request to the result."""
+    if client == "ghz":
+        await ghz_load(target, args, 2.0)  # warm-up, outside the CPU accounting
+    cpu_before, children_before = time.process_time(), children_cpu_s()
+    if client == "ghz":
+        result = await ghz_load(target, args, args.seconds)
+    else:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--client", target, "--concurrency", str(args.concurrency),
+            "--seconds", str(args.seconds), stdout=subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        result = json.loads(out)
+    total = max(1, result["total_completed"])
+    result["server_cpu_ms_per_request"] = round((time.process_time() - cpu_before) * 1e3 / total, 3)
+    result["client_cpu_ms_per_request"] = round((children_cpu_s() - children_before) * 1e3 / total, 3)
+    return result
+
+
+async def ghz_load(target: str, args: argparse.Namespace, seconds: float) -> dict[str, Any]:
+    """ghz with --concurrency callers for `seconds`; in-flight calls at the end are waited for."""
+    ghz = find_ghz()
+    assert ghz is not None
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "requests.json"  # ghz sends them round robin: the same users as --client
+        data.write_text(json.dumps([{"user_id": f"user-{i}", "k": K} for i in range(USERS)]))
+        window_start = time.time()
+        process = await asyncio.create_subprocess_exec(
+            ghz, "--insecure", "--proto", str(PROTO), "--import-paths", str(PROTO.parents[3]),
+            "--call", f"{SERVICE_NAME}.Recommend", "-D", str(data), "-c", str(args.concurrency),
+            "--duration-stop", "wait", "-O", "json", "-z", f"{seconds:g}s", target,
             stdout=subprocess.PIPE,
-        )
-        out, _ = await client.communicate()
-        result: dict[str, Any] = json.loads(out)
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        window_end = time.time()
+    report = json.loads(out)
+    codes = report.get("statusCodeDistribution", {})
+    completed = int(codes.get("OK", 0))
+    latencies = {int(p["percentage"]): p["latency"] / 1e6 for p in report.get("latencyDistribution") or []}
+    return {
+        "window_start": window_start,
+        "window_end": window_end,
+        "completed": completed,
+        "total_completed": int(report["count"]),
+        "errors": int(report["count"]) - completed,
+        "requests_per_s": round(completed / (report["total"] / 1e9), 1),
+        "client_ms": {f"p{q}": round(latencies.get(q, float("nan")), 3) for q in (50, 95, 99)},
+    }
+
+
+async def serve_and_load(
+    service: RecommendationService,
+    client: str,
+    args: argparse.Namespace,
+    batcher: OpportunisticBatcher | None = None,
+) -> dict[str, Any]:
+    timer = HandlerTimer()
+    add = (
+        functools.partial(add_batched_servicer, batcher)
+        if batcher
+        else functools.partial(add_to_server, service)
+    )
+    server = await start_grpc_server([add], [SERVICE_NAME], interceptors=[timer])
+    try:
+        result = await run_load(f"127.0.0.1:{server.port}", client, args)
     finally:
         await server.stop(1.0)
     window = [d for end, d in timer.records if result["window_start"] <= end <= result["window_end"]]
     result["server_handler_ms"] = percentiles_ms(window) if window else {}
     return result
+
+
+async def serve_for(service: RecommendationService, seconds: float) -> None:
+    server = await start_grpc_server([functools.partial(add_to_server, service)], [SERVICE_NAME])
+    print(f"serving on 127.0.0.1:{server.port} for {seconds:g} s", file=sys.stderr, flush=True)
+    await asyncio.sleep(seconds)
+    await server.stop(1.0)
+
+
+def sync_serve_and_load(service: RecommendationService, args: argparse.Namespace) -> dict[str, Any]:
+    """The same core behind grpc.server (sync, thread pool): handler timed inside the method."""
+    records: list[tuple[float, float]] = []
+
+    class SyncServicer(recommender_pb2_grpc.RecommenderServiceServicer):
+        def Recommend(self, request: Any, context: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return to_response(service.recommend(request.user_id, request.k, request.exclude_seen))
+            finally:
+                records.append((time.time(), time.perf_counter() - started))
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=args.sync_workers))
+    recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(SyncServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        result = asyncio.run(run_load(f"127.0.0.1:{port}", "ghz", args))
+    finally:
+        server.stop(1.0)
+    window = [d for end, d in records if result["window_start"] <= end <= result["window_end"]]
+    result["server_handler_ms"] = percentiles_ms(window) if window else {}
+    return result
+
+
+def batched_scoring(snapshot: Snapshot, batch_sizes: tuple[int, ...] = (1, 4, 16, 64)) -> dict[int, float]:
+    """Microseconds per request to score B users in one GEMM (what micro-batching would do).
+
+    The fastest of many repetitions: a cost model, so preemption by other processes is left out."""
+    columns = snapshot.scoring_columns
+    queries = np.hstack([snapshot.user_vectors[:64], np.ones((64, 1), dtype=np.float32)]).astype(np.float32)
+    out = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for b in batch_sizes:
+            block = np.ascontiguousarray(queries[:b])
+            times = []
+            for _ in range(max(20, 1000 // b)):
+                started = time.perf_counter()
+                block @ columns
+                times.append(time.perf_counter() - started)
+            out[b] = round(min(times) * 1e6 / b, 1)
+    return out
 
 
 async def client_main(target: str, concurrency: int, seconds: float, warmup_s: float = 2.0) -> None:
@@ -199,10 +378,10 @@ async def client_main(target: str, concurrency: int, seconds: float, warmup_s: f
         start = time.time() + warmup_s
         end = start + seconds
         latencies: list[float] = []
-        errors = 0
+        errors = total = 0
 
         async def caller(number: int) -> None:
-            nonlocal errors
+            nonlocal errors, total
             i = number
             while (now := time.time()) < end:
                 request = recommender_pb2.RecommendRequest(user_id=f"user-{i % USERS}", k=K)
@@ -212,6 +391,7 @@ async def client_main(target: str, concurrency: int, seconds: float, warmup_s: f
                 except grpc.RpcError:
                     errors += 1
                     continue
+                total += 1
                 if now >= start and time.time() <= end:
                     latencies.append(time.time() - now)
 
@@ -222,6 +402,7 @@ async def client_main(target: str, concurrency: int, seconds: float, warmup_s: f
                 "window_start": start,
                 "window_end": end,
                 "completed": len(latencies),
+                "total_completed": total,
                 "errors": errors,
                 "requests_per_s": round(len(latencies) / seconds, 1),
                 "client_ms": percentiles_ms(latencies),
@@ -237,6 +418,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2_000, help="per core-latency case")
     parser.add_argument("--seconds", type=float, default=10.0, help="gRPC load window per variant")
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--clients", default="python,ghz", help="load generators (ghz: if installed)")
+    parser.add_argument("--repeats", type=int, default=3, help="load runs per variant (median shown)")
+    parser.add_argument("--sync-workers", type=int, default=8, help="threads of the sync server variant")
+    parser.add_argument(
+        "--serve-seconds",
+        type=float,
+        default=0.0,
+        help="only serve the model (as deployed: no timing interceptor) for this long, for profiling",
+    )
     parser.add_argument("--client", metavar="TARGET", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
@@ -258,6 +448,9 @@ def main() -> int:
         snapshot = model.snapshot()
         build_s.append(time.perf_counter() - started)
     print(f"model with {model.n_items} items, {model.n_users} users in {setup_s:.1f} s", file=sys.stderr)
+    if args.serve_seconds:
+        asyncio.run(serve_for(RecommendationService(snapshot), args.serve_seconds))
+        return 0
 
     core: dict[str, dict[str, dict[str, float]]] = {}
     for label, kwargs in CASES.items():
@@ -276,14 +469,52 @@ def main() -> int:
             snapshot.similar_items(item_id, K)
             similar.append(time.perf_counter() - started)
 
+    batched = batched_scoring(snapshot)
+    print("GEMM us per request by batch size", batched, file=sys.stderr)
+
+    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+    if "ghz" in clients and find_ghz() is None:
+        print("ghz not found (go install github.com/bojand/ghz/cmd/ghz@latest): skipped", file=sys.stderr)
+        clients.remove("ghz")
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for repeat in range(args.repeats):  # variants interleaved, so slow phases of the machine hit all
+        for client in clients:
+            for label, service_type in (("before", BaselineService), ("after", RecommendationService)):
+                if client == "ghz" and service_type is BaselineService:
+                    continue  # before/after is shown with the Python client
+                service = service_type(snapshot)  # sets BLAS to 1 thread ...
+                if service_type is BaselineService:
+                    threadpool_limits(limits=default_blas, user_api="blas")  # ... which "before" did not
+                name = f"{label}, grpc.aio server, {client} client"
+                runs.setdefault(name, []).append(asyncio.run(serve_and_load(service, client, args)))
+                print(repeat, name, runs[name][-1], file=sys.stderr)
+            if client == "python":
+                name = "after + opportunistic micro-batching (experiment), grpc.aio server, python client"
+                batcher = OpportunisticBatcher(RecommendationService(snapshot))
+                result = asyncio.run(serve_and_load(batcher.service, client, args, batcher))
+                calls = sum(size * count for size, count in batcher.sizes.items())
+                result["batch_share_of_calls"] = {
+                    group: round(sum(z * c for z, c in batcher.sizes.items() if low <= z <= high) / calls, 3)
+                    for group, (low, high) in {
+                        "1": (1, 1),
+                        "2": (2, 2),
+                        "3-7": (3, 7),
+                        "8+": (8, 10**9),
+                    }.items()
+                }
+                runs.setdefault(name, []).append(result)
+                print(repeat, name, result, file=sys.stderr)
+            if client == "ghz":
+                name = f"after, sync grpc.server ({args.sync_workers} threads), ghz client"
+                runs.setdefault(name, []).append(sync_serve_and_load(RecommendationService(snapshot), args))
+                print(repeat, name, runs[name][-1], file=sys.stderr)
     load = {}
-    for label, service_type in (("before", BaselineService), ("after", RecommendationService)):
-        service = service_type(snapshot)  # sets BLAS to 1 thread ...
-        if service_type is BaselineService:
-            threadpool_limits(limits=default_blas, user_api="blas")  # ... which "before" did not
-        load[label] = asyncio.run(serve_and_load(service, args))
-        print(label, load[label], file=sys.stderr)
-    write_report(args, default_blas, build_s, core, percentiles_ms(similar), load)
+    for name, results in runs.items():  # the run with the median requests/s stands for the variant
+        ordered = sorted(results, key=lambda r: r["requests_per_s"])
+        load[name] = ordered[(len(ordered) - 1) // 2] | {
+            "all_requests_per_s": [r["requests_per_s"] for r in results]
+        }
+    write_report(args, default_blas, build_s, core, percentiles_ms(similar), batched, load)
     return 0
 
 
@@ -293,6 +524,7 @@ def write_report(
     build_s: list[float],
     core: dict[str, dict[str, dict[str, float]]],
     similar: dict[str, float],
+    batched: dict[int, float],
     load: dict[str, dict[str, Any]],
 ) -> None:
     def row(name: str, p: dict[str, float]) -> str:
@@ -302,7 +534,7 @@ def write_report(
         "# Recommender serving at catalog scale",
         "",
         f"Command: `python benchmarks/recommender_serving.py --items {args.items} --events {args.events} "
-        f"--seconds {args.seconds:g} --concurrency {args.concurrency}`  ",
+        f"--seconds {args.seconds:g} --concurrency {args.concurrency} --repeats {args.repeats}`  ",
         f"Machine: {os.cpu_count()} cores (shared), load average at the end {os.getloadavg()[0]:.1f}; "
         f"default BLAS threads {default_blas}. k = {K}, {USERS} users.",
         "",
@@ -318,22 +550,47 @@ def write_report(
         lines += [row(f"{label}: {variant}", p) for variant, p in variants.items()]
     lines += [row("SimilarItems (after)", similar), ""]
     lines += [
-        "## (b, c) Through a real gRPC server (Recommend, no filters, k = 20)",
+        "## (b, c, d) Through a real gRPC server (Recommend, no filters, k = 20)",
         "",
-        f"Client: grpc.aio in another process, {args.concurrency} concurrent calls, "
-        f"{args.seconds:g} s window after a 2 s warm-up. Server-side = handler time measured by a "
-        "server interceptor (after deserialisation, before serialisation).",
+        f"Load generator in another process, {args.concurrency} concurrent calls, {args.seconds:g} s "
+        "window after 2 s of warm-up. python = grpc.aio client (this script with --client); ghz = "
+        "the Go load generator (waits for in-flight calls at the end). Server-side = handler time "
+        "(grpc.aio: a server interceptor, after deserialisation and before serialisation; sync: "
+        "inside the method). CPU ms/request = process CPU time (all threads) / calls completed: "
+        "1 / (server CPU ms/request) is the server's ceiling in req/s per core it gets.",
         "",
-        "| implementation | requests/s | errors | server p50 | server p95 | server p99 "
-        "| client p50 | client p99 |",
-        "|---|---|---|---|---|---|---|---|",
+        f"Each variant ran {args.repeats} times, interleaved with the others; the row is the run "
+        "with the median requests/s, the last column lists all runs.",
+        "",
+        "| server, load generator | requests/s | errors | server p50 | server p95 | server p99 "
+        "| client p50 | client p99 | server CPU ms/req | client CPU ms/req | requests/s, all runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, result in load.items():
         server, client = result["server_handler_ms"], result["client_ms"]
         lines.append(
             f"| {label} | {result['requests_per_s']} | {result['errors']} | {server.get('p50')} "
-            f"| {server.get('p95')} | {server.get('p99')} | {client['p50']} | {client['p99']} |"
+            f"| {server.get('p95')} | {server.get('p99')} | {client['p50']} | {client['p99']} "
+            f"| {result['server_cpu_ms_per_request']} | {result['client_cpu_ms_per_request']} "
+            f"| {', '.join(str(r) for r in result['all_requests_per_s'])} |"
         )
+    for label, result in load.items():
+        if "batch_share_of_calls" in result:
+            shares = ", ".join(
+                f"{size}: {share:.0%}" for size, share in result["batch_share_of_calls"].items()
+            )
+            lines += ["", f"Share of calls by the size of the batch they were scored in ({label}): {shares}."]
+    lines += [
+        "",
+        "## (e) Micro-batching, cost model: one GEMM for B concurrent requests",
+        "",
+        "Microseconds per request to score B users against all items in one (B, d+1) x (d+1, n) "
+        "float32 GEMM, one BLAS thread, fastest of many repetitions (B = 1 is today's matvec):",
+        "",
+        "| B | " + " | ".join(str(b) for b in batched) + " |",
+        "|---|" + "---|" * len(batched),
+        "| us / request | " + " | ".join(str(v) for v in batched.values()) + " |",
+    ]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     existing = OUT.read_text() if OUT.exists() else ""
     notes = existing[existing.index("## Notes") :] if "## Notes" in existing else ""
