@@ -557,7 +557,8 @@ def write_report(
         "the Go load generator (waits for in-flight calls at the end). Server-side = handler time "
         "(grpc.aio: a server interceptor, after deserialisation and before serialisation; sync: "
         "inside the method). CPU ms/request = process CPU time (all threads) / calls completed: "
-        "1 / (server CPU ms/request) is the server's ceiling in req/s per core it gets.",
+        "1 / (server CPU ms/request) is the server's ceiling in req/s per core it gets (server CPU "
+        "includes the timing interceptor; client CPU includes the client's start-up).",
         "",
         f"Each variant ran {args.repeats} times, interleaved with the others; the row is the run "
         "with the median requests/s, the last column lists all runs.",
