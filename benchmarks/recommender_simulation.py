@@ -87,12 +87,13 @@ def hit_rate(concepts: Sequence[Sequence[str]], interests: Sequence[str]) -> flo
 
 
 def ensure_models(models: Path) -> Path:
-    """The default model in `models`, trained there if missing: the tests' small settings (~80-90%
-    top-1 on held-out photos; the misclassified photos are extra noise for the recommender)."""
+    """The default model in `models`, trained there if missing (misclassified photos are extra
+    noise the recommender must tolerate)."""
     from snaplearn_vision.train import TrainingSettings, ensure_default_model
 
-    small = TrainingSettings(seed=0, n_per_class=240, epochs=10, progress=False, min_test_accuracy=0.8)
-    ensure_default_model(models, small)
+    # The model `make up` trains (seeded, ~96% top-1 on held-out photos, ~90 s once), so the
+    # benchmark measures what users run.
+    ensure_default_model(models, TrainingSettings(progress=False))
     return models
 
 
