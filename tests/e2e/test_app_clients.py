@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from snaplearn_client import RecommenderClient, VisionClient
-from snaplearn_common.launcher import LaunchSettings, server_processes
 from snaplearn_vision.worksheets import sample_image_bytes
+from tests.helpers.system import embedded_system
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,28 +79,8 @@ def system(
     tmp_path_factory: pytest.TempPathFactory,
     trained_model_repository: Path,  # noqa: F811
 ) -> Iterator[tuple[str, str]]:
-    data_dir = tmp_path_factory.mktemp("app-clients") / "var"
-    shutil.copytree(trained_model_repository, data_dir / "models")
-    settings = LaunchSettings(
-        data_dir=data_dir,
-        vision_port=0,
-        vision_metrics_port=0,
-        recommender_port=0,
-        recommender_metrics_port=0,
-        bus_args=("--bus", "embedded", "--bus-path", str(data_dir / "bus.db")),
-    )
-    processes = server_processes(settings)
-    try:
-        for process in processes:
-            process.start()
-        vision, recommender = (process.wait_ready(120) for process in processes)
-        yield f"127.0.0.1:{vision['port']}", f"127.0.0.1:{recommender['port']}"
-    finally:
-        for process in processes:
-            process.stop()
-    for process in processes:
-        assert process.process is not None
-        assert process.process.returncode == 0, f"{process.name} did not stop cleanly:\n{process.log_tail()}"
+    with embedded_system(tmp_path_factory.mktemp("app-clients") / "var", trained_model_repository) as running:
+        yield running.vision_target, running.recommender_target
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,15 @@
 """The vision server and the recommender as real processes on a real Kafka broker.
 
 Each `KafkaSystem` gets its own topic (and so its own dead-letter topic) and consumer group,
-so tests sharing the session broker never see each other's events. Ports are 0 (the
-processes report theirs in ready files), the model is the small trained test model.
+so tests sharing the session broker never see each other's events. The processes are those
+`make up` starts (snaplearn_common.launcher) with ports 0 (each reports its own in a ready
+file); the model is the small trained test model.
 """
 
 from __future__ import annotations
 
 import shutil
 import signal
-import sys
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -18,11 +18,11 @@ from pathlib import Path
 from snaplearn_client import RecommenderClient
 from snaplearn_common.eventbus.base import Record
 from snaplearn_common.eventbus.kafka import KafkaEventBus
-from snaplearn_common.launcher import ManagedProcess
+from snaplearn_common.launcher import ManagedProcess, server_processes
 from tests.contract.eventbus_contract import POLL_S
 from tests.helpers.kafka_broker import unique_name
+from tests.helpers.system import READY_TIMEOUT_S, launch_settings
 
-READY_TIMEOUT_S = 120.0
 PARTITIONS = 4
 
 
@@ -50,38 +50,24 @@ class KafkaSystem:
             "--bus-partitions", str(PARTITIONS), "--bus-session-timeout", str(self.session_timeout_s),
         ]  # fmt: skip
 
+    def _server_processes(self) -> tuple[ManagedProcess, ManagedProcess]:
+        """The vision server and the recommender as `make up` runs them, on this system's topic."""
+        vision, recommender = server_processes(launch_settings(self.data_dir, self._bus_args()))
+        return vision, recommender
+
     def start_vision(self, models: Path) -> None:
         shutil.copytree(models, self.data_dir / "models", dirs_exist_ok=True)
-        run = self.data_dir / "run"
-        self.vision = ManagedProcess(
-            "vision server",
-            [
-                sys.executable, "-m", "snaplearn_vision.main", "--port", "0", "--metrics-port", "0",
-                "--model-repository", str(self.data_dir / "models"),
-                "--spool-dir", str(self.data_dir / "spool"),
-                "--ready-file", str(run / "vision.json"), *self._bus_args(),
-            ],
-            self.data_dir / "logs" / "vision.log",
-            run / "vision.json",
-        )  # fmt: skip
+        self.vision, _ = self._server_processes()
         self.vision.start()
         self.vision_ports = self.vision.wait_ready(READY_TIMEOUT_S)
 
     def start_recommender(self) -> None:
-        run = self.data_dir / "run"
         self.recommender_starts += 1
-        self.recommender = ManagedProcess(
-            "recommender",
-            [
-                sys.executable, "-m", "snaplearn_recommender.main", "--port", "0", "--metrics-port", "0",
-                "--checkpoint-dir", str(self.data_dir / "recommender"),
-                "--checkpoint-interval", str(self.checkpoint_interval_s),
-                "--consumer-group", self.group,
-                "--ready-file", str(run / "recommender.json"), *self._bus_args(),
-            ],
-            self.data_dir / "logs" / "recommender.log",
-            run / "recommender.json",
-        )  # fmt: skip
+        _, self.recommender = self._server_processes()
+        # This system's own group (tests share the broker), checkpointing as often as the test says.
+        self.recommender.argv += [
+            "--checkpoint-interval", str(self.checkpoint_interval_s), "--consumer-group", self.group,
+        ]  # fmt: skip
         self.recommender.start()
         self.recommender_ports = self.recommender.wait_ready(READY_TIMEOUT_S)
 

@@ -29,8 +29,8 @@ import pytest
 import yaml
 
 from snaplearn_client import RecommenderClient, VisionClient
-from snaplearn_common.launcher import LaunchSettings, server_processes
 from snaplearn_vision.worksheets import sample_image_bytes
+from tests.helpers.system import embedded_system
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,32 +61,15 @@ def servers(
     trained_model_repository: Path,  # noqa: F811
 ) -> Iterator[dict[str, dict[str, Any]]]:
     """Both servers, after one Classify and one Recommend; yields their ready-file contents."""
-    data_dir = tmp_path_factory.mktemp("metrics") / "var"
-    shutil.copytree(trained_model_repository, data_dir / "models")
-    settings = LaunchSettings(
-        data_dir=data_dir,
-        vision_port=0,
-        vision_metrics_port=0,
-        recommender_port=0,
-        recommender_metrics_port=0,
-        bus_args=("--bus", "embedded", "--bus-path", str(data_dir / "bus.db")),
-    )
-    processes = server_processes(settings)
-    try:
-        for process in processes:
-            process.start()
-        vision, recommender = (process.wait_ready(120) for process in processes)
-        with VisionClient(f"127.0.0.1:{vision['port']}", timeout_s=30) as client:
+    with embedded_system(tmp_path_factory.mktemp("metrics") / "var", trained_model_repository) as running:
+        with VisionClient(running.vision_target, timeout_s=30) as client:
             client.classify(sample_image_bytes("fractions", seed=1), "metrics-student")
-        with RecommenderClient(f"127.0.0.1:{recommender['port']}") as client:
+        with RecommenderClient(running.recommender_target) as client:
             deadline = time.monotonic() + 60
             while client.recommend("metrics-student", k=3).cold_start:
                 assert time.monotonic() < deadline, "the recommender did not apply the event within 60 s"
                 time.sleep(0.05)
-        yield {"vision": vision, "recommender": recommender}
-    finally:
-        for process in processes:
-            process.stop()
+        yield {"vision": running.vision, "recommender": running.recommender}
 
 
 @pytest.fixture(scope="module")

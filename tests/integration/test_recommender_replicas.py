@@ -19,34 +19,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
-from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, encode_image_classified
 from snaplearn_common.launcher import ManagedProcess
 from snaplearn_recommender.app import RecommenderApp
 from snaplearn_recommender.catalog import generate_sample_catalog
-from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.model import ClassifiedEvent, RecommenderModel
 from snaplearn_recommender.servicer import SERVICE_NAME
 from snaplearn_recommender.snapshot_store import LocalDirectoryStorage, SnapshotStore
+from tests.helpers.recommender import in_process_settings, produce_classified
 
 WAIT_S = 30.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _produce(bus: SqliteEventBus, user_topics: Sequence[tuple[str, str]], first_id: int = 0) -> int:
-    with bus.producer() as producer:
-        for number, (user, topic) in enumerate(user_topics, start=first_id):
-            event = encode_image_classified(
-                event_id=f"req-{number}",
-                user_id=user,
-                time_s=1_700_000_000.0 + number,
-                model_name="snaplearn-topics",
-                model_version="1",
-                labels=[(topic, 0.85), ("addition", 0.1)],
-            )
-            producer.send(IMAGE_CLASSIFIED_TOPIC, event.value, key=event.key, headers=event.headers)
-        producer.flush()
-    return len(user_topics)
 
 
 async def _eventually(condition: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -96,22 +79,15 @@ async def nodes() -> AsyncIterator[list[Node]]:
         await node.close()
 
 
-def _settings(tmp_path: Path, role: str, name: str) -> RecommenderSettings:
-    return RecommenderSettings(
-        port=0,
-        metrics_port=0,
+async def _start(tmp_path: Path, bus: SqliteEventBus, nodes: list[Node], role: str, name: str) -> Node:
+    settings = in_process_settings(
+        tmp_path / f"{name}-checkpoints",
         role=role,
         snapshot_dir=str(tmp_path / "snapshots"),
-        checkpoint_dir=tmp_path / f"{name}-checkpoints",
-        checkpoint_interval_s=3600,
-        batch_max_wait_ms=10,
         publish_interval_s=0.05,
         poll_interval_s=0.05,
     )
-
-
-async def _start(tmp_path: Path, bus: SqliteEventBus, nodes: list[Node], role: str, name: str) -> Node:
-    node = Node(await RecommenderApp.start(_settings(tmp_path, role, name), bus))
+    node = Node(await RecommenderApp.start(settings, bus))
     nodes.append(node)
     return node
 
@@ -151,7 +127,9 @@ async def test_one_trainer_two_replicas_serve_the_same_personalised_answers(
     late = await _start(tmp_path, bus, nodes, "query", "late")
     replicas = [early, late]
 
-    produced = await asyncio.to_thread(_produce, bus, [("fran", "fractions"), ("geo", "geometry")] * 10)
+    produced = await asyncio.to_thread(
+        produce_classified, bus, [("fran", "fractions"), ("geo", "geometry")] * 10
+    )
     await _converged(trainer, replicas, produced)
 
     for user in ("fran", "geo", "stranger"):
@@ -176,7 +154,7 @@ async def test_one_trainer_two_replicas_serve_the_same_personalised_answers(
     assert trainer.metric("snapshot_store_version") == trainer.app.publisher.last_manifest.version
 
     # More events: the replicas follow.
-    more = await asyncio.to_thread(_produce, bus, [("geo", "geometry")] * 4, produced)
+    more = await asyncio.to_thread(produce_classified, bus, [("geo", "geometry")] * 4, produced)
     await _converged(trainer, replicas, produced + more)
     assert (await early.recommend("geo")) == (await trainer.recommend("geo"))
 
@@ -186,7 +164,7 @@ async def test_a_corrupt_newest_snapshot_is_skipped_and_the_previous_keeps_servi
 ) -> None:
     trainer = await _start(tmp_path, bus, nodes, "trainer", "trainer")
     replica = await _start(tmp_path, bus, nodes, "query", "replica")
-    produced = await asyncio.to_thread(_produce, bus, [("fran", "fractions")] * 6)
+    produced = await asyncio.to_thread(produce_classified, bus, [("fran", "fractions")] * 6)
     await _converged(trainer, [replica], produced)
     assert replica.app.follower is not None and replica.app.follower.current is not None
     serving = replica.app.follower.current
@@ -207,7 +185,7 @@ async def test_a_corrupt_newest_snapshot_is_skipped_and_the_previous_keeps_servi
     assert await replica.health_status() == SERVING
 
     # The trainer's next publish gets past it.
-    more = await asyncio.to_thread(_produce, bus, [("fran", "fractions")] * 2, produced)
+    more = await asyncio.to_thread(produce_classified, bus, [("fran", "fractions")] * 2, produced)
     await _converged(trainer, [replica], produced + more)
     assert replica.app.follower.current.version > torn.version
     assert await replica.recommend("fran") == await trainer.recommend("fran")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -19,30 +19,13 @@ from snaplearn_common.events import (
     IMAGE_CLASSIFIED_TOPIC,
     IMAGE_CLASSIFIED_TYPE,
     SCHEMA_VERSION,
-    encode_image_classified,
 )
 from snaplearn_recommender.app import RecommenderApp
-from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.servicer import SERVICE_NAME
+from tests.helpers.recommender import in_process_settings
+from tests.helpers.recommender import produce_classified as _produce
 
 WAIT_S = 30.0
-
-
-def _produce(bus: SqliteEventBus, user_topics: Sequence[tuple[str, str]], first_id: int = 0) -> int:
-    """One ImageClassified event per (user, topic), sent by a real producer; returns how many."""
-    with bus.producer() as producer:
-        for number, (user, topic) in enumerate(user_topics, start=first_id):
-            event = encode_image_classified(
-                event_id=f"req-{number}",
-                user_id=user,
-                time_s=1_700_000_000.0 + number,
-                model_name="snaplearn-topics",
-                model_version="1",
-                labels=[(topic, 0.85), ("addition", 0.1)],
-            )
-            producer.send(IMAGE_CLASSIFIED_TOPIC, event.value, key=event.key, headers=event.headers)
-        producer.flush()
-    return len(user_topics)
 
 
 def _produce_malformed(bus: SqliteEventBus) -> None:
@@ -90,18 +73,8 @@ async def bus(tmp_path: Path) -> AsyncIterator[SqliteEventBus]:
     event_bus.close()
 
 
-def _settings(tmp_path: Path) -> RecommenderSettings:
-    return RecommenderSettings(
-        port=0,
-        metrics_port=0,
-        checkpoint_dir=tmp_path / "checkpoints",
-        batch_max_wait_ms=10,
-        checkpoint_interval_s=3600,
-    )
-
-
 async def _start(tmp_path: Path, bus: SqliteEventBus) -> tuple[RecommenderApp, grpc.aio.Channel]:
-    app = await RecommenderApp.start(_settings(tmp_path), bus)
+    app = await RecommenderApp.start(in_process_settings(tmp_path / "checkpoints"), bus)
     return app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
 
 
