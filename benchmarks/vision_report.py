@@ -35,9 +35,17 @@ NOTES = """\
   multiprocessing.resource_tracker fails with "AttributeError: '_thread.RLock' object has no
   attribute '_recursion_count'"; the model stays UNAVAILABLE. Serving our torch model would
   also need torch in that numpy<2 venv. perf_analyzer stands in for Triton's tooling.
-- The 3x overload of the small default model asks ~1800 requests/s of a Python load
-  generator sharing the 2 cores with the server: there the generator, not the server, is
-  the bottleneck, and those rows say little about the server.
+- One load generator for everyone: benchmarks/vision_load.py, a separate process (never
+  inside the server), gRPC for ours and Ray, HTTP for LitServe. It shares the 2 cores with
+  the server it measures; its CPU and its send lag are in the table under each model. Where
+  its send lag p99 is hundreds of milliseconds, the latency and refusal columns of that
+  row measure the generator's own queue (and the other work on the shared machine), not
+  the server: the 3x overload of the small default model asks ~3x1200 requests/s of one
+  Python process on 2 cores that the server needs too.
+- The raw bound decodes a batch on the decode threads, then runs the model, one after the
+  other; a server that overlaps the two (ours does) can exceed it when the model dominates
+  (mobilenet), and, measured minutes apart on a shared machine, the ratio moves with the
+  other work on the machine more than with the server.
 """
 
 

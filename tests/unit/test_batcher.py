@@ -164,6 +164,53 @@ async def test_lone_request_dispatched_after_max_delay() -> None:
     assert result.queue_wait_s >= delay_s
 
 
+async def test_a_due_batch_waits_for_requests_still_being_prepared() -> None:
+    # The model frees up while one request waits past its delay and another is still decoding
+    # upstream: the batch waits for it rather than leaving half-empty. The clock is frozen,
+    # so only the arrival can release the batch.
+    process = GatedDoubler(gated=True)
+    clock = ManualClock()
+    preparing = [0]
+    batcher = make_batcher(
+        process, max_batch_size=2, max_queue_delay_s=1.0, clock=clock, incoming=lambda: preparing[0]
+    )
+    try:
+        first = [spawn(batcher.submit(i)) for i in (0, 1)]
+        await process.wait_entered()
+        head = spawn(batcher.submit(10))
+        preparing[0] = 1
+        await until(lambda: batcher.queue_depth == 1, "the head queued")
+        clock.advance(2.0)  # its delay is long past when the model frees up
+        process.gate.set()
+        await asyncio.gather(*first)
+        await until(lambda: batcher.waiting_for_incoming, "the batcher holds the batch back")
+        assert process.seen == [[0, 1]]
+        preparing[0] = 0
+        late = spawn(batcher.submit(11))
+        results = await asyncio.gather(head, late)
+    finally:
+        await batcher.stop()
+    assert process.seen == [[0, 1], [10, 11]]
+    assert [r.batch_size for r in results] == [2, 2]
+
+
+async def test_the_wait_for_requests_being_prepared_lasts_at_most_one_more_delay() -> None:
+    process = GatedDoubler()
+    clock = ManualClock()
+    batcher = make_batcher(process, max_batch_size=4, max_queue_delay_s=0.01, clock=clock, incoming=lambda: 3)
+    try:
+        head = spawn(batcher.submit(5))
+        await until(lambda: batcher.queue_depth == 1, "the head queued")
+        clock.advance(0.02)  # the head's delay is over: the grace starts now
+        await until(lambda: batcher.waiting_for_incoming, "the batcher holds the batch back")
+        clock.advance(0.02)  # and now the grace is over too; the next timer tick sends it alone
+        result = await head
+    finally:
+        await batcher.stop()
+    assert result.batch_size == 1
+    assert process.seen == [[5]]
+
+
 async def test_expired_deadlines_are_dropped_before_compute() -> None:
     clock = ManualClock()
     metrics = RecordingMetrics()

@@ -7,9 +7,11 @@ LitServe's collate step).
 
 A batch is dispatched when `max_batch_size` requests wait, or when the oldest one has
 waited `max_queue_delay_s`, whichever comes first, and only when an executor thread is
-free. The next batch keeps forming in the queue while the current one computes, so
-it leaves the moment the executor frees up (pipelining) while at most one batch
-computes per executor thread.
+free. When the batch is due but requests admitted upstream are still being prepared
+(`incoming`, e.g. decoding), it waits for them at most one more `max_queue_delay_s`.
+The next batch keeps forming in the queue while the current one computes, so it leaves
+the moment the executor frees up (pipelining) while at most one batch computes per
+executor thread.
 
 Admission is decided at once, so overload is answered in microseconds rather than after a
 wait: a full queue refuses (Overloaded), and so does a queue whose estimated drain time
@@ -169,6 +171,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         compute_threads: int = 1,
         clock: Clock = time.monotonic,
         thread_initializer: Callable[[], None] | None = None,
+        incoming: Callable[[], int] | None = None,
     ) -> None:
         if compute_threads < 1:
             raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
@@ -179,6 +182,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._compute_threads = compute_threads
         self._clock = clock
         self._thread_initializer = thread_initializer
+        # Requests admitted upstream and still being prepared (decoded): they join shortly.
+        self._incoming = incoming
+        self._awaiting_incoming = False  # the loop waits for them: every submit must wake it
         self._batch_seconds = 0.0  # moving average of batch compute time; 0 until one ran
         self._pending: collections.deque[_Request[ItemT, ResultT]] = collections.deque()
         self._executor: ThreadPoolExecutor | None = None
@@ -197,6 +203,11 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     @property
     def running(self) -> bool:
         return self._accepting
+
+    @property
+    def waiting_for_incoming(self) -> bool:
+        """A due batch is held back for requests still being prepared upstream."""
+        return self._awaiting_incoming
 
     @property
     def queue_depth(self) -> int:
@@ -294,8 +305,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._pending.append(request)
         self._metrics.set_queue_depth(len(self._pending))
         # The loop only needs waking when its decision may change: the queue stopped being
-        # empty (a delay timer starts) or a full batch is ready.
-        if len(self._pending) == 1 or len(self._pending) >= self.limits.max_batch_size:
+        # empty (a delay timer starts), a full batch is ready, or it waits for incoming ones.
+        if (
+            len(self._pending) == 1
+            or len(self._pending) >= self.limits.max_batch_size
+            or self._awaiting_incoming
+        ):
             self._wake()
         try:
             return await future
@@ -348,6 +363,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """Wait until a batch is due and take it; None once stopping with nothing left."""
         assert self._wakeup is not None
         limits = self.limits
+        grace_until: float | None = None  # set once this batch waits for decoding requests
         while True:
             if not self._pending:
                 if self._stopping:
@@ -357,14 +373,24 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             if len(self._pending) < limits.max_batch_size and not self._stopping:
                 remaining = self._pending[0].enqueued_at + limits.max_queue_delay_s - self._clock()
+                if remaining <= 0 and self._incoming is not None and self._incoming() > 0:
+                    # Requests still decoding would join this batch within about a decode: the
+                    # model is free only now, so wait for them, at most one more queue delay
+                    # (counted from the first time this batch found them). Without this a
+                    # closed loop of callers splits into cohorts whose batches never fill.
+                    if grace_until is None:
+                        grace_until = self._clock() + limits.max_queue_delay_s
+                    remaining = grace_until - self._clock()
                 if remaining > 0:
                     self._wakeup.clear()
                     # A timer that sets the event: no task per wait, unlike asyncio.wait_for.
                     timer = asyncio.get_running_loop().call_later(remaining, self._wakeup.set)
+                    self._awaiting_incoming = grace_until is not None
                     try:
                         await self._wakeup.wait()
                     finally:
                         timer.cancel()
+                        self._awaiting_incoming = False
                     continue  # re-evaluate: woken early, timer fired, or the head was cancelled
             batch = self._take_batch()
             if batch:

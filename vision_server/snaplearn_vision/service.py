@@ -543,14 +543,17 @@ class ClassificationService:
             if not self._accepting:
                 raise errors.Unavailable("the vision server is shutting down")
             limits = self._batching.limits_for(model.config)
+            holder: list[_Served] = []  # the batcher asks how many of this model's images decode
             batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
                 _predict_batch(model),
                 limits,
                 name=f"model {key}",
                 metrics=self.metrics.for_model(key, limits.max_batch_size, limits.max_queue_size),
+                incoming=lambda: holder[0].decoding if holder else 0,
             )
-            batcher.start()
             served = _Served(model=model, batcher=batcher)
+            holder.append(served)
+            batcher.start()
             self._served[key] = served
             log.info("loaded model %s in %.2fs", key, time.perf_counter() - started)
         self._aliases[(name, version)] = key
