@@ -129,6 +129,7 @@ class RecommenderApp:
                 host=settings.host,
                 port=settings.port,
                 serving=service.has_snapshot,
+                max_connection_age_s=settings.max_connection_age_s,
             )
         except BaseException:
             if worker is not None:

@@ -51,8 +51,13 @@ class RecommenderSettings:
     publish_interval_s: float = 5.0  # trainer: publish at most this often, when the model changed
     poll_interval_s: float = 2.0  # query: how often to look for a newer snapshot
     snapshot_retain: int = 5  # trainer: versions kept in the store
+    # Close client connections after this long so round-robin clients re-resolve DNS and
+    # reach replicas added by a scale-up (None: never).
+    max_connection_age_s: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
+            raise ValueError(f"max_connection_age_s must be > 0; got {self.max_connection_age_s}")
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}; got {self.role!r}")
         if self.role != "standalone" and self.snapshot_dir is None:
@@ -172,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("SNAPSHOT_RETAIN", str(d.snapshot_retain)) or d.snapshot_retain),
         help="trainer: snapshot versions kept in the store",
     )
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        default=float(_env("MAX_CONNECTION_AGE", "0") or 0),
+        help="seconds before a client connection is closed (GOAWAY) so clients re-resolve; 0 = never",
+    )
     add_bus_arguments(parser)
     return parser
 
@@ -211,4 +222,5 @@ def _settings(args: argparse.Namespace) -> RecommenderSettings:
         publish_interval_s=args.publish_interval,
         poll_interval_s=args.poll_interval,
         snapshot_retain=args.snapshot_retain,
+        max_connection_age_s=args.max_connection_age if args.max_connection_age > 0 else None,
     )

@@ -56,13 +56,28 @@ async def start_grpc_server(
     serving: bool = True,
     max_message_bytes: int = 16 * 1024 * 1024,
     interceptors: Sequence[aio.ServerInterceptor] = (),
+    max_connection_age_s: float | None = None,
+    max_connection_age_grace_s: float = 30.0,
 ) -> GrpcServer:
-    """Start a server on host:port (0 picks a free port) and return it with the bound port."""
-    options = [
+    """Start a server on host:port (0 picks a free port) and return it with the bound port.
+
+    max_connection_age_s: close each client connection (GOAWAY, then `grace` for in-flight
+    calls) after this long. Clients balancing round-robin over a headless Service re-resolve
+    DNS only when a connection closes, so without it pods added by a scale-up get no traffic
+    from clients that are already connected.
+    """
+    options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if max_connection_age_s is not None:
+        if max_connection_age_s <= 0 or max_connection_age_grace_s < 0:
+            raise ValueError("max_connection_age_s must be > 0 and its grace >= 0")
+        options += [
+            ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
+        ]
     server = aio.server(interceptors=[ErrorMappingInterceptor(), *interceptors], options=options)
     for register in registrars:
         register(server)

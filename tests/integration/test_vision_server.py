@@ -411,3 +411,11 @@ def test_invalid_settings_are_refused_with_a_usage_error(argv: list[str]) -> Non
     with pytest.raises(SystemExit) as exited:
         vision_config.settings_from_args(argv)
     assert exited.value.code == 2
+
+
+def test_max_connection_age_from_flag_or_environment_0_is_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert vision_config.settings_from_args([]).max_connection_age_s is None
+    assert vision_config.settings_from_args(["--max-connection-age", "0"]).max_connection_age_s is None
+    monkeypatch.setenv("SNAPLEARN_VISION_MAX_CONNECTION_AGE_S", "300")
+    assert vision_config.settings_from_args([]).max_connection_age_s == 300.0
+    assert vision_config.settings_from_args(["--max-connection-age", "60"]).max_connection_age_s == 60.0

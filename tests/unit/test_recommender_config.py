@@ -46,3 +46,13 @@ def test_object_store_paths_are_refused_at_startup(capsys: pytest.CaptureFixture
 def test_unknown_role_is_refused() -> None:
     with pytest.raises(ValueError, match="role must be one of"):
         RecommenderSettings(role="leader")
+
+
+def test_max_connection_age_flag_environment_and_zero_means_never(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args([]).max_connection_age_s is None
+    assert settings_from_args(["--max-connection-age", "120"]).max_connection_age_s == 120.0
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_MAX_CONNECTION_AGE", "300")
+    assert settings_from_args([]).max_connection_age_s == 300.0
+    assert settings_from_args(["--max-connection-age", "0"]).max_connection_age_s is None
+    with pytest.raises(ValueError, match="max_connection_age_s"):
+        RecommenderSettings(max_connection_age_s=-1)

@@ -52,6 +52,9 @@ class VisionSettings:
     compile_model: bool = False
     ready_file: Path | None = None
     shutdown_grace_s: float = 10.0
+    # Close client connections after this long so round-robin clients re-resolve DNS and
+    # reach pods added by a scale-up (None: connections live until the client closes them).
+    max_connection_age_s: float | None = None
     log_level: str = "INFO"
     bus: BusSettings | None = field(default=None)  # None: no events published (tests, dry runs)
     # Where events wait, on disk, while the bus is unreachable (and across restarts); None
@@ -86,6 +89,8 @@ class VisionSettings:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.shutdown_grace_s < 0:
             problems.append(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
+        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
+            problems.append(f"max_connection_age_s must be > 0, got {self.max_connection_age_s}")
         if problems:
             raise ValueError("invalid vision server settings: " + "; ".join(problems))
 
@@ -93,6 +98,11 @@ class VisionSettings:
 def _env(name: str, default: object) -> object:
     """Environment fallback for a flag; argparse converts string defaults with the flag's type."""
     return os.environ.get(ENV_PREFIX + name, default)
+
+
+def _optional_seconds(text: str) -> float | None:
+    seconds = float(text) if text.strip() else 0.0
+    return seconds if seconds > 0 else None
 
 
 def _optional_int(text: str) -> int | None:
@@ -200,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ops = parser.add_argument_group("operations")
     ops.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE_S", 10.0), help="seconds")
+    ops.add_argument(
+        "--max-connection-age",
+        type=_optional_seconds,
+        default=_env("MAX_CONNECTION_AGE_S", None),
+        help="seconds before a client connection is closed (GOAWAY) so clients re-resolve; 0 = never",
+    )
     ops.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
     add_bus_arguments(parser)
     parser.add_argument(
@@ -234,6 +250,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             compile_model=args.compile,
             ready_file=args.ready_file,
             shutdown_grace_s=args.shutdown_grace,
+            max_connection_age_s=args.max_connection_age,
             log_level=args.log_level.upper(),
             bus=bus_settings_from_args(args),
             spool_dir=Path(args.spool_dir) if args.spool_dir else None,

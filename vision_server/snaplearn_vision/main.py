@@ -159,6 +159,7 @@ class VisionServer:
             port=settings.port,
             serving=False,
             max_message_bytes=settings.max_image_bytes + _MESSAGE_OVERHEAD_BYTES,
+            max_connection_age_s=settings.max_connection_age_s,
         )
 
     async def load_and_serve(self) -> None:
