@@ -51,6 +51,11 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+# What grpc answers over a server's maximum_concurrent_rpcs, counted apart from our refusals.
+GRPC_CAP_DETAILS = "Concurrent RPC limit exceeded!"
+GRPC_CAP_STATUS = "RESOURCE_EXHAUSTED_GRPC_CAP"
+
+
 @dataclass
 class LoadResult:
     mode: str  # "closed" or "open"
@@ -94,7 +99,7 @@ class Recorder:
             self.ok_latencies.append(finished - started)
             if batch_size:
                 self.batch_sizes.append(batch_size)
-        elif status in ("RESOURCE_EXHAUSTED", "HTTP_429", "HTTP_503"):
+        elif status in ("RESOURCE_EXHAUSTED", GRPC_CAP_STATUS, "HTTP_429", "HTTP_503"):
             self.rejected_latencies.append(finished - started)
 
     def result(self, mode: str, concurrency: int, rate: float) -> LoadResult:
@@ -139,6 +144,8 @@ async def grpc_caller(target: str) -> Any:
             )
         except aio.AioRpcError as error:
             code = error.code()
+            if code == StatusCode.RESOURCE_EXHAUSTED and error.details() == GRPC_CAP_DETAILS:
+                return GRPC_CAP_STATUS, 0  # grpc's own cap refused it, before the server's code
             return (code.name if isinstance(code, StatusCode) else str(code)), 0
         return "OK", reply.batch_size
 

@@ -58,6 +58,7 @@ async def start_grpc_server(
     interceptors: Sequence[aio.ServerInterceptor] = (),
     max_connection_age_s: float | None = None,
     max_connection_age_grace_s: float = 30.0,
+    maximum_concurrent_rpcs: int | None = None,
 ) -> GrpcServer:
     """Start a server on host:port (0 picks a free port) and return it with the bound port.
 
@@ -65,6 +66,10 @@ async def start_grpc_server(
     calls) after this long. Clients balancing round-robin over a headless Service re-resolve
     DNS only when a connection closes, so without it pods added by a scale-up get no traffic
     from clients that are already connected.
+
+    maximum_concurrent_rpcs: grpc refuses calls beyond this many in flight with
+    RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!") before deserialising the request or
+    running any interceptor or handler: a backstop under overload, not the informative refusal.
     """
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -78,7 +83,13 @@ async def start_grpc_server(
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
         ]
-    server = aio.server(interceptors=[ErrorMappingInterceptor(), *interceptors], options=options)
+    if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
+        raise ValueError(f"maximum_concurrent_rpcs must be >= 1, got {maximum_concurrent_rpcs}")
+    server = aio.server(
+        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        options=options,
+        maximum_concurrent_rpcs=maximum_concurrent_rpcs,
+    )
     for register in registrars:
         register(server)
     health_servicer = health.aio.HealthServicer()

@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from snaplearn_vision.config import VisionSettings
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import (
     MODEL_NAME,
@@ -161,3 +162,38 @@ async def test_requests_whose_deadline_passes_in_the_queue_are_never_computed(
     assert (await patient).labels[0].label == "fractions"
     assert gates.batch_sizes == [1, 1]  # only the patient one joined the second batch
     assert running.batcher().queue_depth == 0
+
+
+async def test_over_grpcs_cap_a_call_is_refused_at_once_before_our_admission(
+    start_server: StartServer, photo: bytes
+) -> None:
+    # An explicit cap of 3 calls in flight, below what our queue would admit: the fourth call is
+    # refused by grpc itself while the model is still blocked, and never reaches our code.
+    running = await start_server(max_batch_size=1, max_queue_size=4, max_concurrent_rpcs=3)
+    assert running.server.settings.rpc_cap() == 3
+    gates = running.gates
+    await gates.hold_next_batch()
+    computing = asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60))
+    await gates.wait_batch_held()
+    queued = [asyncio.ensure_future(running.stub.Classify(request(photo), timeout=60)) for _ in range(2)]
+    await until(lambda: running.batcher().queue_depth == 2, "two requests queued")
+
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await running.stub.Classify(request(photo), timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.value.details() == "Concurrent RPC limit exceeded!"  # grpc's words, not ours
+    assert not gates.open.is_set() and not computing.done()
+    assert metric(running, 'snaplearn_vision_rejections_total{reason="queue_full"}') == 0
+    assert metric(running, 'snaplearn_vision_errors_total{code="RESOURCE_EXHAUSTED"}') == 0
+
+    gates.open.set()
+    for call in (computing, *queued):
+        assert (await call).labels[0].label == "fractions"
+    # Capacity is back once the calls finished.
+    assert (await running.stub.Classify(request(photo), timeout=60)).labels[0].label == "fractions"
+
+
+def test_the_derived_cap_sits_above_what_our_admission_lets_in() -> None:
+    settings = VisionSettings(max_queue_size=256, max_batch_size=32, max_concurrent_rpcs=None)
+    assert settings.rpc_cap() == 256 + 2 * 32 + 32
+    assert VisionSettings(max_concurrent_rpcs=0).rpc_cap() is None

@@ -77,3 +77,43 @@ async def test_max_connection_age_makes_clients_reconnect_without_failing_calls(
 async def test_max_connection_age_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_connection_age_s"):
         await start_grpc_server([_peer_service], [], max_connection_age_s=0)
+
+
+async def test_calls_beyond_maximum_concurrent_rpcs_are_refused_before_any_handler_runs() -> None:
+    gate, both_in = asyncio.Event(), asyncio.Event()
+    entered: list[bytes] = []
+
+    async def held(request: bytes, context: aio.ServicerContext) -> bytes:
+        entered.append(request)
+        if len(entered) == 2:
+            both_in.set()
+        await gate.wait()
+        return request
+
+    def register(server: aio.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(held)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("test.Held", {"Call": handler})]
+        )
+
+    server = await start_grpc_server([register], [], maximum_concurrent_rpcs=2)
+    async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        call = channel.unary_unary("/test.Held/Call")
+        holding = [asyncio.ensure_future(call(b"%d" % i)) for i in range(2)]
+        await asyncio.wait_for(both_in.wait(), 10)  # both handlers run, blocked on the gate
+        with pytest.raises(aio.AioRpcError) as refused:
+            await call(b"over", timeout=10)
+        # Answered while both admitted calls are still held; its handler never ran.
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert refused.value.details() == "Concurrent RPC limit exceeded!"
+        assert sorted(entered) == [b"0", b"1"] and not any(h.done() for h in holding)
+        gate.set()
+        assert sorted(await asyncio.gather(*holding)) == [b"0", b"1"]
+        # Capacity frees as calls finish.
+        assert await call(b"after", timeout=10) == b"after"
+    await server.stop(0)
+
+
+async def test_maximum_concurrent_rpcs_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="maximum_concurrent_rpcs"):
+        await start_grpc_server([_peer_service], [], maximum_concurrent_rpcs=0)

@@ -26,6 +26,10 @@ PRECISIONS = ("fp32", "fp16", "bf16")  # = snaplearn_vision.engine.PRECISIONS (e
 # it pulls in torch, which `--help` should not pay for; a test asserts they agree.
 DEFAULT_MODEL_NAME = "worksheet-topics"
 DEFAULT_MODEL_VERSION = "1"
+# rpc_cap's assumptions: the largest batch a model's own config asks for, and the calls in
+# flight besides classifications (health, metadata, refusals being written).
+_CAP_BATCH_WHEN_MODEL_DECIDES = 64
+_CAP_MARGIN = 32
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class VisionSettings:
     # Close client connections after this long so round-robin clients re-resolve DNS and
     # reach pods added by a scale-up (None: connections live until the client closes them).
     max_connection_age_s: float | None = None
+    # grpc's own cap on calls in flight: beyond it grpc answers RESOURCE_EXHAUSTED before any
+    # of our code runs. None derives it from the queue limits (rpc_cap); 0 turns it off.
+    # Off by default: at 3x overload it (almost) never fired and changed nothing measurable
+    # (docs/benchmarks/vision.md, "Fast refusal experiment"); it is an operator's backstop.
+    max_concurrent_rpcs: int | None = 0
     log_level: str = "INFO"
     bus: BusSettings | None = field(default=None)  # None: no events published (tests, dry runs)
     # Where events wait, on disk, while the bus is unreachable (and across restarts); None
@@ -91,8 +100,25 @@ class VisionSettings:
             problems.append(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
             problems.append(f"max_connection_age_s must be > 0, got {self.max_connection_age_s}")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 0:
+            problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if problems:
             raise ValueError("invalid vision server settings: " + "; ".join(problems))
+
+    def rpc_cap(self) -> int | None:
+        """The grpc-level cap on calls in flight, or None for no cap.
+
+        Derived, it sits above what our own admission lets in (the queue, which counts the
+        images decoding, plus up to two batches computing or being assembled, at the largest
+        batch we allow) with room for health and metadata calls, so that our refusal, which
+        names the queue and its limits, stays the one clients normally see.
+        """
+        if self.max_concurrent_rpcs == 0:
+            return None
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        batch = self.max_batch_size or _CAP_BATCH_WHEN_MODEL_DECIDES
+        return self.max_queue_size + 2 * batch + _CAP_MARGIN
 
 
 def _env(name: str, default: object) -> object:
@@ -107,6 +133,10 @@ def _optional_seconds(text: str) -> float | None:
 
 def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "model") else int(text)
+
+
+def _rpc_cap(text: str) -> int | None:
+    return None if text.strip().lower() == "auto" else int(text)
 
 
 def _optional_float(text: str) -> float | None:
@@ -208,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
         help="larger images are rejected with INVALID_ARGUMENT",
     )
+    batching.add_argument(
+        "--max-concurrent-rpcs",
+        type=_rpc_cap,
+        default=_env("MAX_CONCURRENT_RPCS", "0"),
+        help="grpc refuses calls beyond this many in flight (RESOURCE_EXHAUSTED, 'Concurrent RPC "
+        "limit exceeded!') before our code runs; 'auto' = queue size + 2 batches + 32; 0 = no cap",
+    )
     ops = parser.add_argument_group("operations")
     ops.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE_S", 10.0), help="seconds")
     ops.add_argument(
@@ -251,6 +288,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             ready_file=args.ready_file,
             shutdown_grace_s=args.shutdown_grace,
             max_connection_age_s=args.max_connection_age,
+            max_concurrent_rpcs=args.max_concurrent_rpcs,
             log_level=args.log_level.upper(),
             bus=bus_settings_from_args(args),
             spool_dir=Path(args.spool_dir) if args.spool_dir else None,

@@ -1,0 +1,143 @@
+"""Focused experiment: does grpc's own cap on calls in flight make refusals faster at 3x overload?
+
+    python benchmarks/vision_fast_refusal.py                   # both models, 2 repetitions, ~4 min
+    python benchmarks/vision_fast_refusal.py --cap 300         # a cap below what admission lets in
+    python benchmarks/vision_fast_refusal.py --models mobilenet_v3_small --reps 1
+
+Only our server, with the cap off and with `--max-concurrent-rpcs <--cap>` (default `auto`,
+VisionSettings.rpc_cap: queue size + 2 batches + 32), side by side in one run. Per model:
+capacity from one closed loop (cap off, as vision_bench.py measures it), then open loops at 3x
+that rate, the two configurations interleaved off/on/on/off so that drift in the machine's
+load hits both alike. Prints one JSON line per measurement and a median table (refusal p99,
+goodput as a share of capacity, the generator's send lag p99, and how many calls grpc's cap
+refused, told apart from ours by grpc's message).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from vision_bench import (
+    DEFAULT_MODEL,
+    Settings,
+    base_env,
+    batch_stats,
+    free_port,
+    load,
+    log,
+    ours_argv,
+    prepare_models,
+    process,
+    scrape,
+)
+from vision_load import GRPC_CAP_STATUS
+
+
+def measure(
+    root: Path, model: str, settings: Settings, cap: str, *, closed: bool = False, rate: float = 0.0
+) -> dict[str, Any]:
+    """One server process, one load phase; `cap` is its --max-concurrent-rpcs ("0" = none)."""
+    port, metrics_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ours_argv(
+            root, model, port, metrics_port, Path(tmp) / "ready.json", settings, settings.max_batch_size
+        )
+        argv += ["--max-concurrent-rpcs", cap]
+        with process(argv, base_env(settings.torch_threads), "vision server ready"):
+            target = f"127.0.0.1:{port}"
+            before = scrape(metrics_port)
+            if closed:
+                result = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+            else:
+                result = load(target, "grpc", "open", settings.seconds, rate=rate)
+            result["server"] = batch_stats(before, scrape(metrics_port))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default=f"mobilenet_v3_small,{DEFAULT_MODEL}")
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument("--max-batch-size", type=int, default=32)
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--cap", default="auto", help="--max-concurrent-rpcs when the cap is on")
+    args = parser.parse_args(argv)
+    settings = Settings(
+        seconds=args.seconds,
+        concurrency=args.concurrency,
+        torch_threads=args.torch_threads,
+        decode_threads=args.decode_threads,
+        max_queue_size=args.max_queue_size,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        peers=False,
+        perf_analyzer=None,
+        perf_env={},
+    )
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    roots = prepare_models(models)
+    table = []
+    for model in models:
+        log(f"{model}: capacity (closed loop, cap off)")
+        capacity = measure(roots[model], model, settings, "0", closed=True)["throughput"]
+        rate = 3 * capacity
+        order = [False, True, True, False] * ((args.reps + 1) // 2)
+        rows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+        for cap in order:
+            if len(rows[cap]) == args.reps:
+                continue
+            log(f"{model}: 3x = {rate:.0f}/s, cap {'on' if cap else 'off'}")
+            result = measure(roots[model], model, settings, args.cap if cap else "0", rate=rate)
+            rows[cap].append(result)
+            print(json.dumps({"model": model, "cap": cap, "capacity": capacity, "rate": rate, **result}))
+        for cap in (False, True):
+            runs = rows[cap]
+
+            def med(key: str, runs: list[dict[str, Any]] = runs) -> float:
+                return statistics.median(float(r[key]) for r in runs)
+
+            table.append(
+                {
+                    "model": model,
+                    "cap": args.cap if cap else "off",
+                    "capacity": capacity,
+                    "refusal_p99_ms": med("rejected_p99_ms"),
+                    "goodput_pct": 100 * med("throughput") / capacity,
+                    "ok_p99_ms": med("p99_ms"),
+                    "send_lag_p99_ms": med("send_lag_p99_ms"),
+                    "grpc_cap_refusals": [r["errors"].get(GRPC_CAP_STATUS, 0) for r in runs],
+                    "errors": [r["errors"] for r in runs],
+                }
+            )
+    print(
+        "| model | grpc cap | capacity img/s | refusal p99 ms | goodput % of capacity | OK p99 ms "
+        "| send lag p99 ms | refused by grpc's cap |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in table:
+        print(
+            f"| {row['model']} | {row['cap']} | {row['capacity']:.0f} | {row['refusal_p99_ms']:.1f} | "
+            f"{row['goodput_pct']:.0f} | {row['ok_p99_ms']:.0f} | {row['send_lag_p99_ms']:.1f} | "
+            f"{row['grpc_cap_refusals']} |"
+        )
+    for row in table:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
