@@ -105,10 +105,11 @@ class RecommenderApp:
             )
             metrics.watch_worker(worker.stats)
             await asyncio.to_thread(worker.start)
-        # RecordFeedback publishes onto the topic the (trainer's) worker reads. A query replica keeps
-        # unconfirmed feedback in memory: a spool directory is one process's, and it has none.
+        # RecordFeedback publishes onto the topic the (trainer's) worker reads. A spool directory
+        # is one process's own: a query replica spools only where it is given one (--feedback-spool-dir),
+        # otherwise it keeps unconfirmed feedback in memory.
         worker_settings = settings.worker_settings()
-        spool_dir = (
+        spool_dir = settings.feedback_spool_dir or (
             settings.checkpoint_dir / "feedback-spool"
             if settings.checkpoint_dir and model is not None
             else None

@@ -43,6 +43,9 @@ class RecommenderSettings:
     epochs_per_batch: int = 3
     seed: int = 0
     skip_window_s: float = 24 * 3600.0  # a skipped item stays hidden from that student this long
+    # Where RecordFeedback's unconfirmed events wait on disk across a bus outage and a restart.
+    # None: <checkpoint_dir>/feedback-spool on a trainer/standalone; memory only on a query replica.
+    feedback_spool_dir: Path | None = None
     ready_file: Path | None = None
     log_level: str = "INFO"
     role: str = "standalone"
@@ -143,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds (of event time) a skipped item stays out of that student's recommendations",
     )
     parser.add_argument(
+        "--feedback-spool-dir",
+        default=_env("FEEDBACK_SPOOL_DIR", None),
+        help="disk spool for unconfirmed feedback events (one process's own directory; "
+        "default <checkpoint-dir>/feedback-spool, or memory only on a query replica)",
+    )
+    parser.add_argument(
         "--ready-file", default=_env("READY_FILE", None), help="JSON of bound ports, once ready"
     )
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
@@ -215,6 +224,7 @@ def _settings(args: argparse.Namespace) -> RecommenderSettings:
         epochs_per_batch=args.epochs_per_batch,
         seed=args.seed,
         skip_window_s=args.skip_window,
+        feedback_spool_dir=_optional_path(args.feedback_spool_dir),
         ready_file=_optional_path(args.ready_file),
         log_level=str(args.log_level).upper(),
         role=args.role,

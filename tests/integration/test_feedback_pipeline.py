@@ -265,3 +265,20 @@ async def test_a_query_replica_publishes_feedback_and_serves_the_trainers_result
         await replica.stop()
         if trainer is not None:
             await trainer.stop()
+
+
+async def test_a_query_replica_given_a_spool_directory_keeps_unconfirmed_feedback_on_disk(
+    tmp_path: Path, bus: SqliteEventBus
+) -> None:
+    settings = RecommenderSettings(
+        port=0, metrics_port=0, role="query", snapshot_dir=str(tmp_path / "snapshots"),
+        checkpoint_dir=None, feedback_spool_dir=tmp_path / "replica-spool",
+    )  # fmt: skip
+    replica = await RecommenderApp.start(settings, bus)
+    try:
+        assert replica.worker is None and replica.feedback is not None
+        assert replica.feedback.spool is not None
+        assert replica.feedback.spool.directory == tmp_path / "replica-spool"
+        assert (tmp_path / "replica-spool").is_dir()
+    finally:
+        await replica.stop()

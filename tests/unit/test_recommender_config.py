@@ -56,3 +56,10 @@ def test_max_connection_age_flag_environment_and_zero_means_never(monkeypatch: p
     assert settings_from_args(["--max-connection-age", "0"]).max_connection_age_s is None
     with pytest.raises(ValueError, match="max_connection_age_s"):
         RecommenderSettings(max_connection_age_s=-1)
+
+
+def test_feedback_spool_dir_from_flag_or_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert settings_from_args([]).feedback_spool_dir is None
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_FEEDBACK_SPOOL_DIR", "/var/spool/feedback")
+    assert str(settings_from_args([]).feedback_spool_dir) == "/var/spool/feedback"
+    assert str(settings_from_args(["--feedback-spool-dir", "/x"]).feedback_spool_dir) == "/x"
