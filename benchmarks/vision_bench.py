@@ -42,10 +42,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from snaplearn_common.metrics import scrape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
 from vision_report import write
@@ -227,17 +228,6 @@ def load(
     if out.returncode != 0:
         raise RuntimeError(f"load generator failed: {out.stderr[-2000:]}")
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
-
-
-def scrape(metrics_port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def batch_stats(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:

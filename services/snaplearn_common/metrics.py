@@ -6,6 +6,7 @@ servers in one process independent.
 
 from __future__ import annotations
 
+import urllib.request
 from dataclasses import dataclass
 from threading import Thread
 from wsgiref.simple_server import WSGIServer
@@ -33,3 +34,15 @@ def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: in
 
 # Latency buckets in seconds, from sub-millisecond cache hits to multi-second overloads.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def scrape(port: int, host: str = "127.0.0.1", timeout_s: float = 10.0) -> dict[str, float]:
+    """One read of a /metrics endpoint as {sample name with labels: value} (tests, benchmarks)."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout_s) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

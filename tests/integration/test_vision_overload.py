@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from snaplearn_common.metrics import scrape
 from snaplearn_vision.config import VisionSettings
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import (
@@ -25,7 +26,6 @@ from tests.helpers.vision_server import (
     StartServer,
     correctly_classified_images,
     request,
-    scrape,
     until,
 )
 

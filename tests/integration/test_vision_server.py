@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from snaplearn.vision.v1 import vision_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import decode_image_classified
+from snaplearn_common.metrics import scrape
 from snaplearn_vision import config as vision_config
 from snaplearn_vision.servicer import SERVICE_NAME
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
@@ -40,7 +41,6 @@ from tests.helpers.vision_server import (
     expect_status,
     read_events,
     request,
-    scrape,
     until,
 )
 
