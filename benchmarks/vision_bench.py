@@ -277,6 +277,42 @@ class Settings:
     perf_env: dict[str, str]
 
 
+def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_batch_size: int | None) -> None:
+    """The models, load and server settings every vision benchmark command takes."""
+    parser.add_argument("--models", default=f"mobilenet_v3_small,{DEFAULT_MODEL}")
+    parser.add_argument("--seconds", type=float, default=seconds, help="measurement window per load phase")
+    parser.add_argument("--concurrency", type=int, default=64)
+    # One intra-op thread: with two, every OpenMP barrier waits for a thread descheduled by the
+    # other work on a shared 2-core machine, and small batches slow down tenfold.
+    parser.add_argument("--torch-threads", type=int, default=1)
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--max-queue-size", type=int, default=256)
+    parser.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=max_batch_size,
+        help="for every server (default: %(default)s; None = the raw bound's best)",
+    )
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="for every server")
+
+
+def settings_from_args(
+    args: argparse.Namespace, peers: bool, perf_analyzer: Path | None, perf_env: dict[str, str]
+) -> Settings:
+    return Settings(
+        seconds=args.seconds,
+        concurrency=args.concurrency,
+        torch_threads=args.torch_threads,
+        decode_threads=args.decode_threads,
+        max_queue_size=args.max_queue_size,
+        max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms,
+        peers=peers,
+        perf_analyzer=perf_analyzer,
+        perf_env=perf_env,
+    )
+
+
 def ours_argv(
     root: Path,
     model: str,
@@ -500,18 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default=f"mobilenet_v3_small,{DEFAULT_MODEL}")
-    parser.add_argument("--seconds", type=float, default=15.0, help="measurement window per load phase")
-    parser.add_argument("--concurrency", type=int, default=64)
-    # One intra-op thread: with two, every OpenMP barrier waits for a thread descheduled by the
-    # other work on a shared 2-core machine, and small batches slow down tenfold.
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--decode-threads", type=int, default=2)
-    parser.add_argument("--max-queue-size", type=int, default=256)
-    parser.add_argument(
-        "--max-batch-size", type=int, default=None, help="for every server (default: the raw bound's best)"
-    )
-    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="for every server")
+    add_server_arguments(parser, seconds=15.0, max_batch_size=None)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-perf-analyzer", action="store_true")
@@ -524,18 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         (None, {}, "perf_analyzer not run") if args.no_perf_analyzer else ensure_perf_analyzer()
     )
     log(perf_note)
-    settings = Settings(
-        seconds=args.seconds,
-        concurrency=args.concurrency,
-        torch_threads=args.torch_threads,
-        decode_threads=args.decode_threads,
-        max_queue_size=args.max_queue_size,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms,
-        peers=not args.no_peers,
-        perf_analyzer=perf,
-        perf_env=perf_env,
-    )
+    settings = settings_from_args(args, peers=not args.no_peers, perf_analyzer=perf, perf_env=perf_env)
     runs = []
     for run in range(args.runs):
         log(f"run {run + 1} of {args.runs}")

@@ -25,8 +25,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
 from vision_bench import (
-    DEFAULT_MODEL,
     Settings,
+    add_server_arguments,
     base_env,
     batch_stats,
     free_port,
@@ -36,6 +36,7 @@ from vision_bench import (
     prepare_models,
     process,
     scrape,
+    settings_from_args,
 )
 from vision_load import GRPC_CAP_STATUS
 
@@ -65,29 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", default=f"mobilenet_v3_small,{DEFAULT_MODEL}")
-    parser.add_argument("--seconds", type=float, default=8.0)
+    add_server_arguments(parser, seconds=8.0, max_batch_size=32)
     parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--decode-threads", type=int, default=2)
-    parser.add_argument("--max-queue-size", type=int, default=256)
-    parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--cap", default="auto", help="--max-concurrent-rpcs when the cap is on")
     args = parser.parse_args(argv)
-    settings = Settings(
-        seconds=args.seconds,
-        concurrency=args.concurrency,
-        torch_threads=args.torch_threads,
-        decode_threads=args.decode_threads,
-        max_queue_size=args.max_queue_size,
-        max_batch_size=args.max_batch_size,
-        max_queue_delay_ms=args.max_queue_delay_ms,
-        peers=False,
-        perf_analyzer=None,
-        perf_env={},
-    )
+    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     roots = prepare_models(models)
     table = []
