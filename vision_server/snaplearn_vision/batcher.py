@@ -148,7 +148,6 @@ class BatcherStats:
     # The latest batch sizes only: a server computes millions of batches.
     batch_sizes: collections.deque[int] = field(default_factory=lambda: collections.deque(maxlen=1024))
     total_queue_wait_s: float = 0.0  # summed over computed requests
-    total_compute_s: float = 0.0  # summed over batches
     total_latency_s: float = 0.0  # queue wait + compute, summed over computed requests
 
 
@@ -454,7 +453,6 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         stats.batches += 1
         stats.computed += len(batch)
         stats.batch_sizes.append(len(batch))
-        stats.total_compute_s += compute_s
         # A short memory: the estimate must follow load (batch sizes) within a few batches.
         self._batch_seconds = (
             compute_s if self._batch_seconds == 0.0 else 0.7 * self._batch_seconds + 0.3 * compute_s
