@@ -34,8 +34,14 @@ def status_for(exc: BaseException) -> grpc.StatusCode:
 class ErrorMappingInterceptor(aio.ServerInterceptor):
     """Turns SnapLearnError (and unexpected exceptions) into a status with a clear message.
 
-    Only unary-unary handlers are wrapped: every SnapLearn RPC is unary.
+    Only unary-unary handlers are wrapped: every SnapLearn RPC is unary. A method's wrapped
+    handler is built once and reused: gRPC asks for the handler on every call, and a new
+    closure and handler per call is a cost the event loop pays on every request.
     """
+
+    def __init__(self) -> None:
+        # method -> (the registered handler, its wrapped version)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -45,8 +51,17 @@ class ErrorMappingInterceptor(aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        inner = handler.unary_unary
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @staticmethod
+    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        inner = handler.unary_unary
 
         async def mapped(request: Any, context: aio.ServicerContext) -> Any:
             try:

@@ -75,6 +75,25 @@ async def test_items_waiting_for_a_busy_thread_are_handed_over_as_one_chunk() ->
     assert (pool.chunks, pool.items) == (2, 6)  # six requests, two hand-offs
 
 
+async def test_waiting_items_are_shared_evenly_between_threads_not_taken_by_the_first_free() -> None:
+    function = GatedSquare()
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=2, max_chunk=8)
+    pool.start()
+    try:
+        blockers = [asyncio.ensure_future(pool.run(0)) for _ in range(2)]  # both threads held
+        await until(lambda: pool.chunks == 2 and pool.waiting == 0)
+        waiting = [asyncio.ensure_future(pool.run(value)) for value in range(1, 13)]
+        await until(lambda: pool.waiting == 12)
+        function.release.set()
+        results = await asyncio.gather(*blockers, *waiting)
+    finally:
+        await pool.stop()
+    assert [value for value, _ in results] == [0, 0, *(v * v for v in range(1, 13))]
+    # The first thread to free up takes half of the twelve (not all twelve, leaving the other idle).
+    assert pool.largest_chunk == 6
+    assert pool.items == 14
+
+
 async def test_a_failing_item_fails_only_its_own_caller() -> None:
     function = GatedSquare()
     pool: ChunkedPool[int, int] = ChunkedPool(function, threads=1)

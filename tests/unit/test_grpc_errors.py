@@ -8,7 +8,7 @@ from grpc import aio
 
 from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_common import errors
-from snaplearn_common.grpc_errors import STATUS_BY_ERROR, status_for
+from snaplearn_common.grpc_errors import STATUS_BY_ERROR, ErrorMappingInterceptor, status_for
 from snaplearn_common.server import start_grpc_server
 
 EXPECTED = {
@@ -70,3 +70,26 @@ async def test_unexpected_exception_is_internal_without_leaking_details(stub) ->
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in raised.value.details()
     assert "Classify" in raised.value.details()
+
+
+async def test_a_method_is_wrapped_once_and_reused_for_every_call() -> None:
+    registered = grpc.unary_unary_rpc_method_handler(_Raising().Classify)
+    other = grpc.unary_unary_rpc_method_handler(_Raising().Classify)
+    handlers = {"/a": registered, "/b": registered}
+
+    async def continuation(details):
+        return handlers[details.method]
+
+    class Details(grpc.HandlerCallDetails):
+        def __init__(self, method: str) -> None:
+            self.method = method
+            self.invocation_metadata = ()
+
+    interceptor = ErrorMappingInterceptor()
+    first = await interceptor.intercept_service(continuation, Details("/a"))
+    assert first is not registered and first.unary_unary is not None
+    assert await interceptor.intercept_service(continuation, Details("/a")) is first
+    # Another method, or the same method re-registered with a new handler, gets its own wrapper.
+    assert await interceptor.intercept_service(continuation, Details("/b")) is not first
+    handlers["/a"] = other
+    assert await interceptor.intercept_service(continuation, Details("/a")) is not first

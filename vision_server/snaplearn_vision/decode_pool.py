@@ -8,7 +8,10 @@ plain loop future and, while every thread is busy, simply waits in a deque; a th
 frees up takes its share of everything waiting (one hand-off for the chunk) and reports the
 whole chunk back with one `call_soon_threadsafe`. Under light load a chunk is one item, so
 latency is that of a plain executor; under load the hand-offs per request fall towards
-1/chunk size.
+1/chunk size. Chunks stay small (an even share per thread, at most `max_chunk`): a thread
+that took everything waiting would keep the others idle and hold back, until its last item,
+results the batcher is waiting for (measured: with chunks of up to 32, one decode thread
+served as many images per second as two).
 
 Each item keeps its own result or exception (one bad image fails only its own request) and
 its own compute time. Items whose caller went away before a thread took them are skipped.
@@ -55,7 +58,7 @@ class ChunkedPool(Generic[ArgT, ResultT]):
         *,
         name: str = "decode",
         initializer: Callable[[], None] | None = None,
-        max_chunk: int = 32,
+        max_chunk: int = 8,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
@@ -72,6 +75,7 @@ class ChunkedPool(Generic[ArgT, ResultT]):
         self._loop: asyncio.AbstractEventLoop | None = None
         self.chunks = 0  # hand-offs so far (for tests and debugging)
         self.items = 0  # items run so far
+        self.largest_chunk = 0
 
     @property
     def waiting(self) -> int:
@@ -110,11 +114,10 @@ class ChunkedPool(Generic[ArgT, ResultT]):
     # -- on the event loop -----------------------------------------------------------------
 
     def _hand_off(self) -> None:
-        """Give the next chunk to a free thread: an equal share of what waits, per free thread."""
+        """Give the next chunk to a free thread: an even share of what waits, per thread."""
         if self._executor is None:
             return
-        free = self._threads - self._busy
-        size = min(self._max_chunk, math.ceil(len(self._waiting) / free))
+        size = min(self._max_chunk, math.ceil(len(self._waiting) / self._threads))
         chunk: list[_Item[ArgT, ResultT]] = []
         while self._waiting and len(chunk) < size:
             item = self._waiting.popleft()
@@ -125,6 +128,7 @@ class ChunkedPool(Generic[ArgT, ResultT]):
         self._busy += 1
         self.chunks += 1
         self.items += len(chunk)
+        self.largest_chunk = max(self.largest_chunk, len(chunk))
         arguments = [item.argument for item in chunk]
         self._executor.submit(self._run_chunk, chunk, arguments)
 

@@ -111,6 +111,15 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image
 
 
+def ranking(probabilities: np.ndarray) -> np.ndarray:
+    """Label indices by descending probability (ties: label order), per row of a 1-D or 2-D array.
+
+    The model thread ranks a whole batch in one call, so the event loop, which answers every
+    request, does not sort each one.
+    """
+    return np.argsort(-probabilities, axis=-1, kind="stable")
+
+
 def to_model_pixels(image: Image.Image, channels: int, input_size: tuple[int, int]) -> np.ndarray:
     """Any PIL image -> uint8 [H, W, C] at the model's input size (the shared preprocessing).
 
@@ -238,8 +247,9 @@ class ImageClassifier:
                 # 12-megapixel photo that will become 64x64. Square target: EXIF may rotate it.
                 side = 4 * max(self.config.input_size)
                 image.draft("L" if self.config.channels == 1 else "RGB", (side, side))
-                upright = ImageOps.exif_transpose(image)
-                pixels = to_model_pixels(upright, self.config.channels, self.config.input_size)
+                # In place: without it, an upright photo (the usual case) is copied whole.
+                ImageOps.exif_transpose(image, in_place=True)
+                pixels = to_model_pixels(image, self.config.channels, self.config.input_size)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
                 raise InvalidInput(f"image data is corrupt or truncated ({type(error).__name__})") from None
         return pixels
@@ -315,12 +325,19 @@ class ImageClassifier:
             )
         return probabilities
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """The k most probable (label, score) of one row, highest first (ties: label order)."""
+    def top_k(
+        self, probabilities: np.ndarray, k: int, order: np.ndarray | None = None
+    ) -> list[tuple[str, float]]:
+        """The k most probable (label, score) of one row, highest first (ties: label order).
+
+        order: that row's `ranking()`, when the batch already computed it.
+        """
         if k < 1:
             raise InvalidInput(f"k must be at least 1, got {k}")
-        order = np.argsort(-probabilities, kind="stable")[:k]
-        return [(self.labels[i], float(probabilities[i])) for i in order]
+        if order is None:
+            order = ranking(probabilities)
+        labels = self.labels
+        return [(labels[i], float(probabilities[i])) for i in order[:k].tolist()]
 
     def classify(self, image_bytes: bytes, k: int = 5) -> list[tuple[str, float]]:
         """decode + predict + top_k for one image: for demos and tests, not the serving path."""

@@ -10,6 +10,8 @@ computing / max_batch_size; rejections{reason="queue_full"} rising means add rep
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from snaplearn_common.metrics import LATENCY_BUCKETS
@@ -105,6 +107,7 @@ class VisionMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._latency_by_code: dict[str, Any] = {}
         self.publish_failures = Counter(
             "snaplearn_vision_event_publish_failures",
             "ImageClassified events that could not be handed to the publisher (the request still succeeded).",
@@ -112,7 +115,11 @@ class VisionMetrics:
         )
 
     def observe_request(self, code: str, seconds: float) -> None:
-        self.request_latency.labels(code=code).observe(seconds)
+        # Every request reports here: resolve each code's labelled child once.
+        latency = self._latency_by_code.get(code)
+        if latency is None:
+            latency = self._latency_by_code[code] = self.request_latency.labels(code=code)
+        latency.observe(seconds)
         if code != "OK":
             self.errors.labels(code=code).inc()
 

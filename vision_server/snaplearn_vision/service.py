@@ -17,7 +17,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,12 +27,14 @@ from snaplearn_common import errors
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, EncodedEvent, encode_image_classified
 from snaplearn_vision.batcher import BatchingLimits, DynamicBatcher
 from snaplearn_vision.decode_pool import ChunkedPool
+from snaplearn_vision.engine import ranking
 from snaplearn_vision.metrics import (
     REJECT_DECODE_BACKLOG,
     REJECT_NOT_READY,
     REJECT_UNDECODABLE,
     VisionMetrics,
 )
+from snaplearn_vision.request_ids import RequestIds
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class LoadedModel(Protocol):
 
     def predict_pixels(self, images: Sequence[np.ndarray]) -> np.ndarray: ...  # [N, labels]
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[tuple[str, float]]: ...
+    def top_k(
+        self, probabilities: np.ndarray, k: int, order: np.ndarray | None = None
+    ) -> list[tuple[str, float]]: ...
 
 
 class ModelSource(Protocol):
@@ -80,6 +83,10 @@ class EventSink(Protocol):
     """snaplearn_common.eventbus.publisher.EventPublisher: a non-blocking hand-off."""
 
     def publish(self, topic: str, event: EncodedEvent) -> Any: ...
+
+
+# One image's probabilities and their ranking (label indices, most probable first).
+_Scored = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,7 @@ class Prediction:
     queue_wait_s: float
     compute_s: float  # this image's decode plus its batch's model time
     batch_size: int
+    order: np.ndarray | None = None  # label indices by descending probability (engine.ranking)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +141,7 @@ class _Served:
     """A loaded model with its batcher."""
 
     model: LoadedModel
-    batcher: DynamicBatcher[np.ndarray, np.ndarray]
+    batcher: DynamicBatcher[np.ndarray, _Scored]
     decoding: int = 0  # admitted requests still being decoded: they hold queue places too
 
     @property
@@ -169,11 +177,12 @@ def _decode_with(job: tuple[LoadedModel, bytes]) -> np.ndarray:
     return model.decode_pixels(image_bytes)
 
 
-def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
-    """The batch function: runs on the batcher's model thread."""
+def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[_Scored]]:
+    """The batch function: runs on the batcher's model thread, and ranks the labels there too."""
 
-    def predict(images: list[np.ndarray]) -> list[np.ndarray]:
-        return list(model.predict_pixels(images))  # one probability row per image
+    def predict(images: list[np.ndarray]) -> list[_Scored]:
+        probabilities = model.predict_pixels(images)  # one row per image
+        return list(zip(probabilities, ranking(probabilities), strict=True))
 
     return predict
 
@@ -209,6 +218,7 @@ class ClassificationService:
         self.default_model_version = default_model_version or None
         self._publisher = publisher
         self.metrics = metrics if metrics is not None else VisionMetrics()
+        self._request_ids = RequestIds()
         self._batching = batching if batching is not None else BatchingOverrides()
         self._decode_threads = decode_threads
         self._decode_thread_initializer = _lower_priority(decode_niceness)
@@ -236,9 +246,7 @@ class ClassificationService:
     def default_model(self) -> LoadedModel | None:
         return self._default.model if self._default is not None else None
 
-    def batcher_for(
-        self, model_name: str, model_version: str
-    ) -> DynamicBatcher[np.ndarray, np.ndarray] | None:
+    def batcher_for(self, model_name: str, model_version: str) -> DynamicBatcher[np.ndarray, _Scored] | None:
         served = self._served.get(f"{model_name}:{model_version}")
         return served.batcher if served is not None else None
 
@@ -306,8 +314,8 @@ class ClassificationService:
         k = self._validated_top_k(top_k, served.model)
         prediction = await self.predict(image_bytes, model_name, model_version, deadline)
         model = prediction.model
-        labels = tuple(model.top_k(prediction.probabilities, k))
-        event_id = request_id or str(uuid.uuid4())
+        labels = tuple(model.top_k(prediction.probabilities, k, prediction.order))
+        event_id = request_id or self._request_ids.next()
         self._publish(event_id, user_id, model, labels)
         return ClassificationResult(
             request_id=event_id,
@@ -328,8 +336,8 @@ class ClassificationService:
         """
         self._validate_user(user_id, request_id)
         k = self._validated_top_k(top_k, prediction.model)
-        event_id = request_id or str(uuid.uuid4())
-        labels = prediction.model.top_k(prediction.probabilities, k)
+        event_id = request_id or self._request_ids.next()
+        labels = prediction.model.top_k(prediction.probabilities, k, prediction.order)
         self._publish(event_id, user_id, prediction.model, labels)
         return event_id
 
@@ -391,12 +399,14 @@ class ClassificationService:
         finally:
             served.decoding -= 1
         batched = await batcher.submit(pixels, deadline=deadline)
+        probabilities, order = batched.value
         return Prediction(
-            probabilities=batched.value,
+            probabilities=probabilities,
             model=model,
             queue_wait_s=batched.queue_wait_s,
             compute_s=decode_s + batched.compute_s,
             batch_size=batched.batch_size,
+            order=order,
         )
 
     # -- steps -----------------------------------------------------------------------------
@@ -544,7 +554,7 @@ class ClassificationService:
                 raise errors.Unavailable("the vision server is shutting down")
             limits = self._batching.limits_for(model.config)
             holder: list[_Served] = []  # the batcher asks how many of this model's images decode
-            batcher: DynamicBatcher[np.ndarray, np.ndarray] = DynamicBatcher(
+            batcher: DynamicBatcher[np.ndarray, _Scored] = DynamicBatcher(
                 _predict_batch(model),
                 limits,
                 name=f"model {key}",
