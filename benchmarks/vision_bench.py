@@ -17,6 +17,10 @@ machine:
 
 Each server gets a closed loop at --concurrency (its capacity), then open loops at the same
 absolute rates for everyone: half of our capacity (latency) and three times it (overload).
+The load comes from clients/go/cmd/snaplearn-loadgen, built here with `go build` at the start
+(--load-generator go, the default), or from benchmarks/vision_load.py (--load-generator
+python): the same semantics and JSON, but the Python one spends about twice the CPU of the 2
+cores it shares with the server and starts open-loop requests late at a few thousand per second.
 Every process runs torch with --torch-threads intra-op threads and flushes denormals on its
 model thread (the engine does; every contender uses the same engine). Events are not
 published by our server here (the peers publish nothing either).
@@ -35,6 +39,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import struct
@@ -57,6 +62,10 @@ DOCS = REPO / "docs" / "benchmarks"
 MODELS_DIR = REPO / "var" / "models"
 BENCH_MODELS_DIR = REPO / "var" / "bench-models"
 TOOLS_DIR = REPO / "var" / "bench-tools"
+RUNS_DIR = REPO / "var" / "bench-runs"  # per-run scratch (the Go generator's photos)
+GO_MODULE = REPO / "clients" / "go"
+GO_LOADGEN = GO_MODULE / "bin" / "snaplearn-loadgen"
+LOAD_GENERATORS = ("go", "python")
 DEFAULT_MODEL = "worksheet-topics"
 PY = sys.executable
 
@@ -195,6 +204,60 @@ def process(
         time.sleep(1.0)  # let the CPU settle before the next contender
 
 
+# What load() runs before its shared arguments; load_generator() switches it to the Go binary.
+_load_command: list[str] = [PY, str(BENCH_DIR / "vision_load.py")]
+
+
+def build_go_loadgen() -> Path:
+    """`go build` clients/go/cmd/snaplearn-loadgen into clients/go/bin; SystemExit if it cannot."""
+    go = shutil.which("go")
+    hint = "or pass --load-generator python to use benchmarks/vision_load.py instead"
+    if go is None:
+        raise SystemExit(f"--load-generator go: the go toolchain is not on PATH; install Go, {hint}")
+    log(f"building {GO_LOADGEN.relative_to(REPO)}")
+    out = subprocess.run(
+        [go, "build", "-o", str(GO_LOADGEN), "./cmd/snaplearn-loadgen"],
+        cwd=GO_MODULE,
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        raise SystemExit(
+            f"--load-generator go: `go build ./cmd/snaplearn-loadgen` in {GO_MODULE} failed "
+            f"({out.returncode}): {(out.stdout + out.stderr).strip()[-2000:]}\nFix the build, {hint}"
+        )
+    return GO_LOADGEN
+
+
+@contextlib.contextmanager
+def load_generator(name: str) -> Iterator[None]:
+    """Make load() use generator `name` ("go" or "python") inside the block. For "go": build the
+    binary once and write vision_load.photos() once, as 000.jpg..., into a scratch directory
+    under var/bench-runs that the block's load() calls share (removed afterwards)."""
+    global _load_command
+    if name not in LOAD_GENERATORS:
+        raise ValueError(f"load generator {name!r} is not one of {LOAD_GENERATORS}")
+    if name == "python":
+        previous, _load_command = _load_command, [PY, str(BENCH_DIR / "vision_load.py")]
+        try:
+            yield
+        finally:
+            _load_command = previous
+        return
+    binary = build_go_loadgen()
+    from vision_load import photos
+
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="photos-", dir=RUNS_DIR) as tmp:
+        for index, photo in enumerate(photos()):
+            (Path(tmp) / f"{index:03d}.jpg").write_bytes(photo)
+        previous, _load_command = _load_command, [str(binary), "--photos", tmp]
+        try:
+            yield
+        finally:
+            _load_command = previous
+
+
 def load(
     target: str,
     protocol: str,
@@ -207,8 +270,7 @@ def load(
     warmup_s: float = 3.0,
 ) -> dict[str, Any]:
     argv = [
-        PY,
-        str(BENCH_DIR / "vision_load.py"),
+        *_load_command,
         "--target",
         target,
         "--protocol",
@@ -294,6 +356,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
         help="for every server (default: %(default)s; None = the raw bound's best)",
     )
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="for every server")
+    parser.add_argument(
+        "--load-generator",
+        choices=LOAD_GENERATORS,
+        default="go",
+        help="go: clients/go/cmd/snaplearn-loadgen, built with `go build` at the start (needs Go); "
+        "python: benchmarks/vision_load.py, the same semantics at about twice the CPU "
+        "(default: %(default)s)",
+    )
 
 
 def settings_from_args(
@@ -529,6 +599,23 @@ def serve_ours(argv: list[str]) -> int:
     return asyncio.run(serve(settings))
 
 
+def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """Set up (bench extra, models, perf_analyzer) and measure every run: (runs, perf note)."""
+    ensure_bench_extra()
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    roots = prepare_models(models)
+    perf, perf_env, perf_note = (
+        (None, {}, "perf_analyzer not run") if args.no_perf_analyzer else ensure_perf_analyzer()
+    )
+    log(perf_note)
+    settings = settings_from_args(args, peers=not args.no_peers, perf_analyzer=perf, perf_env=perf_env)
+    runs = []
+    for run in range(args.runs):
+        log(f"run {run + 1} of {args.runs}")
+        runs.append({model: bench_model(roots[model], model, settings) for model in models})
+    return runs, perf_note
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve-ours"]:
@@ -542,18 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--out", type=Path, default=DOCS)
     args = parser.parse_args(argv)
-    ensure_bench_extra()
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    roots = prepare_models(models)
-    perf, perf_env, perf_note = (
-        (None, {}, "perf_analyzer not run") if args.no_perf_analyzer else ensure_perf_analyzer()
-    )
-    log(perf_note)
-    settings = settings_from_args(args, peers=not args.no_peers, perf_analyzer=perf, perf_env=perf_env)
-    runs = []
-    for run in range(args.runs):
-        log(f"run {run + 1} of {args.runs}")
-        runs.append({model: bench_model(roots[model], model, settings) for model in models})
+    with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
+        runs, perf_note = bench_runs(args)
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "torch_threads": args.torch_threads,
@@ -562,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
+        "load_generator": args.load_generator,
         "notes": perf_note,
         "command": ("python benchmarks/vision_bench.py " + " ".join(argv)).strip(),
     }

@@ -10,7 +10,8 @@ capacity from one closed loop (cap off, as vision_bench.py measures it), then op
 that rate, the two configurations interleaved off/on/on/off so that drift in the machine's
 load hits both alike. Prints one JSON line per measurement and a median table (refusal p99,
 goodput as a share of capacity, the generator's send lag p99, and how many calls grpc's cap
-refused, told apart from ours by grpc's message).
+refused, told apart from ours by grpc's message). The load generator is vision_bench.py's
+(--load-generator go, the default, or python).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from vision_bench import (
     batch_stats,
     free_port,
     load,
+    load_generator,
     log,
     ours_argv,
     prepare_models,
@@ -62,15 +64,8 @@ def measure(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_server_arguments(parser, seconds=8.0, max_batch_size=32)
-    parser.add_argument("--reps", type=int, default=2)
-    parser.add_argument("--cap", default="auto", help="--max-concurrent-rpcs when the cap is on")
-    args = parser.parse_args(argv)
-    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
+def experiment(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
+    """Every model's capacity, then the interleaved 3x runs; one median row per (model, cap)."""
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     roots = prepare_models(models)
     table = []
@@ -86,7 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{model}: 3x = {rate:.0f}/s, cap {'on' if cap else 'off'}")
             result = measure(roots[model], model, settings, args.cap if cap else "0", rate=rate)
             rows[cap].append(result)
-            print(json.dumps({"model": model, "cap": cap, "capacity": capacity, "rate": rate, **result}))
+            print(
+                json.dumps(
+                    {
+                        "model": model,
+                        "cap": cap,
+                        "capacity": capacity,
+                        "rate": rate,
+                        "load_generator": args.load_generator,
+                        **result,
+                    }
+                )
+            )
         for cap in (False, True):
             runs = rows[cap]
 
@@ -104,8 +110,24 @@ def main(argv: list[str] | None = None) -> int:
                     "send_lag_p99_ms": med("send_lag_p99_ms"),
                     "grpc_cap_refusals": [r["errors"].get(GRPC_CAP_STATUS, 0) for r in runs],
                     "errors": [r["errors"] for r in runs],
+                    "load_generator": args.load_generator,
                 }
             )
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_arguments(parser, seconds=8.0, max_batch_size=32)
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--cap", default="auto", help="--max-concurrent-rpcs when the cap is on")
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
+    with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
+        table = experiment(args, settings)
+    print(f"load generator: {args.load_generator}")
     print(
         "| model | grpc cap | capacity img/s | refusal p99 ms | goodput % of capacity | OK p99 ms "
         "| send lag p99 ms | refused by grpc's cap |"

@@ -35,18 +35,46 @@ NOTES = """\
   multiprocessing.resource_tracker fails with "AttributeError: '_thread.RLock' object has no
   attribute '_recursion_count'"; the model stays UNAVAILABLE. Serving our torch model would
   also need torch in that numpy<2 venv. perf_analyzer stands in for Triton's tooling.
-- One load generator for everyone: benchmarks/vision_load.py, a separate process (never
-  inside the server), gRPC for ours and Ray, HTTP for LitServe. It shares the 2 cores with
-  the server it measures; its CPU and its send lag are in the table under each model. Where
-  its send lag p99 is hundreds of milliseconds, the latency and refusal columns of that
-  row measure the generator's own queue (and the other work on the shared machine), not
-  the server: the 3x overload of the small default model asks ~3x1200 requests/s of one
-  Python process on 2 cores that the server needs too.
+- {generator_note}
 - The raw bound decodes a batch on the decode threads, then runs the model, one after the
   other; a server that overlaps the two (ours does) can exceed it when the model dominates
   (mobilenet), and, measured minutes apart on a shared machine, the ratio moves with the
   other work on the machine more than with the server.
 """
+
+# The load generator bullet of NOTES, by meta["load_generator"] (runs before it was recorded
+# used the Python one).
+GENERATOR_NOTES = {
+    "go": """\
+One load generator for everyone: clients/go/cmd/snaplearn-loadgen, a native Go program with
+  the semantics and JSON of benchmarks/vision_load.py, built with `go build` at the start of
+  the run; a separate process (never inside the server), gRPC for ours and Ray, HTTP for
+  LitServe. It shares the 2 cores with the server it measures; its CPU and its send lag are
+  in the table under each model. It replaced the Python generator, which spent about twice
+  the CPU and started open-loop requests up to 57-185 ms late at 3,000+ requests/s here, so
+  it measured itself (`--load-generator python` still runs it). Where the send lag p99 is
+  large, the latency and refusal columns of that row measure the generator's queue (and the
+  other work on the shared machine), not the server.""",
+    "python": """\
+One load generator for everyone: benchmarks/vision_load.py (`--load-generator python`), a
+  separate process (never inside the server), gRPC for ours and Ray, HTTP for LitServe. It
+  shares the 2 cores with the server it measures; its CPU and its send lag are in the table
+  under each model. Where its send lag p99 is hundreds of milliseconds, the latency and
+  refusal columns of that row measure the generator's own queue (and the other work on the
+  shared machine), not the server: the 3x overload of the small default model asks ~3x1200
+  requests/s of one Python process on 2 cores that the server needs too. The default, the
+  native clients/go/cmd/snaplearn-loadgen, spends about half the CPU.""",
+}
+GENERATOR_NAMES = {
+    "go": "clients/go/cmd/snaplearn-loadgen, a native Go generator with the same semantics as "
+    "benchmarks/vision_load.py",
+    "python": "benchmarks/vision_load.py, the Python generator",
+}
+
+
+def generator(meta: dict[str, Any]) -> str:
+    return str(meta.get("load_generator", "python"))
+
 
 # Focused experiments run apart from this benchmark (their own command and numbers); kept
 # here so that regenerating the report keeps them.
@@ -58,10 +86,12 @@ Question: does grpc's own cap on calls in flight (`aio.server(maximum_concurrent
 which answers them in Python on the event loop? Only our server, cap off and on, interleaved
 off/on/on/off, 2 repetitions each, 8 s at 3x the closed-loop capacity, max batch 32, queue 256,
 on the shared 2-core machine (other sessions running). Goodput is a share of the capacity;
-send lag is the load generator's own lateness; cap refusals are per repetition:
+send lag is the load generator's own lateness; cap refusals are per repetition. Measured with
+the Python load generator, benchmarks/vision_load.py (the Go one is now the default); auto is
+256 + 2x32 + 32 = 352:
 
-    python benchmarks/vision_fast_refusal.py              # cap = auto (256 + 2x32 + 32 = 352)
-    python benchmarks/vision_fast_refusal.py --cap 300    # a cap just above the queue
+    python benchmarks/vision_fast_refusal.py --load-generator python            # cap = auto (352)
+    python benchmarks/vision_fast_refusal.py --load-generator python --cap 300  # just above the queue
 
 | model | grpc cap | capacity/s | refusal p99 ms | goodput % | OK p99 ms | send lag p99 ms | cap refusals |
 |---|---|---:|---:|---:|---:|---:|---:|
@@ -151,11 +181,11 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
         f"{meta['decode_threads']} decode threads, queue of {meta['max_queue_size']}, events not "
         "published (the peers publish nothing).",
         "",
-        f"Load (benchmarks/vision_load.py, real JPEG photos of 320x240, ~10 KB): capacity is a closed "
-        f"loop of {meta['concurrency']} callers; latency and overload are open loops (fixed rate, "
-        "5 s deadline per request) at half of our capacity and at three times it, the same "
-        f"absolute rates for every server; {fmt(meta['seconds'], 0)} s windows after a 3 s warm-up, "
-        "every request started in the window counted.",
+        f"Load ({GENERATOR_NAMES[generator(meta)]}; real JPEG photos of 320x240, ~10 KB): "
+        f"capacity is a closed loop of {meta['concurrency']} callers; latency and overload are open "
+        "loops (fixed rate, 5 s deadline per request) at half of our capacity and at three times "
+        f"it, the same absolute rates for every server; {fmt(meta['seconds'], 0)} s windows after a "
+        "3 s warm-up, every request started in the window counted.",
         "",
     ]
 
@@ -267,7 +297,8 @@ def report(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = header(meta, len(runs))
     for model in runs[0]:
         lines += model_section(model, [run[model] for run in runs], meta)
-    lines += ["![capacity of each server, with the raw bound](vision.png)", "", "## Notes", "", NOTES]
+    notes = NOTES.format(generator_note=GENERATOR_NOTES[generator(meta)])
+    lines += ["![capacity of each server, with the raw bound](vision.png)", "", "## Notes", "", notes]
     lines.append(f"This run: {meta['notes']}.")
     lines += ["", EXPERIMENTS.rstrip("\n")]
     return "\n".join(lines) + "\n"
