@@ -211,6 +211,47 @@ async def test_the_wait_for_requests_being_prepared_lasts_at_most_one_more_delay
     assert process.seen == [[5]]
 
 
+async def test_the_wait_for_requests_being_prepared_lasts_the_grace_it_is_given() -> None:
+    # With a grace of about one decode, a due batch waits that long, not a whole extra delay.
+    process = GatedDoubler()
+    clock = ManualClock()
+    batcher = make_batcher(
+        process,
+        max_batch_size=4,
+        max_queue_delay_s=0.01,
+        clock=clock,
+        incoming=lambda: 3,
+        incoming_grace_s=lambda: 0.002,
+    )
+    try:
+        head = spawn(batcher.submit(5))
+        await until(lambda: batcher.queue_depth == 1, "the head queued")
+        clock.advance(0.02)  # the head's delay is over: the grace starts now
+        await until(lambda: batcher.waiting_for_incoming, "the batcher holds the batch back")
+        clock.advance(0.003)  # past the 2 ms grace, well inside one more delay (10 ms)
+        result = await head
+    finally:
+        await batcher.stop()
+    assert result.batch_size == 1
+    assert process.seen == [[5]]
+
+
+async def test_the_delay_counts_from_arrival_when_the_request_was_prepared_first() -> None:
+    # Decoded for 0.9 s before it was submitted: 0.2 s later its 1 s delay is over.
+    process = GatedDoubler()
+    clock = ManualClock()
+    batcher = make_batcher(process, max_batch_size=4, max_queue_delay_s=1.0, clock=clock)
+    try:
+        request = spawn(batcher.submit(7, arrived_at=clock() - 0.9))
+        await until(lambda: batcher.queue_depth == 1, "queued")
+        clock.advance(0.2)
+        result = await request
+    finally:
+        await batcher.stop()
+    assert process.seen == [[7]]
+    assert result.queue_wait_s == pytest.approx(0.2)  # queue wait still counts from submit
+
+
 async def test_expired_deadlines_are_dropped_before_compute() -> None:
     clock = ManualClock()
     metrics = RecordingMetrics()

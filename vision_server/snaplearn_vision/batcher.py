@@ -8,7 +8,8 @@ LitServe's collate step).
 A batch is dispatched when `max_batch_size` requests wait, or when the oldest one has
 waited `max_queue_delay_s`, whichever comes first, and only when an executor thread is
 free. When the batch is due but requests admitted upstream are still being prepared
-(`incoming`, e.g. decoding), it waits for them at most one more `max_queue_delay_s`.
+(`incoming`, e.g. decoding), it waits for them for `incoming_grace_s()` (about the time one
+takes to prepare), at most one more `max_queue_delay_s`.
 The next batch keeps forming in the queue while the current one computes, so it leaves
 the moment the executor frees up (pipelining) while at most one batch computes per
 executor thread.
@@ -115,6 +116,7 @@ class _Request(Generic[ItemT, ResultT]):
     item: ItemT
     future: asyncio.Future[BatchedResult[ResultT]]
     enqueued_at: float
+    waiting_since: float  # its max_queue_delay_s counts from here (its arrival, by default enqueued_at)
     deadline: float | None
 
 
@@ -171,6 +173,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         clock: Clock = time.monotonic,
         thread_initializer: Callable[[], None] | None = None,
         incoming: Callable[[], int] | None = None,
+        incoming_grace_s: Callable[[], float] | None = None,
     ) -> None:
         if compute_threads < 1:
             raise ValueError(f"compute_threads must be >= 1, got {compute_threads}")
@@ -183,6 +186,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._thread_initializer = thread_initializer
         # Requests admitted upstream and still being prepared (decoded): they join shortly.
         self._incoming = incoming
+        # How long a due batch waits for them: long enough for one to finish preparing, not a
+        # whole extra delay, which every request in such a batch would pay at light load.
+        self._incoming_grace_s = incoming_grace_s
         self._awaiting_incoming = False  # the loop waits for them: every submit must wake it
         self._batch_seconds = 0.0  # moving average of batch compute time; 0 until one ran
         self._pending: collections.deque[_Request[ItemT, ResultT]] = collections.deque()
@@ -283,11 +289,16 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                     "retry with backoff or a longer deadline"
                 )
 
-    async def submit(self, item: ItemT, deadline: float | None = None) -> BatchedResult[ResultT]:
+    async def submit(
+        self, item: ItemT, deadline: float | None = None, arrived_at: float | None = None
+    ) -> BatchedResult[ResultT]:
         """Queue `item` and wait for its result.
 
         deadline: absolute time on this batcher's clock (time.monotonic() by default);
-        None waits as long as it takes. Raises Overloaded at once when the queue is full,
+        None waits as long as it takes. arrived_at: when the request reached the server, on
+        the same clock, if it was prepared (decoded) before this call: its `max_queue_delay_s`
+        then counts from its arrival, so preparation time is not added to the batching delay.
+        Queue-wait metrics still count from this call. Raises Overloaded at once when the queue is full,
         DeadlineExpired when the deadline passes before compute, Unavailable when stopped,
         or whatever the batch function raised for this item's batch.
         """
@@ -300,7 +311,10 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise errors.DeadlineExpired(f"the request's deadline passed before it was queued in {self.name}")
         self.check_capacity(deadline)
         future: asyncio.Future[BatchedResult[ResultT]] = asyncio.get_running_loop().create_future()
-        request = _Request(item=item, future=future, enqueued_at=now, deadline=deadline)
+        waiting_since = now if arrived_at is None else min(arrived_at, now)
+        request = _Request(
+            item=item, future=future, enqueued_at=now, waiting_since=waiting_since, deadline=deadline
+        )
         self._pending.append(request)
         self._metrics.set_queue_depth(len(self._pending))
         # The loop only needs waking when its decision may change: the queue stopped being
@@ -371,14 +385,14 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 await self._wakeup.wait()
                 continue
             if len(self._pending) < limits.max_batch_size and not self._stopping:
-                remaining = self._pending[0].enqueued_at + limits.max_queue_delay_s - self._clock()
+                remaining = self._pending[0].waiting_since + limits.max_queue_delay_s - self._clock()
                 if remaining <= 0 and self._incoming is not None and self._incoming() > 0:
                     # Requests still decoding would join this batch within about a decode: the
-                    # model is free only now, so wait for them, at most one more queue delay
-                    # (counted from the first time this batch found them). Without this a
+                    # model is free only now, so wait for them, for the grace (at most one more
+                    # queue delay, counted from the first time this batch found them). Without this a
                     # closed loop of callers splits into cohorts whose batches never fill.
                     if grace_until is None:
-                        grace_until = self._clock() + limits.max_queue_delay_s
+                        grace_until = self._clock() + self._grace_s()
                     remaining = grace_until - self._clock()
                 if remaining > 0:
                     self._wakeup.clear()
@@ -395,6 +409,12 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if batch:
                 return batch
             # Everything at the head had expired or was cancelled: look again.
+
+    def _grace_s(self) -> float:
+        delay = self.limits.max_queue_delay_s
+        if self._incoming_grace_s is None:
+            return delay
+        return min(delay, max(0.0, self._incoming_grace_s()))
 
     def _take_batch(self) -> list[_Request[ItemT, ResultT]]:
         now = self._clock()

@@ -143,6 +143,14 @@ class _Served:
     model: LoadedModel
     batcher: DynamicBatcher[np.ndarray, _Scored]
     decoding: int = 0  # admitted requests still being decoded: they hold queue places too
+    decode_s: float = 0.0  # moving average of one image's decode time (0 until one decoded)
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_s = seconds if self.decode_s == 0.0 else 0.9 * self.decode_s + 0.1 * seconds
+
+    def incoming_grace_s(self) -> float:
+        """How long a due batch waits for images still decoding: about two decodes."""
+        return 2.0 * self.decode_s
 
     @property
     def key(self) -> str:
@@ -382,6 +390,7 @@ class ClassificationService:
     async def _predict(
         self, image_bytes: bytes, model_name: str, model_version: str, deadline: float | None
     ) -> Prediction:
+        arrived_at = time.monotonic()  # the batcher's clock: its delay counts from here
         self._validate_image(image_bytes)
         if not self.ready:
             self.metrics.count_rejection(REJECT_NOT_READY)
@@ -396,9 +405,10 @@ class ClassificationService:
         served.decoding += 1
         try:
             pixels, decode_s = await self._decode(model, image_bytes)
+            served.observe_decode(decode_s)
         finally:
             served.decoding -= 1
-        batched = await batcher.submit(pixels, deadline=deadline)
+        batched = await batcher.submit(pixels, deadline=deadline, arrived_at=arrived_at)
         probabilities, order = batched.value
         return Prediction(
             probabilities=probabilities,
@@ -560,6 +570,7 @@ class ClassificationService:
                 name=f"model {key}",
                 metrics=self.metrics.for_model(key, limits.max_batch_size, limits.max_queue_size),
                 incoming=lambda: holder[0].decoding if holder else 0,
+                incoming_grace_s=lambda: holder[0].incoming_grace_s() if holder else 0.0,
             )
             served = _Served(model=model, batcher=batcher)
             holder.append(served)
