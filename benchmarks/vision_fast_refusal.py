@@ -1,11 +1,14 @@
-"""Focused experiment: does grpc's own cap on calls in flight make refusals faster at 3x overload?
+"""Focused experiment: does a grpc-level limit make refusals faster at 3x overload?
 
     python benchmarks/vision_fast_refusal.py                   # both models, 2 repetitions, ~4 min
     python benchmarks/vision_fast_refusal.py --cap 300         # a cap below what admission lets in
+    python benchmarks/vision_fast_refusal.py --pending 512     # bound grpc's pending-call backlog
     python benchmarks/vision_fast_refusal.py --models mobilenet_v3_small --reps 1
 
-Only our server, with the cap off and with `--max-concurrent-rpcs <--cap>` (default `auto`,
-VisionSettings.rpc_cap: queue size + 2 batches + 32), side by side in one run. Per model:
+Only our server, with the limit off and on, side by side in one run. The limit is grpc's cap
+on calls in flight, `--max-concurrent-rpcs <--cap>` (default `auto`, VisionSettings.rpc_cap:
+queue size + 2 batches + 32), or with --pending N the bound on grpc's backlog of calls Python
+has not picked up yet, `--max-pending-calls N` (calls shed there answer CANCELLED). Per model:
 capacity from one closed loop (cap off, as vision_bench.py measures it), then open loops at 3x
 that rate, the two configurations interleaved off/on/on/off so that drift in the machine's
 load hits both alike. Prints one JSON line per measurement and a median table (refusal p99,
@@ -44,15 +47,21 @@ from vision_load import GRPC_CAP_STATUS
 
 
 def measure(
-    root: Path, model: str, settings: Settings, cap: str, *, closed: bool = False, rate: float = 0.0
+    root: Path,
+    model: str,
+    settings: Settings,
+    limit: list[str],
+    *,
+    closed: bool = False,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
-    """One server process, one load phase; `cap` is its --max-concurrent-rpcs ("0" = none)."""
+    """One server process, one load phase; `limit`: extra server flags ([] = no limit)."""
     port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         argv = ours_argv(
             root, model, port, metrics_port, Path(tmp) / "ready.json", settings, settings.max_batch_size
         )
-        argv += ["--max-concurrent-rpcs", cap]
+        argv += limit
         with process(argv, base_env(settings.torch_threads), "vision server ready"):
             target = f"127.0.0.1:{port}"
             before = scrape(metrics_port)
@@ -64,6 +73,16 @@ def measure(
     return result
 
 
+def limit_flags(args: argparse.Namespace) -> list[str]:
+    if args.pending is not None:
+        return ["--max-pending-calls", str(args.pending)]
+    return ["--max-concurrent-rpcs", args.cap]
+
+
+def limit_name(args: argparse.Namespace) -> str:
+    return f"pending {args.pending}" if args.pending is not None else f"cap {args.cap}"
+
+
 def experiment(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:
     """Every model's capacity, then the interleaved 3x runs; one median row per (model, cap)."""
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -71,7 +90,7 @@ def experiment(args: argparse.Namespace, settings: Settings) -> list[dict[str, A
     table = []
     for model in models:
         log(f"{model}: capacity (closed loop, cap off)")
-        capacity = measure(roots[model], model, settings, "0", closed=True)["throughput"]
+        capacity = measure(roots[model], model, settings, [], closed=True)["throughput"]
         rate = 3 * capacity
         order = [False, True, True, False] * ((args.reps + 1) // 2)
         rows: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
@@ -79,7 +98,7 @@ def experiment(args: argparse.Namespace, settings: Settings) -> list[dict[str, A
             if len(rows[cap]) == args.reps:
                 continue
             log(f"{model}: 3x = {rate:.0f}/s, cap {'on' if cap else 'off'}")
-            result = measure(roots[model], model, settings, args.cap if cap else "0", rate=rate)
+            result = measure(roots[model], model, settings, limit_flags(args) if cap else [], rate=rate)
             rows[cap].append(result)
             print(
                 json.dumps(
@@ -102,13 +121,15 @@ def experiment(args: argparse.Namespace, settings: Settings) -> list[dict[str, A
             table.append(
                 {
                     "model": model,
-                    "cap": args.cap if cap else "off",
+                    "cap": limit_name(args) if cap else "off",
                     "capacity": capacity,
                     "refusal_p99_ms": med("rejected_p99_ms"),
                     "goodput_pct": 100 * med("throughput") / capacity,
                     "ok_p99_ms": med("p99_ms"),
                     "send_lag_p99_ms": med("send_lag_p99_ms"),
                     "grpc_cap_refusals": [r["errors"].get(GRPC_CAP_STATUS, 0) for r in runs],
+                    # Shed from grpc's pending-call backlog (no Python involved), per repetition.
+                    "cancelled": [r["errors"].get("CANCELLED", 0) for r in runs],
                     "errors": [r["errors"] for r in runs],
                     "load_generator": args.load_generator,
                 }
@@ -123,21 +144,24 @@ def main(argv: list[str] | None = None) -> int:
     add_server_arguments(parser, seconds=8.0, max_batch_size=32)
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--cap", default="auto", help="--max-concurrent-rpcs when the cap is on")
+    parser.add_argument(
+        "--pending", type=int, help="compare --max-pending-calls N instead of the cap on calls in flight"
+    )
     args = parser.parse_args(argv)
     settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
     with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
         table = experiment(args, settings)
     print(f"load generator: {args.load_generator}")
     print(
-        "| model | grpc cap | capacity img/s | refusal p99 ms | goodput % of capacity | OK p99 ms "
-        "| send lag p99 ms | refused by grpc's cap |"
+        "| model | grpc limit | capacity img/s | refusal p99 ms | goodput % of capacity | OK p99 ms "
+        "| send lag p99 ms | refused by grpc's cap | shed by grpc (CANCELLED) |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in table:
         print(
             f"| {row['model']} | {row['cap']} | {row['capacity']:.0f} | {row['refusal_p99_ms']:.1f} | "
             f"{row['goodput_pct']:.0f} | {row['ok_p99_ms']:.0f} | {row['send_lag_p99_ms']:.1f} | "
-            f"{row['grpc_cap_refusals']} |"
+            f"{row['grpc_cap_refusals']} | {row['cancelled']} |"
         )
     for row in table:
         print(json.dumps(row))

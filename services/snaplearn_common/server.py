@@ -59,6 +59,7 @@ async def start_grpc_server(
     max_connection_age_s: float | None = None,
     max_connection_age_grace_s: float = 30.0,
     maximum_concurrent_rpcs: int | None = None,
+    max_pending_calls: int | None = None,
 ) -> GrpcServer:
     """Start a server on host:port (0 picks a free port) and return it with the bound port.
 
@@ -70,6 +71,14 @@ async def start_grpc_server(
     maximum_concurrent_rpcs: grpc refuses calls beyond this many in flight with
     RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!") before deserialising the request or
     running any interceptor or handler: a backstop under overload, not the informative refusal.
+
+    max_pending_calls: bound grpc's backlog of calls that arrived but that Python has not
+    picked up yet (grpc's default sheds from 1,000 and drops all beyond 3,000). Under overload
+    that backlog forms before any of our code sees a call, so our queue limits cannot bound
+    it: calls wait there for seconds and are then shed. With a bound, grpc sheds them on
+    arrival: from max_pending_calls / 2 with rising probability, all beyond max_pending_calls.
+    Clients see CANCELLED ("Cancelled"), not RESOURCE_EXHAUSTED: grpc's choice. Keep it well
+    above the concurrency of legitimate bursts (docs/benchmarks/vision.md, "Backlog").
     """
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -82,6 +91,13 @@ async def start_grpc_server(
         options += [
             ("grpc.max_connection_age_ms", int(max_connection_age_s * 1000)),
             ("grpc.max_connection_age_grace_ms", int(max_connection_age_grace_s * 1000)),
+        ]
+    if max_pending_calls is not None:
+        if max_pending_calls < 2:
+            raise ValueError(f"max_pending_calls must be >= 2, got {max_pending_calls}")
+        options += [
+            ("grpc.server.max_pending_requests", max_pending_calls // 2),
+            ("grpc.server.max_pending_requests_hard_limit", max_pending_calls),
         ]
     if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
         raise ValueError(f"maximum_concurrent_rpcs must be >= 1, got {maximum_concurrent_rpcs}")

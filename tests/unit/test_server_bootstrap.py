@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
+import time
 
 import grpc
 import pytest
@@ -117,3 +120,59 @@ async def test_calls_beyond_maximum_concurrent_rpcs_are_refused_before_any_handl
 async def test_maximum_concurrent_rpcs_must_be_positive() -> None:
     with pytest.raises(ValueError, match="maximum_concurrent_rpcs"):
         await start_grpc_server([_peer_service], [], maximum_concurrent_rpcs=0)
+
+
+def test_calls_beyond_max_pending_calls_are_shed_by_grpc_while_python_cannot_pick_them_up() -> None:
+    """While the event loop is blocked, arriving calls pile up in grpc's backlog; past the
+    bound grpc sheds them itself (CANCELLED), without Python; the rest are served after."""
+    blocked, release, stop = threading.Event(), threading.Event(), threading.Event()
+    started: queue.Queue[int] = queue.Queue()
+
+    async def held(request: bytes, context: aio.ServicerContext) -> bytes:
+        if request == b"block":
+            blocked.set()
+            release.wait(20)  # blocks the whole event loop on purpose: nothing is picked up
+        return request
+
+    def register(server: aio.Server) -> None:
+        handler = grpc.unary_unary_rpc_method_handler(held)
+        server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("test.Held", {"Call": handler})]
+        )
+
+    async def serve() -> None:
+        server = await start_grpc_server([register], [], max_pending_calls=4)
+        started.put(server.port)
+        await asyncio.to_thread(stop.wait, 30)
+        await server.stop(0)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    port = started.get(timeout=20)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/test.Held/Call")
+            blocker = call.future(b"block", timeout=30)
+            assert blocked.wait(10)
+            later = [call.future(b"%d" % i, timeout=30) for i in range(12)]
+            # Shed calls are answered by grpc while Python is still blocked.
+            shed_by = time.monotonic() + 10
+            while sum(f.done() for f in later) < 6 and time.monotonic() < shed_by:
+                time.sleep(0.01)
+            shed = [f for f in later if f.done()]
+            assert len(shed) >= 6, f"only {len(shed)} of 12 calls shed while the loop was blocked"
+            assert {f.code() for f in shed} == {grpc.StatusCode.CANCELLED}
+            assert not blocker.done()
+            release.set()
+            assert blocker.result() == b"block"
+            kept = [f for f in later if f not in shed]
+            assert kept and all(f.result() == b"%d" % later.index(f) for f in kept)
+    finally:
+        release.set()
+        stop.set()
+        thread.join(10)
+
+
+async def test_max_pending_calls_must_leave_room() -> None:
+    with pytest.raises(ValueError, match="max_pending_calls"):
+        await start_grpc_server([_peer_service], [], max_pending_calls=1)

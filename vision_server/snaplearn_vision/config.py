@@ -64,6 +64,9 @@ class VisionSettings:
     # Off by default: at 3x overload it (almost) never fired and changed nothing measurable
     # (docs/benchmarks/vision.md, "Fast refusal experiment"); it is an operator's backstop.
     max_concurrent_rpcs: int | None = 0
+    # Bound on grpc's backlog of calls not yet picked up (see start_grpc_server); None keeps
+    # grpc's default (shedding from 1,000, all beyond 3,000).
+    max_pending_calls: int | None = None
     log_level: str = "INFO"
     bus: BusSettings | None = field(default=None)  # None: no events published (tests, dry runs)
     # Where events wait, on disk, while the bus is unreachable (and across restarts); None
@@ -102,6 +105,8 @@ class VisionSettings:
             problems.append(f"max_connection_age_s must be > 0, got {self.max_connection_age_s}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 0:
             problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
+        if self.max_pending_calls is not None and self.max_pending_calls < 2:
+            problems.append(f"max_pending_calls must be >= 2, got {self.max_pending_calls}")
         if problems:
             raise ValueError("invalid vision server settings: " + "; ".join(problems))
 
@@ -133,6 +138,12 @@ def _optional_seconds(text: str) -> float | None:
 
 def _optional_int(text: str) -> int | None:
     return None if text.strip().lower() in ("", "none", "model") else int(text)
+
+
+def _optional_count(text: str) -> int | None:
+    """A count where 0 (or nothing) means "not set"."""
+    value = int(text) if text.strip() else 0
+    return value if value > 0 else None
 
 
 def _rpc_cap(text: str) -> int | None:
@@ -245,6 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="grpc refuses calls beyond this many in flight (RESOURCE_EXHAUSTED, 'Concurrent RPC "
         "limit exceeded!') before our code runs; 'auto' = queue size + 2 batches + 32; 0 = no cap",
     )
+    batching.add_argument(
+        "--max-pending-calls",
+        type=_optional_count,
+        default=_env("MAX_PENDING_CALLS", None),
+        help="calls grpc may hold before Python picks them up; beyond, grpc sheds them at once "
+        "(CANCELLED), from half of it with rising probability; 0 = grpc's default (1000/3000)",
+    )
     ops = parser.add_argument_group("operations")
     ops.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE_S", 10.0), help="seconds")
     ops.add_argument(
@@ -289,6 +307,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             shutdown_grace_s=args.shutdown_grace,
             max_connection_age_s=args.max_connection_age,
             max_concurrent_rpcs=args.max_concurrent_rpcs,
+            max_pending_calls=args.max_pending_calls,
             log_level=args.log_level.upper(),
             bus=bus_settings_from_args(args),
             spool_dir=Path(args.spool_dir) if args.spool_dir else None,

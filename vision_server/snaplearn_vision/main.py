@@ -161,6 +161,7 @@ class VisionServer:
             max_message_bytes=settings.max_image_bytes + _MESSAGE_OVERHEAD_BYTES,
             max_connection_age_s=settings.max_connection_age_s,
             maximum_concurrent_rpcs=settings.rpc_cap(),
+            max_pending_calls=settings.max_pending_calls,
         )
 
     async def load_and_serve(self) -> None:
