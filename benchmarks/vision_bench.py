@@ -9,6 +9,7 @@ and Debian), prepares the models, then for each model measures, one after the ot
 machine:
 
   raw      decode + preprocess + forward in a tight loop at the best batch size, no server
+           (the servers batch up to the model's configured max batch size)
   ours-1   our server with batching off (max batch size 1)
   ours     our server with dynamic batching (the model's own limits)
   ray      Ray Serve, gRPC proxy, @serve.batch          (benchmarks/vision_peers.py)
@@ -358,7 +359,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
         "--max-batch-size",
         type=int,
         default=max_batch_size,
-        help="for every server (default: %(default)s; None = the raw bound's best)",
+        help="for every server (default: %(default)s; None = the model's configured max batch size)",
     )
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="for every server")
     parser.add_argument(
@@ -562,13 +563,19 @@ def raw_bound(root: Path, model: str, settings: Settings) -> dict[str, Any]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
+def configured_max_batch_size(root: Path, model: str) -> int:
+    """The max batch size in the model's config.json (version 1), what a deployment uses."""
+    from snaplearn_vision.model_repository import ModelRepository
+
+    return int(ModelRepository(root).load_config(model, "1").batching.max_batch_size)
+
+
 def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
     results: dict[str, Any] = {}
     log(f"{model}: raw bound")
     results["raw"] = raw_bound(root, model, settings)
-    # Everyone batches up to the largest batch size the raw bound runs within 5% of its best.
-    raw = results["raw"]
-    max_batch_size = settings.max_batch_size or int(raw.get("serving_batch_size", raw["best_batch_size"]))
+    # Everyone batches up to the model's own configured limit, as it would be deployed.
+    max_batch_size = settings.max_batch_size or configured_max_batch_size(root, model)
     results["max_batch_size"] = max_batch_size
     results["max_queue_delay_ms"] = settings.max_queue_delay_ms
     log(f"{model}: ours, dynamic batching (max batch {max_batch_size})")

@@ -4,11 +4,7 @@
 
 For each batch size: decode a batch of real JPEG photos on a pool of --decode-threads threads
 (the server's decode pool size), then run the model on it, back to back, for --seconds.
-Reports images per second per batch size and the best, as JSON, plus the batch size servers
-should use: the largest whose rate is within --serving-tolerance of the best. For a small model
-the rates at 8, 16 and 32 differ by less than a shared machine's noise, so "the fastest" is a
-coin toss, while a server pays its per-batch costs (wake-ups, hand-offs, one response burst
-per batch) once per batch: picking by noise handicapped every server alike. Uses the very same engine
+Reports images per second per batch size and the best, as JSON. Uses the very same engine
 code as the server (ImageClassifier.decode_pixels / predict_pixels), so the difference to a
 server is the serving layer alone.
 """
@@ -43,12 +39,7 @@ def apply_torch_settings(threads: int) -> None:
 
 
 def measure(
-    repository: Path,
-    model: str,
-    batch_sizes: list[int],
-    seconds: float,
-    decode_threads: int,
-    tolerance: float = 0.05,
+    repository: Path, model: str, batch_sizes: list[int], seconds: float, decode_threads: int
 ) -> dict:
     classifier = ModelRepository(repository).load(model, device="cpu")
     classifier.warm_up()
@@ -65,13 +56,7 @@ def measure(
                 images += batch_size
             rates[batch_size] = images / (time.perf_counter() - started)
     best = max(rates, key=lambda size: rates[size])
-    serving = max(size for size in rates if rates[size] >= (1.0 - tolerance) * rates[best])
-    return {
-        "images_per_s": rates[best],
-        "best_batch_size": best,
-        "serving_batch_size": serving,
-        "by_batch_size": rates,
-    }
+    return {"images_per_s": rates[best], "best_batch_size": best, "by_batch_size": rates}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,18 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="per batch size")
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--torch-threads", type=int, default=2)
-    parser.add_argument(
-        "--serving-tolerance",
-        type=float,
-        default=0.05,
-        help="serving_batch_size: the largest batch size within this share of the best rate",
-    )
     args = parser.parse_args(argv)
     apply_torch_settings(args.torch_threads)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
-    result = measure(
-        args.repository, args.model, sizes, args.seconds, args.decode_threads, args.serving_tolerance
-    )
+    result = measure(args.repository, args.model, sizes, args.seconds, args.decode_threads)
     json.dump(result, sys.stdout)
     print()
     return 0
