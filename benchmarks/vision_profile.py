@@ -1,0 +1,189 @@
+"""Where our vision server's capacity goes: per-thread CPU at saturation, and 1 vs 2 processes.
+
+    python benchmarks/vision_profile.py                       # default model, 2 repetitions
+    python benchmarks/vision_profile.py --models mobilenet_v3_small --reps 1
+
+Per model and repetition, side by side:
+  one    one server process under a closed loop of --concurrency callers; the CPU each of its
+         threads used during the window (from /proc/<pid>/task/*/stat), and the machine's idle
+         share: a thread near 100% is a bottleneck, idle cores with no such thread point at
+         the GIL (the event loop and the decode threads share one);
+  two    two server processes (each its own GIL) on the same cores, each under half the
+         callers at the same time; their sum against `one` is what worker processes behind one
+         port would gain.
+Same settings and load generator as vision_bench.py. Prints JSON lines and a median table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from vision_bench import (
+    Settings,
+    add_server_arguments,
+    base_env,
+    configured_max_batch_size,
+    free_port,
+    load,
+    load_generator,
+    log,
+    ours_argv,
+    prepare_models,
+    process,
+    settings_from_args,
+)
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_ticks(pid: int) -> dict[str, int]:
+    """CPU ticks (user + system) per thread of `pid`, keyed by "name/tid"."""
+    ticks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            ticks[f"{(task / 'comm').read_text().strip()}/{task.name}"] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(idle, total) ticks of all CPUs since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return values[3] + values[4], sum(values)
+
+
+@contextlib.contextmanager
+def servers(root: Path, model: str, settings: Settings, count: int) -> Iterator[list[tuple[str, int]]]:
+    """`count` servers of ours: yields [(target, pid)]."""
+    with contextlib.ExitStack() as stack:
+        started = []
+        for _ in range(count):
+            port = free_port()
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            argv = ours_argv(
+                root,
+                model,
+                port,
+                free_port(),
+                Path(tmp) / "ready.json",
+                settings,
+                configured_max_batch_size(root, model),
+            )
+            proc = stack.enter_context(process(argv, base_env(settings.torch_threads), "vision server ready"))
+            started.append((f"127.0.0.1:{port}", proc.pid))
+        yield started
+
+
+def profile_one(root: Path, model: str, settings: Settings) -> dict[str, Any]:
+    warmup_s = 3.0
+    with servers(root, model, settings, 1) as [(target, pid)]:
+        sample: dict[str, Any] = {}
+
+        def measure_cpu() -> None:
+            time.sleep(warmup_s + 1.0)  # inside the generator's window
+            before, (idle0, total0) = thread_ticks(pid), machine_ticks()
+            started = time.monotonic()
+            time.sleep(max(1.0, settings.seconds - 2.0))
+            after, (idle1, total1) = thread_ticks(pid), machine_ticks()
+            seconds = time.monotonic() - started
+            # Python threads carry no OS name here: the event loop is the thread whose id is
+            # the pid; the others (decode threads, the model thread, grpc's) by their id.
+            busy = {
+                ("event loop" if name.endswith(f"/{pid}") else name): round(
+                    (after[name] - before.get(name, 0)) / CLOCK_TICKS / seconds, 2
+                )
+                for name in after
+                if after[name] - before.get(name, 0) > 0
+            }
+            sample["threads_cores"] = dict(sorted(busy.items(), key=lambda item: -item[1]))
+            sample["process_cores"] = round(sum(busy.values()), 2)
+            sample["machine_idle_share"] = round((idle1 - idle0) / max(1, total1 - total0), 3)
+
+        sampler = threading.Thread(target=measure_cpu)
+        sampler.start()
+        result = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+        sampler.join()
+    return {
+        "throughput": result["throughput"],
+        "generator_cpu_cores": result["generator_cpu_cores"],
+        **sample,
+    }
+
+
+def profile_two(root: Path, model: str, settings: Settings) -> dict[str, Any]:
+    with servers(root, model, settings, 2) as started:
+        results: list[dict[str, Any]] = [{}, {}]
+
+        def drive(index: int, target: str) -> None:
+            half = max(1, settings.concurrency // 2)
+            results[index] = load(target, "grpc", "closed", settings.seconds, concurrency=half)
+
+        drivers = [threading.Thread(target=drive, args=(i, t)) for i, (t, _) in enumerate(started)]
+        for driver in drivers:
+            driver.start()
+        for driver in drivers:
+            driver.join()
+    return {
+        "throughput": sum(r["throughput"] for r in results),
+        "per_process": [r["throughput"] for r in results],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_arguments(parser, seconds=10.0, max_batch_size=None)
+    parser.set_defaults(models="worksheet-topics")
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows = []
+    with load_generator(args.load_generator):
+        roots = prepare_models(models)
+        for model in models:
+            ones, twos = [], []
+            for rep in range(args.reps):
+                log(f"{model}: one process (repetition {rep + 1})")
+                ones.append(profile_one(roots[model], model, settings))
+                print(json.dumps({"model": model, "processes": 1, **ones[-1]}), flush=True)
+                log(f"{model}: two processes (repetition {rep + 1})")
+                twos.append(profile_two(roots[model], model, settings))
+                print(json.dumps({"model": model, "processes": 2, **twos[-1]}), flush=True)
+            one = statistics.median(r["throughput"] for r in ones)
+            two = statistics.median(r["throughput"] for r in twos)
+            idle = statistics.median(r["machine_idle_share"] for r in ones)
+            cores = statistics.median(r["process_cores"] for r in ones)
+            rows.append((model, one, two, idle, cores, ones[0]["threads_cores"]))
+    print(
+        f"load generator: {args.load_generator}, concurrency {settings.concurrency}, "
+        f"{args.reps} repetition(s)"
+    )
+    print(
+        "| model | one process img/s | two processes img/s | gain | machine idle, one process "
+        "| server process, cores | busiest threads (cores, first repetition) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for model, one, two, idle, process_cores, threads in rows:
+        top = ", ".join(f"{name} {cores}" for name, cores in list(threads.items())[:5])
+        print(
+            f"| {model} | {one:.0f} | {two:.0f} | {two / one:.2f}x | {idle:.0%} | {process_cores} | {top} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
