@@ -107,8 +107,10 @@ the Python load generator, benchmarks/vision_load.py (the Go one is now the defa
 Result: no effect, so the cap stays off by default (`--max-concurrent-rpcs 0`). Even at 300,
 grpc's cap answered 20 of ~48,000 refusals; at `auto` none. grpc.aio counts only the calls its
 Python server loop has already taken from the C core, and our admission refuses those within
-one pass of the loop, so they never pile up past the cap: under overload the backlog most likely waits in the
-transport and the C core before Python asks for the next call, where no cap sees it. The
+one pass of the loop, so they never pile up past the cap: under overload the backlog waits in
+grpc's C core before Python asks for the next call, where no cap sees it (found since: grpc
+holds up to 1,000-3,000 such calls and sheds the rest as CANCELLED; `--max-pending-calls`
+bounds that backlog, and `vision_fast_refusal.py --pending N` measures it; DECISIONS D17). The
 differences between rows are the machine's noise (an earlier run of the `auto` pair gave the
 opposite signs: mobilenet refusal p99 101 vs 124 ms, the default model 3314 vs 1554 ms). The
 cap's refusal is also itself answered by a coroutine on the same loop, so it could not jump that
