@@ -1,0 +1,114 @@
+"""The vision benchmark's Go load generator against a real vision server: its JSON is right.
+
+clients/go/cmd/snaplearn-loadgen is built with `go build` (as benchmarks/vision_bench.py does)
+and run as a separate process against our server (gRPC on port 0, the small trained model),
+once in a closed loop and once in an open loop against a held model and a queue of 2, where
+every request past the queue must come back RESOURCE_EXHAUSTED and be counted as a refusal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snaplearn_vision.worksheets import sample_image_bytes
+from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
+from tests.helpers.vision_server import ServerFactory
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_TIMEOUT_S = 600  # a cold machine fetches the Go modules first
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 120)]
+
+
+@pytest.fixture(scope="module")
+def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("the Go toolchain is not on PATH: the Go load generator cannot be built")
+    binary = tmp_path_factory.mktemp("loadgen") / "snaplearn-loadgen"
+    built = subprocess.run(
+        [go, "build", "-o", str(binary), "./cmd/snaplearn-loadgen"],
+        cwd=REPO / "clients" / "go",
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert built.returncode == 0, f"go build failed:\n{built.stdout}\n{built.stderr}"
+    return binary
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for index, topic in enumerate(("fractions", "addition", "geometry", "exponents")):
+        (folder / f"{index:03d}.jpg").write_bytes(sample_image_bytes(topic, seed=index))
+    return folder
+
+
+@pytest.fixture
+async def factory(trained_model_repository: Path, tmp_path: Path) -> AsyncIterator[ServerFactory]:  # noqa: F811
+    servers = ServerFactory(Path(trained_model_repository), tmp_path)
+    yield servers
+    await servers.close()
+
+
+async def run_loadgen(binary: Path, photos: Path, target: str, *mode: str) -> dict[str, Any]:
+    # A subprocess the event loop awaits: the server under test runs on this very loop.
+    process = await asyncio.create_subprocess_exec(
+        str(binary),
+        "--target",
+        target,
+        "--photos",
+        str(photos),
+        "--seconds",
+        "1",
+        "--warmup",
+        "0.5",
+        "--timeout",
+        "3",
+        *mode,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, stderr.decode()
+    return dict(json.loads(stdout.decode().strip().splitlines()[-1]))
+
+
+async def test_closed_loop_reports_every_answer_and_our_batch_sizes(
+    factory: ServerFactory, loadgen: Path, photos: Path
+) -> None:
+    running = await factory.start()
+    result = await run_loadgen(loadgen, photos, running.server.target, "closed", "--concurrency", "8")
+    assert result["mode"] == "closed" and result["concurrency"] == 8 and result["rate"] == 0.0
+    assert result["sent"] > 0 and result["ok"] == result["sent"] and result["errors"] == {}
+    assert result["throughput"] == pytest.approx(result["ok"] / result["seconds"])
+    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert 1 <= result["mean_batch_size_seen"] <= 8  # the factory's max batch size
+    assert math.isnan(result["rejected_p99_ms"])  # nothing was refused
+    assert result["generator_cpu_cores"] > 0
+
+
+async def test_open_loop_counts_refusals_apart_with_their_latency(
+    factory: ServerFactory, loadgen: Path, photos: Path
+) -> None:
+    running = await factory.start(max_queue_size=2, max_batch_size=1)
+    await running.gates.hold_next_batch()  # the model holds its first batch: the queue fills
+    result = await run_loadgen(loadgen, photos, running.server.target, "open", "--rate", "100")
+    running.gates.open.set()
+    assert result["mode"] == "open" and result["rate"] == 100.0 and result["concurrency"] == 0
+    assert result["sent"] == pytest.approx(100, abs=5)  # a fixed schedule over the 1 s window
+    refused = result["errors"].get("RESOURCE_EXHAUSTED", 0)
+    assert refused >= result["sent"] - 4  # at most the queue (2) plus one batch got in
+    assert result["ok"] + sum(result["errors"].values()) == result["sent"]
+    assert 0 < result["rejected_p99_ms"] < 3000
+    assert result["send_lag_p99_ms"] >= 0
