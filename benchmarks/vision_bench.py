@@ -50,7 +50,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,21 +243,18 @@ def load_generator(name: str) -> Iterator[None]:
     global _load_command
     if name not in LOAD_GENERATORS:
         raise ValueError(f"load generator {name!r} is not one of {LOAD_GENERATORS}")
-    if name == "python":
-        previous, _load_command = _load_command, [PY, str(BENCH_DIR / "vision_load.py")]
-        try:
-            yield
-        finally:
-            _load_command = previous
-        return
-    binary = build_go_loadgen()
-    from vision_load import photos
+    with contextlib.ExitStack() as stack:
+        command = [PY, str(BENCH_DIR / "vision_load.py")]
+        if name == "go":
+            binary = build_go_loadgen()
+            from vision_load import photos
 
-    RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="photos-", dir=RUNS_DIR) as tmp:
-        for index, photo in enumerate(photos()):
-            (Path(tmp) / f"{index:03d}.jpg").write_bytes(photo)
-        previous, _load_command = _load_command, [str(binary), "--photos", tmp]
+            RUNS_DIR.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="photos-", dir=RUNS_DIR))
+            for index, photo in enumerate(photos()):
+                (Path(tmp) / f"{index:03d}.jpg").write_bytes(photo)
+            command = [str(binary), "--photos", tmp]
+        previous, _load_command = _load_command, command
         try:
             yield
         finally:
@@ -431,31 +428,45 @@ def ours_argv(
     return [*argv, "--max-queue-delay-ms", str(settings.max_queue_delay_ms)]
 
 
-def bench_ours(
-    root: Path, model: str, settings: Settings, max_batch_size: int | None, rates: tuple[float, float] | None
-) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class OurServer:
+    target: str
+    metrics_port: int
+    pid: int
+
+
+@contextlib.contextmanager
+def our_server(
+    root: Path, model: str, settings: Settings, max_batch_size: int | None, extra: Sequence[str] = ()
+) -> Iterator[OurServer]:
+    """Our server (`serve-ours`) on free ports, with `extra` flags, until the block ends."""
     port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         argv = ours_argv(root, model, port, metrics_port, Path(tmp) / "ready.json", settings, max_batch_size)
-        with process(argv, base_env(settings.torch_threads), "vision server ready"):
-            target = f"127.0.0.1:{port}"
-            result: dict[str, Any] = {}
-            before = scrape(metrics_port)
-            result["closed"] = load(
-                target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency
-            )
-            result["closed"]["server"] = batch_stats(before, scrape(metrics_port))
-            capacity = result["closed"]["throughput"]
-            half, overload = rates if rates is not None else (capacity / 2, capacity * 3)
-            result["rates"] = {"half": half, "overload": overload}
-            before = scrape(metrics_port)
-            result["half"] = load(target, "grpc", "open", settings.seconds, rate=half)
-            result["half"]["server"] = batch_stats(before, scrape(metrics_port))
-            before = scrape(metrics_port)
-            result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload)
-            result["overload"]["server"] = batch_stats(before, scrape(metrics_port))
-            if settings.perf_analyzer is not None and max_batch_size != 1:
-                result["perf_analyzer"] = run_perf_analyzer(settings, model, target)
+        with process([*argv, *extra], base_env(settings.torch_threads), "vision server ready") as proc:
+            yield OurServer(f"127.0.0.1:{port}", metrics_port, proc.pid)
+
+
+def bench_ours(
+    root: Path, model: str, settings: Settings, max_batch_size: int | None, rates: tuple[float, float] | None
+) -> dict[str, Any]:
+    with our_server(root, model, settings, max_batch_size) as server:
+        target, metrics_port = server.target, server.metrics_port
+        result: dict[str, Any] = {}
+        before = scrape(metrics_port)
+        result["closed"] = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+        result["closed"]["server"] = batch_stats(before, scrape(metrics_port))
+        capacity = result["closed"]["throughput"]
+        half, overload = rates if rates is not None else (capacity / 2, capacity * 3)
+        result["rates"] = {"half": half, "overload": overload}
+        before = scrape(metrics_port)
+        result["half"] = load(target, "grpc", "open", settings.seconds, rate=half)
+        result["half"]["server"] = batch_stats(before, scrape(metrics_port))
+        before = scrape(metrics_port)
+        result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload)
+        result["overload"]["server"] = batch_stats(before, scrape(metrics_port))
+        if settings.perf_analyzer is not None and max_batch_size != 1:
+            result["perf_analyzer"] = run_perf_analyzer(settings, model, target)
     return result
 
 

@@ -23,7 +23,6 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 from vision_bench import (
     Settings,
     add_server_arguments,
-    base_env,
     batch_stats,
-    free_port,
     load,
     load_generator,
     log,
-    ours_argv,
+    our_server,
     prepare_models,
-    process,
     scrape,
     settings_from_args,
 )
@@ -56,20 +52,13 @@ def measure(
     rate: float = 0.0,
 ) -> dict[str, Any]:
     """One server process, one load phase; `limit`: extra server flags ([] = no limit)."""
-    port, metrics_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        argv = ours_argv(
-            root, model, port, metrics_port, Path(tmp) / "ready.json", settings, settings.max_batch_size
-        )
-        argv += limit
-        with process(argv, base_env(settings.torch_threads), "vision server ready"):
-            target = f"127.0.0.1:{port}"
-            before = scrape(metrics_port)
-            if closed:
-                result = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
-            else:
-                result = load(target, "grpc", "open", settings.seconds, rate=rate)
-            result["server"] = batch_stats(before, scrape(metrics_port))
+    with our_server(root, model, settings, settings.max_batch_size, limit) as server:
+        before = scrape(server.metrics_port)
+        if closed:
+            result = load(server.target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+        else:
+            result = load(server.target, "grpc", "open", settings.seconds, rate=rate)
+        result["server"] = batch_stats(before, scrape(server.metrics_port))
     return result
 
 

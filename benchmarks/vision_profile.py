@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -33,15 +32,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 from vision_bench import (
     Settings,
     add_server_arguments,
-    base_env,
     configured_max_batch_size,
-    free_port,
     load,
     load_generator,
     log,
-    ours_argv,
+    our_server,
     prepare_models,
-    process,
     settings_from_args,
 )
 
@@ -68,22 +64,11 @@ def machine_ticks() -> tuple[int, int]:
 def servers(root: Path, model: str, settings: Settings, count: int) -> Iterator[list[tuple[str, int]]]:
     """`count` servers of ours: yields [(target, pid)]."""
     with contextlib.ExitStack() as stack:
-        started = []
-        for _ in range(count):
-            port = free_port()
-            tmp = stack.enter_context(tempfile.TemporaryDirectory())
-            argv = ours_argv(
-                root,
-                model,
-                port,
-                free_port(),
-                Path(tmp) / "ready.json",
-                settings,
-                configured_max_batch_size(root, model),
-            )
-            proc = stack.enter_context(process(argv, base_env(settings.torch_threads), "vision server ready"))
-            started.append((f"127.0.0.1:{port}", proc.pid))
-        yield started
+        max_batch_size = configured_max_batch_size(root, model)
+        started = [
+            stack.enter_context(our_server(root, model, settings, max_batch_size)) for _ in range(count)
+        ]
+        yield [(server.target, server.pid) for server in started]
 
 
 def profile_one(root: Path, model: str, settings: Settings) -> dict[str, Any]:

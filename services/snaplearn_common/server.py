@@ -78,7 +78,7 @@ async def start_grpc_server(
     it: calls wait there for seconds and are then shed. With a bound, grpc sheds them on
     arrival: from max_pending_calls / 2 with rising probability, all beyond max_pending_calls.
     Clients see CANCELLED ("Cancelled"), not RESOURCE_EXHAUSTED: grpc's choice. Keep it well
-    above the concurrency of legitimate bursts (docs/benchmarks/vision.md, "Backlog").
+    above the concurrency of legitimate bursts (docs/DECISIONS.md, D17).
     """
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
