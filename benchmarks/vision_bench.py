@@ -33,7 +33,6 @@ numbers); pass --runs 2 to repeat everything and report medians.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import collections
 import contextlib
@@ -397,9 +396,9 @@ def ours_argv(
 ) -> list[str]:
     argv = [
         PY,
-        str(BENCH_DIR / "vision_bench.py"),
-        "serve-ours",
-        "--",
+        "-m",
+        "snaplearn_vision.main",
+        "--no-publish",  # the peers publish nothing either
         "--port",
         str(port),
         "--metrics-port",
@@ -439,7 +438,8 @@ class OurServer:
 def our_server(
     root: Path, model: str, settings: Settings, max_batch_size: int | None, extra: Sequence[str] = ()
 ) -> Iterator[OurServer]:
-    """Our server (`serve-ours`) on free ports, with `extra` flags, until the block ends."""
+    """Our server (`python -m snaplearn_vision.main --no-publish`) on free ports, with `extra`
+    flags, until the block ends."""
     port, metrics_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         argv = ours_argv(root, model, port, metrics_port, Path(tmp) / "ready.json", settings, max_batch_size)
@@ -607,22 +607,6 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
 # -- main -------------------------------------------------------------------------------------
 
 
-def serve_ours(argv: list[str]) -> int:
-    """Our real server entry point with publishing off (the peers publish nothing either)."""
-    from snaplearn_vision.config import settings_from_args
-    from snaplearn_vision.main import serve
-
-    settings = dataclasses.replace(settings_from_args(argv), bus=None)
-    import torch
-
-    if settings.torch_threads is not None:
-        torch.set_num_threads(settings.torch_threads)
-    import logging
-
-    logging.basicConfig(level=settings.log_level)
-    return asyncio.run(serve(settings))
-
-
 def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
     """Set up (bench extra, models, perf_analyzer) and measure every run: (runs, perf note)."""
     ensure_bench_extra()
@@ -642,8 +626,6 @@ def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve-ours"]:
-        return serve_ours(argv[2:] if argv[1:2] == ["--"] else argv[1:])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

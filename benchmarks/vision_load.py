@@ -35,8 +35,10 @@ from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_common.topics import DEFAULT_TOPICS
 from snaplearn_vision.worksheets import sample_image_bytes
 
-# A call returns (status name, server batch size or 0); it raises nothing.
-Call = Callable[[bytes, float], Awaitable[tuple[str, int]]]
+# call(client, image, timeout_s) returns (status name, server batch size or 0) and raises
+# nothing. A closed loop's caller keeps one client (one connection, one user); an open loop's
+# requests take the clients in turn.
+Call = Callable[[int, bytes, float], Awaitable[tuple[str, int]]]
 
 
 def photos(count: int = 48) -> list[bytes]:
@@ -126,21 +128,20 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def grpc_caller(target: str) -> Any:
-    # Several channels: one HTTP/2 connection per channel, as many independent clients would use.
+async def grpc_caller(target: str, connections: int = 4) -> Any:
+    # Several channels: one HTTP/2 connection per channel, as many independent clients would use
+    # (a server with worker processes behind one port spreads connections, not calls).
     channels = [
-        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)
+        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(connections)
     ]
     stubs = [vision_pb2_grpc.VisionServiceStub(channel) for channel in channels]
-    counter = 0
 
-    async def call(image: bytes, timeout_s: float) -> tuple[str, int]:
-        nonlocal counter
-        counter += 1
-        stub = stubs[counter % len(stubs)]
+    async def call(client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
+        stub = stubs[client % len(stubs)]
         try:
             reply = await stub.Classify(
-                vision_pb2.ClassifyRequest(user_id=f"bench-{counter % 1000}", image=image), timeout=timeout_s
+                vision_pb2.ClassifyRequest(user_id=f"bench-{client % 1000}", image=image), timeout=timeout_s
             )
         except aio.AioRpcError as error:
             code = error.code()
@@ -162,7 +163,7 @@ async def http_caller(url: str, connections: int) -> Any:
 
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
 
-    async def call(image: bytes, timeout_s: float) -> tuple[str, int]:
+    async def call(_client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
         body = {"image": base64.b64encode(image).decode()}
         try:
             async with session.post(
@@ -196,7 +197,7 @@ async def closed_loop(
             image = images[n % len(images)]
             n += concurrency
             began = time.monotonic()
-            status, batch_size = await call(image, timeout_s)
+            status, batch_size = await call(index, image, timeout_s)
             recorder.record(began, time.monotonic(), status, batch_size)
 
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
@@ -211,9 +212,9 @@ async def open_loop(
     interval = 1.0 / rate
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(image: bytes) -> None:
+    async def one(client: int, image: bytes) -> None:
         began = time.monotonic()
-        status, batch_size = await call(image, timeout_s)
+        status, batch_size = await call(client, image, timeout_s)
         recorder.record(began, time.monotonic(), status, batch_size)
 
     n = 0
@@ -227,7 +228,7 @@ async def open_loop(
             await asyncio.sleep(delay)
         if due >= recorder.window[0]:
             lags.append(time.monotonic() - due)
-        task = asyncio.get_running_loop().create_task(one(images[n % len(images)]))
+        task = asyncio.get_running_loop().create_task(one(n, images[n % len(images)]))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         n += 1
@@ -240,8 +241,10 @@ async def open_loop(
 
 async def run(args: argparse.Namespace) -> LoadResult:
     images = photos()
-    connections = args.concurrency if args.mode == "closed" else 512
-    caller = grpc_caller(args.target) if args.protocol == "grpc" else http_caller(args.target, connections)
+    if args.protocol == "grpc":
+        caller = grpc_caller(args.target, args.connections)
+    else:
+        caller = http_caller(args.target, args.concurrency if args.mode == "closed" else 512)
     async with caller as call:
         if args.mode == "closed":
             return await closed_loop(call, images, args.concurrency, args.warmup, args.seconds, args.timeout)
@@ -257,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=15.0, help="measurement window")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
+    parser.add_argument(
+        "--connections", type=int, default=4, help="gRPC connections the calls are spread over"
+    )
     modes = parser.add_subparsers(dest="mode", required=True)
     closed = modes.add_parser("closed", help="N concurrent callers, back to back")
     closed.add_argument("--concurrency", type=int, default=64)

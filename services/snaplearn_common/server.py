@@ -60,6 +60,7 @@ async def start_grpc_server(
     max_connection_age_grace_s: float = 30.0,
     maximum_concurrent_rpcs: int | None = None,
     max_pending_calls: int | None = None,
+    reuse_port: bool = False,
 ) -> GrpcServer:
     """Start a server on host:port (0 picks a free port) and return it with the bound port.
 
@@ -79,11 +80,15 @@ async def start_grpc_server(
     arrival: from max_pending_calls / 2 with rising probability, all beyond max_pending_calls.
     Clients see CANCELLED ("Cancelled"), not RESOURCE_EXHAUSTED: grpc's choice. Keep it well
     above the concurrency of legitimate bursts (docs/DECISIONS.md, D17).
+
+    reuse_port: bind with SO_REUSEPORT, so that several processes (worker processes behind
+    one port) listen on the same port and the kernel spreads new connections over them. Off
+    by default: a second server started on a busy port by mistake should fail, not share it.
     """
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
     ]
     if max_connection_age_s is not None:
         if max_connection_age_s <= 0 or max_connection_age_grace_s < 0:

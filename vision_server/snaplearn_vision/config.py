@@ -68,6 +68,12 @@ class VisionSettings:
     # grpc's default (shedding from 1,000, all beyond 3,000).
     max_pending_calls: int | None = None
     log_level: str = "INFO"
+    # Worker processes behind one port (snaplearn_vision.workers): each its own interpreter,
+    # GIL, event loop and model copy; the kernel spreads connections over them (SO_REUSEPORT).
+    workers: int = 1
+    # Set by the supervisor in each worker it starts: bind with SO_REUSEPORT only once the model
+    # is loaded, metrics on 127.0.0.1 (the supervisor serves the sum), no ready line on stdout.
+    worker_index: int | None = None
     bus: BusSettings | None = field(default=None)  # None: no events published (tests, dry runs)
     # Where events wait, on disk, while the bus is unreachable (and across restarts); None
     # keeps them in memory only. The command line defaults it to var/spool.
@@ -107,6 +113,10 @@ class VisionSettings:
             problems.append(f"max_concurrent_rpcs must be >= 0, got {self.max_concurrent_rpcs}")
         if self.max_pending_calls is not None and self.max_pending_calls < 2:
             problems.append(f"max_pending_calls must be >= 2, got {self.max_pending_calls}")
+        if self.workers < 1:
+            problems.append(f"workers must be >= 1, got {self.workers}")
+        if self.worker_index is not None and self.worker_index < 0:
+            problems.append(f"worker_index must be >= 0, got {self.worker_index}")
         if problems:
             raise ValueError("invalid vision server settings: " + "; ".join(problems))
 
@@ -272,7 +282,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds before a client connection is closed (GOAWAY) so clients re-resolve; 0 = never",
     )
     ops.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"))
+    ops.add_argument(
+        "--workers",
+        type=int,
+        default=_env("WORKERS", 1),
+        help="server processes behind the one port, each with its own model copy (worth it for "
+        "small models: one process is bound by its GIL; see docs/DECISIONS.md, D18)",
+    )
+    # Internal: the supervisor passes each worker its index.
+    ops.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
     add_bus_arguments(parser)
+    parser.add_argument(
+        "--publish",
+        action=argparse.BooleanOptionalAction,
+        default=_env("PUBLISH", "1") not in ("0", "false", "False"),
+        help="publish an ImageClassified event per prediction (--no-publish: inference only, no "
+        "event bus at all; benchmarks against servers that publish nothing)",
+    )
     parser.add_argument(
         "--spool-dir",
         default=_env("SPOOL_DIR", "var/spool"),
@@ -309,7 +335,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             max_concurrent_rpcs=args.max_concurrent_rpcs,
             max_pending_calls=args.max_pending_calls,
             log_level=args.log_level.upper(),
-            bus=bus_settings_from_args(args),
+            workers=args.workers,
+            worker_index=args.worker_index,
+            bus=bus_settings_from_args(args) if args.publish else None,
             spool_dir=Path(args.spool_dir) if args.spool_dir else None,
         )
     except (ValueError, InvalidInput) as exc:

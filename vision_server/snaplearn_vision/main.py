@@ -118,8 +118,15 @@ class VisionServer:
 
     async def listen(self) -> None:
         """Bind the metrics and gRPC ports (health NOT_SERVING) and start the publisher."""
+        await self.open()
+        await self.bind(serving=False)
+
+    async def open(self) -> None:
+        """Everything but the gRPC port: metrics endpoint, publisher, the (unloaded) core."""
         settings = self.settings
-        self._metrics_endpoint = serve_metrics(self.metrics.registry, settings.host, settings.metrics_port)
+        # A worker's metrics are read (and summed) by its supervisor only.
+        metrics_host = "127.0.0.1" if settings.worker_index is not None else settings.host
+        self._metrics_endpoint = serve_metrics(self.metrics.registry, metrics_host, settings.metrics_port)
         if self._bus is None and settings.bus is not None:
             self._bus = await asyncio.to_thread(open_bus, settings.bus)
             # Idempotent; on Kafka this is where the topic gets its partition count.
@@ -152,16 +159,22 @@ class VisionServer:
             decode_niceness=settings.decode_niceness,
             max_image_bytes=settings.max_image_bytes,
         )
+
+    async def bind(self, serving: bool) -> None:
+        """Start the gRPC server on the configured port."""
+        settings = self.settings
+        assert self.service is not None, "call open() first"
         self.grpc = await start_grpc_server(
             [registrar(self.service), oip_servicer.registrar(self.service)],
             [SERVICE_NAME, oip_servicer.SERVICE_NAME],
             host=settings.host,
             port=settings.port,
-            serving=False,
+            serving=serving,
             max_message_bytes=settings.max_image_bytes + _MESSAGE_OVERHEAD_BYTES,
             max_connection_age_s=settings.max_connection_age_s,
             maximum_concurrent_rpcs=settings.rpc_cap(),
             max_pending_calls=settings.max_pending_calls,
+            reuse_port=settings.worker_index is not None,
         )
 
     async def load_and_serve(self) -> None:
@@ -173,6 +186,14 @@ class VisionServer:
     async def start(self) -> None:
         await self.listen()
         await self.load_and_serve()
+
+    async def start_as_worker(self) -> None:
+        """Load first, then join the shared port already SERVING: a worker that listens takes
+        a share of new connections, so it must not listen before it can answer them."""
+        await self.open()
+        assert self.service is not None
+        await self.service.start()
+        await self.bind(serving=True)
 
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, drain RPCs, stop batchers, flush events. Safe to call twice."""
@@ -228,9 +249,12 @@ async def serve(settings: VisionSettings) -> int:
     server = VisionServer(settings)
     exit_code = 0
     try:
-        await server.listen()
-        log.info("listening on %s (NOT_SERVING until the model is loaded)", server.target)
-        loading = asyncio.create_task(server.load_and_serve())
+        if settings.worker_index is None:
+            await server.listen()
+            log.info("listening on %s (NOT_SERVING until the model is loaded)", server.target)
+            loading = asyncio.create_task(server.load_and_serve())
+        else:
+            loading = asyncio.create_task(server.start_as_worker())
         stopping = asyncio.create_task(stop_requested.wait())
         await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():
@@ -249,7 +273,8 @@ async def serve(settings: VisionSettings) -> int:
         if settings.ready_file is not None:
             write_ready_file(settings.ready_file, server)
         line = server.ready_line()
-        print(line, flush=True)
+        if settings.worker_index is None:  # a worker's readiness is its ready file
+            print(line, flush=True)
         log.info("%s", line)
         await stop_requested.wait()
         log.info("stop requested: draining")
@@ -275,9 +300,16 @@ async def serve(settings: VisionSettings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
+    worker = "" if settings.worker_index is None else f"[worker {settings.worker_index}] "
     logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=settings.log_level,
+        format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s",
+        stream=sys.stderr,
     )
+    if settings.workers > 1:
+        from snaplearn_vision.workers import supervise
+
+        return asyncio.run(supervise(settings, list(sys.argv[1:] if argv is None else argv)))
     if settings.torch_threads is not None:
         import torch
 

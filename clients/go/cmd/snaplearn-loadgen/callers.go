@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -27,7 +26,9 @@ import (
 // caller sends one request with payload `image` (an index into the photos it was given) and
 // returns (status name, server batch size or 0); it never fails.
 type caller interface {
-	call(image int, timeout time.Duration) (string, int)
+	// call sends image as client `client`: a closed loop's caller keeps one client (one
+	// connection, one user), an open loop's requests take the clients in turn.
+	call(client, image int, timeout time.Duration) (string, int)
 	close()
 }
 
@@ -65,17 +66,17 @@ func grpcCodeName(code codes.Code) string {
 	return strconv.FormatUint(uint64(code), 10)
 }
 
-// grpcCaller spreads calls round-robin over 4 connections, as several independent clients would.
+// grpcCaller spreads calls round-robin over its connections, as several independent clients
+// would (a server with worker processes behind one port spreads connections, not calls).
 type grpcCaller struct {
-	images  [][]byte
-	conns   []*grpc.ClientConn
-	stubs   []visionv1.VisionServiceClient
-	counter atomic.Uint64
+	images [][]byte
+	conns  []*grpc.ClientConn
+	stubs  []visionv1.VisionServiceClient
 }
 
-func newGRPCCaller(target string, images [][]byte) (*grpcCaller, error) {
+func newGRPCCaller(target string, connections int, images [][]byte) (*grpcCaller, error) {
 	c := &grpcCaller{images: images}
-	for range 4 {
+	for range connections {
 		conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
 			c.close()
@@ -87,12 +88,11 @@ func newGRPCCaller(target string, images [][]byte) (*grpcCaller, error) {
 	return c, nil
 }
 
-func (c *grpcCaller) call(image int, timeout time.Duration) (string, int) {
-	n := c.counter.Add(1)
-	stub := c.stubs[n%uint64(len(c.stubs))]
+func (c *grpcCaller) call(client, image int, timeout time.Duration) (string, int) {
+	stub := c.stubs[client%len(c.stubs)]
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	reply, err := stub.Classify(ctx, &visionv1.ClassifyRequest{UserId: "bench-" + strconv.FormatUint(n%1000, 10), Image: c.images[image]})
+	reply, err := stub.Classify(ctx, &visionv1.ClassifyRequest{UserId: "bench-" + strconv.Itoa(client%1000), Image: c.images[image]})
 	if err != nil {
 		st := status.Convert(err)
 		if st.Code() == codes.ResourceExhausted && st.Message() == grpcCapDetails {
@@ -128,7 +128,7 @@ func newHTTPCaller(url string, connections int, images [][]byte) *httpCaller {
 	return c
 }
 
-func (c *httpCaller) call(image int, timeout time.Duration) (string, int) {
+func (c *httpCaller) call(_, image int, timeout time.Duration) (string, int) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	request, err := http.NewRequestWithContext(ctx, http.MethodPost, c.url, bytes.NewReader(c.bodies[image]))

@@ -22,7 +22,7 @@ func closedLoop(c caller, images, concurrency int, warmup, window, timeout time.
 		wg.Go(func() {
 			for n := index; time.Now().Before(rec.end); n += concurrency {
 				began := time.Now()
-				status, batchSize := c.call(n%images, timeout)
+				status, batchSize := c.call(index, n%images, timeout)
 				rec.record(began, time.Now(), status, batchSize)
 			}
 		})
@@ -67,7 +67,7 @@ func openLoop(c caller, images int, rate float64, warmup, window, timeout time.D
 		if n >= first {
 			atomic.StoreInt64(&lags[n-first], int64(began.Sub(start)-dueAt))
 		}
-		status, batchSize := c.call(n%images, timeout)
+		status, batchSize := c.call(n, n%images, timeout)
 		rec.record(began, time.Now(), status, batchSize)
 	}
 	for n := 0; n < total; {

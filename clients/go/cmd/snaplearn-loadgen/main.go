@@ -53,6 +53,7 @@ type options struct {
 	warmup      float64
 	timeout     float64
 	photos      string
+	connections int
 	mode        string
 	concurrency int
 	rate        float64
@@ -96,8 +97,9 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	global.Float64Var(&o.warmup, "warmup", 3, "warm-up before the window, seconds")
 	global.Float64Var(&o.timeout, "timeout", 10, "per-request deadline, seconds")
 	global.StringVar(&o.photos, "photos", "", "directory of *.jpg payloads (required)")
+	global.IntVar(&o.connections, "connections", 4, "gRPC connections the calls are spread over")
 	global.Usage = func() {
-		fmt.Fprintln(stderr, "usage: snaplearn-loadgen --target T --photos DIR [--protocol grpc|http] [--seconds S] [--warmup S] [--timeout S]")
+		fmt.Fprintln(stderr, "usage: snaplearn-loadgen --target T --photos DIR [--protocol grpc|http] [--seconds S] [--warmup S] [--timeout S] [--connections N]")
 		fmt.Fprintln(stderr, "                         (closed [--concurrency N] | open --rate R)")
 		global.PrintDefaults()
 	}
@@ -111,6 +113,8 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("--photos is required")
 	case o.protocol != "grpc" && o.protocol != "http":
 		return o, fmt.Errorf("--protocol: %q is not grpc or http", o.protocol)
+	case o.connections < 1:
+		return o, errors.New("--connections must be >= 1")
 	case !(o.seconds > 0) || !(o.warmup >= 0) || !(o.timeout > 0):
 		return o, errors.New("--seconds and --timeout must be > 0, --warmup >= 0")
 	case global.NArg() == 0:
@@ -164,7 +168,7 @@ func run(o options, images [][]byte) (*loadResult, error) {
 	var c caller
 	var err error
 	if o.protocol == "grpc" {
-		c, err = newGRPCCaller(o.target, images)
+		c, err = newGRPCCaller(o.target, o.connections, images)
 	} else {
 		connections := 512
 		if o.mode == "closed" {
