@@ -104,7 +104,9 @@ def worker_metrics_registry(prefix: str, worker_urls: Callable[[], Sequence[str]
     failures = Counter(
         f"{prefix}_worker_scrape_failures",
         "Scrapes of a worker process's metrics that failed (that worker was left out of the sum).",
-        registry=registry,
+        registry=None,
     )
+    # Collected in registration order: the workers first, so a failure shows in the same scrape.
     registry.register(WorkerMetricsCollector(worker_urls, failures))
+    registry.register(failures)
     return registry

@@ -42,6 +42,8 @@ log = logging.getLogger("snaplearn_vision")
 # oversized image gets our INVALID_ARGUMENT message rather than gRPC's RESOURCE_EXHAUSTED.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
 GIL_SWITCH_INTERVAL_S = 0.001
+# Set by the supervisor in each worker's environment.
+SUPERVISOR_PID_ENV = "SNAPLEARN_VISION_SUPERVISOR_PID"
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,23 @@ def write_ready_file(path: Path, server: VisionServer) -> None:
     staging.replace(path)
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def stop_with_parent(expected_parent: int) -> None:
+    """Linux: a worker gets SIGTERM (and drains) when its supervisor dies, even by SIGKILL,
+    rather than serve unwatched. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+    if os.getppid() != expected_parent:  # the supervisor died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def serve(settings: VisionSettings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     # The event loop thread answers every RPC (refusals included) and must win the GIL back
@@ -246,6 +265,9 @@ async def serve(settings: VisionSettings) -> int:
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop_requested.set)
+    if settings.worker_index is not None:
+        # After the handlers: a supervisor already gone means a SIGTERM, handled as a stop.
+        stop_with_parent(int(os.environ.get(SUPERVISOR_PID_ENV, os.getppid())))
     server = VisionServer(settings)
     exit_code = 0
     try:

@@ -42,6 +42,7 @@ from prometheus_client import Counter, Gauge
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.metrics_merge import worker_metrics_registry
 from snaplearn_vision.config import VisionSettings
+from snaplearn_vision.main import SUPERVISOR_PID_ENV
 
 log = logging.getLogger("snaplearn_vision.workers")
 
@@ -89,7 +90,7 @@ class Worker:
     index: int
     ready_file: Path
     process: asyncio.subprocess.Process | None = None
-    metrics_url: str | None = None
+    metrics_port: int | None = None
     started_at: float = 0.0
     quick_deaths: int = 0
     serving: bool = False
@@ -130,7 +131,9 @@ class WorkerSupervisor:
         return self._metrics_endpoint.port
 
     def _worker_metrics_urls(self) -> list[str]:
-        return [w.metrics_url for w in self.workers if w.metrics_url is not None]
+        return [
+            f"http://127.0.0.1:{w.metrics_port}/metrics" for w in self.workers if w.metrics_port is not None
+        ]
 
     async def start(self) -> None:
         """Reserve the port, serve metrics, start every worker and wait until all serve.
@@ -184,8 +187,9 @@ class WorkerSupervisor:
             lived_s = time.monotonic() - worker.started_at
             if worker.serving:
                 worker.serving = False
-                worker.metrics_url = None
+                worker.metrics_port = None
                 self._live.dec()
+                self.write_ready_file()
             worker.quick_deaths = 0 if lived_s > _STABLE_AFTER_S else worker.quick_deaths + 1
             backoff_s = restart_backoff_s(worker.quick_deaths)
             log.error(
@@ -209,7 +213,10 @@ class WorkerSupervisor:
         worker.started_at = time.monotonic()
         # Workers inherit stderr (their log lines carry "[worker i]"); stdout is the supervisor's.
         worker.process = await asyncio.create_subprocess_exec(
-            *self.worker_command(worker), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL
+            *self.worker_command(worker),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            env={**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())},
         )
         log.info("worker %d started (pid %d)", worker.index, worker.process.pid)
 
@@ -223,14 +230,14 @@ class WorkerSupervisor:
                 )
             await asyncio.sleep(_READY_POLL_S)
         ready = json.loads(worker.ready_file.read_text())
-        worker.metrics_url = f"http://127.0.0.1:{ready['metrics_port']}/metrics"
+        worker.metrics_port = int(ready["metrics_port"])
         worker.serving = True
         self._live.inc()
         log.info("worker %d serving (pid %d)", worker.index, worker.process.pid)
 
     def write_ready_file(self) -> None:
-        """The supervisor's ready file: host, port, metrics_port, pid and the workers' pids
-        (rewritten when a worker restarts)."""
+        """The supervisor's ready file: host, port, metrics_port, pid and, per worker, its index,
+        pid and private metrics port (rewritten when a worker restarts)."""
         if self.settings.ready_file is None or not self._started:
             return
         payload = {
@@ -238,7 +245,11 @@ class WorkerSupervisor:
             "port": self.port,
             "metrics_port": self.metrics_port,
             "pid": os.getpid(),
-            "workers": [w.process.pid for w in self.workers if w.process is not None],
+            "workers": [
+                {"index": w.index, "pid": w.process.pid, "metrics_port": w.metrics_port}
+                for w in self.workers
+                if w.process is not None
+            ],
         }
         write_ready_payload(self.settings.ready_file, payload)
 
