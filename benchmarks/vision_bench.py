@@ -270,6 +270,7 @@ def load(
     rate: float = 0.0,
     timeout_s: float = 5.0,
     warmup_s: float = 3.0,
+    connections: int = 64,
 ) -> dict[str, Any]:
     argv = [
         *_load_command,
@@ -283,6 +284,8 @@ def load(
         str(warmup_s),
         "--timeout",
         str(timeout_s),
+        "--connections",
+        str(connections),
         mode,
     ]
     argv += ["--concurrency", str(concurrency)] if mode == "closed" else ["--rate", f"{rate:.2f}"]
@@ -339,6 +342,9 @@ class Settings:
     peers: bool
     perf_analyzer: Path | None
     perf_env: dict[str, str]
+    connections: int = 64
+    workers: int = 2
+    worker_decode_threads: int = 1
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_batch_size: int | None) -> None:
@@ -358,6 +364,23 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
         help="for every server (default: %(default)s; None = the model's configured max batch size)",
     )
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0, help="for every server")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=64,
+        help="gRPC connections of the load generator: a closed loop's caller keeps one (one phone "
+        "each), an open loop's requests take them in turn (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes of our second configuration (--workers N; 1 = not measured; "
+        "default: the CPU count, %(default)s)",
+    )
+    parser.add_argument(
+        "--worker-decode-threads", type=int, default=1, help="decode threads per worker process"
+    )
     parser.add_argument(
         "--load-generator",
         choices=LOAD_GENERATORS,
@@ -382,6 +405,9 @@ def settings_from_args(
         peers=peers,
         perf_analyzer=perf_analyzer,
         perf_env=perf_env,
+        connections=args.connections,
+        workers=args.workers,
+        worker_decode_threads=args.worker_decode_threads,
     )
 
 
@@ -448,22 +474,32 @@ def our_server(
 
 
 def bench_ours(
-    root: Path, model: str, settings: Settings, max_batch_size: int | None, rates: tuple[float, float] | None
+    root: Path,
+    model: str,
+    settings: Settings,
+    max_batch_size: int | None,
+    rates: tuple[float, float] | None,
+    extra: Sequence[str] = (),
 ) -> dict[str, Any]:
-    with our_server(root, model, settings, max_batch_size) as server:
+    """Our server: capacity (closed loop), then open loops at `rates` (half, overload), or at
+    half and 3x of the capacity just measured when rates is None."""
+    conns = settings.connections
+    with our_server(root, model, settings, max_batch_size, extra) as server:
         target, metrics_port = server.target, server.metrics_port
         result: dict[str, Any] = {}
         before = scrape(metrics_port)
-        result["closed"] = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+        result["closed"] = load(
+            target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency, connections=conns
+        )
         result["closed"]["server"] = batch_stats(before, scrape(metrics_port))
         capacity = result["closed"]["throughput"]
         half, overload = rates if rates is not None else (capacity / 2, capacity * 3)
         result["rates"] = {"half": half, "overload": overload}
         before = scrape(metrics_port)
-        result["half"] = load(target, "grpc", "open", settings.seconds, rate=half)
+        result["half"] = load(target, "grpc", "open", settings.seconds, rate=half, connections=conns)
         result["half"]["server"] = batch_stats(before, scrape(metrics_port))
         before = scrape(metrics_port)
-        result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload)
+        result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload, connections=conns)
         result["overload"]["server"] = batch_stats(before, scrape(metrics_port))
         if settings.perf_analyzer is not None and max_batch_size != 1:
             result["perf_analyzer"] = run_perf_analyzer(settings, model, target)
@@ -497,11 +533,14 @@ def bench_peer(
         target, protocol = f"http://127.0.0.1:{port}/predict", "http"
     with process(argv, base_env(settings.torch_threads), "ready", timeout_s=300):
         result: dict[str, Any] = {}
+        conns = settings.connections
         result["closed"] = load(
-            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency
+            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency, connections=conns
         )
-        result["half"] = load(target, protocol, "open", settings.seconds, rate=rates[0])
-        result["overload"] = load(target, protocol, "open", settings.seconds, rate=rates[1])
+        result["half"] = load(target, protocol, "open", settings.seconds, rate=rates[0], connections=conns)
+        result["overload"] = load(
+            target, protocol, "open", settings.seconds, rate=rates[1], connections=conns
+        )
     return result
 
 
@@ -592,6 +631,13 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
     log(f"{model}: ours, dynamic batching (max batch {max_batch_size})")
     results["ours"] = bench_ours(root, model, settings, max_batch_size, None)
     rates = (results["ours"]["rates"]["half"], results["ours"]["rates"]["overload"])
+    if settings.workers > 1:
+        # Its own capacity sets its own half and 3x loads: the targets are about each configuration.
+        log(f"{model}: ours, {settings.workers} worker processes (max batch {max_batch_size})")
+        per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+        workers = ["--workers", str(settings.workers)]
+        results["ours-workers"] = bench_ours(root, model, per_worker, max_batch_size, None, workers)
+        results["workers"] = settings.workers
     log(f"{model}: ours, batching off")
     results["ours-1"] = bench_ours(root, model, settings, 1, rates)
     if settings.peers:
@@ -644,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_queue_size": args.max_queue_size,
         "max_queue_delay_ms": args.max_queue_delay_ms,
         "concurrency": args.concurrency,
+        "connections": args.connections,
+        "workers": args.workers,
+        "worker_decode_threads": args.worker_decode_threads,
         "seconds": args.seconds,
         "load_generator": args.load_generator,
         "notes": perf_note,

@@ -17,6 +17,7 @@ from typing import Any
 
 SERVERS = {
     "ours": "SnapLearn, dynamic batching",
+    "ours-workers": "SnapLearn, dynamic batching, worker processes",
     "ours-1": "SnapLearn, batching off",
     "ray": "Ray Serve (gRPC)",
     "litserve": "LitServe (HTTP)",
@@ -182,13 +183,27 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
         "uses; the raw bound is the best over batch sizes, so it stays the stronger bound), "
         f"waiting at most {fmt(meta['max_queue_delay_ms'], 0)} ms for a fuller batch. Ours: "
         f"{meta['decode_threads']} decode threads, queue of {meta['max_queue_size']}, events not "
-        "published (the peers publish nothing).",
+        "published (the peers publish nothing)."
+        + (
+            f" Worker processes: `--workers {meta['workers']}` behind one port (SO_REUSEPORT), each "
+            f"with {meta['worker_decode_threads']} decode thread(s), its own model copy and the same "
+            "limits per worker."
+            if meta.get("workers", 1) > 1
+            else ""
+        ),
         "",
         f"Load ({GENERATOR_NAMES[generator(meta)]}; real JPEG photos of 320x240, ~10 KB): "
         f"capacity is a closed loop of {meta['concurrency']} callers; latency and overload are open "
-        "loops (fixed rate, 5 s deadline per request) at half of our capacity and at three times "
-        f"it, the same absolute rates for every server; {fmt(meta['seconds'], 0)} s windows after a "
-        "3 s warm-up, every request started in the window counted.",
+        "loops (fixed rate, 5 s deadline per request) at half of our (one process) capacity and at "
+        "three times it, the same absolute rates for every server (worker processes: half and 3x of "
+        f"their own capacity); {fmt(meta['seconds'], 0)} s windows after a 3 s warm-up, every "
+        "request started in the window counted."
+        + (
+            f" gRPC over {meta['connections']} connections: a closed loop's caller keeps one (one "
+            "phone each), an open loop's requests take them in turn."
+            if "connections" in meta
+            else ""
+        ),
         "",
     ]
 
@@ -265,36 +280,53 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
     return [*lines, "", *targets(runs), ""]
 
 
-def targets(runs: list[dict[str, Any]]) -> list[str]:
+def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool]]:
+    """(target, measured, met) for one of our configurations ("ours" or "ours-workers")."""
     peers = [p for p in ("ray", "litserve") if all(p in run and "error" not in run[p] for run in runs)]
     delay_ms = pick(runs[0], "max_queue_delay_ms")
-    half_p99 = median([pick(run["ours"], "half.p99_ms") for run in runs])
-    compute = median([pick(run["ours"], "half.server.mean_batch_compute_ms") for run in runs])
+    half_p99 = median([pick(run[ours], "half.p99_ms") for run in runs])
+    compute = median([pick(run[ours], "half.server.mean_batch_compute_ms") for run in runs])
     bound = delay_ms + 2 * compute
-    vs_raw = ratio(runs, "ours:closed.throughput", "raw:images_per_s")
-    vs_peers = {p: ratio(runs, "ours:closed.throughput", f"{p}:closed.throughput") for p in peers}
-    refusal = median([pick(run["ours"], "overload.rejected_p99_ms") for run in runs])
-    goodput = ratio(runs, "ours:overload.throughput", "ours:closed.throughput")
-    gain = ratio(runs, "ours:closed.throughput", "ours-1:closed.throughput")
-    checks = [
-        (f"capacity >= 90% of the raw bound: {fmt(100 * vs_raw, 0)}%", vs_raw >= 0.9),
+    vs_raw = ratio(runs, f"{ours}:closed.throughput", "raw:images_per_s")
+    vs_peers = {p: ratio(runs, f"{ours}:closed.throughput", f"{p}:closed.throughput") for p in peers}
+    refusal = median([pick(run[ours], "overload.rejected_p99_ms") for run in runs])
+    goodput = ratio(runs, f"{ours}:overload.throughput", f"{ours}:closed.throughput")
+    gain = ratio(runs, f"{ours}:closed.throughput", "ours-1:closed.throughput")
+    return [
+        ("capacity >= 90% of the raw bound", f"{fmt(100 * vs_raw, 0)}%", vs_raw >= 0.9),
         (
-            "capacity above every peer: "
-            + (", ".join(f"{fmt(r, 2)}x {p}" for p, r in vs_peers.items()) or "no peer ran"),
+            "capacity above every peer",
+            ", ".join(f"{fmt(r, 2)}x {p}" for p, r in vs_peers.items()) or "no peer ran",
             bool(vs_peers) and all(r > 1 for r in vs_peers.values()),
         ),
         (
-            f"p99 at half load <= max queue delay + 2 x batch compute: {fmt(half_p99, 0)} ms vs "
-            f"{fmt(delay_ms, 0)} + 2 x {fmt(compute, 1)} = {fmt(bound, 0)} ms",
+            "p99 at half load <= max queue delay + 2 x batch compute",
+            f"{fmt(half_p99, 0)} ms vs {fmt(delay_ms, 0)} + 2 x {fmt(compute, 1)} = {fmt(bound, 0)} ms",
             half_p99 <= bound,
         ),
-        (f"refusals at 3x overload answered in < 10 ms at p99: {fmt(refusal, 1)} ms", refusal < 10),
-        (f"goodput at 3x overload >= 90% of capacity: {fmt(100 * goodput, 0)}%", goodput >= 0.9),
-        (f"dynamic batching vs batching off: {fmt(gain, 2)}x the capacity", gain > 1),
+        ("refusals at 3x overload answered in < 10 ms at p99", f"{fmt(refusal, 1)} ms", refusal < 10),
+        ("goodput at 3x overload >= 90% of capacity", f"{fmt(100 * goodput, 0)}%", goodput >= 0.9),
+        ("dynamic batching vs batching off (one process)", f"{fmt(gain, 2)}x the capacity", gain > 1),
     ]
-    return ["Targets (medians of within-run ratios):", ""] + [
-        f"- [{'x' if ok else ' '}] {text}" for text, ok in checks
+
+
+def targets(runs: list[dict[str, Any]]) -> list[str]:
+    configurations = [c for c in ("ours", "ours-workers") if all(c in run for run in runs)]
+    checks = {c: target_checks(runs, c) for c in configurations}
+    names = {"ours": "one process", "ours-workers": f"{runs[0].get('workers', '?')} worker processes"}
+    lines = [
+        "Targets (medians of within-run ratios; each configuration's half and 3x loads are of its own "
+        "capacity):",
+        "",
+        "| target | " + " | ".join(names[c] for c in configurations) + " |",
+        "|---|" + "---|" * len(configurations),
     ]
+    for row, (target, _, _) in enumerate(checks["ours"]):
+        cells = [
+            f"{'met' if checks[c][row][2] else '**missed**'}: {checks[c][row][1]}" for c in configurations
+        ]
+        lines.append(f"| {target} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def report(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -315,13 +347,13 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(runs[0])
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         per_run = [run[model] for run in runs]
         names = [n for n in SERVERS if all(n in r and "error" not in r[n] for r in per_run)]
         values = [median([pick(r[n], "closed.throughput") for r in per_run]) for n in names]
         labels = [SERVERS[n].replace(", ", "\n").replace(" (", "\n(") for n in names]
-        ax.bar(labels, values, color=["#2a7", "#8c8", "#57c", "#c75"][: len(names)])
+        ax.bar(labels, values, color=["#2a7", "#175", "#8c8", "#57c", "#c75"][: len(names)])
         raw = median([pick(r["raw"], "images_per_s") for r in per_run])
         ax.axhline(raw, color="k", linestyle="--", label="raw bound (no server)")
         ax.set_title(f"{model}: capacity, closed loop (median of runs)")
