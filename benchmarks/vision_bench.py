@@ -66,9 +66,11 @@ BENCH_MODELS_DIR = REPO / "var" / "bench-models"
 TOOLS_DIR = REPO / "var" / "bench-tools"
 RUNS_DIR = REPO / "var" / "bench-runs"  # per-run scratch (the Go generator's photos)
 GO_MODULE = REPO / "clients" / "go"
-GO_LOADGEN = GO_MODULE / "bin" / "snaplearn-loadgen"
 LOAD_GENERATORS = ("go", "python")
 DEFAULT_MODEL = "worksheet-topics"
+# The gateway's connections to our server: with worker processes behind one port the kernel
+# spreads connections, so more connections spread the gateway's calls more evenly.
+GATEWAY_BACKEND_CONNECTIONS = 16
 PY = sys.executable
 
 
@@ -213,25 +215,28 @@ def process(
 _load_command: list[str] = [PY, str(BENCH_DIR / "vision_load.py")]
 
 
-def build_go_loadgen() -> Path:
-    """`go build` clients/go/cmd/snaplearn-loadgen into clients/go/bin; SystemExit if it cannot."""
+def build_go_command(name: str, flag: str, hint: str) -> Path:
+    """`go build` clients/go/cmd/<name> into clients/go/bin; SystemExit (naming `flag` and the
+    way around it) if it cannot."""
+    binary = GO_MODULE / "bin" / name
     go = shutil.which("go")
-    hint = "or pass --load-generator python to use benchmarks/vision_load.py instead"
     if go is None:
-        raise SystemExit(f"--load-generator go: the go toolchain is not on PATH; install Go, {hint}")
-    log(f"building {GO_LOADGEN.relative_to(REPO)}")
+        raise SystemExit(f"{flag}: the go toolchain is not on PATH; install Go, {hint}")
+    log(f"building {binary.relative_to(REPO)}")
     out = subprocess.run(
-        [go, "build", "-o", str(GO_LOADGEN), "./cmd/snaplearn-loadgen"],
-        cwd=GO_MODULE,
-        capture_output=True,
-        text=True,
+        [go, "build", "-o", str(binary), f"./cmd/{name}"], cwd=GO_MODULE, capture_output=True, text=True
     )
     if out.returncode != 0:
         raise SystemExit(
-            f"--load-generator go: `go build ./cmd/snaplearn-loadgen` in {GO_MODULE} failed "
+            f"{flag}: `go build ./cmd/{name}` in {GO_MODULE} failed "
             f"({out.returncode}): {(out.stdout + out.stderr).strip()[-2000:]}\nFix the build, {hint}"
         )
-    return GO_LOADGEN
+    return binary
+
+
+def build_go_loadgen() -> Path:
+    hint = "or pass --load-generator python to use benchmarks/vision_load.py instead"
+    return build_go_command("snaplearn-loadgen", "--load-generator go", hint)
 
 
 @contextlib.contextmanager
@@ -345,6 +350,8 @@ class Settings:
     connections: int = 64
     workers: int = 2
     worker_decode_threads: int = 1
+    gateway: Path | None = None  # the snaplearn-gateway binary; None: that configuration is skipped
+    gateway_max_in_flight: int = 128
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_batch_size: int | None) -> None:
@@ -382,6 +389,14 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
         "--worker-decode-threads", type=int, default=1, help="decode threads per worker process"
     )
     parser.add_argument(
+        "--gateway",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure --workers worker processes behind clients/go/cmd/snaplearn-gateway "
+        "(built with `go build`; needs Go)",
+    )
+    parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
+    parser.add_argument(
         "--load-generator",
         choices=LOAD_GENERATORS,
         default="go",
@@ -408,6 +423,10 @@ def settings_from_args(
         connections=args.connections,
         workers=args.workers,
         worker_decode_threads=args.worker_decode_threads,
+        gateway=build_go_command("snaplearn-gateway", "--gateway", "or pass --no-gateway")
+        if args.gateway
+        else None,
+        gateway_max_in_flight=args.gateway_max_in_flight,
     )
 
 
@@ -473,6 +492,23 @@ def our_server(
             yield OurServer(f"127.0.0.1:{port}", metrics_port, proc.pid)
 
 
+@contextlib.contextmanager
+def our_gateway(settings: Settings, backend: str) -> Iterator[str]:
+    """clients/go/cmd/snaplearn-gateway in front of `backend`, until the block ends: its target."""
+    assert settings.gateway is not None
+    port, metrics_port = free_port(), free_port()
+    argv = [
+        str(settings.gateway),
+        "--port", str(port),
+        "--metrics-port", str(metrics_port),
+        "--backend", backend,
+        "--backend-connections", str(GATEWAY_BACKEND_CONNECTIONS),
+        "--max-in-flight", str(settings.gateway_max_in_flight),
+    ]  # fmt: skip
+    with process(argv, {**os.environ, "GOMAXPROCS": "1"}, "gateway ready"):
+        yield f"127.0.0.1:{port}"
+
+
 def bench_ours(
     root: Path,
     model: str,
@@ -480,12 +516,16 @@ def bench_ours(
     max_batch_size: int | None,
     rates: tuple[float, float] | None,
     extra: Sequence[str] = (),
+    gateway: bool = False,
 ) -> dict[str, Any]:
-    """Our server: capacity (closed loop), then open loops at `rates` (half, overload), or at
-    half and 3x of the capacity just measured when rates is None."""
+    """Our server (behind the gateway if `gateway`): capacity (closed loop), then open loops at
+    `rates` (half, overload), or at half and 3x of the capacity just measured when rates is None."""
     conns = settings.connections
-    with our_server(root, model, settings, max_batch_size, extra) as server:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(our_server(root, model, settings, max_batch_size, extra))
         target, metrics_port = server.target, server.metrics_port
+        if gateway:
+            target = stack.enter_context(our_gateway(settings, server.target))
         result: dict[str, Any] = {}
         before = scrape(metrics_port)
         result["closed"] = load(
@@ -638,6 +678,19 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
         workers = ["--workers", str(settings.workers)]
         results["ours-workers"] = bench_ours(root, model, per_worker, max_batch_size, None, workers)
         results["workers"] = settings.workers
+    if settings.gateway is not None:
+        log(f"{model}: ours, {settings.workers} worker process(es) behind the gateway")
+        per_worker = dataclasses.replace(
+            settings,
+            decode_threads=settings.worker_decode_threads
+            if settings.workers > 1
+            else settings.decode_threads,
+        )
+        workers = ["--workers", str(settings.workers)]
+        results["ours-gateway"] = bench_ours(
+            root, model, per_worker, max_batch_size, None, workers, gateway=True
+        )
+        results["workers"] = settings.workers
     log(f"{model}: ours, batching off")
     results["ours-1"] = bench_ours(root, model, settings, 1, rates)
     if settings.peers:
@@ -693,6 +746,7 @@ def main(argv: list[str] | None = None) -> int:
         "connections": args.connections,
         "workers": args.workers,
         "worker_decode_threads": args.worker_decode_threads,
+        "gateway_max_in_flight": args.gateway_max_in_flight if args.gateway else None,
         "seconds": args.seconds,
         "load_generator": args.load_generator,
         "notes": perf_note,

@@ -18,6 +18,7 @@ from typing import Any
 SERVERS = {
     "ours": "SnapLearn, dynamic batching",
     "ours-workers": "SnapLearn, dynamic batching, worker processes",
+    "ours-gateway": "SnapLearn, worker processes behind snaplearn-gateway",
     "ours-1": "SnapLearn, batching off",
     "ray": "Ray Serve (gRPC)",
     "litserve": "LitServe (HTTP)",
@@ -188,6 +189,13 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             f" Worker processes: `--workers {meta['workers']}` behind one port (SO_REUSEPORT), each "
             f"with {meta['worker_decode_threads']} decode thread(s), its own model copy and the same "
             "limits per worker."
+            + (
+                " Gateway: clients/go/cmd/snaplearn-gateway (Go, GOMAXPROCS=1) in front of the worker "
+                f"processes, refusing inference calls beyond {meta['gateway_max_in_flight']} in flight "
+                "(RESOURCE_EXHAUSTED), forwarding the rest over 16 connections."
+                if meta.get("gateway_max_in_flight")
+                else ""
+            )
             if meta.get("workers", 1) > 1
             else ""
         ),
@@ -195,9 +203,9 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
         f"Load ({GENERATOR_NAMES[generator(meta)]}; real JPEG photos of 320x240, ~10 KB): "
         f"capacity is a closed loop of {meta['concurrency']} callers; latency and overload are open "
         "loops (fixed rate, 5 s deadline per request) at half of our (one process) capacity and at "
-        "three times it, the same absolute rates for every server (worker processes: half and 3x of "
-        f"their own capacity); {fmt(meta['seconds'], 0)} s windows after a 3 s warm-up, every "
-        "request started in the window counted."
+        "three times it, the same absolute rates for every server (worker processes, with or without "
+        f"the gateway: half and 3x of their own capacity); {fmt(meta['seconds'], 0)} s windows "
+        "after a 3 s warm-up, every request started in the window counted."
         + (
             f" gRPC over {meta['connections']} connections: a closed loop's caller keeps one (one "
             "phone each), an open loop's requests take them in turn."
@@ -311,9 +319,14 @@ def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str,
 
 
 def targets(runs: list[dict[str, Any]]) -> list[str]:
-    configurations = [c for c in ("ours", "ours-workers") if all(c in run for run in runs)]
+    configurations = [c for c in ("ours", "ours-workers", "ours-gateway") if all(c in run for run in runs)]
     checks = {c: target_checks(runs, c) for c in configurations}
-    names = {"ours": "one process", "ours-workers": f"{runs[0].get('workers', '?')} worker processes"}
+    workers = runs[0].get("workers", "?")
+    names = {
+        "ours": "one process",
+        "ours-workers": f"{workers} worker processes",
+        "ours-gateway": f"{workers} worker processes behind the gateway",
+    }
     lines = [
         "Targets (medians of within-run ratios; each configuration's half and 3x loads are of its own "
         "capacity):",
@@ -353,7 +366,7 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         names = [n for n in SERVERS if all(n in r and "error" not in r[n] for r in per_run)]
         values = [median([pick(r[n], "closed.throughput") for r in per_run]) for n in names]
         labels = [SERVERS[n].replace(", ", "\n").replace(" (", "\n(") for n in names]
-        ax.bar(labels, values, color=["#2a7", "#175", "#8c8", "#57c", "#c75"][: len(names)])
+        ax.bar(labels, values, color=["#2a7", "#175", "#4b9", "#8c8", "#57c", "#c75"][: len(names)])
         raw = median([pick(r["raw"], "images_per_s") for r in per_run])
         ax.axhline(raw, color="k", linestyle="--", label="raw bound (no server)")
         ax.set_title(f"{model}: capacity, closed loop (median of runs)")

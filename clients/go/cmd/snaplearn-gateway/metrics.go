@@ -1,0 +1,66 @@
+package main
+
+import (
+	"fmt"
+	"net/http"
+	"strings"
+	"sync/atomic"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// stats are the gateway's Prometheus metrics, written in the text exposition format by hand
+// (a handful of atomics: no client library needed).
+type stats struct {
+	byCode  [17]atomic.Uint64 // admitted calls forwarded, by the status they ended with
+	refused atomic.Uint64     // admitted calls refused at the in-flight limit
+}
+
+func (s *stats) count(err error) {
+	code := status.Code(err)
+	if int(code) < len(s.byCode) {
+		s.byCode[code].Add(1)
+	}
+}
+
+func (p *proxy) metricsHandler(w http.ResponseWriter, _ *http.Request) {
+	var b strings.Builder
+	b.WriteString("# HELP snaplearn_gateway_requests_total Inference calls forwarded, by the gRPC status they ended with.\n")
+	b.WriteString("# TYPE snaplearn_gateway_requests_total counter\n")
+	for code := range p.stats.byCode {
+		if n := p.stats.byCode[code].Load(); n > 0 {
+			fmt.Fprintf(&b, "snaplearn_gateway_requests_total{code=%q} %d\n", grpcCodeName(codes.Code(code)), n)
+		}
+	}
+	b.WriteString("# HELP snaplearn_gateway_refused_total Inference calls refused (RESOURCE_EXHAUSTED) at the in-flight limit.\n")
+	b.WriteString("# TYPE snaplearn_gateway_refused_total counter\n")
+	fmt.Fprintf(&b, "snaplearn_gateway_refused_total %d\n", p.stats.refused.Load())
+	b.WriteString("# HELP snaplearn_gateway_in_flight Inference calls being forwarded now.\n")
+	b.WriteString("# TYPE snaplearn_gateway_in_flight gauge\n")
+	fmt.Fprintf(&b, "snaplearn_gateway_in_flight %d\n", p.inFlight.Load())
+	b.WriteString("# HELP snaplearn_gateway_max_in_flight Inference calls forwarded at once before refusing.\n")
+	b.WriteString("# TYPE snaplearn_gateway_max_in_flight gauge\n")
+	fmt.Fprintf(&b, "snaplearn_gateway_max_in_flight %d\n", p.maxInFlight)
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	_, _ = w.Write([]byte(b.String()))
+}
+
+// grpcCodeName is the canonical upper-case name (OK, RESOURCE_EXHAUSTED, ...), as Python's
+// grpc.StatusCode and our servers' metrics spell it.
+func grpcCodeName(code codes.Code) string {
+	names := map[codes.Code]string{
+		codes.OK: "OK", codes.Canceled: "CANCELLED", codes.Unknown: "UNKNOWN",
+		codes.InvalidArgument: "INVALID_ARGUMENT", codes.DeadlineExceeded: "DEADLINE_EXCEEDED",
+		codes.NotFound: "NOT_FOUND", codes.AlreadyExists: "ALREADY_EXISTS",
+		codes.PermissionDenied: "PERMISSION_DENIED", codes.ResourceExhausted: "RESOURCE_EXHAUSTED",
+		codes.FailedPrecondition: "FAILED_PRECONDITION", codes.Aborted: "ABORTED",
+		codes.OutOfRange: "OUT_OF_RANGE", codes.Unimplemented: "UNIMPLEMENTED",
+		codes.Internal: "INTERNAL", codes.Unavailable: "UNAVAILABLE", codes.DataLoss: "DATA_LOSS",
+		codes.Unauthenticated: "UNAUTHENTICATED",
+	}
+	if name, ok := names[code]; ok {
+		return name
+	}
+	return fmt.Sprint(uint32(code))
+}

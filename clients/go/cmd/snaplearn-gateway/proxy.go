@@ -1,0 +1,196 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"sync/atomic"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+)
+
+// frame is one gRPC message, carried as opaque bytes: the gateway never decodes a payload
+// (images pass through untouched and are never logged).
+type frame struct{ payload []byte }
+
+// rawCodec passes message bytes through. Its name is "proto" so that the content-type both
+// sides see stays application/grpc(+proto).
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v any) ([]byte, error) {
+	f, ok := v.(*frame)
+	if !ok {
+		return nil, fmt.Errorf("rawCodec: cannot marshal %T", v)
+	}
+	return f.payload, nil
+}
+
+func (rawCodec) Unmarshal(data []byte, v any) error {
+	f, ok := v.(*frame)
+	if !ok {
+		return fmt.Errorf("rawCodec: cannot unmarshal into %T", v)
+	}
+	f.payload = append(f.payload[:0], data...)
+	return nil
+}
+
+func (rawCodec) Name() string { return "proto" }
+
+// backendConn is one connection to a backend, with the admitted calls it carries now.
+type backendConn struct {
+	conn     *grpc.ClientConn
+	inFlight atomic.Int64
+}
+
+// proxy forwards every gRPC method to the backends and refuses admitted methods (the
+// inference calls) beyond maxInFlight at once, before any backend sees them.
+type proxy struct {
+	conns       []*backendConn
+	admitted    map[string]bool // full method names ("/pkg.Service/Method") under the limit
+	maxInFlight int64
+	inFlight    atomic.Int64
+	next        atomic.Uint64
+	stats       *stats
+}
+
+// refusal is the RESOURCE_EXHAUSTED a client gets from the gateway: what is full, and what to do.
+func (p *proxy) refusal() error {
+	return status.Errorf(codes.ResourceExhausted,
+		"server overloaded: %d requests in flight, the gateway's limit (--max-in-flight); retry with backoff",
+		p.maxInFlight)
+}
+
+// pick returns the connection carrying the fewest admitted calls, starting the scan at a
+// rotating index so that ties spread out.
+func (p *proxy) pick() *backendConn {
+	start := int(p.next.Add(1))
+	best := p.conns[start%len(p.conns)]
+	for i := 1; i < len(p.conns); i++ {
+		c := p.conns[(start+i)%len(p.conns)]
+		if c.inFlight.Load() < best.inFlight.Load() {
+			best = c
+		}
+	}
+	return best
+}
+
+// handle serves every method (grpc.UnknownServiceHandler): admitted methods take the unary
+// path under the in-flight limit, everything else (health, reflection, metadata) streams.
+func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
+	method, ok := grpc.MethodFromServerStream(stream)
+	if !ok {
+		return status.Error(codes.Internal, "gateway: no method name on the stream")
+	}
+	ctx := outgoingContext(stream.Context())
+	if !p.admitted[method] {
+		return p.forwardStream(ctx, stream, method, p.pick())
+	}
+	if p.inFlight.Add(1) > p.maxInFlight {
+		p.inFlight.Add(-1)
+		p.stats.refused.Add(1)
+		return p.refusal()
+	}
+	defer p.inFlight.Add(-1)
+	err := p.forwardUnary(ctx, stream, method)
+	p.stats.count(err)
+	return err
+}
+
+// forwardUnary relays one request and its answer (headers, message, trailers, status).
+func (p *proxy) forwardUnary(ctx context.Context, stream grpc.ServerStream, method string) error {
+	var in, out frame
+	if err := stream.RecvMsg(&in); err != nil {
+		return err
+	}
+	backend := p.pick()
+	backend.inFlight.Add(1)
+	defer backend.inFlight.Add(-1)
+	var header, trailer metadata.MD
+	err := backend.conn.Invoke(ctx, method, &in, &out,
+		grpc.ForceCodec(rawCodec{}), grpc.Header(&header), grpc.Trailer(&trailer))
+	if len(header) > 0 {
+		if sendErr := stream.SendHeader(header); sendErr != nil && err == nil {
+			return sendErr
+		}
+	}
+	stream.SetTrailer(trailer)
+	if err != nil {
+		return err // the backend's status, code and message unchanged
+	}
+	return stream.SendMsg(&out)
+}
+
+// forwardStream relays a call of any shape both ways until either side ends it.
+func (p *proxy) forwardStream(ctx context.Context, stream grpc.ServerStream, method string, backend *backendConn) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	desc := &grpc.StreamDesc{ServerStreams: true, ClientStreams: true}
+	client, err := backend.conn.NewStream(ctx, desc, method, grpc.ForceCodec(rawCodec{}))
+	if err != nil {
+		return err
+	}
+	toBackend := make(chan error, 1)
+	go func() {
+		for {
+			var f frame
+			if err := stream.RecvMsg(&f); err != nil {
+				if errors.Is(err, io.EOF) {
+					toBackend <- client.CloseSend()
+				} else {
+					toBackend <- err
+				}
+				return
+			}
+			if err := client.SendMsg(&f); err != nil {
+				toBackend <- err // the backend ended the call; its status comes from RecvMsg
+				return
+			}
+		}
+	}()
+	header, err := client.Header()
+	if err == nil && len(header) > 0 {
+		if err := stream.SendHeader(header); err != nil {
+			return err
+		}
+	}
+	for {
+		var f frame
+		if err := client.RecvMsg(&f); err != nil {
+			stream.SetTrailer(client.Trailer())
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return err
+		}
+		if err := stream.SendMsg(&f); err != nil {
+			return err
+		}
+		select {
+		case sendErr := <-toBackend:
+			if sendErr != nil {
+				return sendErr // the client's side failed (cancelled, reset)
+			}
+		default:
+		}
+	}
+}
+
+// outgoingContext carries the caller's metadata (and, through ctx, its deadline and
+// cancellation) to the backend, less the headers gRPC sets itself.
+func outgoingContext(ctx context.Context) context.Context {
+	incoming, _ := metadata.FromIncomingContext(ctx)
+	out := metadata.MD{}
+	for key, values := range incoming {
+		if strings.HasPrefix(key, ":") || key == "content-type" || key == "user-agent" || key == "te" ||
+			(strings.HasPrefix(key, "grpc-") && key != "grpc-trace-bin") {
+			continue
+		}
+		out[key] = values
+	}
+	return metadata.NewOutgoingContext(ctx, out)
+}

@@ -1,0 +1,248 @@
+package main
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http/httptest"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+
+	visionv1 "github.com/snaplearn/snaplearn/clients/go/gen/snaplearn/vision/v1"
+)
+
+// heldBackend is a real gRPC vision backend whose Classify waits for a release, so a test
+// controls exactly how many calls are in flight. It answers with the label the request's
+// user id names, and echoes the x-test metadata back as a header and a trailer.
+type heldBackend struct {
+	visionv1.UnimplementedVisionServiceServer
+	entered  chan context.Context
+	release  chan struct{}
+	received chan string
+}
+
+func (b *heldBackend) Classify(ctx context.Context, req *visionv1.ClassifyRequest) (*visionv1.ClassifyResponse, error) {
+	if req.GetUserId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "user_id is required")
+	}
+	b.received <- req.GetUserId()
+	md, _ := metadata.FromIncomingContext(ctx)
+	if echo := md.Get("x-test"); len(echo) > 0 {
+		_ = grpc.SetHeader(ctx, metadata.Pairs("x-test-header", echo[0]))
+		grpc.SetTrailer(ctx, metadata.Pairs("x-test-trailer", echo[0]))
+	}
+	if strings.HasPrefix(req.GetUserId(), "held") {
+		b.entered <- ctx
+		select {
+		case <-b.release:
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+	}
+	return &visionv1.ClassifyResponse{Labels: []*visionv1.LabelScore{{Label: "topic-of-" + req.GetUserId(), Score: 1}}}, nil
+}
+
+type fixture struct {
+	backend *heldBackend
+	health  *health.Server
+	proxy   *proxy
+	client  visionv1.VisionServiceClient
+	conn    *grpc.ClientConn
+}
+
+func serve(t *testing.T, server *grpc.Server) string {
+	t.Helper()
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = server.Serve(listener) }()
+	t.Cleanup(server.Stop)
+	return listener.Addr().String()
+}
+
+// start runs a held backend (with grpc.health.v1) and a gateway in front of it, on port 0.
+func start(t *testing.T, maxInFlight int) *fixture {
+	t.Helper()
+	f := &fixture{backend: &heldBackend{
+		entered: make(chan context.Context, 16), release: make(chan struct{}), received: make(chan string, 64),
+	}}
+	backendServer := grpc.NewServer()
+	visionv1.RegisterVisionServiceServer(backendServer, f.backend)
+	f.health = health.NewServer()
+	healthpb.RegisterHealthServer(backendServer, f.health)
+	backendAddr := serve(t, backendServer)
+
+	o, err := parseArgs([]string{"--backend", backendAddr, "--max-in-flight", strconv.Itoa(maxInFlight), "--backend-connections", "2"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.proxy, err = newProxy(o); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(f.proxy.close)
+	gatewayAddr := serve(t, newServer(f.proxy, o))
+	if f.conn, err = grpc.NewClient(gatewayAddr, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.conn.Close() })
+	f.client = visionv1.NewVisionServiceClient(f.conn)
+	return f
+}
+
+func classify(f *fixture, ctx context.Context, user string, opts ...grpc.CallOption) (*visionv1.ClassifyResponse, error) {
+	return f.client.Classify(ctx, &visionv1.ClassifyRequest{UserId: user, Image: []byte{0xff, 0xd8, 0xff}}, opts...)
+}
+
+func TestForwardsTheCallItsMetadataAndTheBackendsAnswer(t *testing.T) {
+	f := start(t, 8)
+	ctx := metadata.AppendToOutgoingContext(context.Background(), "x-test", "abc")
+	var header, trailer metadata.MD
+	reply, err := classify(f, ctx, "student-7", grpc.Header(&header), grpc.Trailer(&trailer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := reply.GetLabels()[0].GetLabel(); got != "topic-of-student-7" {
+		t.Fatalf("label %q", got)
+	}
+	if header.Get("x-test-header")[0] != "abc" || trailer.Get("x-test-trailer")[0] != "abc" {
+		t.Fatalf("metadata not relayed: header %v trailer %v", header, trailer)
+	}
+}
+
+func TestTheBackendsErrorComesBackUnchanged(t *testing.T) {
+	f := start(t, 8)
+	_, err := classify(f, context.Background(), "")
+	if status.Code(err) != codes.InvalidArgument || status.Convert(err).Message() != "user_id is required" {
+		t.Fatalf("got %v", err)
+	}
+	if n := f.proxy.stats.byCode[codes.InvalidArgument].Load(); n != 1 {
+		t.Fatalf("INVALID_ARGUMENT counted %d times", n)
+	}
+}
+
+func TestCallsBeyondTheLimitAreRefusedAtOnceWithoutReachingTheBackend(t *testing.T) {
+	f := start(t, 2)
+	results := make(chan error, 2)
+	for _, user := range []string{"held-1", "held-2"} {
+		go func() { _, err := classify(f, context.Background(), user); results <- err }()
+	}
+	for range 2 {
+		<-f.backend.entered // both held inside the backend: the limit is reached
+	}
+	began := time.Now()
+	_, err := classify(f, context.Background(), "over-the-limit")
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-in-flight") {
+		t.Fatalf("got %v", err)
+	}
+	if elapsed := time.Since(began); elapsed > 2*time.Second {
+		t.Fatalf("refusal took %v", elapsed)
+	}
+	close(f.backend.release)
+	for range 2 {
+		if err := <-results; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := classify(f, context.Background(), "after"); err != nil { // capacity is back
+		t.Fatal(err)
+	}
+	seen := map[string]bool{}
+	for range 3 {
+		seen[<-f.backend.received] = true
+	}
+	if seen["over-the-limit"] || !seen["after"] {
+		t.Fatalf("backend received %v", seen)
+	}
+	if f.proxy.stats.refused.Load() != 1 || f.proxy.stats.byCode[codes.OK].Load() != 3 || f.proxy.inFlight.Load() != 0 {
+		t.Fatalf("refused %d, OK %d, in flight %d", f.proxy.stats.refused.Load(), f.proxy.stats.byCode[codes.OK].Load(), f.proxy.inFlight.Load())
+	}
+	recorder := httptest.NewRecorder()
+	f.proxy.metricsHandler(recorder, httptest.NewRequest("GET", "/metrics", nil))
+	for _, line := range []string{"snaplearn_gateway_refused_total 1", `snaplearn_gateway_requests_total{code="OK"} 3`, "snaplearn_gateway_max_in_flight 2", "snaplearn_gateway_in_flight 0"} {
+		if !strings.Contains(recorder.Body.String(), line+"\n") {
+			t.Fatalf("metrics lack %q:\n%s", line, recorder.Body.String())
+		}
+	}
+}
+
+func TestTheCallersDeadlineReachesTheBackend(t *testing.T) {
+	f := start(t, 8)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err := classify(f, ctx, "held-until-deadline")
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("got %v", err)
+	}
+	backendCtx := <-f.backend.entered
+	if _, ok := backendCtx.Deadline(); !ok {
+		t.Fatal("the backend's call had no deadline")
+	}
+	select {
+	case <-backendCtx.Done(): // the backend's call ended with the caller's
+	case <-time.After(5 * time.Second):
+		t.Fatal("the backend's call outlived the caller's deadline")
+	}
+}
+
+func TestHealthIsForwardedIncludingItsStream(t *testing.T) {
+	f := start(t, 8)
+	healthClient := healthpb.NewHealthClient(f.conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	reply, err := healthClient.Check(ctx, &healthpb.HealthCheckRequest{})
+	if err != nil || reply.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("check: %v %v", reply, err)
+	}
+	watch, err := healthClient.Watch(ctx, &healthpb.HealthCheckRequest{Service: "snaplearn.vision.v1.VisionService"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.health.SetServingStatus("snaplearn.vision.v1.VisionService", healthpb.HealthCheckResponse_SERVING)
+	for want := healthpb.HealthCheckResponse_SERVING; ; {
+		update, err := watch.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if update.GetStatus() != want {
+			continue // SERVICE_UNKNOWN before the status was set
+		}
+		if want == healthpb.HealthCheckResponse_NOT_SERVING {
+			break
+		}
+		want = healthpb.HealthCheckResponse_NOT_SERVING
+		f.health.SetServingStatus("snaplearn.vision.v1.VisionService", want)
+	}
+	if f.proxy.stats.byCode[codes.OK].Load() != 0 {
+		t.Fatal("health calls were counted as inference calls")
+	}
+}
+
+func TestFlagsAreValidated(t *testing.T) {
+	for _, args := range [][]string{
+		{},
+		{"--backend", "x:1", "--max-in-flight", "0"},
+		{"--backend", "x:1", "--backend-connections", "0"},
+		{"--backend", "x:1", "--port", "70000"},
+		{"--backend", "x:1", "--admit", "Classify"},
+		{"--backend", "x:1", "extra"},
+	} {
+		if _, err := parseArgs(args, io.Discard); err == nil {
+			t.Errorf("%v: accepted", args)
+		}
+	}
+	o, err := parseArgs([]string{"--backend", "a:1, b:2", "--admit", "/p.S/M"}, io.Discard)
+	if err != nil || len(o.backends) != 2 || o.backends[1] != "b:2" || len(o.admitted) != 1 {
+		t.Fatalf("%+v %v", o, err)
+	}
+}

@@ -1,0 +1,164 @@
+"""clients/go/cmd/snaplearn-gateway in front of a real vision server (gRPC on port 0, the small
+trained model behind a gate): answers, errors and health pass through unchanged, and inference
+calls beyond --max-in-flight are refused by the gateway before our server sees them.
+
+The gateway is built with `go build` (as benchmarks/vision_bench.py does); its Go unit tests
+(`go test ./cmd/snaplearn-gateway`) run here too, since CI runs pytest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from snaplearn.vision.v1 import vision_pb2_grpc
+from snaplearn_common.metrics import scrape
+from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
+from tests.helpers.vision_server import (
+    ServerFactory,
+    correctly_classified_images,
+    expect_status,
+    request,
+    until,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+GO_MODULE = REPO / "clients" / "go"
+BUILD_TIMEOUT_S = 600  # a cold machine fetches the Go modules first
+
+# start_gateway(backend target, max in flight) -> (gateway target, gateway metrics port)
+StartGateway = Callable[[str, int], tuple[str, int]]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 120)]
+
+
+def go_or_skip() -> str:
+    go = shutil.which("go")
+    if go is None:
+        pytest.skip("the Go toolchain is not on PATH: the gateway cannot be built")
+    return go
+
+
+@pytest.fixture(scope="module")
+def gateway_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    binary = tmp_path_factory.mktemp("gateway") / "snaplearn-gateway"
+    built = subprocess.run(
+        [go_or_skip(), "build", "-o", str(binary), "./cmd/snaplearn-gateway"],
+        cwd=GO_MODULE,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert built.returncode == 0, f"go build failed:\n{built.stdout}\n{built.stderr}"
+    return binary
+
+
+@pytest.fixture
+async def factory(trained_model_repository: Path, tmp_path: Path) -> AsyncIterator[ServerFactory]:  # noqa: F811
+    servers = ServerFactory(Path(trained_model_repository), tmp_path)
+    yield servers
+    await servers.close()
+
+
+@pytest.fixture(scope="module")
+def images(trained_model_repository: Path) -> dict[str, bytes]:  # noqa: F811
+    return correctly_classified_images(Path(trained_model_repository))
+
+
+@pytest.fixture
+def start_gateway(gateway_binary: Path, tmp_path: Path) -> Iterator[StartGateway]:
+    started: list[subprocess.Popen[str]] = []
+
+    def start(backend: str, max_in_flight: int) -> tuple[str, int]:
+        ready_file = tmp_path / f"gateway-{len(started)}.json"
+        process = subprocess.Popen(
+            [
+                str(gateway_binary), "--port", "0", "--metrics-port", "0", "--backend", backend,
+                "--max-in-flight", str(max_in_flight), "--ready-file", str(ready_file),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        started.append(process)
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line.startswith("gateway ready on"), f"gateway exited with {process.poll()}: {line!r}"
+        ready = json.loads(ready_file.read_text())
+        return f"127.0.0.1:{ready['port']}", int(ready["metrics_port"])
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.communicate(timeout=30)
+        assert process.returncode == 0
+
+
+def test_the_gateways_go_unit_tests_pass() -> None:
+    tested = subprocess.run(
+        [go_or_skip(), "test", "-count=1", "./cmd/snaplearn-gateway/"],
+        cwd=GO_MODULE,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT_S,
+    )
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert tested.stdout.startswith("ok"), tested.stdout
+
+
+async def test_answers_errors_and_health_pass_through_and_excess_calls_are_refused_by_the_gateway(
+    factory: ServerFactory, start_gateway: StartGateway, images: dict[str, bytes]
+) -> None:
+    running = await factory.start(max_batch_size=1)
+    target, gateway_metrics = start_gateway(running.server.target, 2)
+    async with aio.insecure_channel(target) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        reply = await stub.Classify(request(images["geometry"], user="via-gateway", top_k=2), timeout=30)
+        assert reply.labels[0].label == "geometry" and len(reply.labels) == 2
+        message = await expect_status(
+            stub.Classify(request(b""), timeout=30), grpc.StatusCode.INVALID_ARGUMENT
+        )
+        assert "image" in message  # our server's own message, unchanged
+        health = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="snaplearn.vision.v1.VisionService"), timeout=30
+        )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        # Two calls in flight (one held in the model, one queued behind it) fill the gateway.
+        served_before = scrape(running.server.metrics_port).get(
+            'snaplearn_vision_request_seconds_count{code="OK"}'
+        )
+        await running.gates.hold_next_batch()
+        held = [
+            asyncio.ensure_future(stub.Classify(request(images["fractions"], user=f"held-{i}"), timeout=60))
+            for i in range(2)
+        ]
+        await running.gates.wait_batch_held()
+        await until(lambda: running.batcher().queue_depth == 1, "the second call to queue behind the first")
+        message = await expect_status(
+            stub.Classify(request(images["fractions"], user="refused"), timeout=30),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+        )
+        assert "--max-in-flight" in message  # the gateway's refusal, not our queue's
+        running.gates.open.set()
+        assert [(await call).labels[0].label for call in held] == ["fractions", "fractions"]
+
+    server = scrape(running.server.metrics_port)
+    assert (
+        server['snaplearn_vision_request_seconds_count{code="OK"}'] == served_before + 2
+    )  # never saw "refused"
+    assert 'snaplearn_vision_errors_total{code="RESOURCE_EXHAUSTED"}' not in server
+    gateway = scrape(gateway_metrics)
+    assert gateway["snaplearn_gateway_refused_total"] == 1
+    assert gateway['snaplearn_gateway_requests_total{code="OK"}'] == 3
+    assert gateway['snaplearn_gateway_requests_total{code="INVALID_ARGUMENT"}'] == 1
+    assert gateway["snaplearn_gateway_in_flight"] == 0
