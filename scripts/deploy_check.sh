@@ -21,7 +21,7 @@ TOOLS_PYTHON="$TOOLS_BIN/../venv/bin/python"
 # The oldest Kubernetes the manifests promise to work on (native gRPC probes are GA in 1.27;
 # 1.30 is the oldest release with upstream support left) and the newest the schemas know.
 KUBERNETES_VERSIONS=(1.30.0 1.37.0)
-KUSTOMIZATIONS=(deploy/overlays/cpu deploy/overlays/gpu deploy/monitoring)
+KUSTOMIZATIONS=(deploy/overlays/cpu deploy/overlays/gpu deploy/overlays/cpu-gateway deploy/monitoring)
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -87,7 +87,8 @@ check "clients/go/gen is what buf generate makes" go_stubs_fresh
 check "gofmt clients/go" gofmt_clean
 
 echo "== containers (docker/)"
-check "hadolint docker/Dockerfile docker/Dockerfile.cuda" hadolint docker/Dockerfile docker/Dockerfile.cuda
+check "hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.gateway" \
+    hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.gateway
 check "compose-spec schema: docker/docker-compose.yml docker/kafka-compose.yml" \
     check-jsonschema --builtin-schema vendor.compose-spec docker/docker-compose.yml docker/kafka-compose.yml
 check "yamllint deploy/ docker/ buf configs" yamllint --strict -c deploy/yamllint.yaml deploy docker buf.yaml \

@@ -329,3 +329,32 @@ def test_buf_breaking_catches_an_incompatible_change(tools_bin: Path, tmp_path: 
     )
     assert changed.returncode != 0
     assert 'changed type from "uint32" to "uint64"' in changed.stdout
+
+
+def test_kubernetes_vision_gateway_sidecar_fronts_the_server(
+    tools_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(tools_bin, "deploy/overlays/cpu-gateway")
+    deployment = find(objects, "Deployment", "vision")
+    vision, gateway = containers(deployment)
+    assert (vision["name"], gateway["name"]) == ("vision", "gateway")
+    environment = container_environment(objects, vision, image_environment(REPO / "docker/Dockerfile"))
+    settings, read = settings_under(environment, vision_config.settings_from_args, monkeypatch)
+    assert_all_read(environment, read, "vision", "overlay cpu-gateway, Deployment vision")
+
+    # The gateway owns the pod's gRPC port (the Service's named port and the probes'), and
+    # forwards to the port the server binds inside the pod.
+    args = gateway["args"]
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    gateway_ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+    assert gateway_ports["grpc"] == int(flags["--port"]) == 50051
+    assert flags["--backend"] == f"127.0.0.1:{settings.port}" and settings.port != 50051
+    assert {p["name"]: p["containerPort"] for p in vision["ports"]}["grpc-backend"] == settings.port
+    service = find(objects, "Service", "vision")
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}["grpc"] == "grpc"
+    for probe in ("readinessProbe", "startupProbe", "livenessProbe"):
+        assert vision[probe]["grpc"]["port"] == 50051  # through the gateway, which forwards health
+    # Its limit sits below the server's queue, so that the server rarely refuses itself.
+    gateway_env = {e["name"]: e["value"] for e in gateway["env"]}
+    assert 0 < int(gateway_env["SNAPLEARN_GATEWAY_MAX_IN_FLIGHT"]) < settings.max_queue_size
+    assert gateway["image"].startswith("snaplearn-gateway:")
