@@ -1,16 +1,15 @@
-"""Where our vision server's capacity goes: per-thread CPU at saturation, and 1 vs 2 processes.
+"""Where our vision server's capacity goes: per-thread CPU at saturation, and 1 vs N workers.
 
     python benchmarks/vision_profile.py                       # default model, 2 repetitions
-    python benchmarks/vision_profile.py --models mobilenet_v3_small --reps 1
+    python benchmarks/vision_profile.py --models mobilenet_v3_small --reps 1 --workers 3
 
 Per model and repetition, side by side:
-  one    one server process under a closed loop of --concurrency callers; the CPU each of its
-         threads used during the window (from /proc/<pid>/task/*/stat), and the machine's idle
-         share: a thread near 100% is a bottleneck, idle cores with no such thread point at
-         the GIL (the event loop and the decode threads share one);
-  two    two server processes (each its own GIL) on the same cores, each under half the
-         callers at the same time; their sum against `one` is what worker processes behind one
-         port would gain.
+  one      one server process under a closed loop of --concurrency callers; the CPU each of its
+           threads used during the window (from /proc/<pid>/task/*/stat), and the machine's idle
+           share: a thread near 100% is a bottleneck, idle cores with no such thread point at
+           the GIL (the event loop and the decode threads share one);
+  workers  `--workers N` (N = --workers, default the CPU count) behind the one port, each with
+           --worker-decode-threads, under the same closed loop (each caller its own connection).
 Same settings and load generator as vision_bench.py. Prints JSON lines and a median table.
 """
 
@@ -18,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,20 +59,10 @@ def machine_ticks() -> tuple[int, int]:
     return values[3] + values[4], sum(values)
 
 
-@contextlib.contextmanager
-def servers(root: Path, model: str, settings: Settings, count: int) -> Iterator[list[tuple[str, int]]]:
-    """`count` servers of ours: yields [(target, pid)]."""
-    with contextlib.ExitStack() as stack:
-        max_batch_size = configured_max_batch_size(root, model)
-        started = [
-            stack.enter_context(our_server(root, model, settings, max_batch_size)) for _ in range(count)
-        ]
-        yield [(server.target, server.pid) for server in started]
-
-
 def profile_one(root: Path, model: str, settings: Settings) -> dict[str, Any]:
     warmup_s = 3.0
-    with servers(root, model, settings, 1) as [(target, pid)]:
+    with our_server(root, model, settings, configured_max_batch_size(root, model)) as server:
+        target, pid = server.target, server.pid
         sample: dict[str, Any] = {}
 
         def measure_cpu() -> None:
@@ -98,7 +87,14 @@ def profile_one(root: Path, model: str, settings: Settings) -> dict[str, Any]:
 
         sampler = threading.Thread(target=measure_cpu)
         sampler.start()
-        result = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+        result = load(
+            target,
+            "grpc",
+            "closed",
+            settings.seconds,
+            concurrency=settings.concurrency,
+            connections=settings.connections,
+        )
         sampler.join()
     return {
         "throughput": result["throughput"],
@@ -107,23 +103,19 @@ def profile_one(root: Path, model: str, settings: Settings) -> dict[str, Any]:
     }
 
 
-def profile_two(root: Path, model: str, settings: Settings) -> dict[str, Any]:
-    with servers(root, model, settings, 2) as started:
-        results: list[dict[str, Any]] = [{}, {}]
-
-        def drive(index: int, target: str) -> None:
-            half = max(1, settings.concurrency // 2)
-            results[index] = load(target, "grpc", "closed", settings.seconds, concurrency=half)
-
-        drivers = [threading.Thread(target=drive, args=(i, t)) for i, (t, _) in enumerate(started)]
-        for driver in drivers:
-            driver.start()
-        for driver in drivers:
-            driver.join()
-    return {
-        "throughput": sum(r["throughput"] for r in results),
-        "per_process": [r["throughput"] for r in results],
-    }
+def profile_workers(root: Path, model: str, settings: Settings) -> dict[str, Any]:
+    max_batch_size = configured_max_batch_size(root, model)
+    per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+    with our_server(root, model, per_worker, max_batch_size, ["--workers", str(settings.workers)]) as server:
+        result = load(
+            server.target,
+            "grpc",
+            "closed",
+            settings.seconds,
+            concurrency=settings.concurrency,
+            connections=settings.connections,
+        )
+    return {"throughput": result["throughput"], "generator_cpu_cores": result["generator_cpu_cores"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(models="worksheet-topics")
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args(argv)
+    args.gateway = False  # not measured here
     settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = []
@@ -145,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{model}: one process (repetition {rep + 1})")
                 ones.append(profile_one(roots[model], model, settings))
                 print(json.dumps({"model": model, "processes": 1, **ones[-1]}), flush=True)
-                log(f"{model}: two processes (repetition {rep + 1})")
-                twos.append(profile_two(roots[model], model, settings))
-                print(json.dumps({"model": model, "processes": 2, **twos[-1]}), flush=True)
+                log(f"{model}: {settings.workers} workers (repetition {rep + 1})")
+                twos.append(profile_workers(roots[model], model, settings))
+                print(json.dumps({"model": model, "workers": settings.workers, **twos[-1]}), flush=True)
             one = statistics.median(r["throughput"] for r in ones)
             two = statistics.median(r["throughput"] for r in twos)
             idle = statistics.median(r["machine_idle_share"] for r in ones)
@@ -155,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((model, one, two, idle, cores, ones[0]["threads_cores"]))
     print(
         f"load generator: {args.load_generator}, concurrency {settings.concurrency}, "
-        f"{args.reps} repetition(s)"
+        f"{args.reps} repetition(s), {settings.connections} connections, workers: "
+        f"--workers {settings.workers} with {settings.worker_decode_threads} decode thread(s) each"
     )
     print(
-        "| model | one process img/s | two processes img/s | gain | machine idle, one process "
+        "| model | one process img/s | workers img/s | gain | machine idle, one process "
         "| server process, cores | busiest threads (cores, first repetition) |"
     )
     print("|---|---:|---:|---:|---:|---:|---|")
