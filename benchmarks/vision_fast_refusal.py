@@ -3,12 +3,15 @@
     python benchmarks/vision_fast_refusal.py                   # both models, 2 repetitions, ~4 min
     python benchmarks/vision_fast_refusal.py --cap 300         # a cap below what admission lets in
     python benchmarks/vision_fast_refusal.py --pending 512     # bound grpc's pending-call backlog
+    python benchmarks/vision_fast_refusal.py --behind-gateway 128  # snaplearn-gateway in front
     python benchmarks/vision_fast_refusal.py --models mobilenet_v3_small --reps 1
 
 Only our server, with the limit off and on, side by side in one run. The limit is grpc's cap
 on calls in flight, `--max-concurrent-rpcs <--cap>` (default `auto`, VisionSettings.rpc_cap:
 queue size + 2 batches + 32), or with --pending N the bound on grpc's backlog of calls Python
-has not picked up yet, `--max-pending-calls N` (calls shed there answer CANCELLED). Per model:
+has not picked up yet, `--max-pending-calls N` (calls shed there answer CANCELLED), or with
+--behind-gateway N the same server behind clients/go/cmd/snaplearn-gateway, which refuses
+inference calls beyond N in flight before Python sees them (DECISIONS D19). Per model:
 capacity from one closed loop (cap off, as vision_bench.py measures it), then open loops at 3x
 that rate, the two configurations interleaved off/on/on/off so that drift in the machine's
 load hits both alike. Prints one JSON line per measurement and a median table (refusal p99,
@@ -20,6 +23,7 @@ refused, told apart from ours by grpc's message). The load generator is vision_b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,6 +38,7 @@ from vision_bench import (
     load,
     load_generator,
     log,
+    our_gateway,
     our_server,
     prepare_models,
     scrape,
@@ -50,25 +55,33 @@ def measure(
     *,
     closed: bool = False,
     rate: float = 0.0,
+    gateway: bool = False,
 ) -> dict[str, Any]:
-    """One server process, one load phase; `limit`: extra server flags ([] = no limit)."""
-    with our_server(root, model, settings, settings.max_batch_size, limit) as server:
+    """One server process, one load phase; `limit`: extra server flags ([] = no limit);
+    `gateway`: behind snaplearn-gateway."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(our_server(root, model, settings, settings.max_batch_size, limit))
+        target = stack.enter_context(our_gateway(settings, server.target)) if gateway else server.target
         before = scrape(server.metrics_port)
         if closed:
-            result = load(server.target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
+            result = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)
         else:
-            result = load(server.target, "grpc", "open", settings.seconds, rate=rate)
+            result = load(target, "grpc", "open", settings.seconds, rate=rate)
         result["server"] = batch_stats(before, scrape(server.metrics_port))
     return result
 
 
 def limit_flags(args: argparse.Namespace) -> list[str]:
+    if args.behind_gateway is not None:
+        return []
     if args.pending is not None:
         return ["--max-pending-calls", str(args.pending)]
     return ["--max-concurrent-rpcs", args.cap]
 
 
 def limit_name(args: argparse.Namespace) -> str:
+    if args.behind_gateway is not None:
+        return f"gateway {args.behind_gateway}"
     return f"pending {args.pending}" if args.pending is not None else f"cap {args.cap}"
 
 
@@ -87,7 +100,14 @@ def experiment(args: argparse.Namespace, settings: Settings) -> list[dict[str, A
             if len(rows[cap]) == args.reps:
                 continue
             log(f"{model}: 3x = {rate:.0f}/s, cap {'on' if cap else 'off'}")
-            result = measure(roots[model], model, settings, limit_flags(args) if cap else [], rate=rate)
+            result = measure(
+                roots[model],
+                model,
+                settings,
+                limit_flags(args) if cap else [],
+                rate=rate,
+                gateway=cap and args.behind_gateway is not None,
+            )
             rows[cap].append(result)
             print(
                 json.dumps(
@@ -136,7 +156,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pending", type=int, help="compare --max-pending-calls N instead of the cap on calls in flight"
     )
+    parser.add_argument(
+        "--behind-gateway",
+        type=int,
+        metavar="N",
+        help="compare the server behind snaplearn-gateway --max-in-flight N instead (needs Go)",
+    )
     args = parser.parse_args(argv)
+    args.gateway = args.behind_gateway is not None  # build the gateway only when it is measured
+    if args.gateway:
+        args.gateway_max_in_flight = args.behind_gateway
     settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
     with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
         table = experiment(args, settings)
