@@ -165,8 +165,13 @@ def test_calls_beyond_max_pending_calls_are_shed_by_grpc_while_python_cannot_pic
             assert not blocker.done()
             release.set()
             assert blocker.result() == b"block"
-            kept = [f for f in later if f not in shed]
-            assert kept and all(f.result() == b"%d" % later.index(f) for f in kept)
+            # The rest end either way: grpc's shedding is probabilistic from half the bound, so a
+            # call still arriving when the snapshot above was taken may be shed after it too.
+            codes = [f.code() for f in later]  # waits for each
+            assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
+            served = [f for f in later if f.code() == grpc.StatusCode.OK]
+            assert served, "no call was kept in the backlog and served after the loop was free"
+            assert all(f.result() == b"%d" % later.index(f) for f in served)
     finally:
         release.set()
         stop.set()
