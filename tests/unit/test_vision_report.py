@@ -1,0 +1,91 @@
+"""benchmarks/vision_report.py: the target checks per configuration, and the committed report
+re-rendered from its saved numbers (real data: docs/benchmarks/vision.json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import vision_report  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+
+def configuration(
+    capacity: float, half_p99: float, compute_ms: float, refusal: float, goodput: float
+) -> dict:
+    return {
+        "closed": {"throughput": capacity},
+        "half": {"p99_ms": half_p99, "server": {"mean_batch_compute_ms": compute_ms}},
+        "overload": {"rejected_p99_ms": refusal, "throughput": goodput},
+    }
+
+
+def run(**configurations: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "raw": {"images_per_s": 1000.0},
+        "max_queue_delay_ms": 5.0,
+        "workers": 2,
+        "ours-1": {"closed": {"throughput": 400.0}},
+        "ray": {"closed": {"throughput": 500.0}},
+        "litserve": {"closed": {"throughput": 900.0}},
+        **configurations,
+    }
+
+
+def test_each_target_is_met_or_missed_by_its_own_numbers() -> None:
+    runs = [
+        run(
+            ours=configuration(950.0, half_p99=8.0, compute_ms=2.0, refusal=12.0, goodput=800.0),
+            **{
+                "ours-workers": configuration(
+                    850.0, half_p99=10.0, compute_ms=2.0, refusal=5.0, goodput=860.0
+                )
+            },
+        )
+    ]
+    ours = {target: (measured, met) for target, measured, met in vision_report.target_checks(runs, "ours")}
+    assert ours["capacity >= 90% of the raw bound"] == ("95%", True)
+    assert ours["capacity above every peer"] == ("1.90x ray, 1.06x litserve", True)
+    assert ours["p99 at half load <= max queue delay + 2 x batch compute"] == (
+        "8 ms vs 5 + 2 x 2.0 = 9 ms",
+        True,
+    )
+    assert ours["refusals at 3x overload answered in < 10 ms at p99"] == ("12.0 ms", False)
+    assert ours["goodput at 3x overload >= 90% of capacity"] == ("84%", False)
+    assert ours["dynamic batching vs batching off (one process)"] == ("2.38x the capacity", True)
+    workers = {t: (m, ok) for t, m, ok in vision_report.target_checks(runs, "ours-workers")}
+    assert workers["capacity >= 90% of the raw bound"] == ("85%", False)
+    assert workers["capacity above every peer"][1] is False  # 0.94x LitServe
+    assert workers["p99 at half load <= max queue delay + 2 x batch compute"][1] is False
+    assert workers["refusals at 3x overload answered in < 10 ms at p99"] == ("5.0 ms", True)
+    assert workers["goodput at 3x overload >= 90% of capacity"] == ("101%", True)
+
+
+def test_ratios_are_medians_of_within_run_ratios() -> None:
+    runs = [run(ours=configuration(c, 1.0, 1.0, 1.0, 1.0)) for c in (500.0, 950.0, 990.0)]
+    runs[1]["raw"]["images_per_s"] = 2000.0  # 950 / 2000 in that run, not 950 / 1000
+    (_, measured, met) = vision_report.target_checks(runs, "ours")[0]
+    assert (measured, met) == ("50%", False)  # median of 50%, 47.5%, 99%
+
+
+def test_the_committed_report_re_renders_with_a_column_per_configuration() -> None:
+    saved_path = REPO / "docs" / "benchmarks" / "vision.json"
+    if not saved_path.exists():
+        pytest.skip(f"no saved benchmark at {saved_path}")
+    saved = json.loads(saved_path.read_text())
+    report = vision_report.report(saved["runs"], saved["meta"])
+    configurations = [
+        c
+        for c in ("ours", "ours-workers", "ours-gateway")
+        if c in saved["runs"][0][next(iter(saved["runs"][0]))]
+    ]
+    header = next(line for line in report.splitlines() if line.startswith("| target |"))
+    assert header.count("|") == len(configurations) + 2
+    for model in saved["runs"][0]:
+        assert f"## {model}" in report
+    assert report.count("| capacity >= 90% of the raw bound |") == len(saved["runs"][0])
