@@ -389,14 +389,6 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
         "--worker-decode-threads", type=int, default=1, help="decode threads per worker process"
     )
     parser.add_argument(
-        "--gateway",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="also measure --workers worker processes behind clients/go/cmd/snaplearn-gateway "
-        "(built with `go build`; needs Go)",
-    )
-    parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
-    parser.add_argument(
         "--load-generator",
         choices=LOAD_GENERATORS,
         default="go",
@@ -407,7 +399,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
 
 
 def settings_from_args(
-    args: argparse.Namespace, peers: bool, perf_analyzer: Path | None, perf_env: dict[str, str]
+    args: argparse.Namespace,
+    peers: bool,
+    perf_analyzer: Path | None,
+    perf_env: dict[str, str],
+    gateway: Path | None = None,
+    gateway_max_in_flight: int = 128,
 ) -> Settings:
     return Settings(
         seconds=args.seconds,
@@ -423,11 +420,13 @@ def settings_from_args(
         connections=args.connections,
         workers=args.workers,
         worker_decode_threads=args.worker_decode_threads,
-        gateway=build_go_command("snaplearn-gateway", "--gateway", "or pass --no-gateway")
-        if args.gateway
-        else None,
-        gateway_max_in_flight=args.gateway_max_in_flight,
+        gateway=gateway,
+        gateway_max_in_flight=gateway_max_in_flight,
     )
+
+
+def build_gateway(flag: str, way_around: str) -> Path:
+    return build_go_command("snaplearn-gateway", flag, way_around)
 
 
 def ours_argv(
@@ -715,7 +714,14 @@ def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         (None, {}, "perf_analyzer not run") if args.no_perf_analyzer else ensure_perf_analyzer()
     )
     log(perf_note)
-    settings = settings_from_args(args, peers=not args.no_peers, perf_analyzer=perf, perf_env=perf_env)
+    settings = settings_from_args(
+        args,
+        peers=not args.no_peers,
+        perf_analyzer=perf,
+        perf_env=perf_env,
+        gateway=build_gateway("--gateway", "or pass --no-gateway") if args.gateway else None,
+        gateway_max_in_flight=args.gateway_max_in_flight,
+    )
     runs = []
     for run in range(args.runs):
         log(f"run {run + 1} of {args.runs}")
@@ -730,6 +736,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_server_arguments(parser, seconds=15.0, max_batch_size=None)
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument(
+        "--gateway",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure --workers worker processes behind clients/go/cmd/snaplearn-gateway "
+        "(built with `go build`; needs Go)",
+    )
+    parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--out", type=Path, default=DOCS)

@@ -35,6 +35,7 @@ from vision_bench import (
     Settings,
     add_server_arguments,
     batch_stats,
+    build_gateway,
     load,
     load_generator,
     log,
@@ -163,10 +164,17 @@ def main(argv: list[str] | None = None) -> int:
         help="compare the server behind snaplearn-gateway --max-in-flight N instead (needs Go)",
     )
     args = parser.parse_args(argv)
-    args.gateway = args.behind_gateway is not None  # build the gateway only when it is measured
-    if args.gateway:
-        args.gateway_max_in_flight = args.behind_gateway
-    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
+    behind = args.behind_gateway
+    settings = settings_from_args(
+        args,
+        peers=False,
+        perf_analyzer=None,
+        perf_env={},
+        gateway=build_gateway("--behind-gateway", "or leave out --behind-gateway")
+        if behind is not None
+        else None,
+        gateway_max_in_flight=behind if behind is not None else 128,
+    )
     with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
         table = experiment(args, settings)
     print(f"load generator: {args.load_generator}")

@@ -126,7 +126,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(models="worksheet-topics")
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args(argv)
-    args.gateway = False  # not measured here
     settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = []

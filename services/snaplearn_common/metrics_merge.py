@@ -73,15 +73,9 @@ class WorkerMetricsCollector(Collector):
     A callable rather than a list: workers restart on new ports.
     """
 
-    def __init__(
-        self,
-        worker_urls: Callable[[], Sequence[str]],
-        failures: Counter,
-        fetch: Callable[[str], str] = fetch_exposition,
-    ) -> None:
+    def __init__(self, worker_urls: Callable[[], Sequence[str]], failures: Counter) -> None:
         self._worker_urls = worker_urls
         self._failures = failures
-        self._fetch = fetch
 
     def describe(self) -> list[Metric]:
         # Nothing to declare up front (and registering must not scrape workers).
@@ -91,7 +85,7 @@ class WorkerMetricsCollector(Collector):
         texts = []
         for url in self._worker_urls():
             try:
-                texts.append(self._fetch(url))
+                texts.append(fetch_exposition(url))
             except OSError as exc:  # a worker restarting or gone: leave it out of this scrape
                 log.warning("could not scrape worker metrics at %s: %s", url, exc)
                 self._failures.inc()

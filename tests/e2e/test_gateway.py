@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,18 +21,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snaplearn.vision.v1 import vision_pb2_grpc
 from snaplearn_common.metrics import scrape
+from tests.helpers.go_build import BUILD_TIMEOUT_S, GO_MODULE, build_go_command, go_or_skip
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 from tests.helpers.vision_server import (
     ServerFactory,
     correctly_classified_images,
     expect_status,
     request,
+    server_factory,  # noqa: F401  (fixture)
     until,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-GO_MODULE = REPO / "clients" / "go"
-BUILD_TIMEOUT_S = 600  # a cold machine fetches the Go modules first
 
 # start_gateway(backend target, max in flight) -> (gateway target, gateway metrics port)
 StartGateway = Callable[[str, int], tuple[str, int]]
@@ -41,32 +38,9 @@ StartGateway = Callable[[str, int], tuple[str, int]]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 120)]
 
 
-def go_or_skip() -> str:
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("the Go toolchain is not on PATH: the gateway cannot be built")
-    return go
-
-
 @pytest.fixture(scope="module")
 def gateway_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    binary = tmp_path_factory.mktemp("gateway") / "snaplearn-gateway"
-    built = subprocess.run(
-        [go_or_skip(), "build", "-o", str(binary), "./cmd/snaplearn-gateway"],
-        cwd=GO_MODULE,
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    assert built.returncode == 0, f"go build failed:\n{built.stdout}\n{built.stderr}"
-    return binary
-
-
-@pytest.fixture
-async def factory(trained_model_repository: Path, tmp_path: Path) -> AsyncIterator[ServerFactory]:  # noqa: F811
-    servers = ServerFactory(Path(trained_model_repository), tmp_path)
-    yield servers
-    await servers.close()
+    return build_go_command("snaplearn-gateway", tmp_path_factory.mktemp("gateway"))
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +79,7 @@ def start_gateway(gateway_binary: Path, tmp_path: Path) -> Iterator[StartGateway
 
 def test_the_gateways_go_unit_tests_pass() -> None:
     tested = subprocess.run(
-        [go_or_skip(), "test", "-count=1", "./cmd/snaplearn-gateway/"],
+        [go_or_skip("the gateway's Go tests cannot run"), "test", "-count=1", "./cmd/snaplearn-gateway/"],
         cwd=GO_MODULE,
         capture_output=True,
         text=True,
@@ -116,9 +90,11 @@ def test_the_gateways_go_unit_tests_pass() -> None:
 
 
 async def test_answers_errors_and_health_pass_through_and_excess_calls_are_refused_by_the_gateway(
-    factory: ServerFactory, start_gateway: StartGateway, images: dict[str, bytes]
+    server_factory: ServerFactory,  # noqa: F811  (the fixture)
+    start_gateway: StartGateway,
+    images: dict[str, bytes],
 ) -> None:
-    running = await factory.start(max_batch_size=1)
+    running = await server_factory.start(max_batch_size=1)
     target, gateway_metrics = start_gateway(running.server.target, 2)
     async with aio.insecure_channel(target) as channel:
         stub = vision_pb2_grpc.VisionServiceStub(channel)

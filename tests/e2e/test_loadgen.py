@@ -11,39 +11,22 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import shutil
-import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from snaplearn_vision.worksheets import sample_image_bytes
+from tests.helpers.go_build import BUILD_TIMEOUT_S, build_go_command
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
-from tests.helpers.vision_server import ServerFactory
-
-REPO = Path(__file__).resolve().parents[2]
-BUILD_TIMEOUT_S = 600  # a cold machine fetches the Go modules first
+from tests.helpers.vision_server import ServerFactory, server_factory  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 120)]
 
 
 @pytest.fixture(scope="module")
 def loadgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    go = shutil.which("go")
-    if go is None:
-        pytest.skip("the Go toolchain is not on PATH: the Go load generator cannot be built")
-    binary = tmp_path_factory.mktemp("loadgen") / "snaplearn-loadgen"
-    built = subprocess.run(
-        [go, "build", "-o", str(binary), "./cmd/snaplearn-loadgen"],
-        cwd=REPO / "clients" / "go",
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT_S,
-    )
-    assert built.returncode == 0, f"go build failed:\n{built.stdout}\n{built.stderr}"
-    return binary
+    return build_go_command("snaplearn-loadgen", tmp_path_factory.mktemp("loadgen"))
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +35,6 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for index, topic in enumerate(("fractions", "addition", "geometry", "exponents")):
         (folder / f"{index:03d}.jpg").write_bytes(sample_image_bytes(topic, seed=index))
     return folder
-
-
-@pytest.fixture
-async def factory(trained_model_repository: Path, tmp_path: Path) -> AsyncIterator[ServerFactory]:  # noqa: F811
-    servers = ServerFactory(Path(trained_model_repository), tmp_path)
-    yield servers
-    await servers.close()
 
 
 async def run_loadgen(binary: Path, photos: Path, target: str, *mode: str) -> dict[str, Any]:
@@ -85,9 +61,11 @@ async def run_loadgen(binary: Path, photos: Path, target: str, *mode: str) -> di
 
 
 async def test_closed_loop_reports_every_answer_and_our_batch_sizes(
-    factory: ServerFactory, loadgen: Path, photos: Path
+    server_factory: ServerFactory,  # noqa: F811  (the fixture)
+    loadgen: Path,
+    photos: Path,
 ) -> None:
-    running = await factory.start()
+    running = await server_factory.start()
     result = await run_loadgen(loadgen, photos, running.server.target, "closed", "--concurrency", "8")
     assert result["mode"] == "closed" and result["concurrency"] == 8 and result["rate"] == 0.0
     assert result["sent"] > 0 and result["ok"] == result["sent"] and result["errors"] == {}
@@ -99,9 +77,11 @@ async def test_closed_loop_reports_every_answer_and_our_batch_sizes(
 
 
 async def test_open_loop_counts_refusals_apart_with_their_latency(
-    factory: ServerFactory, loadgen: Path, photos: Path
+    server_factory: ServerFactory,  # noqa: F811  (the fixture)
+    loadgen: Path,
+    photos: Path,
 ) -> None:
-    running = await factory.start(max_queue_size=2, max_batch_size=1)
+    running = await server_factory.start(max_queue_size=2, max_batch_size=1)
     await running.gates.hold_next_batch()  # the model holds its first batch: the queue fills
     result = await run_loadgen(loadgen, photos, running.server.target, "open", "--rate", "100")
     running.gates.open.set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -195,3 +195,12 @@ def read_events(bus: SqliteEventBus, expected: int, timeout_s: float = 20.0) -> 
         while len(records) < expected and time.monotonic() < deadline:
             records.extend(consumer.poll(timeout_s=0.2))
     return records
+
+
+@pytest.fixture
+async def server_factory(trained_model_repository: Path, tmp_path: Path) -> AsyncIterator[ServerFactory]:
+    """A ServerFactory over the session's small trained model; closes what it started. Import
+    it together with trained_model_repository (tests.helpers.vision_model)."""
+    servers = ServerFactory(Path(trained_model_repository), tmp_path)
+    yield servers
+    await servers.close()

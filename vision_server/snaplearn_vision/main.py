@@ -225,15 +225,11 @@ class VisionServer:
         return f"vision server ready on {self.settings.host}:{self.port} (metrics :{self.metrics_port})"
 
 
-def write_ready_file(path: Path, server: VisionServer) -> None:
-    """Atomically (write, then rename), so a reader never sees half a file."""
+def write_ready_file(path: Path, payload: dict[str, object]) -> None:
+    """Write `payload` as JSON atomically (write, then rename): a reader never sees half a file.
+
+    Every ready file has host, port, metrics_port and pid; a supervisor's adds its workers."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "host": server.settings.host,
-        "port": server.port,
-        "metrics_port": server.metrics_port,
-        "pid": os.getpid(),
-    }
     staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     staging.write_text(json.dumps(payload) + "\n")
     staging.replace(path)
@@ -293,7 +289,15 @@ async def serve(settings: VisionSettings) -> int:
         gc.freeze()
         # The file first: whoever sees the line may read the file next.
         if settings.ready_file is not None:
-            write_ready_file(settings.ready_file, server)
+            write_ready_file(
+                settings.ready_file,
+                {
+                    "host": settings.host,
+                    "port": server.port,
+                    "metrics_port": server.metrics_port,
+                    "pid": os.getpid(),
+                },
+            )
         line = server.ready_line()
         if settings.worker_index is None:  # a worker's readiness is its ready file
             print(line, flush=True)

@@ -42,7 +42,7 @@ from prometheus_client import Counter, Gauge
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.metrics_merge import worker_metrics_registry
 from snaplearn_vision.config import VisionSettings
-from snaplearn_vision.main import SUPERVISOR_PID_ENV
+from snaplearn_vision.main import SUPERVISOR_PID_ENV, write_ready_file
 
 log = logging.getLogger("snaplearn_vision.workers")
 
@@ -103,11 +103,10 @@ class WorkerSupervisor:
     flags are appended after it, and argparse keeps the last occurrence.
     """
 
-    def __init__(self, settings: VisionSettings, argv: Sequence[str], run_dir: Path | None = None) -> None:
+    def __init__(self, settings: VisionSettings, argv: Sequence[str]) -> None:
         self.settings = settings
         self._argv = list(argv)
-        self._run_dir = run_dir
-        self._own_run_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._run_dir: tempfile.TemporaryDirectory[str] | None = None  # the workers' ready files
         self._port_holder: socket.socket | None = None
         self.port = 0
         self.workers: list[Worker] = []
@@ -142,11 +141,10 @@ class WorkerSupervisor:
         settings = self.settings
         self._port_holder = reserve_port(settings.host, settings.port)
         self.port = self._port_holder.getsockname()[1]
-        if self._run_dir is None:
-            self._own_run_dir = tempfile.TemporaryDirectory(prefix="snaplearn-vision-workers-")
-            self._run_dir = Path(self._own_run_dir.name)
+        self._run_dir = tempfile.TemporaryDirectory(prefix="snaplearn-vision-workers-")
+        run_dir = Path(self._run_dir.name)
         self._metrics_endpoint = serve_metrics(self.registry, settings.host, settings.metrics_port)
-        self.workers = [Worker(i, self._run_dir / f"worker-{i}.json") for i in range(settings.workers)]
+        self.workers = [Worker(i, run_dir / f"worker-{i}.json") for i in range(settings.workers)]
         loop = asyncio.get_running_loop()
         first_ready = [loop.create_future() for _ in self.workers]
         self._keepers = [
@@ -251,7 +249,7 @@ class WorkerSupervisor:
                 if w.process is not None
             ],
         }
-        write_ready_payload(self.settings.ready_file, payload)
+        write_ready_file(self.settings.ready_file, payload)
 
     async def stop(self) -> None:
         """SIGTERM every worker (each drains its calls), wait, then release the port."""
@@ -283,17 +281,9 @@ class WorkerSupervisor:
             self._port_holder = None
         if self.settings.ready_file is not None and self._started:
             self.settings.ready_file.unlink(missing_ok=True)
-        if self._own_run_dir is not None:
-            self._own_run_dir.cleanup()
-            self._own_run_dir = None
-
-
-def write_ready_payload(path: Path, payload: dict[str, object]) -> None:
-    """Atomically (write, then rename), so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    staging.write_text(json.dumps(payload) + "\n")
-    staging.replace(path)
+        if self._run_dir is not None:
+            self._run_dir.cleanup()
+            self._run_dir = None
 
 
 async def supervise(settings: VisionSettings, argv: Sequence[str]) -> int:

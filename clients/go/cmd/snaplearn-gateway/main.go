@@ -138,7 +138,10 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 }
 
 func newProxy(o options) (*proxy, error) {
-	p := &proxy{admitted: map[string]bool{}, maxInFlight: int64(o.maxInFlight), stats: &stats{}}
+	p := &proxy{
+		admitted: map[string]bool{}, maxInFlight: int64(o.maxInFlight), refusal: refusalFor(int64(o.maxInFlight)),
+		stats: &stats{},
+	}
 	for _, m := range o.admitted {
 		p.admitted[m] = true
 	}

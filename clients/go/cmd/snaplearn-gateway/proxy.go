@@ -53,16 +53,17 @@ type proxy struct {
 	conns       []*backendConn
 	admitted    map[string]bool // full method names ("/pkg.Service/Method") under the limit
 	maxInFlight int64
+	refusal     error // the RESOURCE_EXHAUSTED a refused call gets, built once
 	inFlight    atomic.Int64
 	next        atomic.Uint64
 	stats       *stats
 }
 
-// refusal is the RESOURCE_EXHAUSTED a client gets from the gateway: what is full, and what to do.
-func (p *proxy) refusal() error {
+// refusalFor is the RESOURCE_EXHAUSTED a client gets from the gateway: what is full, and what to do.
+func refusalFor(maxInFlight int64) error {
 	return status.Errorf(codes.ResourceExhausted,
 		"server overloaded: %d requests in flight, the gateway's limit (--max-in-flight); retry with backoff",
-		p.maxInFlight)
+		maxInFlight)
 }
 
 // pick returns the connection carrying the fewest admitted calls, starting the scan at a
@@ -86,17 +87,17 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 	if !ok {
 		return status.Error(codes.Internal, "gateway: no method name on the stream")
 	}
-	ctx := outgoingContext(stream.Context())
 	if !p.admitted[method] {
-		return p.forwardStream(ctx, stream, method, p.pick())
+		return p.forwardStream(outgoingContext(stream.Context()), stream, method, p.pick())
 	}
+	// Admission first: a refused call costs nothing more than this.
 	if p.inFlight.Add(1) > p.maxInFlight {
 		p.inFlight.Add(-1)
 		p.stats.refused.Add(1)
-		return p.refusal()
+		return p.refusal
 	}
 	defer p.inFlight.Add(-1)
-	err := p.forwardUnary(ctx, stream, method)
+	err := p.forwardUnary(outgoingContext(stream.Context()), stream, method)
 	p.stats.count(err)
 	return err
 }
