@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from grpc import aio
 
@@ -16,6 +16,7 @@ from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_common.errors import SnapLearnError
 from snaplearn_common.grpc_errors import status_for
 from snaplearn_vision.service import ClassificationService
+from snaplearn_vision.stream_servicer import ClassifyStreamSession, classify_response
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 _EMPTY_RESPONSE = vision_pb2.ClassifyResponse()
@@ -62,15 +63,14 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
             raise
         finally:
             self._service.metrics.observe_request(code, time.monotonic() - started)
-        return vision_pb2.ClassifyResponse(
-            request_id=result.request_id,
-            labels=[vision_pb2.LabelScore(label=label, score=score) for label, score in result.labels],
-            model_name=result.model_name,
-            model_version=result.model_version,
-            queue_ms=result.queue_wait_s * 1000.0,
-            compute_ms=result.compute_s * 1000.0,
-            batch_size=result.batch_size,
-        )
+        return classify_response(result)
+
+    async def ClassifyStream(
+        self,
+        request_iterator: AsyncIterator[vision_pb2.ClassifyStreamRequest],
+        context: aio.ServicerContext,
+    ) -> None:
+        await ClassifyStreamSession(self._service).serve(request_iterator, context)
 
 
 def registrar(service: ClassificationService) -> Callable[[aio.Server], None]:

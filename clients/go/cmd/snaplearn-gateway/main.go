@@ -53,6 +53,8 @@ type options struct {
 	readyFile          string
 	shutdownGrace      time.Duration
 	maxMessageBytes    int
+	classifyStream     bool
+	streamMaxAge       time.Duration
 }
 
 func main() {
@@ -85,10 +87,17 @@ func envInt(name string, fallback int) int {
 	return fallback
 }
 
+func envBool(name string, fallback bool) bool {
+	if value, err := strconv.ParseBool(env(name, strconv.FormatBool(fallback))); err == nil {
+		return value
+	}
+	return fallback
+}
+
 func parseArgs(args []string, stderr io.Writer) (options, error) {
 	var o options
 	var backends, admitted string
-	var grace float64
+	var grace, streamAge float64
 	flags := flag.NewFlagSet("snaplearn-gateway", flag.ContinueOnError)
 	flags.SetOutput(stderr)
 	flags.StringVar(&o.host, "host", env("HOST", "127.0.0.1"), "interface to bind")
@@ -101,6 +110,9 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	flags.StringVar(&o.readyFile, "ready-file", env("READY_FILE", ""), "once listening, write {host, port, metrics_port, pid} as JSON here")
 	flags.Float64Var(&grace, "shutdown-grace", 10, "seconds in-flight calls get to finish on SIGTERM")
 	flags.IntVar(&o.maxMessageBytes, "max-message-bytes", envInt("MAX_MESSAGE_BYTES", 10*1024*1024+64*1024), "largest message either way")
+	flags.BoolVar(&o.classifyStream, "classify-stream", envBool("CLASSIFY_STREAM", true),
+		"carry Classify calls as items of one ClassifyStream per backend connection (false: forward each call)")
+	flags.Float64Var(&streamAge, "stream-max-age", 20, "seconds a ClassifyStream takes new items before a fresh one replaces it")
 	if err := flags.Parse(args); err != nil {
 		return o, err
 	}
@@ -115,6 +127,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 		}
 	}
 	o.shutdownGrace = time.Duration(grace * float64(time.Second))
+	o.streamMaxAge = time.Duration(streamAge * float64(time.Second))
 	switch {
 	case flags.NArg() > 0:
 		return o, fmt.Errorf("unexpected arguments: %s", strings.Join(flags.Args(), " "))
@@ -128,6 +141,8 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("--max-in-flight must be >= 1")
 	case !(grace >= 0):
 		return o, errors.New("--shutdown-grace must be >= 0")
+	case !(streamAge > 0):
+		return o, errors.New("--stream-max-age must be > 0")
 	}
 	for _, m := range o.admitted {
 		if !strings.HasPrefix(m, "/") || strings.Count(m, "/") != 2 {
@@ -158,7 +173,11 @@ func newProxy(o options) (*proxy, error) {
 				return nil, fmt.Errorf("backend %s: %w", target, err)
 			}
 			conn.Connect()
-			p.conns = append(p.conns, &backendConn{conn: conn})
+			backend := &backendConn{conn: conn}
+			if o.classifyStream {
+				backend.mux = newMultiplexer(conn, o.streamMaxAge)
+			}
+			p.conns = append(p.conns, backend)
 		}
 	}
 	return p, nil
@@ -166,6 +185,9 @@ func newProxy(o options) (*proxy, error) {
 
 func (p *proxy) close() {
 	for _, c := range p.conns {
+		if c.mux != nil {
+			c.mux.close()
+		}
 		c.conn.Close()
 	}
 }
@@ -213,8 +235,12 @@ func run(o options) error {
 		defer os.Remove(o.readyFile)
 	}
 	fmt.Printf("gateway ready on %s (metrics :%d)\n", net.JoinHostPort(o.host, strconv.Itoa(port)), metricsPort)
-	log.Printf("forwarding to %s over %d connection(s) each; at most %d inference calls in flight",
-		strings.Join(o.backends, ", "), o.backendConnections, o.maxInFlight)
+	mode := "each Classify forwarded as a call"
+	if o.classifyStream {
+		mode = "Classify multiplexed onto one ClassifyStream per connection"
+	}
+	log.Printf("forwarding to %s over %d connection(s) each (%s); at most %d inference calls in flight",
+		strings.Join(o.backends, ", "), o.backendConnections, mode, o.maxInFlight)
 
 	stop := make(chan os.Signal, 1)
 	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)

@@ -44,6 +44,7 @@ func (rawCodec) Name() string { return "proto" }
 // backendConn is one connection to a backend, with the admitted calls it carries now.
 type backendConn struct {
 	conn     *grpc.ClientConn
+	mux      *multiplexer // Classify calls go to its ClassifyStream; nil: forwarded as calls
 	inFlight atomic.Int64
 }
 
@@ -97,18 +98,24 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 		return p.refusal
 	}
 	defer p.inFlight.Add(-1)
-	err := p.forwardUnary(outgoingContext(stream.Context()), stream, method)
+	var err error
+	if backend := p.pick(); backend.mux != nil && method == classifyMethod {
+		backend.inFlight.Add(1)
+		err = p.classifyMultiplexed(stream.Context(), stream, backend)
+		backend.inFlight.Add(-1)
+	} else {
+		err = p.forwardUnary(outgoingContext(stream.Context()), stream, method, backend)
+	}
 	p.stats.count(err)
 	return err
 }
 
 // forwardUnary relays one request and its answer (headers, message, trailers, status).
-func (p *proxy) forwardUnary(ctx context.Context, stream grpc.ServerStream, method string) error {
+func (p *proxy) forwardUnary(ctx context.Context, stream grpc.ServerStream, method string, backend *backendConn) error {
 	var in, out frame
 	if err := stream.RecvMsg(&in); err != nil {
 		return err
 	}
-	backend := p.pick()
 	backend.inFlight.Add(1)
 	defer backend.inFlight.Add(-1)
 	var header, trailer metadata.MD

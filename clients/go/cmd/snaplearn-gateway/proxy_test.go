@@ -53,6 +53,7 @@ func (b *heldBackend) Classify(ctx context.Context, req *visionv1.ClassifyReques
 }
 
 type fixture struct {
+	server  *grpc.Server // the backend's
 	backend *heldBackend
 	health  *health.Server
 	proxy   *proxy
@@ -72,18 +73,20 @@ func serve(t *testing.T, server *grpc.Server) string {
 }
 
 // start runs a held backend (with grpc.health.v1) and a gateway in front of it, on port 0.
-func start(t *testing.T, maxInFlight int) *fixture {
+func start(t *testing.T, maxInFlight int, args ...string) *fixture {
 	t.Helper()
 	f := &fixture{backend: &heldBackend{
 		entered: make(chan context.Context, 16), release: make(chan struct{}), received: make(chan string, 64),
 	}}
 	backendServer := grpc.NewServer()
+	f.server = backendServer
 	visionv1.RegisterVisionServiceServer(backendServer, f.backend)
 	f.health = health.NewServer()
 	healthpb.RegisterHealthServer(backendServer, f.health)
 	backendAddr := serve(t, backendServer)
 
-	o, err := parseArgs([]string{"--backend", backendAddr, "--max-in-flight", strconv.Itoa(maxInFlight), "--backend-connections", "2"}, io.Discard)
+	args = append([]string{"--backend", backendAddr, "--max-in-flight", strconv.Itoa(maxInFlight), "--backend-connections", "2"}, args...)
+	o, err := parseArgs(args, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +108,7 @@ func classify(f *fixture, ctx context.Context, user string, opts ...grpc.CallOpt
 }
 
 func TestForwardsTheCallItsMetadataAndTheBackendsAnswer(t *testing.T) {
-	f := start(t, 8)
+	f := start(t, 8, "--classify-stream=false") // metadata travels with calls, not with stream items
 	ctx := metadata.AppendToOutgoingContext(context.Background(), "x-test", "abc")
 	var header, trailer metadata.MD
 	reply, err := classify(f, ctx, "student-7", grpc.Header(&header), grpc.Trailer(&trailer))
@@ -132,7 +135,12 @@ func TestTheBackendsErrorComesBackUnchanged(t *testing.T) {
 }
 
 func TestCallsBeyondTheLimitAreRefusedAtOnceWithoutReachingTheBackend(t *testing.T) {
-	f := start(t, 2)
+	for _, mode := range []string{"--classify-stream=true", "--classify-stream=false"} {
+		t.Run(mode, func(t *testing.T) { refusedAtTheLimit(t, start(t, 2, mode)) })
+	}
+}
+
+func refusedAtTheLimit(t *testing.T, f *fixture) {
 	results := make(chan error, 2)
 	for _, user := range []string{"held-1", "held-2"} {
 		go func() { _, err := classify(f, context.Background(), user); results <- err }()
@@ -177,7 +185,12 @@ func TestCallsBeyondTheLimitAreRefusedAtOnceWithoutReachingTheBackend(t *testing
 }
 
 func TestTheCallersDeadlineReachesTheBackend(t *testing.T) {
-	f := start(t, 8)
+	for _, mode := range []string{"--classify-stream=true", "--classify-stream=false"} {
+		t.Run(mode, func(t *testing.T) { deadlineReachesTheBackend(t, start(t, 8, mode)) })
+	}
+}
+
+func deadlineReachesTheBackend(t *testing.T, f *fixture) {
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	_, err := classify(f, ctx, "held-until-deadline")
@@ -236,6 +249,7 @@ func TestFlagsAreValidated(t *testing.T) {
 		{"--backend", "x:1", "--port", "70000"},
 		{"--backend", "x:1", "--admit", "Classify"},
 		{"--backend", "x:1", "extra"},
+		{"--backend", "x:1", "--stream-max-age", "0"},
 	} {
 		if _, err := parseArgs(args, io.Discard); err == nil {
 			t.Errorf("%v: accepted", args)

@@ -24,19 +24,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n snaplearn/vision/v1/vision.proto\x12\x13snaplearn.vision.v1\"\x7f\n\x0f\x43lassifyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xbc\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06labels\x18\x02 \x03(\x0b\x32\x1f.snaplearn.vision.v1.LabelScore\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r2h\n\rVisionService\x12W\n\x08\x43lassify\x12$.snaplearn.vision.v1.ClassifyRequest\x1a%.snaplearn.vision.v1.ClassifyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n snaplearn/vision/v1/vision.proto\x12\x13snaplearn.vision.v1\"c\n\x15\x43lassifyStreamRequest\x12\x36\n\x05items\x18\x01 \x03(\x0b\x32\'.snaplearn.vision.v1.ClassifyStreamItem\x12\x12\n\ncancel_ids\x18\x02 \x03(\x04\"k\n\x12\x43lassifyStreamItem\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x35\n\x07request\x18\x02 \x01(\x0b\x32$.snaplearn.vision.v1.ClassifyRequest\x12\x12\n\ntimeout_ms\x18\x03 \x01(\x01\"T\n\x16\x43lassifyStreamResponse\x12:\n\x07results\x18\x01 \x03(\x0b\x32).snaplearn.vision.v1.ClassifyStreamResult\"z\n\x14\x43lassifyStreamResult\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x37\n\x08response\x18\x04 \x01(\x0b\x32%.snaplearn.vision.v1.ClassifyResponse\"\x7f\n\x0f\x43lassifyRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xbc\x01\n\x10\x43lassifyResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x06labels\x18\x02 \x03(\x0b\x32\x1f.snaplearn.vision.v1.LabelScore\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x10\n\x08queue_ms\x18\x05 \x01(\x01\x12\x12\n\ncompute_ms\x18\x06 \x01(\x01\x12\x12\n\nbatch_size\x18\x07 \x01(\r2\xd7\x01\n\rVisionService\x12W\n\x08\x43lassify\x12$.snaplearn.vision.v1.ClassifyRequest\x1a%.snaplearn.vision.v1.ClassifyResponse\x12m\n\x0e\x43lassifyStream\x12*.snaplearn.vision.v1.ClassifyStreamRequest\x1a+.snaplearn.vision.v1.ClassifyStreamResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snaplearn.vision.v1.vision_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLASSIFYREQUEST']._serialized_start=57
-  _globals['_CLASSIFYREQUEST']._serialized_end=184
-  _globals['_LABELSCORE']._serialized_start=186
-  _globals['_LABELSCORE']._serialized_end=228
-  _globals['_CLASSIFYRESPONSE']._serialized_start=231
-  _globals['_CLASSIFYRESPONSE']._serialized_end=419
-  _globals['_VISIONSERVICE']._serialized_start=421
-  _globals['_VISIONSERVICE']._serialized_end=525
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_start=57
+  _globals['_CLASSIFYSTREAMREQUEST']._serialized_end=156
+  _globals['_CLASSIFYSTREAMITEM']._serialized_start=158
+  _globals['_CLASSIFYSTREAMITEM']._serialized_end=265
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_start=267
+  _globals['_CLASSIFYSTREAMRESPONSE']._serialized_end=351
+  _globals['_CLASSIFYSTREAMRESULT']._serialized_start=353
+  _globals['_CLASSIFYSTREAMRESULT']._serialized_end=475
+  _globals['_CLASSIFYREQUEST']._serialized_start=477
+  _globals['_CLASSIFYREQUEST']._serialized_end=604
+  _globals['_LABELSCORE']._serialized_start=606
+  _globals['_LABELSCORE']._serialized_end=648
+  _globals['_CLASSIFYRESPONSE']._serialized_start=651
+  _globals['_CLASSIFYRESPONSE']._serialized_end=839
+  _globals['_VISIONSERVICE']._serialized_start=842
+  _globals['_VISIONSERVICE']._serialized_end=1057
 # @@protoc_insertion_point(module_scope)

@@ -6,6 +6,42 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ClassifyStreamRequest(_message.Message):
+    __slots__ = ("items", "cancel_ids")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ClassifyStreamItem]
+    cancel_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, items: _Optional[_Iterable[_Union[ClassifyStreamItem, _Mapping]]] = ..., cancel_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ClassifyStreamItem(_message.Message):
+    __slots__ = ("id", "request", "timeout_ms")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    request: ClassifyRequest
+    timeout_ms: float
+    def __init__(self, id: _Optional[int] = ..., request: _Optional[_Union[ClassifyRequest, _Mapping]] = ..., timeout_ms: _Optional[float] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyStreamResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyStreamResult, _Mapping]]] = ...) -> None: ...
+
+class ClassifyStreamResult(_message.Message):
+    __slots__ = ("id", "code", "message", "response")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    code: int
+    message: str
+    response: ClassifyResponse
+    def __init__(self, id: _Optional[int] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[ClassifyResponse, _Mapping]] = ...) -> None: ...
+
 class ClassifyRequest(_message.Message):
     __slots__ = ("user_id", "image", "top_k", "model_name", "model_version", "request_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -41,6 +41,11 @@ class VisionServiceStub:
                 request_serializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
+        self.ClassifyStream = channel.stream_stream(
+                '/snaplearn.vision.v1.VisionService/ClassifyStream',
+                request_serializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
 
 
 class VisionServiceServicer:
@@ -54,6 +59,18 @@ class VisionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ClassifyStream(self, request_iterator, context):
+        """Many Classify calls over one stream, answered as they finish, in any order. Each item
+        is one Classify (same validation, batching, deadlines, events, metrics); its outcome is
+        its own status, never the stream's. For front ends that multiplex many callers onto a few
+        connections (snaplearn-gateway), where a stream message costs the server far less than a
+        call; also for apps that send many photos at once. The stream ends OK when the client
+        closes its side and every item is answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +78,11 @@ def add_VisionServiceServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyRequest.FromString,
                     response_serializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +114,33 @@ class VisionService:
             '/snaplearn.vision.v1.VisionService/Classify',
             snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyRequest.SerializeToString,
             snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/snaplearn.vision.v1.VisionService/ClassifyStream',
+            snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyStreamRequest.SerializeToString,
+            snaplearn_dot_vision_dot_v1_dot_vision__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

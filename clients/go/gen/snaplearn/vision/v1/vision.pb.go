@@ -21,6 +21,239 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ClassifyStreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// New items; the server may get several per message (the sender packs what is waiting).
+	Items []*ClassifyStreamItem `protobuf:"bytes,1,rep,name=items,proto3" json:"items,omitempty"`
+	// Ids of earlier items whose callers went away: removed from the queue if still waiting,
+	// answered CANCELLED if not answered yet.
+	CancelIds     []uint64 `protobuf:"varint,2,rep,packed,name=cancel_ids,json=cancelIds,proto3" json:"cancel_ids,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClassifyStreamRequest) Reset() {
+	*x = ClassifyStreamRequest{}
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClassifyStreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClassifyStreamRequest) ProtoMessage() {}
+
+func (x *ClassifyStreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClassifyStreamRequest.ProtoReflect.Descriptor instead.
+func (*ClassifyStreamRequest) Descriptor() ([]byte, []int) {
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *ClassifyStreamRequest) GetItems() []*ClassifyStreamItem {
+	if x != nil {
+		return x.Items
+	}
+	return nil
+}
+
+func (x *ClassifyStreamRequest) GetCancelIds() []uint64 {
+	if x != nil {
+		return x.CancelIds
+	}
+	return nil
+}
+
+type ClassifyStreamItem struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the client, unique among this stream's unanswered items; echoed in its result.
+	Id      uint64           `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Request *ClassifyRequest `protobuf:"bytes,2,opt,name=request,proto3" json:"request,omitempty"`
+	// The item's deadline, as time remaining when sent, in milliseconds; 0 means none.
+	// An item past its deadline is answered DEADLINE_EXCEEDED, and never computed.
+	TimeoutMs     float64 `protobuf:"fixed64,3,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClassifyStreamItem) Reset() {
+	*x = ClassifyStreamItem{}
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClassifyStreamItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClassifyStreamItem) ProtoMessage() {}
+
+func (x *ClassifyStreamItem) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClassifyStreamItem.ProtoReflect.Descriptor instead.
+func (*ClassifyStreamItem) Descriptor() ([]byte, []int) {
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ClassifyStreamItem) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *ClassifyStreamItem) GetRequest() *ClassifyRequest {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *ClassifyStreamItem) GetTimeoutMs() float64 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+type ClassifyStreamResponse struct {
+	state         protoimpl.MessageState  `protogen:"open.v1"`
+	Results       []*ClassifyStreamResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClassifyStreamResponse) Reset() {
+	*x = ClassifyStreamResponse{}
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClassifyStreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClassifyStreamResponse) ProtoMessage() {}
+
+func (x *ClassifyStreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClassifyStreamResponse.ProtoReflect.Descriptor instead.
+func (*ClassifyStreamResponse) Descriptor() ([]byte, []int) {
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ClassifyStreamResponse) GetResults() []*ClassifyStreamResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+type ClassifyStreamResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// A google.rpc.Code, as Classify would answer this request: 0 (OK) with `response`,
+	// else e.g. 3 INVALID_ARGUMENT, 4 DEADLINE_EXCEEDED, 5 NOT_FOUND, 8 RESOURCE_EXHAUSTED.
+	Code int32 `protobuf:"varint,2,opt,name=code,proto3" json:"code,omitempty"`
+	// What went wrong, for a developer; empty when code is 0.
+	Message       string            `protobuf:"bytes,3,opt,name=message,proto3" json:"message,omitempty"`
+	Response      *ClassifyResponse `protobuf:"bytes,4,opt,name=response,proto3" json:"response,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClassifyStreamResult) Reset() {
+	*x = ClassifyStreamResult{}
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClassifyStreamResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClassifyStreamResult) ProtoMessage() {}
+
+func (x *ClassifyStreamResult) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClassifyStreamResult.ProtoReflect.Descriptor instead.
+func (*ClassifyStreamResult) Descriptor() ([]byte, []int) {
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ClassifyStreamResult) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *ClassifyStreamResult) GetCode() int32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *ClassifyStreamResult) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+func (x *ClassifyStreamResult) GetResponse() *ClassifyResponse {
+	if x != nil {
+		return x.Response
+	}
+	return nil
+}
+
 type ClassifyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Opaque, stable id of the student. Required.
@@ -42,7 +275,7 @@ type ClassifyRequest struct {
 
 func (x *ClassifyRequest) Reset() {
 	*x = ClassifyRequest{}
-	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[0]
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -54,7 +287,7 @@ func (x *ClassifyRequest) String() string {
 func (*ClassifyRequest) ProtoMessage() {}
 
 func (x *ClassifyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[0]
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -67,7 +300,7 @@ func (x *ClassifyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClassifyRequest.ProtoReflect.Descriptor instead.
 func (*ClassifyRequest) Descriptor() ([]byte, []int) {
-	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{0}
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *ClassifyRequest) GetUserId() string {
@@ -122,7 +355,7 @@ type LabelScore struct {
 
 func (x *LabelScore) Reset() {
 	*x = LabelScore{}
-	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[1]
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -134,7 +367,7 @@ func (x *LabelScore) String() string {
 func (*LabelScore) ProtoMessage() {}
 
 func (x *LabelScore) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[1]
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -147,7 +380,7 @@ func (x *LabelScore) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LabelScore.ProtoReflect.Descriptor instead.
 func (*LabelScore) Descriptor() ([]byte, []int) {
-	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{1}
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *LabelScore) GetLabel() string {
@@ -183,7 +416,7 @@ type ClassifyResponse struct {
 
 func (x *ClassifyResponse) Reset() {
 	*x = ClassifyResponse{}
-	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[2]
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -195,7 +428,7 @@ func (x *ClassifyResponse) String() string {
 func (*ClassifyResponse) ProtoMessage() {}
 
 func (x *ClassifyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[2]
+	mi := &file_snaplearn_vision_v1_vision_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -208,7 +441,7 @@ func (x *ClassifyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ClassifyResponse.ProtoReflect.Descriptor instead.
 func (*ClassifyResponse) Descriptor() ([]byte, []int) {
-	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{2}
+	return file_snaplearn_vision_v1_vision_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ClassifyResponse) GetRequestId() string {
@@ -264,7 +497,23 @@ var File_snaplearn_vision_v1_vision_proto protoreflect.FileDescriptor
 
 const file_snaplearn_vision_v1_vision_proto_rawDesc = "" +
 	"\n" +
-	" snaplearn/vision/v1/vision.proto\x12\x13snaplearn.vision.v1\"\xb8\x01\n" +
+	" snaplearn/vision/v1/vision.proto\x12\x13snaplearn.vision.v1\"u\n" +
+	"\x15ClassifyStreamRequest\x12=\n" +
+	"\x05items\x18\x01 \x03(\v2'.snaplearn.vision.v1.ClassifyStreamItemR\x05items\x12\x1d\n" +
+	"\n" +
+	"cancel_ids\x18\x02 \x03(\x04R\tcancelIds\"\x83\x01\n" +
+	"\x12ClassifyStreamItem\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12>\n" +
+	"\arequest\x18\x02 \x01(\v2$.snaplearn.vision.v1.ClassifyRequestR\arequest\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x03 \x01(\x01R\ttimeoutMs\"]\n" +
+	"\x16ClassifyStreamResponse\x12C\n" +
+	"\aresults\x18\x01 \x03(\v2).snaplearn.vision.v1.ClassifyStreamResultR\aresults\"\x97\x01\n" +
+	"\x14ClassifyStreamResult\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x12\n" +
+	"\x04code\x18\x02 \x01(\x05R\x04code\x12\x18\n" +
+	"\amessage\x18\x03 \x01(\tR\amessage\x12A\n" +
+	"\bresponse\x18\x04 \x01(\v2%.snaplearn.vision.v1.ClassifyResponseR\bresponse\"\xb8\x01\n" +
 	"\x0fClassifyRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x14\n" +
 	"\x05image\x18\x02 \x01(\fR\x05image\x12\x13\n" +
@@ -289,9 +538,10 @@ const file_snaplearn_vision_v1_vision_proto_rawDesc = "" +
 	"\n" +
 	"compute_ms\x18\x06 \x01(\x01R\tcomputeMs\x12\x1d\n" +
 	"\n" +
-	"batch_size\x18\a \x01(\rR\tbatchSize2h\n" +
+	"batch_size\x18\a \x01(\rR\tbatchSize2\xd7\x01\n" +
 	"\rVisionService\x12W\n" +
-	"\bClassify\x12$.snaplearn.vision.v1.ClassifyRequest\x1a%.snaplearn.vision.v1.ClassifyResponseB\xe0\x01\n" +
+	"\bClassify\x12$.snaplearn.vision.v1.ClassifyRequest\x1a%.snaplearn.vision.v1.ClassifyResponse\x12m\n" +
+	"\x0eClassifyStream\x12*.snaplearn.vision.v1.ClassifyStreamRequest\x1a+.snaplearn.vision.v1.ClassifyStreamResponse(\x010\x01B\xe0\x01\n" +
 	"\x17com.snaplearn.vision.v1B\vVisionProtoP\x01ZJgithub.com/snaplearn/snaplearn/clients/go/gen/snaplearn/vision/v1;visionv1\xa2\x02\x03SVX\xaa\x02\x13Snaplearn.Vision.V1\xca\x02\x13Snaplearn\\Vision\\V1\xe2\x02\x1fSnaplearn\\Vision\\V1\\GPBMetadata\xea\x02\x15Snaplearn::Vision::V1b\x06proto3"
 
 var (
@@ -306,21 +556,31 @@ func file_snaplearn_vision_v1_vision_proto_rawDescGZIP() []byte {
 	return file_snaplearn_vision_v1_vision_proto_rawDescData
 }
 
-var file_snaplearn_vision_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_snaplearn_vision_v1_vision_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_snaplearn_vision_v1_vision_proto_goTypes = []any{
-	(*ClassifyRequest)(nil),  // 0: snaplearn.vision.v1.ClassifyRequest
-	(*LabelScore)(nil),       // 1: snaplearn.vision.v1.LabelScore
-	(*ClassifyResponse)(nil), // 2: snaplearn.vision.v1.ClassifyResponse
+	(*ClassifyStreamRequest)(nil),  // 0: snaplearn.vision.v1.ClassifyStreamRequest
+	(*ClassifyStreamItem)(nil),     // 1: snaplearn.vision.v1.ClassifyStreamItem
+	(*ClassifyStreamResponse)(nil), // 2: snaplearn.vision.v1.ClassifyStreamResponse
+	(*ClassifyStreamResult)(nil),   // 3: snaplearn.vision.v1.ClassifyStreamResult
+	(*ClassifyRequest)(nil),        // 4: snaplearn.vision.v1.ClassifyRequest
+	(*LabelScore)(nil),             // 5: snaplearn.vision.v1.LabelScore
+	(*ClassifyResponse)(nil),       // 6: snaplearn.vision.v1.ClassifyResponse
 }
 var file_snaplearn_vision_v1_vision_proto_depIdxs = []int32{
-	1, // 0: snaplearn.vision.v1.ClassifyResponse.labels:type_name -> snaplearn.vision.v1.LabelScore
-	0, // 1: snaplearn.vision.v1.VisionService.Classify:input_type -> snaplearn.vision.v1.ClassifyRequest
-	2, // 2: snaplearn.vision.v1.VisionService.Classify:output_type -> snaplearn.vision.v1.ClassifyResponse
-	2, // [2:3] is the sub-list for method output_type
-	1, // [1:2] is the sub-list for method input_type
-	1, // [1:1] is the sub-list for extension type_name
-	1, // [1:1] is the sub-list for extension extendee
-	0, // [0:1] is the sub-list for field type_name
+	1, // 0: snaplearn.vision.v1.ClassifyStreamRequest.items:type_name -> snaplearn.vision.v1.ClassifyStreamItem
+	4, // 1: snaplearn.vision.v1.ClassifyStreamItem.request:type_name -> snaplearn.vision.v1.ClassifyRequest
+	3, // 2: snaplearn.vision.v1.ClassifyStreamResponse.results:type_name -> snaplearn.vision.v1.ClassifyStreamResult
+	6, // 3: snaplearn.vision.v1.ClassifyStreamResult.response:type_name -> snaplearn.vision.v1.ClassifyResponse
+	5, // 4: snaplearn.vision.v1.ClassifyResponse.labels:type_name -> snaplearn.vision.v1.LabelScore
+	4, // 5: snaplearn.vision.v1.VisionService.Classify:input_type -> snaplearn.vision.v1.ClassifyRequest
+	0, // 6: snaplearn.vision.v1.VisionService.ClassifyStream:input_type -> snaplearn.vision.v1.ClassifyStreamRequest
+	6, // 7: snaplearn.vision.v1.VisionService.Classify:output_type -> snaplearn.vision.v1.ClassifyResponse
+	2, // 8: snaplearn.vision.v1.VisionService.ClassifyStream:output_type -> snaplearn.vision.v1.ClassifyStreamResponse
+	7, // [7:9] is the sub-list for method output_type
+	5, // [5:7] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_vision_v1_vision_proto_init() }
@@ -334,7 +594,7 @@ func file_snaplearn_vision_v1_vision_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_vision_v1_vision_proto_rawDesc), len(file_snaplearn_vision_v1_vision_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   3,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

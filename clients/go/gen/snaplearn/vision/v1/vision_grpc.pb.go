@@ -19,7 +19,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	VisionService_Classify_FullMethodName = "/snaplearn.vision.v1.VisionService/Classify"
+	VisionService_Classify_FullMethodName       = "/snaplearn.vision.v1.VisionService/Classify"
+	VisionService_ClassifyStream_FullMethodName = "/snaplearn.vision.v1.VisionService/ClassifyStream"
 )
 
 // VisionServiceClient is the client API for VisionService service.
@@ -30,6 +31,13 @@ const (
 // math-worksheet snippet) and publishes the prediction as an ImageClassified event.
 type VisionServiceClient interface {
 	Classify(ctx context.Context, in *ClassifyRequest, opts ...grpc.CallOption) (*ClassifyResponse, error)
+	// Many Classify calls over one stream, answered as they finish, in any order. Each item
+	// is one Classify (same validation, batching, deadlines, events, metrics); its outcome is
+	// its own status, never the stream's. For front ends that multiplex many callers onto a few
+	// connections (snaplearn-gateway), where a stream message costs the server far less than a
+	// call; also for apps that send many photos at once. The stream ends OK when the client
+	// closes its side and every item is answered.
+	ClassifyStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ClassifyStreamRequest, ClassifyStreamResponse], error)
 }
 
 type visionServiceClient struct {
@@ -50,6 +58,19 @@ func (c *visionServiceClient) Classify(ctx context.Context, in *ClassifyRequest,
 	return out, nil
 }
 
+func (c *visionServiceClient) ClassifyStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ClassifyStreamRequest, ClassifyStreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &VisionService_ServiceDesc.Streams[0], VisionService_ClassifyStream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[ClassifyStreamRequest, ClassifyStreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VisionService_ClassifyStreamClient = grpc.BidiStreamingClient[ClassifyStreamRequest, ClassifyStreamResponse]
+
 // VisionServiceServer is the server API for VisionService service.
 // All implementations must embed UnimplementedVisionServiceServer
 // for forward compatibility.
@@ -58,6 +79,13 @@ func (c *visionServiceClient) Classify(ctx context.Context, in *ClassifyRequest,
 // math-worksheet snippet) and publishes the prediction as an ImageClassified event.
 type VisionServiceServer interface {
 	Classify(context.Context, *ClassifyRequest) (*ClassifyResponse, error)
+	// Many Classify calls over one stream, answered as they finish, in any order. Each item
+	// is one Classify (same validation, batching, deadlines, events, metrics); its outcome is
+	// its own status, never the stream's. For front ends that multiplex many callers onto a few
+	// connections (snaplearn-gateway), where a stream message costs the server far less than a
+	// call; also for apps that send many photos at once. The stream ends OK when the client
+	// closes its side and every item is answered.
+	ClassifyStream(grpc.BidiStreamingServer[ClassifyStreamRequest, ClassifyStreamResponse]) error
 	mustEmbedUnimplementedVisionServiceServer()
 }
 
@@ -70,6 +98,9 @@ type UnimplementedVisionServiceServer struct{}
 
 func (UnimplementedVisionServiceServer) Classify(context.Context, *ClassifyRequest) (*ClassifyResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Classify not implemented")
+}
+func (UnimplementedVisionServiceServer) ClassifyStream(grpc.BidiStreamingServer[ClassifyStreamRequest, ClassifyStreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method ClassifyStream not implemented")
 }
 func (UnimplementedVisionServiceServer) mustEmbedUnimplementedVisionServiceServer() {}
 func (UnimplementedVisionServiceServer) testEmbeddedByValue()                       {}
@@ -110,6 +141,13 @@ func _VisionService_Classify_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _VisionService_ClassifyStream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(VisionServiceServer).ClassifyStream(&grpc.GenericServerStream[ClassifyStreamRequest, ClassifyStreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type VisionService_ClassifyStreamServer = grpc.BidiStreamingServer[ClassifyStreamRequest, ClassifyStreamResponse]
+
 // VisionService_ServiceDesc is the grpc.ServiceDesc for VisionService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -122,6 +160,13 @@ var VisionService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _VisionService_Classify_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "ClassifyStream",
+			Handler:       _VisionService_ClassifyStream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "snaplearn/vision/v1/vision.proto",
 }

@@ -1,0 +1,415 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protowire"
+)
+
+// Classify calls multiplexed onto ClassifyStream (protos/snaplearn/vision/v1/vision.proto):
+// each backend connection carries one long-lived stream, and every Classify the gateway admits
+// becomes one item on it. The Python server then pays grpc's per-call work once per stream
+// message, not once per photo, and a message carries whatever was waiting when the sender got
+// to it (no added delay: an idle gateway sends each item at once). The request bytes are
+// wrapped, never decoded; the answer's ClassifyResponse bytes go back to the caller as they
+// came. A caller that goes away (cancelled, deadline) gets its status at once and the item is
+// cancelled on the stream, which takes it out of the server's queue.
+
+const (
+	classifyMethod       = "/snaplearn.vision.v1.VisionService/Classify"
+	classifyStreamMethod = "/snaplearn.vision.v1.VisionService/ClassifyStream"
+	maxPackedItems       = 64
+	maxPackedBytes       = 1 << 20 // an item larger than this goes alone (the server takes one as large as a call)
+)
+
+// muxResult is one item's answer: a status, and the ClassifyResponse bytes when it is OK.
+type muxResult struct {
+	code     codes.Code
+	message  string
+	response []byte
+}
+
+// muxCall is one admitted Classify waiting for its item's answer.
+type muxCall struct {
+	id       uint64
+	request  []byte    // the caller's ClassifyRequest, as received
+	deadline time.Time // zero: none
+	done     chan muxResult
+	answered atomic.Bool
+}
+
+// answer delivers the first result only (the stream's answer, its failure or the caller's cancel race).
+func (c *muxCall) answer(r muxResult) bool {
+	if !c.answered.CompareAndSwap(false, true) {
+		return false
+	}
+	c.done <- r
+	return true
+}
+
+// muxStream is one ClassifyStream call: its unanswered items, and what waits to be sent.
+type muxStream struct {
+	client  grpc.ClientStream
+	cancel  context.CancelFunc
+	opened  time.Time
+	send    chan *muxCall
+	cancels chan uint64
+	idle    chan struct{} // poked when a retired stream may have no items left
+
+	mu      sync.Mutex
+	pending map[uint64]*muxCall
+	failed  bool // no new items: the stream broke
+	retired bool // no new items: a newer stream took over; closes once its items are answered
+}
+
+// multiplexer owns the ClassifyStream of one backend connection, reopening it when it breaks
+// and replacing it when it is older than maxAge (a server's max connection age then never
+// cuts one short with items on it).
+type multiplexer struct {
+	conn    *grpc.ClientConn
+	maxAge  time.Duration
+	nextID  atomic.Uint64
+	mu      sync.Mutex
+	current *muxStream
+	ctx     context.Context
+	stop    context.CancelFunc
+	opened  atomic.Uint64 // streams opened (a metric)
+}
+
+func newMultiplexer(conn *grpc.ClientConn, maxAge time.Duration) *multiplexer {
+	ctx, stop := context.WithCancel(context.Background())
+	return &multiplexer{conn: conn, maxAge: maxAge, ctx: ctx, stop: stop}
+}
+
+func (m *multiplexer) close() { m.stop() }
+
+// stream returns the stream new items go to, opening one when there is none, it broke or it is too old.
+func (m *multiplexer) stream() (*muxStream, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if s := m.current; s != nil {
+		s.mu.Lock()
+		broken := s.failed
+		tooOld := !broken && time.Since(s.opened) >= m.maxAge
+		if tooOld {
+			s.retired = true // its items finish on it; new ones go to the next stream
+		}
+		s.mu.Unlock()
+		if !broken && !tooOld {
+			return s, nil
+		}
+		if tooOld {
+			s.poke()
+		}
+	}
+	ctx, cancel := context.WithCancel(m.ctx)
+	client, err := m.conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true},
+		classifyStreamMethod, grpc.ForceCodec(rawCodec{}))
+	if err != nil {
+		cancel()
+		m.current = nil
+		return nil, err
+	}
+	s := &muxStream{
+		client: client, cancel: cancel, opened: time.Now(), send: make(chan *muxCall, 1024),
+		cancels: make(chan uint64, 1024), idle: make(chan struct{}, 1), pending: map[uint64]*muxCall{},
+	}
+	m.current = s
+	m.opened.Add(1)
+	go s.sendLoop()
+	go s.receiveLoop()
+	return s, nil
+}
+
+// submit puts a call on the current stream; the answer arrives on call.done.
+func (m *multiplexer) submit(call *muxCall) (*muxStream, error) {
+	call.id = m.nextID.Add(1)
+	for attempt := 0; attempt < 2; attempt++ { // a stream may break between stream() and add()
+		s, err := m.stream()
+		if err != nil {
+			return nil, status.Errorf(codes.Unavailable, "the vision server cannot be reached (%v); retry", err)
+		}
+		if s.add(call) {
+			return s, nil
+		}
+	}
+	return nil, status.Error(codes.Unavailable, "the vision server's stream keeps closing; retry")
+}
+
+func (s *muxStream) add(call *muxCall) bool {
+	s.mu.Lock()
+	if s.failed || s.retired {
+		s.mu.Unlock()
+		return false
+	}
+	s.pending[call.id] = call
+	s.mu.Unlock()
+	s.send <- call // buffered beyond the gateway's in-flight limit in practice; blocks otherwise
+	return true
+}
+
+// abandon is the caller going away: its answer is no longer wanted, and the server is told.
+func (s *muxStream) abandon(call *muxCall) {
+	s.mu.Lock()
+	_, unanswered := s.pending[call.id]
+	delete(s.pending, call.id)
+	s.mu.Unlock()
+	call.answered.Store(true)
+	if unanswered {
+		select {
+		case s.cancels <- call.id:
+		default: // a full cancel queue: the item is computed and its answer dropped
+		}
+	}
+	s.poke()
+}
+
+func (s *muxStream) poke() {
+	select {
+	case s.idle <- struct{}{}:
+	default:
+	}
+}
+
+// fail answers every unanswered item UNAVAILABLE (nothing is lost silently) and ends the stream.
+func (s *muxStream) fail(err error) {
+	s.mu.Lock()
+	s.failed = true
+	calls := s.pending
+	s.pending = map[uint64]*muxCall{}
+	s.mu.Unlock()
+	s.cancel()
+	message := fmt.Sprintf("the vision server's stream ended (%v); retry", status.Convert(err).Message())
+	for _, call := range calls {
+		call.answer(muxResult{code: codes.Unavailable, message: message})
+	}
+}
+
+// sendLoop packs what is waiting into one message at a time. It is the only goroutine that
+// sends on the stream (grpc-go forbids concurrent SendMsg/CloseSend).
+func (s *muxStream) sendLoop() {
+	var calls []*muxCall
+	var cancels []uint64
+	for {
+		calls, cancels = calls[:0], cancels[:0]
+		select {
+		case call := <-s.send:
+			calls = append(calls, call)
+		case id := <-s.cancels:
+			cancels = append(cancels, id)
+		case <-s.idle:
+			if s.finished() {
+				_ = s.client.CloseSend()
+				return
+			}
+			continue
+		case <-s.client.Context().Done():
+			return
+		}
+		size := 0
+		if len(calls) > 0 {
+			size = len(calls[0].request)
+		}
+	pack:
+		for len(calls) < maxPackedItems && size < maxPackedBytes {
+			select {
+			case call := <-s.send:
+				calls = append(calls, call)
+				size += len(call.request)
+			case id := <-s.cancels:
+				cancels = append(cancels, id)
+			default:
+				break pack
+			}
+		}
+		now := time.Now()
+		live := calls[:0]
+		for _, call := range calls {
+			switch {
+			case call.answered.Load(): // abandoned by its caller while waiting to be sent
+			case !call.deadline.IsZero() && !now.Before(call.deadline):
+				s.deliver(call.id, muxResult{code: codes.DeadlineExceeded, message: "the call's deadline passed in the gateway"})
+			default:
+				live = append(live, call)
+			}
+		}
+		if len(live) == 0 && len(cancels) == 0 {
+			continue
+		}
+		// A fresh buffer each time: grpc-go may still be writing the last one after SendMsg returns.
+		buf := encodeStreamRequest(make([]byte, 0, size+16*len(live)+8*len(cancels)+16), live, cancels, now)
+		if err := s.client.SendMsg(&frame{payload: buf}); err != nil {
+			s.fail(err) // the receive loop sees the status; everything pending is answered there or here
+			return
+		}
+	}
+}
+
+func (s *muxStream) finished() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.retired && len(s.pending) == 0 && len(s.send) == 0
+}
+
+// receiveLoop hands each answer to its caller.
+func (s *muxStream) receiveLoop() {
+	for {
+		var f frame
+		err := s.client.RecvMsg(&f)
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = status.Error(codes.Unavailable, "closed by the server")
+			}
+			s.fail(err)
+			return
+		}
+		if err := decodeStreamResponse(f.payload, s.deliver); err != nil {
+			s.fail(status.Errorf(codes.Internal, "undecodable ClassifyStreamResponse: %v", err))
+			return
+		}
+		s.poke()
+	}
+}
+
+func (s *muxStream) deliver(id uint64, r muxResult) {
+	s.mu.Lock()
+	call := s.pending[id]
+	delete(s.pending, id)
+	s.mu.Unlock()
+	if call != nil {
+		call.answer(r)
+	}
+}
+
+// encodeStreamRequest appends a ClassifyStreamRequest carrying calls (each with the time left
+// before its deadline, all still in the future at `now`) and the cancelled ids.
+func encodeStreamRequest(buf []byte, calls []*muxCall, cancels []uint64, now time.Time) []byte {
+	for _, call := range calls {
+		timeoutMs := 0.0
+		if !call.deadline.IsZero() {
+			timeoutMs = float64(call.deadline.Sub(now)) / float64(time.Millisecond)
+		}
+		size := protowire.SizeTag(1) + protowire.SizeVarint(call.id) + protowire.SizeTag(2) + protowire.SizeBytes(len(call.request))
+		if timeoutMs > 0 {
+			size += protowire.SizeTag(3) + protowire.SizeFixed64()
+		}
+		buf = protowire.AppendTag(buf, 1, protowire.BytesType) // ClassifyStreamRequest.items
+		buf = protowire.AppendVarint(buf, uint64(size))
+		buf = protowire.AppendTag(buf, 1, protowire.VarintType) // ClassifyStreamItem.id
+		buf = protowire.AppendVarint(buf, call.id)
+		buf = protowire.AppendTag(buf, 2, protowire.BytesType) // .request
+		buf = protowire.AppendBytes(buf, call.request)
+		if timeoutMs > 0 {
+			buf = protowire.AppendTag(buf, 3, protowire.Fixed64Type) // .timeout_ms
+			buf = protowire.AppendFixed64(buf, math.Float64bits(timeoutMs))
+		}
+	}
+	if len(cancels) > 0 {
+		packed := 0
+		for _, id := range cancels {
+			packed += protowire.SizeVarint(id)
+		}
+		buf = protowire.AppendTag(buf, 2, protowire.BytesType) // .cancel_ids, packed
+		buf = protowire.AppendVarint(buf, uint64(packed))
+		for _, id := range cancels {
+			buf = protowire.AppendVarint(buf, id)
+		}
+	}
+	return buf
+}
+
+// decodeStreamResponse calls deliver for each ClassifyStreamResult in a ClassifyStreamResponse.
+func decodeStreamResponse(data []byte, deliver func(uint64, muxResult)) error {
+	for len(data) > 0 {
+		num, typ, n := protowire.ConsumeTag(data)
+		if n < 0 {
+			return protowire.ParseError(n)
+		}
+		data = data[n:]
+		if num != 1 || typ != protowire.BytesType {
+			if n = protowire.ConsumeFieldValue(num, typ, data); n < 0 {
+				return protowire.ParseError(n)
+			}
+			data = data[n:]
+			continue
+		}
+		result, n := protowire.ConsumeBytes(data)
+		if n < 0 {
+			return protowire.ParseError(n)
+		}
+		data = data[n:]
+		id, r, err := decodeStreamResult(result)
+		if err != nil {
+			return err
+		}
+		deliver(id, r)
+	}
+	return nil
+}
+
+func decodeStreamResult(data []byte) (uint64, muxResult, error) {
+	var id uint64
+	var r muxResult
+	for len(data) > 0 {
+		num, typ, n := protowire.ConsumeTag(data)
+		if n < 0 {
+			return 0, r, protowire.ParseError(n)
+		}
+		data = data[n:]
+		switch {
+		case num == 1 && typ == protowire.VarintType:
+			id, n = protowire.ConsumeVarint(data)
+		case num == 2 && typ == protowire.VarintType:
+			var code uint64
+			code, n = protowire.ConsumeVarint(data)
+			r.code = codes.Code(int32(code))
+		case num == 3 && typ == protowire.BytesType:
+			var message []byte
+			message, n = protowire.ConsumeBytes(data)
+			r.message = string(message)
+		case num == 4 && typ == protowire.BytesType:
+			r.response, n = protowire.ConsumeBytes(data)
+		default:
+			n = protowire.ConsumeFieldValue(num, typ, data)
+		}
+		if n < 0 {
+			return 0, r, protowire.ParseError(n)
+		}
+		data = data[n:]
+	}
+	return id, r, nil
+}
+
+// classifyMultiplexed serves one admitted Classify as an item on the backend connection's stream.
+func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStream, backend *backendConn) error {
+	var in frame
+	if err := stream.RecvMsg(&in); err != nil {
+		return err
+	}
+	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
+	call.deadline, _ = ctx.Deadline()
+	s, err := backend.mux.submit(call)
+	if err != nil {
+		return err
+	}
+	select {
+	case r := <-call.done:
+		if r.code != codes.OK {
+			return status.Error(r.code, r.message)
+		}
+		return stream.SendMsg(&frame{payload: r.response})
+	case <-ctx.Done():
+		s.abandon(call)
+		return status.FromContextError(ctx.Err()).Err()
+	}
+}

@@ -1,0 +1,151 @@
+"""ClassifyStream: many Classify calls over one bidirectional stream, answered as they finish.
+
+A front end that multiplexes many callers onto a few connections (snaplearn-gateway) pays
+grpc's per-call work once per stream message instead of once per photo, and packs whatever is
+waiting into each message. Every item is one Classify: the same core call (validation,
+batching, deadline, event, metrics), its outcome a per-item status, never the stream's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc import aio
+
+from snaplearn.vision.v1 import vision_pb2
+from snaplearn_common.errors import SnapLearnError
+from snaplearn_common.grpc_errors import status_for
+from snaplearn_vision.service import ClassificationResult, ClassificationService
+
+log = logging.getLogger(__name__)
+
+
+def classify_response(result: ClassificationResult) -> vision_pb2.ClassifyResponse:
+    """The core's result as the API's ClassifyResponse (Classify and ClassifyStream answer alike)."""
+    return vision_pb2.ClassifyResponse(
+        request_id=result.request_id,
+        labels=[vision_pb2.LabelScore(label=label, score=score) for label, score in result.labels],
+        model_name=result.model_name,
+        model_version=result.model_version,
+        queue_ms=result.queue_wait_s * 1000.0,
+        compute_ms=result.compute_s * 1000.0,
+        batch_size=result.batch_size,
+    )
+
+
+class ClassifyStreamSession:
+    """One ClassifyStream call: its items in flight and the answers not yet written."""
+
+    def __init__(self, service: ClassificationService) -> None:
+        self._service = service
+        self._loop = asyncio.get_running_loop()
+        self._items: dict[int, tuple[asyncio.Task[None], asyncio.TimerHandle | None]] = {}
+        self._answers: list[vision_pb2.ClassifyStreamResult] = []
+        self._wake = asyncio.Event()
+        self._reading = True
+
+    async def serve(
+        self, requests: AsyncIterator[vision_pb2.ClassifyStreamRequest], context: aio.ServicerContext
+    ) -> None:
+        """Reads items and writes answers until the client has closed its side and all are answered."""
+        reader = asyncio.ensure_future(self._read(requests))
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                if self._answers:
+                    # What finished while the last write was in progress goes out as one message.
+                    answers, self._answers = self._answers, []
+                    await context.write(vision_pb2.ClassifyStreamResponse(results=answers))
+                if not self._reading and not self._items and not self._answers:
+                    break
+            reader.result()  # a failed read (a malformed message) ends the stream with its error
+        finally:
+            reader.cancel()
+            for task, timer in self._items.values():
+                task.cancel()
+                if timer is not None:
+                    timer.cancel()
+
+    async def _read(self, requests: AsyncIterator[vision_pb2.ClassifyStreamRequest]) -> None:
+        try:
+            async for message in requests:
+                for item in message.items:
+                    self._start(item)
+                for item_id in message.cancel_ids:
+                    entry = self._items.get(item_id)
+                    if entry is not None:
+                        entry[0].cancel()
+        finally:
+            self._reading = False
+            self._wake.set()
+
+    def _answer(self, result: vision_pb2.ClassifyStreamResult) -> None:
+        self._answers.append(result)
+        self._wake.set()
+
+    def _start(self, item: vision_pb2.ClassifyStreamItem) -> None:
+        if item.id in self._items:
+            self._answer(_error(item.id, INVALID, f"item id {item.id} is already in flight on this stream"))
+            return
+        timeout_ms = item.timeout_ms
+        if not (timeout_ms >= 0.0 and math.isfinite(timeout_ms)):
+            self._answer(_error(item.id, INVALID, f"timeout_ms must be >= 0 and finite, got {timeout_ms}"))
+            return
+        deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms > 0.0 else None
+        task = self._loop.create_task(self._classify(item.id, item.request, deadline))
+        # Like grpc does for a call: the item's work is cancelled when its deadline passes
+        # (the loop's clock is time.monotonic()).
+        timer = self._loop.call_at(deadline, task.cancel) if deadline is not None else None
+        self._items[item.id] = (task, timer)
+
+    async def _classify(
+        self, item_id: int, request: vision_pb2.ClassifyRequest, deadline: float | None
+    ) -> None:
+        started = time.monotonic()
+        answer = None
+        try:
+            result = await self._service.classify(
+                user_id=request.user_id,
+                image_bytes=request.image,
+                top_k=request.top_k,
+                model_name=request.model_name,
+                model_version=request.model_version,
+                request_id=request.request_id,
+                deadline=deadline,
+            )
+            answer = vision_pb2.ClassifyStreamResult(id=item_id, response=classify_response(result))
+        except asyncio.CancelledError:
+            # By a cancel_ids entry, by its deadline timer, or because the stream ended.
+            if deadline is not None and time.monotonic() >= deadline:
+                answer = _error(item_id, grpc.StatusCode.DEADLINE_EXCEEDED, "the item's deadline passed")
+            else:
+                answer = _error(item_id, grpc.StatusCode.CANCELLED, "the item was cancelled by the client")
+        except SnapLearnError as exc:
+            answer = _error(item_id, status_for(exc), str(exc))
+        except Exception:
+            log.exception("unexpected error in a ClassifyStream item")
+            answer = _error(
+                item_id, grpc.StatusCode.INTERNAL, "internal error in ClassifyStream; see server logs"
+            )
+        finally:
+            code = _CODE_NAMES[answer.code] if answer is not None else "CANCELLED"
+            self._service.metrics.observe_request(code, time.monotonic() - started)
+            _, timer = self._items.pop(item_id)
+            if timer is not None:
+                timer.cancel()
+        self._answer(answer)
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+# google.rpc.Code number -> the name the request metrics use (as Classify's do).
+_CODE_NAMES = {status.value[0]: status.name for status in grpc.StatusCode}
+
+
+def _error(item_id: int, status: grpc.StatusCode, message: str) -> vision_pb2.ClassifyStreamResult:
+    return vision_pb2.ClassifyStreamResult(id=item_id, code=status.value[0], message=message)
