@@ -192,7 +192,8 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             + (
                 " Gateway: clients/go/cmd/snaplearn-gateway (Go, GOMAXPROCS=1) in front of the worker "
                 f"processes, refusing inference calls beyond {meta['gateway_max_in_flight']} in flight "
-                "(RESOURCE_EXHAUSTED), forwarding the rest over 16 connections."
+                "(RESOURCE_EXHAUSTED), and carrying the rest as items of one ClassifyStream on each of "
+                "its 16 connections to them (`--classify-stream`, its default)."
                 if meta.get("gateway_max_in_flight")
                 else ""
             )
