@@ -34,6 +34,7 @@ from tests.helpers.vision_server import (
 
 # start_gateway(backend target, max in flight) -> (gateway target, gateway metrics port)
 StartGateway = Callable[[str, int], tuple[str, int]]
+GATEWAY_BACKEND_CONNECTIONS = 2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 120)]
 
@@ -58,6 +59,7 @@ def start_gateway(gateway_binary: Path, tmp_path: Path) -> Iterator[StartGateway
             [
                 str(gateway_binary), "--port", "0", "--metrics-port", "0", "--backend", backend,
                 "--max-in-flight", str(max_in_flight), "--ready-file", str(ready_file),
+                "--backend-connections", str(GATEWAY_BACKEND_CONNECTIONS),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -138,3 +140,53 @@ async def test_answers_errors_and_health_pass_through_and_excess_calls_are_refus
     assert gateway['snaplearn_gateway_requests_total{code="OK"}'] == 3
     assert gateway['snaplearn_gateway_requests_total{code="INVALID_ARGUMENT"}'] == 1
     assert gateway["snaplearn_gateway_in_flight"] == 0
+    # The calls were items of the gateway's ClassifyStreams (one per backend connection).
+    assert 1 <= gateway["snaplearn_gateway_classify_streams_opened_total"] <= GATEWAY_BACKEND_CONNECTIONS
+
+
+async def test_a_callers_deadline_and_cancellation_reach_the_server_through_the_stream(
+    server_factory: ServerFactory,  # noqa: F811  (the fixture)
+    start_gateway: StartGateway,
+    images: dict[str, bytes],
+) -> None:
+    """Through the gateway, a call is an item of its ClassifyStream: the caller's deadline
+    travels with the item and a cancelled call's id follows, so neither is computed."""
+    running = await server_factory.start(max_batch_size=1)
+    target, gateway_metrics = start_gateway(running.server.target, 8)
+    photo = images["exponents"]
+    async with aio.insecure_channel(target) as channel:
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        await running.gates.hold_next_batch()
+        held = asyncio.ensure_future(stub.Classify(request(photo, user="held"), timeout=60))
+        await running.gates.wait_batch_held()
+
+        def server_errors() -> dict[str, float]:
+            metrics = scrape(running.server.metrics_port)
+            return {
+                code: metrics.get(f'snaplearn_vision_errors_total{{code="{code}"}}', 0.0)
+                for code in ("DEADLINE_EXCEEDED", "CANCELLED")
+            }
+
+        await expect_status(
+            stub.Classify(request(photo, user="expires"), timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED
+        )
+        await until(
+            lambda: server_errors() == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 0.0},
+            "the server to expire the item by its own deadline",
+        )
+        await until(lambda: running.batcher().queue_depth == 0, "the expired item to leave the queue")
+        cancelled = asyncio.ensure_future(stub.Classify(request(photo, user="cancelled"), timeout=60))
+        await until(lambda: running.batcher().queue_depth == 1, "the cancelled-to-be call to queue")
+        cancelled.cancel()
+        await until(
+            lambda: server_errors() == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 1.0},
+            "the server to drop the cancelled item",
+        )
+        assert running.batcher().queue_depth == 0 and not running.gates.open.is_set()
+        running.gates.open.set()
+        assert (await held).labels[0].label == "exponents"
+    assert running.gates.batch_sizes == [1], "the expired or the cancelled call reached the model"
+    gateway = scrape(gateway_metrics)
+    assert 1 <= gateway["snaplearn_gateway_classify_streams_opened_total"] <= GATEWAY_BACKEND_CONNECTIONS
+    assert gateway['snaplearn_gateway_requests_total{code="DEADLINE_EXCEEDED"}'] == 1
+    assert gateway['snaplearn_gateway_requests_total{code="CANCELLED"}'] == 1

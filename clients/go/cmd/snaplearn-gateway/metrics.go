@@ -42,6 +42,15 @@ func (p *proxy) metricsHandler(w http.ResponseWriter, _ *http.Request) {
 	b.WriteString("# HELP snaplearn_gateway_max_in_flight Inference calls forwarded at once before refusing.\n")
 	b.WriteString("# TYPE snaplearn_gateway_max_in_flight gauge\n")
 	fmt.Fprintf(&b, "snaplearn_gateway_max_in_flight %d\n", p.maxInFlight)
+	if p.conns[0].mux != nil {
+		var opened uint64
+		for _, c := range p.conns {
+			opened += c.mux.opened.Load()
+		}
+		b.WriteString("# HELP snaplearn_gateway_classify_streams_opened_total ClassifyStream calls opened to the backends (one per connection, more after breaks and rotations).\n")
+		b.WriteString("# TYPE snaplearn_gateway_classify_streams_opened_total counter\n")
+		fmt.Fprintf(&b, "snaplearn_gateway_classify_streams_opened_total %d\n", opened)
+	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	_, _ = w.Write([]byte(b.String()))
 }

@@ -158,14 +158,16 @@ func (s *muxStream) add(call *muxCall) bool {
 	return true
 }
 
-// abandon is the caller going away: its answer is no longer wanted, and the server is told.
-func (s *muxStream) abandon(call *muxCall) {
+// abandon is the caller going away: its answer is no longer wanted. A cancelled caller's id
+// goes to the server (cancelIt); an expired one's does not: the item carries the same
+// deadline, so the server expires it itself and counts it as DEADLINE_EXCEEDED.
+func (s *muxStream) abandon(call *muxCall, cancelIt bool) {
 	s.mu.Lock()
 	_, unanswered := s.pending[call.id]
 	delete(s.pending, call.id)
 	s.mu.Unlock()
 	call.answered.Store(true)
-	if unanswered {
+	if unanswered && cancelIt {
 		select {
 		case s.cancels <- call.id:
 		default: // a full cancel queue: the item is computed and its answer dropped
@@ -409,7 +411,13 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 		}
 		return stream.SendMsg(&frame{payload: r.response})
 	case <-ctx.Done():
-		s.abandon(call)
+		// A caller's own deadline usually reaches us as its cancellation (its timer fires
+		// first): judge by the deadline itself.
+		if !call.deadline.IsZero() && !time.Now().Before(call.deadline) {
+			s.abandon(call, false)
+			return status.Error(codes.DeadlineExceeded, "the call's deadline passed")
+		}
+		s.abandon(call, true)
 		return status.FromContextError(ctx.Err()).Err()
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -109,6 +110,12 @@ func TestClassifyCallsBecomeItemsOfOneStreamPerConnection(t *testing.T) {
 	}
 	if ok, invalid := f.proxy.stats.byCode[codes.OK].Load(), f.proxy.stats.byCode[codes.InvalidArgument].Load(); ok != 40 || invalid != 1 {
 		t.Fatalf("OK %d, INVALID_ARGUMENT %d", ok, invalid)
+	}
+	recorder := httptest.NewRecorder()
+	f.proxy.metricsHandler(recorder, httptest.NewRequest("GET", "/metrics", nil))
+	line := fmt.Sprintf("snaplearn_gateway_classify_streams_opened_total %d\n", streamsOpened.Load()-opened)
+	if !strings.Contains(recorder.Body.String(), line) {
+		t.Fatalf("metrics lack %q:\n%s", line, recorder.Body.String())
 	}
 }
 
