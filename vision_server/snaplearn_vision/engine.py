@@ -244,8 +244,12 @@ class ImageClassifier:
                 )
             try:
                 # JPEG can decode straight to 1/2, 1/4 or 1/8 scale: far less work for a
-                # 12-megapixel photo that will become 64x64. Square target: EXIF may rotate it.
-                side = 4 * max(self.config.input_size)
+                # 12-megapixel photo that will become 64x64. Asked for 1.5x the input size, the
+                # resize still averages >= 1.5 source pixels per output pixel (the pixels stay
+                # within a few grey levels of a full decode; tests/unit/test_engine.py), and a
+                # 320x240 photo for the 64x64 default model decodes at half scale (asking for 4x
+                # decoded it whole). Square target: EXIF may rotate it.
+                side = (3 * max(self.config.input_size)) // 2
                 image.draft("L" if self.config.channels == 1 else "RGB", (side, side))
                 # In place: without it, an upright photo (the usual case) is copied whole.
                 ImageOps.exif_transpose(image, in_place=True)
