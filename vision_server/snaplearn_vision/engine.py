@@ -126,7 +126,10 @@ def to_model_pixels(image: Image.Image, channels: int, input_size: tuple[int, in
     The training set goes through this too, so the model trains on what it is served.
     """
     height, width = input_size
-    image = _flatten_alpha(image).convert("L" if channels == 1 else "RGB")
+    mode = "L" if channels == 1 else "RGB"
+    image = _flatten_alpha(image)
+    if image.mode != mode:  # convert() to the same mode would copy every pixel
+        image = image.convert(mode)
     resized = image.resize((width, height), Image.Resampling.BILINEAR)
     pixels = np.asarray(resized, dtype=np.uint8)
     return pixels[:, :, None] if channels == 1 else pixels
