@@ -492,8 +492,9 @@ def our_server(
 
 
 @contextlib.contextmanager
-def our_gateway(settings: Settings, backend: str) -> Iterator[str]:
-    """clients/go/cmd/snaplearn-gateway in front of `backend`, until the block ends: its target."""
+def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> Iterator[str]:
+    """clients/go/cmd/snaplearn-gateway in front of `backend`, with `extra` flags, until the
+    block ends: its target."""
     assert settings.gateway is not None
     port, metrics_port = free_port(), free_port()
     argv = [
@@ -503,6 +504,7 @@ def our_gateway(settings: Settings, backend: str) -> Iterator[str]:
         "--backend", backend,
         "--backend-connections", str(GATEWAY_BACKEND_CONNECTIONS),
         "--max-in-flight", str(settings.gateway_max_in_flight),
+        *extra,
     ]  # fmt: skip
     with process(argv, {**os.environ, "GOMAXPROCS": "1"}, "gateway ready"):
         yield f"127.0.0.1:{port}"
@@ -516,6 +518,7 @@ def bench_ours(
     rates: tuple[float, float] | None,
     extra: Sequence[str] = (),
     gateway: bool = False,
+    gateway_extra: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Our server (behind the gateway if `gateway`): capacity (closed loop), then open loops at
     `rates` (half, overload), or at half and 3x of the capacity just measured when rates is None."""
@@ -524,7 +527,7 @@ def bench_ours(
         server = stack.enter_context(our_server(root, model, settings, max_batch_size, extra))
         target, metrics_port = server.target, server.metrics_port
         if gateway:
-            target = stack.enter_context(our_gateway(settings, server.target))
+            target = stack.enter_context(our_gateway(settings, server.target, gateway_extra))
         result: dict[str, Any] = {}
         before = scrape(metrics_port)
         result["closed"] = load(

@@ -7,12 +7,14 @@ gate's record of batch sizes, not a timing.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
 import pytest
 
 from snaplearn.vision.v1 import vision_pb2
+from snaplearn_client import VisionClient
 from snaplearn_common.metrics import scrape
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import (
@@ -156,3 +158,24 @@ async def test_a_reused_id_or_a_negative_timeout_is_refused_for_that_item_only(
     assert answered[7].response.labels[0].label == "geometry"
     await call.done_writing()
     assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_the_python_clients_classify_many_returns_one_outcome_per_photo_in_order(
+    server_factory: ServerFactory,  # noqa: F811
+) -> None:
+    running = await server_factory.start()
+    photos = correctly_classified_images(server_factory.model_root)
+    images = [photos["geometry"], b"not an image", photos["fractions"]] + [photos["exponents"]] * 40
+    with VisionClient(running.server.target, timeout_s=30) as client:
+        outcomes = await asyncio.to_thread(client.classify_many, images, "student-9", 2)
+    assert len(outcomes) == len(images)
+    assert outcomes[0].ok and outcomes[0].response is not None
+    assert outcomes[0].response.labels[0].label == "geometry" and len(outcomes[0].response.labels) == 2
+    assert (
+        outcomes[1].code == grpc.StatusCode.INVALID_ARGUMENT
+        and "not a decodable image" in outcomes[1].message
+    )
+    assert outcomes[1].response is None
+    labels = [outcome.response.labels[0].label for outcome in outcomes[2:] if outcome.response is not None]
+    assert labels == ["fractions"] + ["exponents"] * 40
+    assert len(read_events(running.bus, 42)) == 42  # one event per photo classified

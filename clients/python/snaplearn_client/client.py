@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Self
 
 import grpc
@@ -18,6 +19,10 @@ from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 
 DEFAULT_VISION_TARGET = "127.0.0.1:50051"
+# What one ClassifyStream message carries at most (a larger photo goes alone).
+STREAM_MESSAGE_ITEMS = 32
+STREAM_MESSAGE_BYTES = 1024 * 1024
+_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 DEFAULT_RECOMMENDER_TARGET = "127.0.0.1:50052"
 FEEDBACK_KINDS = {
     "viewed": recommender_pb2.FEEDBACK_KIND_VIEWED,
@@ -76,32 +81,17 @@ class _Client:
         self.close()
 
 
-class VisionClient(_Client):
-    service_name = "snaplearn.vision.v1.VisionService"
+@dataclass(frozen=True)
+class ClassifyOutcome:
+    """One photo's answer from classify_many: a response (code OK), or a status and message."""
 
-    def __init__(self, target: str = DEFAULT_VISION_TARGET, timeout_s: float = 5.0, max_attempts: int = 4):
-        super().__init__(target, timeout_s, max_attempts)
-        self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
+    code: grpc.StatusCode
+    message: str
+    response: vision_pb2.ClassifyResponse | None
 
-    def classify(
-        self,
-        image: bytes,
-        user_id: str,
-        top_k: int = 0,
-        model_name: str = "",
-        model_version: str = "",
-        request_id: str = "",
-        timeout_s: float | None = None,
-    ) -> vision_pb2.ClassifyResponse:
-        request = vision_pb2.ClassifyRequest(
-            user_id=user_id,
-            image=image,
-            top_k=top_k,
-            model_name=model_name,
-            model_version=model_version,
-            request_id=request_id,
-        )
-        return self._stub.Classify(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
 
 
 class RecommenderClient(_Client):
@@ -173,3 +163,84 @@ class RecommenderClient(_Client):
         if time_s is not None:
             request.time.FromNanoseconds(int(time_s * 1e9))
         return self._stub.RecordFeedback(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+
+class VisionClient(_Client):
+    service_name = "snaplearn.vision.v1.VisionService"
+
+    def __init__(self, target: str = DEFAULT_VISION_TARGET, timeout_s: float = 5.0, max_attempts: int = 4):
+        super().__init__(target, timeout_s, max_attempts)
+        self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
+
+    def classify(
+        self,
+        image: bytes,
+        user_id: str,
+        top_k: int = 0,
+        model_name: str = "",
+        model_version: str = "",
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> vision_pb2.ClassifyResponse:
+        request = vision_pb2.ClassifyRequest(
+            user_id=user_id,
+            image=image,
+            top_k=top_k,
+            model_name=model_name,
+            model_version=model_version,
+            request_id=request_id,
+        )
+        return self._stub.Classify(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def classify_many(
+        self,
+        images: Sequence[bytes],
+        user_id: str,
+        top_k: int = 0,
+        model_name: str = "",
+        model_version: str = "",
+        timeout_s: float | None = None,
+    ) -> list[ClassifyOutcome]:
+        """Classify many photos over one ClassifyStream: one outcome per image, in order.
+
+        Each photo is its own Classify (its own event, its own status: one unreadable photo
+        fails alone) with `timeout_s` as its deadline; they share one stream, so the server
+        batches them together and pays its per-call work once per message, not per photo.
+        Raises grpc.RpcError only if the stream itself fails (the server unreachable, ...).
+        """
+        timeout = timeout_s or self.timeout_s
+
+        def messages() -> Iterator[vision_pb2.ClassifyStreamRequest]:
+            items: list[vision_pb2.ClassifyStreamItem] = []
+            size = 0
+            for index, image in enumerate(images):
+                request = vision_pb2.ClassifyRequest(
+                    user_id=user_id,
+                    image=image,
+                    top_k=top_k,
+                    model_name=model_name,
+                    model_version=model_version,
+                )
+                items.append(
+                    vision_pb2.ClassifyStreamItem(id=index, request=request, timeout_ms=timeout * 1000.0)
+                )
+                size += len(image)
+                if len(items) >= STREAM_MESSAGE_ITEMS or size >= STREAM_MESSAGE_BYTES:
+                    yield vision_pb2.ClassifyStreamRequest(items=items)
+                    items, size = [], 0
+            if items:
+                yield vision_pb2.ClassifyStreamRequest(items=items)
+
+        outcomes: dict[int, ClassifyOutcome] = {}
+        # The stream's own deadline leaves the last items their full timeout after sending.
+        for message in self._stub.ClassifyStream(messages(), timeout=2 * timeout + 5.0, wait_for_ready=True):
+            for result in message.results:
+                outcomes[result.id] = ClassifyOutcome(
+                    code=_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
+                    message=result.message,
+                    response=result.response if result.code == 0 else None,
+                )
+        missing = [index for index in range(len(images)) if index not in outcomes]
+        if missing:  # the server ends the stream only when every item is answered
+            raise RuntimeError(f"the server ended the stream without answering items {missing[:10]}")
+        return [outcomes[index] for index in range(len(images))]

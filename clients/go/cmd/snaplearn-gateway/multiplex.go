@@ -81,6 +81,8 @@ type multiplexer struct {
 	nextID  atomic.Uint64
 	mu      sync.Mutex
 	current *muxStream
+	opening chan struct{} // closed when the stream being opened is current (or failed to open)
+	openErr error         // why the last opening failed
 	ctx     context.Context
 	stop    context.CancelFunc
 	opened  atomic.Uint64 // streams opened (a metric)
@@ -93,50 +95,95 @@ func newMultiplexer(conn *grpc.ClientConn, maxAge time.Duration) *multiplexer {
 
 func (m *multiplexer) close() { m.stop() }
 
-// stream returns the stream new items go to, opening one when there is none, it broke or it is too old.
-func (m *multiplexer) stream() (*muxStream, error) {
+// stream returns the stream new items go to, opening one when there is none, it broke or it
+// is too old. Opening runs apart from the caller, so a caller waits at most until its own
+// deadline for a backend that does not answer (as a forwarded call would).
+func (m *multiplexer) stream(ctx context.Context) (*muxStream, error) {
+	m.mu.Lock()
+	if s := m.usableLocked(); s != nil {
+		m.mu.Unlock()
+		return s, nil
+	}
+	if m.opening == nil {
+		m.opening = make(chan struct{})
+		go m.open(m.opening)
+	}
+	opening := m.opening
+	m.mu.Unlock()
+	select {
+	case <-opening:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if s := m.current; s != nil {
-		s.mu.Lock()
-		broken := s.failed
-		tooOld := !broken && time.Since(s.opened) >= m.maxAge
-		if tooOld {
-			s.retired = true // its items finish on it; new ones go to the next stream
-		}
-		s.mu.Unlock()
-		if !broken && !tooOld {
-			return s, nil
-		}
-		if tooOld {
-			s.poke()
-		}
+	switch {
+	case m.current != nil:
+		return m.current, nil // if it broke already, add() refuses and submit tries once more
+	case m.openErr != nil:
+		return nil, m.openErr
+	default:
+		return nil, errors.New("the new stream closed at once")
 	}
+}
+
+// usableLocked returns the current stream if it takes new items, else drops it (retiring it
+// when it is only too old). m.mu is held.
+func (m *multiplexer) usableLocked() *muxStream {
+	s := m.current
+	if s == nil {
+		return nil
+	}
+	s.mu.Lock()
+	broken := s.failed
+	tooOld := !broken && time.Since(s.opened) >= m.maxAge
+	if tooOld {
+		s.retired = true // its items finish on it; new ones go to the next stream
+	}
+	s.mu.Unlock()
+	if !broken && !tooOld {
+		return s
+	}
+	m.current = nil
+	if tooOld {
+		s.poke()
+	}
+	return nil
+}
+
+// open opens a ClassifyStream, makes it current (or records why it could not), and closes done.
+func (m *multiplexer) open(done chan struct{}) {
 	ctx, cancel := context.WithCancel(m.ctx)
 	client, err := m.conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true},
 		classifyStreamMethod, grpc.ForceCodec(rawCodec{}))
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	defer close(done)
+	m.opening = nil
 	if err != nil {
 		cancel()
-		m.current = nil
-		return nil, err
+		m.current, m.openErr = nil, err
+		return
 	}
 	s := &muxStream{
 		client: client, cancel: cancel, opened: time.Now(), send: make(chan *muxCall, 1024),
 		cancels: make(chan uint64, 1024), idle: make(chan struct{}, 1), pending: map[uint64]*muxCall{},
 	}
-	m.current = s
+	m.current, m.openErr = s, nil
 	m.opened.Add(1)
 	go s.sendLoop()
 	go s.receiveLoop()
-	return s, nil
 }
 
 // submit puts a call on the current stream; the answer arrives on call.done.
-func (m *multiplexer) submit(call *muxCall) (*muxStream, error) {
+func (m *multiplexer) submit(ctx context.Context, call *muxCall) (*muxStream, error) {
 	call.id = m.nextID.Add(1)
 	for attempt := 0; attempt < 2; attempt++ { // a stream may break between stream() and add()
-		s, err := m.stream()
+		s, err := m.stream(ctx)
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil, status.FromContextError(ctx.Err()).Err()
+			}
 			return nil, status.Errorf(codes.Unavailable, "the vision server cannot be reached (%v); retry", err)
 		}
 		if s.add(call) {
@@ -154,7 +201,10 @@ func (s *muxStream) add(call *muxCall) bool {
 	}
 	s.pending[call.id] = call
 	s.mu.Unlock()
-	s.send <- call // buffered beyond the gateway's in-flight limit in practice; blocks otherwise
+	select {
+	case s.send <- call:
+	case <-s.client.Context().Done(): // broke: fail() answers every pending call, this one too
+	}
 	return true
 }
 
@@ -400,7 +450,7 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 	}
 	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
 	call.deadline, _ = ctx.Deadline()
-	s, err := backend.mux.submit(call)
+	s, err := backend.mux.submit(ctx, call)
 	if err != nil {
 		return err
 	}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -14,6 +15,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -223,3 +225,46 @@ func TestStreamMessagesRoundTrip(t *testing.T) {
 
 func protoUnmarshal(data []byte, m proto.Message) error { return proto.Unmarshal(data, m) }
 func protoMarshal(m proto.Message) ([]byte, error)      { return proto.Marshal(m) }
+
+func TestACallerWaitsForAnUnansweringBackendOnlyUntilItsDeadline(t *testing.T) {
+	// A backend that accepts connections and never says a word: the gateway's connection
+	// stays CONNECTING, so opening the stream would wait for grpc's connect timeout (20 s).
+	listener, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { listener.Close() })
+	go func() {
+		for {
+			conn, err := listener.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { conn.Close() })
+		}
+	}()
+	o, err := parseArgs([]string{"--backend", listener.Addr().String()}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := newProxy(o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.close)
+	conn, err := grpc.NewClient(serve(t, newServer(p, o)), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	began := time.Now()
+	_, err = visionv1.NewVisionServiceClient(conn).Classify(ctx, &visionv1.ClassifyRequest{UserId: "u"})
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("got %v", err)
+	}
+	if elapsed := time.Since(began); elapsed > 5*time.Second {
+		t.Fatalf("the caller waited %v", elapsed)
+	}
+}

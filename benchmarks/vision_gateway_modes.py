@@ -1,0 +1,112 @@
+"""Focused experiment: the gateway forwarding each Classify as a call, or carrying it as an
+item of a ClassifyStream (DECISIONS D20), side by side.
+
+    python benchmarks/vision_gateway_modes.py                 # default model, ~10 minutes
+    python benchmarks/vision_gateway_modes.py --models mobilenet_v3_small --reps 1
+
+Per model and server setup (one process; `--workers N`, N = --workers, default the CPU count),
+clients/go/cmd/snaplearn-gateway in front with `--classify-stream=false` (forward) and `=true`
+(stream), interleaved forward/stream, stream/forward, ... so that drift in the machine's load
+hits both alike. Each measurement is vision_bench.py's: capacity from a closed loop, then open
+loops at half and 3x that capacity (its own). Prints one JSON line per measurement and a median
+table: capacity, p99 at half load, goodput at 3x as a share of capacity, refusal p99 at 3x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from vision_bench import (
+    add_server_arguments,
+    bench_ours,
+    build_gateway,
+    configured_max_batch_size,
+    load_generator,
+    log,
+    prepare_models,
+    settings_from_args,
+)
+
+MODES = {"forward": ["--classify-stream=false"], "stream": ["--classify-stream=true"]}
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    closed, half, overload = result["closed"], result["half"], result["overload"]
+    return {
+        "capacity": round(closed["throughput"], 1),
+        "half_p99_ms": round(half["p99_ms"], 1),
+        "goodput_share": round(overload["throughput"] / closed["throughput"], 3),
+        "refusal_p99_ms": round(overload["rejected_p99_ms"], 1),
+        "send_lag_p99_ms": round(overload["send_lag_p99_ms"], 1),
+        "mean_batch": closed["server"].get("mean_batch_size"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_arguments(parser, seconds=8.0, max_batch_size=None)
+    parser.set_defaults(models="worksheet-topics")
+    parser.add_argument("--reps", type=int, default=2)
+    args = parser.parse_args(argv)
+    settings = settings_from_args(
+        args,
+        peers=False,
+        perf_analyzer=None,
+        perf_env={},
+        gateway=build_gateway("--gateway", "(this experiment needs the gateway)"),
+        gateway_max_in_flight=args.gateway_max_in_flight,
+    )
+    per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+    setups = {"1 process": (settings, [])}
+    if settings.workers > 1:
+        setups[f"{settings.workers} workers"] = (per_worker, ["--workers", str(settings.workers)])
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    with load_generator(args.load_generator):
+        roots = prepare_models(models)
+        for model in models:
+            max_batch_size = configured_max_batch_size(roots[model], model)
+            for rep in range(args.reps):
+                for setup, (setup_settings, extra) in setups.items():
+                    order = list(MODES) if rep % 2 == 0 else list(reversed(MODES))
+                    for mode in order:
+                        log(f"{model}: {setup}, gateway {mode} (repetition {rep + 1})")
+                        result = bench_ours(
+                            roots[model], model, setup_settings, max_batch_size, None, extra,
+                            gateway=True, gateway_extra=MODES[mode],
+                        )  # fmt: skip
+                        row = summary(result)
+                        rows.setdefault((model, setup, mode), []).append(row)
+                        print(json.dumps({"model": model, "setup": setup, "mode": mode, **row}), flush=True)
+    print(
+        f"gateway --max-in-flight {settings.gateway_max_in_flight}, {args.reps} repetition(s), "
+        f"{settings.seconds:g} s windows, medians"
+    )
+    print(
+        "| model | setup | gateway | capacity img/s | p99 ms at half load | goodput at 3x "
+        "| refusal p99 ms at 3x |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|")
+    for (model, setup, mode), samples in rows.items():
+
+        def median(key: str, samples: list[dict[str, Any]] = samples) -> float:
+            return statistics.median(sample[key] for sample in samples)
+
+        print(
+            f"| {model} | {setup} | {mode} | {median('capacity'):.0f} | {median('half_p99_ms'):.1f} "
+            f"| {median('goodput_share'):.0%} | {median('refusal_p99_ms'):.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
