@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     add_server_arguments(parser, seconds=8.0, max_batch_size=None)
     parser.set_defaults(models="worksheet-topics")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
     args = parser.parse_args(argv)
     settings = settings_from_args(
         args,
