@@ -240,10 +240,11 @@ def build_go_loadgen() -> Path:
 
 
 @contextlib.contextmanager
-def load_generator(name: str) -> Iterator[None]:
-    """Make load() use generator `name` ("go" or "python") inside the block. For "go": build the
-    binary once and write vision_load.photos() once, as 000.jpg..., into a scratch directory
-    under var/bench-runs that the block's load() calls share (removed afterwards)."""
+def load_generator(name: str, nice: int = 0) -> Iterator[None]:
+    """Make load() use generator `name` ("go" or "python") inside the block, at niceness `nice`
+    (0: as this process; negative needs root). For "go": build the binary once and write
+    vision_load.photos() once, as 000.jpg..., into a scratch directory under var/bench-runs that
+    the block's load() calls share (removed afterwards)."""
     global _load_command
     if name not in LOAD_GENERATORS:
         raise ValueError(f"load generator {name!r} is not one of {LOAD_GENERATORS}")
@@ -258,6 +259,8 @@ def load_generator(name: str) -> Iterator[None]:
             for index, photo in enumerate(photos()):
                 (Path(tmp) / f"{index:03d}.jpg").write_bytes(photo)
             command = [str(binary), "--photos", tmp]
+        if nice:
+            command = ["nice", "-n", str(nice), *command]
         previous, _load_command = _load_command, command
         try:
             yield

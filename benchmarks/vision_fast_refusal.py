@@ -4,6 +4,7 @@
     python benchmarks/vision_fast_refusal.py --cap 300         # a cap below what admission lets in
     python benchmarks/vision_fast_refusal.py --pending 512     # bound grpc's pending-call backlog
     python benchmarks/vision_fast_refusal.py --behind-gateway 128  # snaplearn-gateway in front
+    python benchmarks/vision_fast_refusal.py --behind-gateway 128 --generator-nice -10  # generator first
     python benchmarks/vision_fast_refusal.py --models mobilenet_v3_small --reps 1
 
 Only our server, with the limit off and on, side by side in one run. The limit is grpc's cap
@@ -163,6 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="compare the server behind snaplearn-gateway --max-in-flight N instead (needs Go)",
     )
+    parser.add_argument(
+        "--generator-nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run the load generator at niceness N (negative needs root): it stands in for phones on "
+        "other machines, so given priority it no longer waits behind the server for the CPU",
+    )
     args = parser.parse_args(argv)
     behind = args.behind_gateway
     settings = settings_from_args(
@@ -175,9 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         gateway_max_in_flight=behind if behind is not None else 128,
     )
-    with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
+    with load_generator(args.load_generator, args.generator_nice):  # first: a failed Go build stops early
         table = experiment(args, settings)
-    print(f"load generator: {args.load_generator}")
+    print(f"load generator: {args.load_generator}, niceness {args.generator_nice}")
     print(
         "| model | grpc limit | capacity img/s | refusal p99 ms | goodput % of capacity | OK p99 ms "
         "| send lag p99 ms | refused by grpc's cap | shed by grpc (CANCELLED) |"
