@@ -24,6 +24,7 @@ from tests.helpers.vision_server import (
     read_events,
     request,
     server_factory,  # noqa: F401 (fixture)
+    until,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -179,3 +180,28 @@ async def test_the_python_clients_classify_many_returns_one_outcome_per_photo_in
     labels = [outcome.response.labels[0].label for outcome in outcomes[2:] if outcome.response is not None]
     assert labels == ["fractions"] + ["exponents"] * 40
     assert len(read_events(running.bus, 42)) == 42  # one event per photo classified
+
+
+async def test_a_stopping_server_answers_what_it_started_and_ends_the_stream_ok(
+    server_factory: ServerFactory,  # noqa: F811
+) -> None:
+    running = await server_factory.start(max_batch_size=1)
+    photo = correctly_classified_images(server_factory.model_root)["fractions"]
+    gates = running.gates
+    await gates.hold_next_batch()
+    call = running.stub.ClassifyStream()
+    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(1, request(photo))]))
+    await gates.wait_batch_held()
+    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(2, request(photo))]))
+    await until(lambda: running.batcher().queue_depth == 1, "item 2 to queue")
+
+    stopping = asyncio.ensure_future(running.server.stop())
+    await asyncio.sleep(0)  # stop() drains the streams before its first await
+    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(3, request(photo))]))
+    gates.open.set()
+    answered = await read_results(call, 2)
+    assert set(answered) == {1, 2} and all(result.code == 0 for result in answered.values())
+    assert await call.read() is grpc.aio.EOF, "item 3, sent after the drain began, was answered"
+    assert await call.code() == grpc.StatusCode.OK
+    await stopping
+    assert gates.batch_sizes == [1, 1], "item 3 was started"

@@ -34,7 +34,7 @@ from snaplearn_vision import oip_servicer
 from snaplearn_vision.config import VisionSettings, settings_from_args
 from snaplearn_vision.metrics import VisionMetrics
 from snaplearn_vision.service import BatchingOverrides, ClassificationService, ModelSource
-from snaplearn_vision.servicer import SERVICE_NAME, registrar
+from snaplearn_vision.servicer import SERVICE_NAME, VisionServicer
 
 log = logging.getLogger("snaplearn_vision")
 
@@ -102,6 +102,7 @@ class VisionServer:
         self.publisher: EventPublisher | None = None
         self.service: ClassificationService | None = None
         self.grpc: GrpcServer | None = None
+        self._vision_servicer: VisionServicer | None = None
         self._metrics_endpoint: MetricsEndpoint | None = None
 
     @property
@@ -166,8 +167,9 @@ class VisionServer:
         """Start the gRPC server on the configured port."""
         settings = self.settings
         assert self.service is not None, "call open() first"
+        self._vision_servicer = VisionServicer(self.service)
         self.grpc = await start_grpc_server(
-            [registrar(self.service), oip_servicer.registrar(self.service)],
+            [self._vision_servicer.register, oip_servicer.registrar(self.service)],
             [SERVICE_NAME, oip_servicer.SERVICE_NAME],
             host=settings.host,
             port=settings.port,
@@ -200,6 +202,10 @@ class VisionServer:
     async def stop(self) -> None:
         """Graceful: NOT_SERVING, drain RPCs, stop batchers, flush events. Safe to call twice."""
         if self.grpc is not None:
+            if self._vision_servicer is not None:
+                # Streams would otherwise take new items until the grace ends and then be cut
+                # with items on them; ended OK, their clients resend what was not started.
+                self._vision_servicer.drain_streams()
             await self.grpc.stop(self.settings.shutdown_grace_s)
             self.grpc = None
         if self.service is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from grpc import aio
 
@@ -25,6 +25,7 @@ _EMPTY_RESPONSE = vision_pb2.ClassifyResponse()
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, service: ClassificationService) -> None:
         self._service = service
+        self._streams: set[ClassifyStreamSession] = set()
 
     async def Classify(
         self, request: vision_pb2.ClassifyRequest, context: aio.ServicerContext
@@ -70,14 +71,18 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         request_iterator: AsyncIterator[vision_pb2.ClassifyStreamRequest],
         context: aio.ServicerContext,
     ) -> None:
-        await ClassifyStreamSession(self._service).serve(request_iterator, context)
+        session = ClassifyStreamSession(self._service)
+        self._streams.add(session)
+        try:
+            await session.serve(request_iterator, context)
+        finally:
+            self._streams.discard(session)
 
+    def drain_streams(self) -> None:
+        """Shutting down: every open ClassifyStream answers what it started and ends OK."""
+        for session in self._streams:
+            session.drain()
 
-def registrar(service: ClassificationService) -> Callable[[aio.Server], None]:
-    """What start_grpc_server's `registrars` wants: adds the VisionService to a server."""
-    servicer = VisionServicer(service)
-
-    def register(server: aio.Server) -> None:
-        vision_pb2_grpc.add_VisionServiceServicer_to_server(servicer, server)
-
-    return register
+    def register(self, server: aio.Server) -> None:
+        """What start_grpc_server's `registrars` wants: adds this VisionService to a server."""
+        vision_pb2_grpc.add_VisionServiceServicer_to_server(self, server)

@@ -48,6 +48,7 @@ class ClassifyStreamSession:
         self._answers: list[vision_pb2.ClassifyStreamResult] = []
         self._wake = asyncio.Event()
         self._reading = True
+        self._draining = False
 
     async def serve(
         self, requests: AsyncIterator[vision_pb2.ClassifyStreamRequest], context: aio.ServicerContext
@@ -62,9 +63,10 @@ class ClassifyStreamSession:
                     # What finished while the last write was in progress goes out as one message.
                     answers, self._answers = self._answers, []
                     await context.write(vision_pb2.ClassifyStreamResponse(results=answers))
-                if not self._reading and not self._items and not self._answers:
+                if (self._draining or not self._reading) and not self._items and not self._answers:
                     break
-            reader.result()  # a failed read (a malformed message) ends the stream with its error
+            if not self._draining:
+                reader.result()  # a failed read (a malformed message) ends the stream with its error
         finally:
             reader.cancel()
             for task, timer in self._items.values():
@@ -72,9 +74,20 @@ class ClassifyStreamSession:
                 if timer is not None:
                     timer.cancel()
 
+    def drain(self) -> None:
+        """The server is stopping: answer the items started, start no more, end the stream OK.
+
+        Items that arrive from now on are neither started nor answered: the client learns from
+        the stream ending OK that they were never processed, and sends them again elsewhere.
+        """
+        self._draining = True
+        self._wake.set()
+
     async def _read(self, requests: AsyncIterator[vision_pb2.ClassifyStreamRequest]) -> None:
         try:
             async for message in requests:
+                if self._draining:
+                    continue
                 for item in message.items:
                     self._start(item)
                 for item_id in message.cancel_ids:

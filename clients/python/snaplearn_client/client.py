@@ -22,6 +22,7 @@ DEFAULT_VISION_TARGET = "127.0.0.1:50051"
 # What one ClassifyStream message carries at most (a larger photo goes alone).
 STREAM_MESSAGE_ITEMS = 32
 STREAM_MESSAGE_BYTES = 1024 * 1024
+STREAM_ATTEMPTS = 3  # streams ended by a server shutting down, before the rest is UNAVAILABLE
 _STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
 DEFAULT_RECOMMENDER_TARGET = "127.0.0.1:50052"
 FEEDBACK_KINDS = {
@@ -206,17 +207,18 @@ class VisionClient(_Client):
         Each photo is its own Classify (its own event, its own status: one unreadable photo
         fails alone) with `timeout_s` as its deadline; they share one stream, so the server
         batches them together and pays its per-call work once per message, not per photo.
-        Raises grpc.RpcError only if the stream itself fails (the server unreachable, ...).
+        Photos a server left unstarted because it was shutting down are sent again. Raises
+        grpc.RpcError only if the stream itself fails (the server unreachable, ...).
         """
         timeout = timeout_s or self.timeout_s
 
-        def messages() -> Iterator[vision_pb2.ClassifyStreamRequest]:
+        def messages(indexes: list[int]) -> Iterator[vision_pb2.ClassifyStreamRequest]:
             items: list[vision_pb2.ClassifyStreamItem] = []
             size = 0
-            for index, image in enumerate(images):
+            for index in indexes:
                 request = vision_pb2.ClassifyRequest(
                     user_id=user_id,
-                    image=image,
+                    image=images[index],
                     top_k=top_k,
                     model_name=model_name,
                     model_version=model_version,
@@ -224,7 +226,7 @@ class VisionClient(_Client):
                 items.append(
                     vision_pb2.ClassifyStreamItem(id=index, request=request, timeout_ms=timeout * 1000.0)
                 )
-                size += len(image)
+                size += len(images[index])
                 if len(items) >= STREAM_MESSAGE_ITEMS or size >= STREAM_MESSAGE_BYTES:
                     yield vision_pb2.ClassifyStreamRequest(items=items)
                     items, size = [], 0
@@ -232,15 +234,28 @@ class VisionClient(_Client):
                 yield vision_pb2.ClassifyStreamRequest(items=items)
 
         outcomes: dict[int, ClassifyOutcome] = {}
-        # The stream's own deadline leaves the last items their full timeout after sending.
-        for message in self._stub.ClassifyStream(messages(), timeout=2 * timeout + 5.0, wait_for_ready=True):
-            for result in message.results:
-                outcomes[result.id] = ClassifyOutcome(
-                    code=_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
-                    message=result.message,
-                    response=result.response if result.code == 0 else None,
-                )
-        missing = [index for index in range(len(images)) if index not in outcomes]
-        if missing:  # the server ends the stream only when every item is answered
-            raise RuntimeError(f"the server ended the stream without answering items {missing[:10]}")
+        missing = list(range(len(images)))
+        for _ in range(STREAM_ATTEMPTS):
+            # The stream's own deadline leaves the last items their full timeout after sending.
+            replies = self._stub.ClassifyStream(
+                messages(missing), timeout=2 * timeout + 5.0, wait_for_ready=True
+            )
+            for message in replies:
+                for result in message.results:
+                    outcomes[result.id] = ClassifyOutcome(
+                        code=_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
+                        message=result.message,
+                        response=result.response if result.code == 0 else None,
+                    )
+            # A stream ends OK with items unanswered only when that server is shutting down: it
+            # never started them, so they are sent again (a new stream reaches another server).
+            missing = [index for index in missing if index not in outcomes]
+            if not missing:
+                break
+        for index in missing:
+            outcomes[index] = ClassifyOutcome(
+                code=grpc.StatusCode.UNAVAILABLE,
+                message="the server shut down before starting this photo; retry",
+                response=None,
+            )
         return [outcomes[index] for index in range(len(images))]

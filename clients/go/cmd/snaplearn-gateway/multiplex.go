@@ -46,6 +46,16 @@ type muxCall struct {
 	deadline time.Time // zero: none
 	done     chan muxResult
 	answered atomic.Bool
+	stream   atomic.Pointer[muxStream] // the stream it was last put on
+}
+
+// abandon is the caller going away (see muxStream.abandon).
+func (c *muxCall) abandon(cancelIt bool) {
+	if s := c.stream.Load(); s != nil {
+		s.abandon(c, cancelIt)
+	} else {
+		c.answered.Store(true)
+	}
 }
 
 // answer delivers the first result only (the stream's answer, its failure or the caller's cancel race).
@@ -59,6 +69,7 @@ func (c *muxCall) answer(r muxResult) bool {
 
 // muxStream is one ClassifyStream call: its unanswered items, and what waits to be sent.
 type muxStream struct {
+	mux     *multiplexer
 	client  grpc.ClientStream
 	cancel  context.CancelFunc
 	opened  time.Time
@@ -166,7 +177,7 @@ func (m *multiplexer) open(done chan struct{}) {
 		return
 	}
 	s := &muxStream{
-		client: client, cancel: cancel, opened: time.Now(), send: make(chan *muxCall, 1024),
+		mux: m, client: client, cancel: cancel, opened: time.Now(), send: make(chan *muxCall, 1024),
 		cancels: make(chan uint64, 1024), idle: make(chan struct{}, 1), pending: map[uint64]*muxCall{},
 	}
 	m.current, m.openErr = s, nil
@@ -199,7 +210,12 @@ func (s *muxStream) add(call *muxCall) bool {
 		s.mu.Unlock()
 		return false
 	}
+	if call.answered.Load() { // its caller gave up (while it was being resent)
+		s.mu.Unlock()
+		return true
+	}
 	s.pending[call.id] = call
+	call.stream.Store(s)
 	s.mu.Unlock()
 	select {
 	case s.send <- call:
@@ -247,6 +263,36 @@ func (s *muxStream) fail(err error) {
 	}
 }
 
+// endedByServer is the server ending the stream OK with items unanswered: it is shutting down,
+// and it started none of them, so each goes to a fresh stream (on a new connection: the old one
+// got GOAWAY), which reaches a server that is still serving. Nothing is lost or run twice.
+func (s *muxStream) endedByServer() {
+	s.mu.Lock()
+	s.failed = true
+	calls := s.pending
+	s.pending = map[uint64]*muxCall{}
+	s.mu.Unlock()
+	s.cancel()
+	for _, call := range calls {
+		go s.mux.resend(call)
+	}
+}
+
+func (m *multiplexer) resend(call *muxCall) {
+	if call.answered.Load() {
+		return
+	}
+	ctx, cancel := m.ctx, context.CancelFunc(func() {})
+	if !call.deadline.IsZero() {
+		ctx, cancel = context.WithDeadline(m.ctx, call.deadline)
+	}
+	defer cancel()
+	if s, err := m.stream(ctx); err == nil && s.add(call) {
+		return
+	}
+	call.answer(muxResult{code: codes.Unavailable, message: "the vision server closed its stream and no other took the call; retry"})
+}
+
 // sendLoop packs what is waiting into one message at a time. It is the only goroutine that
 // sends on the stream (grpc-go forbids concurrent SendMsg/CloseSend).
 func (s *muxStream) sendLoop() {
@@ -289,6 +335,7 @@ func (s *muxStream) sendLoop() {
 		for _, call := range calls {
 			switch {
 			case call.answered.Load(): // abandoned by its caller while waiting to be sent
+				s.deliver(call.id, muxResult{}) // only forgets it: the first answer was the caller's
 			case !call.deadline.IsZero() && !now.Before(call.deadline):
 				s.deliver(call.id, muxResult{code: codes.DeadlineExceeded, message: "the call's deadline passed in the gateway"})
 			default:
@@ -318,10 +365,11 @@ func (s *muxStream) receiveLoop() {
 	for {
 		var f frame
 		err := s.client.RecvMsg(&f)
+		if errors.Is(err, io.EOF) {
+			s.endedByServer()
+			return
+		}
 		if err != nil {
-			if errors.Is(err, io.EOF) {
-				err = status.Error(codes.Unavailable, "closed by the server")
-			}
 			s.fail(err)
 			return
 		}
@@ -450,8 +498,7 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 	}
 	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
 	call.deadline, _ = ctx.Deadline()
-	s, err := backend.mux.submit(ctx, call)
-	if err != nil {
+	if _, err := backend.mux.submit(ctx, call); err != nil {
 		return err
 	}
 	select {
@@ -464,10 +511,10 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 		// A caller's own deadline usually reaches us as its cancellation (its timer fires
 		// first): judge by the deadline itself.
 		if !call.deadline.IsZero() && !time.Now().Before(call.deadline) {
-			s.abandon(call, false)
+			call.abandon(false)
 			return status.Error(codes.DeadlineExceeded, "the call's deadline passed")
 		}
-		s.abandon(call, true)
+		call.abandon(true)
 		return status.FromContextError(ctx.Err()).Err()
 	}
 }

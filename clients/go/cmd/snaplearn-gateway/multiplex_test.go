@@ -22,8 +22,12 @@ import (
 	visionv1 "github.com/snaplearn/snaplearn/clients/go/gen/snaplearn/vision/v1"
 )
 
-// streamsOpened and streamsEnded count the held backend's ClassifyStream calls.
-var streamsOpened, streamsEnded atomic.Int64
+// streamsOpened and streamsEnded count the held backend's ClassifyStream calls; endedOnce
+// makes the first "shutting-down-once" item end its stream unanswered.
+var (
+	streamsOpened, streamsEnded atomic.Int64
+	endedOnce                   atomic.Bool
+)
 
 // ClassifyStream serves each item as the held backend's Classify (in its own goroutine, with
 // the item's timeout as its deadline, cancelled by cancel_ids), decoding what the gateway
@@ -51,6 +55,9 @@ func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.Cl
 			itemsMu.Unlock()
 		}
 		for _, item := range message.GetItems() {
+			if item.GetRequest().GetUserId() == "shutting-down-once" && endedOnce.CompareAndSwap(false, true) {
+				return nil // like a server shutting down: ends OK without starting this item
+			}
 			ctx, cancel := context.WithCancel(stream.Context())
 			if ms := item.GetTimeoutMs(); ms > 0 {
 				ctx, cancel = context.WithTimeout(stream.Context(), time.Duration(ms*float64(time.Millisecond)))
@@ -266,5 +273,18 @@ func TestACallerWaitsForAnUnansweringBackendOnlyUntilItsDeadline(t *testing.T) {
 	}
 	if elapsed := time.Since(began); elapsed > 5*time.Second {
 		t.Fatalf("the caller waited %v", elapsed)
+	}
+}
+
+func TestItemsAStreamEndedUnansweredGoToANewStream(t *testing.T) {
+	endedOnce.Store(false)
+	f := start(t, 8, "--backend-connections", "1")
+	opened := streamsOpened.Load()
+	reply, err := classify(f, context.Background(), "shutting-down-once")
+	if err != nil || reply.GetLabels()[0].GetLabel() != "topic-of-shutting-down-once" {
+		t.Fatalf("got %v, %v", reply, err)
+	}
+	if n := streamsOpened.Load() - opened; n != 2 {
+		t.Fatalf("%d streams opened, want 2 (the first ended by the server)", n)
 	}
 }

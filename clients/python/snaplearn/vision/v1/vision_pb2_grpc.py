@@ -65,7 +65,9 @@ class VisionServiceServicer:
         its own status, never the stream's. For front ends that multiplex many callers onto a few
         connections (snaplearn-gateway), where a stream message costs the server far less than a
         call; also for apps that send many photos at once. The stream ends OK when the client
-        closes its side and every item is answered.
+        closes its side and every item is answered, or earlier when the server shuts down: then
+        it has answered every item it started, and the items left unanswered were never started:
+        send them again (on a new stream, which reaches another server).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -36,7 +36,9 @@ type VisionServiceClient interface {
 	// its own status, never the stream's. For front ends that multiplex many callers onto a few
 	// connections (snaplearn-gateway), where a stream message costs the server far less than a
 	// call; also for apps that send many photos at once. The stream ends OK when the client
-	// closes its side and every item is answered.
+	// closes its side and every item is answered, or earlier when the server shuts down: then
+	// it has answered every item it started, and the items left unanswered were never started:
+	// send them again (on a new stream, which reaches another server).
 	ClassifyStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ClassifyStreamRequest, ClassifyStreamResponse], error)
 }
 
@@ -84,7 +86,9 @@ type VisionServiceServer interface {
 	// its own status, never the stream's. For front ends that multiplex many callers onto a few
 	// connections (snaplearn-gateway), where a stream message costs the server far less than a
 	// call; also for apps that send many photos at once. The stream ends OK when the client
-	// closes its side and every item is answered.
+	// closes its side and every item is answered, or earlier when the server shuts down: then
+	// it has answered every item it started, and the items left unanswered were never started:
+	// send them again (on a new stream, which reaches another server).
 	ClassifyStream(grpc.BidiStreamingServer[ClassifyStreamRequest, ClassifyStreamResponse]) error
 	mustEmbedUnimplementedVisionServiceServer()
 }
