@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from tests.helpers.vision_server import (
     server_factory,  # noqa: F401  (fixture)
     until,
 )
+from tests.integration.test_vision_workers import OK_REQUESTS, start_supervisor, wait_for
 
 # start_gateway(backend target, max in flight) -> (gateway target, gateway metrics port)
 StartGateway = Callable[[str, int], tuple[str, int]]
@@ -190,3 +194,58 @@ async def test_a_callers_deadline_and_cancellation_reach_the_server_through_the_
     assert 1 <= gateway["snaplearn_gateway_classify_streams_opened_total"] <= GATEWAY_BACKEND_CONNECTIONS
     assert gateway['snaplearn_gateway_requests_total{code="DEADLINE_EXCEEDED"}'] == 1
     assert gateway['snaplearn_gateway_requests_total{code="CANCELLED"}'] == 1
+
+
+def test_a_worker_restarting_behind_the_gateway_costs_no_call(
+    trained_model_repository: Path,  # noqa: F811
+    tmp_path: Path,
+    start_gateway: StartGateway,
+    images: dict[str, bytes],
+) -> None:
+    """`--workers 2` behind the gateway; the worker serving calls is sent SIGTERM mid-traffic:
+    it answers the stream items it started and ends its streams, the gateway resends the rest on
+    fresh streams (to the other worker), the supervisor restarts it, and every call ends OK."""
+    process = start_supervisor(Path(trained_model_repository), tmp_path)
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("vision server ready on"), f"exited {process.poll()}"
+        ready_file = tmp_path / "run" / "vision.json"
+        ready = json.loads(ready_file.read_text())
+        target, _ = start_gateway(f"127.0.0.1:{ready['port']}", 64)
+        codes: list[grpc.StatusCode] = []
+        stop = threading.Event()
+
+        def caller(user: str) -> None:
+            with grpc.insecure_channel(target) as channel:
+                stub = vision_pb2_grpc.VisionServiceStub(channel)
+                while not stop.is_set():
+                    try:
+                        stub.Classify(request(images["geometry"], user=user), timeout=30)
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.RpcError as error:
+                        codes.append(error.code())
+
+        callers = [threading.Thread(target=caller, args=(f"student-{i}",)) for i in range(4)]
+        for thread in callers:
+            thread.start()
+        try:
+            wait_for(lambda: len(codes) >= 40, "40 calls through the gateway")
+            busiest = max(ready["workers"], key=lambda w: scrape(w["metrics_port"]).get(OK_REQUESTS, 0.0))
+            os.kill(busiest["pid"], signal.SIGTERM)
+
+            def restarted() -> bool:
+                workers = json.loads(ready_file.read_text())["workers"]
+                return workers[busiest["index"]]["pid"] != busiest["pid"]
+
+            wait_for(restarted, "the supervisor to restart the worker")
+            after = len(codes)
+            wait_for(lambda: len(codes) >= after + 40, "40 more calls after the restart")
+        finally:
+            stop.set()
+            for thread in callers:
+                thread.join(timeout=60)
+        failed = [code for code in codes if code != grpc.StatusCode.OK]
+        assert not failed, f"{len(failed)} of {len(codes)} calls failed: {sorted(set(failed), key=str)}"
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
