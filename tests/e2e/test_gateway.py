@@ -213,6 +213,7 @@ def test_a_worker_restarting_behind_the_gateway_costs_no_call(
         ready = json.loads(ready_file.read_text())
         target, _ = start_gateway(f"127.0.0.1:{ready['port']}", 64)
         codes: list[grpc.StatusCode] = []
+        failures: list[str] = []  # their messages, to tell where a failure came from
         stop = threading.Event()
 
         def caller(user: str) -> None:
@@ -224,6 +225,7 @@ def test_a_worker_restarting_behind_the_gateway_costs_no_call(
                         codes.append(grpc.StatusCode.OK)
                     except grpc.RpcError as error:
                         codes.append(error.code())
+                        failures.append(f"{error.code().name}: {error.details()}")
 
         callers = [threading.Thread(target=caller, args=(f"student-{i}",)) for i in range(4)]
         for thread in callers:
@@ -245,7 +247,7 @@ def test_a_worker_restarting_behind_the_gateway_costs_no_call(
             for thread in callers:
                 thread.join(timeout=60)
         failed = [code for code in codes if code != grpc.StatusCode.OK]
-        assert not failed, f"{len(failed)} of {len(codes)} calls failed: {sorted(set(failed), key=str)}"
+        assert not failed, f"{len(failed)} of {len(codes)} calls failed: {sorted(set(failures))}"
     finally:
         process.terminate()
         process.wait(timeout=60)

@@ -30,6 +30,8 @@ const (
 	classifyStreamMethod = "/snaplearn.vision.v1.VisionService/ClassifyStream"
 	maxPackedItems       = 64
 	maxPackedBytes       = 1 << 20 // an item larger than this goes alone (the server takes one as large as a call)
+	streamOpenPatience   = time.Second
+	streamRetryPause     = 20 * time.Millisecond
 )
 
 // muxResult is one item's answer: a status, and the ClassifyResponse bytes when it is OK.
@@ -187,21 +189,35 @@ func (m *multiplexer) open(done chan struct{}) {
 }
 
 // submit puts a call on the current stream; the answer arrives on call.done.
-func (m *multiplexer) submit(ctx context.Context, call *muxCall) (*muxStream, error) {
+func (m *multiplexer) submit(ctx context.Context, call *muxCall) error {
 	call.id = m.nextID.Add(1)
-	for attempt := 0; attempt < 2; attempt++ { // a stream may break between stream() and add()
+	return m.place(ctx, call)
+}
+
+// place puts a call on a stream that takes it. A stream that cannot be opened is tried again
+// for up to streamOpenPatience (within the caller's deadline): a backend worker restarting
+// leaves its connection reconnecting for a moment, which should cost no call.
+func (m *multiplexer) place(ctx context.Context, call *muxCall) error {
+	patience := time.Now().Add(streamOpenPatience)
+	for {
 		s, err := m.stream(ctx)
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, status.FromContextError(ctx.Err()).Err()
-			}
-			return nil, status.Errorf(codes.Unavailable, "the vision server cannot be reached (%v); retry", err)
+		if err == nil && s.add(call) {
+			return nil
 		}
-		if s.add(call) {
-			return s, nil
+		if ctx.Err() != nil {
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		if time.Now().After(patience) {
+			if err == nil {
+				return status.Error(codes.Unavailable, "the vision server's stream keeps closing; retry")
+			}
+			return status.Errorf(codes.Unavailable, "the vision server cannot be reached (%v); retry", err)
+		}
+		select {
+		case <-time.After(streamRetryPause):
+		case <-ctx.Done():
 		}
 	}
-	return nil, status.Error(codes.Unavailable, "the vision server's stream keeps closing; retry")
 }
 
 func (s *muxStream) add(call *muxCall) bool {
@@ -287,10 +303,10 @@ func (m *multiplexer) resend(call *muxCall) {
 		ctx, cancel = context.WithDeadline(m.ctx, call.deadline)
 	}
 	defer cancel()
-	if s, err := m.stream(ctx); err == nil && s.add(call) {
-		return
+	if err := m.place(ctx, call); err != nil {
+		st := status.Convert(err)
+		call.answer(muxResult{code: st.Code(), message: st.Message()})
 	}
-	call.answer(muxResult{code: codes.Unavailable, message: "the vision server closed its stream and no other took the call; retry"})
 }
 
 // sendLoop packs what is waiting into one message at a time. It is the only goroutine that
@@ -498,7 +514,7 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 	}
 	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
 	call.deadline, _ = ctx.Deadline()
-	if _, err := backend.mux.submit(ctx, call); err != nil {
+	if err := backend.mux.submit(ctx, call); err != nil {
 		return err
 	}
 	select {
