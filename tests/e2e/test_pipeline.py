@@ -93,6 +93,20 @@ def test_cli_classifies_and_recommends(system: tuple[str, str], tmp_path: Path) 
     )
     assert classified.returncode == 0, classified.stderr
     assert "1. geometry" in classified.stdout
+    # Several files go over one ClassifyStream: an answer or an error per file, exit 1 if any failed.
+    second, broken = tmp_path / "second.jpg", tmp_path / "broken.jpg"
+    second.write_bytes(sample_image_bytes("fractions", seed=4))
+    broken.write_bytes(b"not an image")
+    many = subprocess.run(
+        [*cli, "classify", str(photo), str(broken), str(second), "--user", "cli-user"],
+        capture_output=True,
+        text=True,
+    )
+    assert many.returncode == 1, many.stderr
+    blocks = many.stdout.split(f"{second}:")
+    assert f"{photo}:" in blocks[0] and "1. geometry" in blocks[0]
+    assert f"{broken}: error: INVALID_ARGUMENT: image bytes are not a decodable image" in blocks[0]
+    assert "model " in blocks[1] and "  1. " in blocks[1]  # its own answer, after the broken file's error
     recommended = subprocess.run(
         [*cli, "recommend", "--user", "cli-user", "--k", "3"], capture_output=True, text=True
     )

@@ -1,6 +1,6 @@
 """snaplearn-client: classify a photo or ask for recommendations from the command line.
 
-snaplearn-client classify IMAGE --user U [--top-k 3] [--vision HOST:PORT]
+snaplearn-client classify IMAGE [IMAGE ...] --user U [--top-k 3] [--vision HOST:PORT]
 snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
 snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--concept fractions]
 snaplearn-client feedback --user U --item ID --kind completed|viewed|skipped [--request-id R]
@@ -10,9 +10,11 @@ snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToJson
@@ -30,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", action="store_true", help="print the raw response as JSON")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    classify = commands.add_parser("classify", help="classify one image file")
-    classify.add_argument("image", type=Path)
+    classify = commands.add_parser(
+        "classify", help="classify image files (several: over one ClassifyStream, an answer each)"
+    )
+    classify.add_argument("images", type=Path, nargs="+", metavar="image")
     classify.add_argument("--user", required=True)
     classify.add_argument("--top-k", type=int, default=3)
     classify.add_argument("--model", default="")
@@ -64,24 +68,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_classified(reply: Any, indent: str = "") -> None:
+    print(f"{indent}model {reply.model_name}/{reply.model_version}  request {reply.request_id}")
+    for rank, label in enumerate(reply.labels, 1):
+        print(f"{indent}  {rank}. {label.label:<14} {label.score:.3f}")
+    timing = f"queued {reply.queue_ms:.1f} ms, computed {reply.compute_ms:.1f} ms"
+    print(f"{indent}  {timing} (batch of {reply.batch_size})")
+
+
+def _classify_many(args: argparse.Namespace) -> int:
+    """Several files over one ClassifyStream: an answer (or an error) per file; exit 1 if any failed."""
+    from snaplearn_client.client import VisionClient
+
+    with VisionClient(args.vision, timeout_s=args.timeout) as vision:
+        outcomes = vision.classify_many(
+            [path.read_bytes() for path in args.images], args.user, args.top_k, args.model, args.model_version
+        )
+    for path, outcome in zip(args.images, outcomes, strict=True):
+        if args.json:
+            response = json.loads(MessageToJson(outcome.response)) if outcome.response is not None else None
+            print(json.dumps({"image": str(path), "code": outcome.code.name, "message": outcome.message,
+                              "response": response}))  # fmt: skip
+        elif outcome.response is not None:
+            print(f"{path}:")
+            _print_classified(outcome.response, indent="  ")
+        else:
+            print(f"{path}: error: {outcome.code.name}: {outcome.message}")
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from snaplearn_client.client import RecommenderClient, VisionClient
 
     args = _parser().parse_args(argv)
     try:
+        if args.command == "classify" and len(args.images) > 1:
+            return _classify_many(args)
         if args.command == "classify":
             with VisionClient(args.vision, timeout_s=args.timeout) as vision:
                 reply = vision.classify(
-                    args.image.read_bytes(), args.user, args.top_k, args.model, args.model_version
+                    args.images[0].read_bytes(), args.user, args.top_k, args.model, args.model_version
                 )
             if args.json:
                 print(MessageToJson(reply))
                 return 0
-            print(f"model {reply.model_name}/{reply.model_version}  request {reply.request_id}")
-            for rank, label in enumerate(reply.labels, 1):
-                print(f"  {rank}. {label.label:<14} {label.score:.3f}")
-            timing = f"queued {reply.queue_ms:.1f} ms, computed {reply.compute_ms:.1f} ms"
-            print(f"  {timing} (batch of {reply.batch_size})")
+            _print_classified(reply)
         elif args.command == "recommend":
             with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
                 recommendation = recommender.recommend(
