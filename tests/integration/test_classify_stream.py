@@ -19,6 +19,7 @@ from snaplearn_common.metrics import scrape
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import (
     MODEL_NAME,
+    Running,
     ServerFactory,
     correctly_classified_images,
     read_events,
@@ -45,6 +46,15 @@ async def read_results(call: Any, count: int) -> dict[int, vision_pb2.ClassifySt
             assert result.id not in results, f"item {result.id} answered twice"
             results[result.id] = result
     return results
+
+
+async def stream_with_a_held_item(running: Running, photo: bytes, item_id: int) -> Any:
+    """A ClassifyStream whose item `item_id` is held in the model thread (the gate closed)."""
+    await running.gates.hold_next_batch()
+    call = running.stub.ClassifyStream()
+    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(item_id, request(photo))]))
+    await running.gates.wait_batch_held()
+    return call
 
 
 async def test_each_item_gets_classifys_own_answer_and_the_stream_ends_ok(
@@ -105,10 +115,7 @@ async def test_cancelled_and_expired_items_are_answered_at_once_and_never_comput
     running = await server_factory.start(max_batch_size=1)
     photo = correctly_classified_images(server_factory.model_root)["fractions"]
     gates = running.gates
-    await gates.hold_next_batch()
-    call = running.stub.ClassifyStream()
-    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(1, request(photo))]))
-    await gates.wait_batch_held()
+    call = await stream_with_a_held_item(running, photo, 1)
     await call.write(
         vision_pb2.ClassifyStreamRequest(
             items=[item(2, request(photo)), item(3, request(photo), timeout_ms=50), item(4, request(photo))]
@@ -140,10 +147,7 @@ async def test_a_reused_id_or_a_negative_timeout_is_refused_for_that_item_only(
     running = await server_factory.start()
     photo = correctly_classified_images(server_factory.model_root)["geometry"]
     gates = running.gates
-    await gates.hold_next_batch()
-    call = running.stub.ClassifyStream()
-    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(7, request(photo))]))
-    await gates.wait_batch_held()
+    call = await stream_with_a_held_item(running, photo, 7)
     await call.write(
         vision_pb2.ClassifyStreamRequest(
             items=[item(7, request(photo)), item(8, request(photo), timeout_ms=-1)]
@@ -188,10 +192,7 @@ async def test_a_stopping_server_answers_what_it_started_and_ends_the_stream_ok(
     running = await server_factory.start(max_batch_size=1)
     photo = correctly_classified_images(server_factory.model_root)["fractions"]
     gates = running.gates
-    await gates.hold_next_batch()
-    call = running.stub.ClassifyStream()
-    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(1, request(photo))]))
-    await gates.wait_batch_held()
+    call = await stream_with_a_held_item(running, photo, 1)
     await call.write(vision_pb2.ClassifyStreamRequest(items=[item(2, request(photo))]))
     await until(lambda: running.batcher().queue_depth == 1, "item 2 to queue")
 

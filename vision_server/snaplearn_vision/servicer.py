@@ -16,7 +16,7 @@ from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_common.errors import SnapLearnError
 from snaplearn_common.grpc_errors import status_for
 from snaplearn_vision.service import ClassificationService
-from snaplearn_vision.stream_servicer import ClassifyStreamSession, classify_response
+from snaplearn_vision.stream_servicer import ClassifyStreamSession, classify_request, classify_response
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 _EMPTY_RESPONSE = vision_pb2.ClassifyResponse()
@@ -35,15 +35,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         deadline = started + remaining_s if remaining_s is not None else None
         code = "OK"
         try:
-            result = await self._service.classify(
-                user_id=request.user_id,
-                image_bytes=request.image,
-                top_k=request.top_k,
-                model_name=request.model_name,
-                model_version=request.model_version,
-                request_id=request.request_id,
-                deadline=deadline,
-            )
+            result = await classify_request(self._service, request, deadline)
         except asyncio.CancelledError:
             # The client went away or its deadline passed; gRPC cancels this handler.
             code = (

@@ -38,6 +38,21 @@ def classify_response(result: ClassificationResult) -> vision_pb2.ClassifyRespon
     )
 
 
+async def classify_request(
+    service: ClassificationService, request: vision_pb2.ClassifyRequest, deadline: float | None
+) -> ClassificationResult:
+    """One ClassifyRequest through the core (Classify and each ClassifyStream item alike)."""
+    return await service.classify(
+        user_id=request.user_id,
+        image_bytes=request.image,
+        top_k=request.top_k,
+        model_name=request.model_name,
+        model_version=request.model_version,
+        request_id=request.request_id,
+        deadline=deadline,
+    )
+
+
 class ClassifyStreamSession:
     """One ClassifyStream call: its items in flight and the answers not yet written."""
 
@@ -123,15 +138,7 @@ class ClassifyStreamSession:
         started = time.monotonic()
         answer = None
         try:
-            result = await self._service.classify(
-                user_id=request.user_id,
-                image_bytes=request.image,
-                top_k=request.top_k,
-                model_name=request.model_name,
-                model_version=request.model_version,
-                request_id=request.request_id,
-                deadline=deadline,
-            )
+            result = await classify_request(self._service, request, deadline)
             answer = vision_pb2.ClassifyStreamResult(id=item_id, response=classify_response(result))
         except asyncio.CancelledError:
             # By a cancel_ids entry, by its deadline timer, or because the stream ended.

@@ -370,6 +370,12 @@ func (s *muxStream) sendLoop() {
 	}
 }
 
+func (s *muxStream) isRetired() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.retired
+}
+
 func (s *muxStream) finished() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -393,7 +399,9 @@ func (s *muxStream) receiveLoop() {
 			s.fail(status.Errorf(codes.Internal, "undecodable ClassifyStreamResponse: %v", err))
 			return
 		}
-		s.poke()
+		if s.isRetired() { // it may have answered its last item: the sender closes it then
+			s.poke()
+		}
 	}
 }
 
