@@ -69,7 +69,8 @@ GO_MODULE = REPO / "clients" / "go"
 LOAD_GENERATORS = ("go", "python")
 DEFAULT_MODEL = "worksheet-topics"
 # The gateway's connections to our server: with worker processes behind one port the kernel
-# spreads connections, so more connections spread the gateway's calls more evenly.
+# spreads connections, so more reach every worker (the gateway then sends each worker's items on
+# one of them, DECISIONS D22).
 GATEWAY_BACKEND_CONNECTIONS = 16
 PY = sys.executable
 
@@ -494,10 +495,16 @@ def our_server(
             yield OurServer(f"127.0.0.1:{port}", metrics_port, proc.pid)
 
 
+@dataclasses.dataclass(frozen=True)
+class OurGateway:
+    target: str
+    pid: int
+
+
 @contextlib.contextmanager
-def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> Iterator[str]:
+def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> Iterator[OurGateway]:
     """clients/go/cmd/snaplearn-gateway in front of `backend`, with `extra` flags, until the
-    block ends: its target."""
+    block ends."""
     assert settings.gateway is not None
     port, metrics_port = free_port(), free_port()
     argv = [
@@ -509,8 +516,49 @@ def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> 
         "--max-in-flight", str(settings.gateway_max_in_flight),
         *extra,
     ]  # fmt: skip
-    with process(argv, {**os.environ, "GOMAXPROCS": "1"}, "gateway ready"):
-        yield f"127.0.0.1:{port}"
+    with process(argv, {**os.environ, "GOMAXPROCS": "1"}, "gateway ready") as proc:
+        yield OurGateway(f"127.0.0.1:{port}", proc.pid)
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) spent so far by process `pid` and its live descendants
+    (worker processes); from Linux's /proc, nan where there is none."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    parents: dict[int, int] = {}
+    spent: dict[int, float] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        parents[int(entry)] = int(fields[1])
+        spent[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
+    if pid not in spent:
+        return float("nan")
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    return sum(spent[member] for member in tree)
+
+
+@contextlib.contextmanager
+def cpu_per_image(pids: dict[str, int], into: dict[str, Any]) -> Iterator[None]:
+    """Around one load() call: the CPU microseconds each process tree spent per image served,
+    into `into["cpu_us_per_image"]`, with the generator's own (its generator_cpu_cores).
+    The load's warm-up counts in the CPU and its window in the images, at about the same rate."""
+    before = {name: process_tree_cpu_s(pid) for name, pid in pids.items()}
+    started = time.monotonic()
+    yield
+    wall = time.monotonic() - started
+    rate = into.get("throughput") or float("nan")
+    costs = {name: (process_tree_cpu_s(pid) - before[name]) / wall / rate * 1e6 for name, pid in pids.items()}
+    costs["generator"] = into.get("generator_cpu_cores", float("nan")) / rate * 1e6
+    into["cpu_us_per_image"] = {name: round(cost, 1) for name, cost in costs.items()}
 
 
 def bench_ours(
@@ -529,13 +577,15 @@ def bench_ours(
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(our_server(root, model, settings, max_batch_size, extra))
         target, metrics_port = server.target, server.metrics_port
+        pids = {"server": server.pid}
         if gateway:
-            target = stack.enter_context(our_gateway(settings, server.target, gateway_extra))
-        result: dict[str, Any] = {}
+            front = stack.enter_context(our_gateway(settings, server.target, gateway_extra))
+            target, pids["gateway"] = front.target, front.pid
+        result: dict[str, Any] = {"closed": {}}
         before = scrape(metrics_port)
-        result["closed"] = load(
-            target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency, connections=conns
-        )
+        with cpu_per_image(pids, result["closed"]):
+            closed_loop = {"concurrency": settings.concurrency, "connections": conns}
+            result["closed"].update(load(target, "grpc", "closed", settings.seconds, **closed_loop))
         result["closed"]["server"] = batch_stats(before, scrape(metrics_port))
         capacity = result["closed"]["throughput"]
         half, overload = rates if rates is not None else (capacity / 2, capacity * 3)

@@ -63,7 +63,9 @@ def measure(
     `gateway`: behind snaplearn-gateway."""
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(our_server(root, model, settings, settings.max_batch_size, limit))
-        target = stack.enter_context(our_gateway(settings, server.target)) if gateway else server.target
+        target = server.target
+        if gateway:
+            target = stack.enter_context(our_gateway(settings, server.target)).target
         before = scrape(server.metrics_port)
         if closed:
             result = load(target, "grpc", "closed", settings.seconds, concurrency=settings.concurrency)

@@ -1,15 +1,19 @@
-"""Focused experiment: the gateway forwarding each Classify as a call, or carrying it as an
-item of a ClassifyStream (DECISIONS D20), side by side.
+"""Focused experiment: how the gateway carries Classify calls, side by side.
 
     python benchmarks/vision_gateway_modes.py                 # default model, ~10 minutes
     python benchmarks/vision_gateway_modes.py --models mobilenet_v3_small --reps 1
+    python benchmarks/vision_gateway_modes.py --modes per-connection,per-process
 
+Modes (`--modes`, default forward,per-process): `forward`, each call forwarded as a call
+(`--classify-stream=false`, DECISIONS D19); `per-connection`, items of one ClassifyStream per
+backend connection (D20, `--group-by-process=false`); `per-process`, items of one stream per
+server process however many connections reach it (D22, the gateway's default).
 Per model and server setup (one process; `--workers N`, N = --workers, default the CPU count),
-clients/go/cmd/snaplearn-gateway in front with `--classify-stream=false` (forward) and `=true`
-(stream), interleaved forward/stream, stream/forward, ... so that drift in the machine's load
-hits both alike. Each measurement is vision_bench.py's: capacity from a closed loop, then open
-loops at half and 3x that capacity (its own). Prints one JSON line per measurement and a median
-table: capacity, p99 at half load, goodput at 3x as a share of capacity, refusal p99 at 3x.
+the modes run interleaved (a, b, then b, a, ...) so that drift in the machine's load hits all
+alike. Each measurement is vision_bench.py's: capacity from a closed loop, then open loops at
+half and 3x that capacity (its own). Prints one JSON line per measurement and a median table:
+capacity, CPU microseconds per image at capacity (server processes, gateway), p99 at half load,
+goodput at 3x as a share of capacity, refusal p99 at 3x.
 """
 
 from __future__ import annotations
@@ -34,7 +38,11 @@ from vision_bench import (
     settings_from_args,
 )
 
-MODES = {"forward": ["--classify-stream=false"], "stream": ["--classify-stream=true"]}
+MODES = {
+    "forward": ["--classify-stream=false"],
+    "per-connection": ["--classify-stream=true", "--group-by-process=false"],
+    "per-process": ["--classify-stream=true", "--group-by-process=true"],
+}
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +54,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "refusal_p99_ms": round(overload["rejected_p99_ms"], 1),
         "send_lag_p99_ms": round(overload["send_lag_p99_ms"], 1),
         "mean_batch": closed["server"].get("mean_batch_size"),
+        "server_cpu_us": closed["cpu_us_per_image"]["server"],
+        "gateway_cpu_us": closed["cpu_us_per_image"]["gateway"],
     }
 
 
@@ -56,8 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     add_server_arguments(parser, seconds=8.0, max_batch_size=None)
     parser.set_defaults(models="worksheet-topics")
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--modes", default="forward,per-process", help=f"comma-separated, of {sorted(MODES)}")
     parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
     args = parser.parse_args(argv)
+    modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    if not modes or any(mode not in MODES for mode in modes):
+        parser.error(f"--modes: choose from {sorted(MODES)}")
     settings = settings_from_args(
         args,
         peers=False,
@@ -78,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size = configured_max_batch_size(roots[model], model)
             for rep in range(args.reps):
                 for setup, (setup_settings, extra) in setups.items():
-                    order = list(MODES) if rep % 2 == 0 else list(reversed(MODES))
+                    order = modes if rep % 2 == 0 else list(reversed(modes))
                     for mode in order:
                         log(f"{model}: {setup}, gateway {mode} (repetition {rep + 1})")
                         result = bench_ours(
@@ -93,17 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         f"{settings.seconds:g} s windows, medians"
     )
     print(
-        "| model | setup | gateway | capacity img/s | p99 ms at half load | goodput at 3x "
-        "| refusal p99 ms at 3x |"
+        "| model | setup | gateway | capacity img/s | CPU us/img: server, gateway | p99 ms at half load "
+        "| goodput at 3x | refusal p99 ms at 3x |"
     )
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for (model, setup, mode), samples in rows.items():
 
         def median(key: str, samples: list[dict[str, Any]] = samples) -> float:
             return statistics.median(sample[key] for sample in samples)
 
         print(
-            f"| {model} | {setup} | {mode} | {median('capacity'):.0f} | {median('half_p99_ms'):.1f} "
+            f"| {model} | {setup} | {mode} | {median('capacity'):.0f} "
+            f"| {median('server_cpu_us'):.0f}, {median('gateway_cpu_us'):.0f} | {median('half_p99_ms'):.1f} "
             f"| {median('goodput_share'):.0%} | {median('refusal_p99_ms'):.1f} |"
         )
     return 0

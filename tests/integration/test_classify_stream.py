@@ -8,6 +8,8 @@ gate's record of batch sizes, not a timing.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from typing import Any
 
 import grpc
@@ -107,6 +109,23 @@ async def test_each_item_gets_classifys_own_answer_and_the_stream_ends_ok(
     assert metrics['snaplearn_vision_request_seconds_count{code="OK"}'] == 3
     assert metrics['snaplearn_vision_errors_total{code="INVALID_ARGUMENT"}'] == 2
     assert metrics['snaplearn_vision_errors_total{code="NOT_FOUND"}'] == 1
+
+
+async def test_the_stream_names_the_server_process_in_its_headers_at_once(
+    server_factory: ServerFactory,  # noqa: F811
+) -> None:
+    # The gateway groups its connections by this name (one stream per worker process).
+    running = await server_factory.start()
+    first, second = running.stub.ClassifyStream(), running.stub.ClassifyStream()
+    # No item sent yet: the headers do not wait for a first answer.
+    headers = [dict(await asyncio.wait_for(call.initial_metadata(), 10)) for call in (first, second)]
+    names = [h.get("snaplearn-server-instance") for h in headers]
+    host_pid, _, suffix = (names[0] or "").rpartition("/")
+    assert host_pid == f"{socket.gethostname()}/{os.getpid()}" and len(suffix) == 8, names
+    assert names[1] == names[0], "two streams to one process name it differently"
+    for call in (first, second):
+        await call.done_writing()
+        assert await call.code() == grpc.StatusCode.OK
 
 
 async def test_cancelled_and_expired_items_are_answered_at_once_and_never_computed(

@@ -7,6 +7,9 @@ by snaplearn_common.server.start_grpc_server) turns them into status codes.
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -16,16 +19,28 @@ from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_common.errors import SnapLearnError
 from snaplearn_common.grpc_errors import status_for
 from snaplearn_vision.service import ClassificationService
-from snaplearn_vision.stream_servicer import ClassifyStreamSession, classify_request, classify_response
+from snaplearn_vision.stream_servicer import (
+    INSTANCE_HEADER,
+    ClassifyStreamSession,
+    classify_request,
+    classify_response,
+)
 
 SERVICE_NAME = vision_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 _EMPTY_RESPONSE = vision_pb2.ClassifyResponse()
 
 
+def new_instance_id() -> str:
+    """Names this server process for ClassifyStream clients: host, pid and a random part (a
+    restarted worker may get its predecessor's pid)."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}"
+
+
 class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
-    def __init__(self, service: ClassificationService) -> None:
+    def __init__(self, service: ClassificationService, instance_id: str | None = None) -> None:
         self._service = service
         self._streams: set[ClassifyStreamSession] = set()
+        self.instance_id = instance_id or new_instance_id()
 
     async def Classify(
         self, request: vision_pb2.ClassifyRequest, context: aio.ServicerContext
@@ -63,6 +78,9 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         request_iterator: AsyncIterator[vision_pb2.ClassifyStreamRequest],
         context: aio.ServicerContext,
     ) -> None:
+        # Headers at once, naming this process: a gateway with several connections to a port
+        # shared by worker processes sends each worker's items on one stream (packed).
+        await context.send_initial_metadata(((INSTANCE_HEADER, self.instance_id),))
         session = ClassifyStreamSession(self._service)
         self._streams.add(session)
         try:

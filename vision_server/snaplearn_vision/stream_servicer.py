@@ -24,6 +24,9 @@ from snaplearn_vision.service import ClassificationResult, ClassificationService
 
 log = logging.getLogger(__name__)
 
+# The ClassifyStream header naming the server process that serves the stream (VisionServicer).
+INSTANCE_HEADER = "snaplearn-server-instance"
+
 
 def classify_response(result: ClassificationResult) -> vision_pb2.ClassifyResponse:
     """The core's result as the API's ClassifyResponse (Classify and ClassifyStream answer alike)."""

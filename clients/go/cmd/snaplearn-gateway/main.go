@@ -11,7 +11,9 @@
 // reflection, metadata, the Open Inference Protocol's control calls) is forwarded unchanged;
 // payloads are never decoded or logged. Deadlines and cancellation travel with each call;
 // the backend's status, message and metadata come back unchanged. Inference calls go to the
-// backend connection carrying the fewest of them (--backend-connections per --backend).
+// backend connection carrying the fewest of them (--backend-connections per --backend); with
+// --classify-stream, Classify calls go as items of one stream per backend process instead, to
+// the process carrying the fewest (placement.go).
 //
 // Prints "gateway ready on HOST:PORT (metrics :M)" and writes --ready-file once listening;
 // SIGTERM/SIGINT stop it gracefully (in-flight calls finish within --shutdown-grace).
@@ -54,6 +56,7 @@ type options struct {
 	shutdownGrace      time.Duration
 	maxMessageBytes    int
 	classifyStream     bool
+	groupByProcess     bool
 	streamMaxAge       time.Duration
 }
 
@@ -112,6 +115,9 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	flags.IntVar(&o.maxMessageBytes, "max-message-bytes", envInt("MAX_MESSAGE_BYTES", 10*1024*1024+64*1024), "largest message either way")
 	flags.BoolVar(&o.classifyStream, "classify-stream", envBool("CLASSIFY_STREAM", true),
 		"carry Classify calls as items of one ClassifyStream per backend connection (false: forward each call)")
+	flags.BoolVar(&o.groupByProcess, "group-by-process", envBool("GROUP_BY_PROCESS", true),
+		"send the items for one backend process (named in its ClassifyStream headers) on one stream, "+
+			"however many connections reach it (false: one stream per connection)")
 	flags.Float64Var(&streamAge, "stream-max-age", 20, "seconds a ClassifyStream takes new items before a fresh one replaces it")
 	if err := flags.Parse(args); err != nil {
 		return o, err
@@ -155,7 +161,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 func newProxy(o options) (*proxy, error) {
 	p := &proxy{
 		admitted: map[string]bool{}, maxInFlight: int64(o.maxInFlight), refusal: refusalFor(int64(o.maxInFlight)),
-		stats: &stats{},
+		stats: &stats{}, multiplexed: o.classifyStream, groupByProcess: o.groupByProcess,
 	}
 	for _, m := range o.admitted {
 		p.admitted[m] = true
@@ -175,11 +181,12 @@ func newProxy(o options) (*proxy, error) {
 			conn.Connect()
 			backend := &backendConn{conn: conn}
 			if o.classifyStream {
-				backend.mux = newMultiplexer(conn, o.streamMaxAge)
+				backend.mux = newMultiplexer(conn, o.streamMaxAge, p.regroup)
 			}
 			p.conns = append(p.conns, backend)
 		}
 	}
+	p.regroup()
 	return p, nil
 }
 

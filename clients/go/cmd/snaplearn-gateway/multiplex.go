@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,11 +100,14 @@ type multiplexer struct {
 	ctx     context.Context
 	stop    context.CancelFunc
 	opened  atomic.Uint64 // streams opened (a metric)
+
+	instance   string // the backend process the current stream reaches (placement.go); "" unknown
+	onInstance func() // called, without mu, when instance changes
 }
 
-func newMultiplexer(conn *grpc.ClientConn, maxAge time.Duration) *multiplexer {
+func newMultiplexer(conn *grpc.ClientConn, maxAge time.Duration, onInstance func()) *multiplexer {
 	ctx, stop := context.WithCancel(context.Background())
-	return &multiplexer{conn: conn, maxAge: maxAge, ctx: ctx, stop: stop}
+	return &multiplexer{conn: conn, maxAge: maxAge, ctx: ctx, stop: stop, onInstance: onInstance}
 }
 
 func (m *multiplexer) close() { m.stop() }
@@ -273,6 +277,7 @@ func (s *muxStream) fail(err error) {
 	s.pending = map[uint64]*muxCall{}
 	s.mu.Unlock()
 	s.cancel()
+	s.mux.noteInstance(s, "")
 	message := fmt.Sprintf("the vision server's stream ended (%v); retry", status.Convert(err).Message())
 	for _, call := range calls {
 		call.answer(muxResult{code: codes.Unavailable, message: message})
@@ -289,6 +294,7 @@ func (s *muxStream) endedByServer() {
 	s.pending = map[uint64]*muxCall{}
 	s.mu.Unlock()
 	s.cancel()
+	s.mux.noteInstance(s, "")
 	for _, call := range calls {
 		go s.mux.resend(call)
 	}
@@ -333,6 +339,9 @@ func (s *muxStream) sendLoop() {
 		size := 0
 		if len(calls) > 0 {
 			size = len(calls[0].request)
+			// Let callers that are running already queue their items first: they join this
+			// message instead of each costing the server a message of its own.
+			runtime.Gosched()
 		}
 	pack:
 		for len(calls) < maxPackedItems && size < maxPackedBytes {
@@ -382,8 +391,14 @@ func (s *muxStream) finished() bool {
 	return s.retired && len(s.pending) == 0 && len(s.send) == 0
 }
 
-// receiveLoop hands each answer to its caller.
+// receiveLoop hands each answer to its caller, once it has noted which process the
+// stream reaches (the server sends its headers when the stream opens).
 func (s *muxStream) receiveLoop() {
+	if header, err := s.client.Header(); err == nil {
+		if instance := header.Get(instanceHeader); len(instance) > 0 {
+			s.mux.noteInstance(s, instance[0])
+		}
+	}
 	for {
 		var f frame
 		err := s.client.RecvMsg(&f)

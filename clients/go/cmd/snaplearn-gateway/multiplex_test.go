@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -33,8 +34,14 @@ var (
 // the item's timeout as its deadline, cancelled by cancel_ids), decoding what the gateway
 // encoded by hand with the generated types.
 func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.ClassifyStreamRequest, visionv1.ClassifyStreamResponse]) error {
-	streamsOpened.Add(1)
+	streamNo := streamsOpened.Add(1)
 	defer streamsEnded.Add(1)
+	if b.instance != "" {
+		if err := stream.SendHeader(metadata.Pairs(instanceHeader, b.instance)); err != nil {
+			return err
+		}
+	}
+	carried := false
 	var sendMu, itemsMu sync.Mutex
 	cancels := map[uint64]context.CancelFunc{}
 	var items sync.WaitGroup
@@ -47,6 +54,14 @@ func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.Cl
 		if err != nil {
 			return err
 		}
+		if n := len(message.GetItems()); n > 0 {
+			b.messages.Add(1)
+			b.items.Add(int64(n))
+			if !carried {
+				carried = true
+				b.itemStreams.Add(1)
+			}
+		}
 		for _, id := range message.GetCancelIds() {
 			itemsMu.Lock()
 			if cancel := cancels[id]; cancel != nil {
@@ -55,6 +70,7 @@ func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.Cl
 			itemsMu.Unlock()
 		}
 		for _, item := range message.GetItems() {
+			b.streamOf.Store(item.GetRequest().GetUserId(), streamNo)
 			if item.GetRequest().GetUserId() == "shutting-down-once" && endedOnce.CompareAndSwap(false, true) {
 				return nil // like a server shutting down: ends OK without starting this item
 			}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"google.golang.org/grpc"
@@ -51,13 +52,17 @@ type backendConn struct {
 // proxy forwards every gRPC method to the backends and refuses admitted methods (the
 // inference calls) beyond maxInFlight at once, before any backend sees them.
 type proxy struct {
-	conns       []*backendConn
-	admitted    map[string]bool // full method names ("/pkg.Service/Method") under the limit
-	maxInFlight int64
-	refusal     error // the RESOURCE_EXHAUSTED a refused call gets, built once
-	inFlight    atomic.Int64
-	next        atomic.Uint64
-	stats       *stats
+	conns          []*backendConn
+	admitted       map[string]bool // full method names ("/pkg.Service/Method") under the limit
+	maxInFlight    int64
+	refusal        error // the RESOURCE_EXHAUSTED a refused call gets, built once
+	inFlight       atomic.Int64
+	next           atomic.Uint64
+	stats          *stats
+	multiplexed    bool                        // Classify calls go as items of ClassifyStreams
+	groupByProcess bool                        // one stream per backend process, not per connection (placement.go)
+	groups         atomic.Pointer[[]connGroup] // the connections by backend process (placement.go)
+	groupsMu       sync.Mutex                  // serialises regroup
 }
 
 // refusalFor is the RESOURCE_EXHAUSTED a client gets from the gateway: what is full, and what to do.
@@ -99,12 +104,13 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 	}
 	defer p.inFlight.Add(-1)
 	var err error
-	if backend := p.pick(); backend.mux != nil && method == classifyMethod {
+	if p.multiplexed && method == classifyMethod {
+		backend := p.pickStream()
 		backend.inFlight.Add(1)
 		err = p.classifyMultiplexed(stream.Context(), stream, backend)
 		backend.inFlight.Add(-1)
 	} else {
-		err = p.forwardUnary(outgoingContext(stream.Context()), stream, method, backend)
+		err = p.forwardUnary(outgoingContext(stream.Context()), stream, method, p.pick())
 	}
 	p.stats.count(err)
 	return err

@@ -7,6 +7,8 @@ import (
 	"net/http/httptest"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,6 +31,12 @@ type heldBackend struct {
 	entered  chan context.Context
 	release  chan struct{}
 	received chan string
+	instance string // named in ClassifyStream headers ("": not)
+
+	itemStreams atomic.Int64 // its ClassifyStream calls that carried at least one item
+	messages    atomic.Int64 // ClassifyStream request messages carrying items
+	items       atomic.Int64 // items in them
+	streamOf    sync.Map     // user id -> the number of the stream its item came on
 }
 
 func (b *heldBackend) Classify(ctx context.Context, req *visionv1.ClassifyRequest) (*visionv1.ClassifyResponse, error) {
@@ -72,35 +80,51 @@ func serve(t *testing.T, server *grpc.Server) string {
 	return listener.Addr().String()
 }
 
-// start runs a held backend (with grpc.health.v1) and a gateway in front of it, on port 0.
+// heldServer runs a held backend (with grpc.health.v1) on port 0, which names itself
+// `instance` in its ClassifyStream headers ("": it does not).
+func heldServer(t *testing.T, instance string) (*heldBackend, *grpc.Server, *health.Server, string) {
+	t.Helper()
+	backend := &heldBackend{
+		entered: make(chan context.Context, 16), release: make(chan struct{}), received: make(chan string, 64),
+		instance: instance,
+	}
+	server := grpc.NewServer()
+	visionv1.RegisterVisionServiceServer(server, backend)
+	healthServer := health.NewServer()
+	healthpb.RegisterHealthServer(server, healthServer)
+	return backend, server, healthServer, serve(t, server)
+}
+
+// start runs a held backend and a gateway in front of it, on port 0.
 func start(t *testing.T, maxInFlight int, args ...string) *fixture {
 	t.Helper()
-	f := &fixture{backend: &heldBackend{
-		entered: make(chan context.Context, 16), release: make(chan struct{}), received: make(chan string, 64),
-	}}
-	backendServer := grpc.NewServer()
-	f.server = backendServer
-	visionv1.RegisterVisionServiceServer(backendServer, f.backend)
-	f.health = health.NewServer()
-	healthpb.RegisterHealthServer(backendServer, f.health)
-	backendAddr := serve(t, backendServer)
-
+	f := &fixture{}
+	var backendAddr string
+	f.backend, f.server, f.health, backendAddr = heldServer(t, "")
 	args = append([]string{"--backend", backendAddr, "--max-in-flight", strconv.Itoa(maxInFlight), "--backend-connections", "2"}, args...)
+	f.proxy, f.conn = gateway(t, args...)
+	f.client = visionv1.NewVisionServiceClient(f.conn)
+	return f
+}
+
+// gateway runs a gateway with these flags on port 0, and a connection to it.
+func gateway(t *testing.T, args ...string) (*proxy, *grpc.ClientConn) {
+	t.Helper()
 	o, err := parseArgs(args, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if f.proxy, err = newProxy(o); err != nil {
+	p, err := newProxy(o)
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(f.proxy.close)
-	gatewayAddr := serve(t, newServer(f.proxy, o))
-	if f.conn, err = grpc.NewClient(gatewayAddr, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
+	t.Cleanup(p.close)
+	conn, err := grpc.NewClient(serve(t, newServer(p, o)), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { f.conn.Close() })
-	f.client = visionv1.NewVisionServiceClient(f.conn)
-	return f
+	t.Cleanup(func() { conn.Close() })
+	return p, conn
 }
 
 func classify(f *fixture, ctx context.Context, user string, opts ...grpc.CallOption) (*visionv1.ClassifyResponse, error) {
