@@ -192,8 +192,9 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             + (
                 " Gateway: clients/go/cmd/snaplearn-gateway (Go, GOMAXPROCS=1) in front of the worker "
                 f"processes, refusing inference calls beyond {meta['gateway_max_in_flight']} in flight "
-                "(RESOURCE_EXHAUSTED), and carrying the rest as items of one ClassifyStream on each of "
-                "its 16 connections to them (`--classify-stream`, its default)."
+                "(RESOURCE_EXHAUSTED), and carrying the rest as items of one ClassifyStream per worker "
+                "process (its 16 connections to them grouped by the process each reaches, "
+                "`--classify-stream` and `--group-by-process`, its defaults; DECISIONS D20, D22)."
                 if meta.get("gateway_max_in_flight")
                 else ""
             )
@@ -268,6 +269,28 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
             f"| {cell(runs, name, 'half.send_lag_p99_ms', 1)} / "
             f"{cell(runs, name, 'overload.send_lag_p99_ms', 1)} |"
         )
+    ours = [name for name in servers if name.startswith("ours") and "error" not in runs[0].get(name, {})]
+    if any("cpu_us_per_image" in run.get(name, {}).get("closed", {}) for run in runs for name in ours):
+        lines += [
+            "",
+            "CPU per photo at capacity, microseconds (user + system, every thread of the process tree,",
+            "over the closed loop; on 2 cores a server at C img/s can spend at most 2,000,000 / C in all).",
+            f"The raw bound spends {cell(runs, 'raw', 'cpu_us_per_image')} per photo on its decode and "
+            "model threads, without a server:",
+            "",
+            "| server | server processes | gateway | load generator |",
+            "|---|---|---|---|",
+        ]
+        for name in ours:
+            gateway = (
+                cell(runs, name, "closed.cpu_us_per_image.gateway")
+                if "gateway" in runs[0][name]["closed"].get("cpu_us_per_image", {})
+                else "-"
+            )
+            lines.append(
+                f"| {SERVERS[name]} | {cell(runs, name, 'closed.cpu_us_per_image.server')} | {gateway} "
+                f"| {cell(runs, name, 'closed.cpu_us_per_image.generator')} |"
+            )
     half = runs[0]["ours"]["half"].get("server", {})
     lines += [
         "",

@@ -84,3 +84,28 @@ def test_the_committed_report_re_renders_with_a_column_per_configuration() -> No
     for model in saved["runs"][0]:
         assert f"## {model}" in report
     assert report.count("| capacity >= 90% of the raw bound |") == len(saved["runs"][0])
+
+
+def test_cpu_per_photo_is_tabled_for_our_configurations_when_measured() -> None:
+    saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
+    runs, meta = saved["runs"], saved["meta"]
+    assert len(runs) == 3
+    model = next(iter(runs[0]))
+    for index, run_ in enumerate(runs):
+        measured = run_[model]
+        measured["raw"]["cpu_us_per_image"] = 700.0 + index
+        for name in ("ours", "ours-workers", "ours-gateway"):
+            costs = {"server": 900.0 + index, "generator": 150.0}
+            if name == "ours-gateway":
+                costs["gateway"] = 180.0
+            measured[name]["closed"]["cpu_us_per_image"] = costs
+    report = vision_report.report(runs, meta)
+    section = report.split(f"## {model}")[1].split("\n## ")[0]
+    assert "The raw bound spends 701 (700 / 701 / 702) per photo" in section
+    server, generator = "| 901 (900 / 901 / 902) |", "| 150 (150 / 150 / 150) |"
+    rows = [line for line in section.splitlines() if server in line]
+    assert len(rows) == 3, section
+    assert all(row.endswith(generator) for row in rows)
+    assert sum("| 180 (180 / 180 / 180) |" in row for row in rows) == 1  # the gateway's own
+    assert sum("| - |" in row for row in rows) == 2  # no gateway in front
+    assert report.count("CPU per photo at capacity") == 1  # the other model measured none
