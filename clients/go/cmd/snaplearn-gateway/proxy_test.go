@@ -85,7 +85,7 @@ func serve(t *testing.T, server *grpc.Server) string {
 func heldServer(t *testing.T, instance string) (*heldBackend, *grpc.Server, *health.Server, string) {
 	t.Helper()
 	backend := &heldBackend{
-		entered: make(chan context.Context, 16), release: make(chan struct{}), received: make(chan string, 64),
+		entered: make(chan context.Context, 16), release: make(chan struct{}), received: make(chan string, 1024), // every call sends; read by the tests that check it
 		instance: instance,
 	}
 	server := grpc.NewServer()
