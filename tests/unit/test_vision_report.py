@@ -90,7 +90,12 @@ def test_cpu_per_photo_is_tabled_for_our_configurations_when_measured() -> None:
     saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
     runs, meta = saved["runs"], saved["meta"]
     assert len(runs) == 3
-    model = next(iter(runs[0]))
+    model, unmeasured = list(runs[0])[:2]
+    for run_ in runs:  # as in reports from before the CPU was measured
+        for result in run_[unmeasured].values():
+            if isinstance(result, dict):
+                result.pop("cpu_us_per_image", None)
+                result.get("closed", {}).pop("cpu_us_per_image", None)
     for index, run_ in enumerate(runs):
         measured = run_[model]
         measured["raw"]["cpu_us_per_image"] = 700.0 + index
@@ -108,4 +113,4 @@ def test_cpu_per_photo_is_tabled_for_our_configurations_when_measured() -> None:
     assert all(row.endswith(generator) for row in rows)
     assert sum("| 180 (180 / 180 / 180) |" in row for row in rows) == 1  # the gateway's own
     assert sum("| - |" in row for row in rows) == 2  # no gateway in front
-    assert report.count("CPU per photo at capacity") == 1  # the other model measured none
+    assert report.count("CPU per photo at capacity") == 1  # not for the model without numbers
