@@ -67,7 +67,9 @@ class VisionServiceServicer:
         call; also for apps that send many photos at once. The stream ends OK when the client
         closes its side and every item is answered, or earlier when the server shuts down: then
         it has answered every item it started, and the items left unanswered were never started:
-        send them again (on a new stream, which reaches another server).
+        send them again (on a new stream, which reaches another server). The server sends its
+        headers at once, naming its process in `snaplearn-server-instance` (host/pid/random):
+        streams with the same name reach the same process (worker processes share a port).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -38,7 +38,9 @@ type VisionServiceClient interface {
 	// call; also for apps that send many photos at once. The stream ends OK when the client
 	// closes its side and every item is answered, or earlier when the server shuts down: then
 	// it has answered every item it started, and the items left unanswered were never started:
-	// send them again (on a new stream, which reaches another server).
+	// send them again (on a new stream, which reaches another server). The server sends its
+	// headers at once, naming its process in `snaplearn-server-instance` (host/pid/random):
+	// streams with the same name reach the same process (worker processes share a port).
 	ClassifyStream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[ClassifyStreamRequest, ClassifyStreamResponse], error)
 }
 
@@ -88,7 +90,9 @@ type VisionServiceServer interface {
 	// call; also for apps that send many photos at once. The stream ends OK when the client
 	// closes its side and every item is answered, or earlier when the server shuts down: then
 	// it has answered every item it started, and the items left unanswered were never started:
-	// send them again (on a new stream, which reaches another server).
+	// send them again (on a new stream, which reaches another server). The server sends its
+	// headers at once, naming its process in `snaplearn-server-instance` (host/pid/random):
+	// streams with the same name reach the same process (worker processes share a port).
 	ClassifyStream(grpc.BidiStreamingServer[ClassifyStreamRequest, ClassifyStreamResponse]) error
 	mustEmbedUnimplementedVisionServiceServer()
 }
