@@ -271,13 +271,7 @@ func (s *muxStream) poke() {
 
 // fail answers every unanswered item UNAVAILABLE (nothing is lost silently) and ends the stream.
 func (s *muxStream) fail(err error) {
-	s.mu.Lock()
-	s.failed = true
-	calls := s.pending
-	s.pending = map[uint64]*muxCall{}
-	s.mu.Unlock()
-	s.cancel()
-	s.mux.noteInstance(s, "")
+	calls := s.end()
 	message := fmt.Sprintf("the vision server's stream ended (%v); retry", status.Convert(err).Message())
 	for _, call := range calls {
 		call.answer(muxResult{code: codes.Unavailable, message: message})
@@ -288,6 +282,14 @@ func (s *muxStream) fail(err error) {
 // and it started none of them, so each goes to a fresh stream (on a new connection: the old one
 // got GOAWAY), which reaches a server that is still serving. Nothing is lost or run twice.
 func (s *muxStream) endedByServer() {
+	for _, call := range s.end() {
+		go s.mux.resend(call)
+	}
+}
+
+// end takes no more items, cancels the stream, forgets which process it reached, and returns
+// its unanswered calls (for fail or endedByServer to answer or resend).
+func (s *muxStream) end() map[uint64]*muxCall {
 	s.mu.Lock()
 	s.failed = true
 	calls := s.pending
@@ -295,9 +297,7 @@ func (s *muxStream) endedByServer() {
 	s.mu.Unlock()
 	s.cancel()
 	s.mux.noteInstance(s, "")
-	for _, call := range calls {
-		go s.mux.resend(call)
-	}
+	return calls
 }
 
 func (m *multiplexer) resend(call *muxCall) {

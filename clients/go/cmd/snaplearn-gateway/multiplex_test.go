@@ -15,7 +15,6 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -104,27 +103,7 @@ func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.Cl
 func TestClassifyCallsBecomeItemsOfOneStreamPerConnection(t *testing.T) {
 	opened := streamsOpened.Load()
 	f := start(t, 64) // --backend-connections 2, --classify-stream on by default
-	var wg sync.WaitGroup
-	errs := make(chan error, 40)
-	for i := range 40 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			user := fmt.Sprintf("student-%d", i)
-			reply, err := classify(f, context.Background(), user)
-			if err == nil && reply.GetLabels()[0].GetLabel() != "topic-of-"+user {
-				err = fmt.Errorf("%s got %v", user, reply.GetLabels())
-			}
-			errs <- err
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	classifyAtOnce(t, f.client, "student", 40)
 	// The backend's own error, code and message, comes back as the call's status.
 	_, err := classify(f, context.Background(), "")
 	if status.Code(err) != codes.InvalidArgument || status.Convert(err).Message() != "user_id is required" {
@@ -266,20 +245,7 @@ func TestACallerWaitsForAnUnansweringBackendOnlyUntilItsDeadline(t *testing.T) {
 			t.Cleanup(func() { conn.Close() })
 		}
 	}()
-	o, err := parseArgs([]string{"--backend", listener.Addr().String()}, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p, err := newProxy(o)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(p.close)
-	conn, err := grpc.NewClient(serve(t, newServer(p, o)), grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.Close() })
+	_, conn := gateway(t, "--backend", listener.Addr().String())
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
 	began := time.Now()
@@ -303,4 +269,33 @@ func TestItemsAStreamEndedUnansweredGoToANewStream(t *testing.T) {
 	if n := streamsOpened.Load() - opened; n != 2 {
 		t.Fatalf("%d streams opened, want 2 (the first ended by the server)", n)
 	}
+}
+
+// classifyAtOnce makes n concurrent calls for users prefix-0..prefix-(n-1), each of which must
+// be answered with its own label; it returns the users.
+func classifyAtOnce(t *testing.T, client visionv1.VisionServiceClient, prefix string, n int) []string {
+	t.Helper()
+	users := make([]string, n)
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		users[i] = fmt.Sprintf("%s-%d", prefix, i)
+		wg.Add(1)
+		go func(user string) {
+			defer wg.Done()
+			reply, err := client.Classify(context.Background(), &visionv1.ClassifyRequest{UserId: user, Image: []byte{0xff, 0xd8, 0xff}})
+			if err == nil && reply.GetLabels()[0].GetLabel() != "topic-of-"+user {
+				err = fmt.Errorf("%s got %v", user, reply.GetLabels())
+			}
+			errs <- err
+		}(users[i])
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	return users
 }

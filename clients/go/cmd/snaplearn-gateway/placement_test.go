@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"sync"
 	"testing"
 	"time"
 
@@ -46,29 +45,7 @@ func TestAProcessReachedOnSeveralConnectionsGetsItsItemsOnOneStream(t *testing.T
 	if members := len((*p.groups.Load())[0].members); members != 4 {
 		t.Fatalf("the group has %d connections, want all 4", members)
 	}
-	var users []string
-	var wg sync.WaitGroup
-	errs := make(chan error, 40)
-	for i := range 40 {
-		user := fmt.Sprintf("burst-%d", i)
-		users = append(users, user)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			reply, err := client.Classify(context.Background(), &visionv1.ClassifyRequest{UserId: user})
-			if err == nil && reply.GetLabels()[0].GetLabel() != "topic-of-"+user {
-				err = fmt.Errorf("%s got %v", user, reply.GetLabels())
-			}
-			errs <- err
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	users := classifyAtOnce(t, client, "burst", 40)
 	if streams := streamsOf(backend, users); len(streams) != 1 {
 		t.Fatalf("40 concurrent calls to one process came on %d streams, want 1", len(streams))
 	}
