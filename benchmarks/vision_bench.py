@@ -5,8 +5,8 @@
 
 Installs what it needs itself (the `bench` extra: Ray Serve, LitServe, aiohttp, matplotlib;
 perf_analyzer from the tritonclient 2.41 wheel plus two shared libraries it links, from PyPI
-and Debian), prepares the models, then for each model measures, one after the other on this
-machine:
+and Debian; NVIDIA Triton as nvidia-pytriton in a venv of its own), prepares the models, then
+for each model measures, one after the other on this machine:
 
   raw      decode + preprocess + forward in a tight loop at the best batch size, no server
            (the servers batch up to the model's configured max batch size)
@@ -14,6 +14,8 @@ machine:
   ours     our server with dynamic batching (the model's own limits)
   ray      Ray Serve, gRPC proxy, @serve.batch          (benchmarks/vision_peers.py)
   litserve LitServe, HTTP, LitAPI batching              (benchmarks/vision_peers.py)
+  triton   NVIDIA Triton via PyTriton, Open Inference Protocol gRPC, Triton's dynamic batcher
+           (benchmarks/vision_peers.py, in its own venv: see ensure_triton)
   perf_analyzer against ours over the Open Inference Protocol (a second, C++ load generator)
 
 Each server gets a closed loop at --concurrency (its capacity), then open loops at the same
@@ -46,6 +48,7 @@ import socket
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -72,6 +75,7 @@ DEFAULT_MODEL = "worksheet-topics"
 # spreads connections, so more reach every worker (the gateway then sends each worker's items on
 # one of them, DECISIONS D22).
 GATEWAY_BACKEND_CONNECTIONS = 16
+PEERS = ("ray", "litserve", "triton")
 PY = sys.executable
 
 
@@ -164,6 +168,47 @@ def ensure_perf_analyzer() -> tuple[Path | None, dict[str, str], str]:
         return binary, env, "perf_analyzer from the tritonclient 2.41.0 wheel"
     except (subprocess.CalledProcessError, OSError) as error:
         return None, env, f"perf_analyzer unavailable: {error}"
+
+
+TRITON_VENV = TOOLS_DIR / "triton-venv"
+PYTRITON = "nvidia-pytriton==0.7.0"
+
+
+def ensure_triton() -> tuple[Path | None, dict[str, str], str]:
+    """(python, extra environment, note) for running NVIDIA Triton through PyTriton.
+
+    PyTriton pins numpy<2, so it gets a venv of its own (var/bench-tools/triton-venv) that also
+    sees this environment's packages (torch, our engine) behind its own, through a .pth file.
+    Its Python-backend stub is built per Python minor version and links libpython3.X.so
+    dynamically: LD_LIBRARY_PATH puts this interpreter's own libpython first, or the stub may
+    load the system's older 3.11 library under this interpreter's newer standard library and
+    fail (multiprocessing's RLock lacks `_recursion_count`; the model never loads).
+    """
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    env = {"LD_LIBRARY_PATH": ":".join(p for p in (libdir, os.environ.get("LD_LIBRARY_PATH", "")) if p)}
+    python = TRITON_VENV / "bin" / "python"
+    probe = [str(python), "-c", "import pytriton.triton, torch, snaplearn_vision.engine"]
+    try:
+        if not python.exists() or subprocess.run(probe, capture_output=True).returncode != 0:
+            log(f"installing {PYTRITON} into {TRITON_VENV}")
+            base = getattr(sys, "_base_executable", sys.executable)
+            subprocess.run([base, "-m", "venv", "--clear", str(TRITON_VENV)], check=True)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", PYTRITON], check=True)
+            site_dir = subprocess.run(
+                [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+            ours = sysconfig.get_paths()["purelib"]
+            # Processed after the venv's own site-packages: its numpy<2 wins, torch comes from ours.
+            Path(site_dir, "zz_snaplearn.pth").write_text(f"import site; site.addsitedir({ours!r})\n")
+        check = subprocess.run(probe, capture_output=True, text=True)
+        if check.returncode != 0:
+            return None, env, f"NVIDIA Triton (PyTriton) unavailable: {check.stderr.strip()[-300:]}"
+    except (subprocess.CalledProcessError, OSError) as error:
+        return None, env, f"NVIDIA Triton (PyTriton) unavailable: {error}"
+    return python, env, f"NVIDIA Triton from {PYTRITON} (its own venv, {TRITON_VENV.relative_to(REPO)})"
 
 
 # -- processes --------------------------------------------------------------------------------
@@ -280,6 +325,7 @@ def load(
     timeout_s: float = 5.0,
     warmup_s: float = 3.0,
     connections: int = 64,
+    model: str = "",
 ) -> dict[str, Any]:
     argv = [
         *_load_command,
@@ -295,6 +341,7 @@ def load(
         str(timeout_s),
         "--connections",
         str(connections),
+        *(["--model", model] if protocol == "oip" else []),
         mode,
     ]
     argv += ["--concurrency", str(concurrency)] if mode == "closed" else ["--rate", f"{rate:.2f}"]
@@ -356,6 +403,8 @@ class Settings:
     worker_decode_threads: int = 1
     gateway: Path | None = None  # the snaplearn-gateway binary; None: that configuration is skipped
     gateway_max_in_flight: int = 128
+    triton_python: Path | None = None  # the PyTriton venv's python; None: Triton is not run
+    triton_env: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_batch_size: int | None) -> None:
@@ -605,8 +654,9 @@ def bench_peer(
     peer: str, root: Path, model: str, settings: Settings, max_batch_size: int, rates: tuple[float, float]
 ) -> dict[str, Any]:
     port = free_port()
+    python = settings.triton_python if peer == "triton" else PY
     argv = [
-        PY,
+        str(python),
         str(BENCH_DIR / "vision_peers.py"),
         peer,
         "--repository",
@@ -622,21 +672,36 @@ def bench_peer(
         "--wait-s",
         str(settings.max_queue_delay_ms / 1000),
     ]
+    env = base_env(settings.torch_threads)
     if peer == "ray":
         target, protocol = f"127.0.0.1:{port}", "grpc"
+    elif peer == "triton":
+        target, protocol = f"127.0.0.1:{port}", "oip"
+        env.update(settings.triton_env)
     else:
         target, protocol = f"http://127.0.0.1:{port}/predict", "http"
-    with process(argv, base_env(settings.torch_threads), "ready", timeout_s=300):
+    with process(argv, env, "ready", timeout_s=300):
         result: dict[str, Any] = {}
-        conns = settings.connections
+        common = {"connections": settings.connections, "model": model}
+        before = scrape(port + 2) if peer == "triton" else {}
         result["closed"] = load(
-            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency, connections=conns
+            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency, **common
         )
-        result["half"] = load(target, protocol, "open", settings.seconds, rate=rates[0], connections=conns)
-        result["overload"] = load(
-            target, protocol, "open", settings.seconds, rate=rates[1], connections=conns
-        )
+        if peer == "triton":  # the protocol's answers do not say; Triton's metrics do
+            result["closed"]["mean_batch_size_seen"] = triton_mean_batch(before, scrape(port + 2))
+        result["half"] = load(target, protocol, "open", settings.seconds, rate=rates[0], **common)
+        result["overload"] = load(target, protocol, "open", settings.seconds, rate=rates[1], **common)
     return result
+
+
+def triton_mean_batch(before: dict[str, float], after: dict[str, float]) -> float:
+    """Requests per model execution between two scrapes of Triton's metrics (its mean batch)."""
+
+    def delta(name: str) -> float:
+        return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(name + "{"))
+
+    executions = delta("nv_inference_exec_count")
+    return delta("nv_inference_count") / executions if executions else float("nan")
 
 
 def run_perf_analyzer(settings: Settings, model: str, target: str) -> dict[str, Any]:
@@ -749,7 +814,9 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
     log(f"{model}: ours, batching off")
     results["ours-1"] = bench_ours(root, model, settings, 1, rates)
     if settings.peers:
-        for peer in ("ray", "litserve"):
+        for peer in PEERS:
+            if peer == "triton" and settings.triton_python is None:
+                continue  # not installed here (the run's notes say why)
             log(f"{model}: {peer}")
             try:
                 results[peer] = bench_peer(peer, root, model, settings, max_batch_size, rates)
@@ -762,7 +829,7 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
 
 
 def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
-    """Set up (bench extra, models, perf_analyzer) and measure every run: (runs, perf note)."""
+    """Set up (bench extra, models, perf_analyzer, Triton) and measure every run: (runs, notes)."""
     ensure_bench_extra()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     roots = prepare_models(models)
@@ -770,6 +837,10 @@ def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         (None, {}, "perf_analyzer not run") if args.no_perf_analyzer else ensure_perf_analyzer()
     )
     log(perf_note)
+    triton, triton_env, triton_note = (
+        (None, {}, "NVIDIA Triton not run") if args.no_peers or not args.triton else ensure_triton()
+    )
+    log(triton_note)
     settings = settings_from_args(
         args,
         peers=not args.no_peers,
@@ -778,11 +849,12 @@ def bench_runs(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
         gateway=build_gateway("--gateway", "or pass --no-gateway") if args.gateway else None,
         gateway_max_in_flight=args.gateway_max_in_flight,
     )
+    settings = dataclasses.replace(settings, triton_python=triton, triton_env=triton_env)
     runs = []
     for run in range(args.runs):
         log(f"run {run + 1} of {args.runs}")
         runs.append({model: bench_model(roots[model], model, settings) for model in models})
-    return runs, perf_note
+    return runs, f"{perf_note}; {triton_note}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -801,6 +873,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument(
+        "--triton",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"among the peers, NVIDIA Triton ({PYTRITON}, installed into {TRITON_VENV.name})",
+    )
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--out", type=Path, default=DOCS)
     args = parser.parse_args(argv)

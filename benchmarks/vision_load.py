@@ -12,7 +12,9 @@ the generator waits for all their answers (a warm-up precedes the window). Print
 object (see LoadResult).
 
 Protocols: "grpc" sends snaplearn.vision.v1 Classify (our server, and Ray Serve's gRPC proxy
-serving the same proto); "http" POSTs {"image": base64} JSON (LitServe).
+serving the same proto); "http" POSTs {"image": base64} JSON (LitServe); "oip" sends the Open
+Inference Protocol's ModelInfer for --model, the photo as BYTES input IMAGE (our server's OIP
+endpoint, and NVIDIA Triton).
 """
 
 from __future__ import annotations
@@ -158,6 +160,39 @@ async def grpc_caller(target: str, connections: int = 4) -> Any:
 
 
 @contextlib.asynccontextmanager
+async def oip_caller(target: str, model: str, connections: int = 4) -> Any:
+    from snaplearn_oip import grpc_service_pb2 as oip
+    from snaplearn_oip import grpc_service_pb2_grpc as oip_grpc
+
+    channels = [
+        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(connections)
+    ]
+    stubs = [oip_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
+    tensor = oip.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1, 1])
+
+    async def call(client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
+        # BYTES in raw_input_contents: each element is a 4-byte little-endian length + its bytes.
+        request = oip.ModelInferRequest(
+            model_name=model,
+            inputs=[tensor],
+            raw_input_contents=[len(image).to_bytes(4, "little") + image],
+        )
+        try:
+            reply = await stubs[client % len(stubs)].ModelInfer(request, timeout=timeout_s)
+        except aio.AioRpcError as error:
+            code = error.code()
+            return (code.name if isinstance(code, StatusCode) else str(code)), 0
+        return ("OK" if reply.outputs else "NO_OUTPUT"), 0  # the protocol does not say the batch
+
+    try:
+        yield call
+    finally:
+        for channel in channels:
+            await channel.close()
+
+
+@contextlib.asynccontextmanager
 async def http_caller(url: str, connections: int) -> Any:
     import aiohttp  # the bench extra
 
@@ -243,6 +278,8 @@ async def run(args: argparse.Namespace) -> LoadResult:
     images = photos()
     if args.protocol == "grpc":
         caller = grpc_caller(args.target, args.connections)
+    elif args.protocol == "oip":
+        caller = oip_caller(args.target, args.model, args.connections)
     else:
         caller = http_caller(args.target, args.concurrency if args.mode == "closed" else 512)
     async with caller as call:
@@ -256,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--target", required=True, help="host:port (grpc) or URL (http)")
-    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--protocol", choices=("grpc", "http", "oip"), default="grpc")
+    parser.add_argument("--model", default="", help="the model ModelInfer names (oip; required there)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measurement window")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--timeout", type=float, default=10.0, help="per-request deadline, seconds")
@@ -272,7 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.protocol == "oip" and not args.model:
+        parser.error("--protocol oip needs --model (ModelInfer names its model)")
     if args.mode == "open":
         args.concurrency = 0
     wall, cpu = time.monotonic(), time.process_time()

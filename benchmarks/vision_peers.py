@@ -2,6 +2,7 @@
 
     python benchmarks/vision_peers.py ray --repository R --model M --port 9000
     python benchmarks/vision_peers.py litserve --repository R --model M --port 8000
+    <triton venv>/bin/python benchmarks/vision_peers.py triton --repository R --model M --port 8001
 
 Each loads the model through our engine (ImageClassifier: the same decode_pixels and
 predict_pixels as our server and the raw bound), so only the serving layer differs, and is
@@ -13,6 +14,12 @@ configured the way its documentation recommends for CPU serving:
   Classify (the same proto our server speaks).
 - LitServe: one worker on the CPU, `LitAPI(max_batch_size, batch_timeout)`; decode_request
   per request, predict per batch; HTTP JSON with the photo base64-encoded.
+- NVIDIA Triton, through PyTriton (the pip-installable Triton: the tritonserver binary with
+  its Python backend, handing each batch to this process): one model instance, Triton's
+  dynamic batcher (`max_batch_size`, `max_queue_delay_microseconds`, its defaults otherwise),
+  the Open Inference Protocol over gRPC with the photo as BYTES input IMAGE and the
+  probabilities as output PROBABILITIES (what our server's OIP endpoint speaks). Runs in its own
+  virtualenv (PyTriton pins numpy<2; vision_bench.py's ensure_triton builds it).
 
 Each prints "ready" once it answers, and serves until SIGTERM/SIGINT.
 """
@@ -137,6 +144,40 @@ def run_litserve(args: argparse.Namespace) -> None:
     server.run(port=args.port, host="127.0.0.1", generate_client_file=False, log_level="warning")
 
 
+def run_triton(args: argparse.Namespace) -> None:
+    import numpy as np
+    from pytriton.decorators import batch
+    from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
+    from pytriton.triton import Triton, TritonConfig
+
+    model = load_model(args.repository, args.model, args.torch_threads)
+
+    @batch
+    def classify(IMAGE: Any) -> dict[str, Any]:  # PyTriton passes inputs by name
+        # IMAGE: an object array [batch, 1] of encoded photos.
+        pixels = [model.decode_pixels(bytes(row[0])) for row in IMAGE]
+        return {"PROBABILITIES": np.asarray(model.predict_pixels(pixels), dtype=np.float32)}
+
+    config = TritonConfig(
+        grpc_port=args.port, http_port=args.port + 1, metrics_port=args.port + 2, log_verbose=0
+    )
+    with Triton(config=config) as triton:
+        triton.bind(
+            model_name=args.model,
+            infer_func=classify,
+            inputs=[Tensor(name="IMAGE", dtype=bytes, shape=(1,))],
+            outputs=[Tensor(name="PROBABILITIES", dtype=np.float32, shape=(len(model.labels),))],
+            config=ModelConfig(
+                max_batch_size=args.max_batch_size,
+                batcher=DynamicBatcher(max_queue_delay_microseconds=int(args.wait_s * 1_000_000)),
+            ),
+            strict=True,
+        )
+        triton.run()  # returns once the model is loaded and the server answers
+        print("ready", flush=True)
+        wait_for_signal()
+
+
 def _announce_when_healthy(port: int) -> None:
     import time
     import urllib.request
@@ -156,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("peer", choices=("ray", "litserve"))
+    parser.add_argument("peer", choices=("ray", "litserve", "triton"))
     parser.add_argument("--repository", type=Path, required=True)
     parser.add_argument("--model", required=True)
     parser.add_argument("--port", type=int, required=True)
@@ -168,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).parent))  # vision_raw, for the shared torch settings
     if args.peer == "ray":
         run_ray(args)
+    elif args.peer == "triton":
+        run_triton(args)
     else:
         run_litserve(args)
     return 0

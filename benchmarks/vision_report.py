@@ -22,7 +22,9 @@ SERVERS = {
     "ours-1": "SnapLearn, batching off",
     "ray": "Ray Serve (gRPC)",
     "litserve": "LitServe (HTTP)",
+    "triton": "NVIDIA Triton (PyTriton, OIP gRPC)",
 }
+PEERS = ("ray", "litserve", "triton")
 # What the numbers cannot say: how the tools were obtained, and what was not measured.
 NOTES = """\
 - perf_analyzer (Triton's own C++ load generator) is the binary of the tritonclient 2.41.0
@@ -30,13 +32,18 @@ NOTES = """\
   platform and newer tritonclient wheels no longer ship it. It links libb64 (Debian) and
   libcudart 12 (PyPI) without using a GPU, and drives our Open Inference Protocol endpoint
   unchanged (closed loop, its own stabilisation); its numbers are a cross-check of ours.
-- NVIDIA Triton itself was not measured. nvidia-pytriton 0.7.0 (the pip-installable Triton,
-  no Docker here) needs numpy<2, so it was tried in a separate venv: even a trivial identity
-  model fails to load on this Python 3.11.7. The Python-backend stub bundled in the wheel
-  (linked to its own libpython 3.13) runs this interpreter's 3.11 standard library, and
-  multiprocessing.resource_tracker fails with "AttributeError: '_thread.RLock' object has no
-  attribute '_recursion_count'"; the model stays UNAVAILABLE. Serving our torch model would
-  also need torch in that numpy<2 venv. perf_analyzer stands in for Triton's tooling.
+- NVIDIA Triton is nvidia-pytriton 0.7.0 from PyPI (Triton's server binary with its Python
+  backend; no Docker here), in a venv of its own because it pins numpy<2, seeing torch and our
+  engine behind its own packages. The model is bound as PyTriton's documentation shows: one
+  instance, Triton's dynamic batcher with the same max batch size and queue delay as everyone,
+  its other settings at their defaults (no queue limit); each batch's photos are decoded and
+  classified by the same engine code, in the Python process PyTriton hands batches to. It is
+  driven over the Open Inference Protocol (ModelInfer, the photo as BYTES input IMAGE), the
+  protocol our OIP endpoint speaks too. Its mean batch comes from Triton's metrics
+  (nv_inference_count / nv_inference_exec_count). Earlier runs could not load a model:
+  the wheel's Python-backend stub links libpython3.11.so dynamically and found the system's
+  3.11.2 under this interpreter's 3.11.7 standard library; the benchmark now puts this
+  interpreter's own libpython first on LD_LIBRARY_PATH.
 - {generator_note}
 - The raw bound decodes a batch on the decode threads, then runs the model, one after the
   other; a server that overlaps the two (ours does) can exceed it when the model dominates
@@ -51,12 +58,12 @@ GENERATOR_NOTES = {
 One load generator for everyone: clients/go/cmd/snaplearn-loadgen, a native Go program with
   the semantics and JSON of benchmarks/vision_load.py, built with `go build` at the start of
   the run; a separate process (never inside the server), gRPC for ours and Ray, HTTP for
-  LitServe. It shares the 2 cores with the server it measures; its CPU and its send lag are
-  in the table under each model. It replaced the Python generator, which spent about twice
-  the CPU and started open-loop requests up to 57-185 ms late at 3,000+ requests/s here, so
-  it measured itself (`--load-generator python` still runs it). Where the send lag p99 is
-  large, the latency and refusal columns of that row measure the generator's queue (and the
-  other work on the shared machine), not the server.""",
+  LitServe, the Open Inference Protocol over gRPC for Triton. It shares the 2 cores with the
+  server it measures; its CPU and its send lag are in the table under each model. It replaced
+  the Python generator, which spent about twice the CPU and started open-loop requests up to
+  57-185 ms late at 3,000+ requests/s here, so it measured itself (`--load-generator python`
+  still runs it). Where the send lag p99 is large, the latency and refusal columns of that row
+  measure the generator's queue (and the other work on the shared machine), not the server.""",
     "python": """\
 One load generator for everyone: benchmarks/vision_load.py (`--load-generator python`), a
   separate process (never inside the server), gRPC for ours and Ray, HTTP for LitServe. It
@@ -314,7 +321,7 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
 
 def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool]]:
     """(target, measured, met) for one of our configurations ("ours" or "ours-workers")."""
-    peers = [p for p in ("ray", "litserve") if all(p in run and "error" not in run[p] for run in runs)]
+    peers = [p for p in PEERS if all(p in run and "error" not in run[p] for run in runs)]
     delay_ms = pick(runs[0], "max_queue_delay_ms")
     half_p99 = median([pick(run[ours], "half.p99_ms") for run in runs])
     compute = median([pick(run[ours], "half.server.mean_batch_compute_ms") for run in runs])
@@ -390,7 +397,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         names = [n for n in SERVERS if all(n in r and "error" not in r[n] for r in per_run)]
         values = [median([pick(r[n], "closed.throughput") for r in per_run]) for n in names]
         labels = [SERVERS[n].replace(", ", "\n").replace(" (", "\n(") for n in names]
-        ax.bar(labels, values, color=["#2a7", "#175", "#4b9", "#8c8", "#57c", "#c75"][: len(names)])
+        ax.bar(
+            labels, values, color=["#2a7", "#175", "#4b9", "#8c8", "#57c", "#c75", "#76b900"][: len(names)]
+        )
         raw = median([pick(r["raw"], "images_per_s") for r in per_run])
         ax.axhline(raw, color="k", linestyle="--", label="raw bound (no server)")
         ax.set_title(f"{model}: capacity, closed loop (median of runs)")

@@ -1,9 +1,11 @@
-"""The vision benchmark's Go load generator against a real vision server: its JSON is right.
+"""The vision benchmark's load generators against a real vision server: their JSON is right.
 
 clients/go/cmd/snaplearn-loadgen is built with `go build` (as benchmarks/vision_bench.py does)
 and run as a separate process against our server (gRPC on port 0, the small trained model),
 once in a closed loop and once in an open loop against a held model and a queue of 2, where
 every request past the queue must come back RESOURCE_EXHAUSTED and be counted as a refusal.
+Its Open Inference Protocol mode (how the benchmark drives NVIDIA Triton) and the Python
+generator's (benchmarks/vision_load.py) run against our server's OIP endpoint.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,12 @@ import pytest
 from snaplearn_vision.worksheets import sample_image_bytes
 from tests.helpers.go_build import BUILD_TIMEOUT_S, build_go_command
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
-from tests.helpers.vision_server import ServerFactory, server_factory  # noqa: F401  (fixture)
+from tests.helpers.vision_server import (  # noqa: F401  (server_factory: the fixture)
+    MODEL_NAME,
+    ServerFactory,
+    read_events,
+    server_factory,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(BUILD_TIMEOUT_S + 120)]
 
@@ -37,14 +45,19 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-async def run_loadgen(binary: Path, photos: Path, target: str, *mode: str) -> dict[str, Any]:
+VISION_LOAD = Path(__file__).resolve().parents[2] / "benchmarks" / "vision_load.py"
+
+
+async def run_loadgen(binary: Path, photos: Path | None, target: str, *mode: str) -> dict[str, Any]:
+    """Run a generator: the Go binary (with --photos), or vision_load.py (photos None; it
+    renders its own) when `binary` is VISION_LOAD."""
+    command = [sys.executable, str(binary)] if binary == VISION_LOAD else [str(binary)]
     # A subprocess the event loop awaits: the server under test runs on this very loop.
     process = await asyncio.create_subprocess_exec(
-        str(binary),
+        *command,
         "--target",
         target,
-        "--photos",
-        str(photos),
+        *(["--photos", str(photos)] if photos is not None else []),
         "--seconds",
         "1",
         "--warmup",
@@ -92,3 +105,34 @@ async def test_open_loop_counts_refusals_apart_with_their_latency(
     assert result["ok"] + sum(result["errors"].values()) == result["sent"]
     assert 0 < result["rejected_p99_ms"] < 3000
     assert result["send_lag_p99_ms"] >= 0
+
+
+@pytest.mark.parametrize("generator", ["go", "python"])
+async def test_open_inference_protocol_mode_classifies_through_model_infer(
+    server_factory: ServerFactory,  # noqa: F811  (the fixture)
+    loadgen: Path,
+    photos: Path,
+    generator: str,
+) -> None:
+    running = await server_factory.start()
+    binary, folder = (loadgen, photos) if generator == "go" else (VISION_LOAD, None)
+    oip = ("--protocol", "oip", "--model", MODEL_NAME)
+    result = await run_loadgen(binary, folder, running.server.target, *oip, "closed", "--concurrency", "4")
+    assert result["sent"] > 0 and result["ok"] == result["sent"] and result["errors"] == {}
+    assert math.isnan(result["mean_batch_size_seen"])  # ModelInfer's answer does not say
+    # Every photo went through the model (warm-up ones too), and as ModelInfer, not Classify:
+    # a ModelInfer that names no user publishes no event, a Classify always does.
+    assert running.batcher().stats.computed >= result["sent"]
+    assert read_events(running.bus, expected=1, timeout_s=1.0) == []
+
+
+async def test_open_inference_protocol_mode_counts_an_unknown_model_as_not_found(
+    server_factory: ServerFactory,  # noqa: F811  (the fixture)
+    loadgen: Path,
+    photos: Path,
+) -> None:
+    running = await server_factory.start()
+    oip = ("--protocol", "oip", "--model", "no-such-model")
+    result = await run_loadgen(loadgen, photos, running.server.target, *oip, "closed", "--concurrency", "2")
+    assert result["sent"] > 0 and result["ok"] == 0
+    assert result["errors"] == {"NOT_FOUND": result["sent"]}

@@ -114,3 +114,14 @@ def test_cpu_per_photo_is_tabled_for_our_configurations_when_measured() -> None:
     assert sum("| 180 (180 / 180 / 180) |" in row for row in rows) == 1  # the gateway's own
     assert sum("| - |" in row for row in rows) == 2  # no gateway in front
     assert report.count("CPU per photo at capacity") == 1  # not for the model without numbers
+
+
+def test_triton_counts_among_the_peers_once_it_ran() -> None:
+    runs = [run(ours=configuration(950.0, 8.0, 2.0, 5.0, 900.0), triton={"closed": {"throughput": 1000.0}})]
+    checks = {target: (measured, met) for target, measured, met in vision_report.target_checks(runs, "ours")}
+    assert checks["capacity above every peer"] == ("1.90x ray, 1.06x litserve, 0.95x triton", False)
+    failed = [run(ours=configuration(950.0, 8.0, 2.0, 5.0, 900.0), triton={"error": "RuntimeError: no"})]
+    checks = {
+        target: (measured, met) for target, measured, met in vision_report.target_checks(failed, "ours")
+    }
+    assert checks["capacity above every peer"] == ("1.90x ray, 1.06x litserve", True)

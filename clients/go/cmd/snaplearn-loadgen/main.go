@@ -7,11 +7,15 @@
 //	snaplearn-loadgen --target 127.0.0.1:50051 --photos /tmp/photos closed --concurrency 64
 //	snaplearn-loadgen --target 127.0.0.1:50051 --photos /tmp/photos --seconds 10 open --rate 1000
 //	snaplearn-loadgen --target http://127.0.0.1:8000/predict --protocol http --photos DIR closed
+//	snaplearn-loadgen --target 127.0.0.1:8001 --protocol oip --model worksheet-topics --photos DIR closed
 //
 // Global flags come before the mode, mode flags after it:
 //
 //	--target      host:port (grpc) or URL (http); required
-//	--protocol    grpc (snaplearn.vision.v1 Classify) or http (POST {"image": base64} JSON)
+//	--protocol    grpc (snaplearn.vision.v1 Classify), http (POST {"image": base64} JSON) or
+//	              oip (Open Inference Protocol ModelInfer, the photo as BYTES input IMAGE: our
+//	              server and NVIDIA Triton)
+//	--model       the model a ModelInfer names (oip; required there)
 //	--seconds     measurement window (default 15)
 //	--warmup      seconds before the window (default 3)
 //	--timeout     per-request deadline, seconds (default 10)
@@ -49,6 +53,7 @@ import (
 type options struct {
 	target      string
 	protocol    string
+	model       string
 	seconds     float64
 	warmup      float64
 	timeout     float64
@@ -92,14 +97,15 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	global := flag.NewFlagSet("snaplearn-loadgen", flag.ContinueOnError)
 	global.SetOutput(stderr)
 	global.StringVar(&o.target, "target", "", "host:port (grpc) or URL (http)")
-	global.StringVar(&o.protocol, "protocol", "grpc", "grpc or http")
+	global.StringVar(&o.protocol, "protocol", "grpc", "grpc, http or oip")
+	global.StringVar(&o.model, "model", "", "model name for ModelInfer (oip)")
 	global.Float64Var(&o.seconds, "seconds", 15, "measurement window, seconds")
 	global.Float64Var(&o.warmup, "warmup", 3, "warm-up before the window, seconds")
 	global.Float64Var(&o.timeout, "timeout", 10, "per-request deadline, seconds")
 	global.StringVar(&o.photos, "photos", "", "directory of *.jpg payloads (required)")
 	global.IntVar(&o.connections, "connections", 4, "gRPC connections the calls are spread over")
 	global.Usage = func() {
-		fmt.Fprintln(stderr, "usage: snaplearn-loadgen --target T --photos DIR [--protocol grpc|http] [--seconds S] [--warmup S] [--timeout S] [--connections N]")
+		fmt.Fprintln(stderr, "usage: snaplearn-loadgen --target T --photos DIR [--protocol grpc|http|oip] [--model M] [--seconds S] [--warmup S] [--timeout S] [--connections N]")
 		fmt.Fprintln(stderr, "                         (closed [--concurrency N] | open --rate R)")
 		global.PrintDefaults()
 	}
@@ -111,8 +117,10 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("--target is required")
 	case o.photos == "":
 		return o, errors.New("--photos is required")
-	case o.protocol != "grpc" && o.protocol != "http":
-		return o, fmt.Errorf("--protocol: %q is not grpc or http", o.protocol)
+	case o.protocol != "grpc" && o.protocol != "http" && o.protocol != "oip":
+		return o, fmt.Errorf("--protocol: %q is not grpc, http or oip", o.protocol)
+	case o.protocol == "oip" && o.model == "":
+		return o, errors.New("--protocol oip needs --model (ModelInfer names its model)")
 	case o.connections < 1:
 		return o, errors.New("--connections must be >= 1")
 	case !(o.seconds > 0) || !(o.warmup >= 0) || !(o.timeout > 0):
@@ -167,9 +175,12 @@ func loadPhotos(dir string) ([][]byte, error) {
 func run(o options, images [][]byte) (*loadResult, error) {
 	var c caller
 	var err error
-	if o.protocol == "grpc" {
+	switch o.protocol {
+	case "grpc":
 		c, err = newGRPCCaller(o.target, o.connections, images)
-	} else {
+	case "oip":
+		c, err = newOIPCaller(o.target, o.model, o.connections, images)
+	default:
 		connections := 512
 		if o.mode == "closed" {
 			connections = o.concurrency
