@@ -76,6 +76,8 @@ DEFAULT_MODEL = "worksheet-topics"
 # one of them, DECISIONS D22).
 GATEWAY_BACKEND_CONNECTIONS = 16
 PEERS = ("ray", "litserve", "triton")
+# Where the Python packages live in a checkout (pyproject.toml's packages.find).
+PACKAGE_DIRS = ("services", "vision_server", "recommender_worker", "clients/python")
 PY = sys.executable
 
 
@@ -533,14 +535,22 @@ class OurServer:
 
 @contextlib.contextmanager
 def our_server(
-    root: Path, model: str, settings: Settings, max_batch_size: int | None, extra: Sequence[str] = ()
+    root: Path,
+    model: str,
+    settings: Settings,
+    max_batch_size: int | None,
+    extra: Sequence[str] = (),
+    code: Path | None = None,
 ) -> Iterator[OurServer]:
     """Our server (`python -m snaplearn_vision.main --no-publish`) on free ports, with `extra`
-    flags, until the block ends."""
+    flags, until the block ends; run from the checkout at `code` if given (else this one)."""
     port, metrics_port = free_port(), free_port()
+    env = base_env(settings.torch_threads)
+    if code is not None:  # its packages first: they shadow this checkout's editable install
+        env["PYTHONPATH"] = os.pathsep.join([*(str(code / d) for d in PACKAGE_DIRS), str(BENCH_DIR)])
     with tempfile.TemporaryDirectory() as tmp:
         argv = ours_argv(root, model, port, metrics_port, Path(tmp) / "ready.json", settings, max_batch_size)
-        with process([*argv, *extra], base_env(settings.torch_threads), "vision server ready") as proc:
+        with process([*argv, *extra], env, "vision server ready") as proc:
             yield OurServer(f"127.0.0.1:{port}", metrics_port, proc.pid)
 
 
@@ -619,12 +629,14 @@ def bench_ours(
     extra: Sequence[str] = (),
     gateway: bool = False,
     gateway_extra: Sequence[str] = (),
+    code: Path | None = None,
 ) -> dict[str, Any]:
-    """Our server (behind the gateway if `gateway`): capacity (closed loop), then open loops at
-    `rates` (half, overload), or at half and 3x of the capacity just measured when rates is None."""
+    """Our server (behind the gateway if `gateway`; from the checkout at `code` if given):
+    capacity (closed loop), then open loops at `rates` (half, overload), or at half and 3x of
+    the capacity just measured when rates is None."""
     conns = settings.connections
     with contextlib.ExitStack() as stack:
-        server = stack.enter_context(our_server(root, model, settings, max_batch_size, extra))
+        server = stack.enter_context(our_server(root, model, settings, max_batch_size, extra, code))
         target, metrics_port = server.target, server.metrics_port
         pids = {"server": server.pid}
         if gateway:

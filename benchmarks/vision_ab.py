@@ -1,0 +1,146 @@
+"""Our server as committed at a git ref vs as it is in this checkout, interleaved: an engine change's A/B.
+
+    python benchmarks/vision_ab.py --baseline main~1               # default model, ~12 minutes
+    python benchmarks/vision_ab.py --baseline v0.3 --reps 3 --no-gateway
+
+The baseline is checked out (`git worktree add --detach`) under var/bench-runs and its server
+runs from there (its packages first on PYTHONPATH); the candidate is this checkout. Both get the
+same models, load generator, flags and machine, alternating (baseline, candidate, then candidate,
+baseline, ...) so that drift in the machine's load hits both alike. Setups: one process, and
+(unless --no-gateway) --workers N processes behind snaplearn-gateway. Each measurement is
+vision_bench.py's: capacity from a closed loop with CPU per photo, then open loops at half and
+3x that capacity (its own). Prints one JSON line per measurement and a median table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from vision_bench import (
+    REPO,
+    RUNS_DIR,
+    add_server_arguments,
+    bench_ours,
+    build_gateway,
+    configured_max_batch_size,
+    load_generator,
+    log,
+    prepare_models,
+    settings_from_args,
+)
+
+
+@contextlib.contextmanager
+def checkout(ref: str) -> Iterator[Path]:
+    """A detached worktree of `ref` for the duration of the block."""
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    path = RUNS_DIR / f"ab-{sha[:12]}"
+    RUNS_DIR.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "-q", str(path), sha], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    closed, half, overload = result["closed"], result["half"], result["overload"]
+    cpu = closed.get("cpu_us_per_image", {})
+    return {
+        "capacity": round(closed["throughput"], 1),
+        "mean_batch": round(closed["server"].get("mean_batch_size", float("nan")), 1),
+        "server_cpu_us": cpu.get("server", float("nan")),
+        "half_p50_ms": round(half["p50_ms"], 1),
+        "half_p99_ms": round(half["p99_ms"], 1),
+        "goodput_share": round(overload["throughput"] / closed["throughput"], 3),
+        "refusal_p99_ms": round(overload["rejected_p99_ms"], 1),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_arguments(parser, seconds=8.0, max_batch_size=None)
+    parser.set_defaults(models="worksheet-topics")
+    parser.add_argument("--baseline", required=True, help="git ref of the baseline (e.g. main~1)")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument(
+        "--gateway",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure --workers processes behind snaplearn-gateway (needs Go)",
+    )
+    args = parser.parse_args(argv)
+    settings = settings_from_args(
+        args,
+        peers=False,
+        perf_analyzer=None,
+        perf_env={},
+        gateway=build_gateway("--gateway", "or pass --no-gateway") if args.gateway else None,
+    )
+    setups: dict[str, tuple[Any, list[str], bool]] = {"1 process": (settings, [], False)}
+    if settings.gateway is not None:
+        per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+        setups[f"{settings.workers} workers + gateway"] = (
+            per_worker,
+            ["--workers", str(settings.workers)],
+            True,
+        )
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    with load_generator(args.load_generator), checkout(args.baseline) as baseline:
+        roots = prepare_models(models)
+        # The candidate runs from this checkout's sources too (not from whatever checkout the
+        # environment's editable install points at).
+        codes = {f"baseline ({args.baseline})": baseline, "candidate": REPO}
+        for model in models:
+            max_batch_size = configured_max_batch_size(roots[model], model)
+            for rep in range(args.reps):
+                for setup, (setup_settings, extra, gateway) in setups.items():
+                    order = list(codes) if rep % 2 == 0 else list(reversed(codes))
+                    for name in order:
+                        log(f"{model}: {setup}, {name} (repetition {rep + 1})")
+                        result = bench_ours(
+                            roots[model], model, setup_settings, max_batch_size, None, extra,
+                            gateway=gateway, code=codes[name],
+                        )  # fmt: skip
+                        row = summary(result)
+                        rows.setdefault((model, setup, name), []).append(row)
+                        print(json.dumps({"model": model, "setup": setup, "code": name, **row}), flush=True)
+    print(f"{args.reps} repetition(s), {settings.seconds:g} s windows, medians")
+    print(
+        "| model | setup | code | capacity img/s | mean batch | server CPU us/img "
+        "| p50 / p99 ms at half load | goodput at 3x | refusal p99 ms at 3x |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for (model, setup, name), samples in rows.items():
+
+        def median(key: str, samples: list[dict[str, Any]] = samples) -> float:
+            return statistics.median(sample[key] for sample in samples)
+
+        print(
+            f"| {model} | {setup} | {name} | {median('capacity'):.0f} | {median('mean_batch'):.1f} "
+            f"| {median('server_cpu_us'):.0f} | {median('half_p50_ms'):.1f} / {median('half_p99_ms'):.1f} "
+            f"| {median('goodput_share'):.0%} | {median('refusal_p99_ms'):.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
