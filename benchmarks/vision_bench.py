@@ -236,14 +236,19 @@ def process(
     )
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout_s
+    last_lines: collections.deque[str] = collections.deque(maxlen=3)  # for the error, if it fails
     try:
         for line in proc.stdout:
             if ready in line:
                 break
+            last_lines.append(line.strip()[-200:])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{argv[:4]} not ready in {timeout_s}s")
         else:
-            raise RuntimeError(f"{argv[:4]} exited with {proc.wait()} before it was ready")
+            raise RuntimeError(
+                f"{argv[:4]} exited with {proc.wait()} before it was ready; its last output: "
+                + " | ".join(last_lines)
+            )
         # Keep reading: a server whose stdout pipe fills blocks on its next log line. Ray Serve
         # logs every request, and a stalled Ray driver slowed its whole app to ~15 img/s.
         threading.Thread(target=collections.deque, args=(proc.stdout, 0), daemon=True).start()
@@ -685,22 +690,25 @@ def bench_peer(
         str(settings.max_queue_delay_ms / 1000),
     ]
     env = base_env(settings.torch_threads)
+    metrics_port = free_port()
     if peer == "ray":
         target, protocol = f"127.0.0.1:{port}", "grpc"
     elif peer == "triton":
         target, protocol = f"127.0.0.1:{port}", "oip"
         env.update(settings.triton_env)
+        # Ports of its own: port + 1 may be a client's ephemeral port (the generator's last run).
+        argv += ["--http-port", str(free_port()), "--metrics-port", str(metrics_port)]
     else:
         target, protocol = f"http://127.0.0.1:{port}/predict", "http"
     with process(argv, env, "ready", timeout_s=300):
         result: dict[str, Any] = {}
         common = {"connections": settings.connections, "model": model}
-        before = scrape(port + 2) if peer == "triton" else {}
+        before = scrape(metrics_port) if peer == "triton" else {}
         result["closed"] = load(
             target, protocol, "closed", settings.seconds, concurrency=settings.concurrency, **common
         )
         if peer == "triton":  # the protocol's answers do not say; Triton's metrics do
-            result["closed"]["mean_batch_size_seen"] = triton_mean_batch(before, scrape(port + 2))
+            result["closed"]["mean_batch_size_seen"] = triton_mean_batch(before, scrape(metrics_port))
         result["half"] = load(target, protocol, "open", settings.seconds, rate=rates[0], **common)
         result["overload"] = load(target, protocol, "open", settings.seconds, rate=rates[1], **common)
     return result

@@ -158,8 +158,9 @@ def run_triton(args: argparse.Namespace) -> None:
         pixels = [model.decode_pixels(bytes(row[0])) for row in IMAGE]
         return {"PROBABILITIES": np.asarray(model.predict_pixels(pixels), dtype=np.float32)}
 
+    http_port, metrics_port = args.port + 1, args.metrics_port or args.port + 2
     config = TritonConfig(
-        grpc_port=args.port, http_port=args.port + 1, metrics_port=args.port + 2, log_verbose=0
+        grpc_port=args.port, http_port=args.http_port or http_port, metrics_port=metrics_port, log_verbose=0
     )
     with Triton(config=config) as triton:
         triton.bind(
@@ -205,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-s", type=float, default=0.005, help="max wait for a fuller batch")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="Ray: CPUs of the local cluster")
+    parser.add_argument("--http-port", type=int, default=0, help="Triton: its HTTP port (0: --port + 1)")
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="Triton: its metrics port (0: --port + 2)"
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parent))  # vision_raw, for the shared torch settings
     if args.peer == "ray":
