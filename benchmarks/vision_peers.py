@@ -158,9 +158,11 @@ def run_triton(args: argparse.Namespace) -> None:
         pixels = [model.decode_pixels(bytes(row[0])) for row in IMAGE]
         return {"PROBABILITIES": np.asarray(model.predict_pixels(pixels), dtype=np.float32)}
 
-    http_port, metrics_port = args.port + 1, args.metrics_port or args.port + 2
     config = TritonConfig(
-        grpc_port=args.port, http_port=args.http_port or http_port, metrics_port=metrics_port, log_verbose=0
+        grpc_port=args.port,
+        http_port=args.http_port or args.port + 1,
+        metrics_port=args.metrics_port or args.port + 2,
+        log_verbose=0,
     )
     with Triton(config=config) as triton:
         triton.bind(
