@@ -693,10 +693,11 @@ def bench_peer(
     metrics_port = free_port()
     if peer == "ray":
         target, protocol = f"127.0.0.1:{port}", "grpc"
+        # A port of its own: port + 1 may be a client's ephemeral port (the generator's last run).
+        argv += ["--http-port", str(free_port())]
     elif peer == "triton":
         target, protocol = f"127.0.0.1:{port}", "oip"
         env.update(settings.triton_env)
-        # Ports of its own: port + 1 may be a client's ephemeral port (the generator's last run).
         argv += ["--http-port", str(free_port()), "--metrics-port", str(metrics_port)]
     else:
         target, protocol = f"http://127.0.0.1:{port}/predict", "http"

@@ -64,7 +64,7 @@ def run_ray(args: argparse.Namespace) -> None:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     serve.start(
-        http_options=HTTPOptions(port=args.port + 1),
+        http_options=HTTPOptions(port=args.http_port or args.port + 1),
         grpc_options=gRPCOptions(port=args.port, grpc_servicer_functions=[GRPC_SERVICER]),
     )
 
@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-s", type=float, default=0.005, help="max wait for a fuller batch")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="Ray: CPUs of the local cluster")
-    parser.add_argument("--http-port", type=int, default=0, help="Triton: its HTTP port (0: --port + 1)")
+    parser.add_argument(
+        "--http-port", type=int, default=0, help="Ray, Triton: their HTTP port (0: --port + 1)"
+    )
     parser.add_argument(
         "--metrics-port", type=int, default=0, help="Triton: its metrics port (0: --port + 2)"
     )
