@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ from vision_bench import (
     load_generator,
     log,
     prepare_models,
+    print_median_table,
     settings_from_args,
 )
 
@@ -124,21 +124,18 @@ def main(argv: list[str] | None = None) -> int:
                         rows.setdefault((model, setup, name), []).append(row)
                         print(json.dumps({"model": model, "setup": setup, "code": name, **row}), flush=True)
     print(f"{args.reps} repetition(s), {settings.seconds:g} s windows, medians")
-    print(
-        "| model | setup | code | capacity img/s | mean batch | server CPU us/img "
-        "| p50 / p99 ms at half load | goodput at 3x | refusal p99 ms at 3x |"
+    print_median_table(
+        rows,
+        ["model", "setup", "code"],
+        [
+            ("capacity img/s", lambda m: f"{m('capacity'):.0f}"),
+            ("mean batch", lambda m: f"{m('mean_batch'):.1f}"),
+            ("server CPU us/img", lambda m: f"{m('server_cpu_us'):.0f}"),
+            ("p50 / p99 ms at half load", lambda m: f"{m('half_p50_ms'):.1f} / {m('half_p99_ms'):.1f}"),
+            ("goodput at 3x", lambda m: f"{m('goodput_share'):.0%}"),
+            ("refusal p99 ms at 3x", lambda m: f"{m('refusal_p99_ms'):.1f}"),
+        ],
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
-    for (model, setup, name), samples in rows.items():
-
-        def median(key: str, samples: list[dict[str, Any]] = samples) -> float:
-            return statistics.median(sample[key] for sample in samples)
-
-        print(
-            f"| {model} | {setup} | {name} | {median('capacity'):.0f} | {median('mean_batch'):.1f} "
-            f"| {median('server_cpu_us'):.0f} | {median('half_p50_ms'):.1f} / {median('half_p99_ms'):.1f} "
-            f"| {median('goodput_share'):.0%} | {median('refusal_p99_ms'):.1f} |"
-        )
     return 0
 
 

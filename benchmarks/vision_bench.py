@@ -45,6 +45,7 @@ import platform
 import shutil
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -52,7 +53,7 @@ import sysconfig
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -690,7 +691,7 @@ def bench_peer(
         str(settings.max_queue_delay_ms / 1000),
     ]
     env = base_env(settings.torch_threads)
-    metrics_port = free_port()
+    metrics_port = 0  # Triton's, scraped for its batch sizes
     if peer == "ray":
         target, protocol = f"127.0.0.1:{port}", "grpc"
         # A port of its own: port + 1 may be a client's ephemeral port (the generator's last run).
@@ -698,6 +699,7 @@ def bench_peer(
     elif peer == "triton":
         target, protocol = f"127.0.0.1:{port}", "oip"
         env.update(settings.triton_env)
+        metrics_port = free_port()
         argv += ["--http-port", str(free_port()), "--metrics-port", str(metrics_port)]
     else:
         target, protocol = f"http://127.0.0.1:{port}/predict", "http"
@@ -844,6 +846,26 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
             except Exception as error:  # a peer that fails to start is reported, not fatal
                 results[peer] = {"error": f"{type(error).__name__}: {error}"}
     return results
+
+
+Median = Callable[[str], float]  # a field's median over one row's samples
+
+
+def print_median_table(
+    rows: dict[tuple[str, ...], list[dict[str, Any]]],
+    keys: Sequence[str],
+    columns: Sequence[tuple[str, Callable[[Median], str]]],
+) -> None:
+    """Print a markdown table for the experiment scripts: a row per key tuple (headers `keys`),
+    then one cell per column, made from the medians of that row's samples."""
+    print("| " + " | ".join([*keys, *(header for header, _ in columns)]) + " |")
+    print("|" + "---|" * len(keys) + "---:|" * len(columns))
+    for key, samples in rows.items():
+
+        def median(field: str, samples: list[dict[str, Any]] = samples) -> float:
+            return statistics.median(sample[field] for sample in samples)
+
+        print("| " + " | ".join([*key, *(cell(median) for _, cell in columns)]) + " |")
 
 
 # -- main -------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from vision_bench import (
     load_generator,
     log,
     prepare_models,
+    print_median_table,
     settings_from_args,
 )
 
@@ -106,21 +106,20 @@ def main(argv: list[str] | None = None) -> int:
         f"gateway --max-in-flight {settings.gateway_max_in_flight}, {args.reps} repetition(s), "
         f"{settings.seconds:g} s windows, medians"
     )
-    print(
-        "| model | setup | gateway | capacity img/s | CPU us/img: server, gateway | p99 ms at half load "
-        "| goodput at 3x | refusal p99 ms at 3x |"
+    print_median_table(
+        rows,
+        ["model", "setup", "gateway"],
+        [
+            ("capacity img/s", lambda m: f"{m('capacity'):.0f}"),
+            (
+                "CPU us/img: server, gateway",
+                lambda m: f"{m('server_cpu_us'):.0f}, {m('gateway_cpu_us'):.0f}",
+            ),
+            ("p99 ms at half load", lambda m: f"{m('half_p99_ms'):.1f}"),
+            ("goodput at 3x", lambda m: f"{m('goodput_share'):.0%}"),
+            ("refusal p99 ms at 3x", lambda m: f"{m('refusal_p99_ms'):.1f}"),
+        ],
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for (model, setup, mode), samples in rows.items():
-
-        def median(key: str, samples: list[dict[str, Any]] = samples) -> float:
-            return statistics.median(sample[key] for sample in samples)
-
-        print(
-            f"| {model} | {setup} | {mode} | {median('capacity'):.0f} "
-            f"| {median('server_cpu_us'):.0f}, {median('gateway_cpu_us'):.0f} | {median('half_p99_ms'):.1f} "
-            f"| {median('goodput_share'):.0%} | {median('refusal_p99_ms'):.1f} |"
-        )
     return 0
 
 

@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -130,33 +130,40 @@ class Recorder:
 
 
 @contextlib.asynccontextmanager
-async def grpc_caller(target: str, connections: int = 4) -> Any:
-    # Several channels: one HTTP/2 connection per channel, as many independent clients would use
-    # (a server with worker processes behind one port spreads connections, not calls).
+async def grpc_channels(target: str, connections: int) -> AsyncIterator[list[aio.Channel]]:
+    """Several channels: one HTTP/2 connection per channel, as many independent clients would
+    use (a server with worker processes behind one port spreads connections, not calls)."""
     channels = [
         aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
         for _ in range(connections)
     ]
-    stubs = [vision_pb2_grpc.VisionServiceStub(channel) for channel in channels]
-
-    async def call(client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
-        stub = stubs[client % len(stubs)]
-        try:
-            reply = await stub.Classify(
-                vision_pb2.ClassifyRequest(user_id=f"bench-{client % 1000}", image=image), timeout=timeout_s
-            )
-        except aio.AioRpcError as error:
-            code = error.code()
-            if code == StatusCode.RESOURCE_EXHAUSTED and error.details() == GRPC_CAP_DETAILS:
-                return GRPC_CAP_STATUS, 0  # grpc's own cap refused it, before the server's code
-            return (code.name if isinstance(code, StatusCode) else str(code)), 0
-        return "OK", reply.batch_size
-
     try:
-        yield call
+        yield channels
     finally:
         for channel in channels:
             await channel.close()
+
+
+@contextlib.asynccontextmanager
+async def grpc_caller(target: str, connections: int = 4) -> Any:
+    async with grpc_channels(target, connections) as channels:
+        stubs = [vision_pb2_grpc.VisionServiceStub(channel) for channel in channels]
+
+        async def call(client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
+            stub = stubs[client % len(stubs)]
+            try:
+                reply = await stub.Classify(
+                    vision_pb2.ClassifyRequest(user_id=f"bench-{client % 1000}", image=image),
+                    timeout=timeout_s,
+                )
+            except aio.AioRpcError as error:
+                code = error.code()
+                if code == StatusCode.RESOURCE_EXHAUSTED and error.details() == GRPC_CAP_DETAILS:
+                    return GRPC_CAP_STATUS, 0  # grpc's own cap refused it, before the server's code
+                return (code.name if isinstance(code, StatusCode) else str(code)), 0
+            return "OK", reply.batch_size
+
+        yield call
 
 
 @contextlib.asynccontextmanager
@@ -164,32 +171,25 @@ async def oip_caller(target: str, model: str, connections: int = 4) -> Any:
     from snaplearn_oip import grpc_service_pb2 as oip
     from snaplearn_oip import grpc_service_pb2_grpc as oip_grpc
 
-    channels = [
-        aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(connections)
-    ]
-    stubs = [oip_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
     tensor = oip.ModelInferRequest.InferInputTensor(name="IMAGE", datatype="BYTES", shape=[1, 1])
+    async with grpc_channels(target, connections) as channels:
+        stubs = [oip_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
 
-    async def call(client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
-        # BYTES in raw_input_contents: each element is a 4-byte little-endian length + its bytes.
-        request = oip.ModelInferRequest(
-            model_name=model,
-            inputs=[tensor],
-            raw_input_contents=[len(image).to_bytes(4, "little") + image],
-        )
-        try:
-            reply = await stubs[client % len(stubs)].ModelInfer(request, timeout=timeout_s)
-        except aio.AioRpcError as error:
-            code = error.code()
-            return (code.name if isinstance(code, StatusCode) else str(code)), 0
-        return ("OK" if reply.outputs else "NO_OUTPUT"), 0  # the protocol does not say the batch
+        async def call(client: int, image: bytes, timeout_s: float) -> tuple[str, int]:
+            # BYTES in raw_input_contents: each element is a 4-byte little-endian length + bytes.
+            request = oip.ModelInferRequest(
+                model_name=model,
+                inputs=[tensor],
+                raw_input_contents=[len(image).to_bytes(4, "little") + image],
+            )
+            try:
+                reply = await stubs[client % len(stubs)].ModelInfer(request, timeout=timeout_s)
+            except aio.AioRpcError as error:
+                code = error.code()
+                return (code.name if isinstance(code, StatusCode) else str(code)), 0
+            return ("OK" if reply.outputs else "NO_OUTPUT"), 0  # the protocol does not say the batch
 
-    try:
         yield call
-    finally:
-        for channel in channels:
-            await channel.close()
 
 
 @contextlib.asynccontextmanager

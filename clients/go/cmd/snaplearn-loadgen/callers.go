@@ -74,15 +74,33 @@ type grpcCaller struct {
 	stubs  []visionv1.VisionServiceClient
 }
 
-func newGRPCCaller(target string, connections int, images [][]byte) (*grpcCaller, error) {
-	c := &grpcCaller{images: images}
+// dial opens `connections` plaintext gRPC connections to target (each its own HTTP/2 connection).
+func dial(target string, connections int) ([]*grpc.ClientConn, error) {
+	var conns []*grpc.ClientConn
 	for range connections {
 		conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
 		if err != nil {
-			c.close()
+			closeAll(conns)
 			return nil, err
 		}
-		c.conns = append(c.conns, conn)
+		conns = append(conns, conn)
+	}
+	return conns, nil
+}
+
+func closeAll(conns []*grpc.ClientConn) {
+	for _, conn := range conns {
+		conn.Close()
+	}
+}
+
+func newGRPCCaller(target string, connections int, images [][]byte) (*grpcCaller, error) {
+	conns, err := dial(target, connections)
+	if err != nil {
+		return nil, err
+	}
+	c := &grpcCaller{images: images, conns: conns}
+	for _, conn := range conns {
 		c.stubs = append(c.stubs, visionv1.NewVisionServiceClient(conn))
 	}
 	return c, nil
@@ -103,11 +121,7 @@ func (c *grpcCaller) call(client, image int, timeout time.Duration) (string, int
 	return "OK", int(reply.GetBatchSize())
 }
 
-func (c *grpcCaller) close() {
-	for _, conn := range c.conns {
-		conn.Close()
-	}
-}
+func (c *grpcCaller) close() { closeAll(c.conns) }
 
 // httpCaller POSTs {"image": base64} JSON (LitServe), over at most `connections` connections.
 type httpCaller struct {

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -100,17 +99,13 @@ type oipCaller struct {
 }
 
 func newOIPCaller(target, model string, connections int, images [][]byte) (*oipCaller, error) {
-	c := &oipCaller{}
+	conns, err := dial(target, connections)
+	if err != nil {
+		return nil, err
+	}
+	c := &oipCaller{conns: conns}
 	for _, image := range images {
 		c.requests = append(c.requests, oipInferRequest(model, image))
-	}
-	for range connections {
-		conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			c.close()
-			return nil, err
-		}
-		c.conns = append(c.conns, conn)
 	}
 	return c, nil
 }
@@ -131,8 +126,4 @@ func (c *oipCaller) call(client, image int, timeout time.Duration) (string, int)
 	return "OK", 0 // the protocol does not say how the server batched it
 }
 
-func (c *oipCaller) close() {
-	for _, conn := range c.conns {
-		conn.Close()
-	}
-}
+func (c *oipCaller) close() { closeAll(c.conns) }
