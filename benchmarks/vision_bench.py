@@ -1,6 +1,6 @@
 """The vision serving benchmark: our server vs the raw bound vs peers, side by side, in one run.
 
-    python benchmarks/vision_bench.py                      # everything; ~10 minutes
+    python benchmarks/vision_bench.py                      # everything; ~20 minutes a run
     python benchmarks/vision_bench.py --models mobilenet_v3_small --seconds 10 --no-peers
 
 Installs what it needs itself (the `bench` extra: Ray Serve, LitServe, aiohttp, matplotlib;
@@ -11,7 +11,11 @@ for each model measures, one after the other on this machine:
   raw      decode + preprocess + forward in a tight loop at the best batch size, no server
            (the servers batch up to the model's configured max batch size)
   ours-1   our server with batching off (max batch size 1)
-  ours     our server with dynamic batching (the model's own limits)
+  ours     our server with dynamic batching (the model's own limits), one process
+  ours-workers      --workers N processes behind one port (N = --workers, default 2)
+  ours-gateway-one  one process behind clients/go/cmd/snaplearn-gateway (--gateway), Triton's
+                    shape: a native front end and one Python process holding one model copy
+  ours-gateway      the N worker processes behind the gateway
   ray      Ray Serve, gRPC proxy, @serve.batch          (benchmarks/vision_peers.py)
   litserve LitServe, HTTP, LitAPI batching              (benchmarks/vision_peers.py)
   triton   NVIDIA Triton via PyTriton, Open Inference Protocol gRPC, Triton's dynamic batcher
@@ -822,18 +826,16 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
         results["ours-workers"] = bench_ours(root, model, per_worker, max_batch_size, None, workers)
         results["workers"] = settings.workers
     if settings.gateway is not None:
-        log(f"{model}: ours, {settings.workers} worker process(es) behind the gateway")
-        per_worker = dataclasses.replace(
-            settings,
-            decode_threads=settings.worker_decode_threads
-            if settings.workers > 1
-            else settings.decode_threads,
-        )
-        workers = ["--workers", str(settings.workers)]
-        results["ours-gateway"] = bench_ours(
-            root, model, per_worker, max_batch_size, None, workers, gateway=True
-        )
-        results["workers"] = settings.workers
+        # Triton's shape: a native front end and one Python process with one model copy.
+        log(f"{model}: ours, one process behind the gateway")
+        results["ours-gateway-one"] = bench_ours(root, model, settings, max_batch_size, None, gateway=True)
+        if settings.workers > 1:
+            log(f"{model}: ours, {settings.workers} worker processes behind the gateway")
+            per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+            workers = ["--workers", str(settings.workers)]
+            results["ours-gateway"] = bench_ours(
+                root, model, per_worker, max_batch_size, None, workers, gateway=True
+            )
     log(f"{model}: ours, batching off")
     results["ours-1"] = bench_ours(root, model, settings, 1, rates)
     if settings.peers:
@@ -911,8 +913,8 @@ def main(argv: list[str] | None = None) -> int:
         "--gateway",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also measure --workers worker processes behind clients/go/cmd/snaplearn-gateway "
-        "(built with `go build`; needs Go)",
+        help="also measure one process and the --workers worker processes behind "
+        "clients/go/cmd/snaplearn-gateway (built with `go build`; needs Go)",
     )
     parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
     parser.add_argument("--no-peers", action="store_true")

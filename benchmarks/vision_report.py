@@ -18,6 +18,7 @@ from typing import Any
 SERVERS = {
     "ours": "SnapLearn, dynamic batching",
     "ours-workers": "SnapLearn, dynamic batching, worker processes",
+    "ours-gateway-one": "SnapLearn, one process behind snaplearn-gateway",
     "ours-gateway": "SnapLearn, worker processes behind snaplearn-gateway",
     "ours-1": "SnapLearn, batching off",
     "ray": "Ray Serve (gRPC)",
@@ -25,6 +26,8 @@ SERVERS = {
     "triton": "NVIDIA Triton (PyTriton, OIP gRPC)",
 }
 PEERS = ("ray", "litserve", "triton")
+# Our configurations that the targets are checked for, in the targets table's column order.
+CONFIGURATIONS = ("ours", "ours-workers", "ours-gateway-one", "ours-gateway")
 # What the numbers cannot say: how the tools were obtained, and what was not measured.
 NOTES = """\
 - perf_analyzer (Triton's own C++ load generator) is the binary of the tritonclient 2.41.0
@@ -196,24 +199,25 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             f" Worker processes: `--workers {meta['workers']}` behind one port (SO_REUSEPORT), each "
             f"with {meta['worker_decode_threads']} decode thread(s), its own model copy and the same "
             "limits per worker."
-            + (
-                " Gateway: clients/go/cmd/snaplearn-gateway (Go, GOMAXPROCS=1) in front of the worker "
-                f"processes, refusing inference calls beyond {meta['gateway_max_in_flight']} in flight "
-                "(RESOURCE_EXHAUSTED), and carrying the rest as items of one ClassifyStream per worker "
-                "process (its 16 connections to them grouped by the process each reaches, "
-                "`--classify-stream` and `--group-by-process`, its defaults; DECISIONS D20, D22)."
-                if meta.get("gateway_max_in_flight")
-                else ""
-            )
             if meta.get("workers", 1) > 1
+            else ""
+        )
+        + (
+            " Gateway: clients/go/cmd/snaplearn-gateway (Go, GOMAXPROCS=1) in front of one process "
+            "and of the worker processes, refusing inference calls beyond "
+            f"{meta['gateway_max_in_flight']} in flight (RESOURCE_EXHAUSTED), and carrying the rest "
+            "as items of one ClassifyStream per server process (its 16 connections grouped by the "
+            "process each reaches, `--classify-stream` and `--group-by-process`, its defaults; "
+            "DECISIONS D20, D22)."
+            if meta.get("gateway_max_in_flight")
             else ""
         ),
         "",
         f"Load ({GENERATOR_NAMES[generator(meta)]}; real JPEG photos of 320x240, ~10 KB): "
         f"capacity is a closed loop of {meta['concurrency']} callers; latency and overload are open "
         "loops (fixed rate, 5 s deadline per request) at half of our (one process) capacity and at "
-        "three times it, the same absolute rates for every server (worker processes, with or without "
-        f"the gateway: half and 3x of their own capacity); {fmt(meta['seconds'], 0)} s windows "
+        "three times it, the same absolute rates for every server (our other configurations: half "
+        f"and 3x of their own capacity); {fmt(meta['seconds'], 0)} s windows "
         "after a 3 s warm-up, every request started in the window counted."
         + (
             f" gRPC over {meta['connections']} connections: a closed loop's caller keeps one (one "
@@ -320,7 +324,7 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
 
 
 def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for one of our configurations ("ours" or "ours-workers")."""
+    """(target, measured, met) for one of our CONFIGURATIONS."""
     peers = [p for p in PEERS if all(p in run and "error" not in run[p] for run in runs)]
     delay_ms = pick(runs[0], "max_queue_delay_ms")
     half_p99 = median([pick(run[ours], "half.p99_ms") for run in runs])
@@ -350,12 +354,13 @@ def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str,
 
 
 def targets(runs: list[dict[str, Any]]) -> list[str]:
-    configurations = [c for c in ("ours", "ours-workers", "ours-gateway") if all(c in run for run in runs)]
+    configurations = [c for c in CONFIGURATIONS if all(c in run for run in runs)]
     checks = {c: target_checks(runs, c) for c in configurations}
     workers = runs[0].get("workers", "?")
     names = {
         "ours": "one process",
         "ours-workers": f"{workers} worker processes",
+        "ours-gateway-one": "one process behind the gateway",
         "ours-gateway": f"{workers} worker processes behind the gateway",
     }
     lines = [
@@ -391,15 +396,14 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(runs[0])
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(8.5 * len(models), 4.8), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         per_run = [run[model] for run in runs]
         names = [n for n in SERVERS if all(n in r and "error" not in r[n] for r in per_run)]
         values = [median([pick(r[n], "closed.throughput") for r in per_run]) for n in names]
         labels = [SERVERS[n].replace(", ", "\n").replace(" (", "\n(") for n in names]
-        ax.bar(
-            labels, values, color=["#2a7", "#175", "#4b9", "#8c8", "#57c", "#c75", "#76b900"][: len(names)]
-        )
+        colors = ["#2a7", "#175", "#396", "#4b9", "#8c8", "#57c", "#c75", "#76b900"]
+        ax.bar(labels, values, color=colors[: len(names)])
         raw = median([pick(r["raw"], "images_per_s") for r in per_run])
         ax.axhline(raw, color="k", linestyle="--", label="raw bound (no server)")
         ax.set_title(f"{model}: capacity, closed loop (median of runs)")

@@ -75,15 +75,32 @@ def test_the_committed_report_re_renders_with_a_column_per_configuration() -> No
     saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())  # committed
     report = vision_report.report(saved["runs"], saved["meta"])
     configurations = [
-        c
-        for c in ("ours", "ours-workers", "ours-gateway")
-        if c in saved["runs"][0][next(iter(saved["runs"][0]))]
+        c for c in vision_report.CONFIGURATIONS if c in saved["runs"][0][next(iter(saved["runs"][0]))]
     ]
     header = next(line for line in report.splitlines() if line.startswith("| target |"))
     assert header.count("|") == len(configurations) + 2
     for model in saved["runs"][0]:
         assert f"## {model}" in report
     assert report.count("| capacity >= 90% of the raw bound |") == len(saved["runs"][0])
+
+
+def test_one_process_behind_the_gateway_has_a_targets_column_of_its_own() -> None:
+    runs = [
+        run(
+            ours=configuration(800.0, 8.0, 2.0, 900.0, 300.0),
+            **{"ours-gateway-one": configuration(1200.0, 20.0, 2.0, 6.0, 1100.0)},
+        )
+    ]
+    targets = vision_report.targets(runs)
+    header = next(line for line in targets if line.startswith("| target |"))
+    assert header == "| target | one process | one process behind the gateway |"
+    capacity = next(line for line in targets if line.startswith("| capacity above every peer |"))
+    assert capacity == (
+        "| capacity above every peer | **missed**: 1.60x ray, 0.89x litserve "
+        "| met: 2.40x ray, 1.33x litserve |"
+    )
+    refusal = next(line for line in targets if line.startswith("| refusals at 3x"))
+    assert refusal.endswith("| **missed**: 900.0 ms | met: 6.0 ms |")
 
 
 def test_cpu_per_photo_is_tabled_for_our_configurations_when_measured() -> None:
