@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    with load_generator(args.load_generator), checkout(args.baseline) as baseline:
+    with load_generator(args.load_generator, cpus=args.generator_cpus), checkout(args.baseline) as baseline:
         roots = prepare_models(models)
         # The candidate runs from this checkout's sources too (not from whatever checkout the
         # environment's editable install points at).

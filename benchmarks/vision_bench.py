@@ -297,12 +297,27 @@ def build_go_loadgen() -> Path:
     return build_go_command("snaplearn-loadgen", "--load-generator go", hint)
 
 
+def cpu_list(text: str) -> frozenset[int]:
+    """--generator-cpus: "0" or "0,2" -> {0} or {0, 2}."""
+    try:
+        cpus = frozenset(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers such as 0 or 0,2, got {text!r}") from None
+    if not cpus:
+        raise argparse.ArgumentTypeError("expected at least one CPU number")
+    return cpus
+
+
 @contextlib.contextmanager
-def load_generator(name: str, nice: int = 0) -> Iterator[None]:
+def load_generator(name: str, nice: int = 0, cpus: frozenset[int] | None = None) -> Iterator[None]:
     """Make load() use generator `name` ("go" or "python") inside the block, at niceness `nice`
     (0: as this process; negative needs root). For "go": build the binary once and write
     vision_load.photos() once, as 000.jpg..., into a scratch directory under var/bench-runs that
-    the block's load() calls share (removed afterwards)."""
+    the block's load() calls share (removed afterwards).
+
+    cpus: the generator runs alone on these CPUs (taskset) and this process, with everything
+    it starts inside the block (servers, gateway, peers, the raw bound), on the others, as if
+    the callers were on machines of their own; None: everyone shares every CPU."""
     global _load_command
     if name not in LOAD_GENERATORS:
         raise ValueError(f"load generator {name!r} is not one of {LOAD_GENERATORS}")
@@ -319,6 +334,17 @@ def load_generator(name: str, nice: int = 0) -> Iterator[None]:
             command = [str(binary), "--photos", tmp]
         if nice:
             command = ["nice", "-n", str(nice), *command]
+        if cpus is not None:
+            allowed = os.sched_getaffinity(0)
+            rest = allowed - cpus
+            if not cpus <= allowed or not rest:
+                raise SystemExit(
+                    f"--generator-cpus {sorted(cpus)}: this process may run on CPUs {sorted(allowed)}; "
+                    "the generator's CPUs must be among them and leave at least one for the servers"
+                )
+            command = ["taskset", "-c", ",".join(map(str, sorted(cpus))), *command]
+            os.sched_setaffinity(0, rest)
+            stack.callback(os.sched_setaffinity, 0, allowed)
         previous, _load_command = _load_command, command
         try:
             yield
@@ -452,6 +478,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, seconds: float, max_ba
     )
     parser.add_argument(
         "--worker-decode-threads", type=int, default=1, help="decode threads per worker process"
+    )
+    parser.add_argument(
+        "--generator-cpus",
+        type=cpu_list,
+        default=None,
+        help="run the load generator alone on these CPUs (e.g. 0) and the servers, gateway, peers "
+        "and raw bound on the others, as if the callers were elsewhere (default: all share all)",
     )
     parser.add_argument(
         "--load-generator",
@@ -927,7 +960,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-perf-analyzer", action="store_true")
     parser.add_argument("--out", type=Path, default=DOCS)
     args = parser.parse_args(argv)
-    with load_generator(args.load_generator):  # first: a failed Go build stops before the setup
+    # First: a failed Go build stops before the setup.
+    with load_generator(args.load_generator, cpus=args.generator_cpus):
         runs, perf_note = bench_runs(args)
     meta = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
@@ -942,6 +976,7 @@ def main(argv: list[str] | None = None) -> int:
         "gateway_max_in_flight": args.gateway_max_in_flight if args.gateway else None,
         "seconds": args.seconds,
         "load_generator": args.load_generator,
+        "generator_cpus": sorted(args.generator_cpus) if args.generator_cpus else None,
         "notes": perf_note,
         "command": ("python benchmarks/vision_bench.py " + " ".join(argv)).strip(),
     }

@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         else None,
         gateway_max_in_flight=behind if behind is not None else 128,
     )
-    with load_generator(args.load_generator, args.generator_nice):  # first: a failed Go build stops early
+    # First: a failed Go build stops early.
+    with load_generator(args.load_generator, args.generator_nice, args.generator_cpus):
         table = experiment(args, settings)
     print(f"load generator: {args.load_generator}, niceness {args.generator_nice}")
     print(

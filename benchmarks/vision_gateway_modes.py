@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         setups[f"{settings.workers} workers"] = (per_worker, ["--workers", str(settings.workers)])
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
-    with load_generator(args.load_generator):
+    with load_generator(args.load_generator, cpus=args.generator_cpus):
         roots = prepare_models(models)
         for model in models:
             max_batch_size = configured_max_batch_size(roots[model], model)

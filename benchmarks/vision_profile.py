@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows = []
-    with load_generator(args.load_generator):
+    with load_generator(args.load_generator, cpus=args.generator_cpus):
         roots = prepare_models(models)
         for model in models:
             ones, twos = [], []

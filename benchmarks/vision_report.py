@@ -224,6 +224,13 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             "phone each), an open loop's requests take them in turn."
             if "connections" in meta
             else ""
+        )
+        + (
+            f" The load generator ran alone on CPU(s) {', '.join(map(str, meta['generator_cpus']))} "
+            "(`--generator-cpus`, taskset), everything else (servers, gateway, peers, the raw bound) "
+            "on the other(s), as if the callers were on machines of their own."
+            if meta.get("generator_cpus")
+            else ""
         ),
         "",
     ]

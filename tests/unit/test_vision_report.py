@@ -142,3 +142,12 @@ def test_triton_counts_among_the_peers_once_it_ran() -> None:
         target: (measured, met) for target, measured, met in vision_report.target_checks(failed, "ours")
     }
     assert checks["capacity above every peer"] == ("1.90x ray, 1.06x litserve", True)
+
+
+def test_a_run_with_the_generator_on_cpus_of_its_own_says_so() -> None:
+    saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
+    assert "the load generator ran alone" not in vision_report.report(saved["runs"], saved["meta"]).lower()
+    meta = {**saved["meta"], "generator_cpus": [0]}
+    assert "The load generator ran alone on CPU(s) 0 (`--generator-cpus`, taskset)" in vision_report.report(
+        saved["runs"], meta
+    )

@@ -1,0 +1,55 @@
+"""benchmarks/vision_bench.py --generator-cpus: the load generator alone on its CPUs, every
+other process the benchmark starts on the rest (real affinities, read back from the kernel)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import vision_bench  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+PRINT_CPUS = "import os; print(sorted(os.sched_getaffinity(0)))"
+
+
+def cpus_of(prefix: list[str]) -> str:
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", PRINT_CPUS], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+def test_the_generator_runs_on_its_cpus_and_everything_else_on_the_others() -> None:
+    allowed = os.sched_getaffinity(0)
+    if len(allowed) < 2:
+        pytest.skip(f"needs 2 or more CPUs to split; this process may run on {sorted(allowed)} only")
+    generator_cpu = min(allowed)
+    with vision_bench.load_generator("python", cpus=frozenset({generator_cpu})):
+        command = vision_bench._load_command
+        assert command[:3] == ["taskset", "-c", str(generator_cpu)]
+        assert command[3:] == [vision_bench.PY, str(vision_bench.BENCH_DIR / "vision_load.py")]
+        assert cpus_of(command[:3]) == str([generator_cpu])  # the generator, alone
+        assert cpus_of([]) == str(sorted(allowed - {generator_cpu}))  # a server started now
+    assert os.sched_getaffinity(0) == allowed  # restored after the block
+    assert vision_bench._load_command[0] != "taskset"
+
+
+def test_generator_cpus_that_leave_none_for_the_servers_are_refused() -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    refused = pytest.raises(SystemExit, match="leave at least one for the servers")
+    with refused, vision_bench.load_generator("python", cpus=allowed):
+        pass
+    assert os.sched_getaffinity(0) == allowed
+
+
+def test_cpu_lists_parse_or_say_what_is_expected() -> None:
+    assert vision_bench.cpu_list("0") == {0}
+    assert vision_bench.cpu_list("0, 2") == {0, 2}
+    for bad in ("", "zero", "0-1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="CPU number"):
+            vision_bench.cpu_list(bad)
