@@ -5,6 +5,7 @@ import (
 	"io"
 	"net"
 	"net/http/httptest"
+	"runtime/debug"
 	"strconv"
 	"strings"
 	"sync"
@@ -274,6 +275,7 @@ func TestFlagsAreValidated(t *testing.T) {
 		{"--backend", "x:1", "--admit", "Classify"},
 		{"--backend", "x:1", "extra"},
 		{"--backend", "x:1", "--stream-max-age", "0"},
+		{"--backend", "x:1", "--gc-percent", "-1"},
 	} {
 		if _, err := parseArgs(args, io.Discard); err == nil {
 			t.Errorf("%v: accepted", args)
@@ -282,5 +284,39 @@ func TestFlagsAreValidated(t *testing.T) {
 	o, err := parseArgs([]string{"--backend", "a:1, b:2", "--admit", "/p.S/M"}, io.Discard)
 	if err != nil || len(o.backends) != 2 || o.backends[1] != "b:2" || len(o.admitted) != 1 {
 		t.Fatalf("%+v %v", o, err)
+	}
+}
+
+func TestTheGCTargetIsGosOwnUnlessTheFlagOrItsVariableSetsIt(t *testing.T) {
+	gcPercent := func(args ...string) int {
+		t.Helper()
+		o, err := parseArgs(append([]string{"--backend", "x:1"}, args...), io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return o.gcPercent
+	}
+	if got := gcPercent(); got != 0 {
+		t.Errorf("default: %d, want 0 (Go's own)", got)
+	}
+	if got := gcPercent("--gc-percent", "400"); got != 400 {
+		t.Errorf("--gc-percent 400: %d", got)
+	}
+	t.Setenv("SNAPLEARN_GATEWAY_GC_PERCENT", "250")
+	if got := gcPercent(); got != 250 {
+		t.Errorf("SNAPLEARN_GATEWAY_GC_PERCENT=250: %d", got)
+	}
+}
+
+func TestTheGCTargetIsAppliedOnlyWhenSet(t *testing.T) {
+	previous := debug.SetGCPercent(100)
+	t.Cleanup(func() { debug.SetGCPercent(previous) })
+	applyGCTarget(0)
+	if got := debug.SetGCPercent(100); got != 100 {
+		t.Errorf("0 changed Go's GC target to %d", got)
+	}
+	applyGCTarget(400)
+	if got := debug.SetGCPercent(100); got != 400 {
+		t.Errorf("GC target after applyGCTarget(400): %d", got)
 	}
 }
