@@ -26,6 +26,7 @@ SERVERS = {
     "triton": "NVIDIA Triton (PyTriton, OIP gRPC)",
 }
 PEERS = ("ray", "litserve", "triton")
+VERDICTS = {True: "met", False: "**missed**", None: "not checked"}
 # Our configurations that the targets are checked for, in the targets table's column order.
 CONFIGURATIONS = ("ours", "ours-workers", "ours-gateway-one", "ours-gateway")
 # What the numbers cannot say: how the tools were obtained, and what was not measured.
@@ -331,7 +332,8 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
 
 
 def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool]]:
-    """(target, measured, met) for one of our CONFIGURATIONS."""
+    """(target, measured, met) for one of our CONFIGURATIONS; met is None where nothing was
+    measured to check it against (no peer ran)."""
     peers = [p for p in PEERS if all(p in run and "error" not in run[p] for run in runs)]
     delay_ms = pick(runs[0], "max_queue_delay_ms")
     half_p99 = median([pick(run[ours], "half.p99_ms") for run in runs])
@@ -347,7 +349,7 @@ def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str,
         (
             "capacity above every peer",
             ", ".join(f"{fmt(r, 2)}x {p}" for p, r in vs_peers.items()) or "no peer ran",
-            bool(vs_peers) and all(r > 1 for r in vs_peers.values()),
+            all(r > 1 for r in vs_peers.values()) if vs_peers else None,
         ),
         (
             "p99 at half load <= max queue delay + 2 x batch compute",
@@ -378,9 +380,7 @@ def targets(runs: list[dict[str, Any]]) -> list[str]:
         "|---|" + "---|" * len(configurations),
     ]
     for row, (target, _, _) in enumerate(checks["ours"]):
-        cells = [
-            f"{'met' if checks[c][row][2] else '**missed**'}: {checks[c][row][1]}" for c in configurations
-        ]
+        cells = [f"{VERDICTS[checks[c][row][2]]}: {checks[c][row][1]}" for c in configurations]
         lines.append(f"| {target} | " + " | ".join(cells) + " |")
     return lines
 

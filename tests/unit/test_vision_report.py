@@ -151,3 +151,13 @@ def test_a_run_with_the_generator_on_cpus_of_its_own_says_so() -> None:
     assert "The load generator ran alone on CPU(s) 0 (`--generator-cpus`, taskset)" in vision_report.report(
         saved["runs"], meta
     )
+
+
+def test_without_peers_the_peer_target_is_not_checked_rather_than_missed() -> None:
+    lonely = run(ours=configuration(950.0, 8.0, 2.0, 5.0, 900.0))
+    for peer in ("ray", "litserve"):
+        del lonely[peer]
+    checks = vision_report.target_checks([lonely], "ours")
+    assert ("capacity above every peer", "no peer ran", None) in checks
+    row = next(line for line in vision_report.targets([lonely]) if "above every peer" in line)
+    assert row == "| capacity above every peer | not checked: no peer ran |"
