@@ -331,7 +331,7 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
     return [*lines, "", *targets(runs), ""]
 
 
-def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool]]:
+def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool | None]]:
     """(target, measured, met) for one of our CONFIGURATIONS; met is None where nothing was
     measured to check it against (no peer ran)."""
     peers = [p for p in PEERS if all(p in run and "error" not in run[p] for run in runs)]
