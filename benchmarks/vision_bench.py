@@ -64,6 +64,7 @@ from typing import Any
 from snaplearn_common.metrics import scrape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from latency_split import client_layer, split
 from vision_report import write
 
 REPO = Path(__file__).resolve().parents[1]
@@ -601,6 +602,7 @@ def our_server(
 class OurGateway:
     target: str
     pid: int
+    metrics_port: int
 
 
 @contextlib.contextmanager
@@ -619,7 +621,7 @@ def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> 
         *extra,
     ]  # fmt: skip
     with process(argv, {**os.environ, "GOMAXPROCS": "1"}, "gateway ready") as proc:
-        yield OurGateway(f"127.0.0.1:{port}", proc.pid)
+        yield OurGateway(f"127.0.0.1:{port}", proc.pid, metrics_port)
 
 
 def process_tree_cpu_s(pid: int) -> float:
@@ -682,9 +684,10 @@ def bench_ours(
         server = stack.enter_context(our_server(root, model, settings, max_batch_size, extra, code))
         target, metrics_port = server.target, server.metrics_port
         pids = {"server": server.pid}
+        ports = {"server": metrics_port}
         if gateway:
             front = stack.enter_context(our_gateway(settings, server.target, gateway_extra))
-            target, pids["gateway"] = front.target, front.pid
+            target, pids["gateway"], ports["gateway"] = front.target, front.pid, front.metrics_port
         result: dict[str, Any] = {"closed": {}}
         before = scrape(metrics_port)
         with cpu_per_image(pids, result["closed"]):
@@ -694,9 +697,13 @@ def bench_ours(
         capacity = result["closed"]["throughput"]
         half, overload = rates if rates is not None else (capacity / 2, capacity * 3)
         result["rates"] = {"half": half, "overload": overload}
-        before = scrape(metrics_port)
+        befores = {process: scrape(port) for process, port in ports.items()}
         result["half"] = load(target, "grpc", "open", settings.seconds, rate=half, connections=conns)
-        result["half"]["server"] = batch_stats(before, scrape(metrics_port))
+        afters = {process: scrape(port) for process, port in ports.items()}
+        result["half"]["server"] = batch_stats(befores["server"], afters["server"])
+        # Where the half-load latency goes, layer by layer (the p99 target is judged there).
+        windows = {process: (befores[process], afters[process]) for process in ports}
+        result["half"]["split"] = {"client": client_layer(result["half"]), **split(windows)}
         before = scrape(metrics_port)
         result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload, connections=conns)
         result["overload"]["server"] = batch_stats(before, scrape(metrics_port))

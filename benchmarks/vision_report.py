@@ -15,6 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from latency_split import LAYERS
+
 SERVERS = {
     "ours": "SnapLearn, dynamic batching",
     "ours-workers": "SnapLearn, dynamic batching, worker processes",
@@ -310,6 +313,7 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
                 f"| {SERVERS[name]} | {cell(runs, name, 'closed.cpu_us_per_image.server')} | {gateway} "
                 f"| {cell(runs, name, 'closed.cpu_us_per_image.generator')} |"
             )
+    lines += half_load_split(runs, ours)
     half = runs[0]["ours"]["half"].get("server", {})
     lines += [
         "",
@@ -329,6 +333,32 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
     elif analyzer and analyzer[0]:
         lines.append(f"perf_analyzer failed: `{analyzer[0].get('error', '')[-200:]}`")
     return [*lines, "", *targets(runs), ""]
+
+
+def half_load_split(runs: list[dict[str, Any]], ours: list[str]) -> list[str]:
+    """Where each of our configurations spends its half-load latency, layer by layer."""
+    measured = [name for name in ours if any("split" in run.get(name, {}).get("half", {}) for run in runs)]
+    if not measured:
+        return []
+    layers = ["client", *(layer for layer, _, _ in LAYERS)]
+    lines = [
+        "",
+        "Where the half-load latency goes: p50 / p99 ms per layer (medians over runs; the client's",
+        "exact, the others read from the processes' histograms, benchmarks/latency_split.py). The",
+        "gateway's own time is `gateway call` minus `gateway -> backend`; the server handler's parts",
+        "are decode, queue wait and batch compute (per batch); the rest is the event loop's queue:",
+        "",
+        f"| server | {' | '.join(layers)} |",
+        "|---|" + "---|" * len(layers),
+    ]
+    for name in measured:
+        cells = []
+        for layer in layers:
+            p50 = median([pick(run.get(name, {}), f"half.split.{layer}.p50_ms") for run in runs])
+            p99 = median([pick(run.get(name, {}), f"half.split.{layer}.p99_ms") for run in runs])
+            cells.append("-" if p99 != p99 else f"{fmt(p50)} / {fmt(p99)}")
+        lines.append(f"| {SERVERS[name]} | {' | '.join(cells)} |")
+    return lines
 
 
 def target_checks(runs: list[dict[str, Any]], ours: str) -> list[tuple[str, str, bool | None]]:

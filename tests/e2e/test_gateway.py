@@ -144,6 +144,16 @@ async def test_answers_errors_and_health_pass_through_and_excess_calls_are_refus
     assert gateway['snaplearn_gateway_requests_total{code="OK"}'] == 3
     assert gateway['snaplearn_gateway_requests_total{code="INVALID_ARGUMENT"}'] == 1
     assert gateway["snaplearn_gateway_in_flight"] == 0
+    # Every forwarded call is timed, in the gateway and at the backend; the refused one is not.
+    for histogram in ("snaplearn_gateway_request_seconds", "snaplearn_gateway_backend_seconds"):
+        assert gateway[f"{histogram}_count"] == 4
+        assert gateway[f'{histogram}_bucket{{le="+Inf"}}'] == 4
+    # The gateway's time holds the backend's (the two held calls waited in it for the gate).
+    assert (
+        gateway["snaplearn_gateway_request_seconds_sum"]
+        >= gateway["snaplearn_gateway_backend_seconds_sum"]
+        > 0
+    )
     # The calls were items of the gateway's ClassifyStreams (one per backend connection).
     assert 1 <= gateway["snaplearn_gateway_classify_streams_opened_total"] <= GATEWAY_BACKEND_CONNECTIONS
 

@@ -170,7 +170,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 func newProxy(o options) (*proxy, error) {
 	p := &proxy{
 		admitted: map[string]bool{}, maxInFlight: int64(o.maxInFlight), refusal: refusalFor(int64(o.maxInFlight)),
-		stats: &stats{}, multiplexed: o.classifyStream, groupByProcess: o.groupByProcess,
+		stats: newStats(), multiplexed: o.classifyStream, groupByProcess: o.groupByProcess,
 	}
 	for _, m := range o.admitted {
 		p.admitted[m] = true

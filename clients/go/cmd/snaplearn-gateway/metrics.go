@@ -15,6 +15,15 @@ import (
 type stats struct {
 	byCode  [17]atomic.Uint64 // admitted calls forwarded, by the status they ended with
 	refused atomic.Uint64     // admitted calls refused at the in-flight limit
+	// Where an admitted call's time goes: all of it in the gateway (from the call's arrival
+	// to its answer), and the part spent waiting on the backend (from handing the request
+	// on to the backend's answer); the rest is the gateway's own.
+	callTime    *histogram
+	backendTime *histogram
+}
+
+func newStats() *stats {
+	return &stats{callTime: newHistogram(), backendTime: newHistogram()}
 }
 
 func (s *stats) count(err error) {
@@ -42,6 +51,10 @@ func (p *proxy) metricsHandler(w http.ResponseWriter, _ *http.Request) {
 	b.WriteString("# HELP snaplearn_gateway_max_in_flight Inference calls forwarded at once before refusing.\n")
 	b.WriteString("# TYPE snaplearn_gateway_max_in_flight gauge\n")
 	fmt.Fprintf(&b, "snaplearn_gateway_max_in_flight %d\n", p.maxInFlight)
+	p.stats.callTime.write(&b, "snaplearn_gateway_request_seconds",
+		"Admitted inference calls forwarded: seconds from the call's arrival to its answer.")
+	p.stats.backendTime.write(&b, "snaplearn_gateway_backend_seconds",
+		"Admitted inference calls forwarded: seconds from handing the request to a backend to its answer.")
 	if p.conns[0].mux != nil {
 		var opened uint64
 		for _, c := range p.conns {

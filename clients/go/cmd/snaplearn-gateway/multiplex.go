@@ -537,11 +537,13 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 	}
 	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
 	call.deadline, _ = ctx.Deadline()
+	handedOn := time.Now()
 	if err := backend.mux.submit(ctx, call); err != nil {
 		return err
 	}
 	select {
 	case r := <-call.done:
+		p.stats.backendTime.observe(time.Since(handedOn))
 		if r.code != codes.OK {
 			return status.Error(r.code, r.message)
 		}

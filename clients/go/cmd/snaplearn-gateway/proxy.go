@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -103,6 +104,7 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 		return p.refusal
 	}
 	defer p.inFlight.Add(-1)
+	arrived := time.Now()
 	var err error
 	if p.multiplexed && method == classifyMethod {
 		backend := p.pickStream()
@@ -113,6 +115,7 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 		err = p.forwardUnary(outgoingContext(stream.Context()), stream, method, p.pick())
 	}
 	p.stats.count(err)
+	p.stats.callTime.observe(time.Since(arrived))
 	return err
 }
 
@@ -125,8 +128,10 @@ func (p *proxy) forwardUnary(ctx context.Context, stream grpc.ServerStream, meth
 	backend.inFlight.Add(1)
 	defer backend.inFlight.Add(-1)
 	var header, trailer metadata.MD
+	handedOn := time.Now()
 	err := backend.conn.Invoke(ctx, method, &in, &out,
 		grpc.ForceCodec(rawCodec{}), grpc.Header(&header), grpc.Trailer(&trailer))
+	p.stats.backendTime.observe(time.Since(handedOn))
 	if len(header) > 0 {
 		if sendErr := stream.SendHeader(header); sendErr != nil && err == nil {
 			return sendErr

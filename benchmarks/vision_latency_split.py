@@ -1,0 +1,144 @@
+"""Where the half-load latency goes: client, gateway, server handler, decode, queue, compute.
+
+    python benchmarks/vision_latency_split.py                          # default model, 2 reps
+    python benchmarks/vision_latency_split.py --models mobilenet_v3_small --reps 3
+    python benchmarks/vision_latency_split.py --generator-cpus 0 --workers 1   # generator apart
+
+The target "p99 at half load <= max queue delay + 2 x batch compute" is judged on the client's
+p99; this says which layer the rest of that p99 is spent in. Per model, the setups (one
+process, one process behind snaplearn-gateway, and with --workers N > 1 the worker processes
+direct and behind the gateway) run interleaved (a, b, ... then reversed) so that drift in the
+machine's load hits all alike. Each is vision_bench.py's measurement (capacity from a closed
+loop, then an open loop at half of it, then 3x); around the half-load window both the server's
+and the gateway's /metrics are scraped and each latency histogram gives the window's p50 and
+p99 (benchmarks/latency_split.py: interpolated in 5-25 ms wide buckets between 5 and 100 ms).
+
+Reading the layers (all p50 / p99 ms, medians over repetitions):
+  client             the load generator's own measure (exact);
+  gateway call       arrival at the gateway to its answer; minus `gateway -> backend` is the
+                     gateway's own time;
+  gateway -> backend handing the request on to the backend's answer; minus `server handler`
+                     is the connection, grpc's core and the event loop's queue in the server;
+  server handler     the handler's time (a Classify call or a ClassifyStream item);
+  decode, queue wait, batch compute   its parts (batch compute is per batch, not per request);
+                     the rest of the handler is waiting on the event loop and thread hand-offs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from latency_split import LAYERS
+from vision_bench import (
+    add_server_arguments,
+    bench_ours,
+    build_gateway,
+    configured_max_batch_size,
+    load_generator,
+    log,
+    prepare_models,
+    print_median_table,
+    settings_from_args,
+)
+
+LAYER_NAMES = ("client", *(layer for layer, _, _ in LAYERS))
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """One measurement as flat fields: the half-load split (NaN for a layer the setup lacks),
+    the half-load rate, the bound the p99 target uses, capacity."""
+    half = result["half"]
+    row: dict[str, Any] = {
+        "capacity": round(result["closed"]["throughput"], 1),
+        "half_rate": round(result["rates"]["half"], 1),
+        "mean_batch": half["server"].get("mean_batch_size"),
+        "batch_compute_mean_ms": half["server"].get("mean_batch_compute_ms"),
+        "send_lag_p99_ms": half.get("send_lag_p99_ms"),
+    }
+    for layer in LAYER_NAMES:
+        stats = half["split"].get(layer, {})
+        for stat in ("p50_ms", "p99_ms"):
+            row[f"{layer}|{stat}"] = round(stats.get(stat, math.nan), 2)
+    return row
+
+
+def layer_cell(layer: str):  # type: ignore[no-untyped-def]
+    def cell(median) -> str:  # type: ignore[no-untyped-def]
+        p50, p99 = median(f"{layer}|p50_ms"), median(f"{layer}|p99_ms")
+        return "-" if math.isnan(p99) else f"{p50:.1f} / {p99:.1f}"
+
+    return cell
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_server_arguments(parser, seconds=8.0, max_batch_size=None)
+    parser.set_defaults(models="worksheet-topics")
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
+    args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
+    settings = settings_from_args(
+        args,
+        peers=False,
+        perf_analyzer=None,
+        perf_env={},
+        gateway=build_gateway("--gateway", "(this experiment needs the gateway)"),
+        gateway_max_in_flight=args.gateway_max_in_flight,
+    )
+    per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+    setups: dict[str, tuple[Any, list[str], bool]] = {
+        "1 process": (settings, [], False),
+        "1 process + gateway": (settings, [], True),
+    }
+    if settings.workers > 1:
+        workers = ["--workers", str(settings.workers)]
+        setups[f"{settings.workers} workers"] = (per_worker, workers, False)
+        setups[f"{settings.workers} workers + gateway"] = (per_worker, workers, True)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    with load_generator(args.load_generator, cpus=args.generator_cpus):
+        roots = prepare_models(models)
+        for model in models:
+            max_batch_size = configured_max_batch_size(roots[model], model)
+            for rep in range(args.reps):
+                order = list(setups) if rep % 2 == 0 else list(reversed(setups))
+                for setup in order:
+                    setup_settings, extra, gateway = setups[setup]
+                    log(f"{model}: {setup} (repetition {rep + 1})")
+                    result = bench_ours(
+                        roots[model], model, setup_settings, max_batch_size, None, extra, gateway=gateway
+                    )
+                    row = summary(result)
+                    rows.setdefault((model, setup), []).append(row)
+                    print(json.dumps({"model": model, "setup": setup, **row}), flush=True)
+    generator = f", load generator on CPUs {args.generator_cpus}" if args.generator_cpus else ""
+    print(
+        f"half of each setup's capacity, {args.reps} repetition(s), {settings.seconds:g} s windows"
+        f"{generator}; p50 / p99 ms, medians"
+    )
+    print_median_table(
+        dict(sorted(rows.items(), key=lambda item: (item[0][0], list(setups).index(item[0][1])))),
+        ["model", "setup"],
+        [
+            ("half load img/s", lambda m: f"{m('half_rate'):.0f}"),
+            ("bound ms", lambda m: f"{settings.max_queue_delay_ms + 2 * m('batch_compute_mean_ms'):.1f}"),
+            *((layer, layer_cell(layer)) for layer in LAYER_NAMES),
+            ("generator send lag p99 ms", lambda m: f"{m('send_lag_p99_ms'):.1f}"),
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
