@@ -4,7 +4,8 @@ Two scrapes of a /metrics endpoint (before and after a load window) give, per la
 histogram, how many requests of the window fell in each bucket; from those, a mean (exact:
 sum / count) and a p99 (interpolated inside its bucket, as Prometheus' histogram_quantile
 does). Set side by side with the client's own latency, the layers say where a tail comes
-from: the gateway (its call time minus the time it waited on the backend), the server's
+from: the gateway (its own time per call: the call's less the time it waited on the
+backend), the server's
 process before its handler runs (the backend time minus the handler time: the connection,
 grpc's core, the event loop's queue), or the handler's parts (decode, queue wait, batch
 compute; the rest of the handler is the event loop and thread hand-offs).
@@ -18,6 +19,7 @@ from typing import Any
 # (layer, process whose /metrics holds it, histogram name), outermost first.
 LAYERS: tuple[tuple[str, str, str], ...] = (
     ("gateway call", "gateway", "snaplearn_gateway_request_seconds"),
+    ("gateway own", "gateway", "snaplearn_gateway_own_seconds"),
     ("gateway -> backend", "gateway", "snaplearn_gateway_backend_seconds"),
     ("server handler", "server", "snaplearn_vision_request_seconds"),
     ("decode", "server", "snaplearn_vision_decode_seconds"),

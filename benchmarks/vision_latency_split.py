@@ -3,20 +3,24 @@
     python benchmarks/vision_latency_split.py                          # default model, 2 reps
     python benchmarks/vision_latency_split.py --models mobilenet_v3_small --reps 3
     python benchmarks/vision_latency_split.py --generator-cpus 0 --workers 1   # generator apart
+    python benchmarks/vision_latency_split.py --workers 1 --gateway-variant=--gc-percent=400
 
 The target "p99 at half load <= max queue delay + 2 x batch compute" is judged on the client's
 p99; this says which layer the rest of that p99 is spent in. Per model, the setups (one
 process, one process behind snaplearn-gateway, and with --workers N > 1 the worker processes
-direct and behind the gateway) run interleaved (a, b, ... then reversed) so that drift in the
+direct and behind the gateway; with --gateway-variant FLAGS, each gateway setup again with
+the gateway given FLAGS) run interleaved (a, b, ... then reversed) so that drift in the
 machine's load hits all alike. Each is vision_bench.py's measurement (capacity from a closed
 loop, then an open loop at half of it, then 3x); around the half-load window both the server's
 and the gateway's /metrics are scraped and each latency histogram gives the window's p50 and
-p99 (benchmarks/latency_split.py: interpolated in 5-25 ms wide buckets between 5 and 100 ms).
+p99 (benchmarks/latency_split.py: interpolated inside buckets 2.5-25 ms wide up to 100 ms,
+50-150 ms wide up to 500 ms).
 
 Reading the layers (all p50 / p99 ms, medians over repetitions):
   client             the load generator's own measure (exact);
-  gateway call       arrival at the gateway to its answer; minus `gateway -> backend` is the
-                     gateway's own time;
+  gateway call       arrival at the gateway to its answer;
+  gateway own        per call, the gateway call less its time on the backend: reading it,
+                     waiting for the stream's sender, writing the answer;
   gateway -> backend handing the request on to the backend's answer; minus `server handler`
                      is the connection, grpc's core and the event loop's queue in the server;
   server handler     the handler's time (a Classify call or a ClassifyStream item);
@@ -85,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(models="worksheet-topics")
     parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--gateway-max-in-flight", type=int, default=128, help="the gateway's limit")
+    parser.add_argument(
+        "--gateway-variant",
+        default="",
+        help="gateway flags (space-separated) to measure beside its defaults, e.g. --gc-percent=400",
+    )
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")
@@ -97,14 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         gateway_max_in_flight=args.gateway_max_in_flight,
     )
     per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
-    setups: dict[str, tuple[Any, list[str], bool]] = {
-        "1 process": (settings, [], False),
-        "1 process + gateway": (settings, [], True),
-    }
+    variant = args.gateway_variant.split()
+    # name -> (settings, server flags, gateway flags or None for no gateway)
+    setups: dict[str, tuple[Any, list[str], list[str] | None]] = {}
+    servers = {"1 process": (settings, [])}
     if settings.workers > 1:
-        workers = ["--workers", str(settings.workers)]
-        setups[f"{settings.workers} workers"] = (per_worker, workers, False)
-        setups[f"{settings.workers} workers + gateway"] = (per_worker, workers, True)
+        servers[f"{settings.workers} workers"] = (per_worker, ["--workers", str(settings.workers)])
+    for name, (server_settings, server_flags) in servers.items():
+        setups[name] = (server_settings, server_flags, None)
+        setups[f"{name} + gateway"] = (server_settings, server_flags, [])
+        if variant:
+            setups[f"{name} + gateway {' '.join(variant)}"] = (server_settings, server_flags, variant)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
     with load_generator(args.load_generator, cpus=args.generator_cpus):
@@ -114,15 +126,17 @@ def main(argv: list[str] | None = None) -> int:
             for rep in range(args.reps):
                 order = list(setups) if rep % 2 == 0 else list(reversed(setups))
                 for setup in order:
-                    setup_settings, extra, gateway = setups[setup]
+                    setup_settings, extra, gateway_flags = setups[setup]
                     log(f"{model}: {setup} (repetition {rep + 1})")
                     result = bench_ours(
-                        roots[model], model, setup_settings, max_batch_size, None, extra, gateway=gateway
-                    )
+                        roots[model], model, setup_settings, max_batch_size, None, extra,
+                        gateway=gateway_flags is not None, gateway_extra=gateway_flags or (),
+                    )  # fmt: skip
                     row = summary(result)
                     rows.setdefault((model, setup), []).append(row)
                     print(json.dumps({"model": model, "setup": setup, **row}), flush=True)
-    generator = f", load generator on CPUs {args.generator_cpus}" if args.generator_cpus else ""
+    cpus = ",".join(str(cpu) for cpu in sorted(args.generator_cpus or ()))
+    generator = f", load generator alone on CPU(s) {cpus}" if cpus else ""
     print(
         f"half of each setup's capacity, {args.reps} repetition(s), {settings.seconds:g} s windows"
         f"{generator}; p50 / p99 ms, medians"

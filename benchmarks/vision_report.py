@@ -344,9 +344,10 @@ def half_load_split(runs: list[dict[str, Any]], ours: list[str]) -> list[str]:
     lines = [
         "",
         "Where the half-load latency goes: p50 / p99 ms per layer (medians over runs; the client's",
-        "exact, the others read from the processes' histograms, benchmarks/latency_split.py). The",
-        "gateway's own time is `gateway call` minus `gateway -> backend`; the server handler's parts",
-        "are decode, queue wait and batch compute (per batch); the rest is the event loop's queue:",
+        "exact, the others read from the processes' histograms, benchmarks/latency_split.py).",
+        "`gateway own` is each call's time in the gateway less its time on the backend; the server",
+        "handler's parts are decode, queue wait and batch compute (per batch); the rest of the",
+        "handler is the event loop's queue and the thread hand-offs:",
         "",
         f"| server | {' | '.join(layers)} |",
         "|---|" + "---|" * len(layers),

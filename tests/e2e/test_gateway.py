@@ -145,15 +145,18 @@ async def test_answers_errors_and_health_pass_through_and_excess_calls_are_refus
     assert gateway['snaplearn_gateway_requests_total{code="INVALID_ARGUMENT"}'] == 1
     assert gateway["snaplearn_gateway_in_flight"] == 0
     # Every forwarded call is timed, in the gateway and at the backend; the refused one is not.
-    for histogram in ("snaplearn_gateway_request_seconds", "snaplearn_gateway_backend_seconds"):
+    for histogram in (
+        "snaplearn_gateway_request_seconds",
+        "snaplearn_gateway_backend_seconds",
+        "snaplearn_gateway_own_seconds",
+    ):
         assert gateway[f"{histogram}_count"] == 4
         assert gateway[f'{histogram}_bucket{{le="+Inf"}}'] == 4
-    # The gateway's time holds the backend's (the two held calls waited in it for the gate).
-    assert (
-        gateway["snaplearn_gateway_request_seconds_sum"]
-        >= gateway["snaplearn_gateway_backend_seconds_sum"]
-        > 0
+    # A call's time is the backend's plus the gateway's own, call by call.
+    whole, backend, own = (
+        gateway[f"snaplearn_gateway_{part}_seconds_sum"] for part in ("request", "backend", "own")
     )
+    assert whole == pytest.approx(backend + own) and backend > 0 and own > 0
     # The calls were items of the gateway's ClassifyStreams (one per backend connection).
     assert 1 <= gateway["snaplearn_gateway_classify_streams_opened_total"] <= GATEWAY_BACKEND_CONNECTIONS
 

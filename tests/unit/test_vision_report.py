@@ -166,7 +166,7 @@ def test_without_peers_the_peer_target_is_not_checked_rather_than_missed() -> No
 def test_the_half_load_split_is_tabled_per_layer_where_measured() -> None:
     saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
     runs, meta = saved["runs"], saved["meta"]
-    model = list(runs[0])[0]
+    model = next(iter(runs[0]))
     for index, run_ in enumerate(runs):
         for name in ("ours", "ours-gateway"):
             layers = {"client": {"p50_ms": 8.0 + index, "p99_ms": 40.0 + index}}
@@ -179,11 +179,11 @@ def test_the_half_load_split_is_tabled_per_layer_where_measured() -> None:
     section = report.split(f"## {model}")[1].split("\n## ")[0]
     table = section.split("Where the half-load latency goes")[1].split("\n\n")[1].splitlines()
     assert table[0] == (
-        "| server | client | gateway call | gateway -> backend | server handler | decode | queue wait "
-        "| batch compute |"
+        "| server | client | gateway call | gateway own | gateway -> backend | server handler | decode "
+        "| queue wait | batch compute |"
     )
     rows = {row.split(" | ")[0][2:]: row.split(" | ")[1:] for row in table[2:]}
     assert set(rows) == {vision_report.SERVERS["ours"], vision_report.SERVERS["ours-gateway"]}
     one_process = rows[vision_report.SERVERS["ours"]]
-    assert one_process[:4] == ["9.0 / 41.0", "-", "-", "7.0 / 35.0"]  # medians of the 3 runs
+    assert one_process[:5] == ["9.0 / 41.0", "-", "-", "-", "7.0 / 35.0"]  # medians of the 3 runs
     assert rows[vision_report.SERVERS["ours-gateway"]][1] == "7.5 / 36.0"

@@ -13,7 +13,7 @@ import (
 // call's time in the gateway and its time in the server it reached can be set side by side.
 var latencyBuckets = []float64{
 	0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
-	0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+	0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 1.0, 2.5, 5.0, 10.0,
 }
 
 // histogram is a Prometheus histogram of durations: lock-free, one atomic add per bucket hit.

@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -15,15 +16,27 @@ import (
 type stats struct {
 	byCode  [17]atomic.Uint64 // admitted calls forwarded, by the status they ended with
 	refused atomic.Uint64     // admitted calls refused at the in-flight limit
-	// Where an admitted call's time goes: all of it in the gateway (from the call's arrival
-	// to its answer), and the part spent waiting on the backend (from handing the request
-	// on to the backend's answer); the rest is the gateway's own.
+	// Where a forwarded call's time goes: all of it (from the call's arrival to its answer),
+	// the part spent waiting on the backend (from handing the request on to the backend's
+	// answer) and, per call, the rest: the gateway's own (reading, queueing for the stream,
+	// writing the answer).
 	callTime    *histogram
 	backendTime *histogram
+	ownTime     *histogram
 }
 
 func newStats() *stats {
-	return &stats{callTime: newHistogram(), backendTime: newHistogram()}
+	return &stats{callTime: newHistogram(), backendTime: newHistogram(), ownTime: newHistogram()}
+}
+
+// observe times one forwarded call; waited is its time on the backend, 0 if the backend
+// never answered it (then only the whole is timed).
+func (s *stats) observe(total, waited time.Duration) {
+	s.callTime.observe(total)
+	if waited > 0 {
+		s.backendTime.observe(waited)
+		s.ownTime.observe(total - waited)
+	}
 }
 
 func (s *stats) count(err error) {
@@ -55,6 +68,8 @@ func (p *proxy) metricsHandler(w http.ResponseWriter, _ *http.Request) {
 		"Admitted inference calls forwarded: seconds from the call's arrival to its answer.")
 	p.stats.backendTime.write(&b, "snaplearn_gateway_backend_seconds",
 		"Admitted inference calls forwarded: seconds from handing the request to a backend to its answer.")
+	p.stats.ownTime.write(&b, "snaplearn_gateway_own_seconds",
+		"Admitted inference calls the backend answered: seconds in the gateway itself (the call's time less the backend's).")
 	if p.conns[0].mux != nil {
 		var opened uint64
 		for _, c := range p.conns {

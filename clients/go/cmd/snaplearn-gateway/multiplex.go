@@ -529,33 +529,34 @@ func decodeStreamResult(data []byte) (uint64, muxResult, error) {
 	return id, r, nil
 }
 
-// classifyMultiplexed serves one admitted Classify as an item on the backend connection's stream.
-func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStream, backend *backendConn) error {
+// classifyMultiplexed serves one admitted Classify as an item on the backend connection's
+// stream; waited is the time from handing the item on to its answer (0 if none came).
+func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStream, backend *backendConn) (waited time.Duration, err error) {
 	var in frame
 	if err := stream.RecvMsg(&in); err != nil {
-		return err
+		return 0, err
 	}
 	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
 	call.deadline, _ = ctx.Deadline()
 	handedOn := time.Now()
 	if err := backend.mux.submit(ctx, call); err != nil {
-		return err
+		return 0, err
 	}
 	select {
 	case r := <-call.done:
-		p.stats.backendTime.observe(time.Since(handedOn))
+		waited = time.Since(handedOn)
 		if r.code != codes.OK {
-			return status.Error(r.code, r.message)
+			return waited, status.Error(r.code, r.message)
 		}
-		return stream.SendMsg(&frame{payload: r.response})
+		return waited, stream.SendMsg(&frame{payload: r.response})
 	case <-ctx.Done():
 		// A caller's own deadline usually reaches us as its cancellation (its timer fires
 		// first): judge by the deadline itself.
 		if !call.deadline.IsZero() && !time.Now().Before(call.deadline) {
 			call.abandon(false)
-			return status.Error(codes.DeadlineExceeded, "the call's deadline passed")
+			return 0, status.Error(codes.DeadlineExceeded, "the call's deadline passed")
 		}
 		call.abandon(true)
-		return status.FromContextError(ctx.Err()).Err()
+		return 0, status.FromContextError(ctx.Err()).Err()
 	}
 }

@@ -106,42 +106,44 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 	defer p.inFlight.Add(-1)
 	arrived := time.Now()
 	var err error
+	var waited time.Duration // on the backend, for its answer
 	if p.multiplexed && method == classifyMethod {
 		backend := p.pickStream()
 		backend.inFlight.Add(1)
-		err = p.classifyMultiplexed(stream.Context(), stream, backend)
+		waited, err = p.classifyMultiplexed(stream.Context(), stream, backend)
 		backend.inFlight.Add(-1)
 	} else {
-		err = p.forwardUnary(outgoingContext(stream.Context()), stream, method, p.pick())
+		waited, err = p.forwardUnary(outgoingContext(stream.Context()), stream, method, p.pick())
 	}
 	p.stats.count(err)
-	p.stats.callTime.observe(time.Since(arrived))
+	p.stats.observe(time.Since(arrived), waited)
 	return err
 }
 
-// forwardUnary relays one request and its answer (headers, message, trailers, status).
-func (p *proxy) forwardUnary(ctx context.Context, stream grpc.ServerStream, method string, backend *backendConn) error {
+// forwardUnary relays one request and its answer (headers, message, trailers, status);
+// waited is the time the backend took to answer (0 if the request never reached it).
+func (p *proxy) forwardUnary(ctx context.Context, stream grpc.ServerStream, method string, backend *backendConn) (waited time.Duration, err error) {
 	var in, out frame
 	if err := stream.RecvMsg(&in); err != nil {
-		return err
+		return 0, err
 	}
 	backend.inFlight.Add(1)
 	defer backend.inFlight.Add(-1)
 	var header, trailer metadata.MD
 	handedOn := time.Now()
-	err := backend.conn.Invoke(ctx, method, &in, &out,
+	err = backend.conn.Invoke(ctx, method, &in, &out,
 		grpc.ForceCodec(rawCodec{}), grpc.Header(&header), grpc.Trailer(&trailer))
-	p.stats.backendTime.observe(time.Since(handedOn))
+	waited = time.Since(handedOn)
 	if len(header) > 0 {
 		if sendErr := stream.SendHeader(header); sendErr != nil && err == nil {
-			return sendErr
+			return waited, sendErr
 		}
 	}
 	stream.SetTrailer(trailer)
 	if err != nil {
-		return err // the backend's status, code and message unchanged
+		return waited, err // the backend's status, code and message unchanged
 	}
-	return stream.SendMsg(&out)
+	return waited, stream.SendMsg(&out)
 }
 
 // forwardStream relays a call of any shape both ways until either side ends it.

@@ -204,7 +204,8 @@ func refusedAtTheLimit(t *testing.T, f *fixture) {
 	f.proxy.metricsHandler(recorder, httptest.NewRequest("GET", "/metrics", nil))
 	for _, line := range []string{"snaplearn_gateway_refused_total 1", `snaplearn_gateway_requests_total{code="OK"} 3`, "snaplearn_gateway_max_in_flight 2", "snaplearn_gateway_in_flight 0",
 		// The three forwarded calls are timed, the refused one is not.
-		"snaplearn_gateway_request_seconds_count 3", "snaplearn_gateway_backend_seconds_count 3"} {
+		"snaplearn_gateway_request_seconds_count 3", "snaplearn_gateway_backend_seconds_count 3",
+		"snaplearn_gateway_own_seconds_count 3"} {
 		if !strings.Contains(recorder.Body.String(), line+"\n") {
 			t.Fatalf("metrics lack %q:\n%s", line, recorder.Body.String())
 		}
