@@ -353,6 +353,10 @@ def load_generator(name: str, nice: int = 0, cpus: frozenset[int] | None = None)
             _load_command = previous
 
 
+# The load generator's warm-up before each measured window (connections, first batches).
+WARMUP_S = 3.0
+
+
 def load(
     target: str,
     protocol: str,
@@ -362,7 +366,7 @@ def load(
     concurrency: int = 0,
     rate: float = 0.0,
     timeout_s: float = 5.0,
-    warmup_s: float = 3.0,
+    warmup_s: float = WARMUP_S,
     connections: int = 64,
     model: str = "",
 ) -> dict[str, Any]:
@@ -697,8 +701,15 @@ def bench_ours(
         capacity = result["closed"]["throughput"]
         half, overload = rates if rates is not None else (capacity / 2, capacity * 3)
         result["rates"] = {"half": half, "overload": overload}
-        befores = {process: scrape(port) for process, port in ports.items()}
+        # Scraped as the generator's measured window opens (after its warm-up), so that the
+        # processes' histograms cover the requests the generator's own percentiles do.
+        befores: dict[str, dict[str, float]] = {}
+        window_opens = threading.Timer(
+            WARMUP_S, lambda: befores.update({process: scrape(port) for process, port in ports.items()})
+        )
+        window_opens.start()
         result["half"] = load(target, "grpc", "open", settings.seconds, rate=half, connections=conns)
+        window_opens.join()
         afters = {process: scrape(port) for process, port in ports.items()}
         result["half"]["server"] = batch_stats(befores["server"], afters["server"])
         # Where the half-load latency goes, layer by layer (the p99 target is judged there).

@@ -20,6 +20,7 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9101
 DEFAULT_MODEL_REPOSITORY = Path("var/models")
 DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
+DEFAULT_GIL_SWITCH_INTERVAL_MS = 1.0
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "fp16", "bf16")  # = snaplearn_vision.engine.PRECISIONS (engine imports torch)
 # The default model's identity. snaplearn_vision.train defines the same constants, but importing
@@ -48,6 +49,8 @@ class VisionSettings:
     # How much lower the decode threads' scheduling priority is than the event loop's.
     decode_niceness: int = DEFAULT_DECODE_NICENESS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval).
+    gil_switch_interval_ms: float = DEFAULT_GIL_SWITCH_INTERVAL_MS
     device: str = "auto"
     torch_threads: int | None = None  # None = torch's default
     # How the model runs (snaplearn_vision.engine.InferenceSettings; the CPU ignores the GPU-only ones).
@@ -97,6 +100,8 @@ class VisionSettings:
             problems.append(f"decode_threads must be >= 1, got {self.decode_threads}")
         if not 0 <= self.decode_niceness <= 19:
             problems.append(f"decode_niceness must be in 0..19, got {self.decode_niceness}")
+        if not 0.01 <= self.gil_switch_interval_ms <= 100:
+            problems.append(f"gil_switch_interval_ms must be in 0.01..100, got {self.gil_switch_interval_ms}")
         if self.max_image_bytes < 1:
             problems.append(f"max_image_bytes must be >= 1, got {self.max_image_bytes}")
         if self.device not in DEVICES:
@@ -254,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="decode threads run this much nicer than the event loop and model thread (0 = as nice)",
     )
     batching.add_argument(
+        "--gil-switch-interval-ms",
+        type=float,
+        default=_env("GIL_SWITCH_INTERVAL_MS", DEFAULT_GIL_SWITCH_INTERVAL_MS),
+        help="how long the event loop or a decode thread may hold the GIL while another thread "
+        "waits for it (Python's own is 5)",
+    )
+    batching.add_argument(
         "--max-image-bytes",
         type=int,
         default=_env("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES),
@@ -323,6 +335,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             max_queue_size=args.max_queue_size,
             decode_threads=args.decode_threads,
             decode_niceness=args.decode_niceness,
+            gil_switch_interval_ms=args.gil_switch_interval_ms,
             max_image_bytes=args.max_image_bytes,
             device=args.device,
             torch_threads=args.torch_threads,

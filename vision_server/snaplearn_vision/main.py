@@ -41,7 +41,6 @@ log = logging.getLogger("snaplearn_vision")
 # Room for the other ClassifyRequest fields around the largest accepted image, so that an
 # oversized image gets our INVALID_ARGUMENT message rather than gRPC's RESOURCE_EXHAUSTED.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
-GIL_SWITCH_INTERVAL_S = 0.001
 # Set by the supervisor in each worker's environment.
 SUPERVISOR_PID_ENV = "SNAPLEARN_VISION_SUPERVISOR_PID"
 
@@ -261,8 +260,9 @@ def stop_with_parent(expected_parent: int) -> None:
 async def serve(settings: VisionSettings) -> int:
     """Run until SIGTERM/SIGINT; returns the process exit code."""
     # The event loop thread answers every RPC (refusals included) and must win the GIL back
-    # quickly from the decode and model threads: after 1 ms rather than the default 5 ms.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    # quickly from the decode and model threads, and they from it: a thread that releases the
+    # GIL around C work (a JPEG decode, a forward pass) waits up to this long to get it back.
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000.0)
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
