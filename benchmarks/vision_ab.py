@@ -2,9 +2,11 @@
 
     python benchmarks/vision_ab.py --baseline main~1               # default model, ~12 minutes
     python benchmarks/vision_ab.py --baseline v0.3 --reps 3 --no-gateway
+    python benchmarks/vision_ab.py --baseline HEAD --candidate-flags="--gil-switch-interval-ms 0.2"
 
 The baseline is checked out (`git worktree add --detach`) under var/bench-runs and its server
-runs from there (its packages first on PYTHONPATH); the candidate is this checkout. Both get the
+runs from there (its packages first on PYTHONPATH); the candidate is this checkout, with
+--candidate-flags added to its server's command line (a setting's A/B: --baseline HEAD). Both get the
 same models, load generator, flags and machine, alternating (baseline, candidate, then candidate,
 baseline, ...) so that drift in the machine's load hits both alike. Setups: one process, and
 (unless --no-gateway) --workers N processes behind snaplearn-gateway. Each measurement is
@@ -86,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="also measure --workers processes behind snaplearn-gateway (needs Go)",
     )
+    parser.add_argument(
+        "--candidate-flags", default="", help="server flags (space-separated) only the candidate gets"
+    )
     args = parser.parse_args(argv)
     settings = settings_from_args(
         args,
@@ -116,14 +121,16 @@ def main(argv: list[str] | None = None) -> int:
                     order = list(codes) if rep % 2 == 0 else list(reversed(codes))
                     for name in order:
                         log(f"{model}: {setup}, {name} (repetition {rep + 1})")
+                        flags = extra + (args.candidate_flags.split() if name == "candidate" else [])
                         result = bench_ours(
-                            roots[model], model, setup_settings, max_batch_size, None, extra,
+                            roots[model], model, setup_settings, max_batch_size, None, flags,
                             gateway=gateway, code=codes[name],
                         )  # fmt: skip
                         row = summary(result)
                         rows.setdefault((model, setup, name), []).append(row)
                         print(json.dumps({"model": model, "setup": setup, "code": name, **row}), flush=True)
-    print(f"{args.reps} repetition(s), {settings.seconds:g} s windows, medians")
+    candidate = f"; the candidate's server with {args.candidate_flags}" if args.candidate_flags else ""
+    print(f"{args.reps} repetition(s), {settings.seconds:g} s windows, medians{candidate}")
     print_median_table(
         rows,
         ["model", "setup", "code"],

@@ -81,6 +81,9 @@ DEFAULT_MODEL = "worksheet-topics"
 # spreads connections, so more reach every worker (the gateway then sends each worker's items on
 # one of them, DECISIONS D22).
 GATEWAY_BACKEND_CONNECTIONS = 16
+# Go's GC target for the gateway: its default since DECISIONS D24, passed explicitly so that
+# the report can say what ran (an experiment's own --gc-percent, given after it, wins).
+GATEWAY_GC_PERCENT = 400
 PEERS = ("ray", "litserve", "triton")
 # Where the Python packages live in a checkout (pyproject.toml's packages.find).
 PACKAGE_DIRS = ("services", "vision_server", "recommender_worker", "clients/python")
@@ -622,6 +625,7 @@ def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> 
         "--backend", backend,
         "--backend-connections", str(GATEWAY_BACKEND_CONNECTIONS),
         "--max-in-flight", str(settings.gateway_max_in_flight),
+        "--gc-percent", str(GATEWAY_GC_PERCENT),
         *extra,
     ]  # fmt: skip
     with process(argv, {**os.environ, "GOMAXPROCS": "1"}, "gateway ready") as proc:
@@ -992,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "worker_decode_threads": args.worker_decode_threads,
         "gateway_max_in_flight": args.gateway_max_in_flight if args.gateway else None,
+        "gateway_gc_percent": GATEWAY_GC_PERCENT if args.gateway else None,
         "seconds": args.seconds,
         "load_generator": args.load_generator,
         "generator_cpus": sorted(args.generator_cpus) if args.generator_cpus else None,

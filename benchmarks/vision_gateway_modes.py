@@ -3,13 +3,14 @@
     python benchmarks/vision_gateway_modes.py                 # default model, ~10 minutes
     python benchmarks/vision_gateway_modes.py --models mobilenet_v3_small --reps 1
     python benchmarks/vision_gateway_modes.py --modes per-connection,per-process
-    python benchmarks/vision_gateway_modes.py --modes per-process,gc-400 --reps 3   # GC target
+    python benchmarks/vision_gateway_modes.py --modes per-process,gc-go --reps 3   # GC target
 
 Modes (`--modes`, default forward,per-process): `forward`, each call forwarded as a call
 (`--classify-stream=false`, DECISIONS D19); `per-connection`, items of one ClassifyStream per
 backend connection (D20, `--group-by-process=false`); `per-process`, items of one stream per
-server process however many connections reach it (D22, the gateway's default); `gc-400`,
-per-process with Go's GC target raised from its 100 to 400 (`--gc-percent=400`, D24).
+server process however many connections reach it (D22, the gateway's default, with its GC
+target of 400, D24); `gc-go`, per-process with Go's own GC target (`--gc-percent=0`: GOGC,
+else 100), the default before D24.
 Per model and server setup (one process; `--workers N`, N = --workers, default the CPU count),
 the modes run interleaved (a, b, then b, a, ...) so that drift in the machine's load hits all
 alike. Each measurement is vision_bench.py's: capacity from a closed loop, then open loops at
@@ -44,8 +45,8 @@ MODES = {
     "forward": ["--classify-stream=false"],
     "per-connection": ["--classify-stream=true", "--group-by-process=false"],
     "per-process": ["--classify-stream=true", "--group-by-process=true"],
-    # The gateway's defaults (per-process) with Go's GC target raised to 400 (D24).
-    "gc-400": ["--classify-stream=true", "--group-by-process=true", "--gc-percent=400"],
+    # The gateway's defaults (per-process) with Go's own GC target instead of its 400 (D24).
+    "gc-go": ["--classify-stream=true", "--group-by-process=true", "--gc-percent=0"],
 }
 
 

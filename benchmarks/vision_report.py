@@ -215,6 +215,11 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             "DECISIONS D20, D22)."
             if meta.get("gateway_max_in_flight")
             else ""
+        )
+        + (
+            f" Its Go GC target: {meta['gateway_gc_percent']} (`--gc-percent`, DECISIONS D24)."
+            if meta.get("gateway_max_in_flight") and meta.get("gateway_gc_percent")
+            else ""
         ),
         "",
         f"Load ({GENERATOR_NAMES[generator(meta)]}; real JPEG photos of 320x240, ~10 KB): "

@@ -290,7 +290,7 @@ func TestFlagsAreValidated(t *testing.T) {
 	}
 }
 
-func TestTheGCTargetIsGosOwnUnlessTheFlagOrItsVariableSetsIt(t *testing.T) {
+func TestTheGCTargetIs400UnlessGOGCTheFlagOrItsVariableSetsIt(t *testing.T) {
 	gcPercent := func(args ...string) int {
 		t.Helper()
 		o, err := parseArgs(append([]string{"--backend", "x:1"}, args...), io.Discard)
@@ -299,11 +299,19 @@ func TestTheGCTargetIsGosOwnUnlessTheFlagOrItsVariableSetsIt(t *testing.T) {
 		}
 		return o.gcPercent
 	}
-	if got := gcPercent(); got != 0 {
-		t.Errorf("default: %d, want 0 (Go's own)", got)
+	t.Setenv("GOGC", "")
+	if got := gcPercent(); got != 400 {
+		t.Errorf("default: %d, want 400", got)
 	}
-	if got := gcPercent("--gc-percent", "400"); got != 400 {
-		t.Errorf("--gc-percent 400: %d", got)
+	if got := gcPercent("--gc-percent", "0"); got != 0 {
+		t.Errorf("--gc-percent 0: %d, want 0 (Go's own)", got)
+	}
+	t.Setenv("GOGC", "150")
+	if got := gcPercent(); got != 0 {
+		t.Errorf("with GOGC set: %d, want 0 (GOGC left alone)", got)
+	}
+	if got := gcPercent("--gc-percent", "300"); got != 300 {
+		t.Errorf("--gc-percent 300 with GOGC set: %d", got)
 	}
 	t.Setenv("SNAPLEARN_GATEWAY_GC_PERCENT", "250")
 	if got := gcPercent(); got != 250 {
