@@ -4,11 +4,10 @@ Two scrapes of a /metrics endpoint (before and after a load window) give, per la
 histogram, how many requests of the window fell in each bucket; from those, a mean (exact:
 sum / count) and a p99 (interpolated inside its bucket, as Prometheus' histogram_quantile
 does). Set side by side with the client's own latency, the layers say where a tail comes
-from: the gateway (its own time per call: the call's less the time it waited on the
-backend), the server's
-process before its handler runs (the backend time minus the handler time: the connection,
-grpc's core, the event loop's queue), or the handler's parts (decode, queue wait, batch
-compute; the rest of the handler is the event loop and thread hand-offs).
+from: the gateway (its own time per call: the call's less the time it waited on the backend),
+the server's process before its handler runs (the backend time minus the handler time: the
+connection, grpc's core, the event loop's queue), or the handler's parts (decode, queue wait,
+batch compute; the rest of the handler is the event loop and thread hand-offs).
 """
 
 from __future__ import annotations

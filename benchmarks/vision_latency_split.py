@@ -19,10 +19,11 @@ p99 (benchmarks/latency_split.py: interpolated inside buckets 2.5-25 ms wide up 
 Reading the layers (all p50 / p99 ms, medians over repetitions):
   client             the load generator's own measure (exact);
   gateway call       arrival at the gateway to its answer;
-  gateway own        per call, the gateway call less its time on the backend: reading it,
-                     waiting for the stream's sender, writing the answer;
-  gateway -> backend handing the request on to the backend's answer; minus `server handler`
-                     is the connection, grpc's core and the event loop's queue in the server;
+  gateway own        per call, the gateway call less its time on the backend: reading the
+                     request, writing the answer;
+  gateway -> backend handing the request on (its wait for the stream's sender included) to
+                     the backend's answer; less `server handler`, that wait, the connection,
+                     grpc's core and the event loop's queue in the server;
   server handler     the handler's time (a Classify call or a ClassifyStream item);
   decode, queue wait, batch compute   its parts (batch compute is per batch, not per request);
                      the rest of the handler is waiting on the event loop and thread hand-offs.

@@ -17,9 +17,9 @@ type stats struct {
 	byCode  [17]atomic.Uint64 // admitted calls forwarded, by the status they ended with
 	refused atomic.Uint64     // admitted calls refused at the in-flight limit
 	// Where a forwarded call's time goes: all of it (from the call's arrival to its answer),
-	// the part spent waiting on the backend (from handing the request on to the backend's
-	// answer) and, per call, the rest: the gateway's own (reading, queueing for the stream,
-	// writing the answer).
+	// the part spent waiting on the backend (from handing the request on, its wait for the
+	// stream's sender included, to the backend's answer) and, per call, the rest: the
+	// gateway's own (reading the request, writing the answer, waking the call's goroutine).
 	callTime    *histogram
 	backendTime *histogram
 	ownTime     *histogram
