@@ -213,8 +213,12 @@ EOF
 format_storage() {
     local cluster_id
     # A Kafka cluster id is 16 random bytes, base64url without padding (what StorageTool
-    # random-uuid prints); made here to save a JVM start.
-    cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    # random-uuid prints); made here to save a JVM start. Like Kafka's Uuid.randomUuid(), draw
+    # again while it starts with '-' (1 in 64): StorageTool would read it as an option.
+    cluster_id="-"
+    while [[ $cluster_id == -* ]]; do
+        cluster_id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n')"
+    done
     [[ ${#cluster_id} -eq 22 ]] || die "could not generate a cluster id"
     log "formatting $LOG_DIRS (cluster id $cluster_id)"
     # --standalone: this node is the whole controller quorum (dynamic quorum, KIP-853).

@@ -167,6 +167,11 @@ def test_the_half_load_split_is_tabled_per_layer_where_measured() -> None:
     saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
     runs, meta = saved["runs"], saved["meta"]
     model = next(iter(runs[0]))
+    for run_ in runs:  # as in reports from before the split was measured
+        for measured in run_.values():
+            for result in measured.values():
+                if isinstance(result, dict):
+                    result.get("half", {}).pop("split", None)
     for index, run_ in enumerate(runs):
         for name in ("ours", "ours-gateway"):
             layers = {"client": {"p50_ms": 8.0 + index, "p99_ms": 40.0 + index}}
