@@ -31,6 +31,7 @@ from vision_bench import (
     REPO,
     RUNS_DIR,
     add_server_arguments,
+    alternating,
     bench_ours,
     build_gateway,
     configured_max_batch_size,
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size = configured_max_batch_size(roots[model], model)
             for rep in range(args.reps):
                 for setup, (setup_settings, extra, gateway) in setups.items():
-                    order = list(codes) if rep % 2 == 0 else list(reversed(codes))
+                    order = alternating(list(codes), rep)
                     for name in order:
                         log(f"{model}: {setup}, {name} (repetition {rep + 1})")
                         flags = extra + (args.candidate_flags.split() if name == "candidate" else [])

@@ -908,6 +908,13 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
 Median = Callable[[str], float]  # a field's median over one row's samples
 
 
+def alternating(items: Sequence[str], repetition: int) -> list[str]:
+    """The experiment scripts' order of measurement: `items` as given in even repetitions,
+    reversed in odd ones (a, b, then b, a, ...), so that drift in the machine's load over a
+    run hits every item alike."""
+    return list(items) if repetition % 2 == 0 else list(reversed(items))
+
+
 def print_median_table(
     rows: dict[tuple[str, ...], list[dict[str, Any]]],
     keys: Sequence[str],

@@ -31,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
 from vision_bench import (
     add_server_arguments,
+    alternating,
     bench_ours,
     build_gateway,
     configured_max_batch_size,
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_size = configured_max_batch_size(roots[model], model)
             for rep in range(args.reps):
                 for setup, (setup_settings, extra) in setups.items():
-                    order = modes if rep % 2 == 0 else list(reversed(modes))
+                    order = alternating(modes, rep)
                     for mode in order:
                         log(f"{model}: {setup}, gateway {mode} (repetition {rep + 1})")
                         result = bench_ours(

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules,
 from latency_split import LAYERS
 from vision_bench import (
     add_server_arguments,
+    alternating,
     bench_ours,
     build_gateway,
     configured_max_batch_size,
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         for model in models:
             max_batch_size = configured_max_batch_size(roots[model], model)
             for rep in range(args.reps):
-                order = list(setups) if rep % 2 == 0 else list(reversed(setups))
+                order = alternating(list(setups), rep)
                 for setup in order:
                     setup_settings, extra, gateway_flags = setups[setup]
                     log(f"{model}: {setup} (repetition {rep + 1})")

@@ -53,3 +53,12 @@ def test_cpu_lists_parse_or_say_what_is_expected() -> None:
     for bad in ("", "zero", "0-1"):
         with pytest.raises(argparse.ArgumentTypeError, match="CPU number"):
             vision_bench.cpu_list(bad)
+
+
+def test_experiments_alternate_their_order_between_repetitions() -> None:
+    # a, b, c then c, b, a: drift in the machine's load hits every item alike.
+    assert [vision_bench.alternating(["a", "b", "c"], rep) for rep in range(3)] == [
+        ["a", "b", "c"],
+        ["c", "b", "a"],
+        ["a", "b", "c"],
+    ]
