@@ -26,6 +26,9 @@ LAYERS: tuple[tuple[str, str, str], ...] = (
     ("batch compute", "server", "snaplearn_vision_batch_compute_seconds"),
 )
 
+# The layers a split reports: the load generator's own view, then LAYERS.
+LAYER_NAMES = ("client", *(layer for layer, _, _ in LAYERS))
+
 
 def _bound(sample: str) -> float:
     return float(sample.split('le="', 1)[1].split('"', 1)[0])  # float() reads "+Inf"

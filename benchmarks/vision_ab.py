@@ -35,6 +35,7 @@ from vision_bench import (
     bench_ours,
     build_gateway,
     configured_max_batch_size,
+    generator_note,
     load_generator,
     log,
     prepare_models,
@@ -131,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
                         rows.setdefault((model, setup, name), []).append(row)
                         print(json.dumps({"model": model, "setup": setup, "code": name, **row}), flush=True)
     candidate = f"; the candidate's server with {args.candidate_flags}" if args.candidate_flags else ""
-    print(f"{args.reps} repetition(s), {settings.seconds:g} s windows, medians{candidate}")
+    print(
+        f"{args.reps} repetition(s), {settings.seconds:g} s windows, medians{candidate}"
+        f"{generator_note(args.generator_cpus)}"
+    )
     print_median_table(
         rows,
         ["model", "setup", "code"],

@@ -65,7 +65,7 @@ from snaplearn_common.metrics import scrape
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
 from latency_split import client_layer, split
-from vision_report import write
+from vision_report import cpu_names, write
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH_DIR = Path(__file__).resolve().parent
@@ -906,6 +906,11 @@ def bench_model(root: Path, model: str, settings: Settings) -> dict[str, Any]:
 
 
 Median = Callable[[str], float]  # a field's median over one row's samples
+
+
+def generator_note(cpus: frozenset[int] | None) -> str:
+    """What the experiment scripts print about --generator-cpus ("" without it)."""
+    return f", load generator alone on CPU(s) {cpu_names(cpus)}" if cpus else ""
 
 
 def alternating(items: Sequence[str], repetition: int) -> list[str]:

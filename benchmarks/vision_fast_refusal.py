@@ -37,6 +37,7 @@ from vision_bench import (
     add_server_arguments,
     batch_stats,
     build_gateway,
+    generator_note,
     load,
     load_generator,
     log,
@@ -189,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     # First: a failed Go build stops early.
     with load_generator(args.load_generator, args.generator_nice, args.generator_cpus):
         table = experiment(args, settings)
-    cpus = f", alone on CPU(s) {sorted(args.generator_cpus)}" if args.generator_cpus else ""
-    print(f"load generator: {args.load_generator}, niceness {args.generator_nice}{cpus}")
+    print(
+        f"load generator: {args.load_generator}, niceness {args.generator_nice}"
+        f"{generator_note(args.generator_cpus)}"
+    )
     print(
         "| model | grpc limit | capacity img/s | refusal p99 ms | goodput % of capacity | OK p99 ms "
         "| send lag p99 ms | refused by grpc's cap | shed by grpc (CANCELLED) |"

@@ -35,6 +35,7 @@ from vision_bench import (
     bench_ours,
     build_gateway,
     configured_max_batch_size,
+    generator_note,
     load_generator,
     log,
     prepare_models,
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
                         print(json.dumps({"model": model, "setup": setup, "mode": mode, **row}), flush=True)
     print(
         f"gateway --max-in-flight {settings.gateway_max_in_flight}, {args.reps} repetition(s), "
-        f"{settings.seconds:g} s windows, medians"
+        f"{settings.seconds:g} s windows, medians{generator_note(args.generator_cpus)}"
     )
     print_median_table(
         rows,

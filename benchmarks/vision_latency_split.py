@@ -40,21 +40,20 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
-from latency_split import LAYERS
+from latency_split import LAYER_NAMES
 from vision_bench import (
     add_server_arguments,
     alternating,
     bench_ours,
     build_gateway,
     configured_max_batch_size,
+    generator_note,
     load_generator,
     log,
     prepare_models,
     print_median_table,
     settings_from_args,
 )
-
-LAYER_NAMES = ("client", *(layer for layer, _, _ in LAYERS))
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -137,11 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                     row = summary(result)
                     rows.setdefault((model, setup), []).append(row)
                     print(json.dumps({"model": model, "setup": setup, **row}), flush=True)
-    cpus = ",".join(str(cpu) for cpu in sorted(args.generator_cpus or ()))
-    generator = f", load generator alone on CPU(s) {cpus}" if cpus else ""
     print(
         f"half of each setup's capacity, {args.reps} repetition(s), {settings.seconds:g} s windows"
-        f"{generator}; p50 / p99 ms, medians"
+        f"{generator_note(args.generator_cpus)}; p50 / p99 ms, medians"
     )
     print_median_table(
         dict(sorted(rows.items(), key=lambda item: (item[0][0], list(setups).index(item[0][1])))),

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
-from latency_split import LAYERS
+from latency_split import LAYER_NAMES
 
 SERVERS = {
     "ours": "SnapLearn, dynamic batching",
@@ -141,6 +142,11 @@ waiting); retry with backoff"). Treat both the same: retry with backoff.
 """
 
 
+def cpu_names(cpus: Iterable[int]) -> str:
+    """A set of CPUs as the reports write it: "0" or "0, 1"."""
+    return ", ".join(str(cpu) for cpu in sorted(cpus))
+
+
 def fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, int | float) and value == value:
         return f"{value:.{digits}f}"
@@ -235,7 +241,7 @@ def header(meta: dict[str, Any], run_count: int) -> list[str]:
             else ""
         )
         + (
-            f" The load generator ran alone on CPU(s) {', '.join(map(str, meta['generator_cpus']))} "
+            f" The load generator ran alone on CPU(s) {cpu_names(meta['generator_cpus'])} "
             "(`--generator-cpus`, taskset), everything else (servers, gateway, peers, the raw bound) "
             "on the other(s), as if the callers were on machines of their own."
             if meta.get("generator_cpus")
@@ -345,7 +351,7 @@ def half_load_split(runs: list[dict[str, Any]], ours: list[str]) -> list[str]:
     measured = [name for name in ours if any("split" in run.get(name, {}).get("half", {}) for run in runs)]
     if not measured:
         return []
-    layers = ["client", *(layer for layer, _, _ in LAYERS)]
+    layers = LAYER_NAMES
     lines = [
         "",
         "Where the half-load latency goes: p50 / p99 ms per layer (medians over runs; the client's",
