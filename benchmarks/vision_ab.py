@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import subprocess
 import sys
@@ -33,14 +32,13 @@ from vision_bench import (
     add_server_arguments,
     alternating,
     bench_ours,
-    build_gateway,
     configured_max_batch_size,
+    experiment_setups,
     generator_note,
     load_generator,
     log,
     prepare_models,
     print_median_table,
-    settings_from_args,
 )
 
 
@@ -94,21 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         "--candidate-flags", default="", help="server flags (space-separated) only the candidate gets"
     )
     args = parser.parse_args(argv)
-    settings = settings_from_args(
-        args,
-        peers=False,
-        perf_analyzer=None,
-        perf_env={},
-        gateway=build_gateway("--gateway", "or pass --no-gateway") if args.gateway else None,
-    )
+    experiment = experiment_setups(args, "or pass --no-gateway" if args.gateway else None)
+    settings = experiment.settings
     setups: dict[str, tuple[Any, list[str], bool]] = {"1 process": (settings, [], False)}
-    if settings.gateway is not None:
-        per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
-        setups[f"{settings.workers} workers + gateway"] = (
-            per_worker,
-            ["--workers", str(settings.workers)],
-            True,
-        )
+    if settings.gateway is not None:  # even with --workers 1
+        setups[f"{experiment.workers_name} + gateway"] = (*experiment.workers, True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     with load_generator(args.load_generator, cpus=args.generator_cpus), checkout(args.baseline) as baseline:

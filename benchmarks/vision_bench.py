@@ -920,6 +920,49 @@ def alternating(items: Sequence[str], repetition: int) -> list[str]:
     return list(items) if repetition % 2 == 0 else list(reversed(items))
 
 
+@dataclasses.dataclass(frozen=True)
+class ExperimentSetups:
+    """The experiment scripts' server configurations: one process (`settings`) and --workers N
+    worker processes (`per_worker`: --worker-decode-threads each)."""
+
+    settings: Settings
+    per_worker: Settings
+
+    @property
+    def workers_name(self) -> str:
+        return f"{self.settings.workers} workers"
+
+    @property
+    def workers(self) -> tuple[Settings, list[str]]:
+        """(settings, server flags) of the --workers N processes, whatever N (1 included)."""
+        return self.per_worker, ["--workers", str(self.settings.workers)]
+
+    def servers(self) -> dict[str, tuple[Settings, list[str]]]:
+        """name -> (settings, server flags): "1 process", then with --workers N > 1 "N workers"."""
+        servers = {"1 process": (self.settings, [])}
+        if self.settings.workers > 1:
+            servers[self.workers_name] = self.workers
+        return servers
+
+
+def experiment_setups(
+    args: argparse.Namespace, gateway_hint: str | None, gateway_max_in_flight: int = 128
+) -> ExperimentSetups:
+    """Settings from add_server_arguments()'s `args` (no peers, no perf_analyzer) for the
+    experiment scripts. `gateway_hint`: None, no gateway; else the gateway is built (`go build`)
+    and a failed build's SystemExit ends with the hint (the way around it)."""
+    settings = settings_from_args(
+        args,
+        peers=False,
+        perf_analyzer=None,
+        perf_env={},
+        gateway=None if gateway_hint is None else build_gateway("--gateway", gateway_hint),
+        gateway_max_in_flight=gateway_max_in_flight,
+    )
+    per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+    return ExperimentSetups(settings, per_worker)
+
+
 def print_median_table(
     rows: dict[tuple[str, ...], list[dict[str, Any]]],
     keys: Sequence[str],

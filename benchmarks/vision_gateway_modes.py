@@ -22,7 +22,6 @@ goodput at 3x as a share of capacity, refusal p99 at 3x.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -33,14 +32,13 @@ from vision_bench import (
     add_server_arguments,
     alternating,
     bench_ours,
-    build_gateway,
     configured_max_batch_size,
+    experiment_setups,
     generator_note,
     load_generator,
     log,
     prepare_models,
     print_median_table,
-    settings_from_args,
 )
 
 MODES = {
@@ -79,18 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     if not modes or any(mode not in MODES for mode in modes):
         parser.error(f"--modes: choose from {sorted(MODES)}")
-    settings = settings_from_args(
-        args,
-        peers=False,
-        perf_analyzer=None,
-        perf_env={},
-        gateway=build_gateway("--gateway", "(this experiment needs the gateway)"),
-        gateway_max_in_flight=args.gateway_max_in_flight,
-    )
-    per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
-    setups = {"1 process": (settings, [])}
-    if settings.workers > 1:
-        setups[f"{settings.workers} workers"] = (per_worker, ["--workers", str(settings.workers)])
+    experiment = experiment_setups(args, "(this experiment needs the gateway)", args.gateway_max_in_flight)
+    settings, setups = experiment.settings, experiment.servers()
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     rows: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     with load_generator(args.load_generator, cpus=args.generator_cpus):

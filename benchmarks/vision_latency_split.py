@@ -32,7 +32,6 @@ Reading the layers (all p50 / p99 ms, medians over repetitions):
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -45,14 +44,13 @@ from vision_bench import (
     add_server_arguments,
     alternating,
     bench_ours,
-    build_gateway,
     configured_max_batch_size,
+    experiment_setups,
     generator_note,
     load_generator,
     log,
     prepare_models,
     print_median_table,
-    settings_from_args,
 )
 
 
@@ -98,22 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.reps < 1:
         parser.error("--reps must be >= 1")
-    settings = settings_from_args(
-        args,
-        peers=False,
-        perf_analyzer=None,
-        perf_env={},
-        gateway=build_gateway("--gateway", "(this experiment needs the gateway)"),
-        gateway_max_in_flight=args.gateway_max_in_flight,
-    )
-    per_worker = dataclasses.replace(settings, decode_threads=settings.worker_decode_threads)
+    experiment = experiment_setups(args, "(this experiment needs the gateway)", args.gateway_max_in_flight)
+    settings = experiment.settings
     variant = args.gateway_variant.split()
     # name -> (settings, server flags, gateway flags or None for no gateway)
     setups: dict[str, tuple[Any, list[str], list[str] | None]] = {}
-    servers = {"1 process": (settings, [])}
-    if settings.workers > 1:
-        servers[f"{settings.workers} workers"] = (per_worker, ["--workers", str(settings.workers)])
-    for name, (server_settings, server_flags) in servers.items():
+    for name, (server_settings, server_flags) in experiment.servers().items():
         setups[name] = (server_settings, server_flags, None)
         setups[f"{name} + gateway"] = (server_settings, server_flags, [])
         if variant:

@@ -61,9 +61,10 @@ async def start_server(model_root: Path, tmp_path: Path) -> AsyncIterator[StartS
     await factory.close()
 
 
-@pytest.fixture
-async def running(start_server: StartServer) -> Running:
-    return await start_server()
+@pytest.fixture(params=["threads", "processes"])
+async def running(start_server: StartServer, request: pytest.FixtureRequest) -> Running:
+    """The server's behaviour holds whichever decoder it runs (every test taking it runs twice)."""
+    return await start_server(decoder=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -401,11 +402,21 @@ def test_settings_come_from_flags_then_environment_then_defaults(monkeypatch: py
     monkeypatch.delenv("SNAPLEARN_VISION_MAX_BATCH_SIZE")
     defaults = vision_config.settings_from_args([])
     assert (defaults.max_batch_size, defaults.max_queue_delay_ms) == (None, None)  # the model's own
+    assert defaults.decoder == "threads"
+    monkeypatch.setenv("SNAPLEARN_VISION_DECODER", "processes")
+    assert vision_config.settings_from_args([]).decoder == "processes"
+    assert vision_config.settings_from_args(["--decoder", "threads"]).decoder == "threads"
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["--port", "70000"], ["--max-batch-size", "0"], ["--decode-threads", "0"], ["--device", "tpu"]],
+    [
+        ["--port", "70000"],
+        ["--max-batch-size", "0"],
+        ["--decode-threads", "0"],
+        ["--device", "tpu"],
+        ["--decoder", "fibers"],
+    ],
 )
 def test_invalid_settings_are_refused_with_a_usage_error(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as exited:

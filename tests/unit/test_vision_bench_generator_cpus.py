@@ -4,6 +4,7 @@ other process the benchmark starts on the rest (real affinities, read back from 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -62,3 +63,47 @@ def test_experiments_alternate_their_order_between_repetitions() -> None:
         ["c", "b", "a"],
         ["a", "b", "c"],
     ]
+
+
+def experiment_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    vision_bench.add_server_arguments(parser, seconds=8.0, max_batch_size=None)
+    return parser.parse_args(list(argv))
+
+
+def test_experiment_setups_are_one_process_then_the_workers_with_their_decode_threads() -> None:
+    args = experiment_args("--workers", "3", "--decode-threads", "4", "--worker-decode-threads", "2")
+    experiment = vision_bench.experiment_setups(args, gateway_hint=None)
+    settings, per_worker = experiment.settings, experiment.per_worker
+    assert (settings.workers, settings.decode_threads, settings.gateway) == (3, 4, None)
+    assert (settings.peers, settings.perf_analyzer, settings.perf_env) == (False, None, {})
+    assert per_worker == dataclasses.replace(settings, decode_threads=2)
+    assert experiment.servers() == {
+        "1 process": (settings, []),
+        "3 workers": (per_worker, ["--workers", "3"]),
+    }
+    assert (experiment.workers_name, experiment.workers) == ("3 workers", (per_worker, ["--workers", "3"]))
+
+
+def test_experiment_setups_without_workers_are_one_process() -> None:
+    experiment = vision_bench.experiment_setups(experiment_args("--workers", "1"), gateway_hint=None)
+    assert list(experiment.servers()) == ["1 process"]
+    # vision_ab.py still measures "--workers 1" behind the gateway: the name and flags exist.
+    assert experiment.workers_name == "1 workers"
+    assert experiment.workers == (experiment.per_worker, ["--workers", "1"])
+
+
+def test_experiment_setups_build_the_gateway_with_the_way_around_a_failed_build(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    built: list[tuple[str, str]] = []
+
+    def build_gateway(flag: str, way_around: str) -> Path:
+        built.append((flag, way_around))
+        return Path("/bin/snaplearn-gateway")
+
+    monkeypatch.setattr(vision_bench, "build_gateway", build_gateway)
+    experiment = vision_bench.experiment_setups(experiment_args("--workers", "2"), "or pass --no-gateway", 32)
+    assert built == [("--gateway", "or pass --no-gateway")]
+    for settings in (experiment.settings, experiment.per_worker):
+        assert (settings.gateway, settings.gateway_max_in_flight) == (Path("/bin/snaplearn-gateway"), 32)

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from snaplearn_common.errors import InvalidInput
 from snaplearn_common.eventbus.factory import BusSettings, add_bus_arguments, bus_settings_from_args
-from snaplearn_vision.service import DEFAULT_DECODE_NICENESS, DEFAULT_DECODE_THREADS, DEFAULT_MAX_QUEUE_SIZE
+from snaplearn_vision.service import (
+    DECODERS,
+    DEFAULT_DECODE_NICENESS,
+    DEFAULT_DECODE_THREADS,
+    DEFAULT_DECODER,
+    DEFAULT_MAX_QUEUE_SIZE,
+)
 
 ENV_PREFIX = "SNAPLEARN_VISION_"
 DEFAULT_PORT = 50051
@@ -45,9 +51,10 @@ class VisionSettings:
     max_batch_size: int | None = None
     max_queue_delay_ms: float | None = None
     max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE
-    decode_threads: int = DEFAULT_DECODE_THREADS
-    # How much lower the decode threads' scheduling priority is than the event loop's.
+    decode_threads: int = DEFAULT_DECODE_THREADS  # decode threads, or processes (decoder below)
+    # How much lower the decoders' scheduling priority is than the event loop's.
     decode_niceness: int = DEFAULT_DECODE_NICENESS
+    decoder: str = DEFAULT_DECODER  # "threads" of the server process, or "processes" of their own
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     # How long a thread may hold the GIL while another waits for it (sys.setswitchinterval).
     gil_switch_interval_ms: float = DEFAULT_GIL_SWITCH_INTERVAL_MS
@@ -98,6 +105,8 @@ class VisionSettings:
             problems.append(f"max_queue_size must be >= 1, got {self.max_queue_size}")
         if self.decode_threads < 1:
             problems.append(f"decode_threads must be >= 1, got {self.decode_threads}")
+        if self.decoder not in DECODERS:
+            problems.append(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
         if not 0 <= self.decode_niceness <= 19:
             problems.append(f"decode_niceness must be in 0..19, got {self.decode_niceness}")
         if not 0.01 <= self.gil_switch_interval_ms <= 100:
@@ -250,7 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-threads",
         type=int,
         default=_env("DECODE_THREADS", DEFAULT_DECODE_THREADS),
-        help="threads decoding and resizing images",
+        help="how many decoders (threads, or processes with --decoder processes) decode and resize images",
+    )
+    batching.add_argument(
+        "--decoder",
+        default=_env("DECODER", DEFAULT_DECODER),
+        help="where photos are decoded: 'threads' of the server process, or 'processes' of their own "
+        "(out of the server's GIL; one feeding thread each)",
     )
     batching.add_argument(
         "--decode-niceness",
@@ -335,6 +350,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> VisionSettings:
             max_queue_size=args.max_queue_size,
             decode_threads=args.decode_threads,
             decode_niceness=args.decode_niceness,
+            decoder=args.decoder,
             gil_switch_interval_ms=args.gil_switch_interval_ms,
             max_image_bytes=args.max_image_bytes,
             device=args.device,

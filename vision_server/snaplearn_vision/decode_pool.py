@@ -15,6 +15,10 @@ served as many images per second as two).
 
 Each item keeps its own result or exception (one bad image fails only its own request) and
 its own compute time. Items whose caller went away before a thread took them are skipped.
+
+What a thread does with its chunk is the pool's `run_chunk`: decode each photo itself
+(decode_threads) or hand the chunk to a decode process of its own and wait for the pixels
+(decode_processes, decode_process.py), which takes decoding out of the server's GIL.
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ import asyncio
 import collections
 import contextlib
 import math
+import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
 
 from snaplearn_common import errors
+from snaplearn_vision.decode_process import Outcome, ProcessDecoders
+from snaplearn_vision.decoding import DecodeSpec
 
 ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
@@ -42,29 +52,52 @@ class _Item(Generic[ArgT, ResultT]):
 
 
 # What a thread hands back per item: (ok, result or exception, seconds spent on it).
-_Outcome = tuple[bool, object, float]
+_Outcome = Outcome
+ChunkRunner = Callable[[Sequence[ArgT]], list[_Outcome]]
+
+
+def one_by_one(function: Callable[[ArgT], ResultT]) -> ChunkRunner[ArgT]:
+    """A chunk runner that calls `function` on each item, on the pool's thread."""
+
+    def run_chunk(arguments: Sequence[ArgT]) -> list[_Outcome]:
+        outcomes: list[_Outcome] = []
+        for argument in arguments:
+            started = time.perf_counter()
+            try:
+                outcomes.append((True, function(argument), time.perf_counter() - started))
+            except Exception as exc:  # handed to that item's caller, on the loop
+                outcomes.append((False, exc, time.perf_counter() - started))
+        return outcomes
+
+    return run_chunk
 
 
 class ChunkedPool(Generic[ArgT, ResultT]):
-    """`await pool.run(argument)` -> (function(argument), seconds it took on its thread).
+    """`await pool.run(argument)` -> (its result, seconds it took), run in chunks on threads.
 
+    run_chunk(arguments) returns one outcome per argument, in order. on_start/on_stop run
+    when the pool starts and after its threads are joined (the decode processes' lifecycle).
     Create and use it on one event loop; `start()` from that loop, `stop()` at the end.
     """
 
     def __init__(
         self,
-        function: Callable[[ArgT], ResultT],
+        run_chunk: ChunkRunner[ArgT],
         threads: int,
         *,
         name: str = "decode",
         initializer: Callable[[], None] | None = None,
         max_chunk: int = 8,
+        on_start: Callable[[], None] | None = None,
+        on_stop: Callable[[], None] | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
-        self._function = function
+        self._run_chunk_function = run_chunk
+        self._on_start = on_start
+        self._on_stop = on_stop
         self._threads = threads
         self._name = name
         self._initializer = initializer
@@ -83,6 +116,8 @@ class ChunkedPool(Generic[ArgT, ResultT]):
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        if self._on_start is not None:
+            self._on_start()
         self._executor = ThreadPoolExecutor(
             max_workers=self._threads, thread_name_prefix=self._name, initializer=self._initializer
         )
@@ -109,7 +144,12 @@ class ChunkedPool(Generic[ArgT, ResultT]):
                 item.future.set_exception(errors.Unavailable(f"{self._name} pool is shutting down"))
         if executor is not None:
             # In a thread: a chunk may still be running and the event loop must not wait on it.
-            await asyncio.to_thread(executor.shutdown, wait=drain)
+            await asyncio.to_thread(self._shut_down, executor, drain)
+
+    def _shut_down(self, executor: ThreadPoolExecutor, drain: bool) -> None:
+        executor.shutdown(wait=drain)
+        if self._on_stop is not None:
+            self._on_stop()
 
     # -- on the event loop -----------------------------------------------------------------
 
@@ -151,15 +191,77 @@ class ChunkedPool(Generic[ArgT, ResultT]):
     # -- on a pool thread ------------------------------------------------------------------
 
     def _run_chunk(self, chunk: list[_Item[ArgT, ResultT]], arguments: list[ArgT]) -> None:
-        outcomes: list[_Outcome] = []
-        function = self._function
-        for argument in arguments:
-            started = time.perf_counter()
-            try:
-                outcomes.append((True, function(argument), time.perf_counter() - started))
-            except Exception as exc:  # handed to that item's caller, on the loop
-                outcomes.append((False, exc, time.perf_counter() - started))
+        try:
+            outcomes = self._run_chunk_function(arguments)
+            if len(outcomes) != len(arguments):
+                raise RuntimeError(f"{len(outcomes)} outcomes for {len(arguments)} items")
+        except Exception as exc:  # the runner itself failed: every item of the chunk hears of it
+            outcomes = [(False, exc, 0.0)] * len(arguments)
         assert self._loop is not None
         # RuntimeError: the loop closed under us (interpreter shutdown) and nobody waits.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._report, chunk, outcomes)
+
+
+# -- the server's two kinds of decode pool -------------------------------------------------
+
+
+class Decodable(Protocol):
+    """A served model as a decoder sees it (engine.ImageClassifier)."""
+
+    @property
+    def decode_spec(self) -> DecodeSpec: ...
+
+    def decode_pixels(self, image_bytes: bytes) -> np.ndarray: ...
+
+
+DecodeJob = tuple[Decodable, bytes]
+DecodePool = ChunkedPool[DecodeJob, np.ndarray]
+
+
+def lower_priority(niceness: int) -> Callable[[], None]:
+    """A thread initializer for the decode threads: lower the thread's scheduling priority.
+
+    When the decode threads keep every core busy, the event loop thread, which answers
+    refusals and hands results back, must still get a core at once: a decode that waits a
+    little costs little throughput, a starved event loop makes every answer late. The model
+    thread is not niced: it is one thread (one core at most, so it cannot crowd out the loop,
+    which the scheduler favours anyway as it mostly sleeps), it is the bottleneck for real-size
+    models, and a niced thread yields to every other process on a shared machine too.
+    On Linux the nice value is per thread; where it cannot be changed nothing happens.
+    """
+
+    def initializer() -> None:
+        if niceness <= 0:
+            return
+        with contextlib.suppress(OSError, AttributeError):
+            thread = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
+
+    return initializer
+
+
+def _decode_job(job: DecodeJob) -> np.ndarray:
+    model, image_bytes = job
+    return model.decode_pixels(image_bytes)
+
+
+def decode_threads(threads: int, niceness: int, *, name: str = "vision-decode") -> DecodePool:
+    """Photos decoded on `threads` threads of the server process, `niceness` below the rest."""
+    return ChunkedPool(one_by_one(_decode_job), threads, name=name, initializer=lower_priority(niceness))
+
+
+def decode_processes(processes: int, niceness: int, *, name: str = "vision-decode") -> DecodePool:
+    """Photos decoded in `processes` processes (`niceness` below the server), one thread feeding each.
+
+    The feeding threads are not niced: they only move bytes, and a late one delays its chunk.
+    """
+    decoders = ProcessDecoders(processes, niceness, name=name)
+    return ChunkedPool(
+        decoders.decode,
+        processes,
+        name=name,
+        initializer=decoders.claim,
+        on_start=decoders.start,
+        on_stop=decoders.stop,
+    )

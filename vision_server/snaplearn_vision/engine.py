@@ -1,31 +1,45 @@
 """A loaded, ready-to-serve image classifier: bytes -> pixels -> probabilities.
 
-The serving path is decode_pixels() on a thread pool (one call per request: bytes -> uint8
-[H, W, C] at the model's input size) and predict_pixels() on the batcher's model thread (one
-call per batch): the images are copied once into a preallocated (pinned, on CUDA) uint8 batch
-buffer, and the float conversion, normalisation and NHWC -> NCHW layout change happen for the
-whole batch inside torch, on the model's device. Pillow cannot decode into a caller's buffer,
-so that one uint8 copy per image (150 KB at 224x224 RGB) is the only copy on the host.
+The serving path is decode_pixels() (decoding.py) on decode threads or processes (one call
+per request: bytes -> uint8 [H, W, C] at the model's input size) and predict_pixels() on the
+batcher's model thread (one call per batch): the images are copied once into a preallocated
+(pinned, on CUDA) uint8 batch buffer, and the float conversion, normalisation and NHWC -> NCHW
+layout change happen for the whole batch inside torch, on the model's device. Pillow cannot
+decode into a caller's buffer, so that one uint8 copy per image (150 KB at 224x224 RGB) is the
+only copy on the host (decode processes add one: their pixels arrive over a pipe).
 
 decode() + predict() (normalised float32 [C, H, W] per image) remain for tools and tests.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from snaplearn_common.errors import InvalidInput
+from snaplearn_vision.decoding import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodeSpec,
+    decode_pixels,
+    to_model_pixels,
+)
+
+__all__ = [  # the decoding names stay importable from here for tools and tests
+    "DEFAULT_MAX_IMAGE_BYTES",
+    "DEFAULT_MAX_IMAGE_PIXELS",
+    "ImageClassifier",
+    "InferenceSettings",
+    "resolve_device",
+    "to_model_pixels",
+]
 
 if TYPE_CHECKING:
     from snaplearn_vision.model_repository import ModelConfig
@@ -35,19 +49,6 @@ log = logging.getLogger(__name__)
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 PRECISIONS = ("fp32", "fp16", "bf16")
 _TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-DEFAULT_MAX_IMAGE_BYTES = 10 * 1024 * 1024
-# A 48-megapixel phone photo is fine; a 1x1-pixel-per-byte PNG "bomb" declaring 100k x 100k is not.
-DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
-# Formats phones and browsers produce. Older Pillows open many phone JPEGs as "MPO"; newer
-# ones fold it into "JPEG" and no longer know the name, hence the filter in _open_formats.
-ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
-
-
-@lru_cache(maxsize=1)
-def _open_formats() -> tuple[str, ...]:
-    Image.init()  # registers the plugins; Image.open would do it on first use anyway
-    return tuple(name for name in ACCEPTED_FORMATS if name in Image.OPEN)
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -94,23 +95,6 @@ class InferenceSettings:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
-def _flatten_alpha(image: Image.Image) -> Image.Image:
-    """Transparent pixels become white paper, not black (screenshots, scanned PNGs)."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit/float greyscale: rescale to 8 bits instead of letting convert() clip to white.
-        pixels = np.asarray(image, dtype=np.float32)
-        low, high = float(pixels.min()), float(pixels.max())
-        scaled = (pixels - low) * (255.0 / (high - low) if high > low else 0.0)
-        return Image.fromarray(scaled.astype(np.uint8), "L")
-    return image
-
-
 def ranking(probabilities: np.ndarray) -> np.ndarray:
     """Label indices by descending probability (ties: label order), per row of a 1-D or 2-D array.
 
@@ -118,21 +102,6 @@ def ranking(probabilities: np.ndarray) -> np.ndarray:
     request, does not sort each one.
     """
     return np.argsort(-probabilities, axis=-1, kind="stable")
-
-
-def to_model_pixels(image: Image.Image, channels: int, input_size: tuple[int, int]) -> np.ndarray:
-    """Any PIL image -> uint8 [H, W, C] at the model's input size (the shared preprocessing).
-
-    The training set goes through this too, so the model trains on what it is served.
-    """
-    height, width = input_size
-    mode = "L" if channels == 1 else "RGB"
-    image = _flatten_alpha(image)
-    if image.mode != mode:  # convert() to the same mode would copy every pixel
-        image = image.convert(mode)
-    resized = image.resize((width, height), Image.Resampling.BILINEAR)
-    pixels = np.asarray(resized, dtype=np.uint8)
-    return pixels[:, :, None] if channels == 1 else pixels
 
 
 class ImageClassifier:
@@ -156,6 +125,12 @@ class ImageClassifier:
         self.device = resolve_device(device)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self._decode_spec = DecodeSpec(
+            config.channels,
+            *config.input_size,
+            max_image_bytes=max_image_bytes,
+            max_image_pixels=max_image_pixels,
+        )
         self.inference = self._effective(inference or InferenceSettings())
         self._dtype = _TORCH_DTYPES[self.inference.precision]
         memory_format = torch.channels_last if self.inference.channels_last else torch.contiguous_format
@@ -219,47 +194,14 @@ class ImageClassifier:
         chw = self.decode_pixels(image_bytes).transpose(2, 0, 1).astype(np.float32)
         return np.ascontiguousarray((chw - self._mean) * self._scale)
 
+    @property
+    def decode_spec(self) -> DecodeSpec:
+        """What a decoder (thread or process) needs to turn this model's photos into pixels."""
+        return self._decode_spec
+
     def decode_pixels(self, image_bytes: bytes) -> np.ndarray:
         """Encoded image (JPEG, PNG, ...) -> uint8 [H, W, C] at the input size. Raises InvalidInput."""
-        if not image_bytes:
-            raise InvalidInput("image is empty (0 bytes)")
-        if len(image_bytes) > self.max_image_bytes:
-            raise InvalidInput(
-                f"image is {len(image_bytes)} bytes; the limit is {self.max_image_bytes} bytes"
-            )
-        try:
-            # Pillow raises DecompressionBombError itself past twice its own (global) limit;
-            # our limit is lower and checked below. No warnings.catch_warnings: not thread-safe.
-            image = Image.open(io.BytesIO(image_bytes), formats=_open_formats())
-        except Image.DecompressionBombError as error:
-            raise InvalidInput(f"image has too many pixels ({error})") from None
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            raise InvalidInput(
-                f"image bytes are not a decodable image (accepted formats: {', '.join(_open_formats())})"
-            ) from None
-        with image:
-            width, height = image.size
-            # Checked on the header, before any pixel is decoded.
-            if width * height > self.max_image_pixels:
-                raise InvalidInput(
-                    f"image is {width}x{height} = {width * height} pixels; "
-                    f"the limit is {self.max_image_pixels} pixels"
-                )
-            try:
-                # JPEG can decode straight to 1/2, 1/4 or 1/8 scale: far less work for a
-                # 12-megapixel photo that will become 64x64. Asked for 1.5x the input size, the
-                # resize still averages >= 1.5 source pixels per output pixel (the pixels stay
-                # within a few grey levels of a full decode; tests/unit/test_engine.py), and a
-                # 320x240 photo for the 64x64 default model decodes at half scale (asking for 4x
-                # decoded it whole). Square target: EXIF may rotate it.
-                side = (3 * max(self.config.input_size)) // 2
-                image.draft("L" if self.config.channels == 1 else "RGB", (side, side))
-                # In place: without it, an upright photo (the usual case) is copied whole.
-                ImageOps.exif_transpose(image, in_place=True)
-                pixels = to_model_pixels(image, self.config.channels, self.config.input_size)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                raise InvalidInput(f"image data is corrupt or truncated ({type(error).__name__})") from None
-        return pixels
+        return decode_pixels(self._decode_spec, image_bytes)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 [N, C, H, W] (from decode) -> float32 [N, num_labels] softmax probabilities."""

@@ -159,6 +159,7 @@ class VisionServer:
             ),
             decode_threads=settings.decode_threads,
             decode_niceness=settings.decode_niceness,
+            decoder=settings.decoder,
             max_image_bytes=settings.max_image_bytes,
         )
 

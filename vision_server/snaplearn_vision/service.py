@@ -1,21 +1,19 @@
 """The classification core: validate, decode, batch, predict, publish. Knows nothing of gRPC.
 
-Per request: checks run first (cheap, with messages a client developer can act on),
-the image is decoded and resized on a thread pool (off the event loop, in parallel across
-requests), then the pixels join the model's DynamicBatcher, whose single model thread runs
-`predict` on whole batches. The prediction is published as an ImageClassified event with
-a non-blocking hand-off that can never fail the request. Image bytes are never logged and
-never leave this module except towards the decoder.
+Per request: checks run first (cheap, with messages a client developer can act on), the
+image is decoded and resized by the decode pool (threads, or processes of their own with
+--decoder processes; off the event loop, in parallel across requests), then the pixels join
+the model's DynamicBatcher, whose single model thread runs `predict` on whole batches. The
+prediction is published as an ImageClassified event with a non-blocking hand-off that can
+never fail the request. Image bytes are never logged and never leave this module except
+towards the decoder (a decode process gets them over a pipe, and logs only error types).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +24,8 @@ import numpy as np
 from snaplearn_common import errors
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, EncodedEvent, encode_image_classified
 from snaplearn_vision.batcher import BatchingLimits, DynamicBatcher
-from snaplearn_vision.decode_pool import ChunkedPool
+from snaplearn_vision.decode_pool import DecodePool, decode_processes, decode_threads
+from snaplearn_vision.decoding import DecodeSpec
 from snaplearn_vision.engine import ranking
 from snaplearn_vision.metrics import (
     REJECT_DECODE_BACKLOG,
@@ -43,8 +42,11 @@ MAX_USER_ID_CHARS = 128
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_MAX_QUEUE_SIZE = 256
 DEFAULT_DECODE_THREADS = 2
-# Decode threads run this much "nicer" than the event loop and the model thread (see _lower_priority).
+# Decoders run this much "nicer" than the event loop and the model thread (see lower_priority).
 DEFAULT_DECODE_NICENESS = 5
+# Where photos are decoded: on threads of the server process, or in processes of their own.
+DECODERS = ("threads", "processes")
+DEFAULT_DECODER = "threads"
 # Model names and versions become repository paths: allow no separators or "..".
 _MODEL_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -63,6 +65,9 @@ class LoadedModel(Protocol):
 
     @property
     def config(self) -> Any: ...  # ModelConfig: .batching.max_batch_size, .batching.max_queue_delay_ms
+
+    @property
+    def decode_spec(self) -> DecodeSpec: ...  # what a decode process needs of the model
 
     def decode_pixels(self, image_bytes: bytes) -> np.ndarray: ...  # uint8 [H, W, C]
 
@@ -157,34 +162,6 @@ class _Served:
         return f"{self.model.name}:{self.model.version}"
 
 
-def _lower_priority(niceness: int) -> Callable[[], None]:
-    """A thread initializer for the decode threads: lower the thread's scheduling priority.
-
-    When the decode threads keep every core busy, the event loop thread, which answers
-    refusals and hands results back, must still get a core at once: a decode that waits a
-    little costs little throughput, a starved event loop makes every answer late. The model
-    thread is not niced: it is one thread (one core at most, so it cannot crowd out the loop,
-    which the scheduler favours anyway as it mostly sleeps), it is the bottleneck for real-size
-    models, and a niced thread yields to every other process on a shared machine too.
-    On Linux the nice value is per thread; where it cannot be changed nothing happens.
-    """
-
-    def initializer() -> None:
-        if niceness <= 0:
-            return
-        with contextlib.suppress(OSError, AttributeError):
-            thread = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + niceness)
-
-    return initializer
-
-
-def _decode_with(job: tuple[LoadedModel, bytes]) -> np.ndarray:
-    """The decode pool's function: runs on a decode thread."""
-    model, image_bytes = job
-    return model.decode_pixels(image_bytes)
-
-
 def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[_Scored]]:
     """The batch function: runs on the batcher's model thread, and ranks the labels there too."""
 
@@ -215,10 +192,13 @@ class ClassificationService:
         decode_threads: int = DEFAULT_DECODE_THREADS,
         max_image_bytes: int | None = None,
         decode_niceness: int = DEFAULT_DECODE_NICENESS,
+        decoder: str = DEFAULT_DECODER,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if decode_threads < 1:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
         if max_image_bytes is not None and max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
         self._models = models
@@ -229,10 +209,11 @@ class ClassificationService:
         self._request_ids = RequestIds()
         self._batching = batching if batching is not None else BatchingOverrides()
         self._decode_threads = decode_threads
-        self._decode_thread_initializer = _lower_priority(decode_niceness)
+        self._decode_niceness = decode_niceness
+        self._decoder = decoder
         self.max_image_bytes = max_image_bytes
         self._clock = clock
-        self._decode_pool: ChunkedPool[tuple[LoadedModel, bytes], np.ndarray] | None = None
+        self._decode_pool: DecodePool | None = None
         # Resolved "name:version" -> served model; requested (name, version|None) -> that key.
         self._served: dict[str, _Served] = {}
         self._aliases: dict[tuple[str, str | None], str] = {}
@@ -260,12 +241,8 @@ class ClassificationService:
 
     async def start(self) -> None:
         """Load the default model (in a thread: it reads files and warms up torch), then accept."""
-        self._decode_pool = ChunkedPool(
-            _decode_with,
-            self._decode_threads,
-            name="vision-decode",
-            initializer=self._decode_thread_initializer,
-        )
+        make_pool = decode_processes if self._decoder == "processes" else decode_threads
+        self._decode_pool = make_pool(self._decode_threads, self._decode_niceness)
         self._decode_pool.start()
         self._accepting = True
         try:
@@ -481,9 +458,10 @@ class ClassificationService:
             # an image we cannot read. The traceback is logged (never the bytes) so that a
             # decoder bug hitting good images shows up in the logs and the counter.
             self.metrics.count_rejection(REJECT_UNDECODABLE)
-            log.warning("decoder raised %s instead of InvalidInput", type(exc).__name__, exc_info=True)
+            kind = getattr(exc, "type_name", type(exc).__name__)  # a decode process's names its own
+            log.warning("decoder raised %s instead of InvalidInput", kind, exc_info=True)
             raise errors.InvalidInput(
-                f"image could not be decoded ({type(exc).__name__}); send a JPEG, PNG, WebP or BMP photo"
+                f"image could not be decoded ({kind}); send a JPEG, PNG, WebP or BMP photo"
             ) from None
         finally:
             self._decoding -= 1

@@ -1,0 +1,178 @@
+"""Decode pools: threads and processes give the same pixels and errors; processes survive crashes.
+
+Real decode processes (`python -m snaplearn_vision.decode_process`), real photos.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from snaplearn_common import errors
+from snaplearn_vision.decode_pool import DecodePool, decode_processes, decode_threads
+from snaplearn_vision.decode_process import FAILED, DecodeProcess, DecoderFailed, _outcome
+from snaplearn_vision.decoding import DecodeSpec, decode_pixels
+from snaplearn_vision.worksheets import DEFAULT_TOPICS, sample_image_bytes
+
+pytestmark = pytest.mark.timeout(60)
+
+PoolFactory = Callable[[int, int], DecodePool]
+POOLS = {"threads": decode_threads, "processes": decode_processes}
+
+
+class Model:
+    """What a decoder needs of a served model: its DecodeSpec (and, for threads, decode_pixels)."""
+
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.decode_spec = spec
+
+    def decode_pixels(self, image_bytes: bytes) -> np.ndarray:
+        return decode_pixels(self.decode_spec, image_bytes)
+
+
+@dataclass(frozen=True)
+class BrokenSpec:
+    """A spec no DecodeSpec would accept (height 0): the decode process dies on its frame."""
+
+    channels: int = 3
+    height: int = 0
+    width: int = 64
+    max_image_bytes: int = 1_000_000
+    max_image_pixels: int = 1_000_000
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+
+SMALL = Model(DecodeSpec(3, 64, 64))
+GREY = Model(DecodeSpec(1, 32, 48, max_image_bytes=200_000))
+
+
+def photos(count: int) -> list[bytes]:
+    return [sample_image_bytes(DEFAULT_TOPICS[i % len(DEFAULT_TOPICS)], seed=i) for i in range(count)]
+
+
+@pytest.fixture(params=sorted(POOLS))
+async def pool(request: pytest.FixtureRequest) -> object:
+    decoders = POOLS[request.param](2, 0)
+    decoders.start()
+    yield decoders
+    await decoders.stop()
+
+
+async def test_pixels_are_those_of_the_in_process_decoder_for_every_model_shape(pool: DecodePool) -> None:
+    images = photos(12)
+    jobs = [(SMALL if i % 2 else GREY, image) for i, image in enumerate(images)]
+    results = await asyncio.gather(*(pool.run(job) for job in jobs))
+    for (model, image), (pixels, seconds) in zip(jobs, results, strict=True):
+        assert pixels.shape == model.decode_spec.shape
+        assert pixels.dtype == np.uint8
+        np.testing.assert_array_equal(pixels, model.decode_pixels(image))
+        assert seconds > 0.0
+
+
+async def test_a_bad_photo_fails_only_its_own_caller_with_the_decoders_message(pool: DecodePool) -> None:
+    good = photos(3)
+    huge = b"\xff\xd8" + b"\0" * 200_001  # over GREY's byte limit
+    outcomes = await asyncio.gather(
+        pool.run((SMALL, good[0])),
+        pool.run((SMALL, b"definitely not a photo")),
+        pool.run((GREY, huge)),
+        pool.run((SMALL, good[1])),
+        pool.run((SMALL, b"")),
+        pool.run((GREY, good[2])),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], errors.InvalidInput) and "not a decodable image" in str(outcomes[1])
+    assert isinstance(outcomes[2], errors.InvalidInput) and "the limit is 200000 bytes" in str(outcomes[2])
+    assert isinstance(outcomes[4], errors.InvalidInput) and "image is empty" in str(outcomes[4])
+    for index, (model, image) in ((0, (SMALL, good[0])), (3, (SMALL, good[1])), (5, (GREY, good[2]))):
+        pixels, _ = outcomes[index]  # type: ignore[misc]
+        np.testing.assert_array_equal(pixels, model.decode_pixels(image))
+
+
+@pytest.mark.parametrize("kind", sorted(POOLS))
+async def test_a_stopped_pool_refuses_work_and_leaves_no_process_behind(kind: str) -> None:
+    pool = POOLS[kind](2, 0)
+    pool.start()
+    pixels, _ = await pool.run((SMALL, photos(1)[0]))
+    assert pixels.shape == (64, 64, 3)
+    await pool.stop()
+    with pytest.raises(errors.Unavailable, match="not running"):
+        await pool.run((SMALL, photos(1)[0]))
+    children = _children(os.getpid())
+    assert not [line for line in children if "snaplearn_vision.decode_process" in line]
+
+
+# -- the decode process itself -------------------------------------------------------------
+
+
+def _children(pid: int) -> list[str]:
+    listing = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True)
+    return listing.stdout.splitlines()
+
+
+def test_a_killed_decode_process_is_replaced_and_its_chunk_decoded() -> None:
+    decoder = DecodeProcess(name="test-decode")
+    decoder.start()
+    try:
+        images = photos(3)
+        first = decoder.decode([(SMALL, images[0])])
+        assert first[0][0] is True
+        assert decoder.pid is not None
+        os.kill(decoder.pid, signal.SIGKILL)
+        outcomes = decoder.decode([(SMALL, image) for image in images])
+    finally:
+        decoder.retire()
+    assert [ok for ok, _, _ in outcomes] == [True, True, True]
+    for (_, pixels, _), image in zip(outcomes, images, strict=True):
+        np.testing.assert_array_equal(pixels, SMALL.decode_pixels(image))
+    assert decoder.restarts == 1
+
+
+def test_a_frame_that_kills_a_fresh_decoder_alone_is_refused_and_the_rest_decoded() -> None:
+    decoder = DecodeProcess(name="test-decode")
+    decoder.start()
+    try:
+        images = photos(2)
+        outcomes = decoder.decode([(SMALL, images[0]), (Model(BrokenSpec()), images[1]), (SMALL, images[1])])  # type: ignore[arg-type]
+    finally:
+        decoder.retire()
+    assert outcomes[0][0] is True and outcomes[2][0] is True
+    np.testing.assert_array_equal(outcomes[2][1], SMALL.decode_pixels(images[1]))
+    ok, error, _ = outcomes[1]
+    assert ok is False and isinstance(error, errors.InvalidInput) and "crashed the decoder" in str(error)
+    # Once for the chunk, once after the culprit killed the fresh decoder on its own.
+    assert decoder.restarts == 2
+
+
+def test_a_retired_decoder_answers_unavailable_not_a_new_process() -> None:
+    decoder = DecodeProcess(name="test-decode")
+    decoder.start()
+    decoder.retire()
+    [(ok, error, _)] = decoder.decode([(SMALL, photos(1)[0])])
+    assert ok is False and isinstance(error, errors.Unavailable) and "shutting down" in str(error)
+    assert decoder.pid is not None and decoder.restarts == 0
+
+
+def test_an_unexpected_decoder_error_keeps_its_type_name_for_the_log() -> None:
+    ok, error, seconds = _outcome(FAILED, 0.25, b"KeyError\nTraceback: ...", SMALL.decode_spec)
+    assert ok is False and seconds == 0.25
+    assert isinstance(error, DecoderFailed) and error.type_name == "KeyError"
+    assert "Traceback: ..." in str(error)
+
+
+def test_a_decode_process_does_not_import_torch() -> None:
+    # What keeps it small and quick to start: decoding.py is Pillow and numpy only.
+    probe = "import sys, snaplearn_vision.decode_process; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

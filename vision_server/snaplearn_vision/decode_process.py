@@ -1,0 +1,291 @@
+"""A decode process: photos in over its stdin, pixels out over its stdout, in chunks.
+
+Why processes: in the server process a decode shares one GIL with the event loop and the model
+thread. Measured (benchmarks/vision_gil.py, D25), a 0.2 ms decode beside a busy Python thread
+takes 3.2 ms of wall time at the server's 1 ms switch interval, and the two decode threads cost
+~480 us of CPU per photo inside a loaded server against ~200 us alone. A process of its own
+decodes at its standalone cost; the server's thread that feeds it only writes and reads bytes.
+
+The process imports decoding.py alone (Pillow and numpy, no torch): it starts in a fraction of a
+second. Its parent is the server (DecodeProcess below, one feeding thread each); when the
+server goes away its stdin closes and it exits. It ignores SIGINT: Ctrl-C reaches the whole
+process group, and the server, not its decoders, decides when decoding stops.
+
+Wire format (little-endian; one request frame per chunk, one reply frame per item, in order):
+  request  u32 count, then per item: u8 channels, u16 height, u16 width, u64 max_image_bytes,
+           u64 max_image_pixels, u32 length, `length` bytes of the encoded photo
+  reply    u8 status, f64 seconds the decode took, u32 length, `length` bytes: the pixels
+           (uint8 H*W*C) for OK, else a UTF-8 message (INVALID: for the client; FAILED: the
+           error's type name, a newline, the traceback, for the server's log)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from typing import IO, Protocol
+
+import numpy as np
+
+from snaplearn_common.errors import InvalidInput, Unavailable
+from snaplearn_vision.decoding import DecodeSpec, decode_pixels
+
+log = logging.getLogger(__name__)
+
+_COUNT = struct.Struct("<I")
+_ITEM = struct.Struct("<BHHQQI")
+_REPLY = struct.Struct("<BdI")
+OK, INVALID, FAILED = 0, 1, 2
+# How long a decoder may take to exit once its stdin is closed before it is killed.
+EXIT_GRACE_S = 5.0
+
+# What a feeding thread hands back per item, as ChunkedPool expects: (ok, result or error, seconds).
+Outcome = tuple[bool, object, float]
+
+
+class DecoderFailed(RuntimeError):
+    """The decoder raised something other than InvalidInput; type_name is the original's."""
+
+    def __init__(self, type_name: str, details: str) -> None:
+        super().__init__(f"{type_name} in a decode process:\n{details}")
+        self.type_name = type_name
+
+
+class DecoderDied(RuntimeError):
+    """The decode process exited (or closed its pipes) in the middle of a chunk."""
+
+
+class HasDecodeSpec(Protocol):
+    @property
+    def decode_spec(self) -> DecodeSpec: ...
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes:
+    data = stream.read(size)
+    if data is None or len(data) != size:
+        raise EOFError(f"wanted {size} bytes, got {0 if data is None else len(data)}")
+    return data
+
+
+# -- the parent's side ---------------------------------------------------------------------
+
+
+class DecodeProcess:
+    """One decode process and the pipes to it; used by one thread at a time (its feeder).
+
+    decode() sends a chunk and waits for its replies. If the process dies under a chunk it
+    is started again and each photo of the chunk retried alone, once: a photo that kills a
+    fresh decoder on its own is the cause and is refused (INVALID_ARGUMENT); the others
+    (say the process was killed for memory by something else) are decoded as if nothing
+    happened. Nothing is lost and one hostile photo cannot take the server down.
+    """
+
+    def __init__(self, niceness: int = 0, *, name: str = "decode") -> None:
+        self._niceness = niceness
+        self._name = name
+        self._process: subprocess.Popen[bytes] | None = None
+        self._retired = False
+        self._dead = True  # until started; and from the moment an exchange with it fails
+        self.restarts = 0  # for tests and the log
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        if self._retired:
+            raise Unavailable("the decode processes are shutting down; retry shortly")
+        command = [sys.executable, "-m", "snaplearn_vision.decode_process", "--niceness", str(self._niceness)]
+        # stderr is inherited: the decoder's own warnings go to the server's log stream.
+        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._dead = False
+
+    def retire(self) -> None:
+        """Stop it for good: a chunk still running gets UNAVAILABLE instead of a new process."""
+        self._retired = True
+        self._close()
+
+    def _close(self) -> None:
+        """Close its stdin: it answers what it has and exits (killed if it lingers).
+
+        Only then is its stdout closed: a feeding thread may still be reading it (its read
+        ends when the process exits), and closing a reader under a thread blocks on its lock.
+        """
+        process = self._process
+        if process is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if process.stdin is not None:
+                process.stdin.close()
+        try:
+            process.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        with contextlib.suppress(OSError, ValueError):
+            if process.stdout is not None:
+                process.stdout.close()
+
+    def decode(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
+        try:
+            return self._exchange(jobs)
+        except DecoderDied as died:
+            if not self._retired:
+                log.warning(
+                    "%s: decode process died (%s); retrying %d photos alone", self._name, died, len(jobs)
+                )
+            return [self._retry_alone(job) for job in jobs]
+
+    def _retry_alone(self, job: tuple[HasDecodeSpec, bytes]) -> Outcome:
+        try:
+            if self._dead:
+                self._close()
+                self.start()
+                self.restarts += 1
+            return self._exchange([job])[0]
+        except Unavailable as error:
+            return (False, error, 0.0)
+        except OSError as error:
+            return (False, Unavailable(f"cannot start a decode process ({error}); retry shortly"), 0.0)
+        except DecoderDied:
+            if self._retired:
+                return (False, Unavailable("the decode processes are shutting down; retry shortly"), 0.0)
+            log.warning("%s: a photo crashed a fresh decode process on its own; refused", self._name)
+            return (False, InvalidInput("image could not be decoded: it crashed the decoder"), 0.0)
+
+    def _exchange(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
+        process = self._process
+        if process is None or process.stdin is None or process.stdout is None:
+            raise DecoderDied("not started")
+        frame = [_COUNT.pack(len(jobs))]
+        for model, image_bytes in jobs:
+            spec = model.decode_spec
+            frame.append(
+                _ITEM.pack(
+                    spec.channels,
+                    spec.height,
+                    spec.width,
+                    spec.max_image_bytes,
+                    spec.max_image_pixels,
+                    len(image_bytes),
+                )
+            )
+            frame.append(image_bytes)
+        try:
+            process.stdin.write(b"".join(frame))
+            process.stdin.flush()
+            outcomes: list[Outcome] = []
+            for model, _ in jobs:
+                status, seconds, length = _REPLY.unpack(_read_exactly(process.stdout, _REPLY.size))
+                payload = _read_exactly(process.stdout, length)
+                outcomes.append(_outcome(status, seconds, payload, model.decode_spec))
+            return outcomes
+        except (OSError, EOFError, ValueError) as error:  # ValueError: a pipe closed under us
+            self._dead = True
+            code = process.poll()
+            raise DecoderDied(f"exit code {code}" if code is not None else str(error)) from None
+
+
+def _outcome(status: int, seconds: float, payload: bytes, spec: DecodeSpec) -> Outcome:
+    if status == OK:
+        # A read-only view of the received bytes: the batcher copies it into its batch buffer.
+        return (True, np.frombuffer(payload, dtype=np.uint8).reshape(spec.shape), seconds)
+    message = payload.decode("utf-8", errors="replace")
+    if status == INVALID:
+        return (False, InvalidInput(message), seconds)
+    type_name, _, details = message.partition("\n")
+    return (False, DecoderFailed(type_name, details), seconds)
+
+
+class ProcessDecoders:
+    """One decode process per feeding thread: the thread initializer gives each thread its own.
+
+    start() starts them all (so the server's first photos do not wait for Python to start),
+    claim() is the feeding threads' initializer, stop() retires them all.
+    """
+
+    def __init__(self, processes: int, niceness: int = 0, *, name: str = "decode") -> None:
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}")
+        self.processes = [DecodeProcess(niceness, name=f"{name}-{index}") for index in range(processes)]
+        self._unclaimed = list(self.processes)
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.retire()
+
+    def claim(self) -> None:
+        with self._lock:
+            self._local.process = self._unclaimed.pop()
+
+    def decode(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
+        process: DecodeProcess = self._local.process
+        return process.decode(jobs)
+
+
+# -- the decode process's side ------------------------------------------------------------
+
+
+def serve(requests: IO[bytes], replies: IO[bytes]) -> None:
+    """Answer chunks until the requests stream ends."""
+    while True:
+        header = requests.read(_COUNT.size)
+        if not header:
+            return
+        (count,) = _COUNT.unpack(header)
+        jobs = []
+        for _ in range(count):
+            channels, height, width, max_bytes, max_pixels, length = _ITEM.unpack(
+                _read_exactly(requests, _ITEM.size)
+            )
+            spec = DecodeSpec(channels, height, width, max_bytes, max_pixels)
+            jobs.append((spec, _read_exactly(requests, length)))
+        for spec, image_bytes in jobs:
+            started = time.perf_counter()
+            try:
+                payload = decode_pixels(spec, image_bytes).tobytes()
+                status = OK
+            except InvalidInput as error:
+                payload, status = str(error).encode(), INVALID
+            except Exception as error:  # the parent logs it and refuses the photo
+                payload = f"{type(error).__name__}\n{traceback.format_exc()}".encode()
+                status = FAILED
+            replies.write(_REPLY.pack(status, time.perf_counter() - started, len(payload)))
+            replies.write(payload)
+        replies.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A SnapLearn decode process (started by the vision server).")
+    parser.add_argument("--niceness", type=int, default=0, help="lower this process's priority by this much")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if args.niceness > 0:
+        with contextlib.suppress(OSError):
+            os.nice(args.niceness)
+    # The replies go to the stdout the parent reads; anything else printing to stdout (a
+    # library's stray print) would corrupt them, so fd 1 becomes stderr from here on.
+    replies = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    with contextlib.suppress(BrokenPipeError), replies:
+        serve(sys.stdin.buffer, replies)
+
+
+if __name__ == "__main__":
+    main()
