@@ -109,44 +109,51 @@ async def test_a_stopped_pool_refuses_work_and_leaves_no_process_behind(kind: st
     await pool.stop()
     with pytest.raises(errors.Unavailable, match="not running"):
         await pool.run((SMALL, photos(1)[0]))
-    children = _children(os.getpid())
-    assert not [line for line in children if "snaplearn_vision.decode_process" in line]
+    assert not _decode_children()
 
 
 # -- the decode process itself -------------------------------------------------------------
 
 
-def _children(pid: int) -> list[str]:
-    listing = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True)
-    return listing.stdout.splitlines()
+def _decode_children() -> list[str]:
+    listing = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(os.getpid())], capture_output=True, text=True, check=True
+    )
+    return [line for line in listing.stdout.splitlines() if "snaplearn_vision.decode_process" in line]
 
 
-def test_a_killed_decode_process_is_replaced_and_its_chunk_decoded() -> None:
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():  # noqa: ASYNC110 (the state changes on this very loop)
+        await asyncio.sleep(0)
+
+
+async def test_a_killed_decode_process_is_replaced_and_its_chunk_decoded() -> None:
     decoder = DecodeProcess(name="test-decode")
-    decoder.start()
+    await decoder.start()
     try:
         images = photos(3)
-        first = decoder.decode([(SMALL, images[0])])
+        first = await decoder.decode([(SMALL, images[0])])
         assert first[0][0] is True
         assert decoder.pid is not None
         os.kill(decoder.pid, signal.SIGKILL)
-        outcomes = decoder.decode([(SMALL, image) for image in images])
+        outcomes = await decoder.decode([(SMALL, image) for image in images])
     finally:
-        decoder.retire()
+        await decoder.retire()
     assert [ok for ok, _, _ in outcomes] == [True, True, True]
     for (_, pixels, _), image in zip(outcomes, images, strict=True):
         np.testing.assert_array_equal(pixels, SMALL.decode_pixels(image))
     assert decoder.restarts == 1
 
 
-def test_a_frame_that_kills_a_fresh_decoder_alone_is_refused_and_the_rest_decoded() -> None:
+async def test_a_frame_that_kills_a_fresh_decoder_alone_is_refused_and_the_rest_decoded() -> None:
     decoder = DecodeProcess(name="test-decode")
-    decoder.start()
+    await decoder.start()
+    broken = Model(BrokenSpec())  # type: ignore[arg-type]
     try:
         images = photos(2)
-        outcomes = decoder.decode([(SMALL, images[0]), (Model(BrokenSpec()), images[1]), (SMALL, images[1])])  # type: ignore[arg-type]
+        outcomes = await decoder.decode([(SMALL, images[0]), (broken, images[1]), (SMALL, images[1])])
     finally:
-        decoder.retire()
+        await decoder.retire()
     assert outcomes[0][0] is True and outcomes[2][0] is True
     np.testing.assert_array_equal(outcomes[2][1], SMALL.decode_pixels(images[1]))
     ok, error, _ = outcomes[1]
@@ -155,13 +162,25 @@ def test_a_frame_that_kills_a_fresh_decoder_alone_is_refused_and_the_rest_decode
     assert decoder.restarts == 2
 
 
-def test_a_retired_decoder_answers_unavailable_not_a_new_process() -> None:
+async def test_a_retired_decoder_answers_unavailable_not_a_new_process() -> None:
     decoder = DecodeProcess(name="test-decode")
-    decoder.start()
-    decoder.retire()
-    [(ok, error, _)] = decoder.decode([(SMALL, photos(1)[0])])
+    await decoder.start()
+    await decoder.retire()
+    [(ok, error, _)] = await decoder.decode([(SMALL, photos(1)[0])])
     assert ok is False and isinstance(error, errors.Unavailable) and "shutting down" in str(error)
-    assert decoder.pid is not None and decoder.restarts == 0
+    assert decoder.restarts == 0
+
+
+async def test_stopping_without_drain_ends_a_chunk_in_progress_with_unavailable() -> None:
+    pool = decode_processes(1, 0)
+    pool.start()
+    big = Model(DecodeSpec(3, 1024, 1024))  # a few ms per photo: the chunk is still decoding
+    calls = [asyncio.ensure_future(pool.run((big, image))) for image in photos(8)]
+    await until(lambda: pool.chunks >= 1)  # type: ignore[attr-defined]
+    await pool.stop(drain=False)
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(outcome, errors.Unavailable) for outcome in outcomes[1:])
+    assert not _decode_children()
 
 
 def test_an_unexpected_decoder_error_keeps_its_type_name_for_the_log() -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from snaplearn_common import errors
-from snaplearn_vision.decode_pool import ChunkedPool, one_by_one
+from snaplearn_vision.decode_pool import ChunkedPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -46,7 +46,7 @@ async def until(condition: Callable[[], bool]) -> None:
 
 async def test_results_come_back_per_item_with_their_own_compute_time() -> None:
     function = GatedSquare()
-    pool: ChunkedPool[int, int] = ChunkedPool(one_by_one(function), threads=2, name="t-decode")
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=2, name="t-decode")
     pool.start()
     try:
         results = await asyncio.gather(*(pool.run(value) for value in (2, 3, 4)))
@@ -59,7 +59,7 @@ async def test_results_come_back_per_item_with_their_own_compute_time() -> None:
 
 async def test_items_waiting_for_a_busy_thread_are_handed_over_as_one_chunk() -> None:
     function = GatedSquare()
-    pool: ChunkedPool[int, int] = ChunkedPool(one_by_one(function), threads=1)
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=1)
     pool.start()
     try:
         first = asyncio.ensure_future(pool.run(0))
@@ -77,7 +77,7 @@ async def test_items_waiting_for_a_busy_thread_are_handed_over_as_one_chunk() ->
 
 async def test_waiting_items_are_shared_evenly_between_threads_not_taken_by_the_first_free() -> None:
     function = GatedSquare()
-    pool: ChunkedPool[int, int] = ChunkedPool(one_by_one(function), threads=2, max_chunk=8)
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=2, max_chunk=8)
     pool.start()
     try:
         blockers = [asyncio.ensure_future(pool.run(0)) for _ in range(2)]  # both threads held
@@ -96,7 +96,7 @@ async def test_waiting_items_are_shared_evenly_between_threads_not_taken_by_the_
 
 async def test_a_failing_item_fails_only_its_own_caller() -> None:
     function = GatedSquare()
-    pool: ChunkedPool[int, int] = ChunkedPool(one_by_one(function), threads=1)
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=1)
     pool.start()
     try:
         blocker = asyncio.ensure_future(pool.run(0))
@@ -115,7 +115,7 @@ async def test_a_failing_item_fails_only_its_own_caller() -> None:
 
 async def test_a_caller_that_goes_away_before_a_thread_takes_its_item_is_skipped() -> None:
     function = GatedSquare()
-    pool: ChunkedPool[int, int] = ChunkedPool(one_by_one(function), threads=1)
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=1)
     pool.start()
     try:
         blocker = asyncio.ensure_future(pool.run(0))
@@ -135,7 +135,7 @@ async def test_a_caller_that_goes_away_before_a_thread_takes_its_item_is_skipped
 
 async def test_stop_fails_what_still_waits_and_refuses_new_work() -> None:
     function = GatedSquare()
-    pool: ChunkedPool[int, int] = ChunkedPool(one_by_one(function), threads=1)
+    pool: ChunkedPool[int, int] = ChunkedPool(function, threads=1)
     pool.start()
     blocker = asyncio.ensure_future(pool.run(0))
     await asyncio.to_thread(function.blocked.wait, 20)

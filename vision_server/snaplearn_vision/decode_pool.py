@@ -16,9 +16,9 @@ served as many images per second as two).
 Each item keeps its own result or exception (one bad image fails only its own request) and
 its own compute time. Items whose caller went away before a thread took them are skipped.
 
-What a thread does with its chunk is the pool's `run_chunk`: decode each photo itself
-(decode_threads) or hand the chunk to a decode process of its own and wait for the pixels
-(decode_processes, decode_process.py), which takes decoding out of the server's GIL.
+With `--decoder processes` the server decodes in processes of its own instead, shared out the
+same way from the event loop (process_pool.py); decode_threads() and decode_processes() below
+make either kind.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -38,8 +38,8 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from snaplearn_common import errors
-from snaplearn_vision.decode_process import Outcome, ProcessDecoders
 from snaplearn_vision.decoding import DecodeSpec
+from snaplearn_vision.process_pool import ProcessPool
 
 ArgT = TypeVar("ArgT")
 ResultT = TypeVar("ResultT")
@@ -52,52 +52,29 @@ class _Item(Generic[ArgT, ResultT]):
 
 
 # What a thread hands back per item: (ok, result or exception, seconds spent on it).
-_Outcome = Outcome
-ChunkRunner = Callable[[Sequence[ArgT]], list[_Outcome]]
-
-
-def one_by_one(function: Callable[[ArgT], ResultT]) -> ChunkRunner[ArgT]:
-    """A chunk runner that calls `function` on each item, on the pool's thread."""
-
-    def run_chunk(arguments: Sequence[ArgT]) -> list[_Outcome]:
-        outcomes: list[_Outcome] = []
-        for argument in arguments:
-            started = time.perf_counter()
-            try:
-                outcomes.append((True, function(argument), time.perf_counter() - started))
-            except Exception as exc:  # handed to that item's caller, on the loop
-                outcomes.append((False, exc, time.perf_counter() - started))
-        return outcomes
-
-    return run_chunk
+_Outcome = tuple[bool, object, float]
 
 
 class ChunkedPool(Generic[ArgT, ResultT]):
-    """`await pool.run(argument)` -> (its result, seconds it took), run in chunks on threads.
+    """`await pool.run(argument)` -> (function(argument), seconds it took on its thread).
 
-    run_chunk(arguments) returns one outcome per argument, in order. on_start/on_stop run
-    when the pool starts and after its threads are joined (the decode processes' lifecycle).
     Create and use it on one event loop; `start()` from that loop, `stop()` at the end.
     """
 
     def __init__(
         self,
-        run_chunk: ChunkRunner[ArgT],
+        function: Callable[[ArgT], ResultT],
         threads: int,
         *,
         name: str = "decode",
         initializer: Callable[[], None] | None = None,
         max_chunk: int = 8,
-        on_start: Callable[[], None] | None = None,
-        on_stop: Callable[[], None] | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_chunk < 1:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
-        self._run_chunk_function = run_chunk
-        self._on_start = on_start
-        self._on_stop = on_stop
+        self._function = function
         self._threads = threads
         self._name = name
         self._initializer = initializer
@@ -116,8 +93,6 @@ class ChunkedPool(Generic[ArgT, ResultT]):
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self._on_start is not None:
-            self._on_start()
         self._executor = ThreadPoolExecutor(
             max_workers=self._threads, thread_name_prefix=self._name, initializer=self._initializer
         )
@@ -144,12 +119,7 @@ class ChunkedPool(Generic[ArgT, ResultT]):
                 item.future.set_exception(errors.Unavailable(f"{self._name} pool is shutting down"))
         if executor is not None:
             # In a thread: a chunk may still be running and the event loop must not wait on it.
-            await asyncio.to_thread(self._shut_down, executor, drain)
-
-    def _shut_down(self, executor: ThreadPoolExecutor, drain: bool) -> None:
-        executor.shutdown(wait=drain)
-        if self._on_stop is not None:
-            self._on_stop()
+            await asyncio.to_thread(executor.shutdown, wait=drain)
 
     # -- on the event loop -----------------------------------------------------------------
 
@@ -191,12 +161,14 @@ class ChunkedPool(Generic[ArgT, ResultT]):
     # -- on a pool thread ------------------------------------------------------------------
 
     def _run_chunk(self, chunk: list[_Item[ArgT, ResultT]], arguments: list[ArgT]) -> None:
-        try:
-            outcomes = self._run_chunk_function(arguments)
-            if len(outcomes) != len(arguments):
-                raise RuntimeError(f"{len(outcomes)} outcomes for {len(arguments)} items")
-        except Exception as exc:  # the runner itself failed: every item of the chunk hears of it
-            outcomes = [(False, exc, 0.0)] * len(arguments)
+        outcomes: list[_Outcome] = []
+        function = self._function
+        for argument in arguments:
+            started = time.perf_counter()
+            try:
+                outcomes.append((True, function(argument), time.perf_counter() - started))
+            except Exception as exc:  # handed to that item's caller, on the loop
+                outcomes.append((False, exc, time.perf_counter() - started))
         assert self._loop is not None
         # RuntimeError: the loop closed under us (interpreter shutdown) and nobody waits.
         with contextlib.suppress(RuntimeError):
@@ -216,7 +188,16 @@ class Decodable(Protocol):
 
 
 DecodeJob = tuple[Decodable, bytes]
-DecodePool = ChunkedPool[DecodeJob, np.ndarray]
+
+
+class DecodePool(Protocol):
+    """What the service needs of a decode pool: ChunkedPool (threads) or ProcessPool."""
+
+    def start(self) -> None: ...
+
+    async def run(self, job: DecodeJob) -> tuple[np.ndarray, float]: ...
+
+    async def stop(self, drain: bool = True) -> None: ...
 
 
 def lower_priority(niceness: int) -> Callable[[], None]:
@@ -248,20 +229,9 @@ def _decode_job(job: DecodeJob) -> np.ndarray:
 
 def decode_threads(threads: int, niceness: int, *, name: str = "vision-decode") -> DecodePool:
     """Photos decoded on `threads` threads of the server process, `niceness` below the rest."""
-    return ChunkedPool(one_by_one(_decode_job), threads, name=name, initializer=lower_priority(niceness))
+    return ChunkedPool(_decode_job, threads, name=name, initializer=lower_priority(niceness))
 
 
 def decode_processes(processes: int, niceness: int, *, name: str = "vision-decode") -> DecodePool:
-    """Photos decoded in `processes` processes (`niceness` below the server), one thread feeding each.
-
-    The feeding threads are not niced: they only move bytes, and a late one delays its chunk.
-    """
-    decoders = ProcessDecoders(processes, niceness, name=name)
-    return ChunkedPool(
-        decoders.decode,
-        processes,
-        name=name,
-        initializer=decoders.claim,
-        on_start=decoders.start,
-        on_stop=decoders.stop,
-    )
+    """Photos decoded in `processes` processes of their own, `niceness` below the server."""
+    return ProcessPool(processes, niceness, name=name)

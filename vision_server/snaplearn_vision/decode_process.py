@@ -4,11 +4,11 @@ Why processes: in the server process a decode shares one GIL with the event loop
 thread. Measured (benchmarks/vision_gil.py, D25), a 0.2 ms decode beside a busy Python thread
 takes 3.2 ms of wall time at the server's 1 ms switch interval, and the two decode threads cost
 ~480 us of CPU per photo inside a loaded server against ~200 us alone. A process of its own
-decodes at its standalone cost; the server's thread that feeds it only writes and reads bytes.
+decodes at its standalone cost; the server's event loop only writes and reads bytes.
 
 The process imports decoding.py alone (Pillow and numpy, no torch): it starts in a fraction of a
-second. Its parent is the server (DecodeProcess below, one feeding thread each); when the
-server goes away its stdin closes and it exits. It ignores SIGINT: Ctrl-C reaches the whole
+second. Its parent is the server's event loop (DecodeProcess below); when the server goes away
+its stdin closes and it exits. It ignores SIGINT: Ctrl-C reaches the whole
 process group, and the server, not its decoders, decides when decoding stops.
 
 Wire format (little-endian; one request frame per chunk, one reply frame per item, in order):
@@ -22,14 +22,13 @@ Wire format (little-endian; one request frame per chunk, one reply frame per ite
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import os
 import signal
 import struct
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Sequence
@@ -49,7 +48,7 @@ OK, INVALID, FAILED = 0, 1, 2
 # How long a decoder may take to exit once its stdin is closed before it is killed.
 EXIT_GRACE_S = 5.0
 
-# What a feeding thread hands back per item, as ChunkedPool expects: (ok, result or error, seconds).
+# Per photo: (ok, pixels or the error, seconds the decode took).
 Outcome = tuple[bool, object, float]
 
 
@@ -81,19 +80,23 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes:
 
 
 class DecodeProcess:
-    """One decode process and the pipes to it; used by one thread at a time (its feeder).
+    """One decode process and the pipes to it, driven from the event loop (asyncio streams).
 
-    decode() sends a chunk and waits for its replies. If the process dies under a chunk it
-    is started again and each photo of the chunk retried alone, once: a photo that kills a
-    fresh decoder on its own is the cause and is refused (INVALID_ARGUMENT); the others
-    (say the process was killed for memory by something else) are decoded as if nothing
-    happened. Nothing is lost and one hostile photo cannot take the server down.
+    No thread of the server touches it: the loop writes a chunk's frame to its stdin and reads
+    the replies as they arrive, as it reads a socket. (A first version fed each process from a
+    thread of its own; those threads cost as much CPU per photo as the GIL-free decode saved.)
+
+    decode() sends a chunk and waits for its replies; one chunk at a time. If the process
+    dies under a chunk it is started again and each photo of the chunk retried alone, once: a
+    photo that kills a fresh decoder on its own is the cause and is refused (INVALID_ARGUMENT);
+    the others (say the process was killed for memory by something else) are decoded as if
+    nothing happened. Nothing is lost and one hostile photo cannot take the server down.
     """
 
     def __init__(self, niceness: int = 0, *, name: str = "decode") -> None:
         self._niceness = niceness
         self._name = name
-        self._process: subprocess.Popen[bytes] | None = None
+        self._process: asyncio.subprocess.Process | None = None
         self._retired = False
         self._dead = True  # until started; and from the moment an exchange with it fails
         self.restarts = 0  # for tests and the log
@@ -102,57 +105,63 @@ class DecodeProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self) -> None:
+    async def start(self) -> None:
         if self._retired:
             raise Unavailable("the decode processes are shutting down; retry shortly")
-        command = [sys.executable, "-m", "snaplearn_vision.decode_process", "--niceness", str(self._niceness)]
         # stderr is inherited: the decoder's own warnings go to the server's log stream.
-        self._process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "snaplearn_vision.decode_process",
+            "--niceness",
+            str(self._niceness),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
         self._dead = False
 
-    def retire(self) -> None:
-        """Stop it for good: a chunk still running gets UNAVAILABLE instead of a new process."""
-        self._retired = True
-        self._close()
+    async def retire(self, kill: bool = False) -> None:
+        """Stop it for good: a chunk still running gets UNAVAILABLE instead of a new process.
 
-    def _close(self) -> None:
-        """Close its stdin: it answers what it has and exits (killed if it lingers).
-
-        Only then is its stdout closed: a feeding thread may still be reading it (its read
-        ends when the process exits), and closing a reader under a thread blocks on its lock.
+        kill=False lets it answer the chunk it has first (it exits when its stdin closes).
         """
+        self._retired = True
+        if kill and self._process is not None and self._process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+        await self._close()
+
+    async def _close(self) -> None:
+        """Close its stdin: it answers what it has and exits (killed if it lingers)."""
         process = self._process
         if process is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            if process.stdin is not None:
-                process.stdin.close()
+        if process.stdin is not None and not process.stdin.is_closing():
+            process.stdin.close()
         try:
-            process.wait(timeout=EXIT_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        with contextlib.suppress(OSError, ValueError):
-            if process.stdout is not None:
-                process.stdout.close()
+            await asyncio.wait_for(process.wait(), EXIT_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
 
-    def decode(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
+    async def decode(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
         try:
-            return self._exchange(jobs)
+            return await self._exchange(jobs)
         except DecoderDied as died:
             if not self._retired:
                 log.warning(
                     "%s: decode process died (%s); retrying %d photos alone", self._name, died, len(jobs)
                 )
-            return [self._retry_alone(job) for job in jobs]
+            return [await self._retry_alone(job) for job in jobs]
 
-    def _retry_alone(self, job: tuple[HasDecodeSpec, bytes]) -> Outcome:
+    async def _retry_alone(self, job: tuple[HasDecodeSpec, bytes]) -> Outcome:
         try:
             if self._dead:
-                self._close()
-                self.start()
+                await self._close()
+                await self.start()
                 self.restarts += 1
-            return self._exchange([job])[0]
+            return (await self._exchange([job]))[0]
         except Unavailable as error:
             return (False, error, 0.0)
         except OSError as error:
@@ -163,37 +172,41 @@ class DecodeProcess:
             log.warning("%s: a photo crashed a fresh decode process on its own; refused", self._name)
             return (False, InvalidInput("image could not be decoded: it crashed the decoder"), 0.0)
 
-    def _exchange(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
+    async def _exchange(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
         process = self._process
-        if process is None or process.stdin is None or process.stdout is None:
-            raise DecoderDied("not started")
-        frame = [_COUNT.pack(len(jobs))]
-        for model, image_bytes in jobs:
-            spec = model.decode_spec
-            frame.append(
-                _ITEM.pack(
-                    spec.channels,
-                    spec.height,
-                    spec.width,
-                    spec.max_image_bytes,
-                    spec.max_image_pixels,
-                    len(image_bytes),
-                )
-            )
-            frame.append(image_bytes)
+        if self._dead or process is None or process.stdin is None or process.stdout is None:
+            raise DecoderDied("not running")
         try:
-            process.stdin.write(b"".join(frame))
-            process.stdin.flush()
+            process.stdin.write(request_frame(jobs))
+            await process.stdin.drain()
             outcomes: list[Outcome] = []
             for model, _ in jobs:
-                status, seconds, length = _REPLY.unpack(_read_exactly(process.stdout, _REPLY.size))
-                payload = _read_exactly(process.stdout, length)
+                status, seconds, length = _REPLY.unpack(await process.stdout.readexactly(_REPLY.size))
+                payload = await process.stdout.readexactly(length)
                 outcomes.append(_outcome(status, seconds, payload, model.decode_spec))
             return outcomes
-        except (OSError, EOFError, ValueError) as error:  # ValueError: a pipe closed under us
+        except (OSError, asyncio.IncompleteReadError) as error:
             self._dead = True
-            code = process.poll()
-            raise DecoderDied(f"exit code {code}" if code is not None else str(error)) from None
+            code = process.returncode
+            raise DecoderDied(f"exit code {code}" if code is not None else type(error).__name__) from None
+
+
+def request_frame(jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> bytes:
+    frame = [_COUNT.pack(len(jobs))]
+    for model, image_bytes in jobs:
+        spec = model.decode_spec
+        frame.append(
+            _ITEM.pack(
+                spec.channels,
+                spec.height,
+                spec.width,
+                spec.max_image_bytes,
+                spec.max_image_pixels,
+                len(image_bytes),
+            )
+        )
+        frame.append(image_bytes)
+    return b"".join(frame)
 
 
 def _outcome(status: int, seconds: float, payload: bytes, spec: DecodeSpec) -> Outcome:
@@ -205,38 +218,6 @@ def _outcome(status: int, seconds: float, payload: bytes, spec: DecodeSpec) -> O
         return (False, InvalidInput(message), seconds)
     type_name, _, details = message.partition("\n")
     return (False, DecoderFailed(type_name, details), seconds)
-
-
-class ProcessDecoders:
-    """One decode process per feeding thread: the thread initializer gives each thread its own.
-
-    start() starts them all (so the server's first photos do not wait for Python to start),
-    claim() is the feeding threads' initializer, stop() retires them all.
-    """
-
-    def __init__(self, processes: int, niceness: int = 0, *, name: str = "decode") -> None:
-        if processes < 1:
-            raise ValueError(f"processes must be >= 1, got {processes}")
-        self.processes = [DecodeProcess(niceness, name=f"{name}-{index}") for index in range(processes)]
-        self._unclaimed = list(self.processes)
-        self._lock = threading.Lock()
-        self._local = threading.local()
-
-    def start(self) -> None:
-        for process in self.processes:
-            process.start()
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.retire()
-
-    def claim(self) -> None:
-        with self._lock:
-            self._local.process = self._unclaimed.pop()
-
-    def decode(self, jobs: Sequence[tuple[HasDecodeSpec, bytes]]) -> list[Outcome]:
-        process: DecodeProcess = self._local.process
-        return process.decode(jobs)
 
 
 # -- the decode process's side ------------------------------------------------------------
