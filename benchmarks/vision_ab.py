@@ -8,8 +8,9 @@ The baseline is checked out (`git worktree add --detach`) under var/bench-runs a
 runs from there (its packages first on PYTHONPATH); the candidate is this checkout, with
 --candidate-flags added to its server's command line (a setting's A/B: --baseline HEAD). Both get the
 same models, load generator, flags and machine, alternating (baseline, candidate, then candidate,
-baseline, ...) so that drift in the machine's load hits both alike. Setups: one process, and
-(unless --no-gateway) --workers N processes behind snaplearn-gateway. Each measurement is
+baseline, ...) so that drift in the machine's load hits both alike, and the answer is the
+median of each repetition's candidate / baseline ratio (printed after the medians). Setups: one
+process, and (unless --no-gateway) --workers N processes behind snaplearn-gateway. Each measurement is
 vision_bench.py's: capacity from a closed loop with CPU per photo, then open loops at half and
 3x that capacity (its own). Prints one JSON line per measurement and a median table.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import statistics
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -72,6 +74,46 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "goodput_share": round(overload["throughput"] / closed["throughput"], 3),
         "refusal_p99_ms": round(overload["rejected_p99_ms"], 1),
     }
+
+
+RATIO_FIELDS = (
+    ("capacity", "capacity"),
+    ("server_cpu_us", "server CPU/img"),
+    ("half_p99_ms", "half-load p99"),
+)
+
+
+def paired_ratios(
+    rows: dict[tuple[str, str, str], list[dict[str, Any]]], baseline: str, field: str
+) -> dict[tuple[str, str], list[float]]:
+    """(model, setup) -> candidate / baseline of `field`, one ratio per repetition.
+
+    The two of a repetition ran back to back, so the machine's drift over the run (up to 1.5-2x
+    an hour here) cancels in their ratio; the median of the ratios is the A/B's answer.
+    """
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for (model, setup, code), samples in rows.items():
+        if code != "candidate":
+            continue
+        before = rows.get((model, setup, baseline), [])
+        ratios[(model, setup)] = [
+            after[field] / base[field] for base, after in zip(before, samples, strict=False) if base[field]
+        ]
+    return ratios
+
+
+def print_ratios(rows: dict[tuple[str, str, str], list[dict[str, Any]]], baseline: str) -> None:
+    print("candidate / baseline per repetition (median):")
+    per_field = {field: paired_ratios(rows, baseline, field) for field, _ in RATIO_FIELDS}
+    print("| model | setup | " + " | ".join(title for _, title in RATIO_FIELDS) + " |")
+    print("|---|---|" + "---:|" * len(RATIO_FIELDS))
+    for key in per_field["capacity"]:
+        cells = []
+        for field, _ in RATIO_FIELDS:
+            ratios = per_field[field][key]
+            each = " ".join(f"{ratio:.2f}" for ratio in ratios)
+            cells.append(f"{each} ({statistics.median(ratios):.2f})" if ratios else "-")
+        print("| " + " | ".join([*key, *cells]) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             ("refusal p99 ms at 3x", lambda m: f"{m('refusal_p99_ms'):.1f}"),
         ],
     )
+    print_ratios(rows, f"baseline ({args.baseline})")
     return 0
 
 

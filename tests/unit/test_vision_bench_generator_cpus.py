@@ -107,3 +107,17 @@ def test_experiment_setups_build_the_gateway_with_the_way_around_a_failed_build(
     assert built == [("--gateway", "or pass --no-gateway")]
     for settings in (experiment.settings, experiment.per_worker):
         assert (settings.gateway, settings.gateway_max_in_flight) == (Path("/bin/snaplearn-gateway"), 32)
+
+
+def test_an_ab_compares_each_repetition_with_its_own_baseline() -> None:
+    import vision_ab  # a script beside vision_bench, imported only here
+
+    base, cand = "baseline (main)", "candidate"
+    rows = {
+        ("m", "1 process", base): [{"capacity": 1000.0}, {"capacity": 1500.0}, {"capacity": 0.0}],
+        ("m", "1 process", cand): [{"capacity": 1100.0}, {"capacity": 1200.0}, {"capacity": 9.0}],
+        ("m", "gw", cand): [{"capacity": 5.0}],  # its baseline is missing: no ratio
+    }
+    ratios = vision_ab.paired_ratios(rows, base, "capacity")
+    # Repetition by repetition; a baseline of 0 (nothing measured) gives no ratio.
+    assert ratios == {("m", "1 process"): [pytest.approx(1.1), pytest.approx(0.8)], ("m", "gw"): []}
