@@ -191,6 +191,51 @@ def test_published_events_are_drained_to_the_bus_in_the_background(bus: SqliteEv
         assert ids == sorted(ids)
 
 
+class CountingProducer(SqliteProducer):
+    """The real producer, counting the flushes the publisher asks for (one per batch it sends)."""
+
+    def __init__(self, bus: SqliteEventBus) -> None:
+        super().__init__(bus)
+        self.flushes = 0
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        self.flushes += 1
+        super().flush(timeout_s)
+
+
+def test_events_published_within_the_linger_leave_in_one_flush(bus: SqliteEventBus) -> None:
+    producer = CountingProducer(bus)
+    # A linger far longer than the test: only stop() (or a full batch) can end it.
+    publisher = EventPublisher(producer, linger_s=60.0)
+    publisher.start()
+    try:
+        for i in range(20):
+            assert publisher.publish(TOPIC, event(i))
+        assert publisher.published == 0  # still lingering
+        publisher.stop()
+        assert (publisher.published, producer.flushes) == (20, 1)
+    finally:
+        publisher.stop()
+        producer.close()
+    assert read_all(bus, 20) == [event(i).value for i in range(20)]  # one user: one partition, in order
+
+
+def test_a_full_batch_does_not_wait_for_the_linger(bus: SqliteEventBus) -> None:
+    producer = CountingProducer(bus)
+    publisher = EventPublisher(producer, linger_s=60.0, max_batch=5)
+    publisher.start()
+    try:
+        for i in range(5):
+            publisher.publish(TOPIC, event(i))
+        deadline = time.monotonic() + 10  # far within the 60 s linger
+        while publisher.published < 5 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert (publisher.published, producer.flushes) == (5, 1)
+    finally:
+        publisher.stop()
+        producer.close()
+
+
 def test_overflow_is_counted_as_dropped_without_raising(bus: SqliteEventBus) -> None:
     with bus.producer() as producer:
         publisher = EventPublisher(producer, max_buffered=10)

@@ -3,7 +3,10 @@
 `publish` only appends to a bounded in-memory buffer (safe from the asyncio event loop; it
 never touches the disk). A background thread, the drainer, moves events to the Producer:
 
-- healthy: buffer -> send -> flush (bounded by flush_timeout_s) -> counted as published;
+- healthy: buffer -> send -> flush (bounded by flush_timeout_s) -> counted as published; the
+  drainer lingers up to linger_s (5 ms) after an event arrives so that one flush (one
+  transaction or produce request) carries every event of those milliseconds: flushing each
+  event alone cost ~100 us of CPU per event at 1,500 events/s;
 - the first flush or send that fails puts the publisher in *backlog* mode: the events not
   confirmed, then every newer event from the buffer, are appended to the spool (on disk
   with a DiskSpool, so they survive a restart too), and the drainer replays the spool head
@@ -96,6 +99,7 @@ class EventPublisher:
     Lifecycle: start() -> publish()... -> stop(timeout_s). Events published before start()
     are buffered. stop() delivers what it can within timeout_s; what is left stays in a
     DiskSpool for the next run (or is counted as dropped with a memory-only spool).
+    linger_s: how long the first event of a batch waits for others before the batch is sent.
     spool: where unconfirmed events wait (default: a MemorySpool of max_spooled records);
     the publisher does not close it. topics: renames the topics callers publish to (the
     names in snaplearn_common.events) to the ones this deployment configured.
@@ -111,6 +115,7 @@ class EventPublisher:
         max_spooled: int = 100_000,
         flush_timeout_s: float = 5.0,
         max_batch: int = 500,
+        linger_s: float = 0.005,
         retry_initial_backoff_s: float = 0.05,
         retry_max_backoff_s: float = 2.0,
         registry: CollectorRegistry | None = None,
@@ -125,6 +130,9 @@ class EventPublisher:
         self.max_buffered = max_buffered
         self._flush_timeout_s = flush_timeout_s
         self._max_batch = max(1, max_batch)
+        if linger_s < 0:
+            raise ValueError("linger_s must be >= 0")
+        self._linger_s = linger_s
         self._initial_backoff_s = retry_initial_backoff_s
         self._max_backoff_s = retry_max_backoff_s
         self._name = name
@@ -132,6 +140,7 @@ class EventPublisher:
         # never waits on I/O even while the drainer is stuck in a slow backend call.
         self._lock = threading.Lock()
         self._buffer: deque[tuple[str, EncodedEvent]] = deque()
+        self._oldest_buffered_at = 0.0  # when the buffer last went from empty to not empty
         self._has_work = threading.Condition(self._lock)
         self._in_flight = 0  # taken from the buffer by the drainer, not yet confirmed or spooled
         self._stopping = False
@@ -200,7 +209,13 @@ class EventPublisher:
         with self._lock:
             if not self._stopping and len(self._buffer) + self._in_flight < self.max_buffered:
                 self._buffer.append((topic, event))
-                self._has_work.notify()
+                # Wake the drainer for the first event (it lingers for more) and for a full batch;
+                # waking it for every event would make it re-check its linger each time.
+                if len(self._buffer) == 1:
+                    self._oldest_buffered_at = time.monotonic()
+                    self._has_work.notify()
+                elif len(self._buffer) == self._max_batch:
+                    self._has_work.notify()
                 return True
         self._overflow(topic, "publisher stopped" if self._stopping else f"buffer full ({self.max_buffered})")
         return False
@@ -310,7 +325,12 @@ class EventPublisher:
                 if backlog and now >= self._retry_at:
                     break
                 if self._buffer:
-                    break
+                    linger_until = self._oldest_buffered_at + self._linger_s
+                    full = len(self._buffer) >= self._max_batch
+                    if backlog or self._stopping or full or now >= linger_until:
+                        break
+                    self._has_work.wait(linger_until - now)
+                    continue
                 if self._stopping and not backlog:
                     return False
                 wait_s = max(0.0, self._retry_at - now) if backlog else None
