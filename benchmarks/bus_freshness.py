@@ -290,8 +290,9 @@ def render(results: dict[str, dict[str, Any]], args: argparse.Namespace, wall_s:
             "<= 256, LightFM `fit_partial` 3 epochs per batch, a snapshot per batch) reports them all "
             "applied.",
             f"- **freshness**: Classify for a new user, then Recommend in a tight loop until it stops being "
-            f"a cold start; {args.probes} probes, each from an idle system. It adds the publisher's flush, "
-            "the bus hop, the worker's micro-batch wait (50 ms max), the model update and the snapshot swap.",
+            f"a cold start; {args.probes} probes, each from an idle system. It adds the publisher's "
+            "linger (5 ms) and flush, the bus hop, the worker's micro-batch wait (50 ms max), the model "
+            "update and the snapshot swap.",
             f"- **publishing cost**: two vision servers in one process (same model, same photo, "
             f"{args.classify_calls} calls each, alternating ABBA); one publishes every prediction "
             "(disk spool configured), the other has no publisher. `publish()` itself only appends to "
