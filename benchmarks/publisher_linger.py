@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(linger_s, args.rate, args.seconds)
             rows.setdefault(linger_s, []).append(row)
             print(json.dumps(row), flush=True)
-    print(
-        f"{args.rate:g} events/s, {args.seconds:g} s, medians of {args.reps} (CPU time is granular: 10 ms ticks)"
-    )
+    print(f"{args.rate:g} events/s, {args.seconds:g} s, medians of {args.reps} (CPU in 10 ms ticks)")
     print("| linger ms | drainer us/event | bus writer us/event |")
     print("|---:|---:|---:|")
     for linger_s, samples in rows.items():
