@@ -10,7 +10,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,8 +24,10 @@ from snaplearn_vision.worksheets import DEFAULT_TOPICS, sample_image_bytes
 
 pytestmark = pytest.mark.timeout(60)
 
-PoolFactory = Callable[[int, int], DecodePool]
-POOLS = {"threads": decode_threads, "processes": decode_processes}
+POOLS: dict[str, Callable[[int, int], DecodePool]] = {
+    "threads": decode_threads,
+    "processes": decode_processes,
+}
 
 
 class Model:
@@ -62,7 +64,7 @@ def photos(count: int) -> list[bytes]:
 
 
 @pytest.fixture(params=sorted(POOLS))
-async def pool(request: pytest.FixtureRequest) -> object:
+async def pool(request: pytest.FixtureRequest) -> AsyncIterator[DecodePool]:
     decoders = POOLS[request.param](2, 0)
     decoders.start()
     yield decoders
@@ -128,7 +130,8 @@ async def until(condition: Callable[[], bool]) -> None:
 
 
 async def test_a_killed_decode_process_is_replaced_and_its_chunk_decoded() -> None:
-    decoder = DecodeProcess(name="test-decode")
+    restarted: list[int] = []
+    decoder = DecodeProcess(name="test-decode", on_restart=lambda: restarted.append(1))
     await decoder.start()
     try:
         images = photos(3)
@@ -142,7 +145,7 @@ async def test_a_killed_decode_process_is_replaced_and_its_chunk_decoded() -> No
     assert [ok for ok, _, _ in outcomes] == [True, True, True]
     for (_, pixels, _), image in zip(outcomes, images, strict=True):
         np.testing.assert_array_equal(pixels, SMALL.decode_pixels(image))
-    assert decoder.restarts == 1
+    assert decoder.restarts == 1 and restarted == [1]
 
 
 async def test_a_frame_that_kills_a_fresh_decoder_alone_is_refused_and_the_rest_decoded() -> None:

@@ -257,6 +257,33 @@ async def test_health_reflection_and_metrics(running: Running, images: dict[str,
     assert samples["snaplearn_vision_decode_seconds_count"] >= 3
 
 
+async def test_killed_decode_processes_are_replaced_without_failing_a_call(
+    start_server: StartServer, images: dict[str, bytes]
+) -> None:
+    running = await start_server(decoder="processes")
+    first = await running.stub.Classify(request(images["geometry"]), timeout=30)
+    assert first.labels[0].label == "geometry"
+    decoders = decode_process_pids()
+    assert len(decoders) == 2  # decode_threads=2: two processes
+    for pid in decoders:
+        os.kill(pid, signal.SIGKILL)
+    replies = await asyncio.gather(
+        *(running.stub.Classify(request(image), timeout=30) for image in images.values())
+    )
+    assert [reply.labels[0].label for reply in replies] == list(images)
+    samples = await asyncio.to_thread(scrape, running.server.metrics_port)
+    assert samples["snaplearn_vision_decoder_restarts_total"] >= 1
+    assert not set(decoders) & set(decode_process_pids())
+
+
+def decode_process_pids() -> list[int]:
+    """This test process's decode processes (the server under test runs in it)."""
+    listing = subprocess.run(
+        ["ps", "-o", "pid=,args=", "--ppid", str(os.getpid())], capture_output=True, text=True, check=True
+    )
+    return [int(line.split()[0]) for line in listing.stdout.splitlines() if "decode_process" in line]
+
+
 async def test_rejections_are_counted_by_reason(start_server: StartServer, images: dict[str, bytes]) -> None:
     running = await start_server(max_batch_size=1, max_queue_size=1)
     gates = running.gates

@@ -232,6 +232,12 @@ def decode_threads(threads: int, niceness: int, *, name: str = "vision-decode") 
     return ChunkedPool(_decode_job, threads, name=name, initializer=lower_priority(niceness))
 
 
-def decode_processes(processes: int, niceness: int, *, name: str = "vision-decode") -> DecodePool:
+def decode_processes(
+    processes: int,
+    niceness: int,
+    *,
+    name: str = "vision-decode",
+    on_restart: Callable[[], None] | None = None,
+) -> DecodePool:
     """Photos decoded in `processes` processes of their own, `niceness` below the server."""
-    return ProcessPool(processes, niceness, name=name)
+    return ProcessPool(processes, niceness, name=name, on_restart=on_restart)

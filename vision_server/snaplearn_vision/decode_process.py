@@ -32,7 +32,7 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Protocol
 
 import numpy as np
@@ -95,9 +95,12 @@ class DecodeProcess:
     nothing happened. Nothing is lost and one hostile photo cannot take the server down.
     """
 
-    def __init__(self, niceness: int = 0, *, name: str = "decode") -> None:
+    def __init__(
+        self, niceness: int = 0, *, name: str = "decode", on_restart: Callable[[], None] | None = None
+    ) -> None:
         self._niceness = niceness
         self._name = name
+        self._on_restart = on_restart  # e.g. a metric's inc
         self._process: asyncio.subprocess.Process | None = None
         self._retired = False
         self._dead = True  # until started; and from the moment an exchange with it fails
@@ -163,6 +166,8 @@ class DecodeProcess:
                 await self._close()
                 await self.start()
                 self.restarts += 1
+                if self._on_restart is not None:
+                    self._on_restart()
             return (await self._exchange([job]))[0]
         except Unavailable as error:
             return (False, error, 0.0)

@@ -107,6 +107,11 @@ class VisionMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.decoder_restarts = Counter(
+            "snaplearn_vision_decoder_restarts",
+            "Decode processes started again after one died (--decoder processes).",
+            registry=self.registry,
+        )
         self._latency_by_code: dict[str, Any] = {}
         self.publish_failures = Counter(
             "snaplearn_vision_event_publish_failures",

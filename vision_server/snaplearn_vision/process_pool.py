@@ -14,6 +14,7 @@ import asyncio
 import collections
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,13 @@ class ProcessPool:
     """
 
     def __init__(
-        self, processes: int, niceness: int = 0, *, name: str = "decode", max_chunk: int = 8
+        self,
+        processes: int,
+        niceness: int = 0,
+        *,
+        name: str = "decode",
+        max_chunk: int = 8,
+        on_restart: Callable[[], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -47,7 +54,10 @@ class ProcessPool:
             raise ValueError(f"max_chunk must be >= 1, got {max_chunk}")
         self._name = name
         self._max_chunk = max_chunk
-        self.decoders = [DecodeProcess(niceness, name=f"{name}-{index}") for index in range(processes)]
+        self.decoders = [
+            DecodeProcess(niceness, name=f"{name}-{index}", on_restart=on_restart)
+            for index in range(processes)
+        ]
         self._waiting: collections.deque[_Item] = collections.deque()
         self._work = asyncio.Event()  # set while photos wait (or to wake the runners to stop)
         self._runners: list[asyncio.Task[None]] = []

@@ -241,8 +241,12 @@ class ClassificationService:
 
     async def start(self) -> None:
         """Load the default model (in a thread: it reads files and warms up torch), then accept."""
-        make_pool = decode_processes if self._decoder == "processes" else decode_threads
-        self._decode_pool = make_pool(self._decode_threads, self._decode_niceness)
+        if self._decoder == "processes":
+            self._decode_pool = decode_processes(
+                self._decode_threads, self._decode_niceness, on_restart=self.metrics.decoder_restarts.inc
+            )
+        else:
+            self._decode_pool = decode_threads(self._decode_threads, self._decode_niceness)
         self._decode_pool.start()
         self._accepting = True
         try:
