@@ -6,6 +6,7 @@ Real decode processes (`python -m snaplearn_vision.decode_process`), real photos
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from snaplearn_common import errors
 from snaplearn_vision.decode_pool import DecodePool, decode_processes, decode_threads
@@ -162,6 +164,34 @@ async def test_a_frame_that_kills_a_fresh_decoder_alone_is_refused_and_the_rest_
     ok, error, _ = outcomes[1]
     assert ok is False and isinstance(error, errors.InvalidInput) and "crashed the decoder" in str(error)
     # Once for the chunk, once after the culprit killed the fresh decoder on its own.
+    assert decoder.restarts == 2
+
+
+def slow_photo() -> bytes:
+    """A 48-megapixel PNG of 60 KB: within every limit, ~0.3 s of inflating and resizing here."""
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((8000, 6000)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def test_a_photo_that_outlasts_the_decode_timeout_is_refused_and_the_rest_decoded() -> None:
+    # 100 ms: ~50x a worksheet photo's decode, a third of the slow photo's.
+    decoder = DecodeProcess(name="test-decode", decode_timeout_s=0.1)
+    await decoder.start()
+    roomy = Model(DecodeSpec(3, 64, 64, max_image_bytes=1_000_000))
+    images = photos(2)
+    try:
+        outcomes = await decoder.decode([(SMALL, images[0]), (roomy, slow_photo()), (SMALL, images[1])])
+    finally:
+        await decoder.retire()
+    for index, image in ((0, images[0]), (2, images[1])):
+        ok, pixels, _ = outcomes[index]
+        assert ok is True
+        np.testing.assert_array_equal(pixels, SMALL.decode_pixels(image))
+    ok, error, _ = outcomes[1]
+    assert ok is False and isinstance(error, errors.InvalidInput)
+    assert "took longer than 0.1 s" in str(error)
+    # Killed under the chunk, then again when the slow photo was retried alone.
     assert decoder.restarts == 2
 
 

@@ -11,7 +11,8 @@ second. Its parent is the server's event loop (DecodeProcess below); when the se
 its stdin closes and it exits. It ignores SIGINT: Ctrl-C reaches the whole
 process group, and the server, not its decoders, decides when decoding stops.
 
-Wire format (little-endian; one request frame per chunk, one reply frame per item, in order):
+Wire format (little-endian; READY once started, then one request frame per chunk and one reply
+frame per item, in order):
   request  u32 count, then per item: u8 channels, u16 height, u16 width, u64 max_image_bytes,
            u64 max_image_pixels, u32 length, `length` bytes of the encoded photo
   reply    u8 status, f64 seconds the decode took, u32 length, `length` bytes: the pixels
@@ -49,6 +50,12 @@ OK, INVALID, FAILED = 0, 1, 2
 PIPE_BYTES = 1 << 20
 # How long a decoder may take to exit once its stdin is closed before it is killed.
 EXIT_GRACE_S = 5.0
+# The longest one photo may take to decode before its decoder is killed and the photo refused:
+# a 48-megapixel PNG takes ~0.4 s here; a crafted progressive JPEG can keep libjpeg busy for
+# minutes (a decode thread could never be stopped; a process can).
+DEFAULT_DECODE_TIMEOUT_S = 10.0
+START_TIMEOUT_S = 60.0
+READY = b"SNAPLEARN-DECODER-READY\n"  # its first bytes on stdout, once it can decode
 
 # Per photo: (ok, pixels or the error, seconds the decode took).
 Outcome = tuple[bool, object, float]
@@ -63,7 +70,11 @@ class DecoderFailed(RuntimeError):
 
 
 class DecoderDied(RuntimeError):
-    """The decode process exited (or closed its pipes) in the middle of a chunk."""
+    """The decode process exited (or closed its pipes, or was killed for taking too long)."""
+
+    def __init__(self, reason: str, timed_out: bool = False) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
 
 
 class HasDecodeSpec(Protocol):
@@ -89,17 +100,26 @@ class DecodeProcess:
     thread of its own; those threads cost as much CPU per photo as the GIL-free decode saved.)
 
     decode() sends a chunk and waits for its replies; one chunk at a time. If the process
-    dies under a chunk it is started again and each photo of the chunk retried alone, once: a
-    photo that kills a fresh decoder on its own is the cause and is refused (INVALID_ARGUMENT);
+    dies under a chunk, or takes longer than decode_timeout_s for one photo (it is killed), it
+    is started again and each photo of the chunk retried alone, once: a photo that kills (or
+    outlasts) a fresh decoder on its own is the cause and is refused (INVALID_ARGUMENT);
     the others (say the process was killed for memory by something else) are decoded as if
     nothing happened. Nothing is lost and one hostile photo cannot take the server down.
     """
 
     def __init__(
-        self, niceness: int = 0, *, name: str = "decode", on_restart: Callable[[], None] | None = None
+        self,
+        niceness: int = 0,
+        *,
+        name: str = "decode",
+        on_restart: Callable[[], None] | None = None,
+        decode_timeout_s: float = DEFAULT_DECODE_TIMEOUT_S,
     ) -> None:
+        if decode_timeout_s <= 0:
+            raise ValueError(f"decode_timeout_s must be > 0, got {decode_timeout_s}")
         self._niceness = niceness
         self._name = name
+        self._decode_timeout_s = decode_timeout_s
         self._on_restart = on_restart  # e.g. a metric's inc
         self._process: asyncio.subprocess.Process | None = None
         self._retired = False
@@ -123,6 +143,17 @@ class DecodeProcess:
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
         )
+        # Its imports take a fraction of a second: that is not a photo's decode time.
+        assert self._process.stdout is not None
+        try:
+            async with asyncio.timeout(START_TIMEOUT_S):
+                ready = await self._process.stdout.readexactly(len(READY))
+        except (TimeoutError, asyncio.IncompleteReadError):
+            ready = b""
+        if ready != READY:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.kill()
+            raise OSError(f"the decode process did not start within {START_TIMEOUT_S:g} s")
         self._dead = False
 
     async def retire(self, kill: bool = False) -> None:
@@ -173,9 +204,17 @@ class DecodeProcess:
             return (False, error, 0.0)
         except OSError as error:
             return (False, Unavailable(f"cannot start a decode process ({error}); retry shortly"), 0.0)
-        except DecoderDied:
+        except DecoderDied as died:
             if self._retired:
                 return (False, Unavailable("the decode processes are shutting down; retry shortly"), 0.0)
+            if died.timed_out:
+                log.warning(
+                    "%s: a photo took over %g s to decode on its own; refused",
+                    self._name,
+                    self._decode_timeout_s,
+                )
+                message = f"image could not be decoded: it took longer than {self._decode_timeout_s:g} s"
+                return (False, InvalidInput(message), self._decode_timeout_s)
             log.warning("%s: a photo crashed a fresh decode process on its own; refused", self._name)
             return (False, InvalidInput("image could not be decoded: it crashed the decoder"), 0.0)
 
@@ -188,10 +227,18 @@ class DecodeProcess:
             await process.stdin.drain()
             outcomes: list[Outcome] = []
             for model, _ in jobs:
-                status, seconds, length = _REPLY.unpack(await process.stdout.readexactly(_REPLY.size))
+                # Each photo's reply within the timeout (a deadline per photo, not per chunk).
+                async with asyncio.timeout(self._decode_timeout_s):
+                    header = await process.stdout.readexactly(_REPLY.size)
+                status, seconds, length = _REPLY.unpack(header)
                 payload = await process.stdout.readexactly(length)
                 outcomes.append(_outcome(status, seconds, payload, model.decode_spec))
             return outcomes
+        except TimeoutError:
+            self._dead = True
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise DecoderDied(f"a photo took over {self._decode_timeout_s:g} s", timed_out=True) from None
         except (OSError, asyncio.IncompleteReadError) as error:
             self._dead = True
             code = process.returncode
@@ -278,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     with contextlib.suppress(BrokenPipeError), replies:
+        replies.write(READY)
+        replies.flush()
         serve(sys.stdin.buffer, replies)
 
 
