@@ -225,3 +225,22 @@ async def test_a_stopping_server_answers_what_it_started_and_ends_the_stream_ok(
     assert await call.code() == grpc.StatusCode.OK
     await stopping
     assert gates.batch_sizes == [1, 1], "item 3 was started"
+
+
+async def test_a_stream_opened_once_the_drain_began_starts_nothing_and_ends_ok(
+    server_factory: ServerFactory,  # noqa: F811
+) -> None:
+    """A stream can open while the server begins stopping (the drain runs during the new
+    stream's first await, or a gateway's fresh connection reaches the same draining process
+    through the shared port): it must end OK at once, not be cut with items on it at the end of
+    the shutdown grace, so that the gateway resends its items elsewhere."""
+    running = await server_factory.start(max_batch_size=1)
+    photo = correctly_classified_images(server_factory.model_root)["fractions"]
+    servicer = running.server._vision_servicer  # what VisionServer.stop() drains first
+    assert servicer is not None
+    servicer.drain_streams()  # the first step of stop(), alone: the server still accepts calls
+    call = running.stub.ClassifyStream()
+    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(7, request(photo))]))
+    assert await call.read() is grpc.aio.EOF, "item 7, sent to a draining server, was answered"
+    assert await call.code() == grpc.StatusCode.OK
+    assert running.gates.batch_sizes == [], "item 7 was started"

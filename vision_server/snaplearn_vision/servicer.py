@@ -40,6 +40,7 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
     def __init__(self, service: ClassificationService, instance_id: str | None = None) -> None:
         self._service = service
         self._streams: set[ClassifyStreamSession] = set()
+        self._draining = False
         self.instance_id = instance_id or new_instance_id()
 
     async def Classify(
@@ -83,13 +84,21 @@ class VisionServicer(vision_pb2_grpc.VisionServiceServicer):
         await context.send_initial_metadata(((INSTANCE_HEADER, self.instance_id),))
         session = ClassifyStreamSession(self._service)
         self._streams.add(session)
+        if self._draining:
+            # It opened while the server began stopping (drain_streams ran during the await
+            # above, or the gateway's new stream reached this port's draining process): it
+            # starts nothing and ends OK at once, so the client sends its items elsewhere
+            # instead of having them cut when the shutdown grace ends.
+            session.drain()
         try:
             await session.serve(request_iterator, context)
         finally:
             self._streams.discard(session)
 
     def drain_streams(self) -> None:
-        """Shutting down: every open ClassifyStream answers what it started and ends OK."""
+        """Shutting down: every open ClassifyStream (and any opened from now on) answers what it
+        started and ends OK."""
+        self._draining = True
         for session in self._streams:
             session.drain()
 
