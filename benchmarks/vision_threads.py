@@ -2,6 +2,7 @@
 
     python benchmarks/vision_threads.py                                   # default model, ~1 minute
     python benchmarks/vision_threads.py --reps 3 --server-flags="--decoder processes"
+    python benchmarks/vision_threads.py --server-flags="--workers 2 --decode-threads 1"
 
 Runs vision_bench.py's server (the benchmark's settings: 1 torch thread, --no-publish, ...) under
 its closed loop, and reads the CPU time of every thread of the server and of its child processes
@@ -60,6 +61,15 @@ def parse_py_spy_dump(dump: str) -> dict[int, str]:
     return {int(tid): name for tid, name in _PY_SPY_THREAD.findall(dump) if name}
 
 
+def python_names_in_tree(server_pid: int) -> dict[int, str]:
+    """Thread names of the server and of its worker processes (--workers N), by thread id."""
+    names = python_thread_names(server_pid)
+    for pid in descendants(server_pid):
+        if process_label(pid) == "worker process":
+            names.update(python_thread_names(pid))
+    return names
+
+
 def descendants(pid: int) -> list[int]:
     parents: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -108,9 +118,10 @@ def thread_cpu(server_pid: int, names: dict[int, str]) -> dict[str, float]:
                 fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            # A child is not named by py-spy; its main thread does its work (a decode process).
-            child_main = "main thread" if int(tid) == pid else None
-            name = names.get(int(tid)) if pid == server_pid else child_main
+            # Python threads of the server and its worker processes are named by py-spy (thread
+            # ids are unique across processes); a decode process's main thread does its work.
+            child_main = "main thread" if int(tid) == pid and pid != server_pid else None
+            name = names.get(int(tid)) or child_main
             label = prefix + (name or ("native thread" if comm == "python" else comm))
             spent[label] += (int(fields[11]) + int(fields[12])) / ticks
     return dict(spent)
@@ -120,7 +131,7 @@ def measure(
     root: Path, model: str, settings: Settings, max_batch_size: int | None, flags: list[str]
 ) -> dict[str, Any]:
     with our_server(root, model, settings, max_batch_size, flags) as server:
-        names = python_thread_names(server.pid)  # its threads exist once it is ready
+        names = python_names_in_tree(server.pid)  # its threads exist once it is ready
         before = thread_cpu(server.pid, names)
         started = time.monotonic()
         result = load(
@@ -128,7 +139,7 @@ def measure(
             concurrency=settings.concurrency, connections=settings.connections,
         )  # fmt: skip
         wall = time.monotonic() - started
-        names.update(python_thread_names(server.pid))  # threads started under load
+        names.update(python_names_in_tree(server.pid))  # threads started under load
         after = thread_cpu(server.pid, names)
     photos = result["throughput"] * wall
     per_photo = {label: (after[label] - before.get(label, 0.0)) / photos * 1e6 for label in after}
