@@ -2,7 +2,7 @@
 
     python benchmarks/vision_threads.py                                   # default model, ~1 minute
     python benchmarks/vision_threads.py --reps 3 --server-flags="--decoder processes"
-    python benchmarks/vision_threads.py --server-flags="--workers 2 --decode-threads 1"
+    python benchmarks/vision_threads.py --server-flags="--workers 2 --decode-threads 1" --gateway
 
 Runs vision_bench.py's server (the benchmark's settings: 1 torch thread, --no-publish, ...) under
 its closed loop, and reads the CPU time of every thread of the server and of its child processes
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import re
@@ -34,16 +35,20 @@ from vision_bench import (
     WARMUP_S,
     Settings,
     add_server_arguments,
+    build_gateway,
     configured_max_batch_size,
     generator_note,
     load,
     load_generator,
     log,
+    our_gateway,
     our_server,
     prepare_models,
+    process_tree_cpu_s,
     settings_from_args,
 )
 
+GATEWAY = "snaplearn-gateway (all its threads)"
 _PY_SPY_THREAD = re.compile(r'Thread (?:0x[0-9a-fA-F]+ )?\(?(\d+)\)? \(\w+\)(?:: "([^"]*)")?')
 
 
@@ -130,17 +135,26 @@ def thread_cpu(server_pid: int, names: dict[int, str]) -> dict[str, float]:
 def measure(
     root: Path, model: str, settings: Settings, max_batch_size: int | None, flags: list[str]
 ) -> dict[str, Any]:
-    with our_server(root, model, settings, max_batch_size, flags) as server:
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(our_server(root, model, settings, max_batch_size, flags))
+        target, gateway_pid = server.target, None
+        if settings.gateway is not None:
+            front = stack.enter_context(our_gateway(settings, server.target))
+            target, gateway_pid = front.target, front.pid
         names = python_names_in_tree(server.pid)  # its threads exist once it is ready
         before = thread_cpu(server.pid, names)
+        if gateway_pid is not None:  # Go's threads are interchangeable: the process as one line
+            before[GATEWAY] = process_tree_cpu_s(gateway_pid)
         started = time.monotonic()
         result = load(
-            server.target, "grpc", "closed", settings.seconds,
+            target, "grpc", "closed", settings.seconds,
             concurrency=settings.concurrency, connections=settings.connections,
         )  # fmt: skip
         wall = time.monotonic() - started
         names.update(python_names_in_tree(server.pid))  # threads started under load
         after = thread_cpu(server.pid, names)
+        if gateway_pid is not None:
+            after[GATEWAY] = process_tree_cpu_s(gateway_pid)
     photos = result["throughput"] * wall
     per_photo = {label: (after[label] - before.get(label, 0.0)) / photos * 1e6 for label in after}
     per_photo = {label: round(us, 1) for label, us in per_photo.items() if us >= 0.5}
@@ -155,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.set_defaults(models="worksheet-topics")
     parser.add_argument("--reps", type=int, default=1)
     parser.add_argument("--server-flags", default="", help="more server flags (space-separated)")
+    parser.add_argument(
+        "--gateway", action="store_true", help="load the server through snaplearn-gateway (needs Go)"
+    )
     args = parser.parse_args(argv)
-    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={})
+    gateway = build_gateway("--gateway", "or leave --gateway out") if args.gateway else None
+    settings = settings_from_args(args, peers=False, perf_analyzer=None, perf_env={}, gateway=gateway)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     flags = args.server_flags.split()
     rows: dict[str, list[dict[str, Any]]] = {}
@@ -170,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.setdefault(model, []).append(row)
                 print(json.dumps(row), flush=True)
     extra = f", server flags {args.server_flags}" if flags else ""
+    extra += ", through snaplearn-gateway" if gateway is not None else ""
     print(
         f"{args.reps} repetition(s), {settings.seconds:g} s closed loop of {settings.concurrency} "
         f"(+{WARMUP_S:g} s warm-up){extra}; medians{generator_note(args.generator_cpus)}"
