@@ -184,9 +184,15 @@ async def test_a_callers_deadline_and_cancellation_reach_the_server_through_the_
                 for code in ("DEADLINE_EXCEEDED", "CANCELLED")
             }
 
-        await expect_status(
-            stub.Classify(request(photo, user="expires"), timeout=0.3), grpc.StatusCode.DEADLINE_EXCEEDED
-        )
+        with pytest.raises(aio.AioRpcError) as expired:
+            await stub.Classify(request(photo, user="expires"), timeout=0.3)
+        # The caller's own timer answers DEADLINE_EXCEEDED; on a loaded machine the gateway's
+        # reset of the expired stream (grpc-go: RST_STREAM CANCEL) can be read first and surface
+        # as CANCELLED. Either way the deadline ended it: the server and the gateway count it as
+        # DEADLINE_EXCEEDED (asserted below), and the explicitly cancelled call as CANCELLED.
+        assert expired.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+        if expired.value.code() == grpc.StatusCode.CANCELLED:
+            assert "RST_STREAM" in (expired.value.details() or ""), expired.value.details()
         await until(
             lambda: server_errors() == {"DEADLINE_EXCEEDED": 1.0, "CANCELLED": 0.0},
             "the server to expire the item by its own deadline",
