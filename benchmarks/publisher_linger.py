@@ -20,6 +20,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules, run as a script
+from vision_threads import thread_cpu
+
 from snaplearn_common.eventbus.publisher import EventPublisher
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, EncodedEvent, encode_image_classified
@@ -30,14 +33,8 @@ WRITER = "snaplearn-bus-producer"
 
 def thread_cpu_s() -> dict[str, float]:
     """CPU seconds so far of this process's threads, by Python thread name."""
-    names = {str(thread.native_id): thread.name for thread in threading.enumerate()}
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu: dict[str, float] = {}
-    for tid in os.listdir("/proc/self/task"):
-        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-        name = names.get(tid, tid)
-        cpu[name] = cpu.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
-    return cpu
+    names = {thread.native_id: thread.name for thread in threading.enumerate() if thread.native_id}
+    return thread_cpu(os.getpid(), names)
 
 
 def event(index: int) -> EncodedEvent:

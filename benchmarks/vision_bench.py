@@ -632,12 +632,10 @@ def our_gateway(settings: Settings, backend: str, extra: Sequence[str] = ()) -> 
         yield OurGateway(f"127.0.0.1:{port}", proc.pid, metrics_port)
 
 
-def process_tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) spent so far by process `pid` and its live descendants
-    (worker processes); from Linux's /proc, nan where there is none."""
+def _proc_table() -> dict[int, tuple[int, float]]:
+    """pid -> (parent pid, CPU seconds so far), for every process, from Linux's /proc."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    parents: dict[int, int] = {}
-    spent: dict[int, float] = {}
+    table: dict[int, tuple[int, float]] = {}
     for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
         if not entry.isdigit():
             continue
@@ -645,17 +643,29 @@ def process_tree_cpu_s(pid: int) -> float:
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # ended meanwhile
-        parents[int(entry)] = int(fields[1])
-        spent[int(entry)] = (int(fields[11]) + int(fields[12])) / ticks
-    if pid not in spent:
-        return float("nan")
-    tree, frontier = {pid}, [pid]
+        table[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    return table
+
+
+def descendant_pids(pid: int, table: dict[int, tuple[int, float]] | None = None) -> list[int]:
+    """The live descendants of `pid` (worker processes, decode processes), parents first."""
+    table = _proc_table() if table is None else table
+    found, frontier = [], [pid]
     while frontier:
         parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
-        tree.update(children)
+        children = sorted(child for child, (ppid, _) in table.items() if ppid == parent)
+        found += children
         frontier += children
-    return sum(spent[member] for member in tree)
+    return found
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) spent so far by process `pid` and its live descendants
+    (worker processes); from Linux's /proc, nan where there is none."""
+    table = _proc_table()
+    if pid not in table:
+        return float("nan")
+    return sum(table[member][1] for member in [pid, *descendant_pids(pid, table)])
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ from vision_bench import (
     add_server_arguments,
     build_gateway,
     configured_max_batch_size,
+    descendant_pids,
     generator_note,
     load,
     load_generator,
@@ -69,28 +70,10 @@ def parse_py_spy_dump(dump: str) -> dict[int, str]:
 def python_names_in_tree(server_pid: int) -> dict[int, str]:
     """Thread names of the server and of its worker processes (--workers N), by thread id."""
     names = python_thread_names(server_pid)
-    for pid in descendants(server_pid):
+    for pid in descendant_pids(server_pid):
         if process_label(pid) == "worker process":
             names.update(python_thread_names(pid))
     return names
-
-
-def descendants(pid: int) -> list[int]:
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = sorted(child for child, ppid in parents.items() if ppid == parent)
-        found += children
-        frontier += children
-    return found
 
 
 def process_label(pid: int) -> str:
@@ -107,7 +90,7 @@ def thread_cpu(server_pid: int, names: dict[int, str]) -> dict[str, float]:
     ticks = os.sysconf("SC_CLK_TCK")
     spent: dict[str, float] = collections.defaultdict(float)
     seen: collections.Counter[str] = collections.Counter()
-    for pid in [server_pid, *descendants(server_pid)]:
+    for pid in [server_pid, *descendant_pids(server_pid)]:
         prefix = ""
         if pid != server_pid:
             kind = process_label(pid)

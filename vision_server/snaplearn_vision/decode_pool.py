@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import math
 import os
 import threading
 import time
@@ -38,7 +37,8 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from snaplearn_common import errors
-from snaplearn_vision.decoding import DecodeSpec
+from snaplearn_vision.chunking import Outcome, settle, take_even_share
+from snaplearn_vision.decode_process import HasDecodeSpec
 from snaplearn_vision.process_pool import ProcessPool
 
 ArgT = TypeVar("ArgT")
@@ -49,10 +49,6 @@ ResultT = TypeVar("ResultT")
 class _Item(Generic[ArgT, ResultT]):
     argument: ArgT
     future: asyncio.Future[tuple[ResultT, float]]
-
-
-# What a thread hands back per item: (ok, result or exception, seconds spent on it).
-_Outcome = tuple[bool, object, float]
 
 
 class ChunkedPool(Generic[ArgT, ResultT]):
@@ -127,12 +123,7 @@ class ChunkedPool(Generic[ArgT, ResultT]):
         """Give the next chunk to a free thread: an even share of what waits, per thread."""
         if self._executor is None:
             return
-        size = min(self._max_chunk, math.ceil(len(self._waiting) / self._threads))
-        chunk: list[_Item[ArgT, ResultT]] = []
-        while self._waiting and len(chunk) < size:
-            item = self._waiting.popleft()
-            if not item.future.done():  # its caller went away while it waited
-                chunk.append(item)
+        chunk = take_even_share(self._waiting, self._threads, self._max_chunk)
         if not chunk:
             return
         self._busy += 1
@@ -142,16 +133,9 @@ class ChunkedPool(Generic[ArgT, ResultT]):
         arguments = [item.argument for item in chunk]
         self._executor.submit(self._run_chunk, chunk, arguments)
 
-    def _report(self, chunk: list[_Item[ArgT, ResultT]], outcomes: list[_Outcome]) -> None:
+    def _report(self, chunk: list[_Item[ArgT, ResultT]], outcomes: list[Outcome]) -> None:
         self._busy -= 1
-        for item, (ok, value, seconds) in zip(chunk, outcomes, strict=True):
-            if item.future.done():
-                continue
-            if ok:
-                item.future.set_result((value, seconds))  # type: ignore[arg-type]
-            else:
-                assert isinstance(value, BaseException)
-                item.future.set_exception(value)
+        settle(chunk, outcomes)
         while self._waiting and self._busy < self._threads:
             before = len(self._waiting)
             self._hand_off()
@@ -161,7 +145,7 @@ class ChunkedPool(Generic[ArgT, ResultT]):
     # -- on a pool thread ------------------------------------------------------------------
 
     def _run_chunk(self, chunk: list[_Item[ArgT, ResultT]], arguments: list[ArgT]) -> None:
-        outcomes: list[_Outcome] = []
+        outcomes: list[Outcome] = []
         function = self._function
         for argument in arguments:
             started = time.perf_counter()
@@ -178,11 +162,8 @@ class ChunkedPool(Generic[ArgT, ResultT]):
 # -- the server's two kinds of decode pool -------------------------------------------------
 
 
-class Decodable(Protocol):
-    """A served model as a decoder sees it (engine.ImageClassifier)."""
-
-    @property
-    def decode_spec(self) -> DecodeSpec: ...
+class Decodable(HasDecodeSpec, Protocol):
+    """A served model as a decode thread sees it (engine.ImageClassifier)."""
 
     def decode_pixels(self, image_bytes: bytes) -> np.ndarray: ...
 

@@ -39,6 +39,7 @@ from typing import IO, Protocol
 import numpy as np
 
 from snaplearn_common.errors import InvalidInput, Unavailable
+from snaplearn_vision.chunking import Outcome
 from snaplearn_vision.decoding import DecodeSpec, decode_pixels
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,6 @@ EXIT_GRACE_S = 5.0
 DEFAULT_DECODE_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 60.0
 READY = b"SNAPLEARN-DECODER-READY\n"  # its first bytes on stdout, once it can decode
-
-# Per photo: (ok, pixels or the error, seconds the decode took).
-Outcome = tuple[bool, object, float]
 
 
 class DecoderFailed(RuntimeError):
@@ -78,6 +76,8 @@ class DecoderDied(RuntimeError):
 
 
 class HasDecodeSpec(Protocol):
+    """A served model as a decode process sees it (decode_pool.Decodable adds decode_pixels)."""
+
     @property
     def decode_spec(self) -> DecodeSpec: ...
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from snaplearn_common import errors
-from snaplearn_vision.decode_process import DecodeProcess, HasDecodeSpec, Outcome
+from snaplearn_vision.chunking import settle, take_even_share
+from snaplearn_vision.decode_process import DecodeProcess, HasDecodeSpec
 
 log = logging.getLogger(__name__)
 
@@ -120,31 +120,12 @@ class ProcessPool:
             except Exception as exc:  # a bug of ours: every photo of the chunk hears of it
                 log.exception("%s: a chunk failed", self._name)
                 outcomes = [(False, exc, 0.0)] * len(chunk)
-            self._report(chunk, outcomes)
+            settle(chunk, outcomes)
 
     def _take_chunk(self) -> list[_Item]:
-        """An even share of what waits, per process (a process taking everything would keep
-        the others idle and hold back, until its last photo, pixels the batcher waits for)."""
-        size = min(self._max_chunk, math.ceil(len(self._waiting) / len(self.decoders)))
-        chunk: list[_Item] = []
-        while self._waiting and len(chunk) < size:
-            item = self._waiting.popleft()
-            if not item.future.done():  # its caller went away while it waited
-                chunk.append(item)
+        chunk = take_even_share(self._waiting, len(self.decoders), self._max_chunk)
         if chunk:
             self.chunks += 1
             self.items += len(chunk)
             self.largest_chunk = max(self.largest_chunk, len(chunk))
         return chunk
-
-    @staticmethod
-    def _report(chunk: list[_Item], outcomes: list[Outcome]) -> None:
-        for item, (ok, value, seconds) in zip(chunk, outcomes, strict=True):
-            if item.future.done():
-                continue
-            if ok:
-                assert isinstance(value, np.ndarray)
-                item.future.set_result((value, seconds))
-            else:
-                assert isinstance(value, BaseException)
-                item.future.set_exception(value)
