@@ -3,9 +3,11 @@
     python benchmarks/vision_ab.py --baseline main~1               # default model, ~12 minutes
     python benchmarks/vision_ab.py --baseline v0.3 --reps 3 --no-gateway
     python benchmarks/vision_ab.py --baseline HEAD --candidate-flags="--gil-switch-interval-ms 0.2"
+    python benchmarks/vision_ab.py --baseline main --no-one-process --workers 1   # a gateway change
 
 The baseline is checked out (`git worktree add --detach`) under var/bench-runs and its server
-runs from there (its packages first on PYTHONPATH); the candidate is this checkout, with
+runs from there (its packages first on PYTHONPATH), behind its own snaplearn-gateway (built
+there), so that a change to the gateway is measured too; the candidate is this checkout, with
 --candidate-flags added to its server's command line (a setting's A/B: --baseline HEAD). Both get the
 same models, load generator, flags and machine, alternating (baseline, candidate, then candidate,
 baseline, ...) so that drift in the machine's load hits both alike, and the answer is the
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -34,6 +37,7 @@ from vision_bench import (
     add_server_arguments,
     alternating,
     bench_ours,
+    build_gateway,
     configured_max_batch_size,
     experiment_setups,
     generator_note,
@@ -80,6 +84,8 @@ RATIO_FIELDS = (
     ("capacity", "capacity"),
     ("server_cpu_us", "server CPU/img"),
     ("half_p99_ms", "half-load p99"),
+    ("goodput_share", "goodput at 3x"),
+    ("refusal_p99_ms", "refusal p99 at 3x"),
 )
 
 
@@ -100,6 +106,12 @@ def paired_ratios(
             after[field] / base[field] for base, after in zip(before, samples, strict=False) if base[field]
         ]
     return ratios
+
+
+def own_gateways(codes: dict[str, Path]) -> dict[str, Path]:
+    """name -> the snaplearn-gateway built from that name's checkout: each side of the A/B runs
+    behind its own gateway, so that a change to the gateway is measured as well."""
+    return {name: build_gateway("--gateway", "or pass --no-gateway", code) for name, code in codes.items()}
 
 
 def print_ratios(rows: dict[tuple[str, str, str], list[dict[str, Any]]], baseline: str) -> None:
@@ -131,12 +143,23 @@ def main(argv: list[str] | None = None) -> int:
         help="also measure --workers processes behind snaplearn-gateway (needs Go)",
     )
     parser.add_argument(
+        "--one-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure one process without the gateway (--no-one-process: only the gateway's setup, "
+        "e.g. for a change to the gateway)",
+    )
+    parser.add_argument(
         "--candidate-flags", default="", help="server flags (space-separated) only the candidate gets"
     )
     args = parser.parse_args(argv)
+    if not (args.one_process or args.gateway):
+        parser.error("--no-one-process with --no-gateway leaves nothing to measure")
     experiment = experiment_setups(args, "or pass --no-gateway" if args.gateway else None)
     settings = experiment.settings
-    setups: dict[str, tuple[Any, list[str], bool]] = {"1 process": (settings, [], False)}
+    setups: dict[str, tuple[Any, list[str], bool]] = {}
+    if args.one_process:
+        setups["1 process"] = (settings, [], False)
     if settings.gateway is not None:  # even with --workers 1
         setups[f"{experiment.workers_name} + gateway"] = (*experiment.workers, True)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -146,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         # The candidate runs from this checkout's sources too (not from whatever checkout the
         # environment's editable install points at).
         codes = {f"baseline ({args.baseline})": baseline, "candidate": REPO}
+        gateways = own_gateways(codes) if settings.gateway is not None else {}
         for model in models:
             max_batch_size = configured_max_batch_size(roots[model], model)
             for rep in range(args.reps):
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         log(f"{model}: {setup}, {name} (repetition {rep + 1})")
                         flags = extra + (args.candidate_flags.split() if name == "candidate" else [])
+                        if gateway:
+                            setup_settings = dataclasses.replace(setup_settings, gateway=gateways[name])
                         result = bench_ours(
                             roots[model], model, setup_settings, max_batch_size, None, flags,
                             gateway=gateway, code=codes[name],

@@ -277,20 +277,21 @@ def process(
 _load_command: list[str] = [PY, str(BENCH_DIR / "vision_load.py")]
 
 
-def build_go_command(name: str, flag: str, hint: str) -> Path:
-    """`go build` clients/go/cmd/<name> into clients/go/bin; SystemExit (naming `flag` and the
-    way around it) if it cannot."""
-    binary = GO_MODULE / "bin" / name
+def build_go_command(name: str, flag: str, hint: str, module: Path = GO_MODULE) -> Path:
+    """`go build` <module>/cmd/<name> into <module>/bin (module: clients/go of this checkout, or
+    of another, e.g. an A/B's baseline); SystemExit (naming `flag` and the way around it) if it
+    cannot."""
+    binary = module / "bin" / name
     go = shutil.which("go")
     if go is None:
         raise SystemExit(f"{flag}: the go toolchain is not on PATH; install Go, {hint}")
-    log(f"building {binary.relative_to(REPO)}")
+    log(f"building {binary.relative_to(module.parent.parent)} in {module.parent.parent}")
     out = subprocess.run(
-        [go, "build", "-o", str(binary), f"./cmd/{name}"], cwd=GO_MODULE, capture_output=True, text=True
+        [go, "build", "-o", str(binary), f"./cmd/{name}"], cwd=module, capture_output=True, text=True
     )
     if out.returncode != 0:
         raise SystemExit(
-            f"{flag}: `go build ./cmd/{name}` in {GO_MODULE} failed "
+            f"{flag}: `go build ./cmd/{name}` in {module} failed "
             f"({out.returncode}): {(out.stdout + out.stderr).strip()[-2000:]}\nFix the build, {hint}"
         )
     return binary
@@ -531,8 +532,9 @@ def settings_from_args(
     )
 
 
-def build_gateway(flag: str, way_around: str) -> Path:
-    return build_go_command("snaplearn-gateway", flag, way_around)
+def build_gateway(flag: str, way_around: str, checkout: Path = REPO) -> Path:
+    """snaplearn-gateway built from the checkout at `checkout` (this one by default)."""
+    return build_go_command("snaplearn-gateway", flag, way_around, checkout / "clients" / "go")
 
 
 def ours_argv(

@@ -121,3 +121,20 @@ def test_an_ab_compares_each_repetition_with_its_own_baseline() -> None:
     ratios = vision_ab.paired_ratios(rows, base, "capacity")
     # Repetition by repetition; a baseline of 0 (nothing measured) gives no ratio.
     assert ratios == {("m", "1 process"): [pytest.approx(1.1), pytest.approx(0.8)], ("m", "gw"): []}
+
+
+def test_each_side_of_an_ab_runs_behind_the_gateway_built_from_its_own_checkout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vision_ab
+
+    def build_gateway(flag: str, way_around: str, checkout: Path) -> Path:
+        assert (flag, way_around) == ("--gateway", "or pass --no-gateway")
+        return checkout / "clients" / "go" / "bin" / "snaplearn-gateway"
+
+    monkeypatch.setattr(vision_ab, "build_gateway", build_gateway)
+    codes = {"baseline (main)": Path("/runs/ab-1234"), "candidate": Path("/repo")}
+    assert vision_ab.own_gateways(codes) == {
+        "baseline (main)": Path("/runs/ab-1234/clients/go/bin/snaplearn-gateway"),
+        "candidate": Path("/repo/clients/go/bin/snaplearn-gateway"),
+    }

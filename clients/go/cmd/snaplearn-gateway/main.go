@@ -212,6 +212,7 @@ func (p *proxy) close() {
 func newServer(p *proxy, o options) *grpc.Server {
 	return grpc.NewServer(
 		grpc.UnknownServiceHandler(p.handle),
+		grpc.InTapHandle(p.refuseEarly),
 		grpc.ForceServerCodec(rawCodec{}),
 		grpc.MaxRecvMsgSize(o.maxMessageBytes),
 		grpc.MaxSendMsgSize(o.maxMessageBytes),

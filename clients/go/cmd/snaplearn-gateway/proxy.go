@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 )
 
 // frame is one gRPC message, carried as opaque bytes: the gateway never decodes a payload
@@ -85,6 +86,19 @@ func (p *proxy) pick() *backendConn {
 		}
 	}
 	return best
+}
+
+// refuseEarly is the server's tap (grpc.InTapHandle), run as a call's headers arrive: at
+// the limit, an admitted call is refused there, before grpc starts a goroutine for it or
+// reads its message, which makes a refusal cheaper for the gateway's one core under heavy
+// overload. It never reserves a slot: handle's own check stays the authority, so a call that
+// passes here may still be refused there, and nothing admitted here can leak a slot.
+func (p *proxy) refuseEarly(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if p.admitted[info.FullMethodName] && p.inFlight.Load() >= p.maxInFlight {
+		p.stats.refused.Add(1)
+		return ctx, p.refusal
+	}
+	return ctx, nil
 }
 
 // handle serves every method (grpc.UnknownServiceHandler): admitted methods take the unary

@@ -20,6 +20,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/tap"
 
 	visionv1 "github.com/snaplearn/snaplearn/clients/go/gen/snaplearn/vision/v1"
 )
@@ -210,6 +211,30 @@ func refusedAtTheLimit(t *testing.T, f *fixture) {
 			t.Fatalf("metrics lack %q:\n%s", line, recorder.Body.String())
 		}
 	}
+}
+
+func TestAtTheLimitTheTapRefusesAdmittedMethodsOnlyAndReservesNothing(t *testing.T) {
+	f := start(t, 2)
+	classifyInfo := &tap.Info{FullMethodName: classifyMethod}
+	if _, err := f.proxy.refuseEarly(context.Background(), classifyInfo); err != nil {
+		t.Fatalf("below the limit: %v", err)
+	}
+	if f.proxy.inFlight.Load() != 0 || f.proxy.stats.refused.Load() != 0 {
+		t.Fatalf("the tap reserved or counted: in flight %d, refused %d", f.proxy.inFlight.Load(), f.proxy.stats.refused.Load())
+	}
+	f.proxy.inFlight.Store(2) // as if two calls were being served
+	_, err := f.proxy.refuseEarly(context.Background(), classifyInfo)
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(status.Convert(err).Message(), "--max-in-flight") {
+		t.Fatalf("at the limit: %v", err)
+	}
+	health := &tap.Info{FullMethodName: "/grpc.health.v1.Health/Check"}
+	if _, err := f.proxy.refuseEarly(context.Background(), health); err != nil {
+		t.Fatalf("a method outside the limit was refused: %v", err)
+	}
+	if f.proxy.stats.refused.Load() != 1 {
+		t.Fatalf("refused %d, want 1", f.proxy.stats.refused.Load())
+	}
+	f.proxy.inFlight.Store(0)
 }
 
 func TestTheCallersDeadlineReachesTheBackend(t *testing.T) {
