@@ -66,6 +66,10 @@ def checkout(ref: str) -> Iterator[Path]:
         subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], check=False)
 
 
+CORE_USERS = ("generator", "gateway", "server")  # the process trees whose cores a run reports
+nan = float("nan")
+
+
 def summary(result: dict[str, Any]) -> dict[str, Any]:
     closed, half, overload = result["closed"], result["half"], result["overload"]
     cpu = closed.get("cpu_us_per_image", {})
@@ -77,6 +81,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "half_p99_ms": round(half["p99_ms"], 1),
         "goodput_share": round(overload["throughput"] / closed["throughput"], 3),
         "refusal_p99_ms": round(overload["rejected_p99_ms"], 1),
+        # Where the cores went at 3x (what the server did not get bounds its goodput).
+        **{f"{name}_cores_3x": overload.get("cpu_cores", {}).get(name, nan) for name in CORE_USERS},
+        "server_cores_capacity": closed.get("cpu_cores", {}).get("server", nan),
     }
 
 
@@ -202,6 +209,13 @@ def main(argv: list[str] | None = None) -> int:
             ("p50 / p99 ms at half load", lambda m: f"{m('half_p50_ms'):.1f} / {m('half_p99_ms'):.1f}"),
             ("goodput at 3x", lambda m: f"{m('goodput_share'):.0%}"),
             ("refusal p99 ms at 3x", lambda m: f"{m('refusal_p99_ms'):.1f}"),
+            (
+                "cores at 3x: generator / gateway / server (server at capacity)",
+                lambda m: (
+                    " / ".join(f"{m(f'{name}_cores_3x'):.2f}" for name in CORE_USERS)
+                    + f" ({m('server_cores_capacity'):.2f})"
+                ),
+            ),
         ],
     )
     print_ratios(rows, f"baseline ({args.baseline})")

@@ -673,16 +673,19 @@ def process_tree_cpu_s(pid: int) -> float:
 @contextlib.contextmanager
 def cpu_per_image(pids: dict[str, int], into: dict[str, Any]) -> Iterator[None]:
     """Around one load() call: the CPU microseconds each process tree spent per image served,
-    into `into["cpu_us_per_image"]`, with the generator's own (its generator_cpu_cores).
+    into `into["cpu_us_per_image"]`, with the generator's own (its generator_cpu_cores), and
+    the cores each used on average, into `into["cpu_cores"]` (what the machine's cores went to:
+    under overload the generator's and the gateway's share is taken from the server's).
     The load's warm-up counts in the CPU and its window in the images, at about the same rate."""
     before = {name: process_tree_cpu_s(pid) for name, pid in pids.items()}
     started = time.monotonic()
     yield
     wall = time.monotonic() - started
     rate = into.get("throughput") or float("nan")
-    costs = {name: (process_tree_cpu_s(pid) - before[name]) / wall / rate * 1e6 for name, pid in pids.items()}
-    costs["generator"] = into.get("generator_cpu_cores", float("nan")) / rate * 1e6
-    into["cpu_us_per_image"] = {name: round(cost, 1) for name, cost in costs.items()}
+    cores = {name: (process_tree_cpu_s(pid) - before[name]) / wall for name, pid in pids.items()}
+    cores["generator"] = into.get("generator_cpu_cores", float("nan"))
+    into["cpu_us_per_image"] = {name: round(used / rate * 1e6, 1) for name, used in cores.items()}
+    into["cpu_cores"] = {name: round(used, 3) for name, used in cores.items()}
 
 
 def bench_ours(
@@ -732,7 +735,11 @@ def bench_ours(
         windows = {process: (befores[process], afters[process]) for process in ports}
         result["half"]["split"] = {"client": client_layer(result["half"]), **split(windows)}
         before = scrape(metrics_port)
-        result["overload"] = load(target, "grpc", "open", settings.seconds, rate=overload, connections=conns)
+        result["overload"] = {}
+        with cpu_per_image(pids, result["overload"]):  # where the cores go under overload
+            result["overload"].update(
+                load(target, "grpc", "open", settings.seconds, rate=overload, connections=conns)
+            )
         result["overload"]["server"] = batch_stats(before, scrape(metrics_port))
         if settings.perf_analyzer is not None and max_batch_size != 1:
             result["perf_analyzer"] = run_perf_analyzer(settings, model, target)

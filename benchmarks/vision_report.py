@@ -324,6 +324,7 @@ def model_section(model: str, runs: list[dict[str, Any]], meta: dict[str, Any]) 
                 f"| {SERVERS[name]} | {cell(runs, name, 'closed.cpu_us_per_image.server')} | {gateway} "
                 f"| {cell(runs, name, 'closed.cpu_us_per_image.generator')} |"
             )
+    lines += overload_cores(runs, ours)
     lines += half_load_split(runs, ours)
     half = runs[0]["ours"]["half"].get("server", {})
     lines += [
@@ -370,6 +371,33 @@ def half_load_split(runs: list[dict[str, Any]], ours: list[str]) -> list[str]:
             p99 = median([pick(run.get(name, {}), f"half.split.{layer}.p99_ms") for run in runs])
             cells.append("-" if p99 != p99 else f"{fmt(p50)} / {fmt(p99)}")
         lines.append(f"| {SERVERS[name]} | {' | '.join(cells)} |")
+    return lines
+
+
+def overload_cores(runs: list[dict[str, Any]], ours: list[str]) -> list[str]:
+    """Where the 2 cores went at 3x overload, per configuration of ours that measured it: the
+    generator's and the gateway's cores are not the server's, which bounds the goodput."""
+    measured = [name for name in ours if all("cpu_cores" in run[name]["overload"] for run in runs)]
+    if not measured:
+        return []
+    lines = [
+        "",
+        "Where the cores went at 3x overload (average cores over the open loop, every thread of",
+        "each process tree): what the generator sends and the gateway refuses is CPU the server",
+        "does not get, so goodput at 3x can reach at most about the server's cores at 3x over its",
+        "cores at capacity:",
+        "",
+        "| server | load generator | gateway | server processes | server at capacity |",
+        "|---|---|---|---|---|",
+    ]
+    for name in measured:
+        gateway = "gateway" in runs[0][name]["overload"]["cpu_cores"]
+        lines.append(
+            f"| {SERVERS[name]} | {cell(runs, name, 'overload.cpu_cores.generator', 2)} "
+            f"| {cell(runs, name, 'overload.cpu_cores.gateway', 2) if gateway else '-'} "
+            f"| {cell(runs, name, 'overload.cpu_cores.server', 2)} "
+            f"| {cell(runs, name, 'closed.cpu_cores.server', 2)} |"
+        )
     return lines
 
 

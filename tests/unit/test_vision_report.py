@@ -192,3 +192,27 @@ def test_the_half_load_split_is_tabled_per_layer_where_measured() -> None:
     one_process = rows[vision_report.SERVERS["ours"]]
     assert one_process[:5] == ["9.0 / 41.0", "-", "-", "-", "7.0 / 35.0"]  # medians of the 3 runs
     assert rows[vision_report.SERVERS["ours-gateway"]][1] == "7.5 / 36.0"
+
+
+def test_where_the_cores_went_at_3x_is_tabled_only_where_measured() -> None:
+    saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
+    runs, meta = saved["runs"], saved["meta"]
+    model = next(iter(runs[0]))
+    for index, run_ in enumerate(runs):
+        for name in ("ours", "ours-workers", "ours-gateway-one", "ours-gateway"):
+            result = run_[model][name]
+            cores = {"server": 1.1 + index / 100, "generator": 0.5}
+            if "gateway" in name:
+                cores["gateway"] = 0.3
+            result["overload"]["cpu_cores"] = cores
+            result["closed"]["cpu_cores"] = {"server": 1.8, "generator": 0.1}
+    report = vision_report.report(runs, meta)
+    section = report.split(f"## {model}")[1].split("\n## ")[0]
+    rows = [line for line in section.splitlines() if "| 1.11 (1.10 / 1.11 / 1.12) |" in line]
+    assert len(rows) == 4, section
+    assert all(
+        row.startswith("| SnapLearn") and row.endswith("| 1.80 (1.80 / 1.80 / 1.80) |") for row in rows
+    )
+    assert all("| 0.50 (0.50 / 0.50 / 0.50) |" in row for row in rows)  # the generator's
+    assert sum("| 0.30 (0.30 / 0.30 / 0.30) |" in row for row in rows) == 2  # behind the gateway
+    assert report.count("Where the cores went at 3x overload") == 1  # the other model has no numbers
