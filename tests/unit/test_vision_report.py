@@ -197,7 +197,11 @@ def test_the_half_load_split_is_tabled_per_layer_where_measured() -> None:
 def test_where_the_cores_went_at_3x_is_tabled_only_where_measured() -> None:
     saved = json.loads((REPO / "docs" / "benchmarks" / "vision.json").read_text())
     runs, meta = saved["runs"], saved["meta"]
-    model = next(iter(runs[0]))
+    model, unmeasured = list(runs[0])[:2]
+    for run_ in runs:  # as in reports from before the cores were measured
+        for result in run_[unmeasured].values():
+            if isinstance(result, dict):
+                result.get("overload", {}).pop("cpu_cores", None)
     for index, run_ in enumerate(runs):
         for name in ("ours", "ours-workers", "ours-gateway-one", "ours-gateway"):
             result = run_[model][name]
