@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,6 @@ def checkout(ref: str) -> Iterator[Path]:
 
 
 CORE_USERS = ("generator", "gateway", "server")  # the process trees whose cores a run reports
-nan = float("nan")
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +82,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "goodput_share": round(overload["throughput"] / closed["throughput"], 3),
         "refusal_p99_ms": round(overload["rejected_p99_ms"], 1),
         # Where the cores went at 3x (what the server did not get bounds its goodput).
-        **{f"{name}_cores_3x": overload.get("cpu_cores", {}).get(name, nan) for name in CORE_USERS},
-        "server_cores_capacity": closed.get("cpu_cores", {}).get("server", nan),
+        **{f"{name}_cores_3x": overload.get("cpu_cores", {}).get(name, math.nan) for name in CORE_USERS},
+        "server_cores_capacity": closed.get("cpu_cores", {}).get("server", math.nan),
     }
 
 
@@ -185,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                     for name in order:
                         log(f"{model}: {setup}, {name} (repetition {rep + 1})")
                         flags = extra + (args.candidate_flags.split() if name == "candidate" else [])
+                        # Behind the gateway, each side's own (built from its checkout).
+                        side = setup_settings
                         if gateway:
-                            setup_settings = dataclasses.replace(setup_settings, gateway=gateways[name])
+                            side = dataclasses.replace(setup_settings, gateway=gateways[name])
                         result = bench_ours(
-                            roots[model], model, setup_settings, max_batch_size, None, flags,
+                            roots[model], model, side, max_batch_size, None, flags,
                             gateway=gateway, code=codes[name],
                         )  # fmt: skip
                         row = summary(result)

@@ -95,10 +95,15 @@ func (p *proxy) pick() *backendConn {
 // passes here may still be refused there, and nothing admitted here can leak a slot.
 func (p *proxy) refuseEarly(ctx context.Context, info *tap.Info) (context.Context, error) {
 	if p.admitted[info.FullMethodName] && p.inFlight.Load() >= p.maxInFlight {
-		p.stats.refused.Add(1)
-		return ctx, p.refusal
+		return ctx, p.refuse()
 	}
 	return ctx, nil
+}
+
+// refuse counts a refusal at the limit and returns the RESOURCE_EXHAUSTED its caller gets.
+func (p *proxy) refuse() error {
+	p.stats.refused.Add(1)
+	return p.refusal
 }
 
 // handle serves every method (grpc.UnknownServiceHandler): admitted methods take the unary
@@ -114,8 +119,7 @@ func (p *proxy) handle(_ any, stream grpc.ServerStream) error {
 	// Admission first: a refused call costs nothing more than this.
 	if p.inFlight.Add(1) > p.maxInFlight {
 		p.inFlight.Add(-1)
-		p.stats.refused.Add(1)
-		return p.refusal
+		return p.refuse()
 	}
 	defer p.inFlight.Add(-1)
 	arrived := time.Now()
