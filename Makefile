@@ -1,10 +1,15 @@
 # The targets CI runs. `make up` starts the whole system; `make test` runs every check and test.
 VENV := .venv
 PY := $(VENV)/bin/python
-CORE := services/snaplearn_common vision_server/snaplearn_vision recommender_worker/snaplearn_recommender clients/python/snaplearn_client
+# The packages mypy checks: every distribution's code except the generated stubs (protos/python).
+CORE := services/snaplearn_common vision_server/snaplearn_vision recommender_worker/snaplearn_recommender \
+	$(wildcard recommender_worker/snaplearn_offline) clients/python/snaplearn_client $(wildcard benchmarks/snaplearn_bench)
+# pytest-xdist workers for the slow tiers; each test file stays on one worker (--dist loadfile),
+# since a file's fixtures (servers, a Kafka broker) are shared by its tests.
+PYTEST_WORKERS ?= 2
 
-.PHONY: up demo test check lint format typecheck protos check-protos pytest venv kafka-start kafka-stop \
-	deploy-check clients clients-go-gen proto-baseline
+.PHONY: up test check lint format typecheck imports unit protos check-protos pytest venv kafka-start kafka-stop \
+	deploy-check clients go-gen proto-baseline
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -12,12 +17,12 @@ venv:
 up: venv
 	$(PY) -m snaplearn_common.launcher up
 
-demo: venv
-	$(PY) -m snaplearn_client.cli demo
-
+# Everything CI runs: the fast tier, the deployment files, then the integration and end-to-end tests.
 test: venv check deploy-check pytest
 
-check: check-protos lint typecheck
+# The fast tier (under two minutes on a warm machine): generated code, lint, types, import
+# contracts (.importlinter: layers, no cycles), unit tests.
+check: venv check-protos lint typecheck imports unit
 
 check-protos:
 	$(PY) scripts/gen_protos.py --check
@@ -36,8 +41,16 @@ format:
 typecheck:
 	$(VENV)/bin/mypy $(CORE)
 
+imports:
+	$(VENV)/bin/lint-imports --config .importlinter
+
+unit:
+	$(PY) -m pytest -n $(PYTEST_WORKERS) tests/unit
+
+# The Kafka jars are fetched once before the workers start, so two workers never fetch at once.
 pytest:
-	$(PY) -m pytest tests
+	bash scripts/kafka.sh fetch
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile tests/integration tests/e2e
 
 kafka-start: venv
 	bash scripts/kafka.sh fetch && bash scripts/kafka.sh start
@@ -54,10 +67,10 @@ deploy-check:
 clients:
 	bash scripts/build_clients.sh
 
-# Regenerate the committed Go stubs in clients/go/gen after changing protos/snaplearn.
-clients-go-gen:
-	rm -rf clients/go/gen
-	PATH="$$(bash scripts/deploy_tools.sh):$$PATH" buf generate --template clients/go/buf.gen.yaml
+# Regenerate the committed Go stubs in protos/go/gen after changing protos/snaplearn.
+go-gen:
+	rm -rf protos/go/gen
+	PATH="$$(bash scripts/deploy_tools.sh):$$PATH" buf generate --template protos/go/buf.gen.yaml
 
 # On a release: make the current protos the baseline `buf breaking` compares against.
 proto-baseline:

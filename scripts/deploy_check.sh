@@ -41,14 +41,14 @@ check() {
 }
 
 go_stubs_fresh() {
-    buf generate --template clients/go/buf.gen.yaml -o "$WORK/go"
-    diff -r "$WORK/go/clients/go/gen" clients/go/gen ||
-        { echo "clients/go/gen is stale: run 'make clients-go-gen'"; return 1; }
+    buf generate --template protos/go/buf.gen.yaml -o "$WORK/go"
+    diff -r "$WORK/go/protos/go/gen" protos/go/gen ||
+        { echo "protos/go/gen is stale: run 'make go-gen'"; return 1; }
 }
 
 gofmt_clean() {
     local unformatted
-    unformatted="$(gofmt -l clients/go)"
+    unformatted="$(gofmt -l protos/go clients/go services/gateway benchmarks/loadgen)"
     [[ -z "$unformatted" ]] || { echo "not gofmt-formatted: $unformatted"; return 1; }
 }
 
@@ -83,8 +83,8 @@ EOF
 echo "== API contract (protos/snaplearn)"
 check "buf lint" buf lint
 check "buf breaking against protos/buf-baseline.json" buf breaking --against protos/buf-baseline.json
-check "clients/go/gen is what buf generate makes" go_stubs_fresh
-check "gofmt clients/go" gofmt_clean
+check "protos/go/gen is what buf generate makes" go_stubs_fresh
+check "gofmt (every Go module)" gofmt_clean
 
 echo "== containers (docker/)"
 check "hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.gateway" \
@@ -92,7 +92,7 @@ check "hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.gatew
 check "compose-spec schema: docker/docker-compose.yml docker/kafka-compose.yml" \
     check-jsonschema --builtin-schema vendor.compose-spec docker/docker-compose.yml docker/kafka-compose.yml
 check "yamllint deploy/ docker/ buf configs" yamllint --strict -c deploy/yamllint.yaml deploy docker buf.yaml \
-    clients/go/buf.gen.yaml clients/typescript/buf.gen.yaml
+    protos/go/buf.gen.yaml clients/typescript/buf.gen.yaml
 
 echo "== Kubernetes (deploy/)"
 for kustomization in "${KUSTOMIZATIONS[@]}"; do

@@ -1,4 +1,4 @@
-"""Regenerate the Python code for protos/ into clients/python/ (committed).
+"""Regenerate the Python code for protos/ into protos/python/ (committed; the snaplearn-api distribution).
 
 Usage: python scripts/gen_protos.py [--check]
 
@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROTO_ROOT = REPO / "protos"
 OIP_ROOT = PROTO_ROOT / "oip"
-OUT_ROOT = REPO / "clients" / "python"
+OUT_ROOT = PROTO_ROOT / "python"
 # (include root, top-level package it generates); each root's files are generated only once.
 ROOTS = ((PROTO_ROOT, "snaplearn"), (OIP_ROOT, "snaplearn_oip"))
 GENERATED_TOPS = tuple(top for _, top in ROOTS)

@@ -3,6 +3,10 @@
 Trains the default vision model if the model repository has none, starts the vision
 server and the recommender (each its own process, on the embedded event bus by
 default), runs the demo against them, then keeps them running until Ctrl-C.
+
+Every step is a child process (`python -m snaplearn_vision.train`, the two servers, the
+worksheet renderer, `snaplearn_client.cli demo`), so this module imports none of the vision,
+recommender or client packages: snaplearn-common stays free of torch and LightFM.
 """
 
 from __future__ import annotations
@@ -95,6 +99,24 @@ def ensure_default_model(settings: LaunchSettings) -> None:
     subprocess.run([*command, "--if-missing"], check=True)
 
 
+def render_demo_photos(settings: LaunchSettings) -> Path:
+    """Sample worksheet photos for the demo, rendered once into the data folder."""
+    folder = settings.data_dir / "demo-photos"
+    if not any(folder.glob("*/*.png")):
+        command = [sys.executable, "-m", "snaplearn_vision.worksheets", "--out", str(folder), "--per-topic", "6"]
+        subprocess.run(command, check=True)
+    return folder
+
+
+def run_demo(settings: LaunchSettings, vision: str, recommender: str) -> int:
+    photos = render_demo_photos(settings)
+    command = [
+        sys.executable, "-m", "snaplearn_client.cli", "--vision", vision, "--recommender", recommender,
+        "demo", "--photos", str(photos),
+    ]  # fmt: skip
+    return subprocess.run(command).returncode
+
+
 def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
     data, logs, host = settings.data_dir, settings.logs_dir, settings.host
     vision = ManagedProcess(
@@ -152,9 +174,7 @@ def up(settings: LaunchSettings) -> int:
         )
         demo_rc = 0
         if settings.demo:
-            from snaplearn_client.demo import run_demo
-
-            demo_rc = run_demo(vision, recommender)
+            demo_rc = run_demo(settings, vision, recommender)
         if settings.exit_after_demo:
             return demo_rc
         print("\n== SnapLearn is running. Try:")

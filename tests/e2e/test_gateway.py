@@ -1,9 +1,9 @@
-"""clients/go/cmd/snaplearn-gateway in front of a real vision server (gRPC on port 0, the small
+"""services/gateway (snaplearn-gateway) in front of a real vision server (gRPC on port 0, the small
 trained model behind a gate): answers, errors and health pass through unchanged, and inference
 calls beyond --max-in-flight are refused by the gateway before our server sees them.
 
 The gateway is built with `go build` (as benchmarks/vision_bench.py does); its Go unit tests
-(`go test ./cmd/snaplearn-gateway`) run here too, since CI runs pytest.
+(`go test ./...` in services/gateway) run here too, since CI runs pytest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snaplearn.vision.v1 import vision_pb2_grpc
 from snaplearn_common.metrics import scrape
-from tests.helpers.go_build import BUILD_TIMEOUT_S, GO_MODULE, build_go_command, go_or_skip
+from tests.helpers.go_build import BUILD_TIMEOUT_S, GO_COMMANDS, build_go_command, go_or_skip
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 from tests.helpers.vision_server import (
     ServerFactory,
@@ -85,8 +85,8 @@ def start_gateway(gateway_binary: Path, tmp_path: Path) -> Iterator[StartGateway
 
 def test_the_gateways_go_unit_tests_pass() -> None:
     tested = subprocess.run(
-        [go_or_skip("the gateway's Go tests cannot run"), "test", "-count=1", "./cmd/snaplearn-gateway/"],
-        cwd=GO_MODULE,
+        [go_or_skip("the gateway's Go tests cannot run"), "test", "-count=1", "./..."],
+        cwd=GO_COMMANDS["snaplearn-gateway"][0],
         capture_output=True,
         text=True,
         timeout=BUILD_TIMEOUT_S,

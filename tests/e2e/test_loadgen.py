@@ -1,6 +1,6 @@
 """The vision benchmark's load generators against a real vision server: their JSON is right.
 
-clients/go/cmd/snaplearn-loadgen is built with `go build` (as benchmarks/vision_bench.py does)
+benchmarks/loadgen (snaplearn-loadgen) is built with `go build` (as benchmarks/vision_bench.py does)
 and run as a separate process against our server (gRPC on port 0, the small trained model),
 once in a closed loop and once in an open loop against a held model and a queue of 2, where
 every request past the queue must come back RESOURCE_EXHAUSTED and be counted as a refusal.

@@ -23,8 +23,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	recommenderv1 "github.com/snaplearn/snaplearn/clients/go/gen/snaplearn/recommender/v1"
-	visionv1 "github.com/snaplearn/snaplearn/clients/go/gen/snaplearn/vision/v1"
+	recommenderv1 "github.com/snaplearn/snaplearn/protos/go/gen/snaplearn/recommender/v1"
+	visionv1 "github.com/snaplearn/snaplearn/protos/go/gen/snaplearn/vision/v1"
 )
 
 // round_robin spreads calls over every address the target resolves to (one per vision pod

@@ -1,0 +1,159 @@
+"""snaplearn-client: classify a photo or ask for recommendations from the command line.
+
+snaplearn-client classify IMAGE [IMAGE ...] --user U [--top-k 3] [--vision HOST:PORT]
+snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
+snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--concept fractions]
+snaplearn-client feedback --user U --item ID --kind completed|viewed|skipped [--request-id R]
+snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToJson
+
+from snaplearn_client.client import DEFAULT_RECOMMENDER_TARGET, DEFAULT_VISION_TARGET, FEEDBACK_KINDS
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="snaplearn-client", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--vision", default=os.environ.get("SNAPLEARN_VISION_TARGET", DEFAULT_VISION_TARGET))
+    parser.add_argument(
+        "--recommender", default=os.environ.get("SNAPLEARN_RECOMMENDER_TARGET", DEFAULT_RECOMMENDER_TARGET)
+    )
+    parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
+    parser.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    classify = commands.add_parser(
+        "classify", help="classify image files (several: over one ClassifyStream, an answer each)"
+    )
+    classify.add_argument("images", type=Path, nargs="+", metavar="image")
+    classify.add_argument("--user", required=True)
+    classify.add_argument("--top-k", type=int, default=3)
+    classify.add_argument("--model", default="")
+    classify.add_argument("--model-version", default="")
+
+    recommend = commands.add_parser("recommend", help="what should this student practise next?")
+    recommend.add_argument("--user", required=True)
+    recommend.add_argument("--k", type=int, default=10)
+    recommend.add_argument("--exclude-seen", action="store_true")
+    recommend.add_argument("--grade", type=int, action="append", default=[])
+    recommend.add_argument("--format", action="append", default=[])
+    recommend.add_argument("--concept", action="append", default=[])
+
+    similar = commands.add_parser("similar", help="items like this one (the model's item space)")
+    similar.add_argument("--item", required=True, help="an item_id of the catalog")
+    similar.add_argument("--k", type=int, default=10)
+    similar.add_argument("--grade", type=int, action="append", default=[])
+    similar.add_argument("--format", action="append", default=[])
+    similar.add_argument("--concept", action="append", default=[])
+
+    feedback = commands.add_parser("feedback", help="record that a student viewed/completed/skipped an item")
+    feedback.add_argument("--user", required=True)
+    feedback.add_argument("--item", required=True, help="an item_id of the catalog")
+    feedback.add_argument("--kind", required=True, choices=tuple(FEEDBACK_KINDS))
+    feedback.add_argument("--request-id", default="", help="idempotency key (default: a new UUID)")
+
+    demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
+    demo.add_argument("--photos-per-student", type=int, default=6)
+    demo.add_argument("--seed", type=int, default=7)
+    return parser
+
+
+def _print_classified(reply: Any, indent: str = "") -> None:
+    print(f"{indent}model {reply.model_name}/{reply.model_version}  request {reply.request_id}")
+    for rank, label in enumerate(reply.labels, 1):
+        print(f"{indent}  {rank}. {label.label:<14} {label.score:.3f}")
+    timing = f"queued {reply.queue_ms:.1f} ms, computed {reply.compute_ms:.1f} ms"
+    print(f"{indent}  {timing} (batch of {reply.batch_size})")
+
+
+def _classify_many(args: argparse.Namespace) -> int:
+    """Several files over one ClassifyStream: an answer (or an error) per file; exit 1 if any failed."""
+    from snaplearn_client.client import VisionClient
+
+    with VisionClient(args.vision, timeout_s=args.timeout) as vision:
+        outcomes = vision.classify_many(
+            [path.read_bytes() for path in args.images], args.user, args.top_k, args.model, args.model_version
+        )
+    for path, outcome in zip(args.images, outcomes, strict=True):
+        if args.json:
+            response = json.loads(MessageToJson(outcome.response)) if outcome.response is not None else None
+            print(json.dumps({"image": str(path), "code": outcome.code.name, "message": outcome.message,
+                              "response": response}))  # fmt: skip
+        elif outcome.response is not None:
+            print(f"{path}:")
+            _print_classified(outcome.response, indent="  ")
+        else:
+            print(f"{path}: error: {outcome.code.name}: {outcome.message}")
+    return 0 if all(outcome.ok for outcome in outcomes) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    from snaplearn_client.client import RecommenderClient, VisionClient
+
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "classify" and len(args.images) > 1:
+            return _classify_many(args)
+        if args.command == "classify":
+            with VisionClient(args.vision, timeout_s=args.timeout) as vision:
+                reply = vision.classify(
+                    args.images[0].read_bytes(), args.user, args.top_k, args.model, args.model_version
+                )
+            if args.json:
+                print(MessageToJson(reply))
+                return 0
+            _print_classified(reply)
+        elif args.command == "recommend":
+            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+                recommendation = recommender.recommend(
+                    args.user, args.k, args.exclude_seen, args.grade, args.format, args.concept
+                )
+            if args.json:
+                print(MessageToJson(recommendation))
+                return 0
+            cold = " (cold start)" if recommendation.cold_start else ""
+            model = f"model {recommendation.model_version}, {recommendation.events_applied} events"
+            print(f"for {recommendation.user_id}{cold}, {model}")
+            for rank, item in enumerate(recommendation.items, 1):
+                print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
+                print(f"      {item.reason}")
+        elif args.command == "similar":
+            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+                similar = recommender.similar_items(args.item, args.k, args.grade, args.format, args.concept)
+            if args.json:
+                print(MessageToJson(similar))
+                return 0
+            print(f"like {similar.item_id}, model {similar.model_version}")
+            for rank, item in enumerate(similar.items, 1):
+                print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
+                print(f"      {item.reason}")
+        elif args.command == "feedback":
+            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+                recorded = recommender.record_feedback(args.user, args.item, args.kind, args.request_id)
+            if args.json:
+                print(MessageToJson(recorded))
+                return 0
+            state = "recorded" if recorded.accepted else "already recorded"
+            print(f"{args.kind} {args.item} for {args.user}: {state} (event {recorded.event_id})")
+        else:
+            from snaplearn_client.demo import run_demo
+
+            return run_demo(args.vision, args.recommender, args.photos_per_student, args.seed)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

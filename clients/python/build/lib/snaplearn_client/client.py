@@ -1,0 +1,261 @@
+"""Small synchronous clients for the vision and recommender services.
+
+Retries use gRPC's own retry policy (service config), so they apply per attempt with
+exponential backoff and only for UNAVAILABLE: a request that failed for a reason that
+retrying cannot fix (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) fails at once.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Self
+
+import grpc
+
+from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
+from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
+
+DEFAULT_VISION_TARGET = "127.0.0.1:50051"
+# What one ClassifyStream message carries at most (a larger photo goes alone).
+STREAM_MESSAGE_ITEMS = 32
+STREAM_MESSAGE_BYTES = 1024 * 1024
+STREAM_ATTEMPTS = 3  # streams ended by a server shutting down, before the rest is UNAVAILABLE
+_STATUS_BY_CODE = {status.value[0]: status for status in grpc.StatusCode}
+DEFAULT_RECOMMENDER_TARGET = "127.0.0.1:50052"
+FEEDBACK_KINDS = {
+    "viewed": recommender_pb2.FEEDBACK_KIND_VIEWED,
+    "completed": recommender_pb2.FEEDBACK_KIND_COMPLETED,
+    "skipped": recommender_pb2.FEEDBACK_KIND_SKIPPED,
+}
+
+
+def _service_config(service: str, max_attempts: int) -> str:
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": service}],
+                    "retryPolicy": {
+                        "maxAttempts": max(2, min(max_attempts, 5)),
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _channel(target: str, service: str, max_attempts: int) -> grpc.Channel:
+    options = [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", _service_config(service, max_attempts)),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ]
+    return grpc.insecure_channel(target, options=options)
+
+
+class _Client:
+    service_name = ""
+
+    def __init__(self, target: str, timeout_s: float = 5.0, max_attempts: int = 4) -> None:
+        self.target = target
+        self.timeout_s = timeout_s
+        self._channel = _channel(target, self.service_name, max_attempts)
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        """Block until the channel connects (raises grpc.FutureTimeoutError otherwise)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ClassifyOutcome:
+    """One photo's answer from classify_many: a response (code OK), or a status and message."""
+
+    code: grpc.StatusCode
+    message: str
+    response: vision_pb2.ClassifyResponse | None
+
+    @property
+    def ok(self) -> bool:
+        return self.code == grpc.StatusCode.OK
+
+
+class RecommenderClient(_Client):
+    service_name = "snaplearn.recommender.v1.RecommenderService"
+
+    def __init__(
+        self, target: str = DEFAULT_RECOMMENDER_TARGET, timeout_s: float = 5.0, max_attempts: int = 4
+    ) -> None:
+        super().__init__(target, timeout_s, max_attempts)
+        self._stub = recommender_pb2_grpc.RecommenderServiceStub(self._channel)
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        exclude_seen: bool = False,
+        grades: Sequence[int] = (),
+        formats: Sequence[str] = (),
+        concepts: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> recommender_pb2.RecommendResponse:
+        request = recommender_pb2.RecommendRequest(
+            user_id=user_id,
+            k=k,
+            exclude_seen=exclude_seen,
+            filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
+        )
+        return self._stub.Recommend(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def similar_items(
+        self,
+        item_id: str,
+        k: int = 10,
+        grades: Sequence[int] = (),
+        formats: Sequence[str] = (),
+        concepts: Sequence[str] = (),
+        timeout_s: float | None = None,
+    ) -> recommender_pb2.SimilarItemsResponse:
+        """Items closest to `item_id` in the model's item space (NOT_FOUND for an unknown id)."""
+        request = recommender_pb2.SimilarItemsRequest(
+            item_id=item_id,
+            k=k,
+            filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
+        )
+        return self._stub.SimilarItems(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def record_feedback(
+        self,
+        user_id: str,
+        item_id: str,
+        kind: str,
+        request_id: str = "",
+        time_s: float | None = None,
+        timeout_s: float | None = None,
+    ) -> recommender_pb2.RecordFeedbackResponse:
+        """The student viewed, completed or skipped an item (`kind`: one of FEEDBACK_KINDS).
+
+        Without a request_id one is generated here, so that gRPC's retries of this call (on
+        UNAVAILABLE) record the feedback once. time_s: when it happened (default: now, server side).
+        """
+        if kind not in FEEDBACK_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
+        request = recommender_pb2.RecordFeedbackRequest(
+            user_id=user_id,
+            item_id=item_id,
+            kind=FEEDBACK_KINDS[kind],
+            request_id=request_id or str(uuid.uuid4()),
+        )
+        if time_s is not None:
+            request.time.FromNanoseconds(int(time_s * 1e9))
+        return self._stub.RecordFeedback(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+
+class VisionClient(_Client):
+    service_name = "snaplearn.vision.v1.VisionService"
+
+    def __init__(self, target: str = DEFAULT_VISION_TARGET, timeout_s: float = 5.0, max_attempts: int = 4):
+        super().__init__(target, timeout_s, max_attempts)
+        self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
+
+    def classify(
+        self,
+        image: bytes,
+        user_id: str,
+        top_k: int = 0,
+        model_name: str = "",
+        model_version: str = "",
+        request_id: str = "",
+        timeout_s: float | None = None,
+    ) -> vision_pb2.ClassifyResponse:
+        request = vision_pb2.ClassifyRequest(
+            user_id=user_id,
+            image=image,
+            top_k=top_k,
+            model_name=model_name,
+            model_version=model_version,
+            request_id=request_id,
+        )
+        return self._stub.Classify(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def classify_many(
+        self,
+        images: Sequence[bytes],
+        user_id: str,
+        top_k: int = 0,
+        model_name: str = "",
+        model_version: str = "",
+        timeout_s: float | None = None,
+    ) -> list[ClassifyOutcome]:
+        """Classify many photos over one ClassifyStream: one outcome per image, in order.
+
+        Each photo is its own Classify (its own event, its own status: one unreadable photo
+        fails alone) with `timeout_s` as its deadline; they share one stream, so the server
+        batches them together and pays its per-call work once per message, not per photo.
+        Photos a server left unstarted because it was shutting down are sent again. Raises
+        grpc.RpcError only if the stream itself fails (the server unreachable, ...).
+        """
+        timeout = timeout_s or self.timeout_s
+
+        def messages(indexes: list[int]) -> Iterator[vision_pb2.ClassifyStreamRequest]:
+            items: list[vision_pb2.ClassifyStreamItem] = []
+            size = 0
+            for index in indexes:
+                request = vision_pb2.ClassifyRequest(
+                    user_id=user_id,
+                    image=images[index],
+                    top_k=top_k,
+                    model_name=model_name,
+                    model_version=model_version,
+                )
+                items.append(
+                    vision_pb2.ClassifyStreamItem(id=index, request=request, timeout_ms=timeout * 1000.0)
+                )
+                size += len(images[index])
+                if len(items) >= STREAM_MESSAGE_ITEMS or size >= STREAM_MESSAGE_BYTES:
+                    yield vision_pb2.ClassifyStreamRequest(items=items)
+                    items, size = [], 0
+            if items:
+                yield vision_pb2.ClassifyStreamRequest(items=items)
+
+        outcomes: dict[int, ClassifyOutcome] = {}
+        missing = list(range(len(images)))
+        for _ in range(STREAM_ATTEMPTS):
+            # The stream's own deadline leaves the last items their full timeout after sending.
+            replies = self._stub.ClassifyStream(
+                messages(missing), timeout=2 * timeout + 5.0, wait_for_ready=True
+            )
+            for message in replies:
+                for result in message.results:
+                    outcomes[result.id] = ClassifyOutcome(
+                        code=_STATUS_BY_CODE.get(result.code, grpc.StatusCode.UNKNOWN),
+                        message=result.message,
+                        response=result.response if result.code == 0 else None,
+                    )
+            # A stream ends OK with items unanswered only when that server is shutting down: it
+            # never started them, so they are sent again (a new stream reaches another server).
+            missing = [index for index in missing if index not in outcomes]
+            if not missing:
+                break
+        for index in missing:
+            outcomes[index] = ClassifyOutcome(
+                code=grpc.StatusCode.UNAVAILABLE,
+                message="the server shut down before starting this photo; retry",
+                response=None,
+            )
+        return [outcomes[index] for index in range(len(images))]
