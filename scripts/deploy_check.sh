@@ -87,8 +87,8 @@ check "protos/go/gen is what buf generate makes" go_stubs_fresh
 check "gofmt (every Go module)" gofmt_clean
 
 echo "== containers (docker/)"
-check "hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.gateway" \
-    hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.gateway
+check "hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.recommender docker/Dockerfile.gateway" \
+    hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.recommender docker/Dockerfile.gateway
 check "compose-spec schema: docker/docker-compose.yml docker/kafka-compose.yml" \
     check-jsonschema --builtin-schema vendor.compose-spec docker/docker-compose.yml docker/kafka-compose.yml
 check "yamllint deploy/ docker/ buf configs" yamllint --strict -c deploy/yamllint.yaml deploy docker buf.yaml \

@@ -103,7 +103,15 @@ def render_demo_photos(settings: LaunchSettings) -> Path:
     """Sample worksheet photos for the demo, rendered once into the data folder."""
     folder = settings.data_dir / "demo-photos"
     if not any(folder.glob("*/*.png")):
-        command = [sys.executable, "-m", "snaplearn_vision.worksheets", "--out", str(folder), "--per-topic", "6"]
+        command = [
+            sys.executable,
+            "-m",
+            "snaplearn_vision.worksheets",
+            "--out",
+            str(folder),
+            "--per-topic",
+            "6",
+        ]
         subprocess.run(command, check=True)
     return folder
 

@@ -72,12 +72,11 @@ def settings_under(
 
 
 def assert_all_read(environment: Mapping[str, str], read: set[str], server: str, where: str) -> None:
-    """Every variable meant for `server` (its own prefix, the bus's) was read by its parser.
+    """Every SnapLearn variable the container gets (image ENV and its own) was read by its parser.
 
-    One image serves both servers, so its ENV also holds the other server's variables.
+    Each server has its own image, so nothing in it is meant for the other server.
     """
-    prefixes = (f"SNAPLEARN_{server.upper()}_", "SNAPLEARN_BUS", "SNAPLEARN_KAFKA_")
-    ignored = sorted(name for name in environment if name.startswith(prefixes) and name not in read)
+    ignored = sorted(name for name in environment if name.startswith("SNAPLEARN_") and name not in read)
     assert not ignored, f"{where} sets variables the {server} server never reads: {ignored}"
 
 
@@ -93,6 +92,35 @@ def image_environment(dockerfile: Path) -> dict[str, str]:
         if line.startswith("ENV "):
             environment.update(re.findall(r"(\w+)=(\S+)", line))
     return environment
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "distributions"),
+    [
+        ("Dockerfile", ("protos", "services", "vision_server")),
+        ("Dockerfile.cuda", ("protos", "services", "vision_server")),
+        ("Dockerfile.recommender", ("protos", "services", "recommender_worker")),
+    ],
+)
+def test_each_image_installs_only_its_servers_distribution(
+    dockerfile: str, distributions: tuple[str, ...]
+) -> None:
+    text = (REPO / "docker" / dockerfile).read_text().replace("\\\n", " ")
+    (requirements,) = re.findall(r"python requirements\.py ([\w ]+?) >", text)
+    assert tuple(requirements.split()) == distributions
+    (installed,) = re.findall(r"pip install --no-deps ([\w./ ]+?) (?:&&|$)", text, flags=re.MULTILINE)
+    assert tuple(p.removeprefix("./") for p in installed.split()) == distributions
+    copied = {
+        line.split()[1].split("/")[0]
+        for line in text.splitlines()
+        if line.startswith("COPY ") and "--from" not in line
+    }
+    assert copied <= {*distributions, "docker"}, f"{dockerfile} copies {sorted(copied)}"
+    ignore = (REPO / "docker" / f"{dockerfile}.dockerignore").read_text()
+    other = {"vision_server", "recommender_worker", "clients", "benchmarks"} - set(distributions)
+    assert not [
+        line for line in ignore.splitlines() if line.startswith("!") and line[1:].split("/")[0] in other
+    ]
 
 
 def compose_services() -> dict[str, Any]:
@@ -125,7 +153,7 @@ def test_compose_vision_environment(
 
 
 def test_compose_recommender_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    environment = compose_environment("recommender", "Dockerfile")
+    environment = compose_environment("recommender", "Dockerfile.recommender")
     settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
     assert_all_read(environment, read, "recommender", "compose service recommender")
     assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50052, 9102)
@@ -138,9 +166,9 @@ def test_compose_recommender_environment(monkeypatch: pytest.MonkeyPatch) -> Non
 def test_compose_recommender_query_replica_reads_the_trainers_snapshots(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    trainer_env = compose_environment("recommender", "Dockerfile")
+    trainer_env = compose_environment("recommender", "Dockerfile.recommender")
     trainer, _ = settings_under(trainer_env, recommender_config.settings_from_args, monkeypatch)
-    environment = compose_environment("recommender-query", "Dockerfile")
+    environment = compose_environment("recommender-query", "Dockerfile.recommender")
     settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
     assert_all_read(environment, read, "recommender", "compose service recommender-query")
     assert (trainer.role, settings.role) == ("trainer", "query")
@@ -231,7 +259,8 @@ def test_kubernetes_recommender_trainer(tools_bin: Path, monkeypatch: pytest.Mon
     trainer = find(objects, "StatefulSet", "recommender")
     assert trainer["spec"]["replicas"] == 1  # the single writer of its model
     (container,) = containers(trainer)
-    environment = container_environment(objects, container, image_environment(REPO / "docker/Dockerfile"))
+    image_env = image_environment(REPO / "docker/Dockerfile.recommender")
+    environment = container_environment(objects, container, image_env)
     settings, read = settings_under(environment, recommender_config.settings_from_args, monkeypatch)
     assert_all_read(environment, read, "recommender", "StatefulSet recommender")
     assert settings.bus.backend == "kafka"
@@ -248,7 +277,7 @@ def test_kubernetes_recommender_query_replicas_follow_the_trainers_snapshots(
     overlay: str, tools_bin: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     objects = render(tools_bin, f"deploy/overlays/{overlay}")
-    image_env = image_environment(REPO / "docker/Dockerfile")  # the recommender runs the CPU image
+    image_env = image_environment(REPO / "docker/Dockerfile.recommender")
     trainer = find(objects, "StatefulSet", "recommender")
     (trainer_container,) = containers(trainer)
     trainer_env = container_environment(objects, trainer_container, image_env)

@@ -63,16 +63,22 @@ PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
 def load_photos(folder: Path, topics: Sequence[str]) -> dict[str, list[bytes]]:
     """The photos of each topic, from folder/<topic>/*, in name order; names the topics that have none."""
     photos = {
-        topic: [p.read_bytes() for p in sorted((folder / topic).glob("*")) if p.suffix.lower() in PHOTO_SUFFIXES]
+        topic: [
+            p.read_bytes() for p in sorted((folder / topic).glob("*")) if p.suffix.lower() in PHOTO_SUFFIXES
+        ]
         for topic in topics
     }
     missing = [topic for topic, found in photos.items() if not found]
     if missing:
-        raise FileNotFoundError(f"{folder} has no photos for {', '.join(missing)} (expected {folder}/<topic>/*.png)")
+        raise FileNotFoundError(
+            f"{folder} has no photos for {', '.join(missing)} (expected {folder}/<topic>/*.png)"
+        )
     return photos
 
 
-def run_demo(vision_target: str, recommender_target: str, photos_dir: Path, photos_per_student: int = 6) -> int:
+def run_demo(
+    vision_target: str, recommender_target: str, photos_dir: Path, photos_per_student: int = 6
+) -> int:
     topics = sorted({topic for student in DEMO_STUDENTS for topic in student.topics})
     photos: Mapping[str, list[bytes]] = load_photos(photos_dir, topics)
     with VisionClient(vision_target, timeout_s=10) as vision, RecommenderClient(recommender_target) as rec:

@@ -4,7 +4,7 @@ snaplearn-client classify IMAGE [IMAGE ...] --user U [--top-k 3] [--vision HOST:
 snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
 snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--concept fractions]
 snaplearn-client feedback --user U --item ID --kind completed|viewed|skipped [--request-id R]
-snaplearn-client demo [--vision HOST:PORT] [--recommender HOST:PORT]
+snaplearn-client demo --photos DIR [--vision HOST:PORT] [--recommender HOST:PORT]
 """
 
 from __future__ import annotations
@@ -63,8 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     feedback.add_argument("--request-id", default="", help="idempotency key (default: a new UUID)")
 
     demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
+    demo.add_argument(
+        "--photos", type=Path, required=True, help="folder of <topic>/*.png photos (snaplearn up renders one)"
+    )
     demo.add_argument("--photos-per-student", type=int, default=6)
-    demo.add_argument("--seed", type=int, default=7)
     return parser
 
 
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from snaplearn_client.demo import run_demo
 
-            return run_demo(args.vision, args.recommender, args.photos_per_student, args.seed)
+            return run_demo(args.vision, args.recommender, args.photos, args.photos_per_student)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -4,13 +4,17 @@ Each student has topics they work on. The demo prints each student's top
 recommendations, sends their photos through the real vision server (which publishes
 events to the bus), waits until the recommender's snapshot has applied them, and prints
 the recommendations again with how many of the top items now match the student's topics.
+
+The photos come from a folder of <topic>/<name>.png|jpg (`snaplearn up` renders one with
+`python -m snaplearn_vision.worksheets --out DIR`), so the client needs no vision code.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from snaplearn.recommender.v1 import recommender_pb2
 from snaplearn_client.client import RecommenderClient, VisionClient
@@ -53,9 +57,30 @@ def _wait_applied(recommender: RecommenderClient, user_id: str, target: int, tim
     raise TimeoutError(f"recommender did not apply {target} events within {timeout_s:.0f} s")
 
 
-def run_demo(vision_target: str, recommender_target: str, photos_per_student: int = 6, seed: int = 7) -> int:
-    from snaplearn_vision.worksheets import sample_image_bytes  # renders realistic worksheet photos
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg")
 
+
+def load_photos(folder: Path, topics: Sequence[str]) -> dict[str, list[bytes]]:
+    """The photos of each topic, from folder/<topic>/*, in name order; names the topics that have none."""
+    photos = {
+        topic: [
+            p.read_bytes() for p in sorted((folder / topic).glob("*")) if p.suffix.lower() in PHOTO_SUFFIXES
+        ]
+        for topic in topics
+    }
+    missing = [topic for topic, found in photos.items() if not found]
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} has no photos for {', '.join(missing)} (expected {folder}/<topic>/*.png)"
+        )
+    return photos
+
+
+def run_demo(
+    vision_target: str, recommender_target: str, photos_dir: Path, photos_per_student: int = 6
+) -> int:
+    topics = sorted({topic for student in DEMO_STUDENTS for topic in student.topics})
+    photos: Mapping[str, list[bytes]] = load_photos(photos_dir, topics)
     with VisionClient(vision_target, timeout_s=10) as vision, RecommenderClient(recommender_target) as rec:
         vision.wait_ready()
         rec.wait_ready()
@@ -75,7 +100,7 @@ def run_demo(vision_target: str, recommender_target: str, photos_per_student: in
         for i in range(photos_per_student):
             for student in DEMO_STUDENTS:
                 topic = student.topics[i % len(student.topics)]
-                image = sample_image_bytes(topic, seed=seed * 1000 + sent)
+                image = photos[topic][(i // len(student.topics)) % len(photos[topic])]
                 reply = vision.classify(image, student.user_id, top_k=3)
                 last_returned = time.monotonic()
                 sent += 1
