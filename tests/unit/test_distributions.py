@@ -10,6 +10,7 @@ installed (the same pins).
 from __future__ import annotations
 
 import email.parser
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -35,9 +36,14 @@ HEAVY = {"torch", "torchvision", "lightfm", "lightfm-next", "scipy", "numpy"}
 @pytest.fixture(scope="module")
 def wheel_requirements(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Requirement]]:
     out = tmp_path_factory.mktemp("wheels")
+    # Built from copies: an in-tree build would leave build/ and *.egg-info in the checkout.
+    sources = tmp_path_factory.mktemp("sources")
+    for name, folder in OURS.items():
+        ignore = shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "bin", "node_modules")
+        shutil.copytree(folder, sources / name, ignore=ignore)
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-         "--wheel-dir", str(out), *map(str, OURS.values())],
+         "--wheel-dir", str(out), *(str(sources / name) for name in OURS)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr
