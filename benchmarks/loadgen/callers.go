@@ -166,7 +166,7 @@ func (c *httpCaller) call(_, image int, timeout time.Duration) (string, int) {
 		BatchSize *float64 `json:"batch_size"`
 	}
 	if err := json.Unmarshal(payload, &reply); err != nil {
-		return "INVALID_RESPONSE", 0 // vision_load.py would crash here
+		return "INVALID_RESPONSE", 0 // pyloadgen.py would crash here
 	}
 	if reply.BatchSize == nil {
 		return "OK", 0

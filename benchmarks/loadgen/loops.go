@@ -97,7 +97,7 @@ func openLoop(c caller, images int, rate float64, warmup, window, timeout time.D
 	return result
 }
 
-// recorder counts the requests started inside [start, end), as vision_load.py's Recorder.
+// recorder counts the requests started inside [start, end), as pyloadgen.py's Recorder.
 type recorder struct {
 	start, end time.Time
 
@@ -164,7 +164,7 @@ func (r *recorder) result(mode string, concurrency int, rate float64) *loadResul
 	return result
 }
 
-// percentile is vision_load.py's nearest rank: index round(fraction*(n-1)) (Python's round
+// percentile is pyloadgen.py's nearest rank: index round(fraction*(n-1)) (Python's round
 // halves to even), NaN for no values.
 func percentile(sorted []float64, fraction float64) float64 {
 	if len(sorted) == 0 {
@@ -174,7 +174,7 @@ func percentile(sorted []float64, fraction float64) float64 {
 	return sorted[min(len(sorted)-1, max(0, index))]
 }
 
-// loadResult is vision_load.py's LoadResult; json() writes its fields in the same order.
+// loadResult is pyloadgen.py's LoadResult; json() writes its fields in the same order.
 type loadResult struct {
 	mode              string
 	concurrency       int

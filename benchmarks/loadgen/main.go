@@ -1,5 +1,5 @@
 // Command snaplearn-loadgen is a load generator for image classification servers, closed loop or
-// open loop, gRPC or HTTP: a native drop-in replacement for benchmarks/vision_load.py, with the
+// open loop, gRPC or HTTP: a native drop-in replacement for snaplearn_bench.pyloadgen, with the
 // same flags, the same semantics and the same one-line JSON result. It exists because the
 // benchmark machine has two cores and the Python generator spends a good part of one of them
 // (and starts open-loop requests late at a few thousand per second), so it measured itself.
@@ -20,13 +20,13 @@
 //	--warmup      seconds before the window (default 3)
 //	--timeout     per-request deadline, seconds (default 10)
 //	--photos      directory of *.jpg payloads, all loaded, sorted by name, used round-robin;
-//	              required (vision_load.py renders them: see its photos())
+//	              required (pyloadgen.py renders them: see its photos())
 //	closed --concurrency N   N callers, each sending its next request when the previous answers
 //	open --rate R            request n starts at start + n/R whatever happens to earlier ones
 //
 // Only the requests started inside [warmup, warmup+seconds) count, and the generator waits for
 // all their answers (at most timeout+5 s in open loop). It prints one JSON object with the
-// fields of vision_load.py's LoadResult, in its order; missing values are the token NaN, which
+// fields of pyloadgen.py's LoadResult, in its order; missing values are the token NaN, which
 // Python's json.loads accepts. send_lag_p99_ms (open loop) is how late requests started
 // against the schedule, measured when the request's goroutine begins; generator_cpu_cores is
 // this process's user+system CPU over its whole run, in cores.
@@ -91,7 +91,7 @@ func main() {
 	os.Stdout.Write(result.json())
 }
 
-// parseArgs mirrors vision_load.py's argparse: global flags, then the mode, then its flags.
+// parseArgs mirrors pyloadgen.py's argparse: global flags, then the mode, then its flags.
 func parseArgs(args []string, stderr io.Writer) (options, error) {
 	var o options
 	global := flag.NewFlagSet("snaplearn-loadgen", flag.ContinueOnError)

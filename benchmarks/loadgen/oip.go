@@ -13,7 +13,7 @@ import (
 
 // The Open Inference Protocol (KServe v2, Triton's gRPC API): one ModelInfer per photo, the
 // photo as a BYTES input of shape [1, 1]. Our server (protos/oip) and NVIDIA Triton serving a
-// classifier bound the same way (benchmarks/vision_peers.py triton) both answer it.
+// classifier bound the same way (python -m snaplearn_bench.peer_servers triton) both answer it.
 const (
 	oipModelInfer = "/inference.GRPCInferenceService/ModelInfer"
 	oipInputName  = "IMAGE"

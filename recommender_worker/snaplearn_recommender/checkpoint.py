@@ -1,6 +1,6 @@
 """Model checkpoints: the whole model plus the stream offsets it has applied, in one file.
 
-Model and offsets are written together (one pickle, temp file + fsync + rename), so a
+Model and offsets are written together (one pickle, replaced atomically), so a
 restored model never claims events it has not applied, nor misses ones it has. The file
 is trusted local state written by this process (pickle), never input from clients.
 """
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snaplearn_common.eventbus.base import TopicPartition
+from snaplearn_common.files import atomic_write
 from snaplearn_recommender.model import RecommenderModel
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,7 @@ class Checkpointer:
             "offsets": {(tp.topic, tp.partition): offset for tp, offset in offsets.items()},
             "created_at": time.time(),
         }
-        temporary = self.path.with_suffix(f".tmp-{os.getpid()}")
-        with temporary.open("wb") as out:
-            pickle.dump(state, out, protocol=pickle.HIGHEST_PROTOCOL)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, self.path)
-        # fsync the directory so the rename itself survives a power cut.
-        directory_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        atomic_write(self.path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
         return self.path
 
     def load(self) -> Checkpoint | None:

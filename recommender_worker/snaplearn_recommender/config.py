@@ -1,72 +1,192 @@
-"""RecommenderSettings: built once in main() from argparse, with SNAPLEARN_RECOMMENDER_* env fallbacks."""
+"""RecommenderSettings: the recommender process's one settings declaration.
+
+Each field is a command-line flag and a SNAPLEARN_RECOMMENDER_<NAME> environment variable (a
+flag beats its variable, which beats the default; see snaplearn_common.settings); the event
+bus's settings nest as BusSettings with their own flags and variables. Fields whose flag or
+variable is older than this declaration keep those names (`Cli(flag=...)`, validation_alias).
+The model's and the worker's defaults are theirs (ModelParams, WorkerSettings), read from there.
+"""
 
 from __future__ import annotations
 
-import argparse
-import os
+import logging
+import typing
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, ClassVar, Literal, Self
 
-from snaplearn_common.eventbus.factory import (
-    DEFAULT_PARTITIONS,
-    BusSettings,
-    add_bus_arguments,
-    bus_settings_from_args,
-)
-from snaplearn_recommender.model import ModelParams
-from snaplearn_recommender.snapshot_store import open_storage
-from snaplearn_recommender.worker import CONSUMER_GROUP, WorkerSettings
+from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+
+from snaplearn_common.eventbus.settings import BusSettings
+from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
+from snaplearn_recommender.model import Loss, ModelParams
+from snaplearn_recommender.snapshot_store import DEFAULT_RETAIN, open_storage
+from snaplearn_recommender.worker import WorkerSettings
 
 ENV_PREFIX = "SNAPLEARN_RECOMMENDER_"
 # standalone: consume, train and serve (one process). trainer: the same, and publish snapshots.
 # query: no consumer, no training, no checkpoints; serve the newest published snapshot.
-ROLES = ("standalone", "trainer", "query")
+Role = Literal["standalone", "trainer", "query"]
+ROLES: tuple[Role, ...] = typing.get_args(Role)
+
+_MODEL = ModelParams()
+_WORKER = WorkerSettings()
+_SCALE_OUT = "scale-out (a trainer publishes snapshots, replicas serve them)"
+_UNSET_IF_EMPTY = none_for("")
 
 
-@dataclass(frozen=True, slots=True)
-class RecommenderSettings:
-    host: str = "127.0.0.1"
-    port: int = 50052
-    metrics_port: int = 9102
-    bus: BusSettings | None = None  # None: the caller hands the app an open bus (tests)
-    catalog_path: Path | None = None  # None: the generated sample catalog
-    label_map_path: Path | None = None  # None: vision labels are concept names
-    checkpoint_dir: Path | None = Path("var/recommender")  # None: no checkpoints
-    checkpoint_interval_s: float = 30.0
-    consumer_group: str = CONSUMER_GROUP
-    batch_max_events: int = 256
-    batch_max_wait_ms: float = 50.0
-    no_components: int = 32
-    loss: str = "warp"
-    learning_rate: float = 0.05
-    epochs_per_batch: int = 3
-    seed: int = 0
-    skip_window_s: float = 24 * 3600.0  # a skipped item stays hidden from that student this long
+def _env(name: str) -> str:
+    """The variable of a field whose name differs from its variable's (it predates the field)."""
+    return ENV_PREFIX + name
+
+
+def _known_role(value: object) -> object:
+    if isinstance(value, str) and value not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    return value
+
+
+def _supported_store(location: str | None) -> str | None:
+    if location is not None:
+        open_storage(location)  # no I/O: rejects what is not supported (object stores)
+    return location
+
+
+def _log_level(value: object) -> object:
+    if not isinstance(value, str):
+        return value
+    level = value.strip().upper()
+    if level not in logging.getLevelNamesMapping():
+        raise ValueError("log level must be DEBUG, INFO, WARNING, ERROR or CRITICAL")
+    return level
+
+
+def _zero_is_never(value: object) -> object:
+    """0 (the flag's and the variable's word for "never") is None."""
+    if isinstance(value, str):
+        try:
+            return None if float(value) == 0 else value
+        except ValueError:
+            return value
+    return value
+
+
+def _positive_age(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise ValueError("max_connection_age_s must be > 0 (0 on the command line: never)")
+    return value
+
+
+class RecommenderSettings(Settings):
+    """Learns a LightFM hybrid model from ImageClassified events; serves Recommend over gRPC."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX)
+    cli_prog: ClassVar[str | None] = "snaplearn-recommender"
+
+    host: Annotated[str, Field(description="address to listen on")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535, description="gRPC port (0 picks one)")] = 50052
+    metrics_port: Annotated[int, Field(ge=0, le=65535, description="/metrics port (0 picks one)")] = 9102
+    bus: BusSettings = Field(default_factory=BusSettings.from_env)
+    catalog_path: Annotated[Path | None, Cli(flag="--catalog", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
+        default=None,
+        validation_alias=_env("CATALOG"),
+        description=".csv or .jsonl (unset: the sample catalog)",
+    )
+    label_map_path: Annotated[Path | None, Cli(flag="--label-map", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
+        default=None,
+        validation_alias=_env("LABEL_MAP"),
+        description="JSON {label: [concepts]} (unset: vision labels are concept names)",
+    )
+    checkpoint_dir: Annotated[Path | None, Cli(metavar="DIR"), _UNSET_IF_EMPTY] = Field(
+        default=Path("var/recommender"), description="where model checkpoints live ('' disables checkpoints)"
+    )
+    checkpoint_interval_s: Annotated[float, Cli(flag="--checkpoint-interval", metavar="S")] = Field(
+        default=_WORKER.checkpoint_interval_s,
+        gt=0,
+        validation_alias=_env("CHECKPOINT_INTERVAL"),
+        description="seconds between checkpoints",
+    )
+    consumer_group: Annotated[str, Field(min_length=1, description="event bus consumer group")] = (
+        _WORKER.group_id
+    )
+    batch_max_events: Annotated[int, Field(ge=1, description="events per micro-batch, at most")] = (
+        _WORKER.batch_max_events
+    )
+    batch_max_wait_ms: Annotated[
+        float, Field(ge=0, description="how long a micro-batch waits for more events after its first")
+    ] = _WORKER.batch_max_wait_s * 1000
+    no_components: Annotated[int, Field(ge=1, description="LightFM embedding size")] = _MODEL.no_components
+    loss: Annotated[Loss, Field(description="LightFM loss")] = _MODEL.loss
+    learning_rate: Annotated[float, Field(gt=0, description="LightFM learning rate")] = _MODEL.learning_rate
+    epochs_per_batch: Annotated[int, Field(ge=1, description="LightFM epochs per micro-batch")] = (
+        _MODEL.epochs_per_batch
+    )
+    seed: Annotated[int, Field(description="seed of the model's initialisation and warm start")] = _MODEL.seed
+    skip_window_s: Annotated[float, Cli(flag="--skip-window", metavar="S")] = Field(
+        default=_MODEL.skip_window_s,
+        ge=0,
+        validation_alias=_env("SKIP_WINDOW"),
+        description="seconds (of event time) a skipped item stays out of that student's recommendations",
+    )
     # Where RecordFeedback's unconfirmed events wait on disk across a bus outage and a restart.
-    # None: <checkpoint_dir>/feedback-spool on a trainer/standalone; memory only on a query replica.
-    feedback_spool_dir: Path | None = None
-    ready_file: Path | None = None
-    log_level: str = "INFO"
-    role: str = "standalone"
+    feedback_spool_dir: Annotated[Path | None, Cli(metavar="DIR"), _UNSET_IF_EMPTY] = Field(
+        default=None,
+        description="disk spool for unconfirmed feedback events (one process's own directory; "
+        "unset: <checkpoint-dir>/feedback-spool, or memory only on a query replica)",
+    )
+    ready_file: Annotated[Path | None, Cli(metavar="PATH"), _UNSET_IF_EMPTY] = Field(
+        default=None, description="JSON of bound ports, written once ready"
+    )
+    log_level: Annotated[str, BeforeValidator(_log_level), Field(description="logging level")] = "INFO"
+    role: Annotated[Role, BeforeValidator(_known_role), Cli(group=_SCALE_OUT)] = Field(
+        default="standalone",
+        description="standalone: consume, train, serve; trainer: also publish snapshots; "
+        "query: serve the newest published snapshot (no consumer, no training, no checkpoints)",
+    )
     # Required by the trainer and query roles; a str, not a Path: a URL scheme must survive.
-    snapshot_dir: str | None = None
-    publish_interval_s: float = 5.0  # trainer: publish at most this often, when the model changed
-    poll_interval_s: float = 2.0  # query: how often to look for a newer snapshot
-    snapshot_retain: int = 5  # trainer: versions kept in the store
-    # Close client connections after this long so round-robin clients re-resolve DNS and
-    # reach replicas added by a scale-up (None: never).
-    max_connection_age_s: float | None = None
+    snapshot_dir: Annotated[
+        str | None, Cli(group=_SCALE_OUT, metavar="DIR"), _UNSET_IF_EMPTY, AfterValidator(_supported_store)
+    ] = Field(
+        default=None,
+        description="snapshot store shared by the trainer and the query replicas (a directory on a "
+        "shared volume)",
+    )
+    publish_interval_s: Annotated[float, Cli(flag="--publish-interval", group=_SCALE_OUT, metavar="S")] = (
+        Field(
+            default=5.0,
+            gt=0,
+            validation_alias=_env("PUBLISH_INTERVAL"),
+            description="trainer: seconds between publishes (only when the model changed)",
+        )
+    )
+    poll_interval_s: Annotated[float, Cli(flag="--poll-interval", group=_SCALE_OUT, metavar="S")] = Field(
+        default=2.0,
+        gt=0,
+        validation_alias=_env("POLL_INTERVAL"),
+        description="query: seconds between looks for a newer snapshot",
+    )
+    snapshot_retain: Annotated[int, Cli(group=_SCALE_OUT, metavar="N")] = Field(
+        default=DEFAULT_RETAIN, ge=1, description="trainer: snapshot versions kept in the store"
+    )
+    # Closing client connections now and then makes round-robin clients re-resolve DNS and reach
+    # replicas added by a scale-up.
+    max_connection_age_s: Annotated[
+        float | None,
+        BeforeValidator(_zero_is_never),
+        AfterValidator(_positive_age),
+        Cli(flag="--max-connection-age", metavar="S"),
+    ] = Field(
+        default=None,
+        validation_alias=_env("MAX_CONNECTION_AGE"),
+        description="seconds before a client connection is closed (GOAWAY) so clients re-resolve; 0: never",
+    )
 
-    def __post_init__(self) -> None:
-        if self.max_connection_age_s is not None and not self.max_connection_age_s > 0:
-            raise ValueError(f"max_connection_age_s must be > 0; got {self.max_connection_age_s}")
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {', '.join(ROLES)}; got {self.role!r}")
+    @model_validator(mode="after")
+    def _role_has_its_store(self) -> Self:
         if self.role != "standalone" and self.snapshot_dir is None:
-            raise ValueError(f"role {self.role} needs a snapshot directory (--snapshot-dir)")
-        if self.snapshot_dir is not None:
-            open_storage(self.snapshot_dir)  # no I/O: rejects what is not supported (object stores)
+            where = f"{self.flag_of('snapshot_dir')} or {self.env_of('snapshot_dir')}"
+            raise ValueError(f"role {self.role} needs a snapshot directory ({where})")
+        return self
 
     def model_params(self) -> ModelParams:
         return ModelParams(
@@ -79,158 +199,16 @@ class RecommenderSettings:
         )
 
     def worker_settings(self) -> WorkerSettings:
-        defaults = WorkerSettings()
         return WorkerSettings(
-            topic=self.bus.topic if self.bus else defaults.topic,
+            topic=self.bus.topic,
             group_id=self.consumer_group,
+            topic_partitions=self.bus.partitions,
             batch_max_events=self.batch_max_events,
             batch_max_wait_s=self.batch_max_wait_ms / 1000,
             checkpoint_interval_s=self.checkpoint_interval_s,
-            topic_partitions=self.bus.partitions if self.bus else DEFAULT_PARTITIONS,
         )
 
 
-def _env(name: str, default: str | None) -> str | None:
-    return os.environ.get(ENV_PREFIX + name, default)
-
-
-def _optional_path(value: str | None) -> Path | None:
-    return Path(value) if value else None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    d = RecommenderSettings()
-    parser = argparse.ArgumentParser(
-        prog="snaplearn-recommender",
-        description="Learns a LightFM hybrid model from ImageClassified events; serves Recommend over gRPC.",
-        epilog=f"Options fall back to the environment variable {ENV_PREFIX}<OPTION>, e.g. {ENV_PREFIX}PORT.",
-    )
-    parser.add_argument("--host", default=_env("HOST", d.host))
-    parser.add_argument(
-        "--port", type=int, default=int(_env("PORT", str(d.port)) or d.port), help="0 picks one"
-    )
-    parser.add_argument(
-        "--metrics-port", type=int, default=int(_env("METRICS_PORT", str(d.metrics_port)) or 0)
-    )
-    parser.add_argument(
-        "--catalog", default=_env("CATALOG", None), help=".csv or .jsonl (default: sample catalog)"
-    )
-    parser.add_argument("--label-map", default=_env("LABEL_MAP", None), help="JSON {label: [concepts]}")
-    parser.add_argument(
-        "--checkpoint-dir",
-        default=_env("CHECKPOINT_DIR", str(d.checkpoint_dir)),
-        help="where model checkpoints live ('' disables checkpoints)",
-    )
-    parser.add_argument(
-        "--checkpoint-interval",
-        type=float,
-        default=float(_env("CHECKPOINT_INTERVAL", "30") or 30),
-        help="seconds",
-    )
-    parser.add_argument(
-        "--consumer-group", default=_env("CONSUMER_GROUP", d.consumer_group), help="event bus consumer group"
-    )
-    parser.add_argument("--batch-max-events", type=int, default=int(_env("BATCH_MAX_EVENTS", "256") or 256))
-    parser.add_argument(
-        "--batch-max-wait-ms", type=float, default=float(_env("BATCH_MAX_WAIT_MS", "50") or 50)
-    )
-    parser.add_argument("--no-components", type=int, default=int(_env("NO_COMPONENTS", "32") or 32))
-    parser.add_argument("--loss", choices=("warp", "bpr", "logistic"), default=_env("LOSS", d.loss))
-    parser.add_argument("--learning-rate", type=float, default=float(_env("LEARNING_RATE", "0.05") or 0.05))
-    parser.add_argument("--epochs-per-batch", type=int, default=int(_env("EPOCHS_PER_BATCH", "3") or 3))
-    parser.add_argument("--seed", type=int, default=int(_env("SEED", "0") or 0))
-    parser.add_argument(
-        "--skip-window",
-        type=float,
-        default=float(_env("SKIP_WINDOW", str(d.skip_window_s)) or d.skip_window_s),
-        help="seconds (of event time) a skipped item stays out of that student's recommendations",
-    )
-    parser.add_argument(
-        "--feedback-spool-dir",
-        default=_env("FEEDBACK_SPOOL_DIR", None),
-        help="disk spool for unconfirmed feedback events (one process's own directory; "
-        "default <checkpoint-dir>/feedback-spool, or memory only on a query replica)",
-    )
-    parser.add_argument(
-        "--ready-file", default=_env("READY_FILE", None), help="JSON of bound ports, once ready"
-    )
-    parser.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
-    scale_out = parser.add_argument_group("scale-out (a trainer publishes snapshots, replicas serve them)")
-    scale_out.add_argument(
-        "--role",
-        choices=ROLES,
-        default=_env("ROLE", d.role),
-        help="standalone (default): consume, train, serve; trainer: also publish snapshots; "
-        "query: serve the newest published snapshot (no consumer, no training, no checkpoints)",
-    )
-    scale_out.add_argument(
-        "--snapshot-dir",
-        default=_env("SNAPSHOT_DIR", None),
-        help="snapshot store shared by the trainer and the query replicas (a directory; shared volume)",
-    )
-    scale_out.add_argument(
-        "--publish-interval",
-        type=float,
-        default=float(_env("PUBLISH_INTERVAL", str(d.publish_interval_s)) or d.publish_interval_s),
-        help="trainer: seconds between publishes (only when the model changed)",
-    )
-    scale_out.add_argument(
-        "--poll-interval",
-        type=float,
-        default=float(_env("POLL_INTERVAL", str(d.poll_interval_s)) or d.poll_interval_s),
-        help="query: seconds between looks for a newer snapshot",
-    )
-    scale_out.add_argument(
-        "--snapshot-retain",
-        type=int,
-        default=int(_env("SNAPSHOT_RETAIN", str(d.snapshot_retain)) or d.snapshot_retain),
-        help="trainer: snapshot versions kept in the store",
-    )
-    parser.add_argument(
-        "--max-connection-age",
-        type=float,
-        default=float(_env("MAX_CONNECTION_AGE", "0") or 0),
-        help="seconds before a client connection is closed (GOAWAY) so clients re-resolve; 0 = never",
-    )
-    add_bus_arguments(parser)
-    return parser
-
-
 def settings_from_args(argv: Sequence[str] | None = None) -> RecommenderSettings:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return _settings(args)
-    except ValueError as error:
-        parser.error(str(error))
-
-
-def _settings(args: argparse.Namespace) -> RecommenderSettings:
-    return RecommenderSettings(
-        host=args.host,
-        port=args.port,
-        metrics_port=args.metrics_port,
-        bus=bus_settings_from_args(args),
-        catalog_path=_optional_path(args.catalog),
-        label_map_path=_optional_path(args.label_map),
-        checkpoint_dir=_optional_path(args.checkpoint_dir),
-        checkpoint_interval_s=args.checkpoint_interval,
-        consumer_group=args.consumer_group,
-        batch_max_events=args.batch_max_events,
-        batch_max_wait_ms=args.batch_max_wait_ms,
-        no_components=args.no_components,
-        loss=args.loss,
-        learning_rate=args.learning_rate,
-        epochs_per_batch=args.epochs_per_batch,
-        seed=args.seed,
-        skip_window_s=args.skip_window,
-        feedback_spool_dir=_optional_path(args.feedback_spool_dir),
-        ready_file=_optional_path(args.ready_file),
-        log_level=str(args.log_level).upper(),
-        role=args.role,
-        snapshot_dir=args.snapshot_dir or None,
-        publish_interval_s=args.publish_interval,
-        poll_interval_s=args.poll_interval,
-        snapshot_retain=args.snapshot_retain,
-        max_connection_age_s=args.max_connection_age if args.max_connection_age > 0 else None,
-    )
+    """Flags (sys.argv[1:] when None), then the environment, then the defaults; exits 2 when invalid."""
+    return RecommenderSettings.from_argv(argv)

@@ -9,13 +9,13 @@ every caller needs:
 - `HybridLightFM`: LightFM whose parameter arrays are created and grown here (capacity doubling,
   fresh rows drawn exactly as LightFM._initialize draws them), so that new ids and feature values
   can appear at any time without refitting; feature matrices may be narrower than the capacity
-  (they are widened for free), and scoring is the same dot product LightFM.predict computes.
+  (they are widened for free). `representations` are the biases and vectors whose dot product
+  LightFM.predict computes (model snapshots are built from them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -84,20 +84,6 @@ def feature_matrix(rows: Iterable[NamedFeatures], vocabulary: Vocabulary) -> sp.
             weights.append(weight)
     shape = (count, len(vocabulary))
     return sp.csr_matrix((weights, (row_ids, columns)), shape=shape, dtype=np.float32)
-
-
-def with_metadata(
-    identity: str | None, metadata: NamedFeatures, metadata_weight: float
-) -> list[tuple[str, float]]:
-    """identity (weight 1) + metadata rescaled to sum to `metadata_weight`.
-
-    Rescaling keeps rows with many metadata values from drowning their identity feature.
-    """
-    features: list[tuple[str, float]] = [] if identity is None else [(identity, 1.0)]
-    total = sum(weight for _, weight in metadata)
-    if metadata and total > 0:
-        features += [(name, metadata_weight * weight / total) for name, weight in metadata]
-    return features
 
 
 def positives_matrices(
@@ -227,16 +213,3 @@ class HybridLightFM:
         biases = np.asarray(widened @ getattr(self.lightfm, f"{side}_biases"), dtype=np.float32)
         vectors = np.asarray(widened @ getattr(self.lightfm, f"{side}_embeddings"), dtype=np.float32)
         return biases.reshape(features.shape[0]), vectors.reshape(features.shape[0], self.no_components)
-
-
-def scores(
-    user: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]],
-    item: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]],
-) -> npt.NDArray[np.float32]:
-    """[n_users, n_items] scores from two `representations`: what LightFM.predict computes."""
-    user_biases, user_vectors = user
-    item_biases, item_vectors = item
-    out: npt.NDArray[Any] = user_vectors @ item_vectors.T
-    out += user_biases[:, None]
-    out += item_biases[None, :]
-    return out

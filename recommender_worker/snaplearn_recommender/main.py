@@ -3,34 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 from collections.abc import Sequence
-from pathlib import Path
 
+from snaplearn_common.eventbus.base import EventBus
 from snaplearn_common.eventbus.factory import open_bus
-from snaplearn_recommender.app import RecommenderApp
+from snaplearn_common.files import write_ready_file
 from snaplearn_recommender.config import RecommenderSettings, settings_from_args
+from snaplearn_recommender.query import QueryApp
+from snaplearn_recommender.trainer import TrainerApp
 
 log = logging.getLogger("snaplearn_recommender")
 
 
-def write_ready_file(path: Path, ports: dict[str, int | str]) -> None:
-    """Write atomically, so a watcher never reads half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(ports))
-    os.replace(temporary, path)
+async def start_app(settings: RecommenderSettings, bus: EventBus) -> TrainerApp | QueryApp:
+    """The app for the settings' role: query serves published snapshots; standalone and trainer train."""
+    if settings.role == "query":
+        return await QueryApp.start(settings, bus)
+    return await TrainerApp.start(settings, bus)
 
 
 async def run(settings: RecommenderSettings) -> None:
-    if settings.bus is None:
-        raise ValueError("bus settings are required")
     bus = open_bus(settings.bus)
     try:
-        app = await RecommenderApp.start(settings, bus)
+        app = await start_app(settings, bus)
         stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -33,7 +33,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -66,6 +66,7 @@ __all__ = [
     "ApplyResult",
     "ClassifiedEvent",
     "FeedbackEvent",
+    "Loss",
     "ModelEvent",
     "ModelParams",
     "RecentIds",
@@ -73,10 +74,14 @@ __all__ = [
 ]
 
 
+# The LightFM losses that take sample weights (feedback and label scores weigh positives).
+Loss = Literal["warp", "bpr", "logistic"]
+
+
 @dataclass(frozen=True, slots=True)
 class ModelParams:
     no_components: int = 32
-    loss: str = "warp"
+    loss: Loss = "warp"
     learning_rate: float = 0.05
     epochs_per_batch: int = 3
     seed: int = 0
@@ -99,7 +104,7 @@ class ModelParams:
     def __post_init__(self) -> None:
         if self.no_components < 1 or self.epochs_per_batch < 1 or self.items_per_event < 1:
             raise ValueError("no_components, epochs_per_batch and items_per_event must be >= 1")
-        if self.loss not in ("warp", "bpr", "logistic"):
+        if self.loss not in get_args(Loss):
             raise ValueError(f"loss must be warp, bpr or logistic (sample weights), got {self.loss!r}")
         if not self.learning_rate > 0 or not self.profile_half_life_s > 0:
             raise ValueError("learning_rate and profile_half_life_s must be > 0")

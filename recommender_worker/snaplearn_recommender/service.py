@@ -22,9 +22,9 @@ class RecommendationService:
     """`single_threaded_blas` (default on) limits BLAS to one thread for the whole process.
 
     A request is one short matvec run inline on the event loop; OpenBLAS's worker threads only
-    add hand-off and spinning there. On the 2-core dev box, under load, a 100k-item matvec took
-    ~4.5 ms with 2 BLAS threads and ~0.35 ms with 1 (docs/benchmarks/recommender_serving.md).
-    The recommender does no other BLAS-heavy work (LightFM trains with its own OpenMP loops).
+    add hand-off and spinning there, and under load they compete with the event loop for the
+    cores (docs/BENCHMARKS.md, recommender serving). The recommender does no other BLAS-heavy
+    work (LightFM trains with its own OpenMP loops).
     """
 
     def __init__(

@@ -46,8 +46,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: aio.ServicerContext
     ) -> recommender_pb2.RecommendResponse:
-        # One matvec over the catalog (~0.5 ms at 100k items): cheaper inline than a thread hop
-        # (docs/benchmarks/recommender_serving.md). SimilarItems likewise.
+        # One matvec over the catalog: cheaper inline on the event loop than a hop to a thread
+        # (docs/BENCHMARKS.md, recommender serving). SimilarItems likewise.
         result = self._service.recommend(
             user_id=request.user_id,
             k=request.k,

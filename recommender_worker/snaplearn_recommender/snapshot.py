@@ -4,11 +4,11 @@ The worker builds one after every micro-batch and swaps it in with a single refe
 assignment, so readers never block on training and never see a half-updated model.
 Everything here is read-only: numpy arrays have writeable=False and mappings are proxies.
 
-Serving cost at 100k items is dominated by one pass over the item matrix, so each snapshot
-precomputes, once, what every request would otherwise rebuild: the item matrix with the bias
-folded in as a last column (score = one float32 matvec), the cold-start scores, one boolean
-mask per grade / format / concept (filters are ORs and ANDs of those), and unit-norm item
-embeddings for SimilarItems. When the filters leave few items, only those rows are scored.
+Serving cost is dominated by one pass over the item matrix, so each snapshot precomputes, once,
+what every request would otherwise rebuild: the item matrix with the bias folded in as a last
+column (score = one float32 matvec), the cold-start scores, one boolean mask per grade / format /
+concept (filters are ORs and ANDs of those), and unit-norm item embeddings for SimilarItems. When
+the filters leave few items, only those rows are scored.
 """
 
 from __future__ import annotations
@@ -105,8 +105,8 @@ class Snapshot:
     skipped_items: Mapping[int, IntArray] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
     # Derived per snapshot (see the module docstring).
-    # Item-major (d, n_items) layouts: the matvec then streams each row once (4x faster than
-    # (n_items, d) @ v single-threaded at 100k items).
+    # Item-major (d, n_items) layouts: the matvec then streams each row once, where an
+    # (n_items, d) @ v product strides across rows.
     scoring_columns: FloatArray = field(init=False, repr=False)  # (d + 1, n_items): [vectors | bias].T
     cold_start_scores: FloatArray = field(init=False, repr=False)  # (n_items,)
     unit_item_columns: FloatArray = field(init=False, repr=False)  # (d, n_items), columns of norm 1 (or 0)
@@ -318,7 +318,7 @@ class Snapshot:
 
 
 def _derived_arrays(snapshot: Snapshot) -> dict[str, Any]:
-    """The per-snapshot precomputation (O(items x d), a few ms at 100k items)."""
+    """The per-snapshot precomputation: O(items x d), once per snapshot instead of per request."""
     n_items = snapshot.n_items
     scoring = np.empty((snapshot.item_vectors.shape[1] + 1, n_items), dtype=np.float32)
     scoring[:-1] = snapshot.item_vectors.T

@@ -13,11 +13,11 @@ the Snapshot pickled through its constructor fields, so fields added to Snapshot
 without changes here, and the derived arrays are rebuilt (read-only) by Snapshot.__post_init__ on
 load instead of being stored.
 
-Publishing writes the version file (temp, fsync, rename), then LATEST the same way, then deletes
-versions beyond the newest `retain`. A reader polls LATEST with a cheap change token (a stat; an
-ETag on an object store), loads the newest version it has not loaded, verifies size and sha256 and
-falls back to older retained versions when a file is corrupt or partial: a bad file is logged once
-and skipped, and whatever was serving keeps serving.
+Publishing writes the version file atomically (snaplearn_common.files), then LATEST the same
+way, then deletes versions beyond the newest `retain`. A reader polls LATEST with a cheap change
+token (a stat; an ETag on an object store), loads the newest version it has not loaded, verifies
+size and sha256 and falls back to older retained versions when a file is corrupt or partial: a bad
+file is logged once and skipped, and whatever was serving keeps serving.
 
 The payload is a pickle: the store must be writable by the trainer only (the sha256 guards against
 torn or damaged files, not against someone who can write the store).
@@ -32,7 +32,6 @@ import logging
 import os
 import pickle
 import re
-import secrets
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, fields
@@ -40,6 +39,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Protocol
 
+from snaplearn_common.files import atomic_write
 from snaplearn_recommender.catalog import Catalog
 from snaplearn_recommender.snapshot import Snapshot
 
@@ -90,23 +90,8 @@ class LocalDirectoryStorage:
 
     def put(self, name: str, data: bytes) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Dot-prefixed and unique: listings skip it, and two writers never share a temp file.
-        temporary = self.directory / f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        try:
-            with temporary.open("wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, self.directory / name)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        # fsync the directory so the rename itself survives a power cut.
-        directory_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(directory_fd)
-        finally:
-            os.close(directory_fd)
+        # atomic_write's temporary file is dot-prefixed: `names` skips it.
+        atomic_write(self.directory / name, data)
 
     def get(self, name: str) -> bytes:
         return (self.directory / name).read_bytes()
@@ -222,9 +207,9 @@ class _SnapshotUnpickler(pickle.Unpickler):
 class CatalogCache:
     """Pickles and unpickles each catalog once.
 
-    At 100k items the catalog (100k Python objects) is most of a snapshot's pickling and loading
-    time (0.3 s and 0.4 s on the dev box), and it rarely changes: Catalog is immutable (new items
-    make a new object), so the writer keys on identity and the reader on the section's sha256.
+    A large catalog (one Python object per item) is most of a snapshot's pickling and loading
+    time, and it rarely changes: Catalog is immutable (new items make a new object), so the
+    writer keys on identity and the reader on the section's sha256.
     """
 
     def __init__(self) -> None:

@@ -19,7 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from snaplearn.events.v1 import events_pb2
 from snaplearn_common.errors import InvalidInput
-from snaplearn_common.eventbus.base import Headers, Record
+from snaplearn_common.records import Headers, Record
 
 IMAGE_CLASSIFIED_TOPIC = "snaplearn.image-classified.v1"
 # The same topic on purpose (module docstring): per-student order across both kinds.

@@ -33,10 +33,9 @@ def serve_metrics(registry: CollectorRegistry, host: str = "127.0.0.1", port: in
 
 
 # Latency buckets in seconds, from sub-millisecond cache hits to multi-second overloads.
-# Fine between 5 and 500 ms, where a batching server's latency targets and tails lie (a 5 ms
-# batching delay plus a few batch computes), so that a p99 read from the buckets (interpolated
-# inside one) lands within a few ms of the true one below 100 ms and within 25-75 ms above.
-# snaplearn-gateway (clients/go/cmd/snaplearn-gateway/histogram.go) uses the same bounds.
+# Finest where a batching server's latency targets and tails lie (a batching delay plus a few
+# batch computes), so that a p99 interpolated inside one bucket stays close to the true one.
+# The Go gateway's histogram uses the same bounds.
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.25, 0.35, 0.5, 1.0, 2.5, 5.0, 10.0,

@@ -5,7 +5,7 @@ and run as a separate process against our server (gRPC on port 0, the small trai
 once in a closed loop and once in an open loop against a held model and a queue of 2, where
 every request past the queue must come back RESOURCE_EXHAUSTED and be counted as a refusal.
 Its Open Inference Protocol mode (how the benchmark drives NVIDIA Triton) and the Python
-generator's (benchmarks/vision_load.py) run against our server's OIP endpoint.
+generator's (snaplearn_bench.pyloadgen) run against our server's OIP endpoint.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-VISION_LOAD = Path(__file__).resolve().parents[2] / "benchmarks" / "vision_load.py"
+PYTHON_LOADGEN = (sys.executable, "-m", "snaplearn_bench.pyloadgen")
 
 
-async def run_loadgen(binary: Path, photos: Path | None, target: str, *mode: str) -> dict[str, Any]:
-    """Run a generator: the Go binary (with --photos), or vision_load.py (photos None; it
-    renders its own) when `binary` is VISION_LOAD."""
-    command = [sys.executable, str(binary)] if binary == VISION_LOAD else [str(binary)]
+async def run_loadgen(binary: Path | None, photos: Path | None, target: str, *mode: str) -> dict[str, Any]:
+    """Run a generator: the Go binary (with --photos), or the Python one when `binary` is None
+    (photos None too: it renders its own)."""
+    command = [str(binary)] if binary is not None else list(PYTHON_LOADGEN)
     # A subprocess the event loop awaits: the server under test runs on this very loop.
     process = await asyncio.create_subprocess_exec(
         *command,
@@ -115,7 +115,7 @@ async def test_open_inference_protocol_mode_classifies_through_model_infer(
     generator: str,
 ) -> None:
     running = await server_factory.start()
-    binary, folder = (loadgen, photos) if generator == "go" else (VISION_LOAD, None)
+    binary, folder = (loadgen, photos) if generator == "go" else (None, None)
     oip = ("--protocol", "oip", "--model", MODEL_NAME)
     result = await run_loadgen(binary, folder, running.server.target, *oip, "closed", "--concurrency", "4")
     assert result["sent"] > 0 and result["ok"] == result["sent"] and result["errors"] == {}

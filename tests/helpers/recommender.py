@@ -2,7 +2,7 @@
 
 Typical use, in an async test with a real bus:
 
-    app = await RecommenderApp.start(in_process_settings(tmp_path / "checkpoints"), bus)
+    app = await TrainerApp.start(in_process_settings(tmp_path / "checkpoints"), bus)
     produced = await asyncio.to_thread(produce_classified, bus, [("fran", "fractions")] * 5)
 """
 

@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +28,13 @@ from snaplearn_common.eventbus.base import Record
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC
 from snaplearn_vision import config as vision_config
-from snaplearn_vision.main import VisionServer
-from snaplearn_vision.model_repository import ModelRepository
+from snaplearn_vision import schema
+from snaplearn_vision.runtime.model_repository import ModelRepository
+from snaplearn_vision.server import VisionServer
 from snaplearn_vision.worksheets import sample_image_bytes
 
-MODEL_NAME = vision_config.DEFAULT_MODEL_NAME
-MODEL_VERSION = vision_config.DEFAULT_MODEL_VERSION
+MODEL_NAME = schema.DEFAULT_MODEL_NAME
+MODEL_VERSION = schema.DEFAULT_MODEL_VERSION
 GATE_TIMEOUT_S = 60.0
 
 
@@ -119,19 +120,19 @@ class ServerFactory:
         self.started: list[Running] = []
 
     async def start(self, **overrides: Any) -> Running:
-        settings = replace(
-            vision_config.VisionSettings(
-                port=0,
-                metrics_port=0,
-                model_repository=self.model_root,
-                device="cpu",
-                max_batch_size=8,
-                max_queue_delay_ms=2.0,
-                decode_threads=2,
-                shutdown_grace_s=2.0,
-            ),
-            **overrides,
-        )
+        values: dict[str, Any] = {
+            "port": 0,
+            "metrics_port": 0,
+            "model_repository": self.model_root,
+            "device": "cpu",
+            "max_batch_size": 8,
+            "max_queue_delay_ms": 2.0,
+            "decode_threads": 2,
+            "shutdown_grace_s": 2.0,
+            "spool_dir": None,  # events the bus cannot take wait in memory
+        }
+        # The environment left out ({}): what a test sets is all there is.
+        settings = vision_config.VisionSettings.from_env({}, **{**values, **overrides})
         gates = Gates()
         bus = SqliteEventBus(self.tmp_path / f"bus-{len(self.started)}.db")
         server = VisionServer(settings, models=GatedModels(self.model_root, gates), bus=bus)

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snaplearn_recommender import evaluate
-from snaplearn_recommender.datasets import (
+from snaplearn_offline import evaluate
+from snaplearn_offline.datasets import (
     Interactions,
     index_split,
     load_features,
@@ -85,7 +85,7 @@ def test_command_line_with_given_csv_files_and_user_features(tmp_path: Path) -> 
     )
     result = subprocess.run(
         [
-            *(sys.executable, "-m", "snaplearn_recommender.evaluate", "--format", "csv"),
+            *(sys.executable, "-m", "snaplearn_offline.evaluate", "--format", "csv"),
             *("--train", str(tmp_path / "train.csv"), "--test", str(tmp_path / "test.csv")),
             *("--user-features", str(tmp_path / "users.csv"), "--item-features", str(tmp_path / "items.csv")),
             *("--features", "items+users", "--epochs", "5", "--loss", "bpr", "--seeds", "0", "1"),

@@ -18,7 +18,14 @@ from pathlib import Path
 import pytest
 
 from snaplearn_common.errors import NotFound
-from snaplearn_common.eventbus.base import EventBus, Headers, Record, TopicPartition, partition_for_key
+from snaplearn_common.eventbus.base import (
+    EventBus,
+    Headers,
+    ProducerRecord,
+    Record,
+    TopicPartition,
+    partition_for_key,
+)
 from snaplearn_common.eventbus.factory import BusSettings, add_bus_arguments, bus_settings_from_args, open_bus
 from snaplearn_common.eventbus.sqlite import RetentionPolicy, SqliteEventBus, assign_round_robin
 from tests.contract.eventbus_contract import EventBusContract, poll_until, poll_until_assigned, unique
@@ -309,12 +316,13 @@ def test_producer_is_safe_from_many_threads(db_path: Path) -> None:
         assert mine == list(range(per_thread))  # one key, one partition: send order kept
 
 
-def test_unflushed_records_are_written_after_linger(db_path: Path) -> None:
+def test_a_batch_is_durable_when_send_batch_returns(db_path: Path) -> None:
+    # The producer neither buffers nor lingers: send_batch writes before it returns.
     topic = unique("linger")
-    with SqliteEventBus(db_path, linger_s=0.001) as bus:
+    with SqliteEventBus(db_path) as bus:
         bus.create_topic(topic, 1)
         with bus.producer() as producer, bus.consumer(unique("g"), [topic]) as consumer:
-            producer.send(topic, b"no flush")
+            producer.send_batch([ProducerRecord(topic, b"no flush")])
             assert [r.value for r in poll_until(consumer, 1, deadline_s=5)] == [b"no flush"]
 
 

@@ -20,10 +20,11 @@ from snaplearn_common.events import (
     encode_feedback_recorded,
     encode_image_classified,
 )
-from snaplearn_recommender.app import RecommenderApp
 from snaplearn_recommender.catalog import generate_sample_catalog
 from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.model import RecommenderModel
+from snaplearn_recommender.query import QueryApp
+from snaplearn_recommender.trainer import TrainerApp
 from snaplearn_recommender.worker import RecommenderWorker, WorkerSettings
 from tests.contract.eventbus_contract import poll_until, unique
 
@@ -42,17 +43,17 @@ async def bus(tmp_path: Path) -> AsyncIterator[SqliteEventBus]:
 
 
 @pytest.fixture
-async def app(tmp_path: Path, bus: SqliteEventBus) -> AsyncIterator[RecommenderApp]:
+async def app(tmp_path: Path, bus: SqliteEventBus) -> AsyncIterator[TrainerApp]:
     settings = RecommenderSettings(
         port=0, metrics_port=0, checkpoint_dir=tmp_path / "checkpoints", batch_max_wait_ms=10
     )
-    started = await RecommenderApp.start(settings, bus)
+    started = await TrainerApp.start(settings, bus)
     yield started
     await started.stop()
 
 
 @pytest.fixture
-async def stub(app: RecommenderApp) -> AsyncIterator[recommender_pb2_grpc.RecommenderServiceStub]:
+async def stub(app: TrainerApp) -> AsyncIterator[recommender_pb2_grpc.RecommenderServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         yield recommender_pb2_grpc.RecommenderServiceStub(channel)
 
@@ -85,7 +86,7 @@ def _ids(response: recommender_pb2.RecommendResponse) -> list[str]:
 
 
 async def test_completed_feedback_trains_the_model_and_a_skip_hides_the_item_for_that_student(
-    app: RecommenderApp, stub: recommender_pb2_grpc.RecommenderServiceStub
+    app: TrainerApp, stub: recommender_pb2_grpc.RecommenderServiceStub
 ) -> None:
     item = GEOMETRY[0]
     assert (await _recommend(stub, "ada")).cold_start
@@ -105,7 +106,7 @@ async def test_completed_feedback_trains_the_model_and_a_skip_hides_the_item_for
     await _wait_applied(stub, 3)
     assert top not in _ids(await _recommend(stub, "ada"))
     assert top in _ids(await _recommend(stub, "bob"))
-    assert app.model is not None and app.model.skipped("ada") == (top,)
+    assert app.model.skipped("ada") == (top,)
 
     retry = await _feedback(stub, "ada", item.item_id, COMPLETED, request_id="fb-1")
     assert (retry.event_id, retry.accepted) == ("fb-1", False)
@@ -113,7 +114,6 @@ async def test_completed_feedback_trains_the_model_and_a_skip_hides_the_item_for
     # applied, a record the retry had published would have been consumed too.
     await _feedback(stub, "ada", GEOMETRY[2].item_id, COMPLETED)
     await _wait_applied(stub, 4)
-    assert app.worker is not None
     assert (app.worker.stats.records_consumed, app.worker.stats.feedback_applied) == (4, 4)
 
 
@@ -129,14 +129,13 @@ async def test_completed_feedback_trains_the_model_and_a_skip_hides_the_item_for
     ids=["empty-user", "empty-item", "unspecified-kind", "unknown-kind", "unknown-item"],
 )
 async def test_bad_feedback_is_refused_before_anything_is_published(
-    app: RecommenderApp, stub: recommender_pb2_grpc.RecommenderServiceStub, user, item, kind, code, message
+    app: TrainerApp, stub: recommender_pb2_grpc.RecommenderServiceStub, user, item, kind, code, message
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await _feedback(stub, user, item, kind)
     assert caught.value.code() == code
     assert message in (caught.value.details() or "")
-    assert app.feedback is not None
-    assert app.feedback.publisher.published == app.feedback.publisher.buffered == 0
+    assert app.frontend.feedback.publisher.published == app.frontend.feedback.publisher.buffered == 0
 
 
 async def test_a_time_in_the_future_is_invalid(stub: recommender_pb2_grpc.RecommenderServiceStub) -> None:
@@ -150,7 +149,7 @@ async def test_a_time_in_the_future_is_invalid(stub: recommender_pb2_grpc.Recomm
 
 
 async def test_the_cli_records_feedback(
-    app: RecommenderApp, stub: recommender_pb2_grpc.RecommenderServiceStub, capsys: pytest.CaptureFixture[str]
+    app: TrainerApp, stub: recommender_pb2_grpc.RecommenderServiceStub, capsys: pytest.CaptureFixture[str]
 ) -> None:
     item = GEOMETRY[1].item_id
     argv = ["--recommender", f"127.0.0.1:{app.port}", "feedback", "--user", "cy", "--item", item]
@@ -238,15 +237,15 @@ async def test_a_query_replica_publishes_feedback_and_serves_the_trainers_result
             poll_interval_s=0.05,
         )  # fmt: skip
 
-    replica = await RecommenderApp.start(settings("query", "replica"), bus)
-    trainer: RecommenderApp | None = None
+    replica = await QueryApp.start(settings("query", "replica"), bus)
+    trainer: TrainerApp | None = None
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{replica.port}") as channel:
             stub = recommender_pb2_grpc.RecommenderServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as caught:  # no snapshot: cannot check the item yet
                 await _feedback(stub, "ada", GEOMETRY[0].item_id, COMPLETED)
             assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            trainer = await RecommenderApp.start(settings("trainer", "trainer"), bus)
+            trainer = await TrainerApp.start(settings("trainer", "trainer"), bus)
             deadline = time.monotonic() + WAIT_S
             while not replica.service.has_snapshot:  # RecordFeedback checks items in the snapshot's catalog
                 assert time.monotonic() < deadline, "the replica loaded no snapshot"
@@ -257,10 +256,8 @@ async def test_a_query_replica_publishes_feedback_and_serves_the_trainers_result
             assert (await _feedback(stub, "ada", top, SKIPPED)).accepted
             await _wait_applied(stub, 2)
             assert top not in _ids(await _recommend(stub, "ada"))
-        assert (
-            trainer is not None and trainer.worker is not None and trainer.worker.stats.feedback_applied == 2
-        )
-        assert replica.worker is None and replica.feedback is not None and replica.feedback.spool is None
+        assert trainer is not None and trainer.worker.stats.feedback_applied == 2
+        assert not hasattr(replica, "worker") and replica.frontend.feedback.spool is None
     finally:
         await replica.stop()
         if trainer is not None:
@@ -274,11 +271,11 @@ async def test_a_query_replica_given_a_spool_directory_keeps_unconfirmed_feedbac
         port=0, metrics_port=0, role="query", snapshot_dir=str(tmp_path / "snapshots"),
         checkpoint_dir=None, feedback_spool_dir=tmp_path / "replica-spool",
     )  # fmt: skip
-    replica = await RecommenderApp.start(settings, bus)
+    replica = await QueryApp.start(settings, bus)
     try:
-        assert replica.worker is None and replica.feedback is not None
-        assert replica.feedback.spool is not None
-        assert replica.feedback.spool.directory == tmp_path / "replica-spool"
+        assert not hasattr(replica, "worker")
+        assert replica.frontend.feedback.spool is not None
+        assert replica.frontend.feedback.spool.directory == tmp_path / "replica-spool"
         assert (tmp_path / "replica-spool").is_dir()
     finally:
         await replica.stop()

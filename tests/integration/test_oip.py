@@ -18,7 +18,7 @@ import tritonclient.grpc.aio as triton_aio
 from tritonclient.utils import InferenceServerException
 
 from snaplearn_common.events import decode_image_classified
-from snaplearn_vision.oip_servicer import (
+from snaplearn_vision.edges.oip import (
     INPUT_NAME,
     OUTPUT_NAME,
     encode_bytes_tensor,

@@ -1,4 +1,4 @@
-"""Scale-out for real: one trainer and two query replicas (real RecommenderApps, real gRPC on port 0)
+"""Scale-out for real: one trainer and two query replicas (a real TrainerApp and QueryApps, gRPC on port 0)
 over a real embedded bus and one snapshot directory, all in tmp_path.
 
 The trainer consumes and publishes; the replicas only poll the directory. Every wait polls a
@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import grpc
 import pytest
@@ -20,16 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.launcher import ManagedProcess
-from snaplearn_recommender.app import RecommenderApp
 from snaplearn_recommender.catalog import generate_sample_catalog
 from snaplearn_recommender.model import ClassifiedEvent, RecommenderModel
+from snaplearn_recommender.query import QueryApp
 from snaplearn_recommender.servicer import SERVICE_NAME
 from snaplearn_recommender.snapshot_store import LocalDirectoryStorage, SnapshotStore
+from snaplearn_recommender.trainer import TrainerApp
 from tests.helpers.recommender import in_process_settings, produce_classified
 
 WAIT_S = 30.0
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+AppT = TypeVar("AppT", TrainerApp, QueryApp)
 
 
 async def _eventually(condition: Callable[[], Awaitable[bool]], what: str) -> None:
@@ -40,10 +43,10 @@ async def _eventually(condition: Callable[[], Awaitable[bool]], what: str) -> No
         await asyncio.sleep(0.02)
 
 
-class Node:
+class Node(Generic[AppT]):
     """A started app and stubs on one channel to it."""
 
-    def __init__(self, app: RecommenderApp) -> None:
+    def __init__(self, app: AppT) -> None:
         self.app = app
         self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
         self.stub = recommender_pb2_grpc.RecommenderServiceStub(self.channel)
@@ -72,27 +75,29 @@ async def bus(tmp_path: Path) -> AsyncIterator[SqliteEventBus]:
 
 
 @pytest.fixture
-async def nodes() -> AsyncIterator[list[Node]]:
-    started: list[Node] = []
+async def nodes() -> AsyncIterator[list[Node[Any]]]:
+    started: list[Node[Any]] = []
     yield started
     for node in reversed(started):  # replicas first, the trainer last
         await node.close()
 
 
-async def _start(tmp_path: Path, bus: SqliteEventBus, nodes: list[Node], role: str, name: str) -> Node:
+async def _start(
+    tmp_path: Path, bus: SqliteEventBus, nodes: list[Node[Any]], app: type[AppT], name: str
+) -> Node[AppT]:
     settings = in_process_settings(
         tmp_path / f"{name}-checkpoints",
-        role=role,
+        role="query" if app is QueryApp else "trainer",
         snapshot_dir=str(tmp_path / "snapshots"),
         publish_interval_s=0.05,
         poll_interval_s=0.05,
     )
-    node = Node(await RecommenderApp.start(settings, bus))
+    node = Node(await app.start(settings, bus))
     nodes.append(node)
     return node
 
 
-async def _converged(trainer: Node, replicas: Sequence[Node], events: int) -> None:
+async def _converged(trainer: Node[TrainerApp], replicas: Sequence[Node[QueryApp]], events: int) -> None:
     """Every replica serves the snapshot the trainer serves, once it has applied `events`."""
 
     async def done() -> bool:
@@ -100,9 +105,7 @@ async def _converged(trainer: Node, replicas: Sequence[Node], events: int) -> No
         if snapshot.events_applied != events:
             return False
         return all(
-            r.app.follower is not None
-            and r.app.follower.current is not None
-            and r.app.follower.current.model_version == snapshot.version
+            r.app.follower.current is not None and r.app.follower.current.model_version == snapshot.version
             for r in replicas
         )
 
@@ -110,21 +113,21 @@ async def _converged(trainer: Node, replicas: Sequence[Node], events: int) -> No
 
 
 async def test_one_trainer_two_replicas_serve_the_same_personalised_answers(
-    tmp_path: Path, bus: SqliteEventBus, nodes: list[Node]
+    tmp_path: Path, bus: SqliteEventBus, nodes: list[Node[Any]]
 ) -> None:
     # A replica started before anything was published is alive but not ready, and says why.
-    early = await _start(tmp_path, bus, nodes, "query", "early")
+    early = await _start(tmp_path, bus, nodes, QueryApp, "early")
     assert await early.health_status() == NOT_SERVING
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await early.recommend("fran")
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "no model snapshot loaded yet" in (caught.value.details() or "")
-    assert early.app.worker is None and early.app.model is None  # no consumer, no training
+    assert not hasattr(early.app, "worker") and not hasattr(early.app, "model")  # no consumer, no training
 
-    trainer = await _start(tmp_path, bus, nodes, "trainer", "trainer")
+    trainer = await _start(tmp_path, bus, nodes, TrainerApp, "trainer")
     assert await trainer.health_status() == SERVING
     await _eventually(lambda: _is(early.health_status(), SERVING), "the early replica becomes SERVING")
-    late = await _start(tmp_path, bus, nodes, "query", "late")
+    late = await _start(tmp_path, bus, nodes, QueryApp, "late")
     replicas = [early, late]
 
     produced = await asyncio.to_thread(
@@ -143,7 +146,7 @@ async def test_one_trainer_two_replicas_serve_the_same_personalised_answers(
     assert (await late.recommend("stranger")).cold_start
 
     # Both replicas hold the same store version, which the trainer published; they report it.
-    versions = {r.app.follower.current.version for r in replicas if r.app.follower and r.app.follower.current}
+    versions = {r.app.follower.current.version for r in replicas if r.app.follower.current}
     assert trainer.app.publisher is not None and trainer.app.publisher.last_manifest is not None
     assert versions == {trainer.app.publisher.last_manifest.version}
     for replica in replicas:
@@ -160,13 +163,13 @@ async def test_one_trainer_two_replicas_serve_the_same_personalised_answers(
 
 
 async def test_a_corrupt_newest_snapshot_is_skipped_and_the_previous_keeps_serving(
-    tmp_path: Path, bus: SqliteEventBus, nodes: list[Node]
+    tmp_path: Path, bus: SqliteEventBus, nodes: list[Node[Any]]
 ) -> None:
-    trainer = await _start(tmp_path, bus, nodes, "trainer", "trainer")
-    replica = await _start(tmp_path, bus, nodes, "query", "replica")
+    trainer = await _start(tmp_path, bus, nodes, TrainerApp, "trainer")
+    replica = await _start(tmp_path, bus, nodes, QueryApp, "replica")
     produced = await asyncio.to_thread(produce_classified, bus, [("fran", "fractions")] * 6)
     await _converged(trainer, [replica], produced)
-    assert replica.app.follower is not None and replica.app.follower.current is not None
+    assert replica.app.follower.current is not None
     serving = replica.app.follower.current
     before = await replica.recommend("fran")
 

@@ -20,8 +20,8 @@ from snaplearn_common.events import (
     IMAGE_CLASSIFIED_TYPE,
     SCHEMA_VERSION,
 )
-from snaplearn_recommender.app import RecommenderApp
 from snaplearn_recommender.servicer import SERVICE_NAME
+from snaplearn_recommender.trainer import TrainerApp
 from tests.helpers.recommender import in_process_settings
 from tests.helpers.recommender import produce_classified as _produce
 
@@ -73,8 +73,8 @@ async def bus(tmp_path: Path) -> AsyncIterator[SqliteEventBus]:
     event_bus.close()
 
 
-async def _start(tmp_path: Path, bus: SqliteEventBus) -> tuple[RecommenderApp, grpc.aio.Channel]:
-    app = await RecommenderApp.start(in_process_settings(tmp_path / "checkpoints"), bus)
+async def _start(tmp_path: Path, bus: SqliteEventBus) -> tuple[TrainerApp, grpc.aio.Channel]:
+    app = await TrainerApp.start(in_process_settings(tmp_path / "checkpoints"), bus)
     return app, grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
 
 

@@ -29,7 +29,7 @@ from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import decode_image_classified
 from snaplearn_common.metrics import scrape
 from snaplearn_vision import config as vision_config
-from snaplearn_vision.servicer import SERVICE_NAME
+from snaplearn_vision.edges.vision import SERVICE_NAME
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import (
     MODEL_NAME,
@@ -61,10 +61,9 @@ async def start_server(model_root: Path, tmp_path: Path) -> AsyncIterator[StartS
     await factory.close()
 
 
-@pytest.fixture(params=["threads", "processes"])
-async def running(start_server: StartServer, request: pytest.FixtureRequest) -> Running:
-    """The server's behaviour holds whichever decoder it runs (every test taking it runs twice)."""
-    return await start_server(decoder=request.param)
+@pytest.fixture
+async def running(start_server: StartServer) -> Running:
+    return await start_server()
 
 
 @pytest.fixture(scope="module")
@@ -257,33 +256,6 @@ async def test_health_reflection_and_metrics(running: Running, images: dict[str,
     assert samples["snaplearn_vision_decode_seconds_count"] >= 3
 
 
-async def test_killed_decode_processes_are_replaced_without_failing_a_call(
-    start_server: StartServer, images: dict[str, bytes]
-) -> None:
-    running = await start_server(decoder="processes")
-    first = await running.stub.Classify(request(images["geometry"]), timeout=30)
-    assert first.labels[0].label == "geometry"
-    decoders = decode_process_pids()
-    assert len(decoders) == 2  # decode_threads=2: two processes
-    for pid in decoders:
-        os.kill(pid, signal.SIGKILL)
-    replies = await asyncio.gather(
-        *(running.stub.Classify(request(image), timeout=30) for image in images.values())
-    )
-    assert [reply.labels[0].label for reply in replies] == list(images)
-    samples = await asyncio.to_thread(scrape, running.server.metrics_port)
-    assert samples["snaplearn_vision_decoder_restarts_total"] >= 1
-    assert not set(decoders) & set(decode_process_pids())
-
-
-def decode_process_pids() -> list[int]:
-    """This test process's decode processes (the server under test runs in it)."""
-    listing = subprocess.run(
-        ["ps", "-o", "pid=,args=", "--ppid", str(os.getpid())], capture_output=True, text=True, check=True
-    )
-    return [int(line.split()[0]) for line in listing.stdout.splitlines() if "decode_process" in line]
-
-
 async def test_rejections_are_counted_by_reason(start_server: StartServer, images: dict[str, bytes]) -> None:
     running = await start_server(max_batch_size=1, max_queue_size=1)
     gates = running.gates
@@ -343,15 +315,6 @@ async def test_stop_drains_admitted_requests_and_refuses_new_ones(
     assert (await queued).labels[0].label == "fractions"
     await stopping
     assert gates.batch_sizes == [1, 1]
-
-
-def test_default_model_constants_match_the_trainer() -> None:
-    from snaplearn_vision import train
-
-    assert (vision_config.DEFAULT_MODEL_NAME, vision_config.DEFAULT_MODEL_VERSION) == (
-        train.DEFAULT_MODEL_NAME,
-        train.DEFAULT_MODEL_VERSION,
-    )
 
 
 # -- the real process --------------------------------------------------------------------
@@ -429,10 +392,6 @@ def test_settings_come_from_flags_then_environment_then_defaults(monkeypatch: py
     monkeypatch.delenv("SNAPLEARN_VISION_MAX_BATCH_SIZE")
     defaults = vision_config.settings_from_args([])
     assert (defaults.max_batch_size, defaults.max_queue_delay_ms) == (None, None)  # the model's own
-    assert defaults.decoder == "threads"
-    monkeypatch.setenv("SNAPLEARN_VISION_DECODER", "processes")
-    assert vision_config.settings_from_args([]).decoder == "processes"
-    assert vision_config.settings_from_args(["--decoder", "threads"]).decoder == "threads"
 
 
 @pytest.mark.parametrize(
@@ -442,7 +401,6 @@ def test_settings_come_from_flags_then_environment_then_defaults(monkeypatch: py
         ["--max-batch-size", "0"],
         ["--decode-threads", "0"],
         ["--device", "tpu"],
-        ["--decoder", "fibers"],
     ],
 )
 def test_invalid_settings_are_refused_with_a_usage_error(argv: list[str]) -> None:

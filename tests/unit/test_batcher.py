@@ -15,16 +15,16 @@ from typing import Any
 import pytest
 
 from snaplearn_common import errors
-from snaplearn_vision.batcher import (
+from snaplearn_vision.core.batcher import (
     REJECT_CANCELLED,
     REJECT_DEADLINE,
     REJECT_DEADLINE_UNMEETABLE,
     REJECT_QUEUE_FULL,
     BatchedResult,
-    BatchingLimits,
     BatchOutputMismatch,
     DynamicBatcher,
 )
+from snaplearn_vision.schema import BatchingLimits
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -1,4 +1,5 @@
-"""ChunkedPool: per-item results and errors, chunked hand-offs under load, cancellation, stop.
+"""ChunkedPool: per-item results and errors, chunked hand-offs under load, cancellation, stop;
+and the server's decode pool over it (decode_threads), on real photos.
 
 The pool function blocks on a threading.Event, so "while every thread is busy" is a state
 the test holds, not a timing it hopes for.
@@ -8,12 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
+import numpy as np
 import pytest
 
 from snaplearn_common import errors
-from snaplearn_vision.decode_pool import ChunkedPool
+from snaplearn_common.topics import DEFAULT_TOPICS
+from snaplearn_vision.runtime.decode_pool import ChunkedPool, DecodePool, decode_threads
+from snaplearn_vision.runtime.decoding import decode_pixels
+from snaplearn_vision.schema import DecodeSpec
+from snaplearn_vision.worksheets import sample_image_bytes
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -157,3 +163,73 @@ def test_invalid_sizes_are_refused() -> None:
         ChunkedPool(abs, threads=0)
     with pytest.raises(ValueError, match="max_chunk"):
         ChunkedPool(abs, threads=1, max_chunk=0)
+
+
+# -- the server's decode pool (decode_threads) -------------------------------------------------
+
+
+class Model:
+    """What a decode thread needs of a served model: its decode_pixels."""
+
+    def __init__(self, spec: DecodeSpec) -> None:
+        self.decode_spec = spec
+
+    def decode_pixels(self, image_bytes: bytes) -> np.ndarray:
+        return decode_pixels(self.decode_spec, image_bytes)
+
+
+SMALL = Model(DecodeSpec(3, 64, 64))
+GREY = Model(DecodeSpec(1, 32, 48, max_image_bytes=200_000))
+
+
+def photos(count: int) -> list[bytes]:
+    return [sample_image_bytes(DEFAULT_TOPICS[i % len(DEFAULT_TOPICS)], seed=i) for i in range(count)]
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[DecodePool]:
+    decoders = decode_threads(2, 0)
+    decoders.start()
+    yield decoders
+    await decoders.stop()
+
+
+async def test_pixels_are_those_of_the_in_process_decoder_for_every_model_shape(pool: DecodePool) -> None:
+    images = photos(12)
+    jobs = [(SMALL if i % 2 else GREY, image) for i, image in enumerate(images)]
+    results = await asyncio.gather(*(pool.run(job) for job in jobs))
+    for (model, image), (pixels, seconds) in zip(jobs, results, strict=True):
+        assert pixels.shape == model.decode_spec.shape
+        assert pixels.dtype == np.uint8
+        np.testing.assert_array_equal(pixels, model.decode_pixels(image))
+        assert seconds > 0.0
+
+
+async def test_a_bad_photo_fails_only_its_own_caller_with_the_decoders_message(pool: DecodePool) -> None:
+    good = photos(3)
+    huge = b"\xff\xd8" + b"\0" * 200_001  # over GREY's byte limit
+    outcomes = await asyncio.gather(
+        pool.run((SMALL, good[0])),
+        pool.run((SMALL, b"definitely not a photo")),
+        pool.run((GREY, huge)),
+        pool.run((SMALL, good[1])),
+        pool.run((SMALL, b"")),
+        pool.run((GREY, good[2])),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[1], errors.InvalidInput) and "not a decodable image" in str(outcomes[1])
+    assert isinstance(outcomes[2], errors.InvalidInput) and "the limit is 200000 bytes" in str(outcomes[2])
+    assert isinstance(outcomes[4], errors.InvalidInput) and "image is empty" in str(outcomes[4])
+    for index, (model, image) in ((0, (SMALL, good[0])), (3, (SMALL, good[1])), (5, (GREY, good[2]))):
+        pixels, _ = outcomes[index]  # type: ignore[misc]
+        np.testing.assert_array_equal(pixels, model.decode_pixels(image))
+
+
+async def test_a_stopped_decode_pool_refuses_work() -> None:
+    pool = decode_threads(2, 0)
+    pool.start()
+    pixels, _ = await pool.run((SMALL, photos(1)[0]))
+    assert pixels.shape == (64, 64, 3)
+    await pool.stop()
+    with pytest.raises(errors.Unavailable, match="not running"):
+        await pool.run((SMALL, photos(1)[0]))

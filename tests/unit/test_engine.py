@@ -15,10 +15,16 @@ from PIL import Image
 
 from snaplearn_common.errors import InvalidInput
 from snaplearn_common.topics import DEFAULT_TOPICS
-from snaplearn_vision.architectures import SnapNet
-from snaplearn_vision.engine import DEFAULT_MAX_IMAGE_BYTES, ImageClassifier, resolve_device, to_model_pixels
-from snaplearn_vision.model_repository import ModelConfig, ModelRepository
-from snaplearn_vision.train import DEFAULT_MODEL_NAME, DEFAULT_MODEL_VERSION
+from snaplearn_vision.runtime.architectures import SnapNet
+from snaplearn_vision.runtime.decoding import to_model_pixels
+from snaplearn_vision.runtime.engine import ImageClassifier, resolve_device
+from snaplearn_vision.runtime.model_repository import ModelRepository
+from snaplearn_vision.schema import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_VERSION,
+    ModelConfig,
+)
 from snaplearn_vision.worksheets import sample_image_bytes
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from snaplearn_vision.architectures import SnapNet, build_model
-from snaplearn_vision.engine import ImageClassifier, InferenceSettings
-from snaplearn_vision.model_repository import BatchingConfig, ModelConfig
+from snaplearn_vision.runtime.architectures import SnapNet, build_model
+from snaplearn_vision.runtime.engine import ImageClassifier, InferenceSettings
+from snaplearn_vision.schema import BatchingConfig, ModelConfig
 from snaplearn_vision.worksheets import sample_image_bytes
 
 LABELS = ("a", "b", "c", "d")
@@ -106,7 +106,7 @@ def test_wrongly_shaped_images_are_refused_with_the_expected_shape() -> None:
 
 def test_gpu_only_settings_are_ignored_on_cpu_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     reference = greyscale()
-    with caplog.at_level(logging.INFO, logger="snaplearn_vision.engine"):
+    with caplog.at_level(logging.INFO, logger="snaplearn_vision.runtime.engine"):
         tuned = greyscale(precision="fp16", compile=True, pin_memory=True, channels_last=True)
     assert tuned.inference == InferenceSettings(
         precision="fp32", channels_last=True, compile=False, pin_memory=False, flush_denormals=True

@@ -13,27 +13,26 @@ import torch
 import torchvision
 
 from snaplearn_common.errors import NotFound
-from snaplearn_vision.architectures import (
+from snaplearn_vision.runtime.architectures import (
     PretrainedWeightsUnavailable,
     SnapNet,
     UnknownArchitecture,
     build_model,
+    check_model_config,
     replace_classifier_head,
 )
-from snaplearn_vision.model_repository import (
-    BatchingConfig,
-    InvalidModelConfig,
-    ModelConfig,
-    ModelLoadError,
-    ModelRepository,
-)
+from snaplearn_vision.runtime.model_repository import ModelLoadError, ModelRepository
+from snaplearn_vision.schema import BatchingConfig, InvalidModelConfig, ModelConfig
 
 LABELS = ("cat", "dog", "fish")
 
 
 def snapnet_config(**overrides: Any) -> ModelConfig:
+    """A config the schema accepts and torchvision can build (as the repository checks it)."""
     values: dict[str, Any] = {"architecture": "snapnet", "labels": LABELS, "input_size": (32, 32)}
-    return ModelConfig(**{**values, **overrides})
+    config = ModelConfig(**{**values, **overrides})
+    check_model_config(config)
+    return config
 
 
 def save_snapnet(repository: ModelRepository, name: str, version: str, **overrides: Any) -> SnapNet:
@@ -214,13 +213,15 @@ def test_pretrained_spec_offline_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
 
 def test_unknown_pretrained_weights_name_lists_known_ones() -> None:
     with pytest.raises(InvalidModelConfig, match="no pretrained weights 'IMAGENET9K'; known: IMAGENET1K_V1"):
-        ModelConfig(
-            architecture="resnet18",
-            labels=LABELS,
-            channels=3,
-            mean=(0.5,) * 3,
-            std=(0.2,) * 3,
-            weights="torchvision:IMAGENET9K",
+        check_model_config(
+            ModelConfig(
+                architecture="resnet18",
+                labels=LABELS,
+                channels=3,
+                mean=(0.5,) * 3,
+                std=(0.2,) * 3,
+                weights="torchvision:IMAGENET9K",
+            )
         )
 
 

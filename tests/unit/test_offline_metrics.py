@@ -9,8 +9,8 @@ import pytest
 import scipy.sparse as sp
 from lightfm.evaluation import auc_score, precision_at_k, recall_at_k
 
-from snaplearn_recommender.features import HybridLightFM, Vocabulary, feature_matrix, scores
-from snaplearn_recommender.metrics_offline import popularity_scores, ranking_metrics
+from snaplearn_offline.metrics import popularity_scores, ranking_metrics, scores
+from snaplearn_recommender.features import HybridLightFM, Vocabulary, feature_matrix
 
 # 2 users x 5 items. User 0 ranks items 0..4 in that order; user 1 in reverse order.
 SCORES = np.array([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])

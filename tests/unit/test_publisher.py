@@ -1,7 +1,7 @@
 """EventPublisher over a real embedded bus: non-blocking, bounded, retrying, spooling, flushed on stop.
 
-Backend trouble is made with small SqliteProducer subclasses (a stalled send, failing
-sends/flushes, an outage that holds or drops records the way Kafka's producer does);
+Backend trouble is made with small SqliteProducer subclasses (a stalled batch, failing
+batches, an outage that times out or refuses batches the way Kafka's producer does);
 everything else is the real SQLite bus and a real DiskSpool in tmp_path.
 """
 
@@ -11,13 +11,13 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
 
-from snaplearn_common.eventbus.base import DeliveryFailed, Headers
+from snaplearn_common.eventbus.base import DeliveryFailed, ProducerRecord, Record
 from snaplearn_common.eventbus.publisher import EventPublisher, decode_spooled, encode_spooled
 from snaplearn_common.eventbus.spool import DiskSpool
 from snaplearn_common.eventbus.sqlite import SqliteEventBus, SqliteProducer
@@ -44,73 +44,59 @@ def event(i: int, user: str = "student-1") -> EncodedEvent:
 
 
 class StalledProducer(SqliteProducer):
-    """A backend that hangs in send until `gate` opens."""
+    """A backend that hangs in send_batch until `gate` opens."""
 
     def __init__(self, bus: SqliteEventBus, gate: threading.Event) -> None:
         super().__init__(bus)
         self.gate = gate
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
         assert self.gate.wait(30), "test never opened the gate"
-        super().send(topic, value, key, headers)
+        super().send_batch(records, timeout_s)
 
 
 class FlakyProducer(SqliteProducer):
-    """A backend whose first sends / flushes fail, with an error that quotes the payload."""
+    """A backend whose first batches fail, with an error that quotes the payload: first
+    `send_failures` batches (a write error), then `flush_failures` more (a lock timeout)."""
 
     def __init__(self, bus: SqliteEventBus, send_failures: int = 0, flush_failures: int = 0) -> None:
         super().__init__(bus)
         self.send_failures = send_failures
         self.flush_failures = flush_failures
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
         if self.send_failures > 0:
             self.send_failures -= 1
-            raise sqlite3.OperationalError(f"disk I/O error while writing {value!r}")
-        super().send(topic, value, key, headers)
-
-    def flush(self, timeout_s: float | None = None) -> None:
+            raise sqlite3.OperationalError(f"disk I/O error while writing {records[0].value!r}")
         if self.flush_failures > 0:
             self.flush_failures -= 1
             raise sqlite3.OperationalError("database is locked")
-        super().flush(timeout_s)
+        super().send_batch(records, timeout_s)
 
 
 class OutageProducer(SqliteProducer):
     """A backend that can be down, like a Kafka producer whose broker is unreachable.
 
-    While `down` is set, sends are accepted and held, and flush times out (the records
-    stay held, as Kafka's producer keeps retrying them); with `expire=True` a flush
-    instead gives up on every held record with DeliveryFailed (Kafka's delivery timeout).
-    Once up again, held records are written by the next flush.
+    While `down` is set, a batch is held until its timeout and then abandoned with
+    DeliveryFailed (as the Kafka producer abandons a batch that was not acknowledged in
+    time); with `expire=True` it fails at once (the cluster refuses it). Nothing is held
+    after send_batch returns: `held` stays empty.
     """
 
     def __init__(self, bus: SqliteEventBus, expire: bool = False) -> None:
         super().__init__(bus)
         self.down = threading.Event()
         self.expire = expire
-        self.held: list[tuple[str, bytes, bytes | None, Headers]] = []
+        self.held: list[ProducerRecord] = []
         self.sends = 0
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
         self.sends += 1
         if self.down.is_set():
-            self.held.append((topic, value, key, headers))
-        else:
-            super().send(topic, value, key, headers)
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        if self.down.is_set():
-            if self.expire and self.held:
-                failed = list(range(len(self.held)))
-                self.held.clear()
-                raise DeliveryFailed("expired", failed)
-            time.sleep(min(timeout_s or 0.01, 0.01))
-            raise TimeoutError("broker unreachable")
-        held, self.held = self.held, []
-        for topic, value, key, headers in held:
-            super().send(topic, value, key, headers)
-        super().flush(timeout_s)
+            if not self.expire:
+                time.sleep(min(timeout_s or 0.01, 0.01))
+            raise DeliveryFailed("broker unreachable", range(len(records)))
+        super().send_batch(records, timeout_s)
 
 
 class RejectingProducer(SqliteProducer):
@@ -119,19 +105,10 @@ class RejectingProducer(SqliteProducer):
     def __init__(self, bus: SqliteEventBus, poison: bytes) -> None:
         super().__init__(bus)
         self.poison = poison
-        self.rejected: list[int] = []
-        self._index = 0
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
-        if self.poison in value:
-            self.rejected.append(self._index)
-        else:
-            super().send(topic, value, key, headers)
-        self._index += 1
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        super().flush(timeout_s)
-        rejected, self.rejected, self._index = self.rejected, [], 0
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
+        rejected = [i for i, record in enumerate(records) if self.poison in record.value]
+        super().send_batch([r for i, r in enumerate(records) if i not in rejected], timeout_s)
         if rejected:
             raise DeliveryFailed("record too large", rejected, rejected)
 
@@ -192,15 +169,15 @@ def test_published_events_are_drained_to_the_bus_in_the_background(bus: SqliteEv
 
 
 class CountingProducer(SqliteProducer):
-    """The real producer, counting the flushes the publisher asks for (one per batch it sends)."""
+    """The real producer, counting the batches the publisher sends (one transaction each)."""
 
     def __init__(self, bus: SqliteEventBus) -> None:
         super().__init__(bus)
         self.flushes = 0
 
-    def flush(self, timeout_s: float | None = None) -> None:
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
         self.flushes += 1
-        super().flush(timeout_s)
+        super().send_batch(records, timeout_s)
 
 
 def test_events_published_within_the_linger_leave_in_one_flush(bus: SqliteEventBus) -> None:
@@ -263,8 +240,8 @@ def test_backend_failures_are_retried_then_delivered_once_in_order(bus: SqliteEv
 
 
 def test_stop_flushes_everything(tmp_path: Path) -> None:
-    # A producer that would hold records for a minute unless flushed.
-    with SqliteEventBus(tmp_path / "bus.db", linger_s=60, batch_max_records=100_000) as bus:
+    # stop() must deliver what is still buffered, not only what the drainer already sent.
+    with SqliteEventBus(tmp_path / "bus.db") as bus:
         bus.create_topic(TOPIC, 2)
         with bus.producer() as producer:
             publisher = EventPublisher(producer)
@@ -417,7 +394,7 @@ def test_permanently_rejected_records_are_dropped_and_the_rest_delivered(bus: Sq
     assert [r.value for r in read_records(bus, 2)] == [event(0).value, event(1).value]
 
 
-def read_records(bus: SqliteEventBus, count: int) -> list:  # type: ignore[type-arg]
+def read_records(bus: SqliteEventBus, count: int) -> list[Record]:
     with bus.consumer(unique("reader"), [TOPIC]) as consumer:
         records = poll_until(consumer, count, deadline_s=10)
         assert consumer.poll(timeout_s=0.05) == [], "no duplicates"

@@ -1,4 +1,4 @@
-"""Recommender settings: the scale-out flags, their environment fallbacks and their checks."""
+"""Recommender settings: flags, their environment variables, their checks and the nested bus settings."""
 
 from __future__ import annotations
 
@@ -63,3 +63,30 @@ def test_feedback_spool_dir_from_flag_or_environment(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("SNAPLEARN_RECOMMENDER_FEEDBACK_SPOOL_DIR", "/var/spool/feedback")
     assert str(settings_from_args([]).feedback_spool_dir) == "/var/spool/feedback"
     assert str(settings_from_args(["--feedback-spool-dir", "/x"]).feedback_spool_dir) == "/x"
+
+
+def test_a_bad_value_names_its_flag_and_its_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        settings_from_args(["--batch-max-events", "0"])
+    assert exited.value.code == 2
+    assert "--batch-max-events (env SNAPLEARN_RECOMMENDER_BATCH_MAX_EVENTS)" in capsys.readouterr().err
+    monkeypatch.setenv("SNAPLEARN_RECOMMENDER_POLL_INTERVAL", "-1")
+    with pytest.raises(SystemExit):
+        settings_from_args([])
+    assert "got '-1' from SNAPLEARN_RECOMMENDER_POLL_INTERVAL" in capsys.readouterr().err
+
+
+def test_the_bus_settings_nest_and_feed_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SNAPLEARN_BUS_PARTITIONS", "8")
+    argv = ["--bus", "kafka", "--bus-topic", "school-a.events", "--consumer-group", "g"]
+    settings = settings_from_args(argv)
+    assert (settings.bus.backend, settings.bus.partitions) == ("kafka", 8)
+    worker = settings.worker_settings()
+    assert (worker.topic, worker.dead_letter_topic, worker.group_id, worker.topic_partitions) == (
+        "school-a.events",
+        "school-a.events.dlq",
+        "g",
+        8,
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from snaplearn_vision.request_ids import RequestIds
+from snaplearn_vision.core.request_ids import RequestIds
 
 
 def test_ids_are_unique_and_parse_as_version_4_uuids() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from snaplearn_common.topics import DEFAULT_TOPICS
 from snaplearn_vision import train
-from snaplearn_vision.model_repository import ModelRepository
+from snaplearn_vision.runtime.model_repository import ModelRepository
 from snaplearn_vision.train import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_VERSION,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from snaplearn_vision import config as vision_config
-from snaplearn_vision.workers import (
+from snaplearn_vision.process.supervisor import (
     RESTART_BACKOFF_S,
     Worker,
     WorkerSupervisor,

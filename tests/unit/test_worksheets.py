@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from snaplearn_common.topics import DEFAULT_TOPICS
-from snaplearn_vision.worksheets import make_dataset, render_ink, render_topic, sample_image_bytes
+from snaplearn_vision.worksheets import (
+    make_dataset,
+    render_ink,
+    render_topic,
+    sample_image_bytes,
+    sample_photo,
+)
 
 
 @pytest.mark.parametrize("topic", DEFAULT_TOPICS)
@@ -86,3 +95,40 @@ def test_rgb_dataset_has_three_channels() -> None:
     images, _ = make_dataset(n_per_class=1, seed=0, size=(32, 32), channels=3)
 
     assert images.shape == (len(DEFAULT_TOPICS), 32, 32, 3)
+
+
+def test_the_command_writes_per_topic_png_photos_the_same_for_the_same_seed(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "snaplearn_vision.worksheets", "--per-topic", "2", "--seed", "5"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{2 * len(DEFAULT_TOPICS)} photos (2 per topic)" in done.stdout
+    written = sorted(path.relative_to(tmp_path / "a") for path in (tmp_path / "a").rglob("*"))
+    folders = [Path(topic) for topic in DEFAULT_TOPICS]
+    files = [Path(topic) / f"{i}.png" for topic in DEFAULT_TOPICS for i in range(2)]
+    assert written == sorted(folders + files)
+    for topic in DEFAULT_TOPICS:
+        with Image.open(tmp_path / "a" / topic / "1.png") as image:
+            assert image.format == "PNG"
+            assert image.size == (320, 240)
+            # Photo i of a topic is sample_photo with seed + i, pixel for pixel (PNG is lossless).
+            assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(sample_photo(topic, 6)))
+    again = subprocess.run(
+        [*command, "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=120
+    )
+    assert again.returncode == 0, again.stderr
+    for file in files:
+        assert (tmp_path / "a" / file).read_bytes() == (tmp_path / "b" / file).read_bytes()
+
+
+def test_the_command_refuses_a_negative_count(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "snaplearn_vision.worksheets", "--out", str(tmp_path), "--per-topic", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "--per-topic must be >= 0, got -1" in done.stderr
+    assert not any(tmp_path.iterdir())

@@ -24,16 +24,20 @@ from torch import nn
 from tqdm import tqdm
 
 from snaplearn_common.topics import DEFAULT_TOPICS
-from snaplearn_vision.architectures import DEFAULT_ARCHITECTURE, build_model
-from snaplearn_vision.model_repository import BatchingConfig, ModelConfig, ModelRepository
+from snaplearn_vision.runtime.architectures import build_model
+from snaplearn_vision.runtime.model_repository import ModelRepository
+from snaplearn_vision.schema import (
+    DEFAULT_ARCHITECTURE,
+    DEFAULT_INPUT_SIZE,
+    DEFAULT_MEAN,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_MODEL_VERSION,
+    DEFAULT_STD,
+    BatchingConfig,
+    ModelConfig,
+)
 from snaplearn_vision.worksheets import make_dataset
 
-DEFAULT_MODEL_NAME = "worksheet-topics"
-DEFAULT_MODEL_VERSION = "1"
-DEFAULT_INPUT_SIZE = (64, 64)
-# Fixed rather than measured, so the numbers in config.json do not depend on the dataset.
-DEFAULT_MEAN = (0.5,)
-DEFAULT_STD = (0.25,)
 MIN_TEST_ACCURACY = 0.95
 
 
@@ -78,7 +82,7 @@ def _split(labels: np.ndarray, settings: TrainingSettings) -> tuple[np.ndarray, 
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, C] -> normalised float32 [N, C, H, W], as engine.decode normalises."""
+    """uint8 [N, H, W, C] -> normalised float32 [N, C, H, W], as ImageClassifier.decode normalises."""
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(DEFAULT_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(DEFAULT_STD).view(1, -1, 1, 1)
@@ -230,7 +234,7 @@ def ensure_default_model(
 
 
 def _default_threads() -> int:
-    # Beyond 4 threads this small network stops getting faster and starts fighting its neighbours.
+    # A small network gains little from more threads than this and then fights its neighbours.
     return max(
         1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     )

@@ -8,20 +8,29 @@ digits, so those are drawn as strokes.
 A rendering has two parts: an ink mask of the problem (what the teacher printed or the student
 wrote) and a photo of it (paper tint, lighting, position, rotation, ink colour, noise, blur,
 JPEG), which is what the camera of a phone adds.
+
+As a command it writes sample photos for demos and clients that have no renderer of their own:
+
+    python -m snaplearn_vision.worksheets --out DIR --per-topic N [--seed S]
+
+writes DIR/<topic>/<i>.png, i = 0..N-1, for every topic: sample_photo(topic, seed=S + i).
 """
 
 from __future__ import annotations
 
+import argparse
 import io
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from tqdm import tqdm
 
 from snaplearn_common.topics import DEFAULT_TOPICS
+from snaplearn_vision.runtime.decoding import to_model_pixels
 
 Rng = np.random.Generator
 
@@ -450,13 +459,18 @@ def render_topic(topic: str, rng: Rng, size: tuple[int, int] | None = None) -> I
     return _photograph(ink, rng, size)
 
 
-def sample_image_bytes(topic: str, seed: int = 0, size: tuple[int, int] = SAMPLE_PHOTO_SIZE) -> bytes:
-    """A JPEG "photo" of the topic, as a client would upload it; same seed -> same bytes."""
+def sample_photo(topic: str, seed: int = 0, size: tuple[int, int] = SAMPLE_PHOTO_SIZE) -> Image.Image:
+    """An RGB "photo" of the topic, as a client would take it; same seed -> same pixels."""
     if topic not in DEFAULT_TOPICS:
         raise ValueError(f"unknown topic {topic!r}; known topics: {', '.join(DEFAULT_TOPICS)}")
     # A stream of its own (the leading tag), so samples are never copies of training images.
     rng = np.random.default_rng([_SAMPLE_STREAM, seed, DEFAULT_TOPICS.index(topic)])
-    image = render_topic(topic, rng, size)
+    return render_topic(topic, rng, size)
+
+
+def sample_image_bytes(topic: str, seed: int = 0, size: tuple[int, int] = SAMPLE_PHOTO_SIZE) -> bytes:
+    """sample_photo as the JPEG a client would upload; same seed -> same bytes."""
+    image = sample_photo(topic, seed, size)
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=90)
     return buffer.getvalue()
@@ -476,8 +490,6 @@ def make_dataset(
     resize, so the model trains on exactly what it will see. Every image has its own seed
     derived from (seed, class, index): a sample does not change when n_per_class does.
     """
-    from snaplearn_vision.engine import to_model_pixels  # engine imports torch; keep this lazy
-
     images = np.empty((n_per_class * len(topics), size[0], size[1], channels), dtype=np.uint8)
     labels = np.empty(n_per_class * len(topics), dtype=np.int64)
     with tqdm(
@@ -491,3 +503,38 @@ def make_dataset(
                 labels[row] = label
                 bar.update()
     return images, labels
+
+
+def write_samples(out: Path, per_topic: int, seed: int = 0) -> list[Path]:
+    """out/<topic>/<i>.png for every topic, i = 0..per_topic-1 (sample_photo with seed + i)."""
+    if per_topic < 0:
+        raise ValueError(f"per_topic must be >= 0, got {per_topic}")
+    written = []
+    for topic in DEFAULT_TOPICS:
+        folder = out / topic
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_topic):
+            path = folder / f"{index}.png"
+            sample_photo(topic, seed + index).save(path, format="PNG")
+            written.append(path)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m snaplearn_vision.worksheets",
+        description="Write sample worksheet photos: OUT/<topic>/<i>.png for every topic.",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder to write into (created)")
+    parser.add_argument("--per-topic", type=int, required=True, help="photos per topic")
+    parser.add_argument("--seed", type=int, default=0, help="photo i of a topic is drawn with seed + i")
+    args = parser.parse_args(argv)
+    if args.per_topic < 0:
+        parser.error(f"--per-topic must be >= 0, got {args.per_topic}")
+    written = write_samples(args.out, args.per_topic, args.seed)
+    print(f"{len(written)} photos ({args.per_topic} per topic) in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,44 +7,33 @@
 - Delivery is at-least-once: a consumer reads from its group's committed offset;
   `commit` stores the *next* offset to read (Kafka's convention).
 - A consumer group spreads a topic's partitions over its live members.
+- Producing is synchronous: `Producer.send_batch` returns once its records are durable.
 
 All calls are blocking (sqlite, kafka-python); async callers run them in a thread.
+Records, headers and topic partitions are defined in snaplearn_common.records.
 """
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple, Self
+from typing import Self
 
-Headers = tuple[tuple[str, bytes], ...]
+from snaplearn_common.records import Headers, ProducerRecord, Record, TopicPartition
 
-
-class TopicPartition(NamedTuple):
-    topic: str
-    partition: int
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes
-    headers: Headers = field(default=())
-    timestamp_ms: int = 0
-
-    @property
-    def topic_partition(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
-
-    def header(self, name: str) -> bytes | None:
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+__all__ = [
+    "Consumer",
+    "DeliveryFailed",
+    "EventBus",
+    "Headers",
+    "Producer",
+    "ProducerRecord",
+    "Record",
+    "TopicPartition",
+    "murmur2",
+    "partition_for_key",
+]
 
 
 def murmur2(data: bytes) -> int:
@@ -80,12 +69,12 @@ def partition_for_key(key: bytes, partitions: int) -> int:
 
 
 class DeliveryFailed(Exception):
-    """Raised by `Producer.flush`: the producer gave up on some records sent since the last flush.
+    """Raised by `Producer.send_batch` (and `flush`): some records of the batch are not durable.
 
-    failed: their indices in send order, counted from the first send after the previous
-    flush that returned or raised DeliveryFailed (exact when one thread sends and flushes);
+    failed: their indices in the batch (for `flush`: in send order since the previous flush);
     permanent: the subset the bus rejected for good (too large, not authorised), which
-    sending again cannot fix. Every other record of that span is durable.
+    sending again cannot fix. Every other record of the batch is durable, and the producer
+    keeps none of the failed ones: sending them again is the caller's decision.
     """
 
     def __init__(self, message: str, failed: Sequence[int], permanent: Sequence[int] = ()) -> None:
@@ -95,21 +84,53 @@ class DeliveryFailed(Exception):
 
 
 class Producer(ABC):
-    """Appends records. `send` may buffer; `flush` returns once everything sent is durable.
+    """Appends records. `send_batch` is the one way records reach the bus: synchronous, in order.
 
-    When `flush` raises: TimeoutError (timeout_s passed) or any error other than
-    DeliveryFailed means the records not yet durable are still held and retried by the
-    producer (flush again to wait for them); DeliveryFailed names the records it dropped.
+    send_batch(records, timeout_s) returns once every record is durable (embedded: committed;
+    Kafka: acknowledged by the in-sync replicas) or raises DeliveryFailed naming the ones that
+    are not. No producer buffers or lingers on its own: batching is the caller's business
+    (the EventPublisher's buffer, for the servers).
+
+    send/flush serve callers that write a few records at a time: `send` checks the topic and
+    queues the record in this object (from any thread, in call order); `flush` hands the
+    queue to send_batch as one batch; `close` flushes what is queued. Thread-safe.
     """
 
-    @abstractmethod
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None: ...
+    def __init__(self) -> None:
+        self._queue_lock = threading.Lock()
+        self._queue: list[ProducerRecord] = []
 
     @abstractmethod
-    def flush(self, timeout_s: float | None = None) -> None: ...
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
+        """Write `records` in order; DeliveryFailed for those not durable when it returns."""
+
+    def check_topic(self, topic: str) -> None:  # noqa: B027  (optional hook)
+        """Raise NotFound for a topic this producer cannot send to (called by `send`)."""
+
+    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+        """Queue one record for the next `flush` (a bad topic or type fails here, not at flush)."""
+        record = ProducerRecord.of(topic, value, key, headers)
+        self.check_topic(topic)
+        with self._queue_lock:
+            self._queue.append(record)
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Send everything queued by `send` as one batch (see send_batch)."""
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
+        if not batch:
+            return
+        try:
+            self.send_batch(batch, timeout_s)
+        except DeliveryFailed:
+            raise
+        except Exception as exc:
+            # The queue is gone either way: say which records the caller must send again.
+            raise DeliveryFailed(f"{type(exc).__name__}: {exc}", range(len(batch))) from exc
 
     @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Flush what `send` queued, then release the connection."""
 
     def __enter__(self) -> Self:
         return self

@@ -3,10 +3,10 @@
 The interface (base.py) was written for Kafka's semantics, so this is mostly a thin
 adapter; what it adds:
 
-- Delivery: producers use acks=all + idempotence, so `flush` returning means every record
-  sent before it is on all in-sync replicas, exactly once per send (no duplicates from
-  producer retries). Per-record delivery failures surface from the next `flush`, since
-  kafka-python reports them only through futures.
+- Delivery: producers use acks=all + idempotence, so `send_batch` returning means every
+  record of the batch is on all in-sync replicas, once (no duplicates from the producer's
+  own retries). kafka-python reports per-record failures only through futures, which
+  send_batch reads after flushing and turns into one DeliveryFailed.
 - Partitioning: keyed records use kafka-python's DefaultPartitioner, i.e. Kafka's murmur2
   rule, which is `base.partition_for_key`; records of one user land on the same partition
   here and on the embedded backend.
@@ -29,6 +29,7 @@ import functools
 import logging
 import re
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
@@ -50,11 +51,12 @@ from snaplearn_common.eventbus.base import (
     Consumer,
     DeliveryFailed,
     EventBus,
-    Headers,
     Producer,
+    ProducerRecord,
     Record,
     TopicPartition,
 )
+from snaplearn_common.eventbus.settings import BusSettings
 
 log = logging.getLogger(__name__)
 
@@ -167,8 +169,8 @@ def _patch_group_join(kafka_consumer: Any) -> None:
     """Work around kafka-python 3.0.x losing the result of a group join.
 
     kafka-python runs JoinGroup+SyncGroup as a task that outlives a poll() that times out;
-    the next poll is meant to pick up its result. Two paths lose it (seen here with two
-    members polled in turn, 1 run in 3; the member then holds no partitions until the
+    the next poll is meant to pick up its result. Two paths lose it (two members polled
+    in turn hit it often; the member then holds no partitions until the
     session timeout evicts it, or rejoins again and again):
     - the task completes between polls: the next poll sees a finished task and starts a
       new join instead of using it (a new rebalance for the whole group);
@@ -222,10 +224,11 @@ class KafkaEventBus(EventBus):
     default.replication.factor.
     session_timeout_s: a consumer that stops heartbeating (crashed process) loses its
     partitions after this long; a consumer that closes leaves at once.
-    max_block_s: how long `send` may block for topic metadata or for buffer space; short,
-    because the publisher's one thread must get back to spooling while the cluster is down.
-    delivery_timeout_s: how long the producer retries a record before giving up on it (it
-    then surfaces in `flush` as DeliveryFailed, and the publisher sends it again).
+    max_block_s: how long handing a record to kafka-python may block for topic metadata or
+    buffer space; short, because the publisher's one thread must get back to spooling while
+    the cluster is down.
+    delivery_timeout_s: how long kafka-python retries a record before giving up on it, when
+    the caller's send_batch timeout is longer (it then surfaces as DeliveryFailed).
     close_timeout_s: how long closing a producer waits for records still in flight.
     client_config: extra kafka-python settings for every client (tests, tuning).
     """
@@ -242,7 +245,6 @@ class KafkaEventBus(EventBus):
         request_timeout_s: float = 30.0,
         delivery_timeout_s: float = 120.0,
         close_timeout_s: float = 10.0,
-        linger_ms: int = 5,
         compression_type: str | None = None,
         client_config: Mapping[str, Any] | None = None,
     ) -> None:
@@ -256,9 +258,9 @@ class KafkaEventBus(EventBus):
         self.session_timeout_s = session_timeout_s
         self.max_block_s = max_block_s
         self.request_timeout_s = request_timeout_s
-        self.delivery_timeout_s = max(delivery_timeout_s, request_timeout_s + linger_ms / 1000)
+        # Kafka requires delivery.timeout.ms >= linger.ms (0: batches are flushed) + request.timeout.ms.
+        self.delivery_timeout_s = max(delivery_timeout_s, request_timeout_s)
         self.close_timeout_s = close_timeout_s
-        self.linger_ms = linger_ms
         self.compression_type = compression_type or default_compression()
         self._common: dict[str, Any] = {
             "bootstrap_servers": self.bootstrap_servers,
@@ -276,18 +278,17 @@ class KafkaEventBus(EventBus):
         self._children: weakref.WeakSet[KafkaBusProducer | KafkaBusConsumer] = weakref.WeakSet()
 
     @classmethod
-    def from_settings(cls, settings: Any) -> KafkaEventBus:
-        """Build from factory.BusSettings (kafka_bootstrap_servers, kafka_security, session_timeout_s)."""
-        bootstrap = getattr(settings, "kafka_bootstrap_servers", None)
-        if not bootstrap:
+    def from_settings(cls, settings: BusSettings) -> KafkaEventBus:
+        """The bus that BusSettings describe (bootstrap servers, security, timeouts)."""
+        if not settings.kafka_bootstrap_servers:
             raise InvalidInput("the kafka bus needs bootstrap servers (--kafka-bootstrap host:9092)")
         return cls(
-            bootstrap,
-            security=getattr(settings, "kafka_security", None),
-            session_timeout_s=float(getattr(settings, "session_timeout_s", 10.0)),
-            max_block_s=float(getattr(settings, "kafka_max_block_s", 5.0)),
-            request_timeout_s=float(getattr(settings, "kafka_request_timeout_s", 30.0)),
-            delivery_timeout_s=float(getattr(settings, "kafka_delivery_timeout_s", 120.0)),
+            settings.kafka_bootstrap_servers,
+            security=settings.kafka_security,
+            session_timeout_s=settings.session_timeout_s,
+            max_block_s=settings.kafka_max_block_s,
+            request_timeout_s=settings.kafka_request_timeout_s,
+            delivery_timeout_s=settings.kafka_delivery_timeout_s,
         )
 
     # -- admin ---------------------------------------------------------------------------
@@ -365,7 +366,8 @@ class KafkaEventBus(EventBus):
             # or reorder records within a partition.
             "enable_idempotence": True,
             "compression_type": self.compression_type,
-            "linger_ms": self.linger_ms,
+            # No linger of its own: send_batch flushes each batch at once (the caller batches).
+            "linger_ms": 0,
             "max_block_ms": int(self.max_block_s * 1000),
             "delivery_timeout_ms": int(self.delivery_timeout_s * 1000),
             # Topics are created explicitly with a partition count; never by a typo'd send.
@@ -405,7 +407,7 @@ class KafkaEventBus(EventBus):
             "session_timeout_ms": session_ms,
             # Classic group protocol: a member learns that a rebalance started (a consumer
             # joined or left) only from a heartbeat response, so frequent heartbeats make
-            # rebalances take ~1 s instead of the default ~3 s.
+            # rebalances finish sooner than with the default interval.
             "heartbeat_interval_ms": max(100, min(1000, session_ms // 3)),
         }
         try:
@@ -439,66 +441,32 @@ class KafkaEventBus(EventBus):
 
 
 class KafkaBusProducer(Producer):
-    """A KafkaProducer; `flush` raises DeliveryFailed naming the records lost since the previous flush.
+    """A KafkaProducer behind send_batch: send the batch, flush, then read each record's future.
 
-    Records are numbered in send order from the last flush that completed, and each
-    future's errback records its number, so the publisher knows exactly which records to
-    send again (retriable errors, e.g. delivery_timeout expiry after a long outage) and
-    which the cluster rejected for good.
+    A record whose future failed is named in DeliveryFailed; permanent when the error is not
+    retriable (the cluster rejected it for good, e.g. too large for the topic).
 
-    kafka-python (3.0) puts an idempotent producer into a permanent error state after any
-    non-retriable delivery error (e.g. one record over the topic's max.message.bytes), and
-    then fails every later record too. The Java client fails only the affected batch, and a
-    long-running publisher must survive one bad record, so after such an error the next
-    send/flush replaces the underlying producer with a fresh one.
+    Two situations replace the underlying KafkaProducer with a fresh one before the next
+    batch. A flush that times out: the records it still holds must not reach the cluster
+    after the caller was told they failed (it will send them again); closing it at once
+    abandons them (only a request already on the wire can still land, as a duplicate that
+    consumers drop by event id). A non-retriable delivery error: kafka-python (3.0) puts an
+    idempotent producer into a permanent error state after one, failing every later record
+    too, where the Java client fails only the affected batch.
     """
 
     def __init__(self, bus: KafkaEventBus, factory: Callable[[], Any]) -> None:
+        super().__init__()
         self._bus = bus
         self._factory = factory
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one batch at a time, so a replacement never races a batch
         self._producer = factory()
-        self._generation = 0  # bumped with each replacement of self._producer
-        self._broken = False
-        self._span = 0  # bumped by each flush that completes: numbers restart from 0
-        self._sent_in_span = 0
-        self._failures: dict[int, BaseException] = {}  # number in the current span -> error
-        self._late_failures = 0  # errors of an older span (a send racing a flush on another thread)
         self._known_topics: set[str] = set()
         self._closed = False
 
-    def _on_error(self, generation: int, span: int, number: int, exc: BaseException) -> None:
-        # Runs on kafka-python's sender thread. Never log the payload: records carry student data.
-        with self._lock:
-            if span == self._span:
-                self._failures.setdefault(number, exc)
-            else:
-                self._late_failures += 1
-            if generation == self._generation and not getattr(exc, "retriable", False):
-                self._broken = True
-
-    def _current(self) -> tuple[Any, int]:
-        """The producer to use, replacing it first if a non-retriable error broke it."""
-        with self._lock:
-            if not self._broken:
-                return self._producer, self._generation
-            old = self._producer
-            self._producer = self._factory()
-            self._generation += 1
-            self._broken = False
-            current = self._producer, self._generation
-        log.warning("replacing the Kafka producer after a non-retriable delivery error")
-        # Its remaining batches are failed by kafka-python already; don't wait for them.
-        old.close(timeout=0)
-        return current
-
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
+    def check_topic(self, topic: str) -> None:
         if self._closed:
             raise RuntimeError("producer is closed")
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise TypeError(f"value must be bytes, not {type(value).__name__}")
-        if key is not None and not isinstance(key, bytes | bytearray | memoryview):
-            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
         if topic not in self._known_topics:
             # kafka-python would wait max_block_ms for metadata of a missing topic (in case it
             # gets auto-created); topics are created explicitly here, so fail at once. Checked
@@ -506,42 +474,31 @@ class KafkaBusProducer(Producer):
             if not self._bus.topic_exists(topic):
                 raise NotFound(f"no topic {topic!r}")
             self._known_topics.add(topic)
-        kafka_headers = [(name, bytes(header)) for name, header in headers] or None
-        producer, generation = self._current()
-        try:
-            future = producer.send(
-                topic,
-                value=bytes(value),
-                key=None if key is None else bytes(key),
-                headers=kafka_headers,
-            )
-        except kafka_errors.KafkaTimeoutError as exc:
-            # No metadata or no buffer space within max_block_ms: the cluster is unreachable
-            # or not keeping up. Nothing was accepted, so the record is not numbered.
-            raise Unavailable(f"could not send to {topic!r}: {exc}") from exc
-        with self._lock:
-            span, number = self._span, self._sent_in_span
-            self._sent_in_span += 1
-        future.add_errback(functools.partial(self._on_error, generation, span, number))
 
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait for every record sent so far; TimeoutError leaves them pending (and numbered)."""
-        with self._lock:
-            producer = self._producer
+    def _replace(self, why: str) -> None:
+        log.warning("replacing the Kafka producer (%s)", why)
+        old, self._producer = self._producer, self._factory()
+        old.close(timeout=0)
+
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
+        if not records:
+            return
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            raise DeliveryFailed("timed out waiting for another batch", range(len(records)))
         try:
-            producer.flush(timeout=timeout_s)
-        except kafka_errors.KafkaTimeoutError as exc:
-            raise TimeoutError(f"flush did not complete within {timeout_s} s") from exc
-        with self._lock:
-            failures, late = self._failures, self._late_failures
-            self._failures, self._late_failures = {}, 0
-            self._span += 1
-            self._sent_in_span = 0
-        if late:
-            log.error("%d record(s) sent during a concurrent flush could not be delivered to Kafka", late)
+            if self._closed:
+                raise RuntimeError("producer is closed")
+            failures, permanent, timed_out = self._deliver(records, deadline)
+            if timed_out:
+                self._replace("a flush timed out")
+            elif permanent:
+                self._replace("a non-retriable delivery error")
+        finally:
+            self._lock.release()
         if failures:
             first = failures[min(failures)]
-            permanent = sorted(n for n, exc in failures.items() if not getattr(exc, "retriable", False))
+            # Never the payload: records carry student data.
             log.error(
                 "%d record(s) could not be delivered to Kafka (%d for good; first: %s)",
                 len(failures),
@@ -551,26 +508,59 @@ class KafkaBusProducer(Producer):
             raise DeliveryFailed(
                 f"{len(failures)} record(s) not delivered: {type(first).__name__}: {first}",
                 sorted(failures),
-                permanent,
+                sorted(permanent),
             ) from first
 
+    def _deliver(
+        self, records: Sequence[ProducerRecord], deadline: float | None
+    ) -> tuple[dict[int, BaseException], set[int], bool]:
+        """Under self._lock: (index -> error of each record not delivered, the indices rejected for
+        good, whether the flush timed out)."""
+        failures: dict[int, BaseException] = {}
+        futures = []
+        for index, record in enumerate(records):
+            try:
+                self.check_topic(record.topic)
+                future = self._producer.send(
+                    record.topic, value=record.value, key=record.key, headers=list(record.headers) or None
+                )
+            except (kafka_errors.KafkaTimeoutError, NotFound) as exc:
+                # No metadata or no buffer space within max_block_ms (the cluster is unreachable
+                # or not keeping up), or no such topic: this record and the rest are not sent,
+                # and may be sent again once the cluster or the topic is back.
+                failures.update(dict.fromkeys(range(index, len(records)), exc))
+                break
+            futures.append(future)
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout_error: BaseException = TimeoutError(f"not acknowledged within {remaining} s")
+        timed_out = False
+        try:
+            self._producer.flush(timeout=remaining)
+        except kafka_errors.KafkaTimeoutError as exc:
+            timed_out, timeout_error = True, exc
+        permanent: set[int] = set()
+        for index, future in enumerate(futures):
+            if not future.is_done:
+                failures[index] = timeout_error
+            elif future.failed():
+                failures[index] = future.exception
+                if not getattr(future.exception, "retriable", False):
+                    permanent.add(index)
+        return failures, permanent, timed_out
+
     def close(self) -> None:
-        """Flush for at most the bus's close_timeout_s, then close; what is left is abandoned."""
+        """Flush what `send` queued for at most the bus's close_timeout_s, then close."""
         if self._closed:
             return
-        self._closed = True
-        wait_s = self._bus.close_timeout_s
         try:
-            self.flush(wait_s)
-        except TimeoutError:
-            # The cluster is unreachable: a publisher keeps these in its spool, so closing
-            # must not hang the process's shutdown on them.
-            log.warning("closing the Kafka producer with records still undelivered after %.0f s", wait_s)
-            wait_s = 0
+            self.flush(self._bus.close_timeout_s)
+        except DeliveryFailed as exc:
+            # The cluster is unreachable: closing must not hang the process's shutdown.
+            log.warning("closing the Kafka producer with %d record(s) undelivered", len(exc.failed))
         finally:
             with self._lock:
-                producer = self._producer
-            producer.close(timeout=wait_s)
+                self._closed = True
+                self._producer.close(timeout=0)
 
 
 class _AssignmentListener(ConsumerRebalanceListener):
@@ -676,14 +666,6 @@ class KafkaBusConsumer(Consumer):
                 self._consumer.seek(_to_kafka_tp(tp), offset)
             else:
                 self._pending_seeks[tp] = offset
-
-    def position(self, tp: TopicPartition) -> int | None:
-        """The next offset poll will read from tp, if assigned and known."""
-        self._check_open()
-        ktp = _to_kafka_tp(tp)
-        if ktp not in self._consumer.assignment():
-            return None
-        return int(self._consumer.position(ktp, timeout_ms=self._timeout_ms))
 
     def assignment(self) -> set[TopicPartition]:
         if self._closed:

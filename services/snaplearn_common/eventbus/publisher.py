@@ -1,26 +1,27 @@
 """EventPublisher: how a gRPC server publishes events without ever blocking or failing a request.
 
 `publish` only appends to a bounded in-memory buffer (safe from the asyncio event loop; it
-never touches the disk). A background thread, the drainer, moves events to the Producer:
+never touches the disk). This buffer is the only one between a request and the bus: a
+background thread, the drainer, hands it to the Producer in batches, and the producer
+writes each batch synchronously (Producer.send_batch) without buffering of its own.
 
-- healthy: buffer -> send -> flush (bounded by flush_timeout_s) -> counted as published; the
-  drainer lingers up to linger_s (5 ms) after an event arrives so that one flush (one
-  transaction or produce request) carries every event of those milliseconds: flushing each
-  event alone cost ~100 us of CPU per event at 1,500 events/s;
-- the first flush or send that fails puts the publisher in *backlog* mode: the events not
-  confirmed, then every newer event from the buffer, are appended to the spool (on disk
-  with a DiskSpool, so they survive a restart too), and the drainer replays the spool head
-  in order, backing off between attempts, until the spool is empty; then it is healthy
-  again. The spool is always older than the buffer, so events leave in publish order and
-  each user's events (one partition, by key) stay in order.
+- healthy: buffer -> send_batch (bounded by flush_timeout_s) -> counted as published; the
+  drainer lingers up to linger_s after an event arrives, so that one batch (one
+  transaction or produce request) carries every event of that moment instead of one
+  batch per event;
+- the first batch that fails puts the publisher in *backlog* mode: its events not
+  delivered, then every newer event from the buffer, are appended to the spool, the
+  publisher's outbox (on disk with a DiskSpool, so they survive a restart too), and the
+  drainer replays the spool head in order, backing off between attempts, until the spool
+  is empty; then it is healthy again. The spool is always older than the buffer, so events
+  leave in publish order and each user's events (one partition, by key) stay in order.
 
-Confirmation follows the Producer contract (base.Producer.flush): a TimeoutError (or any
-error other than DeliveryFailed) leaves the records with the producer, which keeps
-retrying them, so the drainer waits on them rather than sending them again;
-DeliveryFailed names records the producer gave up on: the retriable ones are sent again
-from the spool, the permanently rejected ones are dropped (counted). A record can be
-duplicated only when a send was ambiguous (written, but the acknowledgement lost, or the
-process died between the write and the spool's ack); consumers dedupe by event id.
+A failed batch follows the Producer contract (base.DeliveryFailed): records it names as
+retriable are sent again (with everything after the first of them, to keep the order), the
+permanently rejected ones are dropped (counted); any other error counts the whole batch
+as not delivered. A record can be duplicated only when a batch was ambiguous (written, but
+the acknowledgement lost, or the process died between the write and the spool's ack);
+consumers dedupe by event id.
 
 Counters: published (confirmed by the bus), retried (failed attempts), spooled (events
 written to the spool), dropped (never delivered: buffer or spool full, rejected by the
@@ -39,13 +40,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from snaplearn_common.eventbus.base import DeliveryFailed, Producer
-from snaplearn_common.eventbus.spool import MemorySpool, Spool, SpoolEntry, SpoolFull
+from snaplearn_common.eventbus.base import DeliveryFailed, Producer, ProducerRecord
+from snaplearn_common.eventbus.spool import MemorySpool, Spool, SpoolFull
 from snaplearn_common.events import EncodedEvent
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,6 @@ def decode_spooled(data: bytes) -> tuple[str, EncodedEvent]:
     offset += _U16.size
     headers = tuple((take(_U16).decode(), take(_U32)) for _ in range(count))
     return topic, EncodedEvent(key=key, value=value, headers=headers)
-
-
-@dataclass(slots=True)
-class _Outstanding:
-    """Records handed to the producer and not yet confirmed, in send order."""
-
-    events: list[tuple[str, EncodedEvent]]
-    entries: list[SpoolEntry] | None  # their spool entries when replayed from the spool
 
 
 class EventPublisher:
@@ -148,7 +140,6 @@ class EventPublisher:
         self._thread: threading.Thread | None = None
         self._stopped = False
         # Drainer-thread state.
-        self._outstanding: _Outstanding | None = None
         self._failures = 0  # consecutive failed attempts (backoff exponent)
         self._retry_at = 0.0
         self.published = 0
@@ -165,7 +156,7 @@ class EventPublisher:
     def _register_metrics(self, registry: CollectorRegistry, prefix: str) -> None:
         for counter, text in (
             ("published", "Events confirmed durable by the event bus"),
-            ("retried", "Failed send/flush attempts that were retried"),
+            ("retried", "Failed batches that were retried"),
             ("spooled", "Events written to the spool while the bus was unreachable"),
             ("dropped", "Events never delivered (buffer/spool full, rejected, or abandoned at stop)"),
         ):
@@ -316,7 +307,7 @@ class EventPublisher:
 
     def _next_step(self) -> bool:
         """One unit of work; False when the drainer should exit."""
-        backlog = self._outstanding is not None or self._spool.pending > 0
+        backlog = self._spool.pending > 0
         with self._lock:
             while True:
                 if self._abandon.is_set():
@@ -360,7 +351,7 @@ class EventPublisher:
         self._retry_at = time.monotonic() + delay
 
     def _to_spool(self, events: Sequence[tuple[str, EncodedEvent]]) -> None:
-        """Append events taken from the buffer (or not confirmed) to the spool tail."""
+        """Append events taken from the buffer (or not delivered) to the spool tail."""
         if not events:
             return
         try:
@@ -372,73 +363,37 @@ class EventPublisher:
         with self._lock:
             self._in_flight -= len(events)
 
-    def _send(self, events: Sequence[tuple[str, EncodedEvent]]) -> int:
-        """Send in order until one send fails; returns how many were handed to the producer."""
-        for sent, (topic, event) in enumerate(events):
-            try:
-                self._producer.send(topic, event.value, key=event.key, headers=event.headers)
-            except Exception as exc:
-                # The exception type only: its message could quote the payload.
-                log.warning("%s: send failed (%s)", self._name, type(exc).__name__)
-                return sent
-        return len(events)
-
-    def _flush(self) -> DeliveryFailed | Exception | None:
+    def _deliver(self, events: Sequence[tuple[str, EncodedEvent]]) -> int:
+        """One send_batch; returns how many events, from the head, are settled (delivered, or
+        rejected for good and dropped). The rest must be sent again."""
+        records = [ProducerRecord(topic, event.value, event.key, event.headers) for topic, event in events]
         try:
-            self._producer.flush(timeout_s=self._flush_timeout_s)
+            self._producer.send_batch(records, timeout_s=self._flush_timeout_s)
+        except DeliveryFailed as exc:
+            log.warning("%s: %d of %d events not delivered", self._name, len(exc.failed), len(events))
+            retriable = set(exc.failed) - set(exc.permanent)
+            settled = min((i for i in retriable if i < len(events)), default=len(events))
+            rejected = sum(1 for i in set(exc.permanent) if i < settled)
+            if rejected:
+                self._overflow(events[0][0], f"rejected by the bus ({exc})", rejected)
+            self._confirmed(settled - rejected)
         except Exception as exc:
-            log.warning("%s: flush failed (%s)", self._name, type(exc).__name__)
-            return exc
-        return None
+            # The exception type only: its message could quote the payload.
+            log.warning("%s: sending a batch failed (%s)", self._name, type(exc).__name__)
+            settled = 0
+        else:
+            self._confirmed(len(events))
+            return len(events)
+        if settled < len(events):
+            self._backoff()
+        return settled
 
     def _send_direct(self, batch: list[tuple[str, EncodedEvent]]) -> None:
-        """Healthy path: send + flush; on any failure the unconfirmed events become the spool head."""
-        sent = self._send(batch)
-        outcome = self._flush() if sent else RuntimeError("nothing sent")
-        if outcome is None and sent == len(batch):
-            self._confirmed(len(batch))
-            with self._lock:
-                self._in_flight -= len(batch)
-            return
-        self._backoff()
-        if outcome is None:  # the first `sent` are durable; the rest start the backlog
-            self._confirmed(sent)
-            with self._lock:
-                self._in_flight -= sent
-            self._to_spool(batch[sent:])
-            return
-        failed = self._rejected_and_retry(outcome, batch[:sent])
-        if failed is None:
-            # The producer still holds the sent ones: they go to the spool as outstanding, so
-            # that a later confirmation acknowledges them there instead of sending them again.
-            # (The spool was empty: the healthy path runs only without a backlog.)
-            self._to_spool(batch)
-            entries = self._spool.peek(sent) if sent else []
-            if entries and len(entries) == sent:
-                self._outstanding = _Outstanding(list(batch[:sent]), entries)
-            return
-        confirmed, retry_from = failed
-        self._confirmed(confirmed)
+        """Healthy path: one batch; what is not delivered becomes the spool head (it was empty)."""
+        settled = self._deliver(batch)
         with self._lock:
-            self._in_flight -= retry_from
-        self._to_spool([e for i, e in enumerate(batch) if i >= retry_from])
-
-    def _rejected_and_retry(
-        self, outcome: BaseException, sent: Sequence[tuple[str, EncodedEvent]]
-    ) -> tuple[int, int] | None:
-        """For a DeliveryFailed: (records confirmed, index from which to send again); None: still held.
-
-        Permanently rejected records before the first retriable failure are dropped; the
-        retriable ones (and everything after the first of them) are sent again.
-        """
-        if not isinstance(outcome, DeliveryFailed):
-            return None
-        retriable = set(outcome.failed) - set(outcome.permanent)
-        retry_from = min((i for i in retriable if i < len(sent)), default=len(sent))
-        rejected = sum(1 for i in set(outcome.permanent) if i < retry_from)
-        if rejected:
-            self._overflow(sent[0][0], f"rejected by the bus ({outcome})", rejected)
-        return retry_from - rejected, retry_from
+            self._in_flight -= settled
+        self._to_spool(batch[settled:])
 
     def _confirmed(self, count: int) -> None:
         if count > 0:
@@ -446,31 +401,10 @@ class EventPublisher:
             self._failures = 0
 
     def _replay_step(self) -> None:
-        """Backlog path: confirm what the producer holds, else send the next chunk of the spool."""
-        if self._outstanding is None:
-            entries = self._spool.peek(self._max_batch)
-            if not entries:
-                return
-            events = [decode_spooled(entry.payload) for entry in entries]
-            sent = self._send(events)
-            if sent == 0:
-                self._backoff()
-                return
-            self._outstanding = _Outstanding(events[:sent], entries[:sent])
-        outstanding = self._outstanding
-        assert outstanding.entries is not None
-        outcome = self._flush()
-        if outcome is None:
-            self._outstanding = None
-            self._spool.ack(outstanding.entries[-1])
-            self._confirmed(len(outstanding.entries))
+        """Backlog path: send the spool's head as one batch; acknowledge what was settled."""
+        entries = self._spool.peek(self._max_batch)
+        if not entries:
             return
-        self._backoff()
-        failed = self._rejected_and_retry(outcome, outstanding.events)
-        if failed is None:
-            return  # still with the producer: flush again after the backoff
-        self._outstanding = None
-        confirmed, retry_from = failed
-        if retry_from > 0:
-            self._spool.ack(outstanding.entries[retry_from - 1])
-            self._confirmed(confirmed)
+        settled = self._deliver([decode_spooled(entry.payload) for entry in entries])
+        if settled:
+            self._spool.ack(entries[settled - 1])

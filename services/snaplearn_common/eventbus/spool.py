@@ -7,7 +7,7 @@ outage AND a restart of the process that published them:
   `>II` (payload length, CRC-32 of the payload) + payload; a segment is closed for
   appends at `segment_bytes` and deleted once every record in it is acknowledged;
 - `cursor` holds "segment offset" of the first unacknowledged record, replaced atomically
-  (temp file, fsync, rename) on each `ack`;
+  (files.atomic_write) on each `ack`;
 - on open, a torn record at the end of the newest segment (a crash mid-append) is cut
   off; a bad record anywhere else is corruption: the rest of that segment is skipped
   and counted in `corrupt_records` (the bytes were written once and are not coming back).
@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+
+from snaplearn_common.files import atomic_write, fsync_directory
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +174,7 @@ class DiskSpool(Spool):
 
     def _sync_directory(self) -> None:
         if self.fsync == "always":
-            fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_directory(self.directory)
 
     def _read_cursor(self) -> tuple[int, int]:
         try:
@@ -191,15 +189,12 @@ class DiskSpool(Spool):
             return 0, len(MAGIC)
 
     def _write_cursor(self, position: tuple[int, int]) -> None:
-        path = self.directory / _CURSOR_FILE
-        temporary = path.with_name(_CURSOR_FILE + ".tmp")
-        with temporary.open("w") as out:
-            out.write(f"{position[0]} {position[1]}\n")
-            if self.fsync == "always":
-                out.flush()
-                os.fsync(out.fileno())
-        os.replace(temporary, path)
-        self._sync_directory()
+        atomic_write(
+            self.directory / _CURSOR_FILE,
+            f"{position[0]} {position[1]}\n",
+            durable=self.fsync == "always",
+            mode=0o600,
+        )
 
     def _scan(
         self, number: int, start: int, max_records: int | None = None

@@ -41,12 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from snaplearn_common.errors import InvalidInput, NotFound
+from snaplearn_common.errors import InvalidInput, NotFound, SnapLearnError
 from snaplearn_common.eventbus.base import (
     Consumer,
+    DeliveryFailed,
     EventBus,
     Headers,
     Producer,
+    ProducerRecord,
     Record,
     TopicPartition,
     partition_for_key,
@@ -57,7 +59,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OffsetReset = Literal["earliest", "latest"]
-Synchronous = Literal["NORMAL", "FULL"]
+# How long a connection waits for another's write lock before SQLite reports BUSY.
+_BUSY_TIMEOUT_S = 5.0
 
 SCHEMA_VERSION = 1
 
@@ -76,7 +79,7 @@ CREATE TABLE IF NOT EXISTS partitions (
     next_offset INTEGER NOT NULL,
     PRIMARY KEY (topic, partition)
 ) WITHOUT ROWID;
--- A rowid table (not WITHOUT ROWID): values are ~1 KB, too large for index-organised pages.
+-- A rowid table (not WITHOUT ROWID): event payloads are too large for index-organised pages.
 CREATE TABLE IF NOT EXISTS records (
     topic TEXT NOT NULL,
     partition INTEGER NOT NULL,
@@ -172,23 +175,23 @@ def _write_transaction(
     return _retry_busy(attempt, deadline, what)
 
 
-def _connect(path: Path, busy_timeout_s: float, synchronous: Synchronous) -> sqlite3.Connection:
+def _connect(path: Path) -> sqlite3.Connection:
     # isolation_level=None: the sqlite3 module must not open transactions behind our back;
     # every write goes through _write_transaction (BEGIN IMMEDIATE).
-    # check_same_thread=False: a producer's connection is used by the sender thread and by
-    # callers of flush(); the producer serialises access with its write lock.
-    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    # check_same_thread=False: a producer's connection is used by whichever thread sends a
+    # batch; the producer serialises access with its lock.
+    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     try:
         # journal_mode=WAL is persistent in the file; switching needs a brief exclusive lock,
         # which another process opening the file at the same moment may hold.
         _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall(), None, "enable WAL")
-        conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        conn.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT_S * 1000)}")
         # synchronous=NORMAL in WAL mode fsyncs the WAL only at checkpoints, not per commit.
         # A commit is still durable against a crash of any process (the WAL is in the OS page
         # cache) and the database cannot be corrupted by power loss; only the last commits
-        # before a power cut / kernel crash may be lost. That is ~10x the commit rate of FULL
-        # and the right trade for an event stream that the vision server can replay.
-        conn.execute(f"PRAGMA synchronous={synchronous}")
+        # before a power cut / kernel crash may be lost. Commits are much cheaper than with
+        # FULL: the right trade for an event stream that the vision server can replay.
+        conn.execute("PRAGMA synchronous=NORMAL")
         # After a checkpoint, truncate a WAL that a burst grew beyond 64 MB (else it keeps its size).
         conn.execute("PRAGMA journal_size_limit=67108864")
     except BaseException:
@@ -405,11 +408,6 @@ class SqliteEventBus(EventBus):
         auto_offset_reset: OffsetReset = "earliest",
         auto_create_partitions: int | None = 4,
         retention: RetentionPolicy | None = None,
-        linger_s: float = 0.002,
-        batch_max_records: int = 1000,
-        producer_buffer_max_records: int = 100_000,
-        busy_timeout_s: float = 5.0,
-        synchronous: Synchronous = "NORMAL",
     ) -> None:
         if auto_offset_reset not in ("earliest", "latest"):
             raise InvalidInput(f"auto_offset_reset must be 'earliest' or 'latest', got {auto_offset_reset!r}")
@@ -420,11 +418,6 @@ class SqliteEventBus(EventBus):
         self.auto_offset_reset: OffsetReset = auto_offset_reset
         self.auto_create_partitions = auto_create_partitions
         self.retention = retention or RetentionPolicy()
-        self.linger_s = linger_s
-        self.batch_max_records = batch_max_records
-        self.producer_buffer_max_records = producer_buffer_max_records
-        self.busy_timeout_s = busy_timeout_s
-        self.synchronous: Synchronous = synchronous
         self._lock = threading.Lock()
         self._closed = False
         self._children: weakref.WeakSet[SqliteProducer | SqliteConsumer] = weakref.WeakSet()
@@ -437,7 +430,7 @@ class SqliteEventBus(EventBus):
 
     def connect(self) -> sqlite3.Connection:
         """A new connection with this bus's pragmas (each producer/consumer owns one)."""
-        return _connect(self.path, self.busy_timeout_s, self.synchronous)
+        return _connect(self.path)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -455,11 +448,6 @@ class SqliteEventBus(EventBus):
         if count is None:
             raise NotFound(f"no topic {topic!r}")
         return count
-
-    def end_offsets(self, tps: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        with self._lock:
-            self._check_open()
-            return _end_offsets(self._conn, tps)
 
     def producer(self) -> SqliteProducer:
         with self._lock:
@@ -505,40 +493,34 @@ class SqliteEventBus(EventBus):
 # Producer.
 
 
-@dataclass(frozen=True, slots=True)
-class _PendingRecord:
-    topic: str
-    partition: int
-    key: bytes | None
-    value: bytes
-    headers: bytes | None
-    timestamp_ms: int
-    enqueued_at: float
+_Row = tuple[str, int, int, bytes | None, bytes, bytes | None, int]
 
 
-def _append_batch(conn: sqlite3.Connection, batch: Sequence[_PendingRecord]) -> None:
-    """One write transaction: allocate contiguous offsets per partition and insert."""
+def _append(
+    conn: sqlite3.Connection, placed: Sequence[tuple[ProducerRecord, int]], timestamp_ms: int
+) -> None:
+    """Within a write transaction: give each (record, partition) the next offset and insert it."""
     next_offsets: dict[tuple[str, int], int] = {}
-    rows: list[tuple[str, int, int, bytes | None, bytes, bytes | None, int]] = []
-    for record in batch:
-        tp = (record.topic, record.partition)
+    rows: list[_Row] = []
+    for record, partition in placed:
+        tp = (record.topic, partition)
         offset = next_offsets.get(tp)
         if offset is None:
             found = conn.execute(
                 "SELECT next_offset FROM partitions WHERE topic = ? AND partition = ?", tp
             ).fetchall()
             if not found:
-                raise NotFound(f"no partition {record.partition} in topic {record.topic!r}")
+                raise NotFound(f"no partition {partition} in topic {record.topic!r}")
             offset = int(found[0][0])
         rows.append(
             (
                 record.topic,
-                record.partition,
+                partition,
                 offset,
                 record.key,
                 record.value,
-                record.headers,
-                record.timestamp_ms,
+                encode_headers(record.headers),
+                timestamp_ms,
             )
         )
         next_offsets[tp] = offset + 1
@@ -555,190 +537,97 @@ def _append_batch(conn: sqlite3.Connection, batch: Sequence[_PendingRecord]) -> 
 
 @functools.lru_cache(maxsize=65_536)
 def _cached_partition_for_key(key: bytes, partitions: int) -> int:
-    # murmur2 in pure Python costs ~15 us a record; keys (user ids) repeat, so cache it.
+    # Keys (user ids) repeat and murmur2 runs in pure Python: cache it.
     return partition_for_key(key, partitions)
 
 
 class SqliteProducer(Producer):
-    """Buffers sends in memory; a sender thread writes them in batches after `linger_s`.
+    """Writes each batch in one transaction, in the calling thread; thread-safe.
 
-    Thread-safe. Order is preserved per partition for sends from one thread. `flush`
-    writes everything sent before it was called; records whose write failed stay buffered
-    (at the head, in order) and are retried by the sender thread and by the next flush.
-    `send` raises BufferError when `producer_buffer_max_records` records are waiting.
+    Offsets are allocated inside the transaction (BEGIN IMMEDIATE), so producers in any
+    number of processes never collide; a batch is all or nothing, and a failed one raises
+    DeliveryFailed for every record of it.
     """
 
     def __init__(self, bus: SqliteEventBus) -> None:
+        super().__init__()
         self._auto_create_partitions = bus.auto_create_partitions
         self._retention = bus.retention
-        self._linger_s = bus.linger_s
-        self._batch_max = max(1, bus.batch_max_records)
-        self._buffer_max = max(1, bus.producer_buffer_max_records)
         self._conn = bus.connect()
-        # _lock guards the buffer and counters; _write_lock serialises use of _conn and
-        # makes "take the head of the buffer, write it, drop it" atomic, which keeps order.
+        # Serialises use of the connection; a batch's offsets come from one transaction.
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._write_lock = threading.Lock()
-        self._pending: list[_PendingRecord] = []
-        self._sent_seq = 0  # records accepted by send()
-        self._durable_seq = 0  # records committed to the database
         self._partition_counts: dict[str, int] = {}
         self._round_robin: dict[str, int] = {}
-        self._closing = False
         self._closed = False
-        self._sender: threading.Thread | None = None
         self._next_retention_at = time.monotonic() + self._retention.check_interval_s
 
-    # -- send ----------------------------------------------------------------------------
-
     def _partition_count(self, topic: str) -> int:
+        """Under self._lock: the topic's partitions, creating the topic if auto-creation is on."""
         count = self._partition_counts.get(topic)
-        if count is not None:
-            return count
-        with self._write_lock:
+        if count is None:
             count = _partitions_for(self._conn, topic)
             if count is None:
                 if self._auto_create_partitions is None:
                     raise NotFound(f"no topic {topic!r} (auto-creation is off)")
                 count = _create_topic(self._conn, topic, self._auto_create_partitions)
-        # Partition counts never change, so the cache never goes stale.
-        self._partition_counts[topic] = count
+            # Partition counts never change, so the cache never goes stale.
+            self._partition_counts[topic] = count
         return count
 
-    def send(self, topic: str, value: bytes, key: bytes | None = None, headers: Headers = ()) -> None:
-        if self._closing:
-            raise RuntimeError("producer is closed")
-        if not isinstance(value, bytes | bytearray | memoryview):
-            raise TypeError(f"value must be bytes, not {type(value).__name__}")
-        if key is not None and not isinstance(key, bytes | bytearray | memoryview):
-            raise TypeError(f"key must be bytes or None, not {type(key).__name__}")
-        partitions = self._partition_count(topic)
-        key_bytes = None if key is None else bytes(key)
-        encoded_headers = encode_headers(headers)
+    def _partition(self, record: ProducerRecord) -> int:
+        partitions = self._partition_count(record.topic)
+        if record.key is None:
+            # Keyless records: round-robin, so partitions fill evenly.
+            partition = self._round_robin.get(record.topic, 0) % partitions
+            self._round_robin[record.topic] = partition + 1
+            return partition
+        return _cached_partition_for_key(record.key, partitions)
+
+    def check_topic(self, topic: str) -> None:
         with self._lock:
-            if self._closing:
-                raise RuntimeError("producer is closed")
-            if len(self._pending) >= self._buffer_max:
-                raise BufferError(f"producer buffer full ({self._buffer_max} records waiting to be written)")
-            if key_bytes is None:
-                # Keyless records: round-robin, so partitions fill evenly.
-                partition = self._round_robin.get(topic, 0) % partitions
-                self._round_robin[topic] = partition + 1
-            else:
-                partition = _cached_partition_for_key(key_bytes, partitions)
-            self._pending.append(
-                _PendingRecord(
-                    topic, partition, key_bytes, bytes(value), encoded_headers, _now_ms(), time.monotonic()
-                )
-            )
-            self._sent_seq += 1
-            if self._sender is None:
-                self._sender = threading.Thread(
-                    target=self._sender_loop, name="snaplearn-bus-producer", daemon=True
-                )
-                self._sender.start()
-            if len(self._pending) == 1 or len(self._pending) >= self._batch_max:
-                self._changed.notify_all()
+            self._check_open()
+            self._partition_count(topic)
 
-    # -- writing -------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("producer is closed")
 
-    def _write_until(self, target_seq: int, deadline: float | None) -> None:
-        """Write buffered records in batches until the first `target_seq` sent are durable."""
-        timeout = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-        if not self._write_lock.acquire(timeout=timeout):
-            raise TimeoutError("flush timed out waiting for another write")
+    def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
+        if not records:
+            return
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        if not self._lock.acquire(timeout=-1 if timeout_s is None else max(0.0, timeout_s)):
+            raise DeliveryFailed("timed out waiting for another batch", range(len(records)))
         try:
-            while True:
-                with self._lock:
-                    if self._durable_seq >= target_seq or not self._pending:
-                        return
-                    batch = self._pending[: self._batch_max]
-                _write_transaction(
-                    self._conn, functools.partial(_append_batch, batch=batch), deadline, "append records"
-                )
-                with self._lock:
-                    # Only writers remove from the head and they hold _write_lock: the head is `batch`.
-                    del self._pending[: len(batch)]
-                    self._durable_seq += len(batch)
-                    self._changed.notify_all()
-        finally:
-            self._write_lock.release()
-
-    def _sender_loop(self) -> None:
-        backoff_s = 0.01
-        while True:
-            with self._lock:
-                while not self._pending and not self._closing:
-                    wait_s = None
-                    if self._retention.enabled:
-                        wait_s = max(0.0, self._next_retention_at - time.monotonic())
-                    if not self._changed.wait(wait_s):
-                        break  # time for retention
-                if self._closing and not self._pending:
-                    return
-                if self._pending:
-                    # Linger: give more records the chance to join this transaction.
-                    write_at = self._pending[0].enqueued_at + self._linger_s
-                    while (
-                        not self._closing
-                        and self._pending
-                        and len(self._pending) < self._batch_max
-                        and time.monotonic() < write_at
-                    ):
-                        self._changed.wait(write_at - time.monotonic())
-                target = self._sent_seq
+            self._check_open()
             try:
-                self._write_until(target, deadline=None)
-                backoff_s = 0.01
-            except Exception as exc:
-                # Never the payload: records carry student data.
-                log.warning(
-                    "event bus producer write failed (%s); retrying in %.2f s", type(exc).__name__, backoff_s
+                placed = [(record, self._partition(record)) for record in records]
+                _write_transaction(
+                    self._conn, lambda c: _append(c, placed, _now_ms()), deadline, "append records"
                 )
-                with self._lock:
-                    if self._closing:
-                        return  # close() makes the final attempt and reports its error
-                    self._changed.wait(backoff_s)
-                backoff_s = min(backoff_s * 2, 2.0)
+            except (sqlite3.Error, SnapLearnError) as exc:
+                # The type only: a message could quote a payload (student data).
+                raise DeliveryFailed(
+                    f"batch not written ({type(exc).__name__})", range(len(records))
+                ) from exc
             if self._retention.enabled and time.monotonic() >= self._next_retention_at:
                 self._next_retention_at = time.monotonic() + self._retention.check_interval_s
                 try:
-                    with self._write_lock:
-                        _enforce_retention(self._conn, self._retention, _now_ms())
-                except Exception:
+                    _enforce_retention(self._conn, self._retention, _now_ms())
+                except sqlite3.Error:
                     log.exception("event bus retention failed")
-
-    def flush(self, timeout_s: float | None = None) -> None:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        with self._lock:
-            target = self._sent_seq
-        self._write_until(target, deadline)
-
-    @property
-    def buffered(self) -> int:
-        """Records sent but not yet durable."""
-        with self._lock:
-            return len(self._pending)
+        finally:
+            self._lock.release()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closing = True
-            self._changed.notify_all()
-            sender = self._sender
+        if self._closed:
+            return
         try:
             self.flush()
         finally:
-            if sender is not None:
-                sender.join()
             with self._lock:
                 self._closed = True
-            with self._write_lock:
                 self._conn.close()
-            if self._pending:
-                log.error("event bus producer closed with %d unwritten records", len(self._pending))
 
 
 # ---------------------------------------------------------------------------------------
@@ -795,8 +684,8 @@ class SqliteConsumer(Consumer):
     """
 
     # Waiting in poll: check for new commits after these sleeps (doubling); a check is a
-    # PRAGMA data_version, a read of the shared-memory WAL index, so it is cheap (an idle
-    # consumer costs ~300 checks/s, well under 1% of a core) and keeps latency at ~1-3 ms.
+    # PRAGMA data_version, a read of the shared-memory WAL index, cheap enough to repeat this
+    # often, which keeps the delivery latency of an idle consumer low.
     _WAIT_MIN_S = 0.0002
     _WAIT_MAX_S = 0.003
 
@@ -1105,10 +994,6 @@ class SqliteConsumer(Consumer):
             self._positions[tp] = offset
         else:
             self._pending_seeks[tp] = offset
-
-    def position(self, tp: TopicPartition) -> int | None:
-        """The next offset poll will read from tp, if assigned."""
-        return self._positions.get(TopicPartition(tp[0], tp[1]))
 
     def assignment(self) -> set[TopicPartition]:
         return set(self._positions)

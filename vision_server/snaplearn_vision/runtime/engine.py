@@ -1,0 +1,284 @@
+"""A loaded, ready-to-serve image classifier: bytes -> pixels -> probabilities.
+
+The serving path is decode_pixels() (decoding.py) on the decode threads (one call per
+request: bytes -> uint8 [H, W, C] at the model's input size) and predict_pixels() on the
+batcher's model thread (one call per batch): the images are copied once into a preallocated
+(pinned, on CUDA) uint8 batch buffer, and the float conversion, normalisation and NHWC -> NCHW
+layout change happen for the whole batch inside torch, on the model's device. Pillow cannot
+decode into a caller's buffer, so that one uint8 copy per image is the only copy on the host.
+
+decode() + predict() (normalised float32 [C, H, W] per image) remain for tools and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from snaplearn_common.errors import InvalidInput
+from snaplearn_vision.runtime.decoding import decode_pixels
+from snaplearn_vision.schema import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEVICES,
+    PRECISIONS,
+    DecodeSpec,
+    DeviceChoice,
+    ModelConfig,
+    Precision,
+)
+
+log = logging.getLogger(__name__)
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(choice: str) -> torch.device:
+    """'auto' picks CUDA when available; 'cuda' without CUDA is an error, not a silent fallback."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but torch.cuda.is_available() is False")
+    if choice not in DEVICES:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {choice!r}")
+    return torch.device(choice)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceSettings:
+    """How the model runs. The GPU-only ones are ignored on CPU (logged once at load).
+
+    precision: "fp16"/"bf16" run the model in half precision (CUDA only: without AMX-class
+        hardware the CPU runs them slower than fp32, so the CPU path keeps fp32).
+    channels_last: NHWC memory format for model and inputs ("auto": on; it is what oneDNN and
+        cuDNN convolutions prefer, and the decoded pixels are NHWC already).
+    compile: torch.compile the model (CUDA only: Inductor's CPU backend needs a C++ toolchain
+        at run time and a long compilation).
+    pin_memory: page-locked host batch buffer, so host -> GPU copies are asynchronous (CUDA only).
+    torchscript: trace and freeze the model at load (unless compiled). The frozen graph runs in
+        C++ without taking the GIL between operators (eager PyTorch takes it for every one),
+        so decode threads and the event loop no longer stall the model, nor it them. Models
+        that cannot be traced run eager (logged).
+    flush_denormals: flush denormal floats to zero on the model thread (CPU); untrained or
+        fine-tuned weights can produce denormals, which x86 convolutions compute very slowly.
+    """
+
+    precision: Precision = "fp32"
+    channels_last: bool = True
+    compile: bool = False
+    pin_memory: bool = True
+    flush_denormals: bool = True
+    torchscript: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+
+
+def ranking(probabilities: np.ndarray) -> np.ndarray:
+    """Label indices by descending probability (ties: label order), per row of a 1-D or 2-D array.
+
+    The model thread ranks a whole batch in one call, so the event loop, which answers every
+    request, does not sort each one.
+    """
+    return np.argsort(-probabilities, axis=-1, kind="stable")
+
+
+class ImageClassifier:
+    """One version of one model, on one device, with its pre- and post-processing."""
+
+    def __init__(
+        self,
+        name: str,
+        version: str,
+        config: ModelConfig,
+        model: torch.nn.Module,
+        device: DeviceChoice | str = "auto",
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        inference: InferenceSettings | None = None,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.config = config
+        self.labels: tuple[str, ...] = tuple(config.labels)
+        self.device = resolve_device(device)
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+        self._decode_spec = DecodeSpec(
+            config.channels,
+            *config.input_size,
+            max_image_bytes=max_image_bytes,
+            max_image_pixels=max_image_pixels,
+        )
+        self.inference = self._effective(inference or InferenceSettings())
+        self._dtype = _TORCH_DTYPES[self.inference.precision]
+        memory_format = torch.channels_last if self.inference.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, dtype=self._dtype).to(memory_format=memory_format).eval()
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if self.inference.compile:
+            self._forward = torch.compile(self.model)
+        elif self.inference.torchscript:
+            self._forward = self._traced(memory_format)
+        self._mean = np.asarray(config.mean, dtype=np.float32).reshape(-1, 1, 1) * 255
+        self._scale = 1.0 / (np.asarray(config.std, dtype=np.float32).reshape(-1, 1, 1) * 255)
+        # The same normalisation as decode(), as [1, C, 1, 1] tensors on the device.
+        self._mean_t = torch.from_numpy(self._mean[None]).to(self.device, self._dtype)
+        self._scale_t = torch.from_numpy(self._scale[None]).to(self.device, self._dtype)
+        self._staging = threading.local()  # per model thread: its uint8 batch buffer
+
+    def _effective(self, settings: InferenceSettings) -> InferenceSettings:
+        """The settings as they apply on this device; what is ignored on CPU is logged."""
+        if self.device.type == "cuda":
+            return settings
+        ignored = []
+        if settings.precision != "fp32":
+            ignored.append(f"precision={settings.precision}")
+        if settings.compile:
+            ignored.append("compile")
+        if ignored:
+            log.info("model %s/%s on CPU: ignoring GPU-only settings %s", self.name, self.version, ignored)
+        return InferenceSettings(
+            precision="fp32",
+            channels_last=settings.channels_last,
+            compile=False,
+            pin_memory=False,
+            flush_denormals=settings.flush_denormals,
+            torchscript=settings.torchscript,
+        )
+
+    def _traced(self, memory_format: torch.memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
+        example = torch.zeros((1, *self.input_shape), dtype=self._dtype, device=self.device)
+        try:
+            # torch.jit warns that it is deprecated for torch.compile, whose CPU backend needs a
+            # C++ toolchain at run time; should jit go away, the except below runs models eager.
+            # catch_warnings is process-wide, but this runs once per model load.
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
+                traced = torch.jit.trace(self.model, example.contiguous(memory_format=memory_format))
+                return torch.jit.freeze(traced)
+        except Exception as error:  # an architecture with data-dependent control flow
+            log.warning("model %s/%s cannot be traced (%s); running it eager", self.name, self.version, error)
+            return self.model
+
+    def __repr__(self) -> str:
+        return f"ImageClassifier({self.name!r}, version={self.version!r}, device={self.device})"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one decoded image."""
+        return (self.config.channels, *self.config.input_size)
+
+    def decode(self, image_bytes: bytes) -> np.ndarray:
+        """Encoded image (JPEG, PNG, ...) -> normalised float32 [C, H, W]. Raises InvalidInput."""
+        chw = self.decode_pixels(image_bytes).transpose(2, 0, 1).astype(np.float32)
+        return np.ascontiguousarray((chw - self._mean) * self._scale)
+
+    @property
+    def decode_spec(self) -> DecodeSpec:
+        """What a decode thread needs to turn this model's photos into pixels."""
+        return self._decode_spec
+
+    def decode_pixels(self, image_bytes: bytes) -> np.ndarray:
+        """Encoded image (JPEG, PNG, ...) -> uint8 [H, W, C] at the input size. Raises InvalidInput."""
+        return decode_pixels(self._decode_spec, image_bytes)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """float32 [N, C, H, W] (from decode) -> float32 [N, num_labels] softmax probabilities."""
+        if batch.ndim != 4 or tuple(batch.shape[1:]) != self.input_shape:
+            raise ValueError(f"batch must be [N, {', '.join(map(str, self.input_shape))}], got {batch.shape}")
+        rows = batch.shape[0]
+        if rows == 0:
+            return np.empty((0, len(self.labels)), dtype=np.float32)
+        inputs = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+        with torch.inference_mode():
+            if self.device.type == "cuda":
+                # Pinned host memory lets the copy run asynchronously with the launch.
+                inputs = inputs.pin_memory().to(self.device, non_blocking=True)
+            if self.inference.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            return self._run(inputs.to(self._dtype), rows)
+
+    def predict_pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 [H, W, C] images (from decode_pixels) -> float32 [N, num_labels] probabilities.
+
+        Runs on a model thread: the images are copied into that thread's reusable batch buffer,
+        then converted and normalised as one tensor on the model's device.
+        """
+        rows = len(images)
+        if rows == 0:
+            return np.empty((0, len(self.labels)), dtype=np.float32)
+        channels, height, width = self.input_shape
+        buffer = self._batch_buffer(rows, (height, width, channels))
+        staged = buffer[:rows]
+        try:
+            np.stack(images, out=staged.numpy())
+        except ValueError:
+            shapes = sorted({tuple(image.shape) for image in images})
+            raise ValueError(f"images must be uint8 [{height}, {width}, {channels}], got {shapes}") from None
+        with torch.inference_mode():
+            pixels = staged
+            if self.device.type == "cuda":
+                # From pinned memory the copy is asynchronous; the buffer is reused only after
+                # the .cpu() below has synchronised, so it is never overwritten mid-copy.
+                pixels = pixels.to(self.device, non_blocking=self.inference.pin_memory)
+            # NHWC -> NCHW is a view; the float copy keeps its (channels_last) strides.
+            inputs = pixels.permute(0, 3, 1, 2).to(self._dtype)
+            inputs.sub_(self._mean_t).mul_(self._scale_t)
+            if not self.inference.channels_last:
+                inputs = inputs.contiguous()
+            return self._run(inputs, rows)
+
+    def _batch_buffer(self, rows: int, image_shape: tuple[int, int, int]) -> torch.Tensor:
+        state = self._staging
+        buffer: torch.Tensor | None = getattr(state, "buffer", None)
+        if buffer is None or buffer.shape[0] < rows:
+            capacity = max(rows, int(self.config.batching.max_batch_size))
+            pin = self.device.type == "cuda" and self.inference.pin_memory
+            buffer = torch.empty((capacity, *image_shape), dtype=torch.uint8, pin_memory=pin)
+            state.buffer = buffer
+        return buffer
+
+    def _run(self, inputs: torch.Tensor, rows: int) -> np.ndarray:
+        if not getattr(self._staging, "prepared", False):
+            if self.device.type == "cpu" and self.inference.flush_denormals:
+                torch.set_flush_denormal(True)  # per thread (MXCSR): this model thread's
+            self._staging.prepared = True
+        with torch.inference_mode():
+            logits = self._forward(inputs)
+            probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
+        if probabilities.shape != (rows, len(self.labels)):
+            raise RuntimeError(
+                f"model {self.name}/{self.version} returned {probabilities.shape} for {rows} inputs; "
+                f"expected ({rows}, {len(self.labels)})"
+            )
+        return probabilities
+
+    def top_k(
+        self, probabilities: np.ndarray, k: int, order: np.ndarray | None = None
+    ) -> list[tuple[str, float]]:
+        """The k most probable (label, score) of one row, highest first (ties: label order).
+
+        order: that row's `ranking()`, when the batch already computed it.
+        """
+        if k < 1:
+            raise InvalidInput(f"k must be at least 1, got {k}")
+        if order is None:
+            order = ranking(probabilities)
+        labels = self.labels
+        return [(labels[i], float(probabilities[i])) for i in order[:k].tolist()]
+
+    def classify(self, image_bytes: bytes, k: int = 5) -> list[tuple[str, float]]:
+        """decode + predict + top_k for one image: for demos and tests, not the serving path."""
+        return self.top_k(self.predict(self.decode(image_bytes)[None])[0], k)
+
+    def warm_up(self) -> None:
+        """One forward pass, so the first real request does not pay for lazy initialisation."""
+        channels, height, width = self.input_shape
+        self.predict_pixels([np.zeros((height, width, channels), dtype=np.uint8)])
