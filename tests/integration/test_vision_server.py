@@ -130,7 +130,7 @@ async def test_invalid_requests_get_clear_errors_and_the_server_keeps_serving(
         running.stub.Classify(request(b"definitely not a jpeg" * 10), timeout=30),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
-    # engine.decode's own message, or the service's when the decoder raised something else.
+    # decoding's own message, or the service's when the decoder raised something else.
     assert "not a decodable image" in details or "image could not be decoded" in details
     details = await expect_status(
         running.stub.Classify(request(good, user="")), grpc.StatusCode.INVALID_ARGUMENT

@@ -41,6 +41,7 @@ _NETWORK = "network"
 _MODEL = "model"
 _BATCHING = "batching"
 _OPERATIONS = "operations"
+_EVENTS = BusSettings.cli_group  # beside the bus's own flags
 
 
 def _seconds_or_never(value: object) -> object:
@@ -211,6 +212,7 @@ class VisionSettings(Settings):
     # -- events -------------------------------------------------------------------------------
     publish: Annotated[
         bool,
+        Cli(group=_EVENTS),
         Field(
             description="publish an ImageClassified event per prediction (--no-publish: inference "
             "only, no event bus at all)"
@@ -221,6 +223,7 @@ class VisionSettings(Settings):
     # keeps them in memory only.
     spool_dir: Annotated[
         Path | None,
+        Cli(group=_EVENTS),
         none_for(""),
         Field(description="events wait here while the event bus is unreachable ('' = in memory only)"),
     ] = Path("var/spool")

@@ -18,11 +18,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from snaplearn_common.topics import DEFAULT_TOPICS
+
 # -- the default model -------------------------------------------------------------------------
 
 DEFAULT_MODEL_NAME = "worksheet-topics"
 DEFAULT_MODEL_VERSION = "1"
 DEFAULT_ARCHITECTURE = "snapnet"
+DEFAULT_LABELS: tuple[str, ...] = DEFAULT_TOPICS  # the worksheet topics, shared with the recommender
 DEFAULT_INPUT_SIZE = (64, 64)  # (height, width)
 # Fixed rather than measured, so the numbers in config.json do not depend on the dataset.
 DEFAULT_MEAN = (0.5,)

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from snaplearn_common.topics import DEFAULT_TOPICS
 from snaplearn_vision.runtime.architectures import build_model
 from snaplearn_vision.runtime.model_repository import ModelRepository
 from snaplearn_vision.schema import (
     DEFAULT_ARCHITECTURE,
     DEFAULT_INPUT_SIZE,
+    DEFAULT_LABELS,
     DEFAULT_MEAN,
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_VERSION,
@@ -132,7 +132,7 @@ def _train(settings: TrainingSettings) -> tuple[nn.Module, dict[str, float | int
     inputs, targets = _to_tensor(images), torch.from_numpy(labels)
     train_idx, val_idx, test_idx = (torch.from_numpy(i) for i in _split(labels, settings))
 
-    model = build_model(DEFAULT_ARCHITECTURE, len(DEFAULT_TOPICS), in_channels=1)
+    model = build_model(DEFAULT_ARCHITECTURE, len(DEFAULT_LABELS), in_channels=1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=1e-4)
     steps_per_epoch = -(-len(train_idx) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -195,7 +195,7 @@ def train_and_save(
         )
     config = ModelConfig(
         architecture=DEFAULT_ARCHITECTURE,
-        labels=DEFAULT_TOPICS,
+        labels=DEFAULT_LABELS,
         input_size=settings.input_size,
         channels=1,
         mean=DEFAULT_MEAN,
@@ -259,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--if-missing", action="store_true", help="do nothing when the repository already has this version"
     )
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (also off when stderr is not a terminal)"
+    )
     args = parser.parse_args(argv)
     settings = dataclasses.replace(
         defaults,
@@ -268,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         num_threads=args.threads,
         min_test_accuracy=args.min_test_accuracy,
-        progress=not args.no_progress,
+        # Progress bars only on a terminal: in a log file each redraw is a line of noise.
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     if args.if_missing and ModelRepository(args.repository).has_model(args.name, args.version):
         config = ModelRepository(args.repository).load_config(args.name, args.version)

@@ -31,7 +31,7 @@ from snaplearn_vision.core.metrics import (
 )
 from snaplearn_vision.core.request_ids import RequestIds
 from snaplearn_vision.runtime.decode_pool import DecodePool, decode_threads
-from snaplearn_vision.runtime.engine import ranking
+from snaplearn_vision.runtime.ranking import ranking
 from snaplearn_vision.schema import BatchingOverrides, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ _MODEL_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class LoadedModel(Protocol):
-    """What the service needs of a loaded model (snaplearn_vision.engine.ImageClassifier)."""
+    """What the service needs of a loaded model (snaplearn_vision.runtime.engine.ImageClassifier)."""
 
     @property
     def name(self) -> str: ...
@@ -68,7 +68,7 @@ class LoadedModel(Protocol):
 
 
 class ModelSource(Protocol):
-    """snaplearn_vision.model_repository.ModelRepository: load() raises NotFound."""
+    """snaplearn_vision.server.RepositoryModels (over runtime.model_repository): load() raises NotFound."""
 
     def load(self, name: str, version: str | None = None) -> LoadedModel: ...
 
@@ -92,7 +92,7 @@ class Prediction:
     queue_wait_s: float
     compute_s: float  # this image's decode plus its batch's model time
     batch_size: int
-    order: np.ndarray | None = None  # label indices by descending probability (engine.ranking)
+    order: np.ndarray | None = None  # label indices by descending probability (runtime.ranking)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ import torch
 
 from snaplearn_common.errors import InvalidInput
 from snaplearn_vision.runtime.decoding import decode_pixels
+from snaplearn_vision.runtime.ranking import ranking
 from snaplearn_vision.schema import (
     DEFAULT_MAX_IMAGE_BYTES,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -79,15 +80,6 @@ class InferenceSettings:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-
-
-def ranking(probabilities: np.ndarray) -> np.ndarray:
-    """Label indices by descending probability (ties: label order), per row of a 1-D or 2-D array.
-
-    The model thread ranks a whole batch in one call, so the event loop, which answers every
-    request, does not sort each one.
-    """
-    return np.argsort(-probabilities, axis=-1, kind="stable")
 
 
 class ImageClassifier:
