@@ -24,6 +24,7 @@ take the same broker down and bring it back with its data (same ports, same log 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -50,9 +51,22 @@ def unique_name(prefix: str) -> str:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range.
+
+    A broker that is stopped and started again (the fault tests) keeps its ports; while it is
+    down, a port from the ephemeral range could be handed to any socket bound to port 0 (another
+    test's server, under pytest-xdist), and the restart would fail. Ports below the range are
+    never handed out that way.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(max(1024, low - 12000), low), 200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _run_script(command: str, env: dict[str, str], timeout_s: float) -> subprocess.CompletedProcess[str]:
