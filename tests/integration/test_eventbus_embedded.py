@@ -7,7 +7,6 @@ child functions live at module level so that spawn can import them.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import threading
 import time
@@ -26,7 +25,8 @@ from snaplearn_common.eventbus.base import (
     TopicPartition,
     partition_for_key,
 )
-from snaplearn_common.eventbus.factory import BusSettings, add_bus_arguments, bus_settings_from_args, open_bus
+from snaplearn_common.eventbus.factory import open_bus
+from snaplearn_common.eventbus.settings import BusSettings
 from snaplearn_common.eventbus.sqlite import RetentionPolicy, SqliteEventBus, assign_round_robin
 from tests.contract.eventbus_contract import EventBusContract, poll_until, poll_until_assigned, unique
 
@@ -402,24 +402,24 @@ def test_open_bus_embedded_creates_the_directory(tmp_path: Path) -> None:
         assert bus.partitions_for("auto.created") == 3  # settings.partitions for auto-created topics
 
 
-def test_bus_flags_fall_back_to_environment_then_defaults() -> None:
-    parser = argparse.ArgumentParser()
-    add_bus_arguments(parser)
+def test_bus_flags_fall_back_to_environment_then_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     environ = {
         "SNAPLEARN_BUS": "kafka",
         "SNAPLEARN_KAFKA_BOOTSTRAP": "broker:9092",
         "SNAPLEARN_KAFKA_SASL_PLAIN_PASSWORD": "hunter2",
     }
-    from_env = bus_settings_from_args(parser.parse_args([]), environ)
+    from_env = BusSettings.from_argv([], environ=environ)
     assert (from_env.backend, from_env.kafka_bootstrap_servers) == ("kafka", "broker:9092")
     assert from_env.kafka_security == {"sasl_plain_password": "hunter2"}
     assert "hunter2" not in repr(from_env)
-    flags = parser.parse_args(["--bus", "embedded", "--bus-path", "/tmp/x.db", "--bus-partitions", "8"])
-    from_flags = bus_settings_from_args(flags, environ)
+    flags = ["--bus", "embedded", "--bus-path", "/tmp/x.db", "--bus-partitions", "8"]
+    from_flags = BusSettings.from_argv(flags, environ=environ)
     assert (from_flags.backend, from_flags.embedded_path, from_flags.partitions) == (
         "embedded",
         "/tmp/x.db",
         8,
     )
-    defaults = bus_settings_from_args(parser.parse_args([]), {})
+    defaults = BusSettings.from_argv([], environ={})
+    for name in BusSettings.env_names():
+        monkeypatch.delenv(name, raising=False)
     assert defaults == BusSettings()

@@ -15,8 +15,9 @@ import pytest
 
 from snaplearn_common.errors import InvalidInput, NotFound
 from snaplearn_common.eventbus.base import EventBus, TopicPartition, partition_for_key
-from snaplearn_common.eventbus.factory import BusSettings, open_bus
+from snaplearn_common.eventbus.factory import open_bus
 from snaplearn_common.eventbus.kafka import KafkaEventBus, security_config
+from snaplearn_common.eventbus.settings import BusSettings
 from tests.contract.eventbus_contract import DEADLINE_S, POLL_S, EventBusContract, poll_until, unique
 from tests.helpers import kafka_broker
 

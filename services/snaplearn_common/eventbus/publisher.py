@@ -92,6 +92,8 @@ class EventPublisher:
     are buffered. stop() delivers what it can within timeout_s; what is left stays in a
     DiskSpool for the next run (or is counted as dropped with a memory-only spool).
     linger_s: how long the first event of a batch waits for others before the batch is sent.
+    flush_timeout_s: how long one send_batch may take before its events count as not
+    delivered (they go to the spool); it also bounds how long stop() waits after timeout_s.
     spool: where unconfirmed events wait (default: a MemorySpool of max_spooled records);
     the publisher does not close it. topics: renames the topics callers publish to (the
     names in snaplearn_common.events) to the ones this deployment configured.
