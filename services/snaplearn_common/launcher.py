@@ -11,31 +11,57 @@ recommender or client packages: snaplearn-common stays free of torch and LightFM
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, ClassVar
+
+from pydantic import Field
+
+from snaplearn_common.eventbus.settings import BusSettings
+from snaplearn_common.settings import Cli, Settings, SettingsConfigDict
 
 
-@dataclass(frozen=True)
-class LaunchSettings:
-    data_dir: Path
-    host: str = "127.0.0.1"
-    vision_port: int = 50051
-    vision_metrics_port: int = 9101
-    recommender_port: int = 50052
-    recommender_metrics_port: int = 9102
-    demo: bool = True
-    exit_after_demo: bool = False
-    ready_timeout_s: float = 180.0
-    bus_args: tuple[str, ...] = field(default_factory=tuple)
+class LaunchSettings(Settings):
+    """snaplearn up: train the default model if needed, start the vision server and the
+    recommender, run the demo against them, and serve until Ctrl-C."""
+
+    model_config = SettingsConfigDict(env_prefix="SNAPLEARN_LAUNCH_")
+    cli_prog: ClassVar[str | None] = "snaplearn up"
+
+    data_dir: Path = Field(
+        default=Path("var"),
+        validation_alias="SNAPLEARN_DATA_DIR",
+        description="models, the embedded bus, logs and state go here",
+    )
+    host: str = Field(default="127.0.0.1", description="interface both servers bind")
+    vision_port: Annotated[int, Field(ge=0, le=65535, description="vision gRPC port (0 picks one)")] = 50051
+    vision_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9101
+    recommender_port: Annotated[int, Field(ge=0, le=65535)] = 50052
+    recommender_metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9102
+    demo: bool = Field(default=True, description="run the demo once the servers are ready")
+    exit_after_demo: bool = Field(default=False, description="stop once the demo has run (smoke test)")
+    ready_timeout_s: Annotated[float, Cli(flag="--ready-timeout"), Field(gt=0)] = 180.0
+    # Both servers get these as flags (bus_flags); the embedded bus lives in data_dir unless
+    # --bus-path (or SNAPLEARN_BUS_PATH) says otherwise.
+    bus: BusSettings = Field(default_factory=BusSettings)
+
+    def bus_flags(self) -> list[str]:
+        """The bus settings as the servers' flags (secrets stay in the inherited environment)."""
+        bus = self.bus
+        if "embedded_path" not in bus.model_fields_set:
+            bus = bus.model_copy(update={"embedded_path": str(self.data_dir / "bus.db")})
+        flags: list[str] = []
+        for name in BusSettings.model_fields:
+            flag = BusSettings.flag_of(name)
+            if flag is not None:
+                flags += [flag, str(getattr(bus, name))]
+        return flags
 
     @property
     def models_dir(self) -> Path:
@@ -136,7 +162,7 @@ def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
             "--model-repository", str(settings.models_dir),
             "--spool-dir", str(data / "spool"),
             "--ready-file", str(data / "run" / "vision.json"),
-            *settings.bus_args,
+            *settings.bus_flags(),
         ],
         logs / "vision.log",
         data / "run" / "vision.json",
@@ -149,7 +175,7 @@ def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
             "--metrics-port", str(settings.recommender_metrics_port),
             "--checkpoint-dir", str(data / "recommender"),
             "--ready-file", str(data / "run" / "recommender.json"),
-            *settings.bus_args,
+            *settings.bus_flags(),
         ],
         logs / "recommender.log",
         data / "run" / "recommender.json",
@@ -201,32 +227,11 @@ def up(settings: LaunchSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="snaplearn", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("up", help="start everything, run the demo, serve until Ctrl-C")
-    run.add_argument("--data-dir", type=Path, default=Path(os.environ.get("SNAPLEARN_DATA_DIR", "var")))
-    run.add_argument("--host", default="127.0.0.1")
-    run.add_argument("--vision-port", type=int, default=50051)
-    run.add_argument("--vision-metrics-port", type=int, default=9101)
-    run.add_argument("--recommender-port", type=int, default=50052)
-    run.add_argument("--recommender-metrics-port", type=int, default=9102)
-    run.add_argument("--no-demo", dest="demo", action="store_false", help="start the servers only")
-    run.add_argument("--exit-after-demo", action="store_true", help="stop once the demo has run (smoke test)")
-    run.add_argument("--ready-timeout", type=float, default=180.0)
-    args, bus_args = parser.parse_known_args(argv)
-    settings = LaunchSettings(
-        data_dir=args.data_dir,
-        host=args.host,
-        vision_port=args.vision_port,
-        vision_metrics_port=args.vision_metrics_port,
-        recommender_port=args.recommender_port,
-        recommender_metrics_port=args.recommender_metrics_port,
-        demo=args.demo,
-        exit_after_demo=args.exit_after_demo,
-        ready_timeout_s=args.ready_timeout,
-        bus_args=tuple(bus_args) or ("--bus", "embedded", "--bus-path", str(args.data_dir / "bus.db")),
-    )
-    return up(settings)
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] != "up":
+        print("usage: snaplearn up [--help] [flags]", file=sys.stderr)
+        return 2
+    return up(LaunchSettings.from_argv(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from snaplearn_client import RecommenderClient
 from snaplearn_common.eventbus.base import Record
 from snaplearn_common.eventbus.kafka import KafkaEventBus
+from snaplearn_common.eventbus.settings import BusSettings
 from snaplearn_common.launcher import ManagedProcess, server_processes
 from tests.contract.eventbus_contract import POLL_S
 from tests.helpers.kafka_broker import unique_name
@@ -44,15 +45,19 @@ class KafkaSystem:
     def dead_letter_topic(self) -> str:
         return self.topic + ".dlq"
 
-    def _bus_args(self) -> list[str]:
-        return [
-            "--bus", "kafka", "--kafka-bootstrap", self.bootstrap, "--bus-topic", self.topic,
-            "--bus-partitions", str(PARTITIONS), "--bus-session-timeout", str(self.session_timeout_s),
-        ]  # fmt: skip
+    def _bus(self) -> BusSettings:
+        return BusSettings.from_env(
+            {},
+            backend="kafka",
+            kafka_bootstrap_servers=self.bootstrap,
+            topic=self.topic,
+            partitions=PARTITIONS,
+            session_timeout_s=self.session_timeout_s,
+        )
 
     def _server_processes(self) -> tuple[ManagedProcess, ManagedProcess]:
         """The vision server and the recommender as `make up` runs them, on this system's topic."""
-        vision, recommender = server_processes(launch_settings(self.data_dir, self._bus_args()))
+        vision, recommender = server_processes(launch_settings(self.data_dir, self._bus()))
         return vision, recommender
 
     def start_vision(self, models: Path) -> None:

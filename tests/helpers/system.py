@@ -14,11 +14,12 @@ that each exited 0, since a server that crashes on shutdown would otherwise go u
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from snaplearn_common.eventbus.settings import BusSettings
 from snaplearn_common.launcher import LaunchSettings, server_processes
 
 READY_TIMEOUT_S = 120.0
@@ -38,15 +39,16 @@ class RunningSystem:
         return f"127.0.0.1:{self.recommender['port']}"
 
 
-def launch_settings(data_dir: Path, bus_args: Sequence[str]) -> LaunchSettings:
+def launch_settings(data_dir: Path, bus: BusSettings) -> LaunchSettings:
     """What `make up` would use in data_dir, but every port 0 (tests run side by side)."""
-    return LaunchSettings(
+    return LaunchSettings.from_env(
+        {},
         data_dir=data_dir,
         vision_port=0,
         vision_metrics_port=0,
         recommender_port=0,
         recommender_metrics_port=0,
-        bus_args=tuple(bus_args),
+        bus=bus,
     )
 
 
@@ -54,8 +56,8 @@ def launch_settings(data_dir: Path, bus_args: Sequence[str]) -> LaunchSettings:
 def embedded_system(data_dir: Path, models: Path) -> Iterator[RunningSystem]:
     """Both servers started in data_dir (which must not exist yet) and ready."""
     shutil.copytree(models, data_dir / "models")
-    bus_args = ("--bus", "embedded", "--bus-path", str(data_dir / "bus.db"))
-    processes = server_processes(launch_settings(data_dir, bus_args))
+    bus = BusSettings.from_env({}, backend="embedded", embedded_path=str(data_dir / "bus.db"))
+    processes = server_processes(launch_settings(data_dir, bus))
     try:
         for process in processes:
             process.start()
