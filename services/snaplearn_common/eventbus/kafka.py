@@ -490,9 +490,9 @@ class KafkaBusProducer(Producer):
             if self._closed:
                 raise RuntimeError("producer is closed")
             failures, permanent, timed_out = self._deliver(records, deadline)
-            if timed_out:
-                self._replace("a flush timed out")
-            elif permanent:
+            # A timed-out flush keeps its producer: building a new one blocks while the cluster is
+            # unreachable, and the publisher must get back to spooling.
+            if permanent and not timed_out:
                 self._replace("a non-retriable delivery error")
         finally:
             self._lock.release()
