@@ -147,7 +147,9 @@ running_pid() {
     pid="$(cat "$PID_FILE")"
     [[ "$pid" =~ ^[0-9]+$ ]] || return 1
     kill -0 "$pid" 2>/dev/null || return 1
-    ps -p "$pid" -o args= 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
+    # -ww: without it ps cuts args to $COLUMNS (80 in many CI shells) before kafka.Kafka, and a
+    # running broker would read as stopped.
+    ps -ww -p "$pid" -o args= 2>/dev/null | grep -q 'kafka\.Kafka' || return 1
     echo "$pid"
 }
 
