@@ -2,8 +2,10 @@
 
 Interactions: one (user, item, weight, time) per line.
 - `movielens`: MovieLens u.data / ua.base / ua.test: tab-separated `user item rating timestamp`.
-- `tsv` / `csv`: `user, item[, weight[, time]]`; a first line whose weight/time is not a number
-  is a header. Missing weight = 1, missing time = 0.
+- `tsv` / `csv`: `user, item[, weight[, time]]`; a first line whose weight/time is not a number,
+  or whose first two cells name the user and item columns (`user,item`), is a header. Missing
+  weight = 1, missing time = 0. The weight is a positive's sample weight in training (where the
+  loss supports it) as well as what `--min-weight` cuts on.
 Features: per id, a list of (feature name, weight).
 - `movielens` users (u.user `id|age|gender|occupation|zip`): age band, gender, occupation and
   the zip code's first digit (US region), each weight 1.
@@ -84,6 +86,15 @@ def _number(text: str) -> float | None:
         return None
 
 
+# First cells of a header line naming the columns (compared case-insensitively).
+USER_COLUMNS = frozenset({"user", "user_id", "userid", "student", "student_id"})
+ITEM_COLUMNS = frozenset({"item", "item_id", "itemid", "exercise", "exercise_id"})
+
+
+def _is_header(row: Sequence[str]) -> bool:
+    return row[0].lower() in USER_COLUMNS and row[1].lower() in ITEM_COLUMNS
+
+
 def _delimiter(file_format: str) -> str:
     if file_format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {file_format!r}")
@@ -98,6 +109,8 @@ def load_interactions(path: str | Path, file_format: str = "movielens") -> Inter
     for line_number, row in enumerate(_rows(Path(path), _delimiter(file_format)), start=1):
         if len(row) < 2:
             raise ValueError(f"{path}:{line_number}: expected user, item[, weight[, time]], got {row}")
+        if line_number == 1 and file_format != "movielens" and _is_header(row):
+            continue
         weight = _number(row[2]) if len(row) > 2 else 1.0
         time = _number(row[3]) if len(row) > 3 else 0.0
         if weight is None or time is None:
@@ -176,12 +189,17 @@ def _natural_order(ids: Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True, slots=True)
 class IndexedSplit:
-    """Train/test as binary positive matrices over one id space (rows = users, columns = items)."""
+    """Train/test as binary positive matrices over one id space (rows = users, columns = items).
+
+    train_weights: the weight of each training positive (the largest of its duplicates), on
+    train's sparsity pattern; None where none were given.
+    """
 
     user_ids: tuple[str, ...]
     item_ids: tuple[str, ...]
     train: sp.csr_matrix
     test: sp.csr_matrix
+    train_weights: sp.csr_matrix | None = None
 
 
 def index_split(
@@ -210,4 +228,69 @@ def index_split(
         out.data[:] = 1.0  # duplicates summed: still one positive
         return out
 
-    return IndexedSplit(tuple(user_ids), tuple(item_ids), matrix(train), matrix(test))
+    def weights(data: Interactions) -> sp.csr_matrix:
+        largest: dict[tuple[int, int], float] = {}
+        kept = data.weights >= min_weight
+        for user, item, weight in zip(data.users[kept], data.items[kept], data.weights[kept], strict=True):
+            cell = (user_row[user], item_column[item])
+            largest[cell] = max(largest.get(cell, weight), weight)
+        rows = [r for r, _ in largest]
+        columns = [c for _, c in largest]
+        return sp.csr_matrix((list(largest.values()), (rows, columns)), shape=shape, dtype=np.float32)
+
+    return IndexedSplit(
+        tuple(user_ids), tuple(item_ids), matrix(train), matrix(test), train_weights=weights(train)
+    )
+
+
+# ---- knowledge tracing: the three-line format (DKVMN's distribution of ASSIST2015 / STATICS2011) ----
+
+Sequence3 = list[tuple[str, bool]]
+
+
+def load_attempts(path: str | Path) -> list[Sequence3]:
+    """One list of (exercise id, correct) per student, in time order, from the three-line format.
+
+    Each student is three lines: the number of attempts, the exercise ids, the outcomes (1/0).
+    Blank lines between students are allowed; a trailing comma on a line is ignored.
+    """
+    path = Path(path)
+    lines = [
+        (number, line.strip())
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1)
+    ]
+    lines = [(number, line) for number, line in lines if line]
+    if len(lines) % 3:
+        raise ValueError(f"{path}: expected three lines per student, got {len(lines)} non-empty lines")
+    students: list[Sequence3] = []
+    for start in range(0, len(lines), 3):
+        (count_line, count), (ids_line, ids), (outcomes_line, outcomes) = lines[start : start + 3]
+        try:
+            expected = int(count.rstrip(","))
+        except ValueError:
+            raise ValueError(f"{path}:{count_line}: expected the number of attempts, got {count!r}") from None
+        exercises = [cell.strip() for cell in ids.rstrip(",").split(",")]
+        answers = [cell.strip() for cell in outcomes.rstrip(",").split(",")]
+        if len(exercises) != expected or len(answers) != expected:
+            raise ValueError(
+                f"{path}:{count_line}: {expected} attempts announced but line {ids_line} has "
+                f"{len(exercises)} ids and line {outcomes_line} has {len(answers)} outcomes"
+            )
+        if any(a not in ("0", "1") for a in answers):
+            raise ValueError(f"{path}:{outcomes_line}: outcomes must be 0 or 1")
+        students.append([(e, a == "1") for e, a in zip(exercises, answers, strict=True)])
+    return students
+
+
+def load_concept_map(path: str | Path) -> dict[str, str]:
+    """Exercise id -> concept id from a file whose lines start `exercise<sep>concept` (tab or comma).
+
+    STATICS_qid_sid_sname maps each question to its skill; lines that do not start with two
+    fields (a header) are skipped.
+    """
+    mapping: dict[str, str] = {}
+    for line in Path(path).read_text(encoding="utf-8-sig", errors="replace").splitlines():
+        cells = [c.strip() for c in line.replace("\t", ",").split(",")]
+        if len(cells) >= 2 and cells[0] and cells[1]:
+            mapping[cells[0]] = cells[1]
+    return mapping

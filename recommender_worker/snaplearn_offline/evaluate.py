@@ -5,10 +5,13 @@ train split and reports precision@k, recall@k, NDCG@k and AUC on the held-out sp
 all items and with each user's training items excluded, next to a popularity baseline.
 
 MovieLens 100k with LightFM's published setting (examples/movielens/example.ipynb: all ratings
-positive, ua.base/ua.test, WARP, learning rate 0.05, 10 components, 10 epochs):
+positive and unweighted, ua.base/ua.test, WARP, learning rate 0.05, 10 components, 10 epochs):
 
     python -m snaplearn_offline.evaluate --movielens ../shared/data/movielens-100k \\
-        --components 10 --epochs 10 --features identity items items+users
+        --components 10 --epochs 10 --features identity items items+users --no-sample-weights
+
+By default the weight column (MovieLens: the rating) weights each training positive.
+Knowledge tracing on the three-line format: python -m snaplearn_offline.knowledge_tracing.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from snaplearn_recommender.features import LOSSES, HybridLightFM, NamedFeatures,
 
 # Feature sets: which metadata joins the identity features (LightFM's pure CF is "identity").
 VARIANTS = {"identity": (False, False), "items": (True, False), "items+users": (True, True)}
+# LightFM takes sample weights with these losses (not with k-OS WARP).
+WEIGHTED_LOSSES = ("warp", "bpr", "logistic")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,7 @@ class ModelOptions:
     max_sampled: int = 10
     metadata_weight: float = 1.0
     threads: int = 1
+    sample_weights: bool = True  # the interactions' weight column, where the loss supports it
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +136,12 @@ def evaluate_lightfm(
         max_sampled=options.max_sampled,
     )
     interactions = split.train.tocoo()
+    sample_weight = None
+    if options.sample_weights and options.loss in WEIGHTED_LOSSES and split.train_weights is not None:
+        cells = np.asarray(split.train_weights[interactions.row, interactions.col]).ravel()
+        sample_weight = sp.coo_matrix(
+            (cells.astype(np.float32), (interactions.row, interactions.col)), shape=interactions.shape
+        )
     checkpoints = sorted({*range(curve_every, options.epochs, curve_every), options.epochs})
     points: list[tuple[int, dict[bool, dict[str, float]]]] = []
     fit_seconds = 0.0
@@ -137,7 +149,12 @@ def evaluate_lightfm(
     for epoch in checkpoints:
         started = time.perf_counter()
         model.fit_partial(
-            interactions, user_features, item_features, epochs=epoch - trained, num_threads=options.threads
+            interactions,
+            user_features,
+            item_features,
+            sample_weight=sample_weight,
+            epochs=epoch - trained,
+            num_threads=options.threads,
         )
         fit_seconds += time.perf_counter() - started
         trained = epoch
@@ -269,6 +286,13 @@ def _parser() -> argparse.ArgumentParser:
     model.add_argument("--max-sampled", type=int, default=10)
     model.add_argument("--metadata-weight", type=float, default=1.0, help="metadata weight vs identity 1")
     model.add_argument("--threads", type=int, default=1, help=">1 is faster but not deterministic")
+    model.add_argument(
+        "--sample-weights",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="weight each training positive by its weight column (losses warp, bpr, logistic); "
+        "--no-sample-weights trains on 0/1 positives (LightFM's published MovieLens setting)",
+    )
     model.add_argument("--seeds", type=int, nargs="+", default=[0])
     out = parser.add_argument_group("output")
     out.add_argument("--k", type=int, default=10)
@@ -323,6 +347,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_sampled=args.max_sampled,
         metadata_weight=args.metadata_weight,
         threads=args.threads,
+        sample_weights=args.sample_weights,
     )
     results = run(split, args.features, options, args.seeds, args.k, users, items, args.curve_every)
     command = "python -m snaplearn_offline.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])

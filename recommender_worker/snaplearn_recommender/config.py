@@ -18,6 +18,7 @@ from typing import Annotated, ClassVar, Literal, Self
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from snaplearn_common.eventbus.settings import BusSettings
+from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_recommender.model import Loss, ModelParams
 from snaplearn_recommender.snapshot_store import DEFAULT_RETAIN, open_storage
@@ -87,10 +88,20 @@ class RecommenderSettings(Settings):
     port: Annotated[int, Field(ge=0, le=65535, description="gRPC port (0 picks one)")] = 50052
     metrics_port: Annotated[int, Field(ge=0, le=65535, description="/metrics port (0 picks one)")] = 9102
     bus: BusSettings = Field(default_factory=BusSettings.from_env)
+    # TLS, tokens, rate limit, reflection (--tls-cert, SNAPLEARN_TLS_CERT, ...; none: plaintext, open).
+    security: SecuritySettings = Field(default_factory=SecuritySettings.from_env)
     catalog_path: Annotated[Path | None, Cli(flag="--catalog", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
         default=None,
         validation_alias=_env("CATALOG"),
         description=".csv or .jsonl (unset: the sample catalog)",
+    )
+    catalog_features_path: Annotated[
+        Path | None, Cli(flag="--catalog-features", metavar="PATH"), _UNSET_IF_EMPTY
+    ] = Field(
+        default=None,
+        validation_alias=_env("CATALOG_FEATURES"),
+        description="the catalog's feature declaration, .toml or .json (unset: <catalog stem>.features.toml "
+        "or .json beside the catalog, else its grade/format/difficulty columns)",
     )
     label_map_path: Annotated[Path | None, Cli(flag="--label-map", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
         default=None,
@@ -109,6 +120,14 @@ class RecommenderSettings(Settings):
     consumer_group: Annotated[str, Field(min_length=1, description="event bus consumer group")] = (
         _WORKER.group_id
     )
+    consumer_instance_id: Annotated[
+        str,
+        Field(
+            pattern=r"^[A-Za-z0-9._-]{0,249}$",
+            description="static group membership id: a restart under it takes the partitions back "
+            "without waiting for the session timeout; one process per id ('' = dynamic membership)",
+        ),
+    ] = _WORKER.instance_id
     batch_max_events: Annotated[int, Field(ge=1, description="events per micro-batch, at most")] = (
         _WORKER.batch_max_events
     )
@@ -202,6 +221,7 @@ class RecommenderSettings(Settings):
         return WorkerSettings(
             topic=self.bus.topic,
             group_id=self.consumer_group,
+            instance_id=self.consumer_instance_id,
             topic_partitions=self.bus.partitions,
             batch_max_events=self.batch_max_events,
             batch_max_wait_s=self.batch_max_wait_ms / 1000,

@@ -33,10 +33,10 @@ from snaplearn_common.events import (
     FeedbackKind,
     encode_feedback_recorded,
 )
+from snaplearn_common.ids import check_id
 from snaplearn_recommender.model import RecentIds
 from snaplearn_recommender.snapshot import Snapshot
 
-MAX_ID_CHARS = 128
 # Client clocks drift; a time further ahead than this would move the model's event-time clock
 # (and with it every student's skip window) into the future.
 MAX_FUTURE_SKEW_S = 300.0
@@ -81,17 +81,25 @@ class FeedbackRecorder:
         time_s: float | None = None,
     ) -> FeedbackReceipt:
         """Publish one feedback event; returns its id. Raises InvalidInput, NotFound, Overloaded."""
-        _check_id("user_id", user_id)
-        _check_id("item_id", item_id)
-        if len(request_id) > MAX_ID_CHARS:
-            raise InvalidInput(f"request_id is {len(request_id)} characters; the limit is {MAX_ID_CHARS}")
+        check_id("user_id", user_id)
+        check_id("item_id", item_id)
+        check_id("request_id", request_id, required=False)
         if kind is None:
             raise InvalidInput("kind must be one of viewed, completed, skipped")
         now = self._clock()
         if time_s is None:
             time_s = now
-        elif not math.isfinite(time_s) or time_s <= 0 or time_s > now + MAX_FUTURE_SKEW_S:
-            raise InvalidInput(f"time must be in the past (at most {MAX_FUTURE_SKEW_S:.0f} s ahead)")
+        elif not math.isfinite(time_s):
+            raise InvalidInput(f"time must be a finite Unix time, got {time_s}")
+        elif time_s < 0:
+            # The model reads event times as Unix times (0 and below: undated); an earlier time
+            # is a client bug, not a student's feedback.
+            raise InvalidInput("time is before 1970-01-01T00:00:00Z; send when the student gave the feedback")
+        elif time_s > now + MAX_FUTURE_SKEW_S:
+            raise InvalidInput(
+                f"time is {time_s - now:.0f} s ahead of the server's clock; at most "
+                f"{MAX_FUTURE_SKEW_S:.0f} s of clock skew is accepted"
+            )
         catalog = self._snapshot().catalog
         if catalog.position(item_id) is None:
             raise NotFound(f"unknown item_id {item_id!r}: not in this model's catalog ({len(catalog)} items)")
@@ -104,13 +112,6 @@ class FeedbackRecorder:
         if request_id:
             self._recorded.add(request_id)
         return FeedbackReceipt(event_id=event_id, accepted=True)
-
-
-def _check_id(name: str, value: str) -> None:
-    if not value or not value.strip():
-        raise InvalidInput(f"{name} is required")
-    if len(value) > MAX_ID_CHARS:
-        raise InvalidInput(f"{name} is {len(value)} characters; the limit is {MAX_ID_CHARS}")
 
 
 @dataclass

@@ -69,6 +69,7 @@ class Frontend:
                 port=settings.port,
                 serving=service.has_snapshot,
                 max_connection_age_s=settings.max_connection_age_s,
+                security=settings.security,
             )
         except BaseException:
             await asyncio.to_thread(feedback.close)

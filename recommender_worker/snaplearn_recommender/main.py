@@ -6,11 +6,13 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from collections.abc import Sequence
 
 from snaplearn_common.eventbus.base import EventBus
 from snaplearn_common.eventbus.factory import open_bus
 from snaplearn_common.files import write_ready_file
+from snaplearn_recommender.catalog import CatalogError
 from snaplearn_recommender.config import RecommenderSettings, settings_from_args
 from snaplearn_recommender.query import QueryApp
 from snaplearn_recommender.trainer import TrainerApp
@@ -62,7 +64,11 @@ async def run(settings: RecommenderSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run(settings))
+    try:
+        asyncio.run(run(settings))
+    except CatalogError as exc:  # a refusal of the user's catalog files: one sentence, no traceback
+        print(f"snaplearn-recommender: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

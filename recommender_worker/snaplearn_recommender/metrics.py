@@ -21,6 +21,9 @@ WORKER_COUNTERS = {
     "checkpoints": "Checkpoints of model + offsets written",
     "commit_failures": "Offset commits that failed (the checkpoint still holds the offsets)",
     "records_consumed": "Records read from the topic",
+    "commits_skipped": "Offset commits not tried while the event bus was unreachable",
+    "bus_outages": "Times the event bus became unreachable for the worker (at start included)",
+    "bus_outage_seconds": "Seconds of event bus outages that have ended",
 }
 
 BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

@@ -1,7 +1,8 @@
 """The LightFM hybrid model, learned incrementally from ImageClassified events.
 
 Features
-- item: identity + concept:* + grade:* + format:* + difficulty:*
+- item: identity + concept:* + one `name:value` per declared catalog feature (the sample
+  catalog's grade:*, format:*, difficulty:*; numeric features by bucket)
 - user: identity + concept:* weighted by the user's CONCEPT PROFILE (time-decayed, score-
   weighted counts of the concepts their photos were classified as, normalised to sum 1).
   A brand-new student is therefore personalised by their first photo, before any fit.
@@ -24,6 +25,13 @@ and mark the item seen. `skipped` adds no positive and hides the item from that 
 recommendations for `skip_window_s` of EVENT time: the model's clock is the latest event time
 it has applied, so replays and restored checkpoints expire skips exactly as the first run
 did, and a skip synced late (older than the window) hides nothing.
+
+Catalog changes (CatalogItemAdded / Changed / Retired) arrive on the same stream and are applied
+in log order like the rest: an added item gets its model row at once and is scored from its
+features (its identity embedding starts fresh); a changed item keeps its row and identity and
+takes its new features; a retired item keeps its row but leaves every lookup, so it is never
+recommended, sampled as a positive or a SimilarItems source (it can be added back). `sync_catalog`
+does the same for a catalog file given at start against a checkpoint's catalog.
 """
 
 from __future__ import annotations
@@ -42,11 +50,13 @@ from lightfm import LightFM
 
 from snaplearn_common.events import FeedbackKind, feedback_kind_from_proto
 from snaplearn_recommender.catalog import (
-    FORMATS,
     Catalog,
+    CatalogDiff,
     LabelMapping,
     LearningItem,
     default_label_to_concepts,
+    diff_catalogs,
+    item_from_proto,
 )
 from snaplearn_recommender.features import (
     MIN_CAPACITY,
@@ -64,6 +74,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PARAMETER_ARRAYS",
     "ApplyResult",
+    "CatalogChange",
     "ClassifiedEvent",
     "FeedbackEvent",
     "Loss",
@@ -156,7 +167,38 @@ class FeedbackEvent:
         )
 
 
-ModelEvent = ClassifiedEvent | FeedbackEvent
+CatalogChangeKind = Literal["added", "changed", "retired"]
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogChange:
+    """A CatalogItemAdded / Changed (item given) or CatalogItemRetired (item None) event."""
+
+    event_id: str
+    kind: CatalogChangeKind
+    item_id: str
+    item: LearningItem | None
+    time_s: float = 0.0
+
+    @classmethod
+    def from_proto(cls, message: Any) -> CatalogChange | None:
+        """The change a CatalogItemAdded / Changed / Retired message makes; None for other messages.
+        CatalogError (a ValueError) for an item that breaks the catalog's rules."""
+        from snaplearn.events.v1 import events_pb2
+
+        time_s = message.time.ToNanoseconds() / 1e9 if message.HasField("time") else 0.0
+        if isinstance(message, events_pb2.CatalogItemRetired):
+            return cls(message.event_id, "retired", message.item_id, None, time_s)
+        if isinstance(message, events_pb2.CatalogItemAdded | events_pb2.CatalogItemChanged):
+            kind: CatalogChangeKind = (
+                "added" if isinstance(message, events_pb2.CatalogItemAdded) else "changed"
+            )
+            item = item_from_proto(message.item)
+            return cls(message.event_id, kind, item.item_id, item, time_s)
+        return None
+
+
+ModelEvent = ClassifiedEvent | FeedbackEvent | CatalogChange
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +210,7 @@ class ApplyResult:
     without_known_concepts: int
     feedback: int = 0  # FeedbackRecorded events among `applied`
     unknown_items: int = 0  # feedback for items not in the catalog (ignored)
+    catalog_changes: int = 0  # catalog events among `applied`
 
 
 class RecentIds:
@@ -193,16 +236,18 @@ class RecentIds:
             self._members.discard(self._order.popleft())
 
 
+# Each declared feature's total weight in an item's row (split among a multi feature's values).
+FEATURE_WEIGHT = 0.5
+
+
 def _item_feature_names(item: LearningItem) -> list[tuple[str, float]]:
-    """(feature, weight) for one item; metadata weights sum to 1 so multi-concept items don't dominate."""
-    concept_weight = 1.0 / len(item.concepts)
-    return [
-        (f"item:{item.item_id}", 1.0),
-        *((f"concept:{c}", concept_weight) for c in item.concepts),
-        (f"grade:{item.grade}", 0.5),
-        (f"format:{item.format}", 0.5),
-        (f"difficulty:{item.difficulty}", 0.5),
-    ]
+    """(feature, weight) for one item; concept weights sum to 1 and each feature's to FEATURE_WEIGHT,
+    so that items with many concepts or values do not dominate."""
+    names = [(f"item:{item.item_id}", 1.0)]
+    names += [(f"concept:{c}", 1.0 / len(item.concepts)) for c in item.concepts]
+    for name, tokens in item.features.items():
+        names += [(f"{name}:{token}", FEATURE_WEIGHT / len(tokens)) for token in tokens]
+    return names
 
 
 def _grown(array: npt.NDArray[Any], rows: int, fill: float = 0.0) -> npt.NDArray[Any]:
@@ -274,7 +319,12 @@ class RecommenderModel:
         if "_skips" not in state:  # pickled before engagement feedback
             self._init_feedback_state()
             state["params"] = ModelParams.upgraded(state["params"])
+        old_item_arrays = "_item_grades" in state  # pickled before declared features
+        for name in ("_item_grades", "_item_format_codes", "_concept_items"):
+            state.pop(name, None)
         self.__dict__.update(state)
+        if old_item_arrays:
+            self._rebuild_item_arrays()
 
     # --- sizes (for tests and metrics) ---------------------------------------------------------
 
@@ -313,6 +363,7 @@ class RecommenderModel:
         return self._clock
 
     def has_item(self, item_id: str) -> bool:
+        """True for an active (not retired) item of the catalog."""
         return self.catalog.position(item_id) is not None
 
     def skipped(self, user_id: str) -> tuple[str, ...]:
@@ -356,14 +407,42 @@ class RecommenderModel:
         """Append items (new ids only); their new feature values get fresh parameter rows."""
         new_items = list(items)
         self.catalog = self.catalog.extended(new_items)
-        for item in new_items:
+        self._register(new_items)
+        self._rebuild_item_arrays()
+
+    def _register(self, items: Sequence[LearningItem]) -> None:
+        """Vocabulary, concepts, parameter rows and popularity for items now in self.catalog."""
+        for item in items:
             for name, _ in _item_feature_names(item):
                 self._item_vocab.add(name)
             for concept in item.concepts:
                 self._add_concept(concept)
         self._hybrid.reserve("item", len(self._item_vocab))
-        self._popularity = np.concatenate([self._popularity, np.zeros(len(new_items))])
-        self._rebuild_item_arrays()
+        if len(self._popularity) < len(self.catalog):
+            grown = np.zeros(len(self.catalog))
+            grown[: len(self._popularity)] = self._popularity
+            self._popularity = grown
+
+    def upsert_item(self, item: LearningItem) -> None:
+        """Add `item`, or change the item of its id in place (keeping its row), un-retiring it.
+        Call _rebuild_item_arrays (or use apply / sync_catalog, which do) before training or serving."""
+        self.catalog = self.catalog.with_item(item)
+        self._register([item])
+
+    def retire_items(self, item_ids: Iterable[str]) -> None:
+        """Never recommend these items again (unless added back); their rows stay."""
+        self.catalog = self.catalog.with_retired(item_ids)
+
+    def sync_catalog(self, catalog: Catalog) -> CatalogDiff:
+        """Make the model's active items exactly `catalog`'s (e.g. a catalog given at start against a
+        checkpoint's): new items added, changed ones updated, the rest retired. Returns the changes."""
+        changes = diff_catalogs(self.catalog, catalog)
+        if changes:
+            for item in (*changes.added, *changes.changed):
+                self.upsert_item(item)
+            self.retire_items(changes.retired)
+            self._rebuild_item_arrays()
+        return changes
 
     def _rebuild_item_arrays(self) -> None:
         self._item_features = feature_matrix(map(_item_feature_names, self.catalog), self._item_vocab)
@@ -371,12 +450,6 @@ class RecommenderModel:
         for position, item in enumerate(self.catalog):
             membership[position, [self._concepts.add(c) for c in item.concepts]] = True
         self._concept_membership = read_only(membership)
-        self._item_grades = read_only(np.array([item.grade for item in self.catalog], dtype=np.int64))
-        codes = [FORMATS.index(item.format) for item in self.catalog]
-        self._item_format_codes = read_only(np.array(codes, dtype=np.int64))
-        self._concept_items = {
-            concept: self.catalog.positions_for_concept(concept) for concept in self.catalog.concepts
-        }
 
     def _user_row(self, user_id: str, time_s: float) -> int:
         row = self._user_index.get(user_id)
@@ -451,12 +524,12 @@ class RecommenderModel:
             for _ in range(self.params.prior_students_per_concept):
                 profile = np.zeros(len(self._concepts))
                 profile[self._concepts.add(concepts[primary])] = 1.0
-                candidates = list(self._concept_items[concepts[primary]])
+                candidates = list(self.catalog.positions_for_concept(concepts[primary]))
                 if len(concepts) > 1 and self._rng.random() < 0.3:  # some students have a side interest
                     secondary = concepts[int(self._rng.integers(len(concepts)))]
                     if secondary != concepts[primary]:
                         profile[self._concepts.add(secondary)] = 0.5
-                        candidates += list(self._concept_items[secondary][:2])
+                        candidates += list(self.catalog.positions_for_concept(secondary)[:2])
                 chosen = self._rng.choice(
                     candidates, size=min(len(candidates), self.params.prior_items_per_student), replace=False
                 )
@@ -501,11 +574,12 @@ class RecommenderModel:
         kept = [
             (c, s)
             for rank, (c, s) in enumerate(concept_scores)
-            if c in self._concept_items and (rank == 0 or s >= self.params.min_label_score)
+            if self.catalog.positions_for_concept(c) and (rank == 0 or s >= self.params.min_label_score)
         ][: self.params.max_concepts_per_event]
         for rank, (concept, score) in enumerate(kept):
             wanted = self.params.items_per_event if rank == 0 else 1
-            pool = [p for p in self._concept_items[concept] if p not in chosen]
+            # Active items only: a retired item is never a positive.
+            pool = [p for p in self.catalog.positions_for_concept(concept) if p not in chosen]
             # Plain Python over a concept's items: a few dozen, where numpy set ops cost more.
             unseen = [p for p in pool if p not in seen]
             source = unseen or pool
@@ -541,6 +615,7 @@ class RecommenderModel:
         train=False updates profiles, seen items, skips and popularity but runs no fit_partial.
         """
         applied = duplicates = new_users = without_concepts = feedback = unknown_items = 0
+        catalog_changes = 0
         batch_rows: dict[int, int] = {}  # user row -> row in this batch's matrices
         skip_rows: set[int] = set()  # user rows whose skips changed
         rows: list[int] = []
@@ -552,6 +627,11 @@ class RecommenderModel:
                 continue
             self._recent_event_ids.add(event.event_id)
             applied += 1
+            if isinstance(event, CatalogChange):
+                # Not a student's event: it does not move the clock that expires skips.
+                catalog_changes += 1
+                self._apply_catalog_change(event)
+                continue
             self._clock = max(self._clock, event.time_s)
             if isinstance(event, FeedbackEvent):
                 feedback += 1
@@ -589,13 +669,30 @@ class RecommenderModel:
         for row in batch_rows:  # immutable arrays for snapshots, once per touched user
             self._seen[row] = read_only(np.array(sorted(self._seen_sets[row]), dtype=np.int64))
         self._refresh_skips(skip_rows)
+        if catalog_changes:  # once per batch: the feature matrix is O(items)
+            self._rebuild_item_arrays()
         if rows and train:
             user_rows = np.fromiter(batch_rows, dtype=np.int64, count=len(batch_rows))
             self._fit(rows, items, weights, self._user_feature_rows(user_rows), self.params.epochs_per_batch)
         self.events_applied += applied
         return ApplyResult(
-            applied, duplicates, len(rows), new_users, without_concepts, feedback, unknown_items
+            applied,
+            duplicates,
+            len(rows),
+            new_users,
+            without_concepts,
+            feedback,
+            unknown_items,
+            catalog_changes,
         )
+
+    def _apply_catalog_change(self, change: CatalogChange) -> None:
+        """Added and changed are the same upsert (applying one twice changes nothing); retiring an
+        unknown id is a no-op."""
+        if change.kind == "retired" or change.item is None:
+            self.retire_items([change.item_id])
+        else:
+            self.upsert_item(change.item)
 
     def _refresh_skips(self, changed: set[int]) -> None:
         """Drop skips older than the window (by the model's clock); rebuild the hidden-item arrays
@@ -639,8 +736,6 @@ class RecommenderModel:
             concepts=concepts,
             item_vectors=item_vectors,
             item_biases=item_biases,
-            item_grades=self._item_grades,
-            item_format_codes=self._item_format_codes,
             concept_membership=membership,
             popularity=self._popularity.astype(np.float32),
             user_index=dict(self._user_index),

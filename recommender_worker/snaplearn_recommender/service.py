@@ -9,13 +9,13 @@ and never waits for training.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from threadpoolctl import threadpool_limits
 
 from snaplearn_common.errors import Unavailable
 from snaplearn_recommender.metrics import RecommenderMetrics
-from snaplearn_recommender.snapshot import RecommendResult, SimilarItemsResult, Snapshot
+from snaplearn_recommender.snapshot import FeatureFilter, RecommendResult, SimilarItemsResult, Snapshot
 
 
 class RecommendationService:
@@ -68,10 +68,11 @@ class RecommendationService:
         grades: Collection[int] = (),
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
+        features: Sequence[FeatureFilter] = (),
     ) -> RecommendResult:
         snapshot = self._current()  # read once: the whole answer comes from one snapshot
         started = time.perf_counter()
-        result = snapshot.recommend(user_id, k, exclude_seen, grades, formats, concepts)
+        result = snapshot.recommend(user_id, k, exclude_seen, grades, formats, concepts, features)
         if self._metrics is not None:
             elapsed = time.perf_counter() - started
             self._metrics.recommend_latency.labels(cold_start=str(result.cold_start).lower()).observe(elapsed)
@@ -84,5 +85,6 @@ class RecommendationService:
         grades: Collection[int] = (),
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
+        features: Sequence[FeatureFilter] = (),
     ) -> SimilarItemsResult:
-        return self._current().similar_items(item_id, k, grades, formats, concepts)
+        return self._current().similar_items(item_id, k, grades, formats, concepts, features)

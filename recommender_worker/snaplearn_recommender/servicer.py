@@ -8,10 +8,12 @@ import grpc
 from grpc import aio
 
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
+from snaplearn_common.errors import InvalidInput
 from snaplearn_common.events import FeedbackKind
+from snaplearn_common.ids import check_user_id
 from snaplearn_recommender.feedback import FeedbackRecorder
 from snaplearn_recommender.service import RecommendationService
-from snaplearn_recommender.snapshot import RecommendedItem, RecommendResult
+from snaplearn_recommender.snapshot import FeatureFilter, RecommendedItem, RecommendResult
 
 SERVICE_NAME = "snaplearn.recommender.v1.RecommenderService"
 
@@ -39,7 +41,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             item_id=request.item_id,
             kind=_FEEDBACK_KINDS.get(request.kind),  # UNSPECIFIED / unknown: None -> INVALID_ARGUMENT
             request_id=request.request_id,
-            time_s=request.time.ToNanoseconds() / 1e9 if request.HasField("time") else None,
+            time_s=_feedback_time_s(request),
         )
         return recommender_pb2.RecordFeedbackResponse(event_id=receipt.event_id, accepted=receipt.accepted)
 
@@ -48,6 +50,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     ) -> recommender_pb2.RecommendResponse:
         # One matvec over the catalog: cheaper inline on the event loop than a hop to a thread
         # (docs/BENCHMARKS.md, recommender serving). SimilarItems likewise.
+        check_user_id(request.user_id)  # the limit and message Classify and RecordFeedback use
         result = self._service.recommend(
             user_id=request.user_id,
             k=request.k,
@@ -55,6 +58,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             grades=tuple(request.filters.grades),
             formats=tuple(request.filters.formats),
             concepts=tuple(request.filters.concepts),
+            features=_feature_filters(request.filters),
         )
         return to_response(result)
 
@@ -67,10 +71,29 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             grades=tuple(request.filters.grades),
             formats=tuple(request.filters.formats),
             concepts=tuple(request.filters.concepts),
+            features=_feature_filters(request.filters),
         )
         return recommender_pb2.SimilarItemsResponse(
             item_id=result.item_id, items=_items(result.items), model_version=result.model_version
         )
+
+
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
+_TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+
+
+def _feedback_time_s(request: recommender_pb2.RecordFeedbackRequest) -> float | None:
+    """The request's time in Unix seconds, None when unset; InvalidInput for a Timestamp out of
+    its own range (ToNanoseconds() raises ValueError on those, which would read as INTERNAL)."""
+    if not request.HasField("time"):
+        return None
+    seconds, nanos = request.time.seconds, request.time.nanos
+    if not (_TIMESTAMP_SECONDS[0] <= seconds <= _TIMESTAMP_SECONDS[1] and 0 <= nanos <= 999_999_999):
+        raise InvalidInput(
+            f"time is not a valid Timestamp (seconds {seconds}, nanos {nanos}): seconds must lie in "
+            "years 0001..9999 and nanos in [0, 999999999]"
+        )
+    return seconds + nanos / 1e9
 
 
 def to_response(result: RecommendResult) -> recommender_pb2.RecommendResponse:
@@ -83,6 +106,28 @@ def to_response(result: RecommendResult) -> recommender_pb2.RecommendResponse:
     )
 
 
+def _feature_filters(filters: recommender_pb2.RecommendFilters) -> tuple[FeatureFilter, ...]:
+    return tuple(
+        FeatureFilter(
+            name=spec.name,
+            values=tuple(spec.values),
+            minimum=spec.min if spec.HasField("min") else None,
+            maximum=spec.max if spec.HasField("max") else None,
+        )
+        for spec in filters.features
+    )
+
+
+def _item_features(item: RecommendedItem) -> list[recommender_pb2.ItemFeature]:
+    out = []
+    for name, values in item.features.items():
+        feature = recommender_pb2.ItemFeature(name=name, values=values)
+        if name in item.numbers:
+            feature.number = item.numbers[name]
+        out.append(feature)
+    return out
+
+
 def _items(items: Sequence[RecommendedItem]) -> list[recommender_pb2.RecommendedItem]:
     return [
         recommender_pb2.RecommendedItem(
@@ -90,9 +135,11 @@ def _items(items: Sequence[RecommendedItem]) -> list[recommender_pb2.Recommended
             score=item.score,
             title=item.title,
             concepts=item.concepts,
-            grade=item.grade,
-            format=item.format,
+            grade=item.grade or 0,
+            format=item.format or "",
             reason=item.reason,
+            features=_item_features(item),
+            prerequisites=item.prerequisites,
         )
         for item in items
     ]

@@ -6,15 +6,17 @@ Everything here is read-only: numpy arrays have writeable=False and mappings are
 
 Serving cost is dominated by one pass over the item matrix, so each snapshot precomputes, once,
 what every request would otherwise rebuild: the item matrix with the bias folded in as a last
-column (score = one float32 matvec), the cold-start scores, one boolean mask per grade / format /
-concept (filters are ORs and ANDs of those), and unit-norm item embeddings for SimilarItems. When
-the filters leave few items, only those rows are scored.
+column (score = one float32 matvec), the cold-start scores, one boolean mask per concept, and
+unit-norm item embeddings for SimilarItems. Feature filters use the catalog's own index (positions
+per feature value, numeric columns), built once per catalog, not per snapshot. Filters are ORs
+within one filter and ANDs across filters; retired items are never allowed. When the filters leave
+few items, only those rows are scored.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -23,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from snaplearn_common.errors import InvalidInput, NotFound
-from snaplearn_recommender.catalog import FORMATS, MAX_GRADE, MIN_GRADE, Catalog, LearningItem
+from snaplearn_recommender.catalog import FORMATS, Catalog, LearningItem, format_number
 
 DEFAULT_K = 10
 MAX_K = 100
@@ -42,15 +44,34 @@ IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 
 
+# How many known values a refusal lists.
+SHOWN_VALUES = 20
+
+
+@dataclass(frozen=True, slots=True)
+class FeatureFilter:
+    """Keep items whose feature `name` has one of `values` (when given) and, for a numeric feature,
+    lies in [minimum, maximum] (each bound when given)."""
+
+    name: str
+    values: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class RecommendedItem:
     item_id: str
     score: float
     title: str
     concepts: tuple[str, ...]
-    grade: int
-    format: str
+    grade: int | None
+    format: str | None
     reason: str
+    # Declared features: name -> values (a numeric feature: its value, formatted), and prerequisites.
+    features: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    prerequisites: tuple[str, ...] = ()
+    numbers: Mapping[str, float] = field(default_factory=dict)  # numeric features' values
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,8 +114,6 @@ class Snapshot:
     concepts: tuple[str, ...]
     item_vectors: FloatArray  # (n_items, d)
     item_biases: FloatArray  # (n_items,)
-    item_grades: IntArray  # (n_items,)
-    item_format_codes: IntArray  # (n_items,) index into FORMATS
     concept_membership: BoolArray  # (n_items, n_concepts)
     popularity: FloatArray  # (n_items,) score-weighted interaction counts
     user_index: Mapping[str, int]
@@ -104,17 +123,31 @@ class Snapshot:
     # user row -> sorted item positions skipped recently (RecordFeedback): never recommended.
     skipped_items: Mapping[int, IntArray] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
+    # The sample catalog's grade and format as arrays (-1: none), derived from the catalog when not
+    # given; kept for older snapshot files and callers (filters use the catalog's feature index).
+    item_grades: IntArray | None = None
+    item_format_codes: IntArray | None = None
     # Derived per snapshot (see the module docstring).
     # Item-major (d, n_items) layouts: the matvec then streams each row once, where an
     # (n_items, d) @ v product strides across rows.
     scoring_columns: FloatArray = field(init=False, repr=False)  # (d + 1, n_items): [vectors | bias].T
     cold_start_scores: FloatArray = field(init=False, repr=False)  # (n_items,)
     unit_item_columns: FloatArray = field(init=False, repr=False)  # (d, n_items), columns of norm 1 (or 0)
-    grade_masks: Mapping[int, BoolArray] = field(init=False, repr=False)
-    format_masks: Mapping[str, BoolArray] = field(init=False, repr=False)
     concept_masks: Mapping[str, BoolArray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.item_grades is None:
+            grades = self.catalog.numeric_columns.get("grade")
+            legacy = np.full(self.n_items, -1, dtype=np.int64)
+            if grades is not None:
+                legacy[~np.isnan(grades)] = grades[~np.isnan(grades)].astype(np.int64)
+            object.__setattr__(self, "item_grades", legacy)
+        if self.item_format_codes is None:
+            codes = np.full(self.n_items, -1, dtype=np.int64)
+            for value, positions in self.catalog.feature_index.get("format", {}).items():
+                if value in FORMATS:
+                    codes[positions] = FORMATS.index(value)
+            object.__setattr__(self, "item_format_codes", codes)
         for name in (
             "item_vectors",
             "item_biases",
@@ -155,11 +188,12 @@ class Snapshot:
         grades: Collection[int] = (),
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
+        features: Sequence[FeatureFilter] = (),
     ) -> RecommendResult:
         if not user_id or not user_id.strip():
             raise InvalidInput("user_id is required")
         k = _validated_k(k)
-        allowed = self._filter_mask(grades, formats, concepts)
+        allowed = self._filter_mask(grades, formats, concepts, features)
         user_row = self.user_index.get(user_id)
         excluded: IntArray | None = None
         if user_row is not None and exclude_seen:
@@ -191,15 +225,19 @@ class Snapshot:
         grades: Collection[int] = (),
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
+        features: Sequence[FeatureFilter] = (),
     ) -> SimilarItemsResult:
         """Items whose embeddings are closest (cosine) to `item_id`'s, best first, without itself."""
         if not item_id or not item_id.strip():
             raise InvalidInput("item_id is required")
         position = self.catalog.position(item_id)
         if position is None:
-            raise NotFound(f"unknown item_id {item_id!r}: not in this model's catalog ({self.n_items} items)")
+            what = "retired from" if self.catalog.is_retired(item_id) else "not in"
+            raise NotFound(
+                f"unknown item_id {item_id!r}: {what} this model's catalog ({self.catalog.n_active} items)"
+            )
         k = _validated_k(k)
-        allowed = self._filter_mask(grades, formats, concepts)
+        allowed = self._filter_mask(grades, formats, concepts, features)
         itself = np.array([position], dtype=np.int64)
         query = self.unit_item_columns[:, position].copy()
         positions, scores = self._best(query, k, allowed, itself, cosine=True)
@@ -231,6 +269,8 @@ class Snapshot:
         `allowed` is a fresh array this call may write (from _filter_mask) or None (everything).
         """
         by_column = self.unit_item_columns if cosine else self.scoring_columns
+        if allowed is None and self.catalog.n_active < self.n_items:
+            allowed = self.catalog.active_mask.copy()  # retired items are never recommended
         if allowed is not None:
             if excluded is not None and len(excluded):
                 allowed[excluded] = False
@@ -256,21 +296,23 @@ class Snapshot:
         return top, scores[top]
 
     def _filter_mask(
-        self, grades: Collection[int], formats: Collection[str], concepts: Collection[str]
+        self,
+        grades: Collection[int],
+        formats: Collection[str],
+        concepts: Collection[str],
+        features: Sequence[FeatureFilter] = (),
     ) -> BoolArray | None:
-        """A fresh boolean array of the items the filters keep, or None when there are no filters."""
-        masks: list[BoolArray] = []
+        """A fresh boolean array of the (active) items the filters keep, or None when there are none.
+
+        grades and formats are the sample catalog's features of those names, kept as fields of
+        their own for older clients; any declared feature is filtered through `features`.
+        """
+        wanted = list(features)
         if grades:
-            bad = sorted(g for g in grades if not MIN_GRADE <= g <= MAX_GRADE)
-            if bad:
-                raise InvalidInput(f"grades must be {MIN_GRADE}..{MAX_GRADE}; got {bad}")
-            masks.append(self._union(self.grade_masks, grades))
+            wanted.append(FeatureFilter("grade", tuple(str(int(g)) for g in grades)))
         if formats:
-            unknown = sorted(f for f in formats if f not in self.format_masks)
-            if unknown:
-                known = ", ".join(self.catalog.formats)
-                raise InvalidInput(f"unknown format(s) {unknown}; this catalog has {known}")
-            masks.append(self._union(self.format_masks, formats))
+            wanted.append(FeatureFilter("format", tuple(formats)))
+        masks = [self._feature_mask(spec) for spec in wanted]
         if concepts:
             unknown = sorted(c for c in concepts if c not in self.concept_masks)
             if unknown:
@@ -283,7 +325,50 @@ class Snapshot:
         allowed = masks[0] if masks[0].flags.writeable else masks[0].copy()
         for mask in masks[1:]:
             allowed &= mask
+        if self.catalog.n_active < self.n_items:
+            allowed &= self.catalog.active_mask
         return allowed
+
+    def _feature_mask(self, spec: FeatureFilter) -> BoolArray:
+        """The items one feature filter keeps (a fresh array); InvalidInput names what is wrong."""
+        index = self.catalog.feature_index
+        name = spec.name.strip()
+        if name not in index:
+            known = ", ".join(self.catalog.feature_names) or "none"
+            raise InvalidInput(f"unknown feature {name!r}; this catalog's features are {known}")
+        column = self.catalog.numeric_columns.get(name)
+        ranged = spec.minimum is not None or spec.maximum is not None
+        if ranged and column is None:
+            raise InvalidInput(f"feature {name!r} is not numeric: filter it by values, not a range")
+        mask = np.ones(self.n_items, dtype=bool)
+        if spec.values:
+            if column is not None:
+                numbers = []
+                for value in spec.values:
+                    try:
+                        numbers.append(float(value))
+                    except ValueError:
+                        raise InvalidInput(
+                            f"feature {name!r} is numeric; {value!r} is not a number"
+                        ) from None
+                mask = np.isin(column, np.array(numbers))
+            else:
+                unknown = sorted(v for v in dict.fromkeys(spec.values) if v not in index[name])
+                if unknown:
+                    known = ", ".join(list(index[name])[:SHOWN_VALUES])
+                    raise InvalidInput(f"unknown {name} value(s) {unknown}; this catalog has {known}")
+                mask = np.zeros(self.n_items, dtype=bool)
+                for value in spec.values:
+                    mask[index[name][value]] = True
+        if ranged:
+            assert column is not None
+            low = -np.inf if spec.minimum is None else spec.minimum
+            high = np.inf if spec.maximum is None else spec.maximum
+            if low > high:
+                raise InvalidInput(f"feature {name!r}: min {low} is above max {high}")
+            with np.errstate(invalid="ignore"):
+                mask &= (column >= low) & (column <= high)
+        return mask
 
     def _union(self, masks: Mapping[Any, BoolArray], keys: Collection[Any]) -> BoolArray:
         """OR of a few precomputed masks (a loop over filter values, never over items)."""
@@ -306,6 +391,10 @@ class Snapshot:
 
     def _item(self, position: int, score: float, reason: str) -> RecommendedItem:
         item = self.catalog[position]
+        features = {
+            name: (format_number(item.numbers[name]),) if name in item.numbers else tokens
+            for name, tokens in item.features.items()
+        }
         return RecommendedItem(
             item_id=item.item_id,
             score=score,
@@ -314,6 +403,9 @@ class Snapshot:
             grade=item.grade,
             format=item.format,
             reason=reason,
+            features=MappingProxyType(features),
+            prerequisites=item.prerequisites,
+            numbers=item.numbers,
         )
 
 
@@ -326,13 +418,6 @@ def _derived_arrays(snapshot: Snapshot) -> dict[str, Any]:
     cold = np.log1p(snapshot.popularity, dtype=np.float32) + np.float32(1e-3) * snapshot.item_biases
     norms = np.linalg.norm(snapshot.item_vectors, axis=1, keepdims=True)
     unit = snapshot.item_vectors / np.where(norms > 0, norms, 1).astype(np.float32)
-    grade_masks = {
-        int(grade): read_only(snapshot.item_grades == grade) for grade in np.unique(snapshot.item_grades)
-    }
-    format_masks = {
-        FORMATS[int(code)]: read_only(snapshot.item_format_codes == code)
-        for code in np.unique(snapshot.item_format_codes)
-    }
     membership = snapshot.concept_membership
     concept_masks = {
         name: read_only(np.ascontiguousarray(membership[:, column]))
@@ -343,8 +428,6 @@ def _derived_arrays(snapshot: Snapshot) -> dict[str, Any]:
         "scoring_columns": read_only(scoring),
         "cold_start_scores": read_only(cold.astype(np.float32, copy=False)),
         "unit_item_columns": read_only(np.ascontiguousarray(unit.T, dtype=np.float32)),
-        "grade_masks": MappingProxyType(grade_masks),
-        "format_masks": MappingProxyType(format_masks),
         "concept_masks": MappingProxyType(concept_masks),
     }
 

@@ -17,6 +17,12 @@ the result of a log prefix and knows which prefix:
   (0 for a fresh model): events applied after the checkpoint died with the process and
   are applied again, to a model that has not seen them. The event-id window (part of the
   checkpoint) is the second line of defence, against an event *published* twice.
+The bus may be unreachable at any time, at start included: the worker keeps trying to
+subscribe (with backoff) instead of failing the process, keeps writing checkpoints on their
+interval through an outage (they are local; the offset commit waits for the bus), and
+reports an outage in two log lines, when it starts and when it ends, and in its counters.
+Client calls that reach the bus between batches are bounded by short timeouts.
+
 Without a checkpoint directory the model starts fresh on each start (from offset 0) and
 offsets are committed after every batch.
 
@@ -36,7 +42,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from snaplearn.events.v1 import events_pb2
-from snaplearn_common.errors import NotFound
+from snaplearn_common.errors import NotFound, Unavailable
 from snaplearn_common.eventbus.base import (
     Consumer,
     DeliveryFailed,
@@ -49,10 +55,32 @@ from snaplearn_common.eventbus.base import (
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, decode_event
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.metrics import RecommenderMetrics
-from snaplearn_recommender.model import ClassifiedEvent, FeedbackEvent, ModelEvent, RecommenderModel
+from snaplearn_recommender.model import (
+    CatalogChange,
+    ClassifiedEvent,
+    FeedbackEvent,
+    ModelEvent,
+    RecommenderModel,
+)
 from snaplearn_recommender.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """An error that means "the bus cannot be reached now" (retry later), whichever backend.
+
+    The backends raise Unavailable for a cluster they cannot reach; kafka-python's own
+    timeouts and connection errors can surface from poll/commit too (matched by name, so this
+    module does not import the optional kafka package)."""
+    if isinstance(exc, Unavailable | TimeoutError | ConnectionError | DeliveryFailed):
+        return True
+    return any(
+        cls.__module__.startswith("kafka")
+        and (getattr(exc, "retriable", False) or "Timeout" in cls.__name__ or "Connection" in cls.__name__)
+        for cls in type(exc).__mro__
+    )
+
 
 CONSUMER_GROUP = "snaplearn-recommender"
 DEAD_LETTER_SUFFIX = ".dlq"
@@ -75,6 +103,12 @@ class WorkerSettings:
     idle_poll_s: float = 0.2  # how long an idle poll waits; bounds the reaction time to stop()
     checkpoint_interval_s: float = 30.0
     dead_letter_flush_timeout_s: float = 10.0
+    # Static group membership: a restart under the same id takes the partitions back at once
+    # instead of after the crashed member's session timeout. "" = dynamic membership.
+    instance_id: str = "trainer"
+    # How often an idle worker asks the bus for end offsets (lag, and whether it is reachable).
+    probe_interval_s: float = 1.0
+    subscribe_backoff_max_s: float = 10.0
 
     @property
     def dead_letter_topic(self) -> str:
@@ -95,6 +129,45 @@ class WorkerStats:
     failed_batches: int = 0
     checkpoints: int = 0
     commit_failures: int = 0
+    commits_skipped: int = 0  # offset commits not tried because the bus was unreachable
+    bus_outages: int = 0  # times the bus became unreachable (at start included)
+    bus_outage_seconds: float = 0.0  # total length of the outages that ended
+
+
+class BusOutage:
+    """Whether the bus is reachable, as the worker's own calls found it; logs each transition once."""
+
+    def __init__(self, stats: WorkerStats, describe: str) -> None:
+        self._stats = stats
+        self._describe = describe
+        self.down_since: float | None = None
+        self._last_error = ""
+
+    @property
+    def down(self) -> bool:
+        return self.down_since is not None
+
+    def failed(self, doing: str, exc: BaseException) -> None:
+        self._last_error = f"{type(exc).__name__}: {exc}"
+        if self.down_since is not None:
+            log.debug("event bus still unreachable (%s while %s)", self._last_error, doing)
+            return
+        self.down_since = time.monotonic()
+        self._stats.bus_outages += 1
+        log.warning(
+            "event bus %s unreachable while %s (%s); retrying with backoff, checkpoints continue",
+            self._describe,
+            doing,
+            self._last_error,
+        )
+
+    def recovered(self, detail: str) -> None:
+        if self.down_since is None:
+            return
+        length = time.monotonic() - self.down_since
+        self.down_since = None
+        self._stats.bus_outage_seconds += length
+        log.warning("event bus %s reachable again after %.1f s; %s", self._describe, length, detail)
 
 
 class RecommenderWorker:
@@ -120,7 +193,14 @@ class RecommenderWorker:
         self._positions: dict[TopicPartition, int] = dict(resume_offsets or {})
         self.stats = WorkerStats()
         self._stop = threading.Event()
-        self._ready = threading.Event()
+        self._ready = threading.Event()  # the first subscription attempt ended (or the thread did)
+        self._subscribed = threading.Event()
+        # Called on the worker's thread once it has subscribed (the app turns readiness on).
+        self.on_subscribed: Callable[[], object] | None = None
+        self.outage = BusOutage(self.stats, f"(topic {self.settings.topic})")
+        self._partitions: list[TopicPartition] = []
+        self._next_probe = 0.0
+        self._probe_backoff_s = self.settings.probe_interval_s
         self._startup_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._last_checkpoint = time.monotonic()
@@ -136,16 +216,29 @@ class RecommenderWorker:
         """A copy of the next offset the model expects, per partition."""
         return dict(self._positions)
 
-    def start(self, timeout_s: float = 30.0) -> None:
-        """Start the thread and return once it is subscribed (raises what its setup raised)."""
+    @property
+    def subscribed(self) -> bool:
+        """True once the worker has subscribed to the bus (it then stays subscribed)."""
+        return self._subscribed.is_set()
+
+    def wait_subscribed(self, timeout_s: float | None = None) -> bool:
+        return self._subscribed.wait(timeout_s)
+
+    def start(self, timeout_s: float = 30.0) -> bool:
+        """Start the thread; return once its first subscription attempt ended, or after timeout_s.
+
+        True if subscribed. An unreachable bus is not an error: the thread keeps trying, with
+        backoff, and says so in the log. A setup error that retrying cannot fix (a bad topic
+        name, a refused configuration) on the first attempt is raised here.
+        """
         if self._thread is not None:
             raise RuntimeError("worker already started")
         self._thread = threading.Thread(target=self._run, name="recommender-worker", daemon=True)
         self._thread.start()
-        if not self._ready.wait(timeout_s):
-            raise TimeoutError(f"recommender worker did not subscribe within {timeout_s} s")
+        self._ready.wait(timeout_s)
         if self._startup_error is not None:
             raise self._startup_error
+        return self.subscribed
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Finish the current batch, checkpoint, commit and leave the consumer group."""
@@ -158,40 +251,84 @@ class RecommenderWorker:
     # --- the thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        consumer: Consumer | None = None
         try:
-            consumer = self._subscribe()
-        except BaseException as exc:
-            self._startup_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        backoff_s = 0.5
-        try:
+            consumer = self._subscribe_until_stopped()
+            if consumer is None:
+                return
+            backoff_s = 0.5
             while not self._stop.is_set():
                 try:
                     self._step(consumer)
                     backoff_s = 0.5
-                except Exception:
+                except Exception as exc:
                     # E.g. the cluster went away mid-call. The model and positions are intact
-                    # (a batch is applied whole or not at all), so carry on after a pause.
-                    log.exception("recommender worker step failed; retrying in %.1f s", backoff_s)
+                    # (a batch is applied whole or not at all), so carry on after a pause, and
+                    # keep checkpointing meanwhile.
+                    if _is_unreachable(exc):
+                        self.outage.failed("polling", exc)
+                    else:
+                        log.exception("recommender worker step failed; retrying in %.1f s", backoff_s)
+                    self._checkpoint_if_due(consumer)
                     self._stop.wait(backoff_s)
-                    backoff_s = min(30.0, backoff_s * 2)
+                    backoff_s = min(5.0, self.settings.checkpoint_interval_s, backoff_s * 2)
         finally:
+            self._ready.set()
             self._finish(consumer)
+
+    def _subscribe_until_stopped(self) -> Consumer | None:
+        """Subscribe, retrying with backoff while the bus is unreachable; None if stopped first."""
+        backoff_s = 1.0
+        first = True
+        while not self._stop.is_set():
+            try:
+                consumer = self._subscribe()
+            except Exception as exc:
+                if first and not _is_unreachable(exc):
+                    self._startup_error = exc
+                    return None
+                self.outage.failed(
+                    "subscribing (readiness follows the first subscription unless a checkpoint was restored)",
+                    exc,
+                )
+                self._ready.set()
+                first = False
+                if self._stop.wait(backoff_s):
+                    return None
+                backoff_s = min(self.settings.subscribe_backoff_max_s, backoff_s * 2)
+                continue
+            self.outage.recovered("subscribed")
+            self._subscribed.set()
+            if self.on_subscribed is not None:
+                try:
+                    self.on_subscribed()
+                except Exception:  # e.g. the app's loop already closed: consuming goes on
+                    log.exception("the on_subscribed callback failed")
+            self._ready.set()
+            return consumer
+        return None
 
     def _subscribe(self) -> Consumer:
         topic = self.settings.topic
         self._bus.create_topic(topic, self.settings.topic_partitions)
         self._bus.create_topic(self.settings.dead_letter_topic, self.settings.topic_partitions)
-        self._dead_letters = self._bus.producer()
-        consumer = self._bus.consumer(self.settings.group_id, [topic])
+        partitions = self._bus.partitions_for(topic)
+        if self._dead_letters is None:
+            self._dead_letters = self._bus.producer()
+        consumer = self._bus.consumer(
+            self.settings.group_id, [topic], instance_id=self.settings.instance_id or None
+        )
         # The model is the result of a log prefix: resume exactly where it stops (a fresh model,
         # or a partition the checkpoint has not read yet, starts at the beginning of the log).
-        for partition in range(self._bus.partitions_for(topic)):
-            tp = TopicPartition(topic, partition)
+        self._partitions = [TopicPartition(topic, partition) for partition in range(partitions)]
+        for tp in self._partitions:
             consumer.seek(tp, self._positions.get(tp, 0))
-        log.info("recommender worker subscribed to %s as group %s", topic, self.settings.group_id)
+        log.info(
+            "recommender worker subscribed to %s as group %s%s",
+            topic,
+            self.settings.group_id,
+            f" (instance {self.settings.instance_id})" if self.settings.instance_id else "",
+        )
         return consumer
 
     def _collect(self, consumer: Consumer) -> list[Record]:
@@ -256,6 +393,10 @@ class RecommenderWorker:
         message = decode_event(record)
         if isinstance(message, events_pb2.ImageClassified):
             return ClassifiedEvent.from_proto(message)
+        change = CatalogChange.from_proto(message)  # catalog add / change / retire (issue 20)
+        if change is not None:
+            return change
+        assert isinstance(message, events_pb2.FeedbackRecorded)
         event = FeedbackEvent.from_proto(message)
         # RecordFeedback checked the item against its snapshot's catalog, but a replica may run
         # another catalog; the model cannot learn from an item it does not have.
@@ -296,7 +437,13 @@ class RecommenderWorker:
             if self._metrics:
                 self._metrics.batch_size.observe(len(records))
                 self._metrics.batch_duration.observe(time.perf_counter() - started)
-            self._update_lag(consumer)
+            self.outage.recovered(f"applied a batch of {len(records)} record(s)")
+            self._probe(consumer, force=True)
+        else:
+            self._probe(consumer)
+        self._checkpoint_if_due(consumer)
+
+    def _checkpoint_if_due(self, consumer: Consumer) -> None:
         if (
             self._checkpointer
             and time.monotonic() - self._last_checkpoint >= self.settings.checkpoint_interval_s
@@ -381,7 +528,11 @@ class RecommenderWorker:
 
     def _commit(self, consumer: Consumer, offsets: Mapping[TopicPartition, int]) -> None:
         """Commit the offsets of partitions this member owns; a failure is only logged (restarts
-        trust the checkpoint, not the commits)."""
+        trust the checkpoint, not the commits). Not tried while the bus is known to be down: the
+        next checkpoint after the outage commits newer offsets."""
+        if self.outage.down:
+            self.stats.commits_skipped += 1
+            return
         try:
             owned = consumer.assignment()
             mine = {tp: offset for tp, offset in offsets.items() if tp in owned}
@@ -389,22 +540,40 @@ class RecommenderWorker:
                 consumer.commit(mine)
         except Exception as exc:
             self.stats.commit_failures += 1
-            log.warning(
-                "offset commit failed (%s: %s); the checkpoint still holds them", type(exc).__name__, exc
-            )
+            if _is_unreachable(exc):
+                self.outage.failed("committing offsets (the checkpoint holds them)", exc)
+            else:
+                log.warning(
+                    "offset commit failed (%s: %s); the checkpoint still holds them",
+                    type(exc).__name__,
+                    exc,
+                )
 
-    def _update_lag(self, consumer: Consumer) -> None:
-        if not self._metrics:
+    def _probe(self, consumer: Consumer, force: bool = False) -> None:
+        """Read the topic's end offsets: the lag gauge, and whether the bus is reachable.
+
+        After every batch, else every probe_interval_s (backing off while the bus is down, so
+        that bounded-but-blocking probes leave the loop time to checkpoint)."""
+        now = time.monotonic()
+        if not force and now < self._next_probe:
             return
         try:
-            assigned = sorted(consumer.assignment())
-            ends = consumer.end_offsets(assigned)
-        except Exception:
-            log.debug("could not read end offsets for the lag gauge", exc_info=True)
+            ends = consumer.end_offsets(self._partitions)
+        except Exception as exc:
+            if _is_unreachable(exc):
+                self.outage.failed("reading end offsets", exc)
+            else:
+                log.debug("could not read end offsets for the lag gauge", exc_info=True)
+            self._probe_backoff_s = min(5.0, self._probe_backoff_s * 2)
+            self._next_probe = time.monotonic() + self._probe_backoff_s
             return
-        self._metrics.consumer_lag.set(
-            sum(max(0, end - self._positions.get(tp, 0)) for tp, end in ends.items())
-        )
+        self._probe_backoff_s = self.settings.probe_interval_s
+        self._next_probe = time.monotonic() + self._probe_backoff_s
+        assigned = consumer.assignment()
+        lag = sum(max(0, end - self._positions.get(tp, 0)) for tp, end in ends.items() if tp in assigned)
+        self.outage.recovered(f"{lag} event(s) to catch up on")
+        if self._metrics:
+            self._metrics.consumer_lag.set(lag)
 
     def _checkpoint(self, consumer: Consumer | None = None) -> None:
         """Save model + positions together; then (only then) commit those positions to the bus."""
@@ -422,10 +591,10 @@ class RecommenderWorker:
                 self._commit(consumer, positions)
         self._last_checkpoint = time.monotonic()
 
-    def _finish(self, consumer: Consumer) -> None:
+    def _finish(self, consumer: Consumer | None) -> None:
         if self._checkpointer:
             self._checkpoint(consumer)
-        else:
+        elif consumer is not None:
             self._commit(consumer, self._positions)
         for closeable, what in ((consumer, "consumer"), (self._dead_letters, "dead-letter producer")):
             if closeable is None:

@@ -21,6 +21,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -39,7 +40,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 )
 
 // The inference methods put under the in-flight limit by default.
@@ -59,7 +60,9 @@ type options struct {
 	classifyStream     bool
 	groupByProcess     bool
 	streamMaxAge       time.Duration
-	gcPercent          int // 0: leave the Go runtime's own setting (GOGC, else 100)
+	gcPercent          int                              // 0: leave the Go runtime's own setting (GOGC, else 100)
+	serverTLS          *tls.Config                      // nil: plaintext (tls.go)
+	backendCreds       credentials.TransportCredentials // TLS to the backends, or insecure
 }
 
 func main() {
@@ -126,7 +129,20 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	// gateway less CPU per photo and left its own latency per call as it was (DECISIONS D24).
 	flags.IntVar(&o.gcPercent, "gc-percent", envInt("GC_PERCENT", defaultGCPercent()),
 		"Go's GC target, heap growth in percent between collections (0: Go's own, GOGC or 100; default 400 unless GOGC is set)")
+	var t tlsOptions
+	flags.StringVar(&t.cert, "tls-cert", env("TLS_CERT", ""), "TLS certificate chain (PEM), reloaded when it changes")
+	flags.StringVar(&t.key, "tls-key", env("TLS_KEY", ""), "TLS private key (PEM)")
+	flags.StringVar(&t.clientCA, "tls-client-ca", env("TLS_CLIENT_CA", ""), "mutual TLS: CA of client certificates")
+	flags.StringVar(&t.backendCA, "backend-tls-ca", env("BACKEND_TLS_CA", ""), "TLS to the backends: their CA (PEM)")
+	flags.StringVar(&t.backendCert, "backend-tls-cert", env("BACKEND_TLS_CERT", ""), "mutual TLS to the backends: certificate")
+	flags.StringVar(&t.backendKey, "backend-tls-key", env("BACKEND_TLS_KEY", ""), "mutual TLS to the backends: key")
+	flags.StringVar(&t.backendServerName, "backend-tls-server-name", env("BACKEND_TLS_SERVER_NAME", ""),
+		"name the backends' certificate must carry (default: the backend's host)")
 	if err := flags.Parse(args); err != nil {
+		return o, err
+	}
+	var err error
+	if o.serverTLS, o.backendCreds, err = loadTLS(t); err != nil {
 		return o, err
 	}
 	for _, b := range strings.Split(backends, ",") {
@@ -180,7 +196,7 @@ func newProxy(o options) (*proxy, error) {
 		// port (SO_REUSEPORT) is reached on several of them.
 		for range o.backendConnections {
 			conn, err := grpc.NewClient(target,
-				grpc.WithTransportCredentials(insecure.NewCredentials()),
+				grpc.WithTransportCredentials(o.backendCreds),
 				grpc.WithDefaultCallOptions(
 					grpc.MaxCallRecvMsgSize(o.maxMessageBytes), grpc.MaxCallSendMsgSize(o.maxMessageBytes)))
 			if err != nil {
@@ -210,13 +226,17 @@ func (p *proxy) close() {
 
 // newServer is the gateway's gRPC server: every method goes to the proxy, as bytes.
 func newServer(p *proxy, o options) *grpc.Server {
-	return grpc.NewServer(
+	serverOptions := []grpc.ServerOption{
 		grpc.UnknownServiceHandler(p.handle),
 		grpc.InTapHandle(p.refuseEarly),
 		grpc.ForceServerCodec(rawCodec{}),
 		grpc.MaxRecvMsgSize(o.maxMessageBytes),
 		grpc.MaxSendMsgSize(o.maxMessageBytes),
-	)
+	}
+	if o.serverTLS != nil {
+		serverOptions = append(serverOptions, grpc.Creds(credentials.NewTLS(o.serverTLS)))
+	}
+	return grpc.NewServer(serverOptions...)
 }
 
 // defaultGCPercent is 400, a heap up to 5x its live size for less GC work per call (DECISIONS
@@ -270,6 +290,9 @@ func run(o options) error {
 		defer os.Remove(o.readyFile)
 	}
 	fmt.Printf("gateway ready on %s (metrics :%d)\n", net.JoinHostPort(o.host, strconv.Itoa(port)), metricsPort)
+	if o.serverTLS == nil {
+		log.Printf("plaintext on its port: localhost development only (set --tls-cert and --tls-key)")
+	}
 	mode := "each Classify forwarded as a call"
 	if o.classifyStream {
 		mode = "Classify multiplexed onto one ClassifyStream per connection"

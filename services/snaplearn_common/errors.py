@@ -27,6 +27,10 @@ class NotFound(SnapLearnError):
     """A named thing (model, version, item) does not exist."""
 
 
+class FailedPrecondition(SnapLearnError):
+    """The thing exists but is not in a state to serve (a model that failed to load); fix it first."""
+
+
 class Unavailable(SnapLearnError):
     """The server cannot serve right now (model loading, shutting down, no snapshot yet)."""
 

@@ -29,6 +29,17 @@ HEADER_SCHEMA_VERSION = "schema-version"
 HEADER_EVENT_ID = "event-id"
 IMAGE_CLASSIFIED_TYPE = "snaplearn.events.v1.ImageClassified"
 FEEDBACK_RECORDED_TYPE = "snaplearn.events.v1.FeedbackRecorded"
+# Catalog changes: the same topic too (so one offset order and checkpoint cover them), keyed by
+# item id (so the changes to one item stay in order).
+CATALOG_ITEM_ADDED_TYPE = "snaplearn.events.v1.CatalogItemAdded"
+CATALOG_ITEM_CHANGED_TYPE = "snaplearn.events.v1.CatalogItemChanged"
+CATALOG_ITEM_RETIRED_TYPE = "snaplearn.events.v1.CatalogItemRetired"
+CatalogEvent = events_pb2.CatalogItemAdded | events_pb2.CatalogItemChanged | events_pb2.CatalogItemRetired
+_CATALOG_MESSAGES: dict[str, type[CatalogEvent]] = {
+    CATALOG_ITEM_ADDED_TYPE: events_pb2.CatalogItemAdded,
+    CATALOG_ITEM_CHANGED_TYPE: events_pb2.CatalogItemChanged,
+    CATALOG_ITEM_RETIRED_TYPE: events_pb2.CatalogItemRetired,
+}
 SCHEMA_VERSION = "1"
 
 
@@ -160,11 +171,45 @@ def decode_feedback_recorded(record: Record) -> events_pb2.FeedbackRecorded:
     return message
 
 
-def decode_event(record: Record) -> events_pb2.ImageClassified | events_pb2.FeedbackRecorded:
+def encode_catalog_change(message: CatalogEvent) -> EncodedEvent:
+    """A CatalogItemAdded / Changed / Retired message as a record (key: the item id)."""
+    kind = next(name for name, cls in _CATALOG_MESSAGES.items() if isinstance(message, cls))
+    item_id = message.item_id if isinstance(message, events_pb2.CatalogItemRetired) else message.item.item_id
+    return EncodedEvent(
+        key=item_id.encode(), value=message.SerializeToString(), headers=_headers(kind, message.event_id)
+    )
+
+
+def decode_catalog_change(record: Record) -> CatalogEvent:
+    """Parse a catalog-change record; InvalidInput for a malformed one or one without ids/title."""
+    kind = event_type(record)
+    cls = _CATALOG_MESSAGES.get(kind)
+    if cls is None:
+        raise InvalidInput(f"unexpected event type {kind!r}")
+    _check_version(record)
+    message = cls()
+    try:
+        message.ParseFromString(record.value)
+    except Exception as exc:
+        raise InvalidInput(f"malformed {cls.__name__} payload: {exc}") from exc
+    if isinstance(message, events_pb2.CatalogItemRetired):
+        ok = bool(message.event_id and message.item_id)
+    else:
+        ok = bool(message.event_id and message.item.item_id and message.item.title)
+    if not ok:
+        raise InvalidInput(f"{cls.__name__} without event_id, item_id or title")
+    return message
+
+
+def decode_event(
+    record: Record,
+) -> events_pb2.ImageClassified | events_pb2.FeedbackRecorded | CatalogEvent:
     """Parse any event of this topic by its `event-type` header; InvalidInput for unknown types."""
     kind = event_type(record)
     if kind == IMAGE_CLASSIFIED_TYPE:
         return decode_image_classified(record)
     if kind == FEEDBACK_RECORDED_TYPE:
         return decode_feedback_recorded(record)
+    if kind in _CATALOG_MESSAGES:
+        return decode_catalog_change(record)
     raise InvalidInput(f"unexpected event type {kind!r}")

@@ -12,7 +12,9 @@ recommender or client packages: snaplearn-common stays free of torch and LightFM
 from __future__ import annotations
 
 import json
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,8 @@ from typing import Annotated, ClassVar
 from pydantic import Field
 
 from snaplearn_common.eventbus.settings import BusSettings
-from snaplearn_common.settings import Cli, Settings, SettingsConfigDict
+from snaplearn_common.security.settings import SecuritySettings
+from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 
 
 class LaunchSettings(Settings):
@@ -47,6 +50,15 @@ class LaunchSettings(Settings):
     demo: bool = Field(default=True, description="run the demo once the servers are ready")
     exit_after_demo: bool = Field(default=False, description="stop once the demo has run (smoke test)")
     ready_timeout_s: Annotated[float, Cli(flag="--ready-timeout"), Field(gt=0)] = 180.0
+    # Each server has flags of its own (the recommender's --catalog would kill the vision server),
+    # so they are forwarded to that server only, after the launcher's own (which they may override).
+    vision_args: str = Field(default="", description="more flags for the vision server only, as one string")
+    recommender_args: str = Field(
+        default="", description="more flags for the recommender only, e.g. '--catalog my.csv', as one string"
+    )
+    label_map: Annotated[Path | None, none_for("")] = Field(
+        default=None, description="JSON {vision label: [concepts]}: given to the recommender and to the demo"
+    )
     # Both servers get these as flags (bus_flags); the embedded bus lives in data_dir unless
     # --bus-path (or SNAPLEARN_BUS_PATH) says otherwise.
     bus: BusSettings = Field(default_factory=BusSettings)
@@ -62,6 +74,15 @@ class LaunchSettings(Settings):
             if flag is not None:
                 flags += [flag, str(getattr(bus, name))]
         return flags
+
+    def ports(self) -> list[tuple[str, str, int]]:
+        """(what, its flag, port) for every port the launcher's servers bind; 0 picks a free one."""
+        return [
+            ("vision gRPC", "--vision-port", self.vision_port),
+            ("vision metrics", "--vision-metrics-port", self.vision_metrics_port),
+            ("recommender gRPC", "--recommender-port", self.recommender_port),
+            ("recommender metrics", "--recommender-metrics-port", self.recommender_metrics_port),
+        ]
 
     @property
     def models_dir(self) -> Path:
@@ -142,13 +163,38 @@ def render_demo_photos(settings: LaunchSettings) -> Path:
     return folder
 
 
-def run_demo(settings: LaunchSettings, vision: str, recommender: str) -> int:
-    photos = render_demo_photos(settings)
+def demo_command(settings: LaunchSettings, vision: str, recommender: str, photos: Path) -> list[str]:
     command = [
         sys.executable, "-m", "snaplearn_client.cli", "--vision", vision, "--recommender", recommender,
         "demo", "--photos", str(photos),
     ]  # fmt: skip
-    return subprocess.run(command).returncode
+    if settings.label_map is not None:  # the demo judges recommendations by the concepts photos map to
+        command += ["--label-map", str(settings.label_map)]
+    return command
+
+
+def run_demo(settings: LaunchSettings, vision: str, recommender: str) -> int:
+    photos = render_demo_photos(settings)
+    return subprocess.run(demo_command(settings, vision, recommender, photos)).returncode
+
+
+class LaunchError(Exception):
+    """Why `snaplearn up` cannot go on, in words for its user (printed without a traceback)."""
+
+
+def check_ports_free(settings: LaunchSettings) -> None:
+    """Raise LaunchError naming the first port (and its flag) another process holds."""
+    for what, flag, port in settings.ports():
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET) as probe:
+            try:
+                probe.bind((settings.host, port))
+            except OSError as error:
+                raise LaunchError(
+                    f"port {port} on {settings.host} ({what}) is in use ({error.strerror}); stop what "
+                    f"holds it, or pick another with {flag} PORT ({flag} 0 picks a free one)"
+                ) from None
 
 
 def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
@@ -163,6 +209,7 @@ def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
             "--spool-dir", str(data / "spool"),
             "--ready-file", str(data / "run" / "vision.json"),
             *settings.bus_flags(),
+            *_split(settings.vision_args, "--vision-args"),
         ],
         logs / "vision.log",
         data / "run" / "vision.json",
@@ -176,6 +223,8 @@ def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
             "--checkpoint-dir", str(data / "recommender"),
             "--ready-file", str(data / "run" / "recommender.json"),
             *settings.bus_flags(),
+            *(["--label-map", str(settings.label_map)] if settings.label_map is not None else []),
+            *_split(settings.recommender_args, "--recommender-args"),
         ],
         logs / "recommender.log",
         data / "run" / "recommender.json",
@@ -183,18 +232,34 @@ def server_processes(settings: LaunchSettings) -> list[ManagedProcess]:
     return [vision, recommender]
 
 
+def _split(flags: str, source: str) -> list[str]:
+    try:
+        return shlex.split(flags)
+    except ValueError as error:
+        raise LaunchError(f"{source}: {error}") from None
+
+
 def up(settings: LaunchSettings) -> int:
+    try:
+        check_ports_free(settings)
+        processes = server_processes(settings)  # bad --vision-args / --recommender-args: said here
+    except LaunchError as error:
+        print(f"snaplearn up: error: {error}", file=sys.stderr)
+        return 1
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     print(f"== SnapLearn: data in {settings.data_dir}, logs in {settings.logs_dir}", flush=True)
     ensure_default_model(settings)
-    processes = server_processes(settings)
     stop_requested = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     try:
         for process in processes:
             process.start()
-        ports = [process.wait_ready(settings.ready_timeout_s) for process in processes]
+        try:
+            ports = [process.wait_ready(settings.ready_timeout_s) for process in processes]
+        except (RuntimeError, TimeoutError) as error:  # a server that exited or never got ready
+            print(f"snaplearn up: error: {error}", file=sys.stderr)
+            return 1
         vision_ports, recommender_ports = ports
         vision = f"{settings.host}:{vision_ports['port']}"
         recommender = f"{settings.host}:{recommender_ports['port']}"
@@ -206,6 +271,9 @@ def up(settings: LaunchSettings) -> int:
             f"(metrics http://{settings.host}:{recommender_ports['metrics_port']}/metrics)",
             flush=True,
         )
+        security = SecuritySettings.from_env()  # what the servers read from the same environment
+        if not (security.tls or security.authentication):
+            print("== plaintext, no tokens: for localhost development only (TLS and tokens: DECISIONS D45)")
         demo_rc = 0
         if settings.demo:
             demo_rc = run_demo(settings, vision, recommender)

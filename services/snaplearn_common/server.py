@@ -1,8 +1,10 @@
 """gRPC server bootstrap shared by the vision server and the recommender.
 
 Every server gets: the error-mapping interceptor, grpc.health.v1 (per-service status
-for readiness), server reflection, and a graceful stop that flips health to NOT_SERVING
-before draining in-flight calls.
+for readiness), server reflection (unless its security settings turn it off), and a graceful
+stop that flips health to NOT_SERVING before draining in-flight calls. Its SecuritySettings
+add TLS, tokens and a rate limit (snaplearn_common.security); none given is plaintext without
+authentication, and the start-up log says so.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from snaplearn_common.grpc_errors import ErrorMappingInterceptor
+from snaplearn_common.security.bootstrap import ServerSecurity
+from snaplearn_common.security.settings import SecuritySettings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class GrpcServer:
     port: int
     health: health.aio.HealthServicer
     service_names: Sequence[str] = field(default_factory=tuple)
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
     async def set_serving(self, serving: bool) -> None:
         status = _SERVING if serving else _NOT_SERVING
@@ -61,6 +66,7 @@ async def start_grpc_server(
     maximum_concurrent_rpcs: int | None = None,
     max_pending_calls: int | None = None,
     reuse_port: bool = False,
+    security: SecuritySettings | None = None,
 ) -> GrpcServer:
     """Start a server on host:port (0 picks a free port) and return it with the bound port.
 
@@ -84,7 +90,12 @@ async def start_grpc_server(
     reuse_port: bind with SO_REUSEPORT, so that several processes (worker processes behind
     one port) listen on the same port and the kernel spreads new connections over them. Off
     by default: a second server started on a busy port by mistake should fail, not share it.
+
+    security: TLS (mutual as an option, files reloaded when they change), bearer tokens with
+    scopes and the tenant rule, a per-caller rate limit, reflection on or off. Its interceptor
+    runs first, so a refused call reaches nothing else.
     """
+    protection = ServerSecurity.from_settings(security)
     options: list[tuple[str, int]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -107,7 +118,7 @@ async def start_grpc_server(
     if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
         raise ValueError(f"maximum_concurrent_rpcs must be >= 1, got {maximum_concurrent_rpcs}")
     server = aio.server(
-        interceptors=[ErrorMappingInterceptor(), *interceptors],
+        interceptors=[*protection.interceptors, ErrorMappingInterceptor(), *interceptors],
         options=options,
         maximum_concurrent_rpcs=maximum_concurrent_rpcs,
     )
@@ -115,15 +126,26 @@ async def start_grpc_server(
         register(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        [*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-        server,
-    )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if protection.reflection:
+        health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
+    address = f"{host}:{port}"
+    if protection.credentials is not None:
+        bound = server.add_secure_port(address, protection.credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind gRPC server to {host}:{port}")
     await server.start()
-    grpc_server = GrpcServer(server=server, port=bound, health=health_servicer, service_names=service_names)
+    grpc_server = GrpcServer(
+        server=server, port=bound, health=health_servicer, service_names=service_names, security=protection
+    )
     await grpc_server.set_serving(serving)
-    log.info("gRPC server listening on %s:%d (%s)", host, bound, ", ".join(service_names))
+    log.info(
+        "gRPC server listening on %s:%d (%s): %s",
+        host,
+        bound,
+        ", ".join(service_names),
+        protection.describe(host),
+    )
     return grpc_server

@@ -51,8 +51,8 @@ class GatedModel:
     def __getattr__(self, name: str) -> Any:  # name, version, labels, config, decode_pixels, top_k
         return getattr(self._model, name)
 
-    def warm_up(self) -> None:
-        self._model.warm_up()  # not gated: start-up must not wait for a test
+    def warm_up(self, **options: Any) -> Any:
+        return self._model.warm_up(**options)  # not gated: start-up must not wait for a test
 
     def predict_pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
         self._gates.batch_sizes.append(len(images))

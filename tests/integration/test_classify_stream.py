@@ -244,3 +244,32 @@ async def test_a_stream_opened_once_the_drain_began_starts_nothing_and_ends_ok(
     assert await call.read() is grpc.aio.EOF, "item 7, sent to a draining server, was answered"
     assert await call.code() == grpc.StatusCode.OK
     assert running.gates.batch_sizes == [], "item 7 was started"
+
+
+async def test_an_item_cancelled_in_the_message_that_sends_it_is_answered_and_the_stream_ends_ok(
+    server_factory: ServerFactory,  # noqa: F811
+) -> None:
+    """Defect (issue 21): an item whose id is also in the same message's cancel_ids was cancelled
+    before its task first ran, so it was never answered and the stream never ended; a stopping
+    server then waited its whole grace and the client got UNAVAILABLE instead of an OK end."""
+    running = await server_factory.start()
+    photo = correctly_classified_images(server_factory.model_root)["fractions"]
+    call = running.stub.ClassifyStream()
+    await call.write(
+        vision_pb2.ClassifyStreamRequest(
+            items=[item(1, request(photo)), item(2, request(photo))], cancel_ids=[1]
+        )
+    )
+    answered = await asyncio.wait_for(read_results(call, 2), 20)
+    assert answered[1].code == grpc.StatusCode.CANCELLED.value[0], answered[1]
+    assert answered[1].message == "the item was cancelled by the client"
+    assert answered[2].code == 0 and answered[2].response.labels[0].label == "fractions"
+    # A second one, left on the stream when the server stops: the stream still ends OK.
+    await call.write(vision_pb2.ClassifyStreamRequest(items=[item(3, request(photo))], cancel_ids=[3]))
+    third = await asyncio.wait_for(read_results(call, 1), 20)
+    assert third[3].code == grpc.StatusCode.CANCELLED.value[0]
+    metrics = scrape(running.server.metrics_port)
+    assert metrics['snaplearn_vision_errors_total{code="CANCELLED"}'] == 2
+    await asyncio.wait_for(running.server.stop(), 20)
+    assert await asyncio.wait_for(call.read(), 20) is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK

@@ -279,3 +279,102 @@ async def test_a_query_replica_given_a_spool_directory_keeps_unconfirmed_feedbac
         assert (tmp_path / "replica-spool").is_dir()
     finally:
         await replica.stop()
+
+
+# -- defects found from outside (issue 21) ----------------------------------------------------
+
+
+def _timed(seconds: int, nanos: int = 0) -> recommender_pb2.RecordFeedbackRequest:
+    request = recommender_pb2.RecordFeedbackRequest(
+        user_id="ada", item_id=GEOMETRY[0].item_id, kind=COMPLETED
+    )
+    request.time.seconds, request.time.nanos = seconds, nanos
+    return request
+
+
+@pytest.mark.parametrize(
+    ("seconds", "nanos"), [(0, -1), (2**62, 0), (-(2**62), 0), (0, 1_000_000_000)], ids=str
+)
+async def test_an_out_of_range_timestamp_is_invalid_argument_in_words(
+    app: TrainerApp, stub: recommender_pb2_grpc.RecommenderServiceStub, seconds: int, nanos: int
+) -> None:
+    # Was INTERNAL: Timestamp.ToNanoseconds() raised ValueError inside the servicer.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RecordFeedback(_timed(seconds, nanos), timeout=5)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    assert "time is not a valid Timestamp" in (caught.value.details() or "")
+    assert app.frontend.feedback.publisher.published == app.frontend.feedback.publisher.buffered == 0
+
+
+async def test_the_epoch_is_a_time_in_the_past_and_1900_is_refused_for_what_it_is(
+    stub: recommender_pb2_grpc.RecommenderServiceStub,
+) -> None:
+    # Both were refused as "time must be in the past".
+    assert (await stub.RecordFeedback(_timed(0), timeout=5)).accepted
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.RecordFeedback(_timed(-2_208_988_800), timeout=5)  # 1900-01-01
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = caught.value.details() or ""
+    assert "before 1970-01-01" in details and "in the past" not in details
+
+
+@pytest.mark.parametrize("length", [129, 10_240])
+async def test_every_rpc_has_one_user_id_limit_and_one_message(
+    stub: recommender_pb2_grpc.RecommenderServiceStub, length: int
+) -> None:
+    # Recommend accepted 10 KB ids while RecordFeedback (and Classify) stopped at 128 characters.
+    from snaplearn_common.ids import MAX_ID_CHARS
+
+    expected = f"user_id is {length} characters; the limit is {MAX_ID_CHARS}"
+    for call in (
+        stub.Recommend(recommender_pb2.RecommendRequest(user_id="u" * length, k=5), timeout=5),
+        stub.RecordFeedback(
+            recommender_pb2.RecordFeedbackRequest(
+                user_id="u" * length, item_id=GEOMETRY[0].item_id, kind=COMPLETED
+            ),
+            timeout=5,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == expected
+    # The limit itself is accepted by both.
+    assert (await stub.Recommend(recommender_pb2.RecommendRequest(user_id="u" * MAX_ID_CHARS, k=5))).items
+
+
+async def test_a_user_id_that_is_not_utf8_is_invalid_argument_in_words(app: TrainerApp) -> None:
+    # Was UNKNOWN: "Unexpected <class 'google.protobuf.message.DecodeError'>: ...".
+    raw = b"\x0a\x02\xff\xfe" + recommender_pb2.RecommendRequest(k=5).SerializeToString()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        for method in ("Recommend", "RecordFeedback"):
+            call = channel.unary_unary(f"/snaplearn.recommender.v1.RecommenderService/{method}")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call(raw, timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+            details = caught.value.details() or ""
+            assert "not valid UTF-8" in details and "class" not in details
+
+
+async def test_the_clis_json_keeps_non_ascii_text_readable(
+    app: TrainerApp, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Was: --json printed "\u00e9l\u00e8ve" for a student's "élève" id.
+    item = GEOMETRY[1].item_id
+    argv = [
+        "--recommender",
+        f"127.0.0.1:{app.port}",
+        "--json",
+        "feedback",
+        "--user",
+        "élève-7",
+        "--item",
+        item,
+    ]
+    assert await asyncio.to_thread(cli.main, [*argv, "--kind", "viewed", "--request-id", "élève-1"]) == 0
+    out = capsys.readouterr().out
+    assert '"eventId": "élève-1"' in out and "\\u" not in out
+    recommend = ["--recommender", f"127.0.0.1:{app.port}", "--json", "recommend", "--user", "élève-7"]
+    assert await asyncio.to_thread(cli.main, recommend) == 0
+    out = capsys.readouterr().out
+    assert '"userId": "élève-7"' in out and "\\u" not in out

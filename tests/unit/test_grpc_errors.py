@@ -16,6 +16,7 @@ EXPECTED = {
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Cancelled: grpc.StatusCode.CANCELLED,
 }
@@ -41,6 +42,10 @@ class _Raising(vision_pb2_grpc.VisionServiceServicer):
         if request.user_id == "crash":
             raise RuntimeError("secret internal detail")
         raise getattr(errors, request.user_id)(f"{request.user_id} raised on purpose")
+
+    async def ClassifyStream(self, request_iterator, context):
+        async for _request in request_iterator:
+            await context.write(vision_pb2.ClassifyStreamResponse())
 
 
 @pytest.fixture
@@ -93,3 +98,51 @@ async def test_a_method_is_wrapped_once_and_reused_for_every_call() -> None:
     assert await interceptor.intercept_service(continuation, Details("/b")) is not first
     handlers["/a"] = other
     assert await interceptor.intercept_service(continuation, Details("/a")) is not first
+
+
+# Defect (issue 21): request bytes that do not parse, or a string field that is not UTF-8, were
+# answered UNKNOWN with grpc's "Unexpected <class 'google.protobuf.message.DecodeError'>".
+UNDECODABLE = {
+    "corrupt-wire-format": (b"\xff\xff\xff", "is not a valid snaplearn.vision.v1.ClassifyRequest"),
+    "user-id-not-utf8": (b"\x0a\x02\xff\xfe", "not valid UTF-8"),
+}
+
+
+@pytest.fixture
+async def channel():
+    server = await start_grpc_server(
+        [lambda s: vision_pb2_grpc.add_VisionServiceServicer_to_server(_Raising(), s)],
+        ["snaplearn.vision.v1.VisionService"],
+    )
+    async with aio.insecure_channel(f"127.0.0.1:{server.port}") as opened:
+        yield opened
+    await server.stop(0)
+
+
+@pytest.mark.parametrize(("raw", "words"), list(UNDECODABLE.values()), ids=list(UNDECODABLE))
+async def test_undecodable_unary_request_is_invalid_argument_in_words(channel, raw, words) -> None:
+    classify = channel.unary_unary("/snaplearn.vision.v1.VisionService/Classify")
+    with pytest.raises(aio.AioRpcError) as raised:
+        await classify(raw, timeout=10)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
+    details = raised.value.details() or ""
+    assert words in details
+    assert "class" not in details and "DecodeError" not in details and "Unexpected" not in details
+    reply = await vision_pb2_grpc.VisionServiceStub(channel).Classify(
+        vision_pb2.ClassifyRequest(user_id="ok")
+    )
+    assert reply.request_id == "fine"
+
+
+@pytest.mark.parametrize(("raw", "words"), list(UNDECODABLE.values()), ids=list(UNDECODABLE))
+async def test_an_undecodable_stream_message_ends_the_stream_invalid_argument(channel, raw, words) -> None:
+    stream = channel.stream_stream("/snaplearn.vision.v1.VisionService/ClassifyStream")
+    call = stream(timeout=10)
+    await call.write(vision_pb2.ClassifyStreamRequest().SerializeToString())
+    assert await call.read() == vision_pb2.ClassifyStreamResponse().SerializeToString()
+    await call.write(raw)
+    await call.done_writing()
+    assert await call.code() == grpc.StatusCode.INVALID_ARGUMENT, await call.details()
+    details = await call.details() or ""
+    assert "ClassifyStreamRequest" in details or words in details
+    assert "class" not in details and "DecodeError" not in details

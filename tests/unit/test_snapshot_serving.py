@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection
+from typing import Any
 
 import numpy as np
 import pytest
 
 from snaplearn_common.errors import InvalidInput, NotFound
 from snaplearn_recommender.catalog import FORMATS, Catalog, LearningItem
-from snaplearn_recommender.snapshot import MAX_K, Snapshot
+from snaplearn_recommender.snapshot import MAX_K, FeatureFilter, Snapshot
 
 CONCEPTS = ("fractions", "geometry", "algebra", "decimals")
 N_ITEMS = 5_000
@@ -53,8 +54,6 @@ def _snapshot(seed: int = 0, n_items: int = N_ITEMS) -> Snapshot:
         concepts=CONCEPTS,
         item_vectors=rng.normal(size=(n_items, DIM)).astype(np.float32),
         item_biases=rng.normal(size=n_items).astype(np.float32),
-        item_grades=grades.astype(np.int64),
-        item_format_codes=formats.astype(np.int64),
         concept_membership=membership,
         popularity=rng.integers(0, 50, n_items).astype(np.float32) + rng.random(n_items).astype(np.float32),
         user_index={f"user-{row}": row for row in range(n_users)},
@@ -83,7 +82,7 @@ def _reference_top(scores: np.ndarray, keep: np.ndarray, k: int) -> list[int]:
     return order[:k]
 
 
-FILTERS = [
+FILTERS: list[dict[str, Any]] = [
     {},
     {"grades": (5,)},
     {"grades": (3, 4, 5, 6)},
@@ -197,9 +196,14 @@ def test_k_out_of_range_is_invalid_for_both_apis(k: int) -> None:
 
 def test_bad_filters_are_invalid_input() -> None:
     snapshot = _snapshot(n_items=30)
-    with pytest.raises(InvalidInput, match="grades must be"):
-        snapshot.similar_items("item-0", 5, grades=(0,))
-    with pytest.raises(InvalidInput, match="unknown format"):
+    assert snapshot.similar_items("item-0", 5, grades=(0,)).items == ()  # a grade no item has
+    with pytest.raises(InvalidInput, match="unknown feature 'topic'; this catalog's features are difficulty"):
+        snapshot.recommend("user-0", 5, features=(FeatureFilter("topic", ("x",)),))
+    with pytest.raises(InvalidInput, match="feature 'format' is not numeric"):
+        snapshot.recommend("user-0", 5, features=(FeatureFilter("format", minimum=1),))
+    with pytest.raises(InvalidInput, match="'four' is not a number"):
+        snapshot.recommend("user-0", 5, features=(FeatureFilter("grade", ("four",)),))
+    with pytest.raises(InvalidInput, match="unknown format value"):
         snapshot.recommend("user-0", 5, formats=("podcast",))
     with pytest.raises(InvalidInput, match="unknown concept"):
         snapshot.recommend("user-0", 5, concepts=("topology",))
@@ -212,8 +216,8 @@ def test_snapshot_and_its_derived_arrays_are_read_only_and_unchanged_by_requests
         for name in ("scoring_columns", "cold_start_scores", "unit_item_columns", "item_vectors")
     }
     masks = [
-        *snapshot.grade_masks.values(),
-        *snapshot.format_masks.values(),
+        *(p for by_value in snapshot.catalog.feature_index.values() for p in by_value.values()),
+        *snapshot.catalog.numeric_columns.values(),
         *snapshot.concept_masks.values(),
     ]
     mask_copies = [mask.copy() for mask in masks]
@@ -230,4 +234,4 @@ def test_snapshot_and_its_derived_arrays_are_read_only_and_unchanged_by_requests
     with pytest.raises(dataclasses.FrozenInstanceError):
         snapshot.version = "changed"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        snapshot.grade_masks[1] = masks[0]  # type: ignore[index]
+        snapshot.concept_masks["x"] = masks[0]  # type: ignore[index]

@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field, field_validator
 
 from snaplearn_common.eventbus.settings import BusSettings
+from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_vision.schema import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -110,6 +111,16 @@ class VisionSettings(Settings):
         Cli(flag="--compile", group=_MODEL),
         Field(validation_alias=ENV_PREFIX + "COMPILE", description="torch.compile the model (GPU only)"),
     ] = False
+    # The live repository (core/service.py): each loaded model's versions are read again this
+    # often; new ones are loaded and swapped in, removed ones drained and unloaded.
+    model_poll_interval_s: Annotated[
+        Annotated[float, Field(gt=0, allow_inf_nan=False)] | None,
+        Cli(flag="--model-poll-interval", group=_MODEL),
+        Field(
+            description="seconds between reads of the model repository for new or removed versions; "
+            "0 = never (versions change only by RepositoryModelLoad/Unload or a restart)"
+        ),
+    ] = 5.0
 
     # -- batching -----------------------------------------------------------------------------
     # None keeps the model's own config (max_batch_size / max_queue_delay_ms in config.json).
@@ -219,6 +230,8 @@ class VisionSettings(Settings):
         ),
     ] = True
     event_bus: BusSettings = Field(default_factory=BusSettings.from_env)
+    # TLS, tokens, rate limit, reflection (--tls-cert, SNAPLEARN_TLS_CERT, ...; none: plaintext, open).
+    security: SecuritySettings = Field(default_factory=SecuritySettings.from_env)
     # Where events wait, on disk, while the bus is unreachable (and across restarts); None
     # keeps them in memory only.
     spool_dir: Annotated[
@@ -231,6 +244,11 @@ class VisionSettings(Settings):
     @field_validator("max_connection_age_s", mode="before")
     @classmethod
     def _age_zero_is_never(cls, value: object) -> object:
+        return _seconds_or_never(value)
+
+    @field_validator("model_poll_interval_s", mode="before")
+    @classmethod
+    def _poll_zero_is_never(cls, value: object) -> object:
         return _seconds_or_never(value)
 
     @field_validator("max_pending_calls", mode="before")

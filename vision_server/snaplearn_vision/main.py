@@ -95,6 +95,11 @@ async def serve(settings: VisionSettings) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["models"]:  # `snaplearn-vision models add|list|remove` (snaplearn_vision.models)
+        from snaplearn_vision.models import main as models_main
+
+        return models_main(args[1:])
     settings = settings_from_args(argv)
     worker = "" if settings.worker_index is None else f"[worker {settings.worker_index}] "
     logging.basicConfig(

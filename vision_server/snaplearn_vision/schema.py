@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from snaplearn_common.errors import FailedPrecondition
 from snaplearn_common.topics import DEFAULT_TOPICS
 
 # -- the default model -------------------------------------------------------------------------
@@ -54,8 +55,11 @@ class DecodeSpec:
     width: int
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resize: str = "stretch"  # a ResizePolicy (declared below, with the model config)
 
     def __post_init__(self) -> None:
+        if self.resize not in ("stretch", "center_crop"):
+            raise ValueError(f"resize must be 'stretch' or 'center_crop', got {self.resize!r}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
         if self.height < 1 or self.width < 1:
@@ -73,14 +77,33 @@ class DecodeSpec:
 
 CONFIG_FILENAME = "config.json"
 DEFAULT_WEIGHTS_FILENAME = "model.pt"
+
+# How a version's network is stored: a state_dict for `architecture` (SnapNet or torchvision),
+# or a self-contained network brought by its owner. Each has its usual file name.
+ModelFormat = Literal["state_dict", "torchscript", "torch_export", "onnx"]
+MODEL_FORMATS: tuple[ModelFormat, ...] = ("state_dict", "torchscript", "torch_export", "onnx")
+FORMAT_FILENAMES: dict[str, str] = {
+    "state_dict": DEFAULT_WEIGHTS_FILENAME,
+    "torchscript": "model.pt",
+    "torch_export": "model.pt2",
+    "onnx": "model.onnx",
+}
+# How a photo becomes input_size: "stretch" resizes it whole (aspect ratio not kept);
+# "center_crop" scales its shorter side to fit and crops the middle (ImageNet-style models).
+ResizePolicy = Literal["stretch", "center_crop"]
+RESIZE_POLICIES: tuple[ResizePolicy, ...] = ("stretch", "center_crop")
 PRETRAINED_PREFIX = "torchvision:"
 # Names become directory names and arrive in client requests: no separators, no "..".
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 VERSION_PATTERN = re.compile(r"^[1-9][0-9]{0,17}$")
 
 
-class InvalidModelConfig(ValueError):
-    """A config.json (or a ModelConfig built in code) that cannot describe a servable model."""
+class InvalidModelConfig(ValueError, FailedPrecondition):
+    """A config.json (or a ModelConfig built in code) that cannot describe a servable model.
+
+    A FailedPrecondition too: a request for a model whose config is broken asks for something
+    that exists but cannot serve until its owner fixes it.
+    """
 
 
 @dataclass(frozen=True)
@@ -100,20 +123,31 @@ class ModelConfig:
     mean: tuple[float, ...] = DEFAULT_MEAN
     std: tuple[float, ...] = DEFAULT_STD
     batching: BatchingConfig = field(default_factory=BatchingConfig)
-    # A file in the version directory, or a pretrained spec such as "torchvision:DEFAULT".
-    weights: str = DEFAULT_WEIGHTS_FILENAME
+    # A file in the version directory ("" = the format's usual name), or a pretrained spec
+    # such as "torchvision:DEFAULT".
+    weights: str = ""
     # Free-form provenance: seed, dataset size, test accuracy, ...
     training: dict[str, Any] = field(default_factory=dict)
+    format: ModelFormat = "state_dict"
+    resize: ResizePolicy = "stretch"
 
     def __post_init__(self) -> None:
+        if not self.weights and self.format in FORMAT_FILENAMES:
+            object.__setattr__(self, "weights", FORMAT_FILENAMES[self.format])
         problems = self._problems()
         if problems:
             raise InvalidModelConfig("invalid model config: " + "; ".join(problems))
 
     def _problems(self) -> list[str]:
         problems = []
-        if not self.architecture or not isinstance(self.architecture, str):
-            problems.append("architecture must be a non-empty string")
+        if self.format not in MODEL_FORMATS:
+            problems.append(f"format must be one of {', '.join(MODEL_FORMATS)}, got {self.format!r}")
+        if self.resize not in RESIZE_POLICIES:
+            problems.append(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
+        if not isinstance(self.architecture, str):
+            problems.append("architecture must be a string")
+        elif self.format == "state_dict" and not self.architecture:
+            problems.append("architecture must be a non-empty string (a state_dict needs its network)")
         if not self.labels or not all(isinstance(label, str) and label for label in self.labels):
             problems.append("labels must be a non-empty list of non-empty strings")
         elif len(set(self.labels)) != len(self.labels):
@@ -135,7 +169,9 @@ class ModelConfig:
         if not 0 <= self.batching.max_queue_delay_ms <= 10_000:
             problems.append("batching.max_queue_delay_ms must be in 0..10000")
         if self.pretrained is not None:
-            if self.architecture == DEFAULT_ARCHITECTURE:
+            if self.format != "state_dict":
+                problems.append(f"pretrained weights need format 'state_dict', not {self.format!r}")
+            elif self.architecture == DEFAULT_ARCHITECTURE:
                 problems.append(f"{DEFAULT_ARCHITECTURE!r} has no pretrained weights; give a weights file")
         elif not NAME_PATTERN.match(self.weights):
             problems.append(
@@ -162,6 +198,8 @@ class ModelConfig:
         if unknown:
             raise InvalidModelConfig(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
         values = dict(data)
+        if values.get("format", "state_dict") != "state_dict":
+            values.setdefault("architecture", "")  # a self-contained network names none
         try:
             for key in ("labels", "input_size", "mean", "std"):
                 if key in values:

@@ -16,11 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from grpc_health.v1 import health_pb2
 
 from snaplearn_common.eventbus.base import EventBus
 from snaplearn_common.eventbus.factory import open_bus
@@ -31,16 +36,27 @@ from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.server import GrpcServer, start_grpc_server
 from snaplearn_vision.config import VisionSettings
 from snaplearn_vision.core.metrics import VisionMetrics
-from snaplearn_vision.core.service import ClassificationService, LoadedModel, ModelSource
+from snaplearn_vision.core.service import ClassificationService, LoadedModel, ModelCatalog, ModelSource
+from snaplearn_vision.core.versions import VersionPolicy
 from snaplearn_vision.edges import oip
 from snaplearn_vision.edges.vision import SERVICE_NAME, VisionServicer
-from snaplearn_vision.schema import BatchingOverrides, DeviceChoice, Precision
+from snaplearn_vision.schema import (
+    CONFIG_FILENAME,
+    NAME_PATTERN,
+    VERSION_PATTERN,
+    BatchingOverrides,
+    DeviceChoice,
+    InvalidModelConfig,
+    Precision,
+)
 
 log = logging.getLogger(__name__)
 
 # Room for the other ClassifyRequest fields around the largest accepted image, so that an
 # oversized image gets our INVALID_ARGUMENT message rather than gRPC's RESOURCE_EXHAUSTED.
 _MESSAGE_OVERHEAD_BYTES = 64 * 1024
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @dataclass(frozen=True)
@@ -70,6 +86,86 @@ class RepositoryModels:
             inference=inference,
         )
 
+    def release(self) -> None:
+        """Give the CUDA caching allocator's freed blocks back after a version was dropped."""
+        torch = sys.modules.get("torch")  # loaded with the first model; never imported here first
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class RepositoryCatalog:
+    """A ModelCatalog over the on-disk repository: `<root>/<name>/<version>/config.json` per version,
+    and an optional model-level `<root>/<name>/config.json` holding the version policy.
+
+    Read without torch: listing runs on every poll.
+    """
+
+    root: Path
+
+    def model_names(self) -> list[str]:
+        try:
+            entries = sorted(os.scandir(self.root), key=lambda entry: entry.name)
+        except OSError:
+            return []
+        return [e.name for e in entries if NAME_PATTERN.match(e.name) and self.versions(e.name)]
+
+    def versions(self, name: str) -> list[str]:
+        if not NAME_PATTERN.match(name):
+            return []
+        try:
+            entries = list(os.scandir(self.root / name))
+        except OSError:
+            return []
+        found = [
+            e.name
+            for e in entries
+            if VERSION_PATTERN.match(e.name) and os.path.isfile(os.path.join(e.path, CONFIG_FILENAME))
+        ]
+        return sorted(found, key=int)
+
+    def policy(self, name: str) -> VersionPolicy:
+        path = self.root / name / CONFIG_FILENAME
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return VersionPolicy()
+        except OSError as error:
+            raise InvalidModelConfig(f"cannot read {path}: {error.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InvalidModelConfig(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise InvalidModelConfig(f"{path} must hold a JSON object")
+        try:
+            return VersionPolicy.from_config(data)
+        except InvalidModelConfig as error:
+            raise InvalidModelConfig(f"{path}: {error}") from None
+
+    def stamp(self, name: str, version: str) -> object:
+        """Changes when the version directory is written again (a new directory renamed into place)."""
+        try:
+            directory = os.stat(self.root / name / version)
+            config = os.stat(self.root / name / version / CONFIG_FILENAME)
+        except OSError:
+            return None
+        return (directory.st_ino, directory.st_mtime_ns, config.st_ino, config.st_mtime_ns)
+
+    def public_reason(self, error: BaseException) -> str:
+        """The error's message with repository paths made relative: callers never see server paths."""
+        text = str(error) or type(error).__name__
+        for root in {str(self.root.resolve()), str(self.root), os.path.abspath(self.root)}:
+            text = text.replace(root + os.sep, "").replace(root, "<repository>")
+        if not isinstance(error, (InvalidModelConfig, RuntimeError, ValueError, OSError)):
+            text = f"{type(error).__name__}: {text}"
+        return text
+
+
+def model_health_name(model: str) -> str:
+    """The health service name that says whether `model` serves (gRPC health, one per loaded model)."""
+    return f"{oip.SERVICE_NAME}/{model}"
+
 
 class VisionServer:
     """Metrics endpoint, publisher, core and gRPC server, started and stopped together.
@@ -92,6 +188,7 @@ class VisionServer:
             settings.channels_last,
             settings.compile_model,
         )
+        self._catalog: ModelCatalog = RepositoryCatalog(Path(settings.model_repository))
         self._bus = bus
         self._stack: contextlib.AsyncExitStack | None = None
         self.publisher: EventPublisher | None = None
@@ -148,6 +245,8 @@ class VisionServer:
         self.publisher = await self._start_publisher(stack)
         self.service = service = ClassificationService(
             self._models,
+            catalog=self._catalog,
+            model_poll_interval_s=settings.model_poll_interval_s,
             default_model_name=settings.model_name,
             default_model_version=settings.model_version or None,
             publisher=self.publisher,
@@ -227,13 +326,45 @@ class VisionServer:
             maximum_concurrent_rpcs=settings.rpc_cap(),
             max_pending_calls=settings.max_pending_calls,
             reuse_port=settings.worker_index is not None,
+            security=settings.security,
         )
+
+        models_health = _ModelHealth(grpc_server)
+        self.service.add_model_listener(models_health.changed)
+        for name in {row.name for row in self.service.repository_index(ready_only=True)}:
+            models_health.changed(name, True)  # a worker loads before it binds
 
         async def stop_serving() -> None:
             # Streams would otherwise take new items until the grace ends and then be cut with
             # items on them; ended OK, their clients resend what was not started.
             vision.drain_streams()
+            await models_health.stop()
             await grpc_server.stop(settings.shutdown_grace_s)
             self.grpc = self._vision_servicer = None
 
         stack.push_async_callback(stop_serving)
+
+
+class _ModelHealth:
+    """Per-model readiness in the gRPC health service (model_health_name), kept by the core's listener."""
+
+    def __init__(self, grpc_server: GrpcServer) -> None:
+        self._grpc = grpc_server
+        self._names: set[str] = set()
+        self._updates: set[asyncio.Task[None]] = set()
+
+    def changed(self, name: str, ready: bool) -> None:
+        self._names.add(name)
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        task = asyncio.get_running_loop().create_task(self._grpc.health.set(model_health_name(name), status))
+        self._updates.add(task)
+        task.add_done_callback(self._updates.discard)
+
+    async def stop(self) -> None:
+        """Every model NOT_SERVING before the server drains, as the server's own entries go."""
+        if self._updates:
+            await asyncio.gather(*self._updates, return_exceptions=True)
+        for name in sorted(self._names):
+            await self._grpc.health.set(model_health_name(name), _NOT_SERVING)

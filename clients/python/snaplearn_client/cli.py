@@ -19,7 +19,22 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToJson
 
-from snaplearn_client.client import DEFAULT_RECOMMENDER_TARGET, DEFAULT_VISION_TARGET, FEEDBACK_KINDS
+from snaplearn_client.client import (
+    DEFAULT_RECOMMENDER_TARGET,
+    DEFAULT_VISION_TARGET,
+    FEEDBACK_KINDS,
+    ChannelSecurity,
+)
+
+
+def _security(args: argparse.Namespace) -> ChannelSecurity | None:
+    token = os.environ.get("SNAPLEARN_TOKEN") or None
+    if args.tls_ca is None and args.tls_cert is None and token is None:
+        return None
+    tls = args.tls_ca is not None or args.tls_cert is not None
+    return ChannelSecurity(
+        tls=tls, ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key, token=token
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--timeout", type=float, default=10.0, help="deadline per call, seconds")
     parser.add_argument("--json", action="store_true", help="print the raw response as JSON")
+    # TLS and the token (the token only from SNAPLEARN_TOKEN: a process listing shows flags).
+    parser.add_argument(
+        "--tls-ca", default=os.environ.get("SNAPLEARN_TLS_CA"), help="TLS: the servers' CA (PEM)"
+    )
+    parser.add_argument(
+        "--tls-cert", default=os.environ.get("SNAPLEARN_TLS_CLIENT_CERT"), help="mutual TLS: cert"
+    )
+    parser.add_argument(
+        "--tls-key", default=os.environ.get("SNAPLEARN_TLS_CLIENT_KEY"), help="mutual TLS: key"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     classify = commands.add_parser(
@@ -67,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         "--photos", type=Path, required=True, help="folder of <topic>/*.png photos (snaplearn up renders one)"
     )
     demo.add_argument("--photos-per-student", type=int, default=6)
+    demo.add_argument(
+        "--label-map",
+        type=Path,
+        default=None,
+        help="the recommender's --label-map (JSON {label: [concepts]})",
+    )
     return parser
 
 
@@ -78,19 +109,37 @@ def _print_classified(reply: Any, indent: str = "") -> None:
     print(f"{indent}  {timing} (batch of {reply.batch_size})")
 
 
-def _classify_many(args: argparse.Namespace) -> int:
+def _to_json(message: Any) -> str:
+    """A response as JSON, non-ASCII text (students' names, titles) kept as it is."""
+    return MessageToJson(message, ensure_ascii=False)
+
+
+class _Unreadable(Exception):
+    """An input file the CLI cannot read; its message is what the user reads."""
+
+
+def _read_images(paths: list[Path]) -> list[bytes]:
+    """Every photo's bytes, read before any connection is made."""
+    images = []
+    for path in paths:
+        try:
+            images.append(path.read_bytes())
+        except OSError as error:
+            raise _Unreadable(f"cannot read {path}: {error.strerror or error}") from None
+    return images
+
+
+def _classify_many(args: argparse.Namespace, images: list[bytes]) -> int:
     """Several files over one ClassifyStream: an answer (or an error) per file; exit 1 if any failed."""
     from snaplearn_client.client import VisionClient
 
-    with VisionClient(args.vision, timeout_s=args.timeout) as vision:
-        outcomes = vision.classify_many(
-            [path.read_bytes() for path in args.images], args.user, args.top_k, args.model, args.model_version
-        )
+    with VisionClient(args.vision, timeout_s=args.timeout, security=_security(args)) as vision:
+        outcomes = vision.classify_many(images, args.user, args.top_k, args.model, args.model_version)
     for path, outcome in zip(args.images, outcomes, strict=True):
         if args.json:
-            response = json.loads(MessageToJson(outcome.response)) if outcome.response is not None else None
+            response = json.loads(_to_json(outcome.response)) if outcome.response is not None else None
             print(json.dumps({"image": str(path), "code": outcome.code.name, "message": outcome.message,
-                              "response": response}))  # fmt: skip
+                              "response": response}, ensure_ascii=False))  # fmt: skip
         elif outcome.response is not None:
             print(f"{path}:")
             _print_classified(outcome.response, indent="  ")
@@ -104,24 +153,29 @@ def main(argv: list[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     try:
-        if args.command == "classify" and len(args.images) > 1:
-            return _classify_many(args)
+        images = _read_images(args.images) if args.command == "classify" else []
+    except _Unreadable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "classify" and len(images) > 1:
+            return _classify_many(args, images)
         if args.command == "classify":
-            with VisionClient(args.vision, timeout_s=args.timeout) as vision:
-                reply = vision.classify(
-                    args.images[0].read_bytes(), args.user, args.top_k, args.model, args.model_version
-                )
+            with VisionClient(args.vision, timeout_s=args.timeout, security=_security(args)) as vision:
+                reply = vision.classify(images[0], args.user, args.top_k, args.model, args.model_version)
             if args.json:
-                print(MessageToJson(reply))
+                print(_to_json(reply))
                 return 0
             _print_classified(reply)
         elif args.command == "recommend":
-            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+            with RecommenderClient(
+                args.recommender, timeout_s=args.timeout, security=_security(args)
+            ) as recommender:
                 recommendation = recommender.recommend(
                     args.user, args.k, args.exclude_seen, args.grade, args.format, args.concept
                 )
             if args.json:
-                print(MessageToJson(recommendation))
+                print(_to_json(recommendation))
                 return 0
             cold = " (cold start)" if recommendation.cold_start else ""
             model = f"model {recommendation.model_version}, {recommendation.events_applied} events"
@@ -130,27 +184,37 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
                 print(f"      {item.reason}")
         elif args.command == "similar":
-            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+            with RecommenderClient(
+                args.recommender, timeout_s=args.timeout, security=_security(args)
+            ) as recommender:
                 similar = recommender.similar_items(args.item, args.k, args.grade, args.format, args.concept)
             if args.json:
-                print(MessageToJson(similar))
+                print(_to_json(similar))
                 return 0
             print(f"like {similar.item_id}, model {similar.model_version}")
             for rank, item in enumerate(similar.items, 1):
                 print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
                 print(f"      {item.reason}")
         elif args.command == "feedback":
-            with RecommenderClient(args.recommender, timeout_s=args.timeout) as recommender:
+            with RecommenderClient(
+                args.recommender, timeout_s=args.timeout, security=_security(args)
+            ) as recommender:
                 recorded = recommender.record_feedback(args.user, args.item, args.kind, args.request_id)
             if args.json:
-                print(MessageToJson(recorded))
+                print(_to_json(recorded))
                 return 0
             state = "recorded" if recorded.accepted else "already recorded"
             print(f"{args.kind} {args.item} for {args.user}: {state} (event {recorded.event_id})")
         else:
             from snaplearn_client.demo import run_demo
 
-            return run_demo(args.vision, args.recommender, args.photos, args.photos_per_student)
+            try:
+                return run_demo(
+                    args.vision, args.recommender, args.photos, args.photos_per_student, args.label_map
+                )
+            except (OSError, ValueError, TimeoutError) as error:  # photos, label map, a server too slow
+                print(f"error: {error}", file=sys.stderr)
+                return 2 if not isinstance(error, TimeoutError) else 1
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -3,15 +3,21 @@
 Retries use gRPC's own retry policy (service config), so they apply per attempt with
 exponential backoff and only for UNAVAILABLE: a request that failed for a reason that
 retrying cannot fix (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) fails at once.
+
+A server secured with TLS and tokens takes `security=ChannelSecurity(ca_file=..., token=...)`
+(a client certificate and key too, for mutual TLS); `ChannelSecurity.from_env()` reads
+SNAPLEARN_TLS_CA, SNAPLEARN_TLS_CLIENT_CERT, SNAPLEARN_TLS_CLIENT_KEY and SNAPLEARN_TOKEN.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Self
+from pathlib import Path
+from typing import Any, Self
 
 import grpc
 
@@ -51,22 +57,105 @@ def _service_config(service: str, max_attempts: int) -> str:
     )
 
 
-def _channel(target: str, service: str, max_attempts: int) -> grpc.Channel:
-    options = [
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How to reach a secured server: TLS (ca_file: the CA that signed the server's certificate;
+    None uses the system's roots), mutual TLS (cert_file + key_file: this client's certificate),
+    and a bearer token. tls=False with a token sends the token over plaintext: for a
+    development server on localhost only."""
+
+    tls: bool = True
+    ca_file: Path | str | None = None
+    cert_file: Path | str | None = None
+    key_file: Path | str | None = None
+    token: str | None = None
+    server_name: str | None = None  # the name to check the certificate against, if not the target's
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> ChannelSecurity | None:
+        """From SNAPLEARN_TLS_CA, SNAPLEARN_TLS_CLIENT_CERT, SNAPLEARN_TLS_CLIENT_KEY and
+        SNAPLEARN_TOKEN (None when none is set: plaintext, no token)."""
+        env = os.environ if environ is None else environ
+        ca, cert, key = (
+            env.get(f"SNAPLEARN_TLS_{name}") or None for name in ("CA", "CLIENT_CERT", "CLIENT_KEY")
+        )
+        token = env.get("SNAPLEARN_TOKEN") or None
+        if ca is None and cert is None and token is None:
+            return None
+        return cls(
+            tls=ca is not None or cert is not None, ca_file=ca, cert_file=cert, key_file=key, token=token
+        )
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("a client certificate and its key go together")
+        tls = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file),
+            private_key=_read(self.key_file),
+            certificate_chain=_read(self.cert_file),
+        )
+        if self.token is None:
+            return tls
+        return grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(self.token))
+
+
+def _read(path: Path | str | None) -> bytes | None:
+    return None if path is None else Path(path).read_bytes()
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the token to every call on a plaintext channel (grpc's call credentials need TLS)."""
+
+    def __init__(self, token: str) -> None:
+        self._metadata = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return details._replace(metadata=metadata)
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def _channel(
+    target: str, service: str, max_attempts: int, security: ChannelSecurity | None = None
+) -> grpc.Channel:
+    options: list[tuple[str, Any]] = [
         ("grpc.enable_retries", 1),
         ("grpc.service_config", _service_config(service, max_attempts)),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ]
-    return grpc.insecure_channel(target, options=options)
+    if security is None:
+        return grpc.insecure_channel(target, options=options)
+    if security.tls:
+        if security.server_name is not None:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+        return grpc.secure_channel(target, security.credentials(), options=options)
+    channel = grpc.insecure_channel(target, options=options)
+    if security.token is None:
+        return channel
+    return grpc.intercept_channel(channel, _BearerToken(security.token))
 
 
 class _Client:
     service_name = ""
 
-    def __init__(self, target: str, timeout_s: float = 5.0, max_attempts: int = 4) -> None:
+    def __init__(
+        self,
+        target: str,
+        timeout_s: float = 5.0,
+        max_attempts: int = 4,
+        *,
+        security: ChannelSecurity | None = None,
+    ) -> None:
         self.target = target
         self.timeout_s = timeout_s
-        self._channel = _channel(target, self.service_name, max_attempts)
+        self._channel = _channel(target, self.service_name, max_attempts, security)
 
     def wait_ready(self, timeout_s: float = 30.0) -> None:
         """Block until the channel connects (raises grpc.FutureTimeoutError otherwise)."""
@@ -99,9 +188,14 @@ class RecommenderClient(_Client):
     service_name = "snaplearn.recommender.v1.RecommenderService"
 
     def __init__(
-        self, target: str = DEFAULT_RECOMMENDER_TARGET, timeout_s: float = 5.0, max_attempts: int = 4
+        self,
+        target: str = DEFAULT_RECOMMENDER_TARGET,
+        timeout_s: float = 5.0,
+        max_attempts: int = 4,
+        *,
+        security: ChannelSecurity | None = None,
     ) -> None:
-        super().__init__(target, timeout_s, max_attempts)
+        super().__init__(target, timeout_s, max_attempts, security=security)
         self._stub = recommender_pb2_grpc.RecommenderServiceStub(self._channel)
 
     def recommend(
@@ -169,8 +263,15 @@ class RecommenderClient(_Client):
 class VisionClient(_Client):
     service_name = "snaplearn.vision.v1.VisionService"
 
-    def __init__(self, target: str = DEFAULT_VISION_TARGET, timeout_s: float = 5.0, max_attempts: int = 4):
-        super().__init__(target, timeout_s, max_attempts)
+    def __init__(
+        self,
+        target: str = DEFAULT_VISION_TARGET,
+        timeout_s: float = 5.0,
+        max_attempts: int = 4,
+        *,
+        security: ChannelSecurity | None = None,
+    ):
+        super().__init__(target, timeout_s, max_attempts, security=security)
         self._stub = vision_pb2_grpc.VisionServiceStub(self._channel)
 
     def classify(

@@ -188,7 +188,10 @@ class EventBus(ABC):
     def producer(self) -> Producer: ...
 
     @abstractmethod
-    def consumer(self, group_id: str, topics: Sequence[str]) -> Consumer: ...
+    def consumer(self, group_id: str, topics: Sequence[str], *, instance_id: str | None = None) -> Consumer:
+        """A member of group_id. instance_id: a stable name for this member across restarts
+        (Kafka's static membership, group.instance.id): a restarted member under the same
+        name takes its partitions back without waiting out the crashed one's session."""
 
     @abstractmethod
     def close(self) -> None: ...

@@ -14,6 +14,13 @@ adapter; what it adds:
   after a model update has absorbed the records (at-least-once).
 - `seek` before the group has assigned the partition is remembered and applied when it
   is assigned, since a subscribed consumer learns its partitions only while polling.
+- A cluster that cannot be reached is `Unavailable` (creating a client, admin calls), and a
+  producer created while it is down connects on its first batch, so a process can start
+  during an outage. kafka-python's own logging is raised to CRITICAL unless the process
+  configured the `kafka` logger: it logs every failed reconnect, hundreds of lines an
+  outage; the callers report an outage once (worker.py).
+- Static group membership (group_instance_id): a member restarted under the same instance
+  id gets its partitions back at once, instead of after the dead member's session timeout.
 - Two kafka-python 3.0.x defects are worked around (see `_patch_group_join` and
   `KafkaBusProducer`): a group join whose result arrives between polls was lost, and one
   non-retriable delivery error disabled an idempotent producer for good.
@@ -31,7 +38,7 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any, Literal
 
@@ -148,7 +155,28 @@ def default_compression() -> str:
 
 
 def _unreachable(bootstrap: Sequence[str], exc: BaseException) -> Unavailable:
-    return Unavailable(f"cannot reach Kafka at {','.join(bootstrap)}: {exc}")
+    return Unavailable(f"cannot reach Kafka at {','.join(bootstrap)}: {type(exc).__name__}: {exc}")
+
+
+# kafka-python errors that mean "the cluster cannot be reached now", not "the request is wrong".
+_UNREACHABLE_ERRORS = (
+    kafka_errors.KafkaTimeoutError,
+    kafka_errors.KafkaConnectionError,
+    kafka_errors.NodeNotReadyError,
+    kafka_errors.RequestTimedOutError,
+)
+
+
+def quiet_client_logs() -> None:
+    """Raise kafka-python's loggers to CRITICAL unless the process set a level for them itself.
+
+    kafka-python logs each failed (re)connect at WARNING/ERROR, with tracebacks; an outage
+    is reported once by the callers instead. `--log-level DEBUG` keeps the library quiet too:
+    set the `kafka` logger's level explicitly to see its lines.
+    """
+    library = logging.getLogger("kafka")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.CRITICAL)
 
 
 _JOIN_PATCH_ATTRIBUTES = (
@@ -230,6 +258,7 @@ class KafkaEventBus(EventBus):
     delivery_timeout_s: how long kafka-python retries a record before giving up on it, when
     the caller's send_batch timeout is longer (it then surfaces as DeliveryFailed).
     close_timeout_s: how long closing a producer waits for records still in flight.
+    bootstrap_timeout_s: how long creating a client waits for a first broker.
     client_config: extra kafka-python settings for every client (tests, tuning).
     """
 
@@ -247,6 +276,8 @@ class KafkaEventBus(EventBus):
         close_timeout_s: float = 10.0,
         compression_type: str | None = None,
         client_config: Mapping[str, Any] | None = None,
+        bootstrap_timeout_s: float = 10.0,
+        quiet_library_logs: bool = True,
     ) -> None:
         if auto_offset_reset not in ("earliest", "latest"):
             raise InvalidInput(f"auto_offset_reset must be 'earliest' or 'latest', got {auto_offset_reset!r}")
@@ -269,9 +300,14 @@ class KafkaEventBus(EventBus):
             # kafka-python backs off reconnects up to 30 s; the Java client's 1 s means a
             # returning broker is used again within a second instead of up to half a minute.
             "reconnect_backoff_max_ms": 1000,
+            # A client created while the cluster is down fails (Unavailable) after this long
+            # instead of kafka-python's 30 s, so its caller can retry, report or stop sooner.
+            "bootstrap_timeout_ms": int(min(request_timeout_s, bootstrap_timeout_s) * 1000),
             **security_config(security),
             **dict(client_config or {}),
         }
+        if quiet_library_logs:
+            quiet_client_logs()
         self._lock = threading.Lock()
         self._admin: Any = None
         self._closed = False
@@ -302,9 +338,17 @@ class KafkaEventBus(EventBus):
         if self._admin is None:
             try:
                 self._admin = KafkaAdminClient(**self._common)
-            except kafka_errors.KafkaTimeoutError as exc:
+            except _UNREACHABLE_ERRORS as exc:
                 raise _unreachable(self.bootstrap_servers, exc) from exc
         return self._admin
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Admin calls: an unreachable cluster is Unavailable, whatever kafka-python raised."""
+        try:
+            yield
+        except _UNREACHABLE_ERRORS as exc:
+            raise _unreachable(self.bootstrap_servers, exc) from exc
 
     def _describe(self, topic: str) -> dict[str, Any] | None:
         topics = self._admin_client().describe_topics([topic])
@@ -323,7 +367,7 @@ class KafkaEventBus(EventBus):
         _validate_topic_name(topic)
         if partitions < 1:
             raise InvalidInput(f"a topic needs at least one partition, got {partitions}")
-        with self._lock:
+        with self._lock, self._reaching():
             self._check_open()
             admin = self._admin_client()
             # Idempotent: another process (or an earlier run) may have created it.
@@ -342,7 +386,7 @@ class KafkaEventBus(EventBus):
 
     def partitions_for(self, topic: str) -> int:
         _validate_topic_name(topic)
-        with self._lock:
+        with self._lock, self._reaching():
             self._check_open()
             info = self._describe(topic)
         if info is None:
@@ -350,7 +394,7 @@ class KafkaEventBus(EventBus):
         return len(info["partitions"])
 
     def topic_exists(self, topic: str) -> bool:
-        with self._lock:
+        with self._lock, self._reaching():
             self._check_open()
             return self._describe(topic) is not None
 
@@ -373,17 +417,23 @@ class KafkaEventBus(EventBus):
             # Topics are created explicitly with a partition count; never by a typo'd send.
             "allow_auto_create_topics": False,
         }
-        try:
-            producer = KafkaBusProducer(self, functools.partial(KafkaProducer, **config))
-        except kafka_errors.KafkaTimeoutError as exc:
-            raise _unreachable(self.bootstrap_servers, exc) from exc
+        producer = KafkaBusProducer(self, functools.partial(KafkaProducer, **config))
         with self._lock:
             self._children.add(producer)
         return producer
 
     def consumer(
-        self, group_id: str, topics: Sequence[str], *, auto_offset_reset: OffsetReset | None = None
+        self,
+        group_id: str,
+        topics: Sequence[str],
+        *,
+        auto_offset_reset: OffsetReset | None = None,
+        instance_id: str | None = None,
     ) -> KafkaBusConsumer:
+        """instance_id: static membership (KIP-345). The member keeps its partitions across a
+        restart under the same id (no rebalance, no wait for the session timeout after a
+        crash); closing does not leave the group, so a *different* member gets them only
+        after the session timeout. One process per instance id: a second one is fenced."""
         if not group_id:
             raise InvalidInput("group_id must not be empty")
         if isinstance(topics, str):
@@ -410,9 +460,12 @@ class KafkaEventBus(EventBus):
             # rebalances finish sooner than with the default interval.
             "heartbeat_interval_ms": max(100, min(1000, session_ms // 3)),
         }
+        if instance_id:
+            _validate_topic_name(instance_id)  # the same character rule as kafka-python's
+            config["group_instance_id"] = instance_id
         try:
             kafka_consumer = KafkaConsumer(**config)
-        except kafka_errors.KafkaTimeoutError as exc:
+        except _UNREACHABLE_ERRORS as exc:
             raise _unreachable(self.bootstrap_servers, exc) from exc
         _patch_group_join(kafka_consumer)
         consumer = KafkaBusConsumer(kafka_consumer, group_id, topics, self.request_timeout_s)
@@ -460,7 +513,9 @@ class KafkaBusProducer(Producer):
         self._bus = bus
         self._factory = factory
         self._lock = threading.Lock()  # one batch at a time, so a replacement never races a batch
-        self._producer = factory()
+        # Created on the first batch (and again after a failed creation), so that a producer can
+        # be handed out while the cluster is down: its batches fail until it is back.
+        self._producer: Any = None
         self._known_topics: set[str] = set()
         self._closed = False
 
@@ -475,10 +530,19 @@ class KafkaBusProducer(Producer):
                 raise NotFound(f"no topic {topic!r}")
             self._known_topics.add(topic)
 
+    def _connect(self) -> Any:
+        if self._producer is None:
+            try:
+                self._producer = self._factory()
+            except _UNREACHABLE_ERRORS as exc:
+                raise _unreachable(self._bus.bootstrap_servers, exc) from exc
+        return self._producer
+
     def _replace(self, why: str) -> None:
         log.warning("replacing the Kafka producer (%s)", why)
-        old, self._producer = self._producer, self._factory()
-        old.close(timeout=0)
+        old, self._producer = self._producer, None
+        if old is not None:
+            old.close(timeout=0)
 
     def send_batch(self, records: Sequence[ProducerRecord], timeout_s: float | None = None) -> None:
         if not records:
@@ -489,6 +553,10 @@ class KafkaBusProducer(Producer):
         try:
             if self._closed:
                 raise RuntimeError("producer is closed")
+            try:
+                self._connect()
+            except Unavailable as exc:
+                raise DeliveryFailed(str(exc), range(len(records))) from exc
             failures, permanent, timed_out = self._deliver(records, deadline)
             # A timed-out flush keeps its producer: building a new one blocks while the cluster is
             # unreachable, and the publisher must get back to spooling.
@@ -560,7 +628,8 @@ class KafkaBusProducer(Producer):
         finally:
             with self._lock:
                 self._closed = True
-                self._producer.close(timeout=0)
+                if self._producer is not None:
+                    self._producer.close(timeout=0)
 
 
 class _AssignmentListener(ConsumerRebalanceListener):
@@ -683,7 +752,11 @@ class KafkaBusConsumer(Consumer):
             missing = [tp for tp in tps if tp[0] == topic and tp[1] not in known]
             if missing:
                 raise NotFound(f"no partition {missing[0][1]} in topic {topic!r}")
-        offsets = self._consumer.end_offsets([_to_kafka_tp(tp) for tp in tps], timeout_ms=self._timeout_ms)
+        # Short: the worker reads end offsets between batches (lag, and whether the cluster is
+        # reachable), and must get back to its loop (checkpoints) while the cluster is down.
+        offsets = self._consumer.end_offsets(
+            [_to_kafka_tp(tp) for tp in tps], timeout_ms=min(self._timeout_ms, 2000)
+        )
         return {_to_tp(ktp): int(offset) for ktp, offset in offsets.items()}
 
     def close(self) -> None:

@@ -9,6 +9,9 @@ environment variables keep their names whatever the process's own prefix:
   --bus-partitions N        SNAPLEARN_BUS_PARTITIONS
   --bus-topic NAME          SNAPLEARN_BUS_TOPIC (its dead-letter topic is NAME.dlq)
   --bus-session-timeout S   SNAPLEARN_BUS_SESSION_TIMEOUT
+  --bus-retention-age S     SNAPLEARN_BUS_RETENTION_AGE      (embedded bus; 0 = keep forever)
+  --bus-retention-bytes N   SNAPLEARN_BUS_RETENTION_BYTES    (embedded bus, per partition; 0 = no limit)
+  --bus-retention-check-interval S  SNAPLEARN_BUS_RETENTION_CHECK_INTERVAL
 
 Kafka security settings (kafka-python argument names) come only from the environment, so
 that secrets never appear in a process listing: SNAPLEARN_KAFKA_SECURITY_PROTOCOL,
@@ -82,6 +85,30 @@ class BusSettings(Settings):
         validation_alias="SNAPLEARN_BUS_SESSION_TIMEOUT",
         description="seconds a crashed consumer keeps its partitions (Kafka brokers accept 6..1800 "
         "by default)",
+    )
+    # The embedded log's retention, like Kafka's retention.ms / retention.bytes (a Kafka topic's
+    # retention is the cluster's business). Only records every consumer group has committed
+    # past are deleted, so the defaults bound the disk without losing what a consumer needs.
+    retention_age_s: Annotated[float, Cli(flag="--bus-retention-age", metavar="S")] = Field(
+        default=7 * 24 * 3600.0,
+        ge=0,
+        validation_alias="SNAPLEARN_BUS_RETENTION_AGE",
+        description="embedded bus: delete consumed records older than this many seconds (0: never)",
+    )
+    retention_bytes: Annotated[int, Cli(flag="--bus-retention-bytes", metavar="N")] = Field(
+        default=256 * 1024 * 1024,
+        ge=0,
+        validation_alias="SNAPLEARN_BUS_RETENTION_BYTES",
+        description="embedded bus: keep at most this many bytes of records per partition, deleting "
+        "the oldest consumed ones (0: no limit)",
+    )
+    retention_check_interval_s: Annotated[float, Cli(flag="--bus-retention-check-interval", metavar="S")] = (
+        Field(
+            default=60.0,
+            gt=0,
+            validation_alias="SNAPLEARN_BUS_RETENTION_CHECK_INTERVAL",
+            description="embedded bus: seconds between retention passes (run by producers)",
+        )
     )
     # Kafka producer timeouts: a send blocks at most max_block (the publisher's thread must get
     # back to spooling while the cluster is down); a batch is retried for delivery_timeout

@@ -25,6 +25,7 @@ members notice cheaply (PRAGMA data_version, then one primary-key read).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -182,6 +183,9 @@ def _connect(path: Path) -> sqlite3.Connection:
     # batch; the producer serialises access with its lock.
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     try:
+        # Only takes effect on a new, empty file (before its tables exist): retention then gives
+        # freed pages back with PRAGMA incremental_vacuum. An existing file keeps its mode.
+        conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         # journal_mode=WAL is persistent in the file; switching needs a brief exclusive lock,
         # which another process opening the file at the same moment may hold.
         _retry_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall(), None, "enable WAL")
@@ -311,22 +315,35 @@ def _end_offsets(conn: sqlite3.Connection, tps: Sequence[TopicPartition]) -> dic
 class RetentionPolicy:
     """Delete a partition's oldest records once they are expired *and* consumed.
 
-    A record is expired when it is older than `max_age_ms` or when more than
-    `max_records_per_partition` newer records follow it. It is consumed when every group
-    that has committed an offset on its partition has committed past it (a group that
-    never committed does not hold records back, as in Kafka). Deletion keeps the log a
-    prefix-trimmed sequence: it never punches holes, so offsets stay contiguous.
+    A record is expired when it is older than `max_age_ms` (Kafka's retention.ms), when the
+    partition's records after it hold more than `max_bytes_per_partition` bytes of key, value
+    and headers (retention.bytes), or when more than `max_records_per_partition` newer
+    records follow it. It is consumed when every group that has committed an offset on its
+    partition has committed past it (a group that never committed does not hold records
+    back, as in Kafka). The recommender commits only offsets its checkpoint holds, so what a
+    checkpoint may replay from is never deleted. A group's commit stops holding records back
+    once it is older than `offsets_retention_ms` and the group has no member (Kafka's
+    offsets.retention.minutes): a reader that went away for good does not pin the log.
+    Deletion keeps the log a prefix-trimmed sequence: it never punches holes, so offsets
+    stay contiguous. Freed pages are reused by new records; a file created with
+    auto_vacuum=INCREMENTAL (every new bus file) also gives them back to the filesystem.
     """
 
     max_age_ms: int | None = None
     max_records_per_partition: int | None = None
+    max_bytes_per_partition: int | None = None
+    offsets_retention_ms: int = 7 * 24 * 3600 * 1000
     check_interval_s: float = 60.0
     # Deleting in chunks keeps each write transaction (and so the producers' wait) short.
     delete_chunk: int = 5000
 
     @property
     def enabled(self) -> bool:
-        return self.max_age_ms is not None or self.max_records_per_partition is not None
+        return (
+            self.max_age_ms is not None
+            or self.max_records_per_partition is not None
+            or self.max_bytes_per_partition is not None
+        )
 
 
 def _enforce_retention(conn: sqlite3.Connection, policy: RetentionPolicy, now_ms: int) -> int:
@@ -354,8 +371,14 @@ def _enforce_retention(conn: sqlite3.Connection, policy: RetentionPolicy, now_ms
                 (topic, partition, threshold_ms),
             ).fetchall()
             expired_before = max(expired_before, int(row[0][0]) if row else next_offset)
+        if policy.max_bytes_per_partition is not None:
+            expired_before = max(
+                expired_before, _over_size_before(conn, topic, partition, policy.max_bytes_per_partition)
+            )
         floor_row = conn.execute(
-            'SELECT MIN("offset") FROM offsets WHERE topic = ? AND partition = ?', (topic, partition)
+            'SELECT MIN(o."offset") FROM offsets o WHERE o.topic = ? AND o.partition = ? AND '
+            "(o.updated_ms >= ? OR EXISTS (SELECT 1 FROM members m WHERE m.group_id = o.group_id))",
+            (topic, partition, now_ms - policy.offsets_retention_ms),
         ).fetchall()
         consumed_before = next_offset if floor_row[0][0] is None else int(floor_row[0][0])
         delete_before = min(expired_before, consumed_before)
@@ -383,7 +406,70 @@ def _enforce_retention(conn: sqlite3.Connection, policy: RetentionPolicy, now_ms
             deleted += count
     if deleted:
         log.info("event bus retention deleted %d records", deleted)
+        _reclaim(conn)
     return deleted
+
+
+_RECORD_BYTES = "length(value) + ifnull(length(key), 0) + ifnull(length(headers), 0)"
+
+
+def _over_size_before(conn: sqlite3.Connection, topic: str, partition: int, max_bytes: int) -> int:
+    """The first offset to keep so that the partition holds at most max_bytes (0: none to drop)."""
+    total = conn.execute(
+        f"SELECT ifnull(SUM({_RECORD_BYTES}), 0) FROM records WHERE topic = ? AND partition = ?",
+        (topic, partition),
+    ).fetchall()[0][0]
+    excess = int(total) - max_bytes
+    if excess <= 0:
+        return 0
+    # The oldest records whose bytes add up to the excess: a running sum in offset order.
+    row = conn.execute(
+        f'SELECT "offset" FROM (SELECT "offset", SUM({_RECORD_BYTES}) OVER (ORDER BY "offset") AS upto '
+        'FROM records WHERE topic = ? AND partition = ?) WHERE upto >= ? ORDER BY "offset" LIMIT 1',
+        (topic, partition, excess),
+    ).fetchall()
+    return int(row[0][0]) + 1 if row else 0
+
+
+def _reclaim(conn: sqlite3.Connection) -> None:
+    """Give the pages retention freed back to the filesystem (files with incremental auto-vacuum)."""
+    mode = int(conn.execute("PRAGMA auto_vacuum").fetchall()[0][0])
+    if mode != 2:  # 2 = INCREMENTAL; an older file reuses its free pages but keeps its size
+        return
+    _retry_busy(lambda: conn.execute("PRAGMA incremental_vacuum").fetchall(), None, "incremental vacuum")
+
+
+@dataclass(frozen=True, slots=True)
+class BusStats:
+    """What the embedded log holds now (for metrics)."""
+
+    file_bytes: int  # the database file plus its write-ahead log
+    oldest_offsets: dict[TopicPartition, int]  # the oldest offset still in the log, per partition
+    next_offsets: dict[TopicPartition, int]  # the offset the next record will get
+
+
+def read_stats(conn: sqlite3.Connection, path: Path) -> BusStats:
+    size = 0
+    for file in (path, path.with_name(path.name + "-wal")):
+        with contextlib.suppress(FileNotFoundError):
+            size += file.stat().st_size
+
+    def read() -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+        nexts = {
+            TopicPartition(str(t), int(p)): int(n)
+            for t, p, n in conn.execute("SELECT topic, partition, next_offset FROM partitions").fetchall()
+        }
+        oldest = {}
+        for tp, next_offset in nexts.items():
+            row = conn.execute(
+                'SELECT MIN("offset") FROM records WHERE topic = ? AND partition = ?',
+                (tp.topic, tp.partition),
+            ).fetchall()
+            oldest[tp] = next_offset if row[0][0] is None else int(row[0][0])
+        return oldest, nexts
+
+    oldest, nexts = _retry_busy(read, None, "read bus stats")
+    return BusStats(size, oldest, nexts)
 
 
 # ---------------------------------------------------------------------------------------
@@ -457,13 +543,27 @@ class SqliteEventBus(EventBus):
             return producer
 
     def consumer(
-        self, group_id: str, topics: Sequence[str], *, auto_offset_reset: OffsetReset | None = None
+        self,
+        group_id: str,
+        topics: Sequence[str],
+        *,
+        auto_offset_reset: OffsetReset | None = None,
+        instance_id: str | None = None,
     ) -> SqliteConsumer:
+        # instance_id is accepted and not needed: the embedded bus's members live in this
+        # host's processes, and a dead process's member is noticed by its lease, not by a name.
+        del instance_id
         with self._lock:
             self._check_open()
             consumer = SqliteConsumer(self, group_id, topics, auto_offset_reset or self.auto_offset_reset)
             self._children.add(consumer)
             return consumer
+
+    def stats(self) -> BusStats:
+        """The file's size and the offsets it holds, per partition."""
+        with self._lock:
+            self._check_open()
+            return read_stats(self._conn, self.path)
 
     def enforce_retention(self, now_ms: int | None = None) -> int:
         """Delete expired, consumed records now; returns how many. Producers also run this periodically."""

@@ -10,6 +10,7 @@ computing / max_batch_size; rejections{reason="queue_full"} rising means add rep
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -108,6 +109,38 @@ class VisionMetrics:
             registry=self.registry,
         )
         self._latency_by_code: dict[str, Any] = {}
+        # The live repository (core/service.py): loads, refusals and swaps, by model name.
+        self.model_loads = Counter(
+            "snaplearn_vision_model_loads",
+            "Model versions loaded and warmed up while the server runs (the first included).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_failures = Counter(
+            "snaplearn_vision_model_load_failures",
+            "Model versions that failed to load or warm up; the version serving before keeps serving.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_load_seconds = Histogram(
+            "snaplearn_vision_model_load_seconds",
+            "Time to load and warm up one model version, off the serving path.",
+            ["model"],
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120),
+            registry=self.registry,
+        )
+        self.model_versions_ready = Gauge(
+            "snaplearn_vision_model_versions_ready",
+            "Versions of a model loaded and taking traffic.",
+            ["model"],
+            registry=self.registry,
+        )
+        self.model_swaps = Counter(
+            "snaplearn_vision_model_swaps",
+            "Times the version answering a model's unversioned calls changed while serving.",
+            ["model"],
+            registry=self.registry,
+        )
         self.publish_failures = Counter(
             "snaplearn_vision_event_publish_failures",
             "ImageClassified events that could not be handed to the publisher (the request still succeeded).",
@@ -131,6 +164,20 @@ class VisionMetrics:
         self.max_batch_size.labels(model=model).set(max_batch_size)
         self.queue_capacity.labels(model=model).set(queue_capacity)
         return ModelBatchMetrics(self, model)
+
+    def forget_model(self, model: str) -> None:
+        """Drop an unloaded version's ("name:version") batching series, so dashboards stop showing it."""
+        for family in (
+            self.queue_depth,
+            self.queue_capacity,
+            self.max_batch_size,
+            self.computing,
+            self.batch_size,
+            self.queue_wait,
+            self.compute,
+        ):
+            with contextlib.suppress(KeyError):
+                family.remove(model)
 
 
 class ModelBatchMetrics:

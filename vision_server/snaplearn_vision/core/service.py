@@ -11,12 +11,14 @@ leave this module except towards the decoder.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import gc
 import logging
 import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 
@@ -30,9 +32,17 @@ from snaplearn_vision.core.metrics import (
     VisionMetrics,
 )
 from snaplearn_vision.core.request_ids import RequestIds
+from snaplearn_vision.core.versions import (
+    LOADING,
+    READY,
+    UNAVAILABLE,
+    UNLOADING,
+    VersionPolicy,
+    VersionStatus,
+)
 from snaplearn_vision.runtime.decode_pool import DecodePool, decode_threads
 from snaplearn_vision.runtime.ranking import ranking
-from snaplearn_vision.schema import BatchingOverrides, ModelConfig
+from snaplearn_vision.schema import BatchingOverrides, InvalidModelConfig, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +78,27 @@ class LoadedModel(Protocol):
 
 
 class ModelSource(Protocol):
-    """snaplearn_vision.server.RepositoryModels (over runtime.model_repository): load() raises NotFound."""
+    """snaplearn_vision.server.RepositoryModels (over runtime.model_repository): load() raises NotFound.
+
+    A source may also have release(): called (in a thread) after a version was dropped, to give
+    device memory back (the CUDA caching allocator keeps freed blocks otherwise).
+    """
 
     def load(self, name: str, version: str | None = None) -> LoadedModel: ...
+
+
+class ModelCatalog(Protocol):
+    """What the repository holds, read again on every poll (snaplearn_vision.server.RepositoryCatalog)."""
+
+    def model_names(self) -> list[str]: ...
+
+    def versions(self, name: str) -> list[str]: ...  # [] when the repository has no such model
+
+    def policy(self, name: str) -> VersionPolicy: ...  # raises InvalidModelConfig
+
+    def stamp(self, name: str, version: str) -> object: ...  # changes when the version is written again
+
+    def public_reason(self, error: BaseException) -> str: ...  # the error, without server paths
 
 
 class EventSink(Protocol):
@@ -114,6 +142,9 @@ class _Served:
     batcher: DynamicBatcher[np.ndarray, _Scored]
     decoding: int = 0  # admitted requests still being decoded: they hold queue places too
     decode_s: float = 0.0  # moving average of one image's decode time (0 until one decoded)
+    users: int = 0  # calls admitted to this version and not finished: a retired version waits for them
+    retired: bool = False  # dropped from serving: no new call is admitted to it
+    drained: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # set once retired and unused
 
     def observe_decode(self, seconds: float) -> None:
         self.decode_s = seconds if self.decode_s == 0.0 else 0.9 * self.decode_s + 0.1 * seconds
@@ -138,17 +169,26 @@ def _predict_batch(model: LoadedModel) -> Callable[[list[np.ndarray]], list[_Sco
 
 
 class ClassificationService:
-    """Serves Classify for the default model and any other model of the repository.
+    """Serves Classify for the default model and any other model of the repository, live.
 
-    Models other than the default are loaded on first use and kept (one batcher each);
-    "latest version" is resolved on first use too, so a newer version on disk is picked
-    up by a restart, not mid-flight.
+    Each served version has its own batcher. The default model is loaded at start, another
+    model on its first call (which waits for it) or by load_model (the repository extension).
+    Every `model_poll_interval_s` the versions on disk of each loaded model are read again and
+    its version policy (core.versions) applied: a new version is loaded and warmed up off the
+    serving path (a thread) while the old one serves, then calls that name no version are
+    pointed at it in one assignment; a version leaving the policy stops taking calls at once,
+    finishes the calls admitted to it (queued or decoding), and is then stopped and released.
+    A version that fails to load is kept out (state UNAVAILABLE with its reason, the metric
+    snaplearn_vision_model_load_failures, an error log) and tried again only when it is
+    written again or loaded explicitly; whatever served before keeps serving.
     """
 
     def __init__(
         self,
         models: ModelSource,
         *,
+        catalog: ModelCatalog,
+        model_poll_interval_s: float | None = None,
         default_model_name: str,
         default_model_version: str | None,
         publisher: EventSink | None = None,
@@ -163,7 +203,11 @@ class ClassificationService:
             raise ValueError(f"decode_threads must be >= 1, got {decode_threads}")
         if max_image_bytes is not None and max_image_bytes < 1:
             raise ValueError(f"max_image_bytes must be >= 1, got {max_image_bytes}")
+        if model_poll_interval_s is not None and model_poll_interval_s <= 0:
+            raise ValueError(f"model_poll_interval_s must be > 0 or None, got {model_poll_interval_s}")
         self._models = models
+        self._catalog = catalog
+        self._poll_interval_s = model_poll_interval_s
         self.default_model_name = default_model_name
         self.default_model_version = default_model_version or None
         self._publisher = publisher
@@ -176,9 +220,20 @@ class ClassificationService:
         self._clock = clock
         self._decode_pool: DecodePool | None = None
         # Resolved "name:version" -> served model; requested (name, version|None) -> that key.
+        # (name, None), what a call naming no version gets, is repointed by a swap.
         self._served: dict[str, _Served] = {}
         self._aliases: dict[tuple[str, str | None], str] = {}
-        self._loading: dict[tuple[str, str | None], asyncio.Task[_Served]] = {}
+        self._loading: dict[str, asyncio.Task[None]] = {}  # a model's first load, shared by its callers
+        self._managed: dict[str, None] = {}  # models kept in step with the repository (ordered set)
+        self._unloaded: set[str] = set()  # unloaded on request: not loaded again by a call
+        self._states: dict[tuple[str, str], str] = {}  # LOADING / UNLOADING versions
+        self._failed: dict[tuple[str, str], tuple[str, BaseException]] = {}  # (public reason, error)
+        self._failed_stamps: dict[tuple[str, str], object] = {}  # what the failed version's files were
+        self._problems: dict[str, str] = {}  # a model's own config (its version policy) is invalid
+        self._locks: dict[str, asyncio.Lock] = {}  # one sync of a model at a time
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._poller: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[str, bool], None]] = []
         self._default: _Served | None = None
         self._accepting = False
         self._decoding = 0
@@ -206,10 +261,20 @@ class ClassificationService:
         self._decode_pool.start()
         self._accepting = True
         try:
-            self._default = await self._served_model(self.default_model_name, self.default_model_version)
+            name = self.default_model_name
+            self._managed[name] = None
+            await self._sync(name)
+            if self._default is None:
+                # The operator reads this: the original error, paths included, fails the start.
+                for (failed_name, _), (_, error) in self._failed.items():
+                    if failed_name == name:
+                        raise error
+                self._explain(name, self.default_model_version)
         except BaseException:
             self._accepting = False
             raise
+        if self._poll_interval_s is not None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(self._poll_interval_s))
         log.info(
             "default model %s loaded (labels: %d, batching: %s)",
             self._default.key,
@@ -224,11 +289,17 @@ class ClassificationService:
         computing) before the batchers stop, so none of them is cut off half-way.
         """
         self._accepting = False
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+            self._poller = None
         for task in list(self._loading.values()):
             task.cancel()
         if drain:
             await self._idle.wait()
         await asyncio.gather(*(served.batcher.stop(drain) for served in self._served.values()))
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         if self._decode_pool is not None:
             pool, self._decode_pool = self._decode_pool, None
             await pool.stop(drain)
@@ -318,10 +389,7 @@ class ClassificationService:
             return None
         if not model_name:
             return None if model_version else self.default_model
-        key = self._aliases.get((model_name, model_version or None))
-        if key is None and model_version:
-            key = f"{model_name}:{model_version}"
-        served = self._served.get(key) if key is not None else None
+        served = self._lookup(model_name, model_version or None)
         return served.model if served is not None else None
 
     async def _predict(
@@ -333,6 +401,20 @@ class ClassificationService:
             self.metrics.count_rejection(REJECT_NOT_READY)
             raise errors.Unavailable("the vision server is starting or shutting down; retry shortly")
         served = await self._resolve(model_name, model_version)
+        if served.retired:  # swapped out while this call waited for a first load: take the new one
+            served = await self._resolve(model_name, model_version)
+        # Admitted to this version: it finishes here even if a swap happens meanwhile.
+        served.users += 1
+        try:
+            return await self._predict_on(served, image_bytes, deadline, arrived_at)
+        finally:
+            served.users -= 1
+            if served.users == 0 and served.retired:
+                served.drained.set()
+
+    async def _predict_on(
+        self, served: _Served, image_bytes: bytes, deadline: float | None, arrived_at: float
+    ) -> Prediction:
         model = served.model
         self._check_deadline(deadline, "before decoding")
         batcher = served.batcher
@@ -472,48 +554,386 @@ class ClassificationService:
         return await self._served_model(model_name, model_version or None)
 
     async def _served_model(self, name: str, version: str | None) -> _Served:
-        requested = (name, version)
-        key = self._aliases.get(requested)
-        if key is not None:
-            return self._served[key]
-        task = self._loading.get(requested)
-        if task is None:
-            # One load per model however many requests ask for it at once.
-            task = asyncio.get_running_loop().create_task(self._load(name, version))
-            self._loading[requested] = task
-            task.add_done_callback(lambda _: self._loading.pop(requested, None))
-        # shield: a caller that goes away must not cancel the load others are waiting for.
-        return await asyncio.shield(task)
+        served = self._lookup(name, version)
+        if served is not None:
+            return served
+        if name in self._unloaded:
+            raise errors.FailedPrecondition(
+                f"model {name!r} was unloaded (RepositoryModelUnload); load it again with RepositoryModelLoad"
+            )
+        if name not in self._managed:
+            task = self._loading.get(name)
+            if task is None:
+                # One first load per model however many calls ask for it at once.
+                task = asyncio.get_running_loop().create_task(self._first_load(name))
+                self._loading[name] = task
+                task.add_done_callback(lambda _: self._loading.pop(name, None))
+            # shield: a caller that goes away must not cancel the load others are waiting for.
+            await asyncio.shield(task)
+            served = self._lookup(name, version)
+            if served is not None:
+                return served
+        self._explain(name, version)
+
+    def _lookup(self, name: str, version: str | None) -> _Served | None:
+        key = self._aliases.get((name, version))
+        return self._served.get(key) if key is not None else None
+
+    async def _first_load(self, name: str) -> None:
+        if not await asyncio.to_thread(self._catalog.versions, name):
+            return  # not in the repository: _explain says so, and the name is not remembered
+        self._managed[name] = None
+        await self._sync(name)
+
+    def _explain(self, name: str, version: str | None) -> NoReturn:
+        """Raise the error that says why nothing of `name` (`version`) can serve a call now."""
+        on_disk = self._catalog.versions(name)
+        if not on_disk and not any(key[0] == name for key in self._aliases):
+            raise errors.NotFound(f"model {name!r} not found; models that can serve: {self._servable_list()}")
+        serving = self._serving_versions(name)
+        if version is not None:
+            if self._states.get((name, version)) == LOADING:
+                raise errors.Unavailable(f"model {name} version {version} is loading; retry in a few seconds")
+            failed = self._failed.get((name, version))
+            if failed is not None:
+                raise errors.FailedPrecondition(f"model {name} version {version} failed to load: {failed[0]}")
+            if version not in on_disk:
+                raise errors.NotFound(
+                    f"model {name!r} has no version {version!r}; versions that can serve: "
+                    f"{', '.join(serving) or 'none'}"
+                )
+            if name in self._managed:
+                raise errors.NotFound(
+                    f"model {name!r} version {version!r} is not served (its version policy serves "
+                    f"{self._policy_text(name)}); versions that can serve: {', '.join(serving) or 'none'}"
+                )
+        if any(key[0] == name and state == LOADING for key, state in self._states.items()):
+            raise errors.Unavailable(f"model {name} is loading; retry in a few seconds")
+        if name in self._problems:
+            raise errors.FailedPrecondition(f"model {name} cannot serve: {self._problems[name]}")
+        failures = sorted((key[1], reason) for key, (reason, _) in self._failed.items() if key[0] == name)
+        if failures:
+            failed_version, reason = failures[-1]
+            raise errors.FailedPrecondition(
+                f"model {name} cannot serve: version {failed_version} failed to load: {reason}"
+            )
+        raise errors.Unavailable(f"model {name} has no version loaded yet; retry in a few seconds")
+
+    def _serving_versions(self, name: str) -> list[str]:
+        versions = {served.model.version for served in self._served.values() if served.model.name == name}
+        return sorted(versions, key=_version_order)
+
+    def _servable_list(self) -> str:
+        """Models a call may name: those serving, and those in the repository not known to be broken."""
+        names = {served.model.name for served in self._served.values()}
+        for name in self._catalog.model_names():
+            if name in self._unloaded or name in self._problems:
+                continue
+            versions = self._catalog.versions(name)
+            if any((name, version) not in self._failed for version in versions):
+                names.add(name)
+        return ", ".join(sorted(names)) or "none"
+
+    def _policy(self, name: str) -> VersionPolicy:
+        if name == self.default_model_name and self.default_model_version:
+            return VersionPolicy(kind="specific", versions=(self.default_model_version,))
+        return self._catalog.policy(name)
+
+    def _policy_text(self, name: str) -> str:
+        try:
+            return self._policy(name).describe()
+        except InvalidModelConfig:
+            return "nothing (its version policy is invalid)"
+
+    # -- the live repository ---------------------------------------------------------------
+
+    def add_model_listener(self, listener: Callable[[str, bool], None]) -> None:
+        """listener(model name, ready) after each change of what a model serves (health, for one)."""
+        self._listeners.append(listener)
+
+    async def refresh_models(self) -> None:
+        """Bring every loaded model in step with the repository now (what each poll does)."""
+        for name in list(self._managed):
+            try:
+                await self._sync(name)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("could not bring model %s in step with the repository", name)
+
+    async def load_model(self, name: str) -> None:
+        """Load `name` (the versions its policy selects), or reload it; failed versions are tried again.
+
+        Raises NotFound (not in the repository) or FailedPrecondition (no version could load).
+        """
+        self._check_name(name)
+        if not self._accepting:
+            raise errors.Unavailable("the vision server is starting or shutting down; retry shortly")
+        if not await asyncio.to_thread(self._catalog.versions, name):
+            self._explain(name, None)
+        self._unloaded.discard(name)
+        self._managed[name] = None
+        for key in [key for key in self._failed if key[0] == name]:
+            del self._failed[key]
+        await self._sync(name)
+        if self._lookup(name, None) is None:
+            self._explain(name, None)
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving every version of `name`: calls admitted finish first, then memory is released."""
+        self._check_name(name)
+        if name == self.default_model_name:
+            raise errors.FailedPrecondition(
+                f"model {name} is the server's default model (what Classify serves without model_name) "
+                "and cannot be unloaded; start the server with another --model-name instead"
+            )
+        if name not in self._managed and not self._catalog.versions(name):
+            self._explain(name, None)
+        self._unloaded.add(name)
+        self._managed.pop(name, None)
+        async with self._lock(name):
+            retiring = [
+                self._retire(served) for served in list(self._served.values()) if served.model.name == name
+            ]
+            self._aliases = {alias: key for alias, key in self._aliases.items() if alias[0] != name}
+            for key in [key for key in self._failed if key[0] == name]:
+                del self._failed[key]
+            self._problems.pop(name, None)
+        self._notify(name)
+        # shield: the unload goes on if the caller leaves; the caller hears once memory is back.
+        await asyncio.shield(asyncio.gather(*retiring))
+
+    def repository_index(self, ready_only: bool = False) -> list[VersionStatus]:
+        """Every version in the repository or in memory, with its state, by model name and version."""
+        names = set(self._catalog.model_names()) | {served.model.name for served in self._served.values()}
+        rows: list[VersionStatus] = []
+        for name in sorted(names):
+            on_disk = self._catalog.versions(name)
+            served = set(self._serving_versions(name))
+            transient = {key[1]: state for key, state in self._states.items() if key[0] == name}
+            try:
+                wanted = set(self._policy(name).select(on_disk))
+            except InvalidModelConfig:
+                wanted = set()
+            for version in sorted(set(on_disk) | served | set(transient), key=_version_order):
+                row = self._version_status(
+                    name, version, version in served, transient.get(version), version in wanted
+                )
+                if not ready_only or row.state == READY:
+                    rows.append(row)
+        return rows
+
+    def _version_status(
+        self, name: str, version: str, served: bool, transient: str | None, wanted: bool
+    ) -> VersionStatus:
+        if transient is not None:
+            return VersionStatus(name, version, transient)
+        if served:
+            return VersionStatus(name, version, READY)
+        failed = self._failed.get((name, version))
+        if failed is not None:
+            return VersionStatus(name, version, UNAVAILABLE, f"failed to load: {failed[0]}")
+        if name in self._unloaded:
+            return VersionStatus(name, version, UNAVAILABLE, "unloaded")
+        if name in self._problems:
+            return VersionStatus(name, version, UNAVAILABLE, self._problems[name])
+        if name not in self._managed:
+            return VersionStatus(name, version, UNAVAILABLE, "not loaded (loads on its first call)")
+        if wanted:
+            return VersionStatus(name, version, UNAVAILABLE, "new in the repository: loads at the next poll")
+        return VersionStatus(
+            name, version, UNAVAILABLE, f"outside its version policy ({self._policy_text(name)})"
+        )
+
+    def _check_name(self, name: str) -> None:
+        if not name or not _MODEL_REF.fullmatch(name):
+            raise errors.InvalidInput(
+                f"model name {name[:64]!r} is not valid: use letters, digits, '.', '_' or '-' "
+                "(at most 128 characters)"
+            )
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    async def _poll(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            await self.refresh_models()
+
+    async def _sync(self, name: str) -> None:
+        async with self._lock(name):
+            if name in self._managed:
+                await self._sync_locked(name)
+        self._notify(name)
+
+    async def _sync_locked(self, name: str) -> None:
+        """Load what the policy selects and is not served; repoint; retire what it no longer selects."""
+        on_disk = await asyncio.to_thread(self._catalog.versions, name)
+        try:
+            wanted = self._policy(name).select(on_disk)
+        except InvalidModelConfig as error:
+            reason = self._catalog.public_reason(error)
+            if self._problems.get(name) != reason:
+                log.error("model %s: %s; what it serves is kept", name, reason)
+                self.metrics.model_load_failures.labels(model=name).inc()
+            self._problems[name] = reason
+            return
+        self._problems.pop(name, None)
+        for key in [key for key in self._failed if key[0] == name]:
+            if key[1] not in on_disk or self._catalog.stamp(name, key[1]) != self._failed_stamps.get(key):
+                del self._failed[key]  # removed, or written again since it failed: tried again
+                self._failed_stamps.pop(key, None)
+        for version in wanted:
+            if self._lookup(name, version) is None and (name, version) not in self._failed:
+                if not self._accepting:
+                    return
+                await self._load_version(name, version)
+        ready = [version for version in wanted if self._lookup(name, version) is not None]
+        current = self._lookup(name, None)
+        if ready:
+            keep = set(ready)
+        elif current is not None:
+            keep = {current.model.version}  # nothing newer could load: the serving version stays
+        else:
+            keep = set()
+        self._point(name, max(keep, key=_version_order) if keep else None)
+        for served in list(self._served.values()):
+            if served.model.name == name and served.model.version not in keep:
+                self._retire(served)
+        self.metrics.model_versions_ready.labels(model=name).set(len(keep))
+
+    async def _load_version(self, name: str, version: str) -> None:
+        started = time.perf_counter()
+        self._states[(name, version)] = LOADING
+        stamp = self._catalog.stamp(name, version)  # before loading: a rewrite during it is seen
+        try:
+            model = await asyncio.to_thread(self._load_and_warm_up, name, version)
+        except Exception as error:
+            reason = self._catalog.public_reason(error)
+            self._failed[(name, version)] = (reason, error)
+            self._failed_stamps[(name, version)] = stamp
+            self.metrics.model_load_failures.labels(model=name).inc()
+            log.error("model %s version %s failed to load; it will not serve: %s", name, version, error)
+            return
+        finally:
+            self._states.pop((name, version), None)
+        if not self._accepting:
+            return
+        served = self._start_batcher(model)
+        self._aliases[(name, version)] = served.key
+        elapsed = time.perf_counter() - started
+        self.metrics.model_loads.labels(model=name).inc()
+        self.metrics.model_load_seconds.labels(model=name).observe(elapsed)
+        log.info(
+            "loaded model %s in %.2fs (labels: %d, batching: %s)",
+            served.key,
+            elapsed,
+            len(model.labels),
+            served.batcher.limits,
+        )
+
+    def _point(self, name: str, version: str | None) -> None:
+        """Calls naming `name` and no version go to `version` from now on: one assignment."""
+        previous = self._aliases.get((name, None))
+        key = f"{name}:{version}" if version is not None else None
+        if key is None:
+            self._aliases.pop((name, None), None)
+        else:
+            self._aliases[(name, None)] = key
+            if name == self.default_model_name:
+                self._default = self._served[key]
+        if previous is not None and key is not None and previous != key:
+            self.metrics.model_swaps.labels(model=name).inc()
+            log.info("model %s now answers from version %s (was %s)", name, version, previous)
+
+    def _retire(self, served: _Served) -> asyncio.Task[None]:
+        """Take a version out of serving now; its admitted calls finish, then it is stopped and freed."""
+        served.retired = True
+        key = served.key
+        self._served.pop(key, None)
+        self._aliases = {alias: k for alias, k in self._aliases.items() if k != key}
+        if served.users == 0:
+            served.drained.set()
+        self._states[(served.model.name, served.model.version)] = UNLOADING
+        task = asyncio.get_running_loop().create_task(self._drain_and_release(served))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return task
+
+    async def _drain_and_release(self, served: _Served) -> None:
+        name, version, key = served.model.name, served.model.version, served.key
+        log.info("unloading model %s: finishing the calls admitted to it", key)
+        try:
+            await served.drained.wait()
+            await served.batcher.stop(drain=True)
+        finally:
+            self._states.pop((name, version), None)
+            self.metrics.forget_model(key)
+        model = served.model
+        del served  # the last reference to the batcher here: the collection below can free it
+        await asyncio.to_thread(self._release, model)
+        log.info("unloaded model %s", key)
+
+    def _release(self, model: LoadedModel) -> None:
+        close = getattr(model, "close", None)
+        if callable(close):
+            close()  # drops the network and its buffers even if a finished call still holds the model
+        gc.collect()  # the batcher and its model hold each other through callbacks
+        release = getattr(self._models, "release", None)
+        if callable(release):
+            release()
+
+    def _notify(self, name: str) -> None:
+        ready = self._lookup(name, None) is not None
+        for listener in self._listeners:
+            try:
+                listener(name, ready)
+            except Exception:
+                log.exception("model listener failed for %s", name)
 
     def _load_and_warm_up(self, name: str, version: str | None) -> LoadedModel:
         model: LoadedModel = self._models.load(name, version)
         warm_up = getattr(model, "warm_up", None)
         if callable(warm_up):
-            warm_up()  # the first request should not pay for torch's lazy initialisation
+            # Every batch size up to the batcher's own limit, so the first calls after a load
+            # or a swap do not pay for lazy initialisation or a new shape.
+            try:
+                warm_up(max_batch_size=self._batching.limits_for(model.config.batching).max_batch_size)
+            except BaseException:
+                self._close_quietly(model)  # loaded but unusable: give its memory back now
+                raise
         return model
 
-    async def _load(self, name: str, version: str | None) -> _Served:
-        started = time.perf_counter()
-        model = await asyncio.to_thread(self._load_and_warm_up, name, version)
+    @staticmethod
+    def _close_quietly(model: LoadedModel) -> None:
+        close = getattr(model, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                log.warning("closing model %s:%s failed", model.name, model.version, exc_info=True)
+
+    def _start_batcher(self, model: LoadedModel) -> _Served:
         key = f"{model.name}:{model.version}"
-        served = self._served.get(key)
-        if served is None:
-            if not self._accepting:
-                raise errors.Unavailable("the vision server is shutting down")
-            limits = self._batching.limits_for(model.config.batching)
-            holder: list[_Served] = []  # the batcher asks how many of this model's images decode
-            batcher: DynamicBatcher[np.ndarray, _Scored] = DynamicBatcher(
-                _predict_batch(model),
-                limits,
-                name=f"model {key}",
-                metrics=self.metrics.for_model(key, limits.max_batch_size, limits.max_queue_size),
-                incoming=lambda: holder[0].decoding if holder else 0,
-                incoming_grace_s=lambda: holder[0].incoming_grace_s() if holder else 0.0,
-            )
-            served = _Served(model=model, batcher=batcher)
-            holder.append(served)
-            batcher.start()
-            self._served[key] = served
-            log.info("loaded model %s in %.2fs", key, time.perf_counter() - started)
-        self._aliases[(name, version)] = key
+        limits = self._batching.limits_for(model.config.batching)
+        holder: list[_Served] = []  # the batcher asks how many of this model's images decode
+        batcher: DynamicBatcher[np.ndarray, _Scored] = DynamicBatcher(
+            _predict_batch(model),
+            limits,
+            name=f"model {key}",
+            metrics=self.metrics.for_model(key, limits.max_batch_size, limits.max_queue_size),
+            incoming=lambda: holder[0].decoding if holder else 0,
+            incoming_grace_s=lambda: holder[0].incoming_grace_s() if holder else 0.0,
+        )
+        served = _Served(model=model, batcher=batcher)
+        holder.append(served)
+        batcher.start()
+        self._served[key] = served
         return served
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), version) if version.isdigit() else (0, version)

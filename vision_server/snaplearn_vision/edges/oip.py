@@ -41,7 +41,9 @@ OUTPUT_NAME = "PROBABILITIES"
 CLASSIFICATION_PARAMETER = "classification"
 USER_PARAMETER = "user_id"
 PLATFORM = "pytorch_libtorch"
-EXTENSIONS = ("classification", "model_configuration", "statistics")
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+# Triton's RepositoryModelUnload parameter: SnapLearn has no ensembles, so nothing depends on a model.
+UNLOAD_DEPENDENTS_PARAMETER = "unload_dependents"
 # The most images one ModelInfer may carry (each still waits its turn in the batcher).
 MAX_IMAGES_PER_REQUEST = 256
 _LENGTH = struct.Struct("<I")
@@ -104,6 +106,43 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             return oip.ModelReadyResponse(ready=False)
         model = self._service.loaded_model(request.name, self._version(request.name, request.version))
         return oip.ModelReadyResponse(ready=model is not None)
+
+    # -- model repository extension ----------------------------------------------------------
+
+    async def RepositoryIndex(
+        self, request: oip.RepositoryIndexRequest, context: aio.ServicerContext
+    ) -> oip.RepositoryIndexResponse:
+        _check_repository(request.repository_name)
+        rows = await asyncio.to_thread(self._service.repository_index, request.ready)
+        index = oip.RepositoryIndexResponse.ModelIndex
+        return oip.RepositoryIndexResponse(
+            models=[index(name=r.name, version=r.version, state=r.state, reason=r.reason) for r in rows]
+        )
+
+    async def RepositoryModelLoad(
+        self, request: oip.RepositoryModelLoadRequest, context: aio.ServicerContext
+    ) -> oip.RepositoryModelLoadResponse:
+        _check_repository(request.repository_name)
+        if request.parameters:
+            raise errors.InvalidInput(
+                f"RepositoryModelLoad parameters ({', '.join(sorted(request.parameters))}) are not "
+                "supported: add a version with `snaplearn-vision models add`, then load the model by name"
+            )
+        await self._service.load_model(request.model_name)
+        return oip.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: oip.RepositoryModelUnloadRequest, context: aio.ServicerContext
+    ) -> oip.RepositoryModelUnloadResponse:
+        _check_repository(request.repository_name)
+        unknown = sorted(set(request.parameters) - {UNLOAD_DEPENDENTS_PARAMETER})
+        if unknown:
+            raise errors.InvalidInput(
+                f"RepositoryModelUnload parameters {unknown} are not supported "
+                f"(only {UNLOAD_DEPENDENTS_PARAMETER})"
+            )
+        await self._service.unload_model(request.model_name)
+        return oip.RepositoryModelUnloadResponse()
 
     async def ServerMetadata(
         self, request: oip.ServerMetadataRequest, context: aio.ServicerContext
@@ -320,6 +359,14 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         if not version and name == self._service.default_model_name:
             return self._service.default_model_version or ""
         return version
+
+
+def _check_repository(name: str) -> None:
+    if name:
+        raise errors.InvalidInput(
+            f"repository_name {name[:64]!r} is not known: this server has one model repository; "
+            "leave repository_name empty"
+        )
 
 
 def registrar(service: ClassificationService) -> Callable[[aio.Server], None]:

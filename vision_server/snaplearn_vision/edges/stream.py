@@ -9,6 +9,8 @@ batching, deadline, event, metrics), its outcome a per-item status, never the st
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +22,8 @@ from snaplearn.vision.v1 import vision_pb2
 from snaplearn_vision.core.service import ClassificationService
 from snaplearn_vision.edges.call import Failed, cancelled_status, observed
 from snaplearn_vision.edges.classify import classify_request, classify_response
+
+log = logging.getLogger(__name__)
 
 # The ClassifyStream header naming the server process that serves the stream (VisionServicer).
 INSTANCE_HEADER = "snaplearn-server-instance"
@@ -36,7 +40,10 @@ class ClassifyStreamSession:
     def __init__(self, service: ClassificationService) -> None:
         self._service = service
         self._loop = asyncio.get_running_loop()
-        self._items: dict[int, tuple[asyncio.Task[None], asyncio.TimerHandle | None]] = {}
+        self._items: dict[
+            int, tuple[asyncio.Task[vision_pb2.ClassifyStreamResult], asyncio.TimerHandle | None]
+        ] = {}
+        self._started: set[int] = set()  # items whose task has begun (observed() counts those)
         self._answers: list[vision_pb2.ClassifyStreamResult] = []
         self._wake = asyncio.Event()
         self._reading = True
@@ -108,31 +115,47 @@ class ClassifyStreamSession:
         # (the loop's clock is time.monotonic()).
         timer = self._loop.call_at(deadline, task.cancel) if deadline is not None else None
         self._items[item.id] = (task, timer)
+        # The answer is written by the task's done callback, not by the task itself: a task
+        # cancelled before its first step (its id in the cancel_ids of the message that sent it)
+        # never runs its body, and would otherwise never be answered.
+        task.add_done_callback(functools.partial(self._finished, item.id, deadline))
 
     async def _classify(
         self, item_id: int, request: vision_pb2.ClassifyRequest, deadline: float | None
+    ) -> vision_pb2.ClassifyStreamResult:
+        self._started.add(item_id)
+        outcome = await observed(
+            self._service.metrics,
+            classify_request(self._service, request, deadline),
+            started=time.monotonic(),
+            deadline=deadline,
+            method="ClassifyStream",
+        )
+        if isinstance(outcome, Failed):
+            return _error(item_id, outcome.status, outcome.message)
+        return vision_pb2.ClassifyStreamResult(id=item_id, response=classify_response(outcome))
+
+    def _finished(
+        self, item_id: int, deadline: float | None, task: asyncio.Task[vision_pb2.ClassifyStreamResult]
     ) -> None:
-        try:
-            outcome = await observed(
-                self._service.metrics,
-                classify_request(self._service, request, deadline),
-                started=time.monotonic(),
-                deadline=deadline,
-                method="ClassifyStream",
-            )
-        except asyncio.CancelledError:
+        _, timer = self._items.pop(item_id)
+        if timer is not None:
+            timer.cancel()
+        started = item_id in self._started
+        self._started.discard(item_id)
+        if task.cancelled():
             # By a cancel_ids entry, by its deadline timer, or because the stream ended.
             status = cancelled_status(deadline)
+            if not started:  # observed() counts the items it saw cancelled; this one it never saw
+                self._service.metrics.observe_request(status.name, 0.0)
             answer = _error(item_id, status, _CANCELLED_MESSAGES[status])
+        elif (error := task.exception()) is not None:
+            log.error("unexpected error answering ClassifyStream item %d", item_id, exc_info=error)
+            answer = _error(
+                item_id, grpc.StatusCode.INTERNAL, "internal error in ClassifyStream; see server logs"
+            )
         else:
-            if isinstance(outcome, Failed):
-                answer = _error(item_id, outcome.status, outcome.message)
-            else:
-                answer = vision_pb2.ClassifyStreamResult(id=item_id, response=classify_response(outcome))
-        finally:
-            _, timer = self._items.pop(item_id)
-            if timer is not None:
-                timer.cancel()
+            answer = task.result()
         self._answer(answer)
 
 

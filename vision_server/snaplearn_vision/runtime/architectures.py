@@ -88,6 +88,8 @@ def check_model_config(config: ModelConfig) -> None:
     weights it names exist (torchvision's knowledge, hence here).
     """
     problems = []
+    if config.format != "state_dict":  # a self-contained network: nothing for torchvision to build
+        return
     try:
         check_architecture(config.architecture, config.channels)
     except ValueError as error:

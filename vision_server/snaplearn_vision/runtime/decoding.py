@@ -7,6 +7,7 @@ to_model_pixels(), so the model trains on exactly what it is served.
 from __future__ import annotations
 
 import io
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -43,17 +44,28 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
     return image
 
 
-def to_model_pixels(image: Image.Image, channels: int, input_size: tuple[int, int]) -> np.ndarray:
+def to_model_pixels(
+    image: Image.Image, channels: int, input_size: tuple[int, int], resize: str = "stretch"
+) -> np.ndarray:
     """Any PIL image -> uint8 [H, W, C] at the model's input size (the shared preprocessing).
 
     The training set goes through this too, so the model trains on what it is served.
+    resize "stretch" resizes the whole photo; "center_crop" resizes the largest centred region
+    with the input's aspect ratio (one resize, no intermediate image).
     """
     height, width = input_size
     mode = "L" if channels == 1 else "RGB"
     image = _flatten_alpha(image)
     if image.mode != mode:  # convert() to the same mode would copy every pixel
         image = image.convert(mode)
-    resized = image.resize((width, height), Image.Resampling.BILINEAR)
+    box = None
+    if resize == "center_crop":
+        source_w, source_h = image.size
+        scale = min(source_w / width, source_h / height)
+        crop_w, crop_h = width * scale, height * scale
+        left, top = (source_w - crop_w) / 2, (source_h - crop_h) / 2
+        box = (left, top, left + crop_w, top + crop_h)
+    resized = image.resize((width, height), Image.Resampling.BILINEAR, box=box)
     pixels = np.asarray(resized, dtype=np.uint8)
     return pixels[:, :, None] if channels == 1 else pixels
 
@@ -69,7 +81,10 @@ def decode_pixels(spec: DecodeSpec, image_bytes: bytes) -> np.ndarray:
         # our limit is lower and checked below. No warnings.catch_warnings: not thread-safe.
         image = Image.open(io.BytesIO(image_bytes), formats=open_formats())
     except Image.DecompressionBombError as error:
-        raise InvalidInput(f"image has too many pixels ({error})") from None
+        # Pillow's message quotes Pillow's limit, not the one this server keeps.
+        claimed = re.search(r"\((\d+) pixels\)", str(error))
+        size = f"{claimed.group(1)} pixels" if claimed else "far more pixels than allowed"
+        raise InvalidInput(f"image is {size}; the limit is {spec.max_image_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise InvalidInput(
             f"image bytes are not a decodable image (accepted formats: {', '.join(open_formats())})"
@@ -93,7 +108,7 @@ def decode_pixels(spec: DecodeSpec, image_bytes: bytes) -> np.ndarray:
             image.draft("L" if spec.channels == 1 else "RGB", (side, side))
             # In place: without it, an upright photo (the usual case) is copied whole.
             ImageOps.exif_transpose(image, in_place=True)
-            pixels = to_model_pixels(image, spec.channels, (spec.height, spec.width))
+            pixels = to_model_pixels(image, spec.channels, (spec.height, spec.width), spec.resize)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
             raise InvalidInput(f"image data is corrupt or truncated ({type(error).__name__})") from None
     return pixels

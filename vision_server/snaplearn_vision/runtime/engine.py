@@ -8,21 +8,31 @@ layout change happen for the whole batch inside torch, on the model's device. Pi
 decode into a caller's buffer, so that one uint8 copy per image is the only copy on the host.
 
 decode() + predict() (normalised float32 [C, H, W] per image) remain for tools and tests.
+
+Every format (runtime/formats.py) runs behind the same batch path: torch modules (a state_dict's
+network, TorchScript, an exported program) on the model's device, ONNX in onnxruntime on a host
+float32 batch. A version is usable after check() (the loader runs it: probe batches of 1 and 2)
+and warm_up() (every batch size the batcher will send, powers of two up to the max, and the max);
+close() gives its memory back.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from snaplearn_common.errors import InvalidInput
 from snaplearn_vision.runtime.decoding import decode_pixels
+from snaplearn_vision.runtime.formats import FORMAT_TITLES, ModelLoadError, Network, OnnxNetwork, short_error
 from snaplearn_vision.runtime.ranking import ranking
 from snaplearn_vision.schema import (
     DEFAULT_MAX_IMAGE_BYTES,
@@ -38,6 +48,29 @@ from snaplearn_vision.schema import (
 log = logging.getLogger(__name__)
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def warm_up_batch_sizes(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a warm-up runs: powers of two below the max, and the max itself."""
+    sizes = []
+    size = 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max(1, max_batch_size))
+    return tuple(sizes)
+
+
+class OutputShapeError(RuntimeError):
+    """The network returned something other than [rows, labels]."""
+
+    def __init__(self, message: str, shape: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.shape = shape
+
+
+def _released(_: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this model version was released (close()) and can no longer predict")
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -90,7 +123,7 @@ class ImageClassifier:
         name: str,
         version: str,
         config: ModelConfig,
-        model: torch.nn.Module,
+        model: Network,
         device: DeviceChoice | str = "auto",
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
@@ -100,7 +133,11 @@ class ImageClassifier:
         self.version = version
         self.config = config
         self.labels: tuple[str, ...] = tuple(config.labels)
-        self.device = resolve_device(device)
+        self.format = config.format
+        # onnxruntime takes host arrays (and picked its execution provider at load), so the
+        # batch is prepared on the host as contiguous NCHW float32 whatever the device.
+        self._external = isinstance(model, OnnxNetwork)
+        self.device = torch.device("cpu") if self._external else resolve_device(device)
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self._decode_spec = DecodeSpec(
@@ -108,16 +145,34 @@ class ImageClassifier:
             *config.input_size,
             max_image_bytes=max_image_bytes,
             max_image_pixels=max_image_pixels,
+            resize=config.resize,
         )
-        self.inference = self._effective(inference or InferenceSettings())
+        requested = inference or InferenceSettings()
+        if self._external:
+            requested = InferenceSettings(
+                channels_last=False, compile=False, torchscript=False, flush_denormals=False
+            )
+        self.inference = self._effective(requested)
         self._dtype = _TORCH_DTYPES[self.inference.precision]
+        self._closed = False
         memory_format = torch.channels_last if self.inference.channels_last else torch.contiguous_format
-        self.model = model.to(self.device, dtype=self._dtype).to(memory_format=memory_format).eval()
-        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
-        if self.inference.compile:
-            self._forward = torch.compile(self.model)
-        elif self.inference.torchscript:
-            self._forward = self._traced(memory_format)
+        self.model: Network | None
+        self._forward: Callable[[torch.Tensor], torch.Tensor]
+        if isinstance(model, OnnxNetwork):
+            self.model = model
+            self._forward = model
+        else:
+            module = model.to(self.device, dtype=self._dtype).to(memory_format=memory_format)
+            if config.format != "torch_export":  # an exported program's module refuses eval()
+                module = module.eval()
+            self.model = module
+            self._forward = module
+            if self.inference.compile:
+                self._forward = torch.compile(module)
+            elif self.inference.torchscript and config.format != "torch_export":
+                # An exported program is already one flat graph of aten operators; tracing its
+                # module is not supported, so it runs as it is.
+                self._forward = self._traced(module, memory_format)
         self._mean = np.asarray(config.mean, dtype=np.float32).reshape(-1, 1, 1) * 255
         self._scale = 1.0 / (np.asarray(config.std, dtype=np.float32).reshape(-1, 1, 1) * 255)
         # The same normalisation as decode(), as [1, C, 1, 1] tensors on the device.
@@ -145,7 +200,9 @@ class ImageClassifier:
             torchscript=settings.torchscript,
         )
 
-    def _traced(self, memory_format: torch.memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _traced(
+        self, module: torch.nn.Module, memory_format: torch.memory_format
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
         example = torch.zeros((1, *self.input_shape), dtype=self._dtype, device=self.device)
         try:
             # torch.jit warns that it is deprecated for torch.compile, whose CPU backend needs a
@@ -153,14 +210,23 @@ class ImageClassifier:
             # catch_warnings is process-wide, but this runs once per model load.
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*deprecated")
-                traced = torch.jit.trace(self.model, example.contiguous(memory_format=memory_format))
+                if isinstance(module, torch.jit.ScriptModule):  # TorchScript already: freeze only
+                    return torch.jit.freeze(module)
+                traced = torch.jit.trace(module, example.contiguous(memory_format=memory_format))
                 return torch.jit.freeze(traced)
         except Exception as error:  # an architecture with data-dependent control flow
             log.warning("model %s/%s cannot be traced (%s); running it eager", self.name, self.version, error)
-            return self.model
+            return module
 
     def __repr__(self) -> str:
-        return f"ImageClassifier({self.name!r}, version={self.version!r}, device={self.device})"
+        return (
+            f"ImageClassifier({self.name!r}, version={self.version!r}, format={self.format!r}, "
+            f"device={self.device})"
+        )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -244,12 +310,13 @@ class ImageClassifier:
             self._staging.prepared = True
         with torch.inference_mode():
             logits = self._forward(inputs)
+            if tuple(logits.shape) != (rows, len(self.labels)):
+                raise OutputShapeError(
+                    f"model {self.name}/{self.version} returned {tuple(logits.shape)} for {rows} inputs; "
+                    f"expected ({rows}, {len(self.labels)})",
+                    tuple(logits.shape),
+                )
             probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
-        if probabilities.shape != (rows, len(self.labels)):
-            raise RuntimeError(
-                f"model {self.name}/{self.version} returned {probabilities.shape} for {rows} inputs; "
-                f"expected ({rows}, {len(self.labels)})"
-            )
         return probabilities
 
     def top_k(
@@ -270,7 +337,70 @@ class ImageClassifier:
         """decode + predict + top_k for one image: for demos and tests, not the serving path."""
         return self.top_k(self.predict(self.decode(image_bytes)[None])[0], k)
 
-    def warm_up(self) -> None:
-        """One forward pass, so the first real request does not pay for lazy initialisation."""
+    # -- a version's life: checked, warmed, released ---------------------------------------
+
+    def _probe(self, rows: int) -> float:
+        """One batch of `rows` blank images; returns its seconds. Raises ModelLoadError."""
         channels, height, width = self.input_shape
-        self.predict_pixels([np.zeros((height, width, channels), dtype=np.uint8)])
+        blank = np.zeros((height, width, channels), dtype=np.uint8)
+        title = FORMAT_TITLES.get(self.format, self.format)
+        label = f"{self.name}/{self.version}: {self.config.weights} ({title})"
+        started = time.perf_counter()
+        try:
+            self.predict_pixels([blank] * rows)
+        except OutputShapeError as error:
+            shape = error.shape
+            if len(shape) == 2 and shape[0] == rows:
+                raise ModelLoadError(
+                    f"{label} returns {shape[1]} scores per image, but config.json has "
+                    f"{len(self.labels)} labels"
+                ) from None
+            raise ModelLoadError(
+                f"{label} returned shape {list(shape)} for a batch of {rows}; a classifier returns "
+                f"[{rows}, {len(self.labels)}] (one row per image, one score per label)"
+            ) from None
+        except Exception as error:
+            raise ModelLoadError(
+                f"{label} failed on a batch of {rows} [{channels}, {height}, {width}] images "
+                f"(config.json's channels and input_size): {short_error(error)}"
+            ) from error
+        return time.perf_counter() - started
+
+    def check(self) -> None:
+        """Probe batches of 1 and 2 images (2 when the batcher may send it): does it run, and
+        return one score per label for each image? Raises ModelLoadError naming the mismatch."""
+        self._probe(1)
+        if self.config.batching.max_batch_size >= 2:
+            self._probe(2)
+
+    def warm_up(self, max_batch_size: int | None = None) -> dict[int, float]:
+        """Runs every batch size the batcher will send (powers of two up to the max, and the
+        max) once, so that no first call at a new size pays for lazy initialisation or a new
+        kernel plan. Returns seconds per batch size. Raises ModelLoadError.
+
+        max_batch_size: the batcher's limit when the server overrides the model's own.
+        """
+        limit = max_batch_size if max_batch_size is not None else self.config.batching.max_batch_size
+        timings = {}
+        for rows in warm_up_batch_sizes(int(limit)):
+            timings[rows] = self._probe(rows)
+        log.debug("model %s/%s warmed up: %s", self.name, self.version, timings)
+        return timings
+
+    def close(self) -> None:
+        """Gives this version's memory back (its network, batch buffers and, on CUDA, the
+        allocator's cached blocks). Idempotent; predicting afterwards raises RuntimeError.
+        Call it once the batcher that used it has stopped."""
+        if self._closed:
+            return
+        self._closed = True
+        model: Any = self.model
+        self.model = None
+        self._forward = _released
+        if isinstance(model, OnnxNetwork):
+            model.close()
+        del model
+        self._staging = threading.local()  # drops every thread's batch buffer
+        gc.collect()  # the traced graph and the module can hold reference cycles
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -1,7 +1,9 @@
 """A Triton-like model repository on disk.
 
-    <root>/<model name>/<version>/config.json   what the model is and how to feed it
-    <root>/<model name>/<version>/model.pt      its state_dict (torch.save), unless pretrained
+    <root>/<model name>/<version>/config.json   what the model is, its format, how to feed it
+    <root>/<model name>/<version>/model.pt      a state_dict (torch.save) or TorchScript archive,
+                                   model.pt2    a torch.export program, model.onnx an ONNX graph
+                                                (config.json's "format" and "weights" say which)
 
 Versions are positive integers; the latest is the highest. A version directory is written
 under a temporary name (its files made durable by snaplearn_common.files) and renamed into
@@ -23,8 +25,9 @@ from torch import nn
 
 from snaplearn_common.errors import NotFound
 from snaplearn_common.files import atomic_write, fsync_directory
-from snaplearn_vision.runtime.architectures import build_model, check_model_config
-from snaplearn_vision.runtime.engine import ImageClassifier
+from snaplearn_vision.runtime.architectures import check_model_config
+from snaplearn_vision.runtime.engine import ImageClassifier, resolve_device
+from snaplearn_vision.runtime.formats import ModelLoadError, load_network
 from snaplearn_vision.schema import (
     CONFIG_FILENAME,
     NAME_PATTERN,
@@ -34,9 +37,7 @@ from snaplearn_vision.schema import (
     ModelConfig,
 )
 
-
-class ModelLoadError(RuntimeError):
-    """The config is valid but the weights file is missing, corrupt or does not fit the network."""
+__all__ = ["ModelLoadError", "ModelRepository", "load_version_directory"]
 
 
 class ModelRepository:
@@ -57,7 +58,7 @@ class ModelRepository:
         versions = self._versions(self.root / name) if NAME_PATTERN.match(name) else []
         if not versions:
             raise NotFound(
-                f"model {name!r} not found in {self.root}; available models: "
+                f"model {name!r} not found; available models: "
                 f"{', '.join(self.list_models()) or 'none'}"
             )
         return versions
@@ -84,8 +85,8 @@ class ModelRepository:
         return version, self.root / name / version
 
     def load_config(self, name: str, version: str | None = None) -> ModelConfig:
-        _, directory = self.resolve(name, version)
-        return _read_config(directory / CONFIG_FILENAME)
+        version, directory = self.resolve(name, version)
+        return _read_config(directory / CONFIG_FILENAME, f"{name}/{version}")
 
     def load(
         self,
@@ -94,13 +95,13 @@ class ModelRepository:
         device: DeviceChoice | str = "auto",
         **classifier_options: Any,
     ) -> ImageClassifier:
-        """The model version ready to serve (latest version when version is None)."""
+        """The model version loaded and checked (latest version when version is None).
+
+        Raises NotFound, InvalidModelConfig or ModelLoadError (both FailedPrecondition). Not yet
+        warmed: call warm_up() on it before it takes traffic, close() once it is retired.
+        """
         version, directory = self.resolve(name, version)
-        config = _read_config(directory / CONFIG_FILENAME)
-        network = build_model(config.architecture, len(config.labels), config.channels, config.pretrained)
-        if config.pretrained is None:
-            _load_weights(network, directory / config.weights)
-        return ImageClassifier(name, version, config, network, device=device, **classifier_options)
+        return load_version_directory(directory, name, version, device=device, **classifier_options)
 
     def save(
         self,
@@ -157,24 +158,41 @@ class ModelRepository:
         return sorted(versions, key=int)
 
 
-def _read_config(path: Path) -> ModelConfig:
+def load_version_directory(
+    directory: str | os.PathLike[str],
+    name: str,
+    version: str,
+    device: DeviceChoice | str = "auto",
+    **classifier_options: Any,
+) -> ImageClassifier:
+    """One version directory (in a repository, or staged by `models add`) loaded and checked:
+    its config.json read, its file loaded in its format, its declared shapes compared with the
+    config, and probe batches of 1 and 2 run (ImageClassifier.check)."""
+    directory = Path(directory)
+    where = f"{name}/{version}"
+    config = _read_config(directory / CONFIG_FILENAME, where)
+    network = load_network(config, directory, where, resolve_device(str(device)))
+    classifier = ImageClassifier(name, version, config, network, device=device, **classifier_options)
+    try:
+        classifier.check()
+    except BaseException:
+        classifier.close()
+        raise
+    return classifier
+
+
+def _read_config(path: Path, where: str) -> ModelConfig:
+    """config.json parsed and checked; messages name it as "<name>/<version>/config.json"."""
+    label = f"{where}/{CONFIG_FILENAME}"
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InvalidModelConfig(f"cannot read model config {path}: {error}") from None
+    except OSError as error:
+        raise InvalidModelConfig(f"cannot read {label}: {error.strerror or type(error).__name__}") from None
+    except json.JSONDecodeError as error:
+        raise InvalidModelConfig(f"{label} is not valid JSON: {error}") from None
     try:
         config = ModelConfig.from_dict(data)
         check_model_config(config)
     except InvalidModelConfig as error:
-        raise InvalidModelConfig(f"{path}: {error}") from None
+        raise InvalidModelConfig(f"{label}: {error}") from None
     return config
-
-
-def _load_weights(network: nn.Module, path: Path) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no pickled code
-        network.load_state_dict(state)
-    except FileNotFoundError:
-        raise ModelLoadError(f"weights file {path} is missing") from None
-    except Exception as error:
-        raise ModelLoadError(f"cannot load weights {path} into the network: {error}") from error

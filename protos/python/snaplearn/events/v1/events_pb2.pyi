@@ -58,3 +58,57 @@ class FeedbackRecorded(_message.Message):
     kind: FeedbackKind
     time: _timestamp_pb2.Timestamp
     def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class CatalogItem(_message.Message):
+    __slots__ = ("item_id", "title", "concepts", "features", "prerequisites")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREREQUISITES_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    title: str
+    concepts: _containers.RepeatedScalarFieldContainer[str]
+    features: _containers.RepeatedCompositeFieldContainer[CatalogFeature]
+    prerequisites: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., concepts: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[_Union[CatalogFeature, _Mapping]]] = ..., prerequisites: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CatalogFeature(_message.Message):
+    __slots__ = ("name", "values", "number")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    number: float
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., number: _Optional[float] = ...) -> None: ...
+
+class CatalogItemAdded(_message.Message):
+    __slots__ = ("event_id", "time", "item")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    time: _timestamp_pb2.Timestamp
+    item: CatalogItem
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., item: _Optional[_Union[CatalogItem, _Mapping]] = ...) -> None: ...
+
+class CatalogItemChanged(_message.Message):
+    __slots__ = ("event_id", "time", "item")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    time: _timestamp_pb2.Timestamp
+    item: CatalogItem
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., item: _Optional[_Union[CatalogItem, _Mapping]] = ...) -> None: ...
+
+class CatalogItemRetired(_message.Message):
+    __slots__ = ("event_id", "time", "item_id")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    time: _timestamp_pb2.Timestamp
+    item_id: str
+    def __init__(self, event_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., item_id: _Optional[str] = ...) -> None: ...

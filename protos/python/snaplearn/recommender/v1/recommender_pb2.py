@@ -25,31 +25,35 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"E\n\x10RecommendFilters\x12\x0e\n\x06grades\x18\x01 \x03(\r\x12\x0f\n\x07\x66ormats\x18\x02 \x03(\t\x12\x10\n\x08\x63oncepts\x18\x03 \x03(\t\"\x81\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12;\n\x07\x66ilters\x18\x04 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"\x81\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x04 \x03(\t\x12\r\n\x05grade\x18\x05 \x01(\r\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\"\xa1\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x16\n\x0e\x65vents_applied\x18\x05 \x01(\x04\"n\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12;\n\x07\x66ilters\x18\x03 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"x\n\x14SimilarItemsResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\xad\x01\n\x15RecordFeedbackRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.snaplearn.recommender.v1.FeedbackKind\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x16RecordFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08*\x7f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_VIEWED\x10\x01\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_COMPLETED\x10\x02\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_SKIPPED\x10\x03\x32\xde\x02\n\x12RecommenderService\x12\x64\n\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n\x0cSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponse\x12s\n\x0eRecordFeedback\x12/.snaplearn.recommender.v1.RecordFeedbackRequest\x1a\x30.snaplearn.recommender.v1.RecordFeedbackResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x01\n\x10RecommendFilters\x12\x0e\n\x06grades\x18\x01 \x03(\r\x12\x0f\n\x07\x66ormats\x18\x02 \x03(\t\x12\x10\n\x08\x63oncepts\x18\x03 \x03(\t\x12\x39\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32\'.snaplearn.recommender.v1.FeatureFilter\"a\n\rFeatureFilter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x10\n\x03min\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x04 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"K\n\x0bItemFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x13\n\x06number\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_number\"\x81\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12\x14\n\x0c\x65xclude_seen\x18\x03 \x01(\x08\x12;\n\x07\x66ilters\x18\x04 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"\xd1\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\r\n\x05title\x18\x03 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x04 \x03(\t\x12\r\n\x05grade\x18\x05 \x01(\r\x12\x0e\n\x06\x66ormat\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x37\n\x08\x66\x65\x61tures\x18\x08 \x03(\x0b\x32%.snaplearn.recommender.v1.ItemFeature\x12\x15\n\rprerequisites\x18\t \x03(\t\"\xa1\x01\n\x11RecommendResponse\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\ncold_start\x18\x04 \x01(\x08\x12\x16\n\x0e\x65vents_applied\x18\x05 \x01(\x04\"n\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\r\x12;\n\x07\x66ilters\x18\x03 \x01(\x0b\x32*.snaplearn.recommender.v1.RecommendFilters\"x\n\x14SimilarItemsResponse\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x38\n\x05items\x18\x02 \x03(\x0b\x32).snaplearn.recommender.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x03 \x01(\t\"\xad\x01\n\x15RecordFeedbackRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x34\n\x04kind\x18\x03 \x01(\x0e\x32&.snaplearn.recommender.v1.FeedbackKind\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x16RecordFeedbackResponse\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08*\x7f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_VIEWED\x10\x01\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_COMPLETED\x10\x02\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_SKIPPED\x10\x03\x32\xde\x02\n\x12RecommenderService\x12\x64\n\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n\x0cSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponse\x12s\n\x0eRecordFeedback\x12/.snaplearn.recommender.v1.RecordFeedbackRequest\x1a\x30.snaplearn.recommender.v1.RecordFeedbackResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snaplearn.recommender.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDBACKKIND']._serialized_start=1076
-  _globals['_FEEDBACKKIND']._serialized_end=1203
-  _globals['_RECOMMENDFILTERS']._serialized_start=105
-  _globals['_RECOMMENDFILTERS']._serialized_end=174
-  _globals['_RECOMMENDREQUEST']._serialized_start=177
-  _globals['_RECOMMENDREQUEST']._serialized_end=306
-  _globals['_RECOMMENDEDITEM']._serialized_start=309
-  _globals['_RECOMMENDEDITEM']._serialized_end=438
-  _globals['_RECOMMENDRESPONSE']._serialized_start=441
-  _globals['_RECOMMENDRESPONSE']._serialized_end=602
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=604
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=714
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=716
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=836
-  _globals['_RECORDFEEDBACKREQUEST']._serialized_start=839
-  _globals['_RECORDFEEDBACKREQUEST']._serialized_end=1012
-  _globals['_RECORDFEEDBACKRESPONSE']._serialized_start=1014
-  _globals['_RECORDFEEDBACKRESPONSE']._serialized_end=1074
-  _globals['_RECOMMENDERSERVICE']._serialized_start=1206
-  _globals['_RECOMMENDERSERVICE']._serialized_end=1556
+  _globals['_FEEDBACKKIND']._serialized_start=1392
+  _globals['_FEEDBACKKIND']._serialized_end=1519
+  _globals['_RECOMMENDFILTERS']._serialized_start=106
+  _globals['_RECOMMENDFILTERS']._serialized_end=234
+  _globals['_FEATUREFILTER']._serialized_start=236
+  _globals['_FEATUREFILTER']._serialized_end=333
+  _globals['_ITEMFEATURE']._serialized_start=335
+  _globals['_ITEMFEATURE']._serialized_end=410
+  _globals['_RECOMMENDREQUEST']._serialized_start=413
+  _globals['_RECOMMENDREQUEST']._serialized_end=542
+  _globals['_RECOMMENDEDITEM']._serialized_start=545
+  _globals['_RECOMMENDEDITEM']._serialized_end=754
+  _globals['_RECOMMENDRESPONSE']._serialized_start=757
+  _globals['_RECOMMENDRESPONSE']._serialized_end=918
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=920
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1030
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1032
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1152
+  _globals['_RECORDFEEDBACKREQUEST']._serialized_start=1155
+  _globals['_RECORDFEEDBACKREQUEST']._serialized_end=1328
+  _globals['_RECORDFEEDBACKRESPONSE']._serialized_start=1330
+  _globals['_RECORDFEEDBACKRESPONSE']._serialized_end=1390
+  _globals['_RECOMMENDERSERVICE']._serialized_start=1522
+  _globals['_RECOMMENDERSERVICE']._serialized_end=1872
 # @@protoc_insertion_point(module_scope)

@@ -22,14 +22,38 @@ FEEDBACK_KIND_COMPLETED: FeedbackKind
 FEEDBACK_KIND_SKIPPED: FeedbackKind
 
 class RecommendFilters(_message.Message):
-    __slots__ = ("grades", "formats", "concepts")
+    __slots__ = ("grades", "formats", "concepts", "features")
     GRADES_FIELD_NUMBER: _ClassVar[int]
     FORMATS_FIELD_NUMBER: _ClassVar[int]
     CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     grades: _containers.RepeatedScalarFieldContainer[int]
     formats: _containers.RepeatedScalarFieldContainer[str]
     concepts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, grades: _Optional[_Iterable[int]] = ..., formats: _Optional[_Iterable[str]] = ..., concepts: _Optional[_Iterable[str]] = ...) -> None: ...
+    features: _containers.RepeatedCompositeFieldContainer[FeatureFilter]
+    def __init__(self, grades: _Optional[_Iterable[int]] = ..., formats: _Optional[_Iterable[str]] = ..., concepts: _Optional[_Iterable[str]] = ..., features: _Optional[_Iterable[_Union[FeatureFilter, _Mapping]]] = ...) -> None: ...
+
+class FeatureFilter(_message.Message):
+    __slots__ = ("name", "values", "min", "max")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    min: float
+    max: float
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class ItemFeature(_message.Message):
+    __slots__ = ("name", "values", "number")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: _containers.RepeatedScalarFieldContainer[str]
+    number: float
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Iterable[str]] = ..., number: _Optional[float] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "k", "exclude_seen", "filters")
@@ -44,7 +68,7 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., exclude_seen: _Optional[bool] = ..., filters: _Optional[_Union[RecommendFilters, _Mapping]] = ...) -> None: ...
 
 class RecommendedItem(_message.Message):
-    __slots__ = ("item_id", "score", "title", "concepts", "grade", "format", "reason")
+    __slots__ = ("item_id", "score", "title", "concepts", "grade", "format", "reason", "features", "prerequisites")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +76,8 @@ class RecommendedItem(_message.Message):
     GRADE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PREREQUISITES_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     title: str
@@ -59,7 +85,9 @@ class RecommendedItem(_message.Message):
     grade: int
     format: str
     reason: str
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., concepts: _Optional[_Iterable[str]] = ..., grade: _Optional[int] = ..., format: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    features: _containers.RepeatedCompositeFieldContainer[ItemFeature]
+    prerequisites: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., title: _Optional[str] = ..., concepts: _Optional[_Iterable[str]] = ..., grade: _Optional[int] = ..., format: _Optional[str] = ..., reason: _Optional[str] = ..., features: _Optional[_Iterable[_Union[ItemFeature, _Mapping]]] = ..., prerequisites: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("user_id", "items", "model_version", "cold_start", "events_applied")

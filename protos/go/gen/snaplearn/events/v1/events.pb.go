@@ -294,6 +294,333 @@ func (x *FeedbackRecorded) GetTime() *timestamppb.Timestamp {
 	return nil
 }
 
+// A catalog item as the catalog-change events carry it: the item's declared features already
+// resolved (a numeric feature's bucket in values, its number in number), so a consumer needs no
+// declaration file.
+type CatalogItem struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	ItemId   string                 `protobuf:"bytes,1,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
+	Title    string                 `protobuf:"bytes,2,opt,name=title,proto3" json:"title,omitempty"`
+	Concepts []string               `protobuf:"bytes,3,rep,name=concepts,proto3" json:"concepts,omitempty"`
+	Features []*CatalogFeature      `protobuf:"bytes,4,rep,name=features,proto3" json:"features,omitempty"`
+	// Item ids of the same catalog.
+	Prerequisites []string `protobuf:"bytes,5,rep,name=prerequisites,proto3" json:"prerequisites,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CatalogItem) Reset() {
+	*x = CatalogItem{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CatalogItem) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CatalogItem) ProtoMessage() {}
+
+func (x *CatalogItem) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CatalogItem.ProtoReflect.Descriptor instead.
+func (*CatalogItem) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CatalogItem) GetItemId() string {
+	if x != nil {
+		return x.ItemId
+	}
+	return ""
+}
+
+func (x *CatalogItem) GetTitle() string {
+	if x != nil {
+		return x.Title
+	}
+	return ""
+}
+
+func (x *CatalogItem) GetConcepts() []string {
+	if x != nil {
+		return x.Concepts
+	}
+	return nil
+}
+
+func (x *CatalogItem) GetFeatures() []*CatalogFeature {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+func (x *CatalogItem) GetPrerequisites() []string {
+	if x != nil {
+		return x.Prerequisites
+	}
+	return nil
+}
+
+type CatalogFeature struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Model tokens: a categorical value, a multi feature's values, or a numeric feature's bucket.
+	Values []string `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty"`
+	// Numeric features only.
+	Number        *float64 `protobuf:"fixed64,3,opt,name=number,proto3,oneof" json:"number,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CatalogFeature) Reset() {
+	*x = CatalogFeature{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CatalogFeature) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CatalogFeature) ProtoMessage() {}
+
+func (x *CatalogFeature) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CatalogFeature.ProtoReflect.Descriptor instead.
+func (*CatalogFeature) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CatalogFeature) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *CatalogFeature) GetValues() []string {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+func (x *CatalogFeature) GetNumber() float64 {
+	if x != nil && x.Number != nil {
+		return *x.Number
+	}
+	return 0
+}
+
+// Catalog changes are published (by `python -m snaplearn_recommender.catalog_sync`) on the topic of
+// the student events, keyed by item id, so the changes to one item stay in order and every
+// change is covered by the consumer's offsets, checkpoint and event-id dedupe.
+type CatalogItemAdded struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Item          *CatalogItem           `protobuf:"bytes,3,opt,name=item,proto3" json:"item,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CatalogItemAdded) Reset() {
+	*x = CatalogItemAdded{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CatalogItemAdded) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CatalogItemAdded) ProtoMessage() {}
+
+func (x *CatalogItemAdded) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CatalogItemAdded.ProtoReflect.Descriptor instead.
+func (*CatalogItemAdded) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *CatalogItemAdded) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *CatalogItemAdded) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *CatalogItemAdded) GetItem() *CatalogItem {
+	if x != nil {
+		return x.Item
+	}
+	return nil
+}
+
+// The item's new content (it keeps its id and learned row).
+type CatalogItemChanged struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	Item          *CatalogItem           `protobuf:"bytes,3,opt,name=item,proto3" json:"item,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CatalogItemChanged) Reset() {
+	*x = CatalogItemChanged{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CatalogItemChanged) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CatalogItemChanged) ProtoMessage() {}
+
+func (x *CatalogItemChanged) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CatalogItemChanged.ProtoReflect.Descriptor instead.
+func (*CatalogItemChanged) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *CatalogItemChanged) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *CatalogItemChanged) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *CatalogItemChanged) GetItem() *CatalogItem {
+	if x != nil {
+		return x.Item
+	}
+	return nil
+}
+
+// The item is never recommended again once applied (it may be added back later).
+type CatalogItemRetired struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	ItemId        string                 `protobuf:"bytes,3,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CatalogItemRetired) Reset() {
+	*x = CatalogItemRetired{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CatalogItemRetired) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CatalogItemRetired) ProtoMessage() {}
+
+func (x *CatalogItemRetired) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CatalogItemRetired.ProtoReflect.Descriptor instead.
+func (*CatalogItemRetired) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *CatalogItemRetired) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *CatalogItemRetired) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *CatalogItemRetired) GetItemId() string {
+	if x != nil {
+		return x.ItemId
+	}
+	return ""
+}
+
 var File_snaplearn_events_v1_events_proto protoreflect.FileDescriptor
 
 const file_snaplearn_events_v1_events_proto_rawDesc = "" +
@@ -316,7 +643,30 @@ const file_snaplearn_events_v1_events_proto_rawDesc = "" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x17\n" +
 	"\aitem_id\x18\x03 \x01(\tR\x06itemId\x125\n" +
 	"\x04kind\x18\x04 \x01(\x0e2!.snaplearn.events.v1.FeedbackKindR\x04kind\x12.\n" +
-	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time*\x7f\n" +
+	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xbf\x01\n" +
+	"\vCatalogItem\x12\x17\n" +
+	"\aitem_id\x18\x01 \x01(\tR\x06itemId\x12\x14\n" +
+	"\x05title\x18\x02 \x01(\tR\x05title\x12\x1a\n" +
+	"\bconcepts\x18\x03 \x03(\tR\bconcepts\x12?\n" +
+	"\bfeatures\x18\x04 \x03(\v2#.snaplearn.events.v1.CatalogFeatureR\bfeatures\x12$\n" +
+	"\rprerequisites\x18\x05 \x03(\tR\rprerequisites\"d\n" +
+	"\x0eCatalogFeature\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06values\x18\x02 \x03(\tR\x06values\x12\x1b\n" +
+	"\x06number\x18\x03 \x01(\x01H\x00R\x06number\x88\x01\x01B\t\n" +
+	"\a_number\"\x93\x01\n" +
+	"\x10CatalogItemAdded\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x124\n" +
+	"\x04item\x18\x03 \x01(\v2 .snaplearn.events.v1.CatalogItemR\x04item\"\x95\x01\n" +
+	"\x12CatalogItemChanged\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x124\n" +
+	"\x04item\x18\x03 \x01(\v2 .snaplearn.events.v1.CatalogItemR\x04item\"x\n" +
+	"\x12CatalogItemRetired\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
+	"\aitem_id\x18\x03 \x01(\tR\x06itemId*\x7f\n" +
 	"\fFeedbackKind\x12\x1d\n" +
 	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
@@ -337,24 +687,35 @@ func file_snaplearn_events_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_snaplearn_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_snaplearn_events_v1_events_proto_goTypes = []any{
 	(FeedbackKind)(0),             // 0: snaplearn.events.v1.FeedbackKind
 	(*ImageClassified)(nil),       // 1: snaplearn.events.v1.ImageClassified
 	(*LabelScore)(nil),            // 2: snaplearn.events.v1.LabelScore
 	(*FeedbackRecorded)(nil),      // 3: snaplearn.events.v1.FeedbackRecorded
-	(*timestamppb.Timestamp)(nil), // 4: google.protobuf.Timestamp
+	(*CatalogItem)(nil),           // 4: snaplearn.events.v1.CatalogItem
+	(*CatalogFeature)(nil),        // 5: snaplearn.events.v1.CatalogFeature
+	(*CatalogItemAdded)(nil),      // 6: snaplearn.events.v1.CatalogItemAdded
+	(*CatalogItemChanged)(nil),    // 7: snaplearn.events.v1.CatalogItemChanged
+	(*CatalogItemRetired)(nil),    // 8: snaplearn.events.v1.CatalogItemRetired
+	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
 }
 var file_snaplearn_events_v1_events_proto_depIdxs = []int32{
-	4, // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
-	2, // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
-	0, // 2: snaplearn.events.v1.FeedbackRecorded.kind:type_name -> snaplearn.events.v1.FeedbackKind
-	4, // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
-	4, // [4:4] is the sub-list for method output_type
-	4, // [4:4] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	9,  // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
+	2,  // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
+	0,  // 2: snaplearn.events.v1.FeedbackRecorded.kind:type_name -> snaplearn.events.v1.FeedbackKind
+	9,  // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
+	5,  // 4: snaplearn.events.v1.CatalogItem.features:type_name -> snaplearn.events.v1.CatalogFeature
+	9,  // 5: snaplearn.events.v1.CatalogItemAdded.time:type_name -> google.protobuf.Timestamp
+	4,  // 6: snaplearn.events.v1.CatalogItemAdded.item:type_name -> snaplearn.events.v1.CatalogItem
+	9,  // 7: snaplearn.events.v1.CatalogItemChanged.time:type_name -> google.protobuf.Timestamp
+	4,  // 8: snaplearn.events.v1.CatalogItemChanged.item:type_name -> snaplearn.events.v1.CatalogItem
+	9,  // 9: snaplearn.events.v1.CatalogItemRetired.time:type_name -> google.protobuf.Timestamp
+	10, // [10:10] is the sub-list for method output_type
+	10, // [10:10] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_events_v1_events_proto_init() }
@@ -362,13 +723,14 @@ func file_snaplearn_events_v1_events_proto_init() {
 	if File_snaplearn_events_v1_events_proto != nil {
 		return
 	}
+	file_snaplearn_events_v1_events_proto_msgTypes[4].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_events_v1_events_proto_rawDesc), len(file_snaplearn_events_v1_events_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   3,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -79,12 +79,18 @@ func (FeedbackKind) EnumDescriptor() ([]byte, []int) {
 
 type RecommendFilters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Keep only items of these grades (empty: any grade).
+	// Keep only items of these grades (empty: any grade). The same as a FeatureFilter on the
+	// feature "grade" (INVALID_ARGUMENT when the catalog declares none).
 	Grades []uint32 `protobuf:"varint,1,rep,packed,name=grades,proto3" json:"grades,omitempty"`
-	// Keep only items of these formats, e.g. "video", "worksheet" (empty: any).
+	// Keep only items of these formats, e.g. "video", "worksheet" (empty: any). The same as a
+	// FeatureFilter on the feature "format".
 	Formats []string `protobuf:"bytes,2,rep,name=formats,proto3" json:"formats,omitempty"`
 	// Keep only items that teach at least one of these concepts (empty: any).
-	Concepts      []string `protobuf:"bytes,3,rep,name=concepts,proto3" json:"concepts,omitempty"`
+	Concepts []string `protobuf:"bytes,3,rep,name=concepts,proto3" json:"concepts,omitempty"`
+	// Filters on any feature the catalog declares (e.g. "topic", "area", "grade"); an item must
+	// pass every one. INVALID_ARGUMENT for a feature the catalog does not declare, an unknown
+	// value of a categorical feature, or a range on a feature that is not numeric.
+	Features      []*FeatureFilter `protobuf:"bytes,4,rep,name=features,proto3" json:"features,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -140,6 +146,147 @@ func (x *RecommendFilters) GetConcepts() []string {
 	return nil
 }
 
+func (x *RecommendFilters) GetFeatures() []*FeatureFilter {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+type FeatureFilter struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required: a declared feature of the catalog.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Keep items with at least one of these values (empty: any value). For a numeric feature,
+	// numbers compared as numbers ("4" matches 4.0).
+	Values []string `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty"`
+	// Numeric features only: keep items whose value is at least min / at most max (inclusive).
+	Min           *float64 `protobuf:"fixed64,3,opt,name=min,proto3,oneof" json:"min,omitempty"`
+	Max           *float64 `protobuf:"fixed64,4,opt,name=max,proto3,oneof" json:"max,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *FeatureFilter) Reset() {
+	*x = FeatureFilter{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *FeatureFilter) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*FeatureFilter) ProtoMessage() {}
+
+func (x *FeatureFilter) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use FeatureFilter.ProtoReflect.Descriptor instead.
+func (*FeatureFilter) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *FeatureFilter) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *FeatureFilter) GetValues() []string {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+func (x *FeatureFilter) GetMin() float64 {
+	if x != nil && x.Min != nil {
+		return *x.Min
+	}
+	return 0
+}
+
+func (x *FeatureFilter) GetMax() float64 {
+	if x != nil && x.Max != nil {
+		return *x.Max
+	}
+	return 0
+}
+
+type ItemFeature struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// The item's values of this feature (one for categorical and numeric features).
+	Values []string `protobuf:"bytes,2,rep,name=values,proto3" json:"values,omitempty"`
+	// Numeric features: the value as a number.
+	Number        *float64 `protobuf:"fixed64,3,opt,name=number,proto3,oneof" json:"number,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ItemFeature) Reset() {
+	*x = ItemFeature{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ItemFeature) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ItemFeature) ProtoMessage() {}
+
+func (x *ItemFeature) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ItemFeature.ProtoReflect.Descriptor instead.
+func (*ItemFeature) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ItemFeature) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ItemFeature) GetValues() []string {
+	if x != nil {
+		return x.Values
+	}
+	return nil
+}
+
+func (x *ItemFeature) GetNumber() float64 {
+	if x != nil && x.Number != nil {
+		return *x.Number
+	}
+	return 0
+}
+
 type RecommendRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Required. Unknown users get a cold-start answer, not an error.
@@ -155,7 +302,7 @@ type RecommendRequest struct {
 
 func (x *RecommendRequest) Reset() {
 	*x = RecommendRequest{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[1]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -167,7 +314,7 @@ func (x *RecommendRequest) String() string {
 func (*RecommendRequest) ProtoMessage() {}
 
 func (x *RecommendRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[1]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -180,7 +327,7 @@ func (x *RecommendRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecommendRequest.ProtoReflect.Descriptor instead.
 func (*RecommendRequest) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{1}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *RecommendRequest) GetUserId() string {
@@ -220,14 +367,19 @@ type RecommendedItem struct {
 	Grade    uint32                 `protobuf:"varint,5,opt,name=grade,proto3" json:"grade,omitempty"`
 	Format   string                 `protobuf:"bytes,6,opt,name=format,proto3" json:"format,omitempty"`
 	// A short, human-readable reason, e.g. "practises fractions, seen in your recent photos".
-	Reason        string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,7,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Every declared feature of the item (grade and format above are the sample catalog's, kept
+	// for older clients: 0 / "" when the catalog has none).
+	Features []*ItemFeature `protobuf:"bytes,8,rep,name=features,proto3" json:"features,omitempty"`
+	// Item ids the catalog lists as this item's prerequisites.
+	Prerequisites []string `protobuf:"bytes,9,rep,name=prerequisites,proto3" json:"prerequisites,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *RecommendedItem) Reset() {
 	*x = RecommendedItem{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[2]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -239,7 +391,7 @@ func (x *RecommendedItem) String() string {
 func (*RecommendedItem) ProtoMessage() {}
 
 func (x *RecommendedItem) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[2]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -252,7 +404,7 @@ func (x *RecommendedItem) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecommendedItem.ProtoReflect.Descriptor instead.
 func (*RecommendedItem) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{2}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *RecommendedItem) GetItemId() string {
@@ -304,6 +456,20 @@ func (x *RecommendedItem) GetReason() string {
 	return ""
 }
 
+func (x *RecommendedItem) GetFeatures() []*ItemFeature {
+	if x != nil {
+		return x.Features
+	}
+	return nil
+}
+
+func (x *RecommendedItem) GetPrerequisites() []string {
+	if x != nil {
+		return x.Prerequisites
+	}
+	return nil
+}
+
 type RecommendResponse struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
 	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
@@ -320,7 +486,7 @@ type RecommendResponse struct {
 
 func (x *RecommendResponse) Reset() {
 	*x = RecommendResponse{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[3]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +498,7 @@ func (x *RecommendResponse) String() string {
 func (*RecommendResponse) ProtoMessage() {}
 
 func (x *RecommendResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[3]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +511,7 @@ func (x *RecommendResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecommendResponse.ProtoReflect.Descriptor instead.
 func (*RecommendResponse) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{3}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *RecommendResponse) GetUserId() string {
@@ -396,7 +562,7 @@ type SimilarItemsRequest struct {
 
 func (x *SimilarItemsRequest) Reset() {
 	*x = SimilarItemsRequest{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[4]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -408,7 +574,7 @@ func (x *SimilarItemsRequest) String() string {
 func (*SimilarItemsRequest) ProtoMessage() {}
 
 func (x *SimilarItemsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[4]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -421,7 +587,7 @@ func (x *SimilarItemsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SimilarItemsRequest.ProtoReflect.Descriptor instead.
 func (*SimilarItemsRequest) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{4}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *SimilarItemsRequest) GetItemId() string {
@@ -458,7 +624,7 @@ type SimilarItemsResponse struct {
 
 func (x *SimilarItemsResponse) Reset() {
 	*x = SimilarItemsResponse{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[5]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -470,7 +636,7 @@ func (x *SimilarItemsResponse) String() string {
 func (*SimilarItemsResponse) ProtoMessage() {}
 
 func (x *SimilarItemsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[5]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -483,7 +649,7 @@ func (x *SimilarItemsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SimilarItemsResponse.ProtoReflect.Descriptor instead.
 func (*SimilarItemsResponse) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{5}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *SimilarItemsResponse) GetItemId() string {
@@ -527,7 +693,7 @@ type RecordFeedbackRequest struct {
 
 func (x *RecordFeedbackRequest) Reset() {
 	*x = RecordFeedbackRequest{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[6]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -539,7 +705,7 @@ func (x *RecordFeedbackRequest) String() string {
 func (*RecordFeedbackRequest) ProtoMessage() {}
 
 func (x *RecordFeedbackRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[6]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -552,7 +718,7 @@ func (x *RecordFeedbackRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordFeedbackRequest.ProtoReflect.Descriptor instead.
 func (*RecordFeedbackRequest) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{6}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *RecordFeedbackRequest) GetUserId() string {
@@ -603,7 +769,7 @@ type RecordFeedbackResponse struct {
 
 func (x *RecordFeedbackResponse) Reset() {
 	*x = RecordFeedbackResponse{}
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[7]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -615,7 +781,7 @@ func (x *RecordFeedbackResponse) String() string {
 func (*RecordFeedbackResponse) ProtoMessage() {}
 
 func (x *RecordFeedbackResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[7]
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -628,7 +794,7 @@ func (x *RecordFeedbackResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RecordFeedbackResponse.ProtoReflect.Descriptor instead.
 func (*RecordFeedbackResponse) Descriptor() ([]byte, []int) {
-	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{7}
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RecordFeedbackResponse) GetEventId() string {
@@ -649,16 +815,29 @@ var File_snaplearn_recommender_v1_recommender_proto protoreflect.FileDescriptor
 
 const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\n" +
-	"*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"`\n" +
+	"*snaplearn/recommender/v1/recommender.proto\x12\x18snaplearn.recommender.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa5\x01\n" +
 	"\x10RecommendFilters\x12\x16\n" +
 	"\x06grades\x18\x01 \x03(\rR\x06grades\x12\x18\n" +
 	"\aformats\x18\x02 \x03(\tR\aformats\x12\x1a\n" +
-	"\bconcepts\x18\x03 \x03(\tR\bconcepts\"\xa2\x01\n" +
+	"\bconcepts\x18\x03 \x03(\tR\bconcepts\x12C\n" +
+	"\bfeatures\x18\x04 \x03(\v2'.snaplearn.recommender.v1.FeatureFilterR\bfeatures\"y\n" +
+	"\rFeatureFilter\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06values\x18\x02 \x03(\tR\x06values\x12\x15\n" +
+	"\x03min\x18\x03 \x01(\x01H\x00R\x03min\x88\x01\x01\x12\x15\n" +
+	"\x03max\x18\x04 \x01(\x01H\x01R\x03max\x88\x01\x01B\x06\n" +
+	"\x04_minB\x06\n" +
+	"\x04_max\"a\n" +
+	"\vItemFeature\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06values\x18\x02 \x03(\tR\x06values\x12\x1b\n" +
+	"\x06number\x18\x03 \x01(\x01H\x00R\x06number\x88\x01\x01B\t\n" +
+	"\a_number\"\xa2\x01\n" +
 	"\x10RecommendRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\f\n" +
 	"\x01k\x18\x02 \x01(\rR\x01k\x12!\n" +
 	"\fexclude_seen\x18\x03 \x01(\bR\vexcludeSeen\x12D\n" +
-	"\afilters\x18\x04 \x01(\v2*.snaplearn.recommender.v1.RecommendFiltersR\afilters\"\xb8\x01\n" +
+	"\afilters\x18\x04 \x01(\v2*.snaplearn.recommender.v1.RecommendFiltersR\afilters\"\xa1\x02\n" +
 	"\x0fRecommendedItem\x12\x17\n" +
 	"\aitem_id\x18\x01 \x01(\tR\x06itemId\x12\x14\n" +
 	"\x05score\x18\x02 \x01(\x02R\x05score\x12\x14\n" +
@@ -666,7 +845,9 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\bconcepts\x18\x04 \x03(\tR\bconcepts\x12\x14\n" +
 	"\x05grade\x18\x05 \x01(\rR\x05grade\x12\x16\n" +
 	"\x06format\x18\x06 \x01(\tR\x06format\x12\x16\n" +
-	"\x06reason\x18\a \x01(\tR\x06reason\"\xd8\x01\n" +
+	"\x06reason\x18\a \x01(\tR\x06reason\x12A\n" +
+	"\bfeatures\x18\b \x03(\v2%.snaplearn.recommender.v1.ItemFeatureR\bfeatures\x12$\n" +
+	"\rprerequisites\x18\t \x03(\tR\rprerequisites\"\xd8\x01\n" +
 	"\x11RecommendResponse\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12?\n" +
 	"\x05items\x18\x02 \x03(\v2).snaplearn.recommender.v1.RecommendedItemR\x05items\x12#\n" +
@@ -716,37 +897,41 @@ func file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP() []byte {
 }
 
 var file_snaplearn_recommender_v1_recommender_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_snaplearn_recommender_v1_recommender_proto_goTypes = []any{
 	(FeedbackKind)(0),              // 0: snaplearn.recommender.v1.FeedbackKind
 	(*RecommendFilters)(nil),       // 1: snaplearn.recommender.v1.RecommendFilters
-	(*RecommendRequest)(nil),       // 2: snaplearn.recommender.v1.RecommendRequest
-	(*RecommendedItem)(nil),        // 3: snaplearn.recommender.v1.RecommendedItem
-	(*RecommendResponse)(nil),      // 4: snaplearn.recommender.v1.RecommendResponse
-	(*SimilarItemsRequest)(nil),    // 5: snaplearn.recommender.v1.SimilarItemsRequest
-	(*SimilarItemsResponse)(nil),   // 6: snaplearn.recommender.v1.SimilarItemsResponse
-	(*RecordFeedbackRequest)(nil),  // 7: snaplearn.recommender.v1.RecordFeedbackRequest
-	(*RecordFeedbackResponse)(nil), // 8: snaplearn.recommender.v1.RecordFeedbackResponse
-	(*timestamppb.Timestamp)(nil),  // 9: google.protobuf.Timestamp
+	(*FeatureFilter)(nil),          // 2: snaplearn.recommender.v1.FeatureFilter
+	(*ItemFeature)(nil),            // 3: snaplearn.recommender.v1.ItemFeature
+	(*RecommendRequest)(nil),       // 4: snaplearn.recommender.v1.RecommendRequest
+	(*RecommendedItem)(nil),        // 5: snaplearn.recommender.v1.RecommendedItem
+	(*RecommendResponse)(nil),      // 6: snaplearn.recommender.v1.RecommendResponse
+	(*SimilarItemsRequest)(nil),    // 7: snaplearn.recommender.v1.SimilarItemsRequest
+	(*SimilarItemsResponse)(nil),   // 8: snaplearn.recommender.v1.SimilarItemsResponse
+	(*RecordFeedbackRequest)(nil),  // 9: snaplearn.recommender.v1.RecordFeedbackRequest
+	(*RecordFeedbackResponse)(nil), // 10: snaplearn.recommender.v1.RecordFeedbackResponse
+	(*timestamppb.Timestamp)(nil),  // 11: google.protobuf.Timestamp
 }
 var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
-	1, // 0: snaplearn.recommender.v1.RecommendRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
-	3, // 1: snaplearn.recommender.v1.RecommendResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
-	1, // 2: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
-	3, // 3: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
-	0, // 4: snaplearn.recommender.v1.RecordFeedbackRequest.kind:type_name -> snaplearn.recommender.v1.FeedbackKind
-	9, // 5: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
-	2, // 6: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
-	5, // 7: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
-	7, // 8: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
-	4, // 9: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
-	6, // 10: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
-	8, // 11: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
-	9, // [9:12] is the sub-list for method output_type
-	6, // [6:9] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	2,  // 0: snaplearn.recommender.v1.RecommendFilters.features:type_name -> snaplearn.recommender.v1.FeatureFilter
+	1,  // 1: snaplearn.recommender.v1.RecommendRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
+	3,  // 2: snaplearn.recommender.v1.RecommendedItem.features:type_name -> snaplearn.recommender.v1.ItemFeature
+	5,  // 3: snaplearn.recommender.v1.RecommendResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
+	1,  // 4: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
+	5,  // 5: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
+	0,  // 6: snaplearn.recommender.v1.RecordFeedbackRequest.kind:type_name -> snaplearn.recommender.v1.FeedbackKind
+	11, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
+	4,  // 8: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
+	7,  // 9: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
+	9,  // 10: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
+	6,  // 11: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
+	8,  // 12: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
+	10, // 13: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
+	11, // [11:14] is the sub-list for method output_type
+	8,  // [8:11] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_recommender_v1_recommender_proto_init() }
@@ -754,13 +939,15 @@ func file_snaplearn_recommender_v1_recommender_proto_init() {
 	if File_snaplearn_recommender_v1_recommender_proto != nil {
 		return
 	}
+	file_snaplearn_recommender_v1_recommender_proto_msgTypes[1].OneofWrappers = []any{}
+	file_snaplearn_recommender_v1_recommender_proto_msgTypes[2].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_recommender_v1_recommender_proto_rawDesc), len(file_snaplearn_recommender_v1_recommender_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

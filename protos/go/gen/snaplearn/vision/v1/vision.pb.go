@@ -258,7 +258,7 @@ type ClassifyRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Opaque, stable id of the student. Required.
 	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	// Encoded image (JPEG, PNG, WebP, BMP). Never logged, never put in events.
+	// Encoded image (JPEG, PNG, WebP, BMP, GIF or TIFF). Never logged, never put in events.
 	Image []byte `protobuf:"bytes,2,opt,name=image,proto3" json:"image,omitempty"`
 	// How many labels to return; 0 means the server default (5).
 	TopK uint32 `protobuf:"varint,3,opt,name=top_k,json=topK,proto3" json:"top_k,omitempty"`

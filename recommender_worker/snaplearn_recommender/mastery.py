@@ -1,0 +1,369 @@
+"""Knowledge tracing: an online mastery estimate per student and concept (DECISIONS D43).
+
+Two models share one interface (`predict` before `learn`, one attempt at a time, O(1) work each):
+
+- `Elo`: the floor. P(correct) = sigmoid(ability[student] - difficulty[item]); after the answer
+  both move by one learning rate times the surprise (outcome - prediction). Nothing else.
+- `MasteryModel`: a logistic model over features each kept per student and concept and updated
+  per attempt: an Elo ability with an uncertainty-adaptive rate (a/(1 + b*n), so a newcomer's
+  first answers move it a lot and a veteran's little), a per-concept ability offset, PFA counts
+  of right and wrong answers (per concept, with per-concept slopes, and overall), exponentially
+  weighted recent correctness and the last answer (per concept and overall), and the item's
+  difficulty. The weights are fitted once on training students (`fit`: L2 logistic regression,
+  L-BFGS); the per-student state is what moves online. Items are exercises; each belongs to one
+  concept (skill). Where the two coincide (ASSISTments' skills) pass no mapping.
+
+The mastery of a concept is the predicted success on an item of average difficulty of it.
+numpy/scipy only: no torch, no LightFM; the state of one student is a few floats per concept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from scipy.optimize import minimize
+
+Item = Hashable
+Student = Hashable
+Attempt = tuple[Item, bool]
+
+
+def sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
+class Elo:
+    """Plain Elo: ability - difficulty, one learning rate for both (the floor)."""
+
+    name = "elo"
+
+    def __init__(self, learning_rate: float = 0.4) -> None:
+        if learning_rate <= 0:
+            raise ValueError("learning_rate must be > 0")
+        self.learning_rate = learning_rate
+        self.ability: dict[Student, float] = {}
+        self.difficulty: dict[Item, float] = {}
+
+    def predict(self, student: Student, item: Item) -> float:
+        return sigmoid(self.ability.get(student, 0.0) - self.difficulty.get(item, 0.0))
+
+    def learn(self, student: Student, item: Item, correct: bool) -> float:
+        """Updates on one answer; returns the prediction made before it."""
+        p = self.predict(student, item)
+        step = self.learning_rate * (float(correct) - p)
+        self.ability[student] = self.ability.get(student, 0.0) + step
+        self.difficulty[item] = self.difficulty.get(item, 0.0) - step
+        return p
+
+    def mastery(self, student: Student, concept: Item) -> float:
+        return self.predict(student, concept)
+
+    def forget(self, student: Student) -> None:
+        self.ability.pop(student, None)
+
+
+# The dense features, in order (the weights' layout; see MasteryModel._features).
+FEATURES = (
+    "bias",
+    "ability",
+    "concept_ability",
+    "item_easiness",
+    "concept_correct",
+    "concept_wrong",
+    "concept_recent",
+    "concept_last",
+    "total_correct",
+    "total_wrong",
+    "total_recent",
+    "last",
+)
+_DENSE = len(FEATURES)
+# Signs the fit keeps, so that a right answer never lowers a prediction and a wrong one never
+# raises it (PFA's fitted slopes may say practice by failing helps; a student's dashboard must
+# not). Each of these features moves one way with the outcome; the rest do not move with it.
+_NON_NEGATIVE = ("ability", "concept_ability", "concept_correct", "concept_recent", "concept_last")
+_NON_NEGATIVE += ("total_correct", "total_recent", "last")
+_NON_POSITIVE = ("concept_wrong", "total_wrong")
+
+
+@dataclass(slots=True)
+class ConceptState:
+    correct: int = 0
+    wrong: int = 0
+    recent: float = 0.0  # exponentially weighted correctness minus 1/2 (0 = no evidence)
+    last: float = 0.0  # +1 last answer right, -1 wrong, 0 never tried
+    ability: float = 0.0  # per-concept Elo offset on top of the student's ability
+
+
+@dataclass(slots=True)
+class StudentState:
+    ability: float = 0.0
+    answers: int = 0
+    correct: int = 0
+    recent: float = 0.0
+    last: float = 0.0
+    concepts: dict[Item, ConceptState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class MasteryOptions:
+    ability_rate: float = 1.0  # a in a/(1 + b*n)
+    ability_decay: float = 0.05  # b
+    concept_rate: float = 0.6
+    difficulty_rate: float = 0.4  # item difficulty learning in the Elo pass of `fit`
+    concept_decay: float = 0.7  # weight of the older evidence in the per-concept recent average
+    total_decay: float = 0.9
+    # A concept never tried starts as if its last answers were wrong: a first attempt is harder
+    # than the student's level elsewhere, and a wrong first answer then changes nothing on these
+    # features (an untried concept's estimate cannot rise by failing it).
+    new_recent: float = -0.5
+    new_last: float = -1.0
+    l2: float = 1.0  # on the per-item and per-concept weights (the dense ones get l2 / 100)
+
+
+class MasteryModel:
+    """Elo + PFA features with fitted logistic weights; per-student state updated per attempt."""
+
+    name = "mastery"
+
+    def __init__(
+        self, concept_of: Mapping[Item, Item] | None = None, options: MasteryOptions | None = None
+    ) -> None:
+        self.options = options or MasteryOptions()
+        self.concept_of: Mapping[Item, Item] = concept_of or {}
+        self.students: dict[Student, StudentState] = {}
+        self.difficulty: dict[Item, float] = {}
+        # Weights: dense (FEATURES), per item intercept, per concept slopes of right/wrong counts.
+        self.dense = np.zeros(_DENSE)
+        self.dense[FEATURES.index("ability")] = 1.0
+        self.dense[FEATURES.index("item_easiness")] = 1.0
+        self.item_bias: dict[Item, float] = {}
+        self.concept_correct: dict[Item, float] = {}
+        self.concept_wrong: dict[Item, float] = {}
+        # Mean item term (intercept + easiness) of each concept's items: an average item of it.
+        self.concept_bias: dict[Item, float] = {}
+
+    def _new_concept(self) -> ConceptState:
+        return ConceptState(recent=self.options.new_recent, last=self.options.new_last)
+
+    def concept(self, item: Item) -> Item:
+        return self.concept_of.get(item, item)
+
+    # ---- features -----------------------------------------------------------------------------
+
+    def _features(self, state: StudentState, item: Item) -> tuple[list[float], ConceptState | None]:
+        concept_state = state.concepts.get(self.concept(item))
+        c = concept_state or self._new_concept()
+        x = [
+            1.0,
+            state.ability,
+            c.ability,
+            -self.difficulty.get(item, 0.0),
+            math.log1p(c.correct),
+            math.log1p(c.wrong),
+            c.recent,
+            c.last,
+            math.log1p(state.correct),
+            math.log1p(state.answers - state.correct),
+            state.recent,
+            state.last,
+        ]
+        return x, concept_state
+
+    def _logit(self, x: Sequence[float], item: Item) -> float:
+        concept = self.concept(item)
+        return (
+            float(np.dot(self.dense, x))
+            + self.item_bias.get(item, 0.0)
+            + self.concept_correct.get(concept, 0.0) * x[4]
+            + self.concept_wrong.get(concept, 0.0) * x[5]
+        )
+
+    def predict(self, student: Student, item: Item) -> float:
+        state = self.students.get(student) or StudentState()
+        x, _ = self._features(state, item)
+        return sigmoid(self._logit(x, item))
+
+    def mastery(self, student: Student, concept: Item) -> float:
+        """Predicted success on an item of average difficulty of the concept."""
+        state = self.students.get(student) or StudentState()
+        c = state.concepts.get(concept) or self._new_concept()
+        x = [
+            1.0,
+            state.ability,
+            c.ability,
+            0.0,
+            math.log1p(c.correct),
+            math.log1p(c.wrong),
+            c.recent,
+            c.last,
+            math.log1p(state.correct),
+            math.log1p(state.answers - state.correct),
+            state.recent,
+            state.last,
+        ]
+        logit = float(np.dot(self.dense, x)) + self.concept_bias.get(concept, 0.0)
+        logit += self.concept_correct.get(concept, 0.0) * x[4] + self.concept_wrong.get(concept, 0.0) * x[5]
+        return sigmoid(logit)
+
+    # ---- the online update --------------------------------------------------------------------
+
+    def _update(self, state: StudentState, item: Item, correct: bool, learn_difficulty: bool) -> None:
+        o = self.options
+        y = float(correct)
+        concept = self.concept(item)
+        c = state.concepts.get(concept)
+        if c is None:
+            c = state.concepts[concept] = self._new_concept()
+        difficulty = self.difficulty.get(item, 0.0)
+        surprise = y - sigmoid(state.ability + c.ability - difficulty)
+        state.ability += o.ability_rate / (1.0 + o.ability_decay * state.answers) * surprise
+        c.ability += o.concept_rate / (1.0 + o.ability_decay * (c.correct + c.wrong)) * surprise
+        if learn_difficulty:
+            seen = self._seen.get(item, 0)
+            self.difficulty[item] = difficulty - o.difficulty_rate / (1.0 + o.ability_decay * seen) * surprise
+            self._seen[item] = seen + 1
+        signed = y - 0.5
+        c.recent = o.concept_decay * c.recent + (1 - o.concept_decay) * signed
+        state.recent = o.total_decay * state.recent + (1 - o.total_decay) * signed
+        c.last = state.last = 1.0 if correct else -1.0
+        if correct:
+            c.correct += 1
+            state.correct += 1
+        else:
+            c.wrong += 1
+        state.answers += 1
+
+    def learn(self, student: Student, item: Item, correct: bool) -> float:
+        """Updates the student's state on one answer; returns the prediction made before it."""
+        state = self.students.get(student)
+        if state is None:
+            state = self.students[student] = StudentState()
+        x, _ = self._features(state, item)
+        p = sigmoid(self._logit(x, item))
+        self._update(state, item, correct, learn_difficulty=False)
+        return p
+
+    def forget(self, student: Student) -> None:
+        self.students.pop(student, None)
+
+    # ---- fitting on training students ---------------------------------------------------------
+
+    _seen: dict[Item, int]
+
+    def fit(self, sequences: Iterable[Sequence[Attempt]], max_iterations: int = 200) -> MasteryModel:
+        """Learns item difficulties (an Elo pass) then the logistic weights on these students.
+
+        Each sequence is one student's attempts in time order. The per-student state made here
+        is discarded: the fitted model starts every student fresh.
+        """
+        sequences = [list(s) for s in sequences]
+        self._seen = {}
+        for sequence in sequences:  # pass 1: item difficulties
+            state = StudentState()
+            for item, correct in sequence:
+                self._update(state, item, correct, learn_difficulty=True)
+        items = sorted({item for s in sequences for item, _ in s}, key=str)
+        concepts = sorted({self.concept(item) for item in items}, key=str)
+        item_index = {item: i for i, item in enumerate(items)}
+        concept_index = {concept: i for i, concept in enumerate(concepts)}
+        rows: list[list[float]] = []
+        item_column: list[int] = []
+        concept_column: list[int] = []
+        outcomes: list[float] = []
+        for sequence in sequences:  # pass 2: the features each attempt was predicted from
+            state = StudentState()
+            for item, correct in sequence:
+                x, _ = self._features(state, item)
+                rows.append(x)
+                item_column.append(item_index[item])
+                concept_column.append(concept_index[self.concept(item)])
+                outcomes.append(float(correct))
+                self._update(state, item, correct, learn_difficulty=False)
+        weights = _fit_logistic(
+            np.asarray(rows),
+            np.asarray(item_column),
+            np.asarray(concept_column),
+            np.asarray(outcomes),
+            len(items),
+            len(concepts),
+            self.options.l2,
+            max_iterations,
+        )
+        self.dense = weights[:_DENSE]
+        start = _DENSE
+        self.item_bias = dict(zip(items, weights[start : start + len(items)].tolist(), strict=True))
+        start += len(items)
+        slopes = weights[start:].reshape(2, len(concepts))
+        self.concept_correct = dict(zip(concepts, slopes[0].tolist(), strict=True))
+        self.concept_wrong = dict(zip(concepts, slopes[1].tolist(), strict=True))
+        easiness = float(self.dense[FEATURES.index("item_easiness")])
+        totals: dict[Item, list[float]] = {}
+        for item in items:
+            term = self.item_bias[item] - easiness * self.difficulty.get(item, 0.0)
+            totals.setdefault(self.concept(item), []).append(term)
+        self.concept_bias = {concept: float(np.mean(terms)) for concept, terms in totals.items()}
+        del self._seen
+        return self
+
+
+def _fit_logistic(
+    dense: npt.NDArray[np.float64],
+    item: npt.NDArray[np.int64],
+    concept: npt.NDArray[np.int64],
+    y: npt.NDArray[np.float64],
+    n_items: int,
+    n_concepts: int,
+    l2: float,
+    max_iterations: int,
+) -> npt.NDArray[np.float64]:
+    """L2-regularised logistic regression over [dense | one-hot item | concept x (right, wrong) counts]."""
+    n = len(y)
+    d = dense.shape[1]
+    log_correct = dense[:, FEATURES.index("concept_correct")]
+    log_wrong = dense[:, FEATURES.index("concept_wrong")]
+    penalty = np.concatenate([np.full(d, l2 / 100), np.full(n_items + 2 * n_concepts, l2)])
+    penalty[0] = 0.0  # the intercept
+
+    def loss(w: npt.NDArray[np.float64]) -> tuple[float, npt.NDArray[np.float64]]:
+        wd = w[:d]
+        wi = w[d : d + n_items]
+        wc = w[d + n_items : d + n_items + n_concepts]
+        ww = w[d + n_items + n_concepts :]
+        z = dense @ wd + wi[item] + wc[concept] * log_correct + ww[concept] * log_wrong
+        # log(1 + e^z) - y z, stably
+        value = float(np.sum(np.logaddexp(0.0, z) - y * z)) / n + 0.5 * float(np.sum(penalty * w * w)) / n
+        r = (1.0 / (1.0 + np.exp(-z)) - y) / n
+        grad = np.concatenate(
+            [
+                dense.T @ r,
+                np.bincount(item, weights=r, minlength=n_items),
+                np.bincount(concept, weights=r * log_correct, minlength=n_concepts),
+                np.bincount(concept, weights=r * log_wrong, minlength=n_concepts),
+            ]
+        )
+        return value, grad + penalty * w / n
+
+    start = np.zeros(d + n_items + 2 * n_concepts)
+    start[FEATURES.index("ability")] = 1.0
+    start[FEATURES.index("item_easiness")] = 1.0
+    bounds: list[tuple[float | None, float | None]] = [(None, None)] * len(start)
+    for name in _NON_NEGATIVE:
+        bounds[FEATURES.index(name)] = (0.0, None)
+    for name in _NON_POSITIVE:
+        bounds[FEATURES.index(name)] = (None, 0.0)
+    # The per-concept slopes of right / wrong counts keep the same signs as the shared ones.
+    concept_start = d + n_items
+    bounds[concept_start : concept_start + n_concepts] = [(0.0, None)] * n_concepts
+    bounds[concept_start + n_concepts :] = [(None, 0.0)] * n_concepts
+    result = minimize(
+        loss, start, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": max_iterations}
+    )
+    return np.asarray(result.x, dtype=np.float64)

@@ -1,0 +1,92 @@
+"""The knowledge-tracing update (snaplearn_recommender.mastery): direction, range, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from snaplearn_recommender.mastery import Elo, MasteryModel
+
+
+def _curriculum(students: int, seed: int) -> list[list[tuple[str, bool]]]:
+    """Students practise skills s0..s4 in order; success grows with ability and practice."""
+    rng = np.random.default_rng(seed)
+    difficulty = {f"s{i}": 0.3 * i for i in range(5)}
+    sequences = []
+    for _ in range(students):
+        ability = rng.normal(0.0, 1.0)
+        attempts = []
+        for skill, hardness in difficulty.items():
+            for practice in range(6):
+                p = 1 / (1 + math.exp(-(ability - hardness + 0.4 * practice - 0.5)))
+                attempts.append((skill, bool(rng.random() < p)))
+        sequences.append(attempts)
+    return sequences
+
+
+@pytest.fixture(scope="module")
+def fitted() -> MasteryModel:
+    return MasteryModel().fit(_curriculum(200, seed=1))
+
+
+def test_elo_right_answers_raise_and_wrong_lower_the_estimate() -> None:
+    elo = Elo(learning_rate=0.4)
+    before = elo.mastery("ann", "fractions")
+    assert before == pytest.approx(0.5)
+    assert elo.learn("ann", "fractions", True) == pytest.approx(0.5)  # the prediction made before
+    raised = elo.mastery("ann", "fractions")
+    assert raised > before
+    elo.learn("ann", "fractions", False)
+    assert elo.mastery("ann", "fractions") < raised
+    assert elo.difficulty["fractions"] != 0.0  # the item moved the other way
+
+
+def test_mastery_moves_with_outcomes_and_stays_a_probability(fitted: MasteryModel) -> None:
+    start = fitted.mastery("bo", "s1")
+    assert 0.0 < start < 1.0
+    right = fitted.learn("bo", "s1", True)
+    assert 0.0 < right < 1.0
+    after_right = fitted.mastery("bo", "s1")
+    assert after_right > start
+    fitted.learn("bo", "s1", False)
+    assert fitted.mastery("bo", "s1") < after_right
+    for _ in range(20):
+        fitted.learn("bo", "s1", False)
+    low = fitted.predict("bo", "s1")
+    assert 0.0 < low < start
+    for _ in range(40):
+        fitted.learn("bo", "s1", True)
+    assert start < fitted.predict("bo", "s1") < 1.0
+    # A student's state is theirs alone, and forgetting it starts them fresh.
+    assert fitted.mastery("cy", "s1") == pytest.approx(start)
+    fitted.forget("bo")
+    assert fitted.mastery("bo", "s1") == pytest.approx(start)
+
+
+def test_fit_is_deterministic_and_learns_a_harder_skill_is_harder() -> None:
+    data = _curriculum(120, seed=2)
+    first, second = MasteryModel().fit(data), MasteryModel().fit(data)
+    np.testing.assert_array_equal(first.dense, second.dense)
+    assert first.item_bias == second.item_bias
+    predictions = [[m.learn("dee", skill, correct) for skill, correct in data[0]] for m in (first, second)]
+    assert predictions[0] == predictions[1]
+    fresh = MasteryModel().fit(data)
+    assert fresh.mastery("new", "s0") > fresh.mastery("new", "s4")
+
+
+def test_concepts_group_items_for_the_per_concept_state() -> None:
+    concept_of = {"q1": "forces", "q2": "forces", "q3": "moments"}
+    data = [[("q1", True), ("q2", True), ("q3", False)] * 3 for _ in range(30)]
+    model = MasteryModel(concept_of).fit(data)
+    model.learn("eve", "q1", True)
+    state = model.students["eve"]
+    assert set(state.concepts) == {"forces"}
+    model.learn("eve", "q2", False)
+    assert (state.concepts["forces"].correct, state.concepts["forces"].wrong) == (1, 1)
+
+
+def test_bad_learning_rate_is_refused() -> None:
+    with pytest.raises(ValueError, match="learning_rate"):
+        Elo(learning_rate=0.0)
