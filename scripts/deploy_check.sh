@@ -21,7 +21,7 @@ TOOLS_PYTHON="$TOOLS_BIN/../venv/bin/python"
 # The oldest Kubernetes the manifests promise to work on (native gRPC probes are GA in 1.27;
 # 1.30 is the oldest release with upstream support left) and the newest the schemas know.
 KUBERNETES_VERSIONS=(1.30.0 1.37.0)
-KUSTOMIZATIONS=(deploy/overlays/cpu deploy/overlays/gpu deploy/overlays/cpu-gateway deploy/monitoring)
+KUSTOMIZATIONS=(deploy/overlays/cpu deploy/overlays/gpu deploy/overlays/cpu-gateway deploy/overlays/cpu-secure deploy/monitoring)
 
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT

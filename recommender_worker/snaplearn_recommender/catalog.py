@@ -451,7 +451,7 @@ class Catalog:
                     f"duplicate item_id {item.item_id!r} (positions {index[item.item_id]}, {position})"
                 )
             index[item.item_id] = position
-        self._rows = MappingProxyType(index)
+        self._rows: Mapping[str, int] = MappingProxyType(index)
         self._retired = frozenset(index[i] for i in retired if i in index)
         by_concept: dict[str, list[int]] = {}
         for position, item in enumerate(self._items):
@@ -576,16 +576,95 @@ class Catalog:
     def with_item(self, item: LearningItem) -> Catalog:
         """`item` added, or replacing (and un-retiring) the item of the same id in its position."""
         position = self._rows.get(item.item_id)
-        retired = [i for i in self.retired_ids if i != item.item_id]
         if position is None:
-            return Catalog((*self._items, item), retired)
-        items = list(self._items)
-        items[position] = item
-        return Catalog(items, retired)
+            position = len(self._items)
+            rows: Mapping[str, int] = MappingProxyType({**self._rows, item.item_id: position})
+            items = (*self._items, item)
+        else:
+            rows = self._rows
+            items = (*self._items[:position], item, *self._items[position + 1 :])
+        return self._successor(items, rows, self._retired - {position}, (position,))
 
     def with_retired(self, item_ids: Iterable[str]) -> Catalog:
         """These items retired (unknown ids are ignored)."""
-        return Catalog(self._items, (*self.retired_ids, *item_ids))
+        positions = {self._rows[i] for i in item_ids if i in self._rows} - self._retired
+        if not positions:
+            return self
+        return self._successor(self._items, self._rows, self._retired | positions, tuple(sorted(positions)))
+
+    def _successor(
+        self,
+        items: tuple[LearningItem, ...],
+        rows: Mapping[str, int],
+        retired: frozenset[int],
+        touched: Sequence[int],
+    ) -> Catalog:
+        """This catalog with the items at `touched` positions added, replaced or retired: the
+        lookups are updated for those positions only (a live change to a large catalog must not
+        cost a pass over every item in Python)."""
+        new = Catalog.__new__(Catalog)
+        new._items, new._rows, new._retired = items, rows, retired
+
+        def before(position: int) -> LearningItem | None:
+            active = position < len(self._items) and position not in self._retired
+            return self._items[position] if active else None
+
+        def after(position: int) -> LearningItem | None:
+            return None if position in retired else items[position]
+
+        by_concept = dict(self._by_concept)
+        for position in touched:
+            old, current = before(position), after(position)
+            for concept in {*(old.concepts if old else ()), *(current.concepts if current else ())}:
+                kept = [p for p in by_concept.get(concept, ()) if p != position]
+                if current is not None and concept in current.concepts:
+                    kept.insert(int(np.searchsorted(kept, position)), position)
+                if kept:
+                    by_concept[concept] = tuple(kept)
+                else:
+                    by_concept.pop(concept, None)
+
+        def first_appearance(entry: tuple[str, tuple[int, ...]]) -> tuple[int, int]:
+            concept, positions = entry
+            return positions[0], items[positions[0]].concepts.index(concept)
+
+        new._by_concept = MappingProxyType(dict(sorted(by_concept.items(), key=first_appearance)))
+        if "feature_index" in self.__dict__:
+            index = {name: dict(by_value) for name, by_value in self.feature_index.items()}
+            for position in touched:
+                old, current = before(position), after(position)
+                for name, tokens in (old.features if old else {}).items():
+                    for token in tokens:
+                        remaining = index[name][token]
+                        remaining = remaining[remaining != position]
+                        if len(remaining):
+                            index[name][token] = _frozen(remaining)
+                        else:
+                            del index[name][token]
+                    if not index[name]:
+                        del index[name]
+                for name, tokens in (current.features if current else {}).items():
+                    by_value = index.setdefault(name, {})
+                    for token in tokens:
+                        present = by_value.get(token, np.empty(0, dtype=np.int64))
+                        where = int(np.searchsorted(present, position))
+                        by_value[token] = _frozen(np.insert(present, where, position))
+            new.__dict__["feature_index"] = MappingProxyType(
+                {name: MappingProxyType(by_value) for name, by_value in index.items()}
+            )
+        if "numeric_columns" in self.__dict__:
+            names = set(self.numeric_columns) | {n for p in touched for n in items[p].numbers}
+            columns: dict[str, npt.NDArray[np.float64]] = {}
+            for name in sorted(names):
+                column = np.full(len(items), np.nan)
+                previous = self.numeric_columns.get(name)
+                if previous is not None:
+                    column[: len(previous)] = previous
+                for position in touched:
+                    column[position] = items[position].numbers.get(name, np.nan)
+                columns[name] = _frozen(column)
+            new.__dict__["numeric_columns"] = MappingProxyType(columns)
+        return new
 
 
 def _frozen(array: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -428,6 +428,9 @@ class RecommenderModel:
         Call _rebuild_item_arrays (or use apply / sync_catalog, which do) before training or serving."""
         self.catalog = self.catalog.with_item(item)
         self._register([item])
+        row = self.catalog.row(item.item_id)
+        assert row is not None
+        self.__dict__.setdefault("_changed_rows", set()).add(row)
 
     def retire_items(self, item_ids: Iterable[str]) -> None:
         """Never recommend these items again (unless added back); their rows stay."""
@@ -445,10 +448,45 @@ class RecommenderModel:
         return changes
 
     def _rebuild_item_arrays(self) -> None:
-        self._item_features = feature_matrix(map(_item_feature_names, self.catalog), self._item_vocab)
-        membership = np.zeros((len(self.catalog), len(self._concepts)), dtype=bool)
-        for position, item in enumerate(self.catalog):
-            membership[position, [self._concepts.add(c) for c in item.concepts]] = True
+        """The item feature matrix and concept membership for the current catalog: only the rows
+        upsert_item touched when there are few (a live change must not cost a pass over every
+        item in Python), else all of them."""
+        changed_rows: set[int] = self.__dict__.pop("_changed_rows", set())
+        current: sp.csr_matrix | None = self.__dict__.get("_item_features")
+        n_items = len(self.catalog)
+        if current is not None:
+            changed_rows.update(range(current.shape[0], n_items))  # appended by add_items too
+        changed = sorted(changed_rows)
+        if current is None or len(changed) > n_items // 4 or current.shape[0] > n_items:
+            self._item_features = feature_matrix(map(_item_feature_names, self.catalog), self._item_vocab)
+            membership = np.zeros((n_items, len(self._concepts)), dtype=bool)
+            for position, item in enumerate(self.catalog):
+                membership[position, [self._concepts.add(c) for c in item.concepts]] = True
+            self._concept_membership = read_only(membership)
+            return
+        rows = feature_matrix((_item_feature_names(self.catalog[p]) for p in changed), self._item_vocab)
+        width = len(self._item_vocab)
+        base = sp.csr_matrix((current.data, current.indices, current.indptr), shape=(current.shape[0], width))
+        if base.shape[0] < n_items:
+            base = sp.vstack(
+                [base, sp.csr_matrix((n_items - base.shape[0], width), dtype=np.float32)]
+            ).tocsr()
+        keep = np.ones(n_items, dtype=np.float32)
+        keep[changed] = 0.0
+        scatter = sp.csr_matrix(
+            (np.ones(len(changed), dtype=np.float32), (changed, np.arange(len(changed)))),
+            shape=(n_items, len(changed)),
+        )
+        features = (sp.diags(keep, format="csr") @ base + scatter @ rows).tocsr().astype(np.float32)
+        features.eliminate_zeros()
+        features.sort_indices()
+        self._item_features = features
+        membership = np.zeros((n_items, len(self._concepts)), dtype=bool)
+        previous = self._concept_membership
+        membership[: previous.shape[0], : previous.shape[1]] = previous
+        for position in changed:
+            membership[position] = False
+            membership[position, [self._concepts.add(c) for c in self.catalog[position].concepts]] = True
         self._concept_membership = read_only(membership)
 
     def _user_row(self, user_id: str, time_s: float) -> int:

@@ -40,6 +40,7 @@ class KafkaSystem:
     vision_ports: dict[str, int] = field(default_factory=dict)
     recommender_ports: dict[str, int] = field(default_factory=dict)
     recommender_starts: int = 0
+    recommender_args: list[str] = field(default_factory=list)  # more flags for the recommender
 
     @property
     def dead_letter_topic(self) -> str:
@@ -72,6 +73,7 @@ class KafkaSystem:
         # This system's own group (tests share the broker), checkpointing as often as the test says.
         self.recommender.argv += [
             "--checkpoint-interval", str(self.checkpoint_interval_s), "--consumer-group", self.group,
+            *self.recommender_args,
         ]  # fmt: skip
         self.recommender.start()
         self.recommender_ports = self.recommender.wait_ready(READY_TIMEOUT_S)

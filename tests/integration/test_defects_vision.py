@@ -72,3 +72,22 @@ async def test_a_broken_model_folder_is_failed_precondition_and_not_offered_as_a
         assert (await running.stub.Classify(request(photo))).labels[0].label == "geometry"
     finally:
         await factory.close()
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "photos"
+
+
+async def test_the_shipped_sample_photos_classify(
+    server_factory: ServerFactory,  # noqa: F811
+) -> None:
+    # A newcomer had no photo to try: examples/photos holds one per topic of the default model.
+    photos = sorted(EXAMPLES.glob("*/*.png"))
+    assert len({path.parent.name for path in photos}) == 10, photos
+    assert sum(path.stat().st_size for path in photos) < 1_000_000  # small: they are committed
+    running = await server_factory.start()
+    right = 0
+    for path in photos:
+        reply = await running.stub.Classify(request(path.read_bytes(), top_k=3))
+        assert reply.model_name == MODEL_NAME and len(reply.labels) == 3
+        right += reply.labels[0].label == path.parent.name
+    assert right >= len(photos) // 2, f"only {right} of {len(photos)} sample photos recognised"

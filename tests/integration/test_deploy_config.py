@@ -315,6 +315,55 @@ def test_autoscalers_use_metrics_the_adapter_serves(tools_bin: Path) -> None:
         assert find(objects, target["kind"], target["name"])
 
 
+@pytest.mark.parametrize(
+    ("kind", "name", "server", "service"),
+    [
+        ("Deployment", "vision", "vision", VISION_SERVICE),
+        ("StatefulSet", "recommender", "recommender", RECOMMENDER_SERVICE),
+        ("Deployment", "recommender-query", "recommender", RECOMMENDER_SERVICE),
+    ],
+)
+def test_kubernetes_secure_overlay_serves_tls_and_tokens_from_secrets(
+    kind: str, name: str, server: str, service: str, tools_bin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    objects = render(tools_bin, "deploy/overlays/cpu-secure")
+    workload = find(objects, kind, name)
+    (container,) = containers(workload)
+    dockerfile, build = {
+        "vision": ("Dockerfile", vision_config.settings_from_args),
+        "recommender": ("Dockerfile.recommender", recommender_config.settings_from_args),
+    }[server]
+    environment = container_environment(objects, container, image_environment(REPO / "docker" / dockerfile))
+    settings, read = settings_under(environment, build, monkeypatch)
+    assert_all_read(environment, read, server, f"overlay cpu-secure, {kind} {name}")
+    assert settings.bus.backend == "kafka"  # the base's settings survive the patch
+
+    # The certificate, its CA and the token keys come from the Secrets, mounted read-only.
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    secrets = {
+        v["name"]: v["secret"]["secretName"]
+        for v in workload["spec"]["template"]["spec"]["volumes"]
+        if "secret" in v
+    }
+    assert secrets == {"tls": "snaplearn-tls", "auth-keys": "snaplearn-auth-keys"}
+    tls_dir, keys_dir = Path(mounts["tls"]["mountPath"]), Path(mounts["auth-keys"]["mountPath"])
+    assert mounts["tls"]["readOnly"] and mounts["auth-keys"]["readOnly"]
+    security = settings.security
+    assert (security.tls_cert, security.tls_key) == (tls_dir / "tls.crt", tls_dir / "tls.key")
+    assert security.auth_jwt_keys is not None and security.auth_jwt_keys.parent == keys_dir
+    assert security.reflection is False
+
+    # Kubernetes' gRPC probe cannot speak TLS: each probe runs the image's health check over TLS
+    # against the port the server binds, readiness for the service it registers.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert "grpc" not in container[probe], f"{probe} still uses the plaintext gRPC probe"
+        command = container[probe]["exec"]["command"]
+        assert command[0] == "snaplearn-healthcheck"
+        assert Path(command[command.index("--tls-ca") + 1]).parent == tls_dir
+        assert f"127.0.0.1:{settings.port}" in command
+    assert container["readinessProbe"]["exec"]["command"][-1] == service
+
+
 # -- protos ------------------------------------------------------------------------------------
 
 

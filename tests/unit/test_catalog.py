@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from snaplearn_common.topics import DEFAULT_TOPICS
@@ -362,3 +366,82 @@ def test_label_mapping_errors_are_clear(tmp_path: Path) -> None:
         load_label_to_concepts(path)
     with pytest.raises(CatalogError, match=r"concept\(s\) with no catalog items: trigonometry"):
         check_label_mapping({"triangle": ("trigonometry",)}, generate_sample_catalog())
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "recommender_worker" / "examples" / "school_catalog.csv"
+
+
+def test_the_example_school_catalog_loads_with_its_declaration() -> None:
+    assert EXAMPLE.read_bytes().startswith(b"\xef\xbb\xbf")  # saved by Excel: a BOM
+    catalog = load_catalog(EXAMPLE)
+    assert catalog.feature_names == ("area", "grade", "minutes", "topic")
+    item = catalog.get("dec-02")
+    assert item is not None and item.prerequisites == ("dec-01", "frac-02")
+    assert item.concepts == ("decimals", "fractions") and item.features["minutes"] == ("15-25",)
+    assert catalog.get("eq-02").title == "Équations à deux étapes"  # type: ignore[union-attr]
+
+
+def test_the_recommender_refuses_a_bad_catalog_in_one_sentence_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "school.csv"
+    bad.write_text("item_id,title,prerequisites\na,Alpha,b\n", encoding="utf-8")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "snaplearn_recommender.main",
+            "--catalog",
+            str(bad),
+            "--bus-path",
+            str(tmp_path / "bus.db"),
+            "--checkpoint-dir",
+            str(tmp_path / "checkpoints"),
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"snaplearn-recommender: {bad}, line 2, column 3 (prerequisites): prerequisite 'b' is not an item "
+        "of this catalog"
+    )
+
+
+def test_incremental_lookups_after_changes_equal_a_catalog_built_from_scratch() -> None:
+    rng = random.Random(7)
+    catalog = generate_sample_catalog(items_per_topic=5)
+    assert catalog.feature_index and catalog.numeric_columns  # computed: the successors update them
+    topics = ("Food", "Space", "Sport")
+    for step in range(60):
+        ids = [item.item_id for item in catalog]
+        action = rng.random()
+        if action < 0.3:
+            catalog = catalog.with_retired(rng.sample(ids, 2))
+        else:
+            item_id = rng.choice(ids) if action < 0.7 else f"new-{step}"
+            concepts = tuple(rng.sample(DEFAULT_TOPICS, rng.randint(0, 2)))
+            features: dict[str, tuple[str, ...]] = {"topic": (rng.choice(topics),)}
+            numbers = {"minutes": float(rng.randint(1, 30))} if rng.random() < 0.7 else {}
+            if numbers:
+                features["minutes"] = (str(int(numbers["minutes"])),)
+            catalog = catalog.with_item(
+                LearningItem(item_id, f"T {step}", concepts, features=features, numbers=numbers)
+            )
+        fresh = Catalog(catalog.items, catalog.retired_ids)
+        assert catalog == fresh and catalog.concepts == fresh.concepts
+        for concept in fresh.concepts:
+            assert catalog.positions_for_concept(concept) == fresh.positions_for_concept(concept)
+        assert {n: {t: list(p) for t, p in v.items()} for n, v in catalog.feature_index.items()} == {
+            n: {t: list(p) for t, p in v.items()} for n, v in fresh.feature_index.items()
+        }
+        assert catalog.numeric_columns.keys() == fresh.numeric_columns.keys()
+        for name, column in fresh.numeric_columns.items():
+            np.testing.assert_array_equal(catalog.numeric_columns[name], column)
+        np.testing.assert_array_equal(catalog.active_mask, fresh.active_mask)
+        assert all(catalog.position(i.item_id) == fresh.position(i.item_id) for i in fresh)

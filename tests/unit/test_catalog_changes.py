@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 
+import numpy as np
 import pytest
 
 from snaplearn.events.v1 import events_pb2
@@ -20,7 +21,7 @@ from snaplearn_common.events import (
 from snaplearn_common.records import Record
 from snaplearn_recommender.catalog import LearningItem, generate_sample_catalog, item_to_proto
 from snaplearn_recommender.catalog_sync import change_events
-from snaplearn_recommender.model import CatalogChange, ClassifiedEvent, RecommenderModel
+from snaplearn_recommender.model import CatalogChange, ClassifiedEvent, ModelEvent, RecommenderModel
 from snaplearn_recommender.snapshot import FeatureFilter
 
 CATALOG = generate_sample_catalog(items_per_topic=6)
@@ -76,7 +77,7 @@ def test_added_changed_retired_apply_in_order_once_and_survive_a_checkpoint() ->
         changed_id, "Fractions, rewritten", ("fractions",), grade=3, format="quiz", difficulty=1
     )
     new = _new_item()
-    events = [
+    events: list[ModelEvent] = [
         CatalogChange("c-1", "added", new.item_id, new),
         CatalogChange("c-2", "changed", changed_id, changed),
         CatalogChange("c-3", "retired", retired, None),
@@ -146,3 +147,26 @@ def test_sync_catalog_and_change_events_publish_only_the_differences() -> None:
     kinds = [dict(e.headers)[HEADER_EVENT_TYPE].decode().rsplit(".", 1)[1] for e in events]
     assert kinds == ["CatalogItemAdded", "CatalogItemRetired"]
     assert len({dict(e.headers)["event-id"] for e in events}) == 2
+
+
+def test_the_incremental_item_matrix_equals_a_full_rebuild() -> None:
+    model = RecommenderModel(CATALOG)
+    changed = LearningItem(
+        "geometry-002", "Geometry, new", ("geometry", "fractions"), features={"topic": ("Shapes",)}
+    )
+    model.apply(
+        [
+            CatalogChange("c-1", "added", "fractions-new", _new_item()),
+            CatalogChange("c-2", "changed", changed.item_id, changed),
+            CatalogChange("c-3", "retired", "geometry-003", None),
+        ]
+    )
+    model.add_items([_new_item("decimals-new")])
+    incremental, membership = model._item_features.copy(), model._concept_membership.copy()
+    del model._item_features
+    model._rebuild_item_arrays()  # from scratch
+    assert (incremental != model._item_features).nnz == 0
+    np.testing.assert_array_equal(membership, model._concept_membership)
+    row = model.catalog.row("geometry-002")
+    names = {model._item_vocab.names[c] for c in incremental[row].indices}
+    assert names == {"item:geometry-002", "concept:geometry", "concept:fractions", "topic:Shapes"}

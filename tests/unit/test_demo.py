@@ -27,8 +27,10 @@ def test_a_demo_where_nothing_moved_says_so_and_fails() -> None:
         "ben": _reply("geometry", "algebra", "algebra", "x", "y"),
     }
     lines, rc = summarise([ADA, BEN], before, dict(before), {})
-    assert lines[-1] == "0/2 students' recommendations moved toward their photos; 1 already matched them all " \
-        "before; 1 did not move"  # fmt: skip
+    assert lines[-1] == (
+        "0/2 students' recommendations moved toward their photos; 1 already matched them all before; "
+        "1 did not move"
+    )
     assert rc == 1
 
 

@@ -11,7 +11,7 @@ from snaplearn_recommender.mastery import Elo, MasteryModel
 
 
 def _curriculum(students: int, seed: int) -> list[list[tuple[str, bool]]]:
-    """Students practise skills s0..s4 in order; success grows with ability and practice."""
+    """Students practise skills s0..s4 in order; success grows with ability and right answers."""
     rng = np.random.default_rng(seed)
     difficulty = {f"s{i}": 0.3 * i for i in range(5)}
     sequences = []
@@ -19,9 +19,12 @@ def _curriculum(students: int, seed: int) -> list[list[tuple[str, bool]]]:
         ability = rng.normal(0.0, 1.0)
         attempts = []
         for skill, hardness in difficulty.items():
-            for practice in range(6):
-                p = 1 / (1 + math.exp(-(ability - hardness + 0.4 * practice - 0.5)))
-                attempts.append((skill, bool(rng.random() < p)))
+            right = 0
+            for _ in range(6):
+                p = 1 / (1 + math.exp(-(ability - hardness + 0.4 * right - 0.5)))
+                correct = bool(rng.random() < p)
+                right += correct
+                attempts.append((skill, correct))
         sequences.append(attempts)
     return sequences
 
@@ -43,26 +46,36 @@ def test_elo_right_answers_raise_and_wrong_lower_the_estimate() -> None:
     assert elo.difficulty["fractions"] != 0.0  # the item moved the other way
 
 
-def test_mastery_moves_with_outcomes_and_stays_a_probability(fitted: MasteryModel) -> None:
+def test_right_answers_raise_and_wrong_lower_the_estimate_after_every_attempt(fitted: MasteryModel) -> None:
     start = fitted.mastery("bo", "s1")
     assert 0.0 < start < 1.0
-    right = fitted.learn("bo", "s1", True)
-    assert 0.0 < right < 1.0
-    after_right = fitted.mastery("bo", "s1")
-    assert after_right > start
-    fitted.learn("bo", "s1", False)
-    assert fitted.mastery("bo", "s1") < after_right
-    for _ in range(20):
-        fitted.learn("bo", "s1", False)
-    low = fitted.predict("bo", "s1")
-    assert 0.0 < low < start
-    for _ in range(40):
-        fitted.learn("bo", "s1", True)
-    assert start < fitted.predict("bo", "s1") < 1.0
+    level = start
+    outcomes = [True, False, True, True, *[False] * 15, *[True] * 30]
+    for step, correct in enumerate(outcomes):
+        prediction = fitted.learn("bo", "s1", correct)
+        assert 0.0 < prediction < 1.0
+        now = fitted.mastery("bo", "s1")
+        assert 0.0 < now < 1.0
+        # Never the wrong way; strictly the right way while the evidence is fresh (a long run of
+        # one outcome saturates the recent-answer features).
+        assert (now >= level) if correct else (now <= level), (step, correct, level, now)
+        if step < 5:
+            assert now != level, (step, correct)
+        level = now
+    assert fitted.mastery("bo", "s1") > start
     # A student's state is theirs alone, and forgetting it starts them fresh.
     assert fitted.mastery("cy", "s1") == pytest.approx(start)
     fitted.forget("bo")
     assert fitted.mastery("bo", "s1") == pytest.approx(start)
+
+
+def test_a_wrong_first_answer_never_raises_a_new_concept(fitted: MasteryModel) -> None:
+    before = fitted.mastery("di", "s3")
+    fitted.learn("di", "s3", False)
+    assert fitted.mastery("di", "s3") < before
+    first_right = fitted.mastery("fay", "s3")
+    fitted.learn("fay", "s3", True)
+    assert fitted.mastery("fay", "s3") > first_right
 
 
 def test_fit_is_deterministic_and_learns_a_harder_skill_is_harder() -> None:

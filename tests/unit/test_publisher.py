@@ -8,6 +8,7 @@ everything else is the real SQLite bus and a real DiskSpool in tmp_path.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import threading
 import time
@@ -349,6 +350,31 @@ def test_outage_spools_then_replays_everything_once_in_order(
     for user in {m.user_id for m in decoded}:  # per user (= partition): publish order
         ids = [int(m.event_id.split("-")[1]) for m in decoded if m.user_id == user]
         assert ids == sorted(ids)
+
+
+def test_an_outage_is_logged_once_at_each_end_and_counted(
+    bus: SqliteEventBus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    producer = OutageProducer(bus, expire=True)
+    registry = CollectorRegistry()
+    publisher = fast(producer, spool=DiskSpool(tmp_path / "spool"), registry=registry, metric_prefix="p")
+    with producer, publisher:
+        for outage in range(2):
+            producer.down.set()
+            before = producer.sends
+            for i in range(40):
+                publisher.publish(TOPIC, event(outage * 100 + i))
+            wait_for(lambda b=before: producer.sends > b + 20)  # many failed attempts, with backoff
+            producer.down.clear()
+            wait_for(lambda: publisher.healthy and publisher.buffered == 0)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    starts = [line for line in lines if "event bus unreachable" in line]
+    ends = [line for line in lines if "reachable again after" in line]
+    assert len(starts) == 2 and len(ends) == 2, lines  # one of each per outage, not one per attempt
+    assert len(lines) == 4, lines
+    assert re.search(r"after \d+\.\d s; 40 event\(s\) spooled during the outage", ends[0]), ends[0]
+    assert publisher.outages == 2 and registry.get_sample_value("p_outages_total") == 2
 
 
 def test_the_spool_outlives_the_process_and_replays_before_newer_events(

@@ -566,8 +566,10 @@ class KafkaBusProducer(Producer):
             self._lock.release()
         if failures:
             first = failures[min(failures)]
-            # Never the payload: records carry student data.
-            log.error(
+            # Never the payload: records carry student data. Failures that retrying can fix are
+            # the caller's to report (once an outage, EventPublisher), not one line a batch.
+            log.log(
+                logging.ERROR if permanent else logging.DEBUG,
                 "%d record(s) could not be delivered to Kafka (%d for good; first: %s)",
                 len(failures),
                 len(permanent),

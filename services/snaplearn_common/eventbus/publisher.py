@@ -148,6 +148,11 @@ class EventPublisher:
         self.retried = 0
         self.spooled = 0
         self.dropped = 0
+        self.outages = 0
+        # An outage (deliveries failing for a reason retrying can fix) is logged once when it
+        # starts and once when it ends; the attempts in between only at DEBUG.
+        self._outage_since: float | None = None
+        self._spooled_before_outage = 0
         self._last_drop_log = 0.0
         self._metrics: dict[str, Counter] = {}
         if registry is not None:
@@ -161,6 +166,7 @@ class EventPublisher:
             ("retried", "Failed batches that were retried"),
             ("spooled", "Events written to the spool while the bus was unreachable"),
             ("dropped", "Events never delivered (buffer/spool full, rejected, or abandoned at stop)"),
+            ("outages", "Times the event bus became unreachable (deliveries failing until it was back)"),
         ):
             self._metrics[counter] = Counter(f"{prefix}_{counter}", text, registry=registry)
         buffered = Gauge(
@@ -372,8 +378,9 @@ class EventPublisher:
         try:
             self._producer.send_batch(records, timeout_s=self._flush_timeout_s)
         except DeliveryFailed as exc:
-            log.warning("%s: %d of %d events not delivered", self._name, len(exc.failed), len(events))
             retriable = set(exc.failed) - set(exc.permanent)
+            if retriable:
+                self._failed(f"{len(exc.failed)} of {len(events)} events not delivered: {exc}")
             settled = min((i for i in retriable if i < len(events)), default=len(events))
             rejected = sum(1 for i in set(exc.permanent) if i < settled)
             if rejected:
@@ -381,7 +388,7 @@ class EventPublisher:
             self._confirmed(settled - rejected)
         except Exception as exc:
             # The exception type only: its message could quote the payload.
-            log.warning("%s: sending a batch failed (%s)", self._name, type(exc).__name__)
+            self._failed(f"sending a batch failed ({type(exc).__name__})")
             settled = 0
         else:
             self._confirmed(len(events))
@@ -397,10 +404,31 @@ class EventPublisher:
             self._in_flight -= settled
         self._to_spool(batch[settled:])
 
+    def _failed(self, why: str) -> None:
+        """A delivery attempt failed: the first of an outage is logged, the rest only at DEBUG."""
+        if self._outage_since is not None:
+            log.debug("%s: still failing: %s", self._name, why)
+            return
+        self._outage_since = time.monotonic()
+        self._spooled_before_outage = self.spooled
+        self._count("outages")
+        log.warning("%s: event bus unreachable (%s); spooling events until it is back", self._name, why)
+
     def _confirmed(self, count: int) -> None:
         if count > 0:
             self._count("published", count)
             self._failures = 0
+            if self._outage_since is not None:
+                length = time.monotonic() - self._outage_since
+                self._outage_since = None
+                log.warning(
+                    "%s: event bus reachable again after %.1f s; %d event(s) spooled during the outage, "
+                    "%d in the spool to replay",
+                    self._name,
+                    length,
+                    self.spooled - self._spooled_before_outage,
+                    self._spool.pending,
+                )
 
     def _replay_step(self) -> None:
         """Backlog path: send the spool's head as one batch; acknowledge what was settled."""

@@ -436,7 +436,9 @@ def _reclaim(conn: sqlite3.Connection) -> None:
     mode = int(conn.execute("PRAGMA auto_vacuum").fetchall()[0][0])
     if mode != 2:  # 2 = INCREMENTAL; an older file reuses its free pages but keeps its size
         return
-    _retry_busy(lambda: conn.execute("PRAGMA incremental_vacuum").fetchall(), None, "incremental vacuum")
+    # executescript, not execute: the pragma frees one page per step, and the sqlite3 module
+    # steps a statement that returns no rows only once.
+    _retry_busy(lambda: conn.executescript("PRAGMA incremental_vacuum;"), None, "incremental vacuum")
 
 
 @dataclass(frozen=True, slots=True)

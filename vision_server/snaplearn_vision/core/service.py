@@ -771,9 +771,11 @@ class ClassificationService:
 
     async def _sync_locked(self, name: str) -> None:
         """Load what the policy selects and is not served; repoint; retire what it no longer selects."""
-        on_disk = await asyncio.to_thread(self._catalog.versions, name)
+        on_disk, policy = await asyncio.to_thread(self._read_model, name)  # file reads: off the loop
         try:
-            wanted = self._policy(name).select(on_disk)
+            if isinstance(policy, InvalidModelConfig):
+                raise policy
+            wanted = policy.select(on_disk)
         except InvalidModelConfig as error:
             reason = self._catalog.public_reason(error)
             if self._problems.get(name) != reason:
@@ -804,6 +806,13 @@ class ClassificationService:
             if served.model.name == name and served.model.version not in keep:
                 self._retire(served)
         self.metrics.model_versions_ready.labels(model=name).set(len(keep))
+
+    def _read_model(self, name: str) -> tuple[list[str], VersionPolicy | InvalidModelConfig]:
+        versions = self._catalog.versions(name)
+        try:
+            return versions, self._policy(name)
+        except InvalidModelConfig as error:
+            return versions, error
 
     async def _load_version(self, name: str, version: str) -> None:
         started = time.perf_counter()

@@ -113,7 +113,8 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, request: oip.RepositoryIndexRequest, context: aio.ServicerContext
     ) -> oip.RepositoryIndexResponse:
         _check_repository(request.repository_name)
-        rows = await asyncio.to_thread(self._service.repository_index, request.ready)
+        # On the loop: it reads the service's own tables, which only the loop changes (a listing is cheap).
+        rows = self._service.repository_index(request.ready)
         index = oip.RepositoryIndexResponse.ModelIndex
         return oip.RepositoryIndexResponse(
             models=[index(name=r.name, version=r.version, state=r.state, reason=r.reason) for r in rows]

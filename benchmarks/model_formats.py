@@ -1,0 +1,10 @@
+"""One network in every format, raw bound vs our server (snaplearn_bench.model_formats).
+
+Run from anywhere as `python benchmarks/model_formats.py --help`; the harness is the package beside
+this script (installed as snaplearn-bench, or found here when it is not).
+"""
+
+from snaplearn_bench.model_formats import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
