@@ -89,8 +89,8 @@ check "gofmt (every Go module)" gofmt_clean
 echo "== containers (docker/)"
 check "hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.recommender docker/Dockerfile.gateway" \
     hadolint docker/Dockerfile docker/Dockerfile.cuda docker/Dockerfile.recommender docker/Dockerfile.gateway
-check "compose-spec schema: docker/docker-compose.yml docker/kafka-compose.yml" \
-    check-jsonschema --builtin-schema vendor.compose-spec docker/docker-compose.yml docker/kafka-compose.yml
+check "compose-spec schema: docker/docker-compose.yml docker/docker-compose.secure.yml docker/kafka-compose.yml" \
+    check-jsonschema --builtin-schema vendor.compose-spec docker/docker-compose.yml docker/docker-compose.secure.yml docker/kafka-compose.yml
 check "yamllint deploy/ docker/ buf configs" yamllint --strict -c deploy/yamllint.yaml deploy docker buf.yaml \
     protos/go/buf.gen.yaml clients/typescript/buf.gen.yaml
 

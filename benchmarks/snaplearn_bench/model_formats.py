@@ -201,8 +201,8 @@ def write_results(result: dict[str, Any], command: str) -> None:
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
     table = [
-        "| format | raw bound img/s (batch) | ours img/s | ours / own raw | ours / best raw | p50 ms | p99 ms "
-        "| mean batch | errors | `models add` s |",
+        "| format | raw bound img/s (batch) | ours img/s | ours / own raw | ours / best raw "
+        "| p50 ms | p99 ms | mean batch | errors | `models add` s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:

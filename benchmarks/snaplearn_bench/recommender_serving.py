@@ -44,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from concurrent import futures
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,7 +62,7 @@ from snaplearn_recommender.catalog import FORMATS, MAX_GRADE, MIN_GRADE, Catalog
 from snaplearn_recommender.model import ClassifiedEvent, RecommenderModel
 from snaplearn_recommender.service import RecommendationService
 from snaplearn_recommender.servicer import SERVICE_NAME, RecommenderServicer, add_to_server, to_response
-from snaplearn_recommender.snapshot import RecommendResult, Snapshot, _reason, _top_k
+from snaplearn_recommender.snapshot import FeatureFilter, RecommendResult, Snapshot, _reason, _top_k
 
 OUT = DOCS / "recommender_serving.md"
 PROTO = REPO / "protos" / "snaplearn" / "recommender" / "v1" / "recommender.proto"
@@ -172,7 +172,10 @@ class BaselineService(RecommendationService):
         grades: Collection[int] = (),
         formats: Collection[str] = (),
         concepts: Collection[str] = (),
+        features: Sequence[FeatureFilter] = (),
     ) -> RecommendResult:
+        if features:
+            raise NotImplementedError("the baseline predates declared-feature filters")
         return baseline_recommend(self.snapshot, user_id, k, exclude_seen, grades, formats, concepts)
 
 

@@ -123,10 +123,11 @@ class Snapshot:
     # user row -> sorted item positions skipped recently (RecordFeedback): never recommended.
     skipped_items: Mapping[int, IntArray] = field(default_factory=dict)
     created_at: float = field(default_factory=time.time)
-    # The sample catalog's grade and format as arrays (-1: none), derived from the catalog when not
-    # given; kept for older snapshot files and callers (filters use the catalog's feature index).
-    item_grades: IntArray | None = None
-    item_format_codes: IntArray | None = None
+    # The sample catalog's grade and format as arrays (-1: none; format: index into FORMATS),
+    # derived from the catalog when not given (empty); kept for older snapshot files and callers
+    # (filters use the catalog's feature index).
+    item_grades: IntArray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    item_format_codes: IntArray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # Derived per snapshot (see the module docstring).
     # Item-major (d, n_items) layouts: the matvec then streams each row once, where an
     # (n_items, d) @ v product strides across rows.
@@ -136,13 +137,13 @@ class Snapshot:
     concept_masks: Mapping[str, BoolArray] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        if self.item_grades is None:
+        if len(self.item_grades) != self.n_items:
             grades = self.catalog.numeric_columns.get("grade")
             legacy = np.full(self.n_items, -1, dtype=np.int64)
             if grades is not None:
                 legacy[~np.isnan(grades)] = grades[~np.isnan(grades)].astype(np.int64)
             object.__setattr__(self, "item_grades", legacy)
-        if self.item_format_codes is None:
+        if len(self.item_format_codes) != self.n_items:
             codes = np.full(self.n_items, -1, dtype=np.int64)
             for value, positions in self.catalog.feature_index.get("format", {}).items():
                 if value in FORMATS:

@@ -162,6 +162,41 @@ def test_compose_recommender_query_replica_reads_the_trainers_snapshots(
     assert RECOMMENDER_SERVICE in services["recommender-query"]["healthcheck"]["test"]
 
 
+@pytest.mark.parametrize(
+    ("service", "dockerfile", "build", "health_service"),
+    [
+        ("vision", "Dockerfile", vision_config.settings_from_args, VISION_SERVICE),
+        ("vision-gpu", "Dockerfile.cuda", vision_config.settings_from_args, VISION_SERVICE),
+        ("recommender", "Dockerfile.recommender", recommender_config.settings_from_args, RECOMMENDER_SERVICE),
+        (
+            "recommender-query",
+            "Dockerfile.recommender",
+            recommender_config.settings_from_args,
+            RECOMMENDER_SERVICE,
+        ),
+    ],
+)
+def test_compose_secure_override_serves_tls_and_tokens_from_secrets(
+    service: str, dockerfile: str, build: Any, health_service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secure = yaml.safe_load((REPO / "docker/docker-compose.secure.yml").read_text())
+    override = secure["services"][service]
+    environment = compose_environment(service, dockerfile)
+    environment.update({k: str(v) for k, v in override["environment"].items()})  # Compose merges maps
+    settings, read = settings_under(environment, build, monkeypatch)
+    assert_all_read(environment, read, service, f"docker-compose.secure.yml service {service}")
+    assert settings.bus.backend == "kafka"
+    # Each file the server reads is a secret Compose mounts under /run/secrets.
+    mounted = {Path("/run/secrets") / name for name in override["secrets"]}
+    assert set(secure["secrets"]) == set(override["secrets"])
+    security = settings.security
+    assert {security.tls_cert, security.tls_key, security.auth_jwt_keys} <= mounted
+    assert security.reflection is False
+    probe = override["healthcheck"]["test"]
+    assert Path(probe[probe.index("--tls-ca") + 1]) in mounted
+    assert probe[-2:] == [f"127.0.0.1:{settings.port}", health_service]
+
+
 def test_compose_reuses_the_kafka_compose_file() -> None:
     compose = yaml.safe_load((REPO / "docker/docker-compose.yml").read_text())
     assert compose["include"] == ["kafka-compose.yml"]

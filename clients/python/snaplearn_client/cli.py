@@ -210,7 +210,12 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 return run_demo(
-                    args.vision, args.recommender, args.photos, args.photos_per_student, args.label_map
+                    args.vision,
+                    args.recommender,
+                    args.photos,
+                    args.photos_per_student,
+                    args.label_map,
+                    _security(args),
                 )
             except (OSError, ValueError, TimeoutError) as error:  # photos, label map, a server too slow
                 print(f"error: {error}", file=sys.stderr)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snaplearn.recommender.v1 import recommender_pb2
-from snaplearn_client.client import RecommenderClient, VisionClient
+from snaplearn_client.client import ChannelSecurity, RecommenderClient, VisionClient
 
 TOP_N = 5
 
@@ -155,12 +155,16 @@ def run_demo(
     photos_dir: Path,
     photos_per_student: int = 6,
     label_map_path: Path | None = None,
+    security: ChannelSecurity | None = None,
 ) -> int:
     label_map = load_label_map(label_map_path)
     students = students_for(photo_topics(photos_dir))
     topics = sorted({topic for student in students for topic in student.topics})
     photos: Mapping[str, list[bytes]] = load_photos(photos_dir, topics)
-    with VisionClient(vision_target, timeout_s=10) as vision, RecommenderClient(recommender_target) as rec:
+    with (
+        VisionClient(vision_target, timeout_s=10, security=security) as vision,
+        RecommenderClient(recommender_target, security=security) as rec,
+    ):
         vision.wait_ready()
         rec.wait_ready()
         print("\n== SnapLearn demo: photos in, recommendations out ==")

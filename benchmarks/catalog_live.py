@@ -1,0 +1,68 @@
+"""Cost of a live catalog change and of feature filters (DECISIONS D41, D42).
+
+    python benchmarks/catalog_live.py [--items N] [--repeat R]
+
+Builds the serving benchmark's synthetic catalog (snaplearn_bench.recommender_serving.big_catalog),
+then times, in this process: one CatalogItemAdded applied plus the snapshot that follows it (what
+the worker does per batch), and a cold Recommend without a filter, with the grade / format fields
+and with declared-feature filters. Medians of R runs; numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+from snaplearn_bench.recommender_serving import big_catalog
+from snaplearn_recommender.catalog import LearningItem
+from snaplearn_recommender.model import CatalogChange, RecommenderModel
+from snaplearn_recommender.snapshot import FeatureFilter
+
+
+def _median_s(run: Callable[[], object], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--repeat", type=int, default=200)
+    args = parser.parse_args()
+    model = RecommenderModel(big_catalog(args.items))
+    model.snapshot()
+    count = iter(range(10**9))
+
+    def change() -> None:
+        number = next(count)
+        item = LearningItem(f"new-{number}", f"New {number}", ("fractions",), features={"topic": ("Food",)})
+        model.apply([CatalogChange(f"c-{number}", "added", item.item_id, item)])
+        model.snapshot()
+
+    print(f"catalog of {args.items} items")
+    print(
+        f"one catalog change applied + snapshot: {_median_s(change, max(3, args.repeat // 20)) * 1e3:.1f} ms"
+    )
+    snapshot = model.snapshot()
+    cases: dict[str, dict[str, object]] = {
+        "no filter": {},
+        "grades=(4, 5)": {"grades": (4, 5)},
+        "formats=(video,)": {"formats": ("video",)},
+        "feature format=video": {"features": (FeatureFilter("format", ("video",)),)},
+        "feature grade in 3..5": {"features": (FeatureFilter("grade", minimum=3, maximum=5),)},
+    }
+    for label, filters in cases.items():
+        snapshot.recommend("cold", 10, **filters)  # type: ignore[arg-type]
+        seconds = _median_s(lambda f=filters: snapshot.recommend("cold", 10, **f), args.repeat)  # type: ignore[misc]
+        print(f"cold Recommend, {label}: {seconds * 1e6:.0f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
