@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import tempfile
@@ -218,6 +219,8 @@ def summarise(
         "v2_steady_p50_ms": round(1000 * statistics.median(v2_steady), 1),
         "v2_first_call_vs_steady": round(first_v2.latency_s / statistics.median(v2_steady), 2),
         "v1_answers_after_remove": sum(1 for c in calls if c.version == "1" and c.sent > answered_at + 1.0),
+        "load_average_1m": round(os.getloadavg()[0], 1),  # the machine's other work skews everything
+        "cpu_cores": os.cpu_count(),
     }
 
 
@@ -225,8 +228,11 @@ def write_results(result: dict[str, Any], command: str) -> None:
     RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
     rows = "\n".join(f"| {key} | {value} |" for key, value in result.items())
     section = (
-        f"{BEGIN}\n## A hot swap under load\n\n`{command}` (one run; machine and load in the text "
-        f"above the table, raw numbers in models_swap.json)\n\n| measure | value |\n|---|---|\n{rows}\n{END}"
+        f"{BEGIN}\n## A hot swap under load\n\n`{command}`, one run on CPU (load average while it ran: "
+        f"{result['load_average_1m']} on {result['cpu_cores']} cores; raw numbers in models_swap.json). "
+        "`add_to_first_v2_s` counts from starting `models add`, which loads, probes and warms the "
+        "version in its own process before it becomes visible (`models_add_command_s`), to the "
+        f"first answer from version 2.\n\n| measure | value |\n|---|---|\n{rows}\n{END}"
     )
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Models: formats and live swaps\n\n"
     if BEGIN in text and END in text:

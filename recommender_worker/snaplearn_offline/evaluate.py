@@ -11,7 +11,8 @@ positive and unweighted, ua.base/ua.test, WARP, learning rate 0.05, 10 component
         --components 10 --epochs 10 --features identity items items+users --no-sample-weights
 
 By default the weight column (MovieLens: the rating) weights each training positive.
-Knowledge tracing on the three-line format: python -m snaplearn_offline.knowledge_tracing.
+Knowledge tracing on the three-line format: `python -m snaplearn_offline.evaluate knowledge-tracing
+--help` (the same as python -m snaplearn_offline.knowledge_tracing).
 """
 
 from __future__ import annotations
@@ -113,6 +114,20 @@ def _scorer(
     return lambda rows: scores((user_biases[rows], user_vectors[rows]), item)
 
 
+def training_weights(
+    split: IndexedSplit, interactions: sp.coo_matrix, options: ModelOptions
+) -> sp.coo_matrix | None:
+    """The weight of each training positive, entry for entry as `interactions` lists them (LightFM
+    wants the same rows and columns in the same order), or None: weights off, none given, or a
+    loss that takes none."""
+    if not options.sample_weights or options.loss not in WEIGHTED_LOSSES or split.train_weights is None:
+        return None
+    cells = np.asarray(split.train_weights[interactions.row, interactions.col]).ravel()
+    return sp.coo_matrix(
+        (cells.astype(np.float32), (interactions.row, interactions.col)), shape=interactions.shape
+    )
+
+
 def evaluate_lightfm(
     split: IndexedSplit,
     user_features: sp.csr_matrix,
@@ -136,12 +151,7 @@ def evaluate_lightfm(
         max_sampled=options.max_sampled,
     )
     interactions = split.train.tocoo()
-    sample_weight = None
-    if options.sample_weights and options.loss in WEIGHTED_LOSSES and split.train_weights is not None:
-        cells = np.asarray(split.train_weights[interactions.row, interactions.col]).ravel()
-        sample_weight = sp.coo_matrix(
-            (cells.astype(np.float32), (interactions.row, interactions.col)), shape=interactions.shape
-        )
+    sample_weight = training_weights(split, interactions, options)
     checkpoints = sorted({*range(curve_every, options.epochs, curve_every), options.epochs})
     points: list[tuple[int, dict[bool, dict[str, float]]]] = []
     fit_seconds = 0.0
@@ -335,6 +345,11 @@ def load_split(args: argparse.Namespace) -> tuple[IndexedSplit, Features | None,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["knowledge-tracing"]:  # the student logs' evaluation, as a sub-command
+        from snaplearn_offline import knowledge_tracing
+
+        return knowledge_tracing.main(argv[1:])
     args = _parser().parse_args(argv)
     split, users, items, split_kind = load_split(args)
     options = ModelOptions(
@@ -350,7 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sample_weights=args.sample_weights,
     )
     results = run(split, args.features, options, args.seeds, args.k, users, items, args.curve_every)
-    command = "python -m snaplearn_offline.evaluate " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m snaplearn_offline.evaluate " + " ".join(argv)
     summary = (
         f"{split_kind} split: {len(split.user_ids)} users x {len(split.item_ids)} items, "
         f"{split.train.nnz} train / {split.test.nnz} test positives; seeds {list(args.seeds)}"

@@ -30,8 +30,9 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -43,12 +44,13 @@ from scipy.stats import rankdata
 from snaplearn_offline.datasets import Sequence3, load_attempts, load_concept_map
 from snaplearn_recommender.features import HybridLightFM, Vocabulary, feature_matrix
 from snaplearn_recommender.mastery import Elo, MasteryModel, MasteryOptions
+from snaplearn_recommender.mastery import practise_next as shape
 
 
 class Tracer(Protocol):
     name: str
 
-    def learn(self, student: object, item: object, correct: bool) -> float: ...
+    def learn(self, student: Hashable, item: str, correct: bool) -> float: ...
 
 
 def roc_auc(outcomes: Sequence[bool] | npt.NDArray[np.bool_], predictions: Sequence[float]) -> float:
@@ -137,7 +139,7 @@ class LightFMRanker:
             points = np.arange(1, len(order))
             if len(points) > options.prefixes_per_student:
                 points = np.sort(rng.choice(points, options.prefixes_per_student, replace=False))
-            for point in points:
+            for point in points.tolist():
                 row = len(rows)
                 rows.append(self._bag(order[:point]))
                 positives.extend((row, self.column[c]) for c in order[point : point + 3])
@@ -188,27 +190,17 @@ def practise_next(
     mastered: float,
     window: int,
 ) -> list[str]:
-    """The first `window` of `ranked` (best first) regrouped: concepts whose prerequisites are
-    all mastered first, and among those (and among the rest) the ones whose predicted success is
-    in `band`; the ranking order inside each group. The rest of `ranked` follows unchanged.
-
-    Shaping only the head keeps the ranking model in charge: mastery reorders its best
-    candidates, it does not promote concepts the ranking thinks unlikely.
-    """
-    low, high = band
-    cache: dict[str, float] = {}
-
-    def level(concept: str) -> float:
-        if concept not in cache:
-            cache[concept] = mastery(concept)
-        return cache[concept]
-
-    def group(concept: str) -> tuple[bool, bool]:
-        ready = all(level(p) >= mastered for p in prerequisites.get(concept, ()))
-        return (not ready, not low <= level(concept) <= high)
-
-    head = sorted(ranked[:window], key=group)  # stable
-    return [*head, *ranked[window:]]
+    """The online policy (mastery.practise_next) at concept level: success = mastery."""
+    shaped = shape(
+        ranked,
+        mastery,
+        mastery,
+        lambda concept: sorted(prerequisites.get(concept, ())),
+        band,
+        mastered,
+        window,
+    )
+    return [suggestion.item for suggestion in shaped]
 
 
 def next_concept_metrics(
@@ -251,7 +243,7 @@ def next_concept_metrics(
                 lightfm = sorted(open_concepts, key=lambda c: -by_lightfm[ranker.column[c]])
                 shaped = practise_next(
                     lightfm,
-                    lambda c, who=student: mastery_model.mastery(who, c),
+                    partial(mastery_model.mastery, student),
                     prerequisites,
                     options.band,
                     options.mastered,

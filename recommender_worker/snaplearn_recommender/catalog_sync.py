@@ -6,6 +6,13 @@ newest published snapshot), and publishes one CatalogItemAdded / Changed / Retir
 difference on the recommender's topic; the running worker applies them in order, exactly once,
 without a restart. Nothing else is published: an unchanged catalog publishes nothing.
 
+Each event goes to EVERY partition of the topic (same payload and event id, a key chosen to land
+on each): student events are keyed by user, so a student's feedback on a new item may sit in any
+partition, and a replay after a restart reads partitions in no fixed order relative to each other.
+With a copy in each, every partition holds the item's change before any feedback published after
+it; the model applies the first copy and skips the others (event-id dedupe, and each change's time
+as the item's version, so a late copy never undoes a newer change).
+
 The serving catalog read this way may lag changes that are on the bus but not yet checkpointed;
 publishing such a change again is harmless, because applying a catalog change is idempotent (an
 add or change of an item to the content it already has, a retire of a retired item, change nothing).
@@ -25,7 +32,7 @@ from typing import Annotated, ClassVar, Self
 from pydantic import Field, model_validator
 
 from snaplearn.events.v1 import events_pb2
-from snaplearn_common.eventbus.base import EventBus
+from snaplearn_common.eventbus.base import EventBus, partition_for_key
 from snaplearn_common.eventbus.factory import open_bus
 from snaplearn_common.eventbus.settings import BusSettings
 from snaplearn_common.events import EncodedEvent, encode_catalog_change
@@ -129,16 +136,34 @@ def _event_id() -> str:
     return f"catalog-{uuid.uuid4()}"
 
 
+def partition_keys(key: bytes, partitions: int) -> list[bytes]:
+    """One key per partition (index = partition), each derived from `key`, by the bus's own rule."""
+    keys: list[bytes | None] = [None] * partitions
+    missing = partitions
+    suffix = 0
+    while missing:
+        candidate = key + b"#" + str(suffix).encode()
+        partition = partition_for_key(candidate, partitions)
+        if keys[partition] is None:
+            keys[partition] = candidate
+            missing -= 1
+        suffix += 1
+    return [k for k in keys if k is not None]
+
+
 def publish_changes(bus: EventBus, topic: str, partitions: int, changes: CatalogDiff) -> int:
-    """Publish the changes (synchronously, in order); the number of events published."""
+    """Publish the changes, each to every partition (synchronously, in order); the number of
+    changes published."""
     events = change_events(changes)
     if not events:
         return 0
     bus.create_topic(topic, partitions)  # idempotent
+    count = bus.partitions_for(topic)
     producer = bus.producer()
     try:
         for event in events:
-            producer.send(topic, event.value, key=event.key, headers=event.headers)
+            for key in partition_keys(event.key, count):
+                producer.send(topic, event.value, key=key, headers=event.headers)
         producer.flush(timeout_s=30.0)
     finally:
         producer.close()

@@ -20,14 +20,14 @@ numpy/scipy only: no torch, no LightFM; the state of one student is a few floats
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 from scipy.optimize import minimize
 
-Item = Hashable
+Item = str  # an exercise or a concept id
 Student = Hashable
 Attempt = tuple[Item, bool]
 
@@ -88,8 +88,16 @@ _DENSE = len(FEATURES)
 # Signs the fit keeps, so that a right answer never lowers a prediction and a wrong one never
 # raises it (PFA's fitted slopes may say practice by failing helps; a student's dashboard must
 # not). Each of these features moves one way with the outcome; the rest do not move with it.
-_NON_NEGATIVE = ("ability", "concept_ability", "concept_correct", "concept_recent", "concept_last")
-_NON_NEGATIVE += ("total_correct", "total_recent", "last")
+_NON_NEGATIVE = (
+    "ability",
+    "concept_ability",
+    "concept_correct",
+    "concept_recent",
+    "concept_last",
+    "total_correct",
+    "total_recent",
+    "last",
+)
 _NON_POSITIVE = ("concept_wrong", "total_wrong")
 
 
@@ -141,9 +149,10 @@ class MasteryModel:
         self.students: dict[Student, StudentState] = {}
         self.difficulty: dict[Item, float] = {}
         # Weights: dense (FEATURES), per item intercept, per concept slopes of right/wrong counts.
+        # Unfitted, the model is the Elo its state keeps: sigmoid(ability + concept offset - difficulty).
         self.dense = np.zeros(_DENSE)
-        self.dense[FEATURES.index("ability")] = 1.0
-        self.dense[FEATURES.index("item_easiness")] = 1.0
+        for name in ("ability", "concept_ability", "item_easiness"):
+            self.dense[FEATURES.index(name)] = 1.0
         self.item_bias: dict[Item, float] = {}
         self.concept_correct: dict[Item, float] = {}
         self.concept_wrong: dict[Item, float] = {}
@@ -367,3 +376,69 @@ def _fit_logistic(
         loss, start, jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": max_iterations}
     )
     return np.asarray(result.x, dtype=np.float64)
+
+
+# ---- "practise next": mastery shapes the ranking model's best candidates, with reasons ----------
+
+
+@dataclass(frozen=True, slots=True)
+class Suggestion:
+    item: Item
+    success: float  # predicted success of this student on it
+    ready: bool  # every prerequisite mastered
+    in_band: bool  # success in the target band
+    reason: str
+
+
+def practise_next(
+    ranked: Sequence[Item],
+    success: Callable[[Item], float],
+    mastery: Callable[[Item], float],
+    prerequisites: Callable[[Item], Sequence[Item]],
+    band: tuple[float, float] = (0.55, 0.85),
+    mastered: float = 0.6,
+    window: int | None = None,
+    title: Callable[[Item], str] = str,
+) -> list[Suggestion]:
+    """The first `window` (default all) of `ranked` (the ranking model's order, best first),
+    regrouped: items whose prerequisites are all mastered first, and in each group those whose
+    predicted success is in `band`; the ranking's order inside each group. The rest follows.
+
+    Shaping only the head keeps the ranking model in charge: mastery reorders its best
+    candidates, it does not promote items the ranking thinks unlikely.
+    """
+    low, high = band
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"band must satisfy 0 <= low <= high <= 1, got {band}")
+    levels: dict[Item, float] = {}
+
+    def level(item: Item) -> float:
+        if item not in levels:
+            levels[item] = mastery(item)
+        return levels[item]
+
+    def suggest(item: Item) -> Suggestion:
+        p = success(item)
+        required = list(prerequisites(item))
+        missing = [r for r in required if level(r) < mastered]
+        ready, in_band = not missing, low <= p <= high
+        if missing:
+            reason = f"first master {_names(missing, title)}"
+        elif in_band and required:
+            reason = f"you have mastered {_names(required, title)}; this is the next step"
+        elif in_band:
+            reason = "a good next challenge for you"
+        elif p > high:
+            reason = "you will probably find this easy: good for review"
+        else:
+            reason = "a stretch for now: try it once you have practised more"
+        return Suggestion(item, p, ready, in_band, reason)
+
+    size = len(ranked) if window is None else max(0, window)
+    head = sorted((suggest(item) for item in ranked[:size]), key=lambda s: (not s.ready, not s.in_band))
+    return [*head, *(suggest(item) for item in ranked[size:])]
+
+
+def _names(items: Sequence[Item], title: Callable[[Item], str]) -> str:
+    names = [title(item) for item in items]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]

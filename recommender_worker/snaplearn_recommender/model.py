@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -436,11 +437,18 @@ class RecommenderModel:
         """Never recommend these items again (unless added back); their rows stay."""
         self.catalog = self.catalog.with_retired(item_ids)
 
-    def sync_catalog(self, catalog: Catalog) -> CatalogDiff:
+    def sync_catalog(self, catalog: Catalog, version_s: float | None = None) -> CatalogDiff:
         """Make the model's active items exactly `catalog`'s (e.g. a catalog given at start against a
-        checkpoint's): new items added, changed ones updated, the rest retired. Returns the changes."""
+        checkpoint's): new items added, changed ones updated, the rest retired. Returns the changes.
+
+        The items it changes are stamped `version_s` (default: now), so catalog events published
+        before it for those items (replayed after a restart) are stale and do not undo it."""
         changes = diff_catalogs(self.catalog, catalog)
         if changes:
+            stamp = time.time() if version_s is None else version_s
+            versions: dict[str, float] = self.__dict__.setdefault("_catalog_versions", {})
+            for item_id in (*(i.item_id for i in (*changes.added, *changes.changed)), *changes.retired):
+                versions[item_id] = max(versions.get(item_id, -math.inf), stamp)
             for item in (*changes.added, *changes.changed):
                 self.upsert_item(item)
             self.retire_items(changes.retired)
@@ -726,7 +734,14 @@ class RecommenderModel:
 
     def _apply_catalog_change(self, change: CatalogChange) -> None:
         """Added and changed are the same upsert (applying one twice changes nothing); retiring an
-        unknown id is a no-op."""
+        unknown id is a no-op. A change older (by its time) than the last one applied to the same
+        item is stale and skipped: the sync command publishes a copy to every partition (so each
+        partition sees an item before any feedback on it), and a late copy must not undo a newer
+        change."""
+        versions: dict[str, float] = self.__dict__.setdefault("_catalog_versions", {})
+        if change.time_s < versions.get(change.item_id, -math.inf):
+            return
+        versions[change.item_id] = change.time_s
         if change.kind == "retired" or change.item is None:
             self.retire_items([change.item_id])
         else:

@@ -10,7 +10,7 @@ from grpc import aio
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn_common.errors import InvalidInput
 from snaplearn_common.events import FeedbackKind
-from snaplearn_common.ids import check_user_id
+from snaplearn_common.ids import check_id, check_user_id
 from snaplearn_recommender.feedback import FeedbackRecorder
 from snaplearn_recommender.service import RecommendationService
 from snaplearn_recommender.snapshot import FeatureFilter, RecommendedItem, RecommendResult
@@ -65,6 +65,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     async def SimilarItems(
         self, request: recommender_pb2.SimilarItemsRequest, context: aio.ServicerContext
     ) -> recommender_pb2.SimilarItemsResponse:
+        check_id("item_id", request.item_id)  # a 10 KB id would be echoed whole in NOT_FOUND
         result = self._service.similar_items(
             item_id=request.item_id,
             k=request.k,

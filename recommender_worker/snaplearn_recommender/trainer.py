@@ -16,7 +16,6 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from snaplearn_common.errors import Unavailable
 from snaplearn_common.eventbus.base import Consumer, EventBus, Producer, TopicPartition
 from snaplearn_common.eventbus.metrics import watch_embedded_bus
 from snaplearn_recommender.catalog import (
@@ -54,10 +53,9 @@ class _TopicsFromTheWorker(EventBus):
 
     def create_topic(self, topic: str, partitions: int) -> None:
         if topic == self._worker.settings.topic and not self._worker.subscribed:
-            try:
-                self._bus.create_topic(topic, partitions)
-            except Unavailable:
-                log.info("topic %s: created by the worker once the event bus is reachable", topic)
+            # The worker is still trying (it creates the topic first): a second attempt here
+            # would only hold up the start for a client's bootstrap timeout.
+            log.info("topic %s: created by the worker once the event bus is reachable", topic)
             return
         self._bus.create_topic(topic, partitions)
 

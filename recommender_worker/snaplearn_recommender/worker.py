@@ -395,18 +395,21 @@ class RecommenderWorker:
             return ClassifiedEvent.from_proto(message)
         change = CatalogChange.from_proto(message)  # catalog add / change / retire (issue 20)
         if change is not None:
+            if change.item is not None:  # feedback later in this batch may name it
+                self._batch_items.add(change.item_id)
             return change
         assert isinstance(message, events_pb2.FeedbackRecorded)
         event = FeedbackEvent.from_proto(message)
         # RecordFeedback checked the item against its snapshot's catalog, but a replica may run
         # another catalog; the model cannot learn from an item it does not have.
-        if not self._model.has_item(event.item_id):
+        if not self._model.has_item(event.item_id) and event.item_id not in self._batch_items:
             raise NotFound(f"feedback for item {event.item_id!r}, which is not in the model's catalog")
         return event
 
     def _decode(self, records: list[Record]) -> tuple[list[ModelEvent], list[tuple[Record, Exception]]]:
         events: list[ModelEvent] = []
         bad: list[tuple[Record, Exception]] = []
+        self._batch_items: set[str] = set()  # items added by catalog changes earlier in this batch
         for record in records:
             try:
                 events.append(self._decode_one(record))

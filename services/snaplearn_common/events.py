@@ -29,8 +29,8 @@ HEADER_SCHEMA_VERSION = "schema-version"
 HEADER_EVENT_ID = "event-id"
 IMAGE_CLASSIFIED_TYPE = "snaplearn.events.v1.ImageClassified"
 FEEDBACK_RECORDED_TYPE = "snaplearn.events.v1.FeedbackRecorded"
-# Catalog changes: the same topic too (so one offset order and checkpoint cover them), keyed by
-# item id (so the changes to one item stay in order).
+# Catalog changes: the same topic too (so one offset order and checkpoint cover them); the
+# publisher sends a copy to every partition (snaplearn_recommender.catalog_sync).
 CATALOG_ITEM_ADDED_TYPE = "snaplearn.events.v1.CatalogItemAdded"
 CATALOG_ITEM_CHANGED_TYPE = "snaplearn.events.v1.CatalogItemChanged"
 CATALOG_ITEM_RETIRED_TYPE = "snaplearn.events.v1.CatalogItemRetired"
@@ -172,7 +172,8 @@ def decode_feedback_recorded(record: Record) -> events_pb2.FeedbackRecorded:
 
 
 def encode_catalog_change(message: CatalogEvent) -> EncodedEvent:
-    """A CatalogItemAdded / Changed / Retired message as a record (key: the item id)."""
+    """A CatalogItemAdded / Changed / Retired message as a record (key: the item id; the publisher
+    derives one key per partition from it)."""
     kind = next(name for name, cls in _CATALOG_MESSAGES.items() if isinstance(message, cls))
     item_id = message.item_id if isinstance(message, events_pb2.CatalogItemRetired) else message.item.item_id
     return EncodedEvent(

@@ -10,6 +10,8 @@ label and item titles against what the Python client gets from the same servers.
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +24,7 @@ import pytest
 
 from snaplearn_client import RecommenderClient, VisionClient
 from snaplearn_vision.worksheets import sample_image_bytes
+from tests.helpers.certificates import CertificateAuthority
 from tests.helpers.system import embedded_system
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 
@@ -155,3 +158,103 @@ def test_example_classifies_then_recommends(
     assert [m["title"] for m in items if m] == [item.title for item in expected.items]
     assert any(TOPIC in m["concepts"].split(", ") for m in items if m)
     assert any(TOPIC in m["reason"] for m in items if m)
+
+
+# -- TLS and a bearer token ---------------------------------------------------------------------
+
+SCHOOL_TOKEN = "example-app-token-school-a"
+
+
+@dataclass(frozen=True)
+class SecureSystem:
+    vision_target: str
+    recommender_target: str
+    ca_file: Path
+
+
+@pytest.fixture(scope="module")
+def secure_system(
+    tmp_path_factory: pytest.TempPathFactory,
+    trained_model_repository: Path,  # noqa: F811
+) -> Iterator[SecureSystem]:
+    """Both servers with TLS and tokens: a certificate made here, and a static token that may act
+    for school-a's students only (the servers read the same SNAPLEARN_* variables as in a pod)."""
+    secrets = tmp_path_factory.mktemp("secrets")
+    ca = CertificateAuthority()
+    (secrets / "ca.crt").write_bytes(ca.cert_pem)
+    ca.issue("localhost", server=True).write(secrets / "tls.crt", secrets / "tls.key")
+    tokens = {
+        SCHOOL_TOKEN: {
+            "subject": "school-a-app",
+            "scopes": ["classify", "recommend", "feedback"],
+            "tenants": ["school-a"],
+        }
+    }
+    (secrets / "tokens.json").write_text(json.dumps(tokens))
+    environment = {
+        "SNAPLEARN_TLS_CERT": str(secrets / "tls.crt"),
+        "SNAPLEARN_TLS_KEY": str(secrets / "tls.key"),
+        "SNAPLEARN_AUTH_TOKENS_FILE": str(secrets / "tokens.json"),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        running = embedded_system(
+            tmp_path_factory.mktemp("secure-app-clients") / "var", trained_model_repository
+        )
+        system = running.__enter__()
+    try:
+        yield SecureSystem(system.vision_target, system.recommender_target, secrets / "ca.crt")
+    finally:
+        running.__exit__(None, None, None)
+
+
+def _run_example(
+    language: str, client: AppClient, flags: list[str], token: str | None
+) -> subprocess.CompletedProcess[str]:
+    if language == "typescript":  # node's parseArgs wants GNU-style long options
+        flags = ["-" + flag if flag.startswith("-") else flag for flag in flags]
+    environment = {k: v for k, v in os.environ.items() if k != "SNAPLEARN_TOKEN"}
+    if token is not None:
+        environment["SNAPLEARN_TOKEN"] = token
+    return subprocess.run(
+        [*client.command, *flags], capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=environment
+    )
+
+
+def _status_words(ran: subprocess.CompletedProcess[str]) -> str:
+    """The output with status names spelt one way (Go: PermissionDenied, Java: PERMISSION_DENIED)."""
+    return (ran.stdout + ran.stderr).upper().replace("_", "")
+
+
+@pytest.mark.parametrize("language", ["go", "java", "typescript"])
+def test_example_speaks_tls_with_a_token(
+    language: str, built_clients: dict[str, AppClient], secure_system: SecureSystem, photo: Path
+) -> None:
+    user = f"school-a/{language}-tls-student"
+    client = built_clients[language]
+    flags = ["-vision", secure_system.vision_target, "-recommender", secure_system.recommender_target]
+    # The certificate names localhost; the targets are addresses.
+    flags += ["-tls-ca", str(secure_system.ca_file), "-server-name", "localhost"]
+    flags += ["-image", str(photo), "-k", str(K)]
+
+    ran = _run_example(language, client, [*flags, "-user", user], SCHOOL_TOKEN)
+    assert ran.returncode == 0, f"{language} example failed over TLS:\n{ran.stdout}\n{ran.stderr}"
+    lines = ran.stdout.splitlines()
+    classified = CLASSIFIED.match(lines[0])
+    assert classified and classified["label"] == TOPIC, ran.stdout
+    header = HEADER.match(lines[1])
+    assert header and header["user"] == user and header["cold"] == "false", ran.stdout
+    assert len(lines[2:]) == K and all(ITEM.match(line) for line in lines[2:]), ran.stdout
+
+    # The servers refuse what the token does not allow, and the examples say so.
+    refused = _run_example(language, client, [*flags, "-user", user], None)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in _status_words(refused)
+    foreign = _run_example(language, client, [*flags, "-user", f"school-b/{language}-student"], SCHOOL_TOKEN)
+    assert foreign.returncode != 0 and "PERMISSIONDENIED" in _status_words(foreign)
+    # Plaintext against a TLS port: no answer at all.
+    plaintext = [
+        f for f in flags if f not in ("-tls-ca", str(secure_system.ca_file), "-server-name", "localhost")
+    ]
+    insecure = _run_example(language, client, [*plaintext, "-user", user], SCHOOL_TOKEN)
+    assert insecure.returncode != 0

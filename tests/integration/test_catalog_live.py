@@ -14,13 +14,16 @@ from typing import Any
 import grpc
 import pytest
 
+from snaplearn.events.v1 import events_pb2
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
+from snaplearn_common.events import encode_catalog_change
 from snaplearn_recommender import catalog_sync
-from snaplearn_recommender.catalog import Catalog
+from snaplearn_recommender.catalog import Catalog, LearningItem, diff_catalogs, item_to_proto, load_catalog
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.trainer import TrainerApp
+from tests.contract.eventbus_contract import poll_until
 
 WAIT_S = 30.0
 DECLARATION = """
@@ -295,5 +298,75 @@ async def test_live_add_change_and_retire_reach_a_running_worker_and_survive_res
             await server.stub.SimilarItems(recommender_pb2.SimilarItemsRequest(item_id="geo-1"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
         assert "retired from this model's catalog" in (caught.value.details() or "")
+    finally:
+        await server.stop()
+
+
+async def test_a_catalog_event_the_model_cannot_take_is_dead_lettered_and_the_partition_flows(
+    tmp_path: Path, bus: SqliteEventBus
+) -> None:
+    catalog = _write_catalog(tmp_path / "school.csv", list(ROWS.values()))
+    settings = _settings(tmp_path, catalog)
+    server = await Recommender.start(settings, bus)
+    try:
+        bad = events_pb2.CatalogItemAdded(
+            event_id="bad-1",
+            item=events_pb2.CatalogItem(item_id="loop-1", title="Loop", prerequisites=["loop-1"]),
+        )
+        good = events_pb2.CatalogItemAdded(
+            event_id="good-1", item=item_to_proto(LearningItem("ok-1", "Fine", features={"topic": ("New",)}))
+        )
+        producer = bus.producer()
+        for message in (bad, good):
+            event = encode_catalog_change(message)
+            producer.send(settings.bus.topic, event.value, key=event.key, headers=event.headers)
+        producer.flush()
+        producer.close()
+        await server.wait_applied(1)
+        assert await server.ids("new", features=[_feature("topic", "New")]) == ["ok-1"]
+        assert server.app.worker.stats.dead_lettered == 1
+        consumer = bus.consumer("dlq-reader", [settings.bus.topic + ".dlq"])
+        records = poll_until(consumer, 1)
+        consumer.close()
+        assert b"cannot be its own prerequisite" in (records[0].header("dlq-error") or b"")
+    finally:
+        await server.stop()
+
+
+async def test_a_replay_meets_a_new_item_before_the_feedback_on_it_in_every_partition(
+    tmp_path: Path, bus: SqliteEventBus
+) -> None:
+    # No checkpoints: every start replays the whole log into a fresh model, partitions in any order.
+    first = _write_catalog(tmp_path / "school.csv", list(ROWS.values()))
+    settings = _settings(tmp_path, first).model_copy(update={"checkpoint_dir": None})
+    assert settings.bus.partitions > 1
+    second = _write_catalog(tmp_path / "school-v2.csv", [*ROWS.values(), NEW_ITEM])
+    changes = diff_catalogs(load_catalog(first), load_catalog(second))
+    server = await Recommender.start(settings, bus)
+    try:
+        published = await asyncio.to_thread(
+            catalog_sync.publish_changes, bus, settings.bus.topic, settings.bus.partitions, changes
+        )
+        assert published == 1
+        await server.wait_applied(1)
+        assert server.app.worker.stats.duplicates == settings.bus.partitions - 1  # the other copies
+        students = [f"student-{i}" for i in range(12)]  # keyed by user: spread over the partitions
+        for user in students:
+            await server.stub.RecordFeedback(
+                recommender_pb2.RecordFeedbackRequest(user_id=user, item_id="alg-1", kind=COMPLETED),
+                timeout=5,
+            )
+        await server.wait_applied(1 + len(students))
+    finally:
+        await server.stop()
+    server = await Recommender.start(settings, bus)
+    try:
+        await server.wait_applied(1 + len(students))
+        assert server.app.worker.stats.dead_lettered == 0
+        for user in students:
+            assert "alg-1" in [i.item_id for i in server.app.model.snapshot().recommend(user, k=100).items]
+            assert (
+                server.app.model.snapshot().seen_items[server.app.model.snapshot().user_index[user]].size == 1
+            )
     finally:
         await server.stop()

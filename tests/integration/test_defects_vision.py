@@ -3,11 +3,15 @@ a real server on port 0 over the small trained model."""
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
+from PIL import Image
 
 from snaplearn_common.ids import MAX_ID_CHARS
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
@@ -17,6 +21,7 @@ from tests.helpers.vision_server import (
     ServerFactory,
     correctly_classified_images,
     expect_status,
+    read_events,
     request,
     server_factory,  # noqa: F401 (fixture)
 )
@@ -91,3 +96,37 @@ async def test_the_shipped_sample_photos_classify(
         assert reply.model_name == MODEL_NAME and len(reply.labels) == 3
         right += reply.labels[0].label == path.parent.name
     assert right >= len(photos) // 2, f"only {right} of {len(photos)} sample photos recognised"
+
+
+async def test_below_the_models_min_confidence_a_photo_is_not_recognised_and_not_published(
+    server_factory: ServerFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Was: a chart or a selfie got a confident label, was published and steered the student's
+    recommendations. A model's config.json min_confidence now marks such answers."""
+    root = tmp_path / "repository"
+    shutil.copytree(server_factory.model_root, root)
+    strict = root / "strict" / "1"
+    shutil.copytree(root / MODEL_NAME / MODEL_VERSION, strict)
+    config = json.loads((strict / "config.json").read_text())
+    config["min_confidence"] = 0.9999
+    (strict / "config.json").write_text(json.dumps(config))
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(7).integers(0, 256, (240, 320, 3), dtype=np.uint8)).save(
+        noise, "PNG"
+    )
+    factory = ServerFactory(root, tmp_path)
+    try:
+        running = await factory.start()
+        refused = await running.stub.Classify(
+            request(noise.getvalue(), user="strict-user", model_name="strict")
+        )
+        assert refused.not_recognised and refused.labels, refused  # still its best guesses
+        assert refused.labels[0].score < 0.9999
+        accepted = await running.stub.Classify(request(noise.getvalue(), user="normal-user"))
+        assert not accepted.not_recognised
+        # Published in order: once the second photo's event is there, the first's would be too.
+        events = read_events(running.bus, 2, timeout_s=5.0)
+        assert [record.key.decode() for record in events] == ["normal-user"]
+    finally:
+        await factory.close()

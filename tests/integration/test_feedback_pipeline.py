@@ -378,3 +378,22 @@ async def test_the_clis_json_keeps_non_ascii_text_readable(
     assert await asyncio.to_thread(cli.main, recommend) == 0
     out = capsys.readouterr().out
     assert '"userId": "élève-7"' in out and "\\u" not in out
+
+
+async def test_item_ids_keep_the_same_limit_and_are_never_echoed_whole(
+    stub: recommender_pb2_grpc.RecommenderServiceStub,
+) -> None:
+    # Was: SimilarItems and RecordFeedback answered NOT_FOUND quoting a 10 KB id back whole.
+    from snaplearn_common.ids import MAX_ID_CHARS
+
+    for call in (
+        stub.SimilarItems(recommender_pb2.SimilarItemsRequest(item_id="i" * 10_000, k=3), timeout=5),
+        stub.RecordFeedback(
+            recommender_pb2.RecordFeedbackRequest(user_id="ada", item_id="i" * 10_000, kind=COMPLETED),
+            timeout=5,
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == f"item_id is 10000 characters; the limit is {MAX_ID_CHARS}"

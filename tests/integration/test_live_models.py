@@ -270,12 +270,15 @@ class SlowLoads(GatedModels):
         self.slow_name = name
         self.started = threading.Event()
         self.proceed = threading.Event()
+        self.loaded: list[Any] = []
 
     def load(self, name: str, version: str | None = None) -> Any:
         if name == self.slow_name:
             self.started.set()
             assert self.proceed.wait(60), "test never let the load proceed"
-        return super().load(name, version)
+        model = super().load(name, version)
+        self.loaded.append(model)
+        return model
 
 
 async def test_repository_extension_through_tritonclient(
@@ -333,6 +336,8 @@ async def test_repository_extension_through_tritonclient(
 
         await client.unload_model("other")
         assert not await client.is_model_ready("other")
+        # Unload answers once the version drained and its memory was given back (the network closed).
+        assert [m.closed for m in models.loaded if m.name == "other"] == [True]
         assert index_state(await client.get_model_repository_index(), "other", "1") == UNAVAILABLE
         assert server.service.batcher_for("other", "1") is None
         message = await expect_triton(client.get_model_metadata("other"), "StatusCode.FAILED_PRECONDITION")

@@ -72,3 +72,13 @@ def test_the_refusal_and_the_proto_comment_list_gif_and_tiff() -> None:
         "GIF",
         "TIFF",
     ]
+
+
+def test_a_truncated_photo_is_refused_in_words_without_a_class_name() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buffer, format="PNG")
+    with pytest.raises(InvalidInput) as refused:
+        decode_pixels(SPEC, buffer.getvalue()[:60])
+    message = str(refused.value)
+    assert message.startswith("image data is corrupt or truncated"), message
+    assert "Error" not in message, message

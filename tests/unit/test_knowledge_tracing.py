@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from snaplearn_offline import evaluate
 from snaplearn_offline import knowledge_tracing as kt
 from snaplearn_offline.datasets import load_attempts, load_concept_map
 
@@ -131,3 +132,12 @@ def test_evaluation_command_on_a_synthetic_curriculum(tmp_path: Path) -> None:
 def test_missing_file_is_refused_with_its_name(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match=r"no such file: .*nothing\.csv"):
         kt.main(["--train", str(tmp_path / "nothing.csv"), "--test", str(tmp_path / "nothing.csv")])
+
+
+def test_evaluate_has_it_as_a_sub_command(tmp_path: Path) -> None:
+    train = _write(tmp_path / "train.csv", _tracks(40, seed=5))
+    out = tmp_path / "kt.json"
+    argv = ["knowledge-tracing", "--train", str(train), "--test", str(train), "--json", str(out)]
+    assert evaluate.main(argv) == 0
+    (report,) = json.loads(out.read_text())["reports"]
+    assert report["data"] == "train" and report["test_students"] == 40

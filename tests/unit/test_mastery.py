@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import numpy as np
 import pytest
 
-from snaplearn_recommender.mastery import Elo, MasteryModel
+from snaplearn_recommender.mastery import Elo, MasteryModel, practise_next
 
 
 def _curriculum(students: int, seed: int) -> list[list[tuple[str, bool]]]:
@@ -103,3 +104,48 @@ def test_concepts_group_items_for_the_per_concept_state() -> None:
 def test_bad_learning_rate_is_refused() -> None:
     with pytest.raises(ValueError, match="learning_rate"):
         Elo(learning_rate=0.0)
+
+
+def test_practise_next_orders_the_head_by_readiness_then_band_and_says_why() -> None:
+    success = {"frac-2": 0.7, "frac-3": 0.7, "dec-1": 0.95, "dec-2": 0.3, "geo-1": 0.6}
+    mastery_of = {"frac-1": 0.9, "frac-2": 0.4, "dec-1": 0.8}
+    prerequisites = {"frac-2": ["frac-1"], "frac-3": ["frac-2"], "dec-2": ["dec-1"]}
+    titles = {"frac-1": "fractions 1", "frac-2": "fractions 2", "dec-1": "decimals 1"}
+    ranked = ["frac-3", "dec-1", "dec-2", "frac-2", "geo-1"]
+    shaped = practise_next(
+        ranked,
+        success.__getitem__,
+        lambda item: mastery_of.get(item, 0.0),
+        lambda item: prerequisites.get(item, []),
+        band=(0.55, 0.85),
+        mastered=0.6,
+        window=4,
+        title=lambda item: titles.get(item, item),
+    )
+    assert [s.item for s in shaped] == ["frac-2", "dec-1", "dec-2", "frac-3", "geo-1"]
+    reasons = {s.item: s.reason for s in shaped}
+    assert reasons["frac-2"] == "you have mastered fractions 1; this is the next step"
+    assert reasons["frac-3"] == "first master fractions 2"
+    assert reasons["dec-1"] == "you will probably find this easy: good for review"
+    assert reasons["dec-2"].startswith("a stretch")
+    assert reasons["geo-1"] == "a good next challenge for you"  # past the window: order kept
+    assert [(s.ready, s.in_band) for s in shaped[:2]] == [(True, True), (True, False)]
+    with pytest.raises(ValueError, match="band"):
+        practise_next(ranked, success.__getitem__, success.__getitem__, lambda _: [], band=(0.9, 0.5))
+
+
+def test_the_model_and_its_students_survive_a_checkpoint(fitted: MasteryModel) -> None:
+    fitted.learn("gus", "s2", True)
+    restored = pickle.loads(pickle.dumps(fitted))
+    assert restored.mastery("gus", "s2") == fitted.mastery("gus", "s2")
+    assert restored.learn("gus", "s2", False) == fitted.learn("gus", "s2", False)
+
+
+def test_an_unfitted_model_is_a_per_concept_elo() -> None:
+    model = MasteryModel({"q1": "forces", "q2": "moments"})
+    assert model.mastery("hal", "forces") == pytest.approx(0.5)
+    for _ in range(3):
+        model.learn("hal", "q1", True)
+    model.learn("hal", "q2", False)
+    assert model.mastery("hal", "forces") > model.mastery("hal", "moments")
+    assert 0.5 < model.predict("hal", "q1") < 1.0

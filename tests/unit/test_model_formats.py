@@ -61,7 +61,7 @@ def test_each_format_added_then_classifies_like_the_network(
     assert add(tmp_path / "repo", "colour", file, labels, *PREPROCESSING) == 0
     out = capsys.readouterr().out
     assert f"added colour version 1: {model_format}, 3 labels, input 3x16x16" in out
-    assert "warmed at batch sizes 1, 2, 4, 8, 16, 32" in out
+    assert "tested at batch sizes 1, 2, 32" in out
 
     config = json.loads((tmp_path / "repo" / "colour" / "1" / "config.json").read_text())
     assert config["format"] == model_format
@@ -292,3 +292,17 @@ def test_old_config_without_format_is_a_state_dict() -> None:
         ModelConfig.from_dict({"labels": ["a"], "architecture": ""})
     with pytest.raises(ValueError, match="format must be one of"):
         ModelConfig.from_dict({"labels": ["a"], "format": "tflite"})
+
+
+def test_min_confidence_is_declared_and_checked(tmp_path: Path) -> None:
+    config = ModelConfig.from_dict({"architecture": "snapnet", "labels": ["a"], "min_confidence": 0.4})
+    assert config.min_confidence == 0.4
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    for bad in (1.5, float("nan"), "high", True):
+        with pytest.raises(ValueError, match="min_confidence must be"):
+            ModelConfig("snapnet", ("a",), min_confidence=bad)  # type: ignore[arg-type]
+    root = tmp_path / "repo"
+    file = export_onnx(tmp_path / "a.onnx")
+    labels = write_labels(tmp_path / "l.txt")
+    assert add(root, "colour", file, labels, *PREPROCESSING, "--min-confidence", "0.6") == 0
+    assert ModelRepository(root).load_config("colour").min_confidence == 0.6

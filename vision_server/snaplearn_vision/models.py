@@ -8,10 +8,10 @@
 
 `add` stages the new version in a hidden folder beside the model's versions
 (<root>/<name>/.add-XXXX: the repository lists only <root>/<name>/<integer>), copies the file and
-writes config.json there durably, loads it exactly as the server would, runs its probe batches
-and its warm-up, and only then renames the folder to its version number: a running server (or a
-crash) sees the whole version or none of it, and never one that cannot serve. `remove` renames
-the version away first, for the same reason, then deletes it.
+writes config.json there durably, loads it as the server would, runs test batches of 1, 2 and
+the largest batch the batcher may send, and only then renames the folder to its version number:
+a running server (or a crash) sees the whole version or none of it, never one that cannot serve.
+`remove` renames the version away first, for the same reason, then deletes it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 from snaplearn_common.errors import NotFound, SnapLearnError
 from snaplearn_common.files import atomic_write, fsync_directory
+from snaplearn_vision.runtime.engine import InferenceSettings
 from snaplearn_vision.runtime.formats import declared_input
 from snaplearn_vision.runtime.model_repository import ModelRepository, load_version_directory
 from snaplearn_vision.schema import (
@@ -66,7 +67,7 @@ class AddedVersion:
     version: str
     config: ModelConfig
     load_s: float
-    warm_up_s: dict[int, float]
+    test_batches_s: dict[int, float]  # seconds per batch size tried
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ def build_config(
     resize: str = "stretch",
     max_batch_size: int = BatchingConfig.max_batch_size,
     max_queue_delay_ms: float = BatchingConfig.max_queue_delay_ms,
+    min_confidence: float = 0.0,
 ) -> ModelConfig:
     """config.json for a new version: what was given, else what the file declares, else defaults."""
     declared = declared_input(model_format, file) or (None, None, None)
@@ -146,6 +148,7 @@ def build_config(
         training={"source_file": file.name, "added_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
         format=model_format,  # type: ignore[arg-type]  # checked by ModelConfig
         resize=resize,  # type: ignore[arg-type]
+        min_confidence=min_confidence,
     )
 
 
@@ -195,10 +198,17 @@ def add_version(
             _copy_durably(external, staging / external.name)
         atomic_write(staging / CONFIG_FILENAME, json.dumps(config.to_dict(), indent=2) + "\n")
         started = time.perf_counter()
-        classifier = load_version_directory(staging, name, version, device=device)
+        # Loaded as the server loads it, but not frozen: freezing is an optimisation of the
+        # server's (it falls back to eager, never fails a load) and costs seconds here.
+        classifier = load_version_directory(
+            staging, name, version, device=device, inference=InferenceSettings(torchscript=False)
+        )
         load_s = time.perf_counter() - started
         try:
-            warm_up_s = classifier.warm_up()
+            # check() ran batches of 1 and 2 at load; the largest batch the batcher may send
+            # catches a batch dimension fixed anywhere in between. The server warms every size.
+            largest = config.batching.max_batch_size
+            test_batches_s = {rows: classifier.probe(rows) for rows in sorted({1, min(2, largest), largest})}
         finally:
             classifier.close()
         try:
@@ -212,7 +222,7 @@ def add_version(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return AddedVersion(name, version, config, load_s, warm_up_s)
+    return AddedVersion(name, version, config, load_s, test_batches_s)
 
 
 def remove_version(root: str | os.PathLike[str], name: str, version: str) -> None:
@@ -292,6 +302,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--max-batch-size", type=int, default=BatchingConfig.max_batch_size)
     add.add_argument("--max-queue-delay-ms", type=float, default=BatchingConfig.max_queue_delay_ms)
     add.add_argument(
+        "--min-confidence", type=float, default=0.0, help="below this top score: not recognised (0 = off)"
+    )
+    add.add_argument(
         "--device", choices=("cpu", "auto", "cuda"), default="cpu", help="where the test load runs"
     )
 
@@ -335,13 +348,14 @@ def _add(args: argparse.Namespace) -> int:
         resize=args.resize,
         max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms,
+        min_confidence=args.min_confidence,
     )
     added = add_version(args.repository, args.name, args.file, config, args.version, device=args.device)
-    sizes = ", ".join(str(size) for size in added.warm_up_s)
+    sizes = ", ".join(str(size) for size in added.test_batches_s)
     print(
         f"added {added.name} version {added.version}: {config.format}, {len(config.labels)} labels, "
         f"input {config.channels}x{config.input_size[0]}x{config.input_size[1]}; loaded in "
-        f"{added.load_s:.2f}s, warmed at batch sizes {sizes}"
+        f"{added.load_s:.2f}s, tested at batch sizes {sizes}"
     )
     return 0
 

@@ -130,6 +130,8 @@ class ModelConfig:
     training: dict[str, Any] = field(default_factory=dict)
     format: ModelFormat = "state_dict"
     resize: ResizePolicy = "stretch"
+    # Below this top score a photo is "not recognised" (no event published); 0 = off.
+    min_confidence: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.weights and self.format in FORMAT_FILENAMES:
@@ -142,6 +144,10 @@ class ModelConfig:
         problems = []
         if self.format not in MODEL_FORMATS:
             problems.append(f"format must be one of {', '.join(MODEL_FORMATS)}, got {self.format!r}")
+        if isinstance(self.min_confidence, bool) or not isinstance(self.min_confidence, int | float):
+            problems.append(f"min_confidence must be a number in 0..1, got {self.min_confidence!r}")
+        elif not 0.0 <= self.min_confidence <= 1.0:  # also rejects NaN
+            problems.append(f"min_confidence must be in 0..1 (0 = off), got {self.min_confidence}")
         if self.resize not in RESIZE_POLICIES:
             problems.append(f"resize must be one of {', '.join(RESIZE_POLICIES)}, got {self.resize!r}")
         if not isinstance(self.architecture, str):

@@ -3,12 +3,23 @@
 //
 //   npm ci && npm run build
 //   node dist/example.js --image photo.jpg --user student-42 [--vision host:port] [--recommender host:port]
+//   SNAPLEARN_TOKEN=... node dist/example.js --tls-ca ca.pem --image photo.jpg --user school-a/s42
 //
+// With --tls-ca it speaks TLS (--tls-cert/--tls-key add a client certificate for mutual TLS;
+// --server-name when the targets are addresses). A bearer token is read from SNAPLEARN_TOKEN,
+// never from an argument, which any process listing shows.
 // Prints the same lines as the Go and Java examples (tests/e2e/test_app_clients.py reads them).
 import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
 
-import { type CallOptions, credentials, Metadata, type ServiceError } from "@grpc/grpc-js";
+import {
+  type CallOptions,
+  type ChannelCredentials,
+  type ChannelOptions,
+  credentials,
+  Metadata,
+  type ServiceError,
+} from "@grpc/grpc-js";
 
 import {
   RecommenderServiceClient,
@@ -41,8 +52,29 @@ const SERVICE_CONFIG = JSON.stringify({
     },
   ],
 });
-const CHANNEL_OPTIONS = { "grpc.service_config": SERVICE_CONFIG };
 const CALL_TIMEOUT_MS = 10_000;
+
+// The token rides in each call's metadata (grpc-js attaches call credentials to TLS channels
+// only, and plaintext stays allowed for localhost development).
+function callMetadata(): Metadata {
+  const metadata = new Metadata();
+  const token = process.env.SNAPLEARN_TOKEN;
+  if (token) metadata.set("authorization", `Bearer ${token}`);
+  return metadata;
+}
+
+function channelCredentials(ca?: string, cert?: string, key?: string): ChannelCredentials {
+  if ((cert === undefined) !== (key === undefined)) throw new Error("--tls-cert and --tls-key go together");
+  if (ca === undefined) {
+    if (cert !== undefined) throw new Error("--tls-cert needs --tls-ca");
+    return credentials.createInsecure();
+  }
+  return credentials.createSsl(
+    readFileSync(ca),
+    key === undefined ? null : readFileSync(key),
+    cert === undefined ? null : readFileSync(cert),
+  );
+}
 
 function deadline(): CallOptions {
   // Every call gets a deadline: a server that is gone must not hang the app.
@@ -51,7 +83,7 @@ function deadline(): CallOptions {
 
 function classify(client: VisionServiceClient, request: ClassifyRequest): Promise<ClassifyResponse> {
   return new Promise((resolve, reject) =>
-    client.classify(request, new Metadata(), deadline(), (error: ServiceError | null, reply: ClassifyResponse) =>
+    client.classify(request, callMetadata(), deadline(), (error: ServiceError | null, reply: ClassifyResponse) =>
       error ? reject(error) : resolve(reply),
     ),
   );
@@ -59,7 +91,7 @@ function classify(client: VisionServiceClient, request: ClassifyRequest): Promis
 
 function recommend(client: RecommenderServiceClient, request: RecommendRequest): Promise<RecommendResponse> {
   return new Promise((resolve, reject) =>
-    client.recommend(request, new Metadata(), deadline(), (error: ServiceError | null, reply: RecommendResponse) =>
+    client.recommend(request, callMetadata(), deadline(), (error: ServiceError | null, reply: RecommendResponse) =>
       error ? reject(error) : resolve(reply),
     ),
   );
@@ -78,6 +110,10 @@ async function main(): Promise<void> {
       user: { type: "string", default: "typescript-example" },
       k: { type: "string", default: "5" },
       "wait-ms": { type: "string", default: "30000" },
+      "tls-ca": { type: "string" },
+      "tls-cert": { type: "string" },
+      "tls-key": { type: "string" },
+      "server-name": { type: "string" },
     },
   });
   if (!values.image) {
@@ -86,8 +122,21 @@ async function main(): Promise<void> {
   }
   const user = values.user;
   const k = Number(values.k);
-  const vision = new VisionServiceClient(values.vision, credentials.createInsecure(), CHANNEL_OPTIONS);
-  const recommender = new RecommenderServiceClient(values.recommender, credentials.createInsecure(), CHANNEL_OPTIONS);
+  let channel: ChannelCredentials;
+  try {
+    channel = channelCredentials(values["tls-ca"], values["tls-cert"], values["tls-key"]);
+  } catch (error) {
+    console.error(error instanceof Error ? error.message : error);
+    process.exit(2);
+  }
+  const options: ChannelOptions = { "grpc.service_config": SERVICE_CONFIG };
+  const serverName = values["server-name"];
+  if (serverName) {
+    options["grpc.ssl_target_name_override"] = serverName;
+    options["grpc.default_authority"] = serverName;
+  }
+  const vision = new VisionServiceClient(values.vision, channel, options);
+  const recommender = new RecommenderServiceClient(values.recommender, channel, options);
   try {
     const before = await recommend(recommender, recommendRequest(user, 1));
     const classified = await classify(vision, {

@@ -109,6 +109,9 @@ def decode_pixels(spec: DecodeSpec, image_bytes: bytes) -> np.ndarray:
             # In place: without it, an upright photo (the usual case) is copied whole.
             ImageOps.exif_transpose(image, in_place=True)
             pixels = to_model_pixels(image, spec.channels, (spec.height, spec.width), spec.resize)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise InvalidInput(f"image data is corrupt or truncated ({type(error).__name__})") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            # In words: the parser's exception class means nothing to the app developer.
+            raise InvalidInput(
+                f"image data is corrupt or truncated (accepted formats: {', '.join(open_formats())})"
+            ) from None
     return pixels

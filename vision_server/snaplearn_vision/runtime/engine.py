@@ -339,7 +339,7 @@ class ImageClassifier:
 
     # -- a version's life: checked, warmed, released ---------------------------------------
 
-    def _probe(self, rows: int) -> float:
+    def probe(self, rows: int) -> float:
         """One batch of `rows` blank images; returns its seconds. Raises ModelLoadError."""
         channels, height, width = self.input_shape
         blank = np.zeros((height, width, channels), dtype=np.uint8)
@@ -369,9 +369,9 @@ class ImageClassifier:
     def check(self) -> None:
         """Probe batches of 1 and 2 images (2 when the batcher may send it): does it run, and
         return one score per label for each image? Raises ModelLoadError naming the mismatch."""
-        self._probe(1)
+        self.probe(1)
         if self.config.batching.max_batch_size >= 2:
-            self._probe(2)
+            self.probe(2)
 
     def warm_up(self, max_batch_size: int | None = None) -> dict[int, float]:
         """Runs every batch size the batcher will send (powers of two up to the max, and the
@@ -383,7 +383,7 @@ class ImageClassifier:
         limit = max_batch_size if max_batch_size is not None else self.config.batching.max_batch_size
         timings = {}
         for rows in warm_up_batch_sizes(int(limit)):
-            timings[rows] = self._probe(rows)
+            timings[rows] = self.probe(rows)
         log.debug("model %s/%s warmed up: %s", self.name, self.version, timings)
         return timings
 

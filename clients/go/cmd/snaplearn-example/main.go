@@ -3,7 +3,10 @@
 // student should practise next.
 //
 //	go run ./cmd/snaplearn-example -image photo.jpg -user student-42
+//	SNAPLEARN_TOKEN=... go run ./cmd/snaplearn-example -tls-ca ca.pem -image photo.jpg -user school-a/s42
 //
+// With -tls-ca it speaks TLS (-tls-cert/-tls-key add a client certificate for mutual TLS); a
+// bearer token is read from SNAPLEARN_TOKEN, never from a flag, which any process listing shows.
 // It prints the same lines as the Java and TypeScript examples (tests/e2e/test_app_clients.py
 // reads them):
 //
@@ -14,6 +17,9 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -21,6 +27,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 
 	recommenderv1 "github.com/snaplearn/snaplearn/protos/go/gen/snaplearn/recommender/v1"
@@ -42,35 +49,86 @@ func main() {
 	user := flag.String("user", "go-example", "student id")
 	k := flag.Uint("k", 5, "how many practice items")
 	wait := flag.Duration("wait", 30*time.Second, "how long to wait for the recommender to learn from the photo")
+	tlsCA := flag.String("tls-ca", "", "PEM CA that signed the servers' certificates (enables TLS)")
+	tlsCert := flag.String("tls-cert", "", "client certificate, where the servers require mutual TLS")
+	tlsKey := flag.String("tls-key", "", "the client certificate's key")
+	serverName := flag.String("server-name", "", "a name in the servers' certificates, when the targets are addresses")
 	flag.Parse()
 	if *imagePath == "" {
 		fmt.Fprintln(os.Stderr, "usage: snaplearn-example -image photo.jpg [-user id] [-vision host:port] [-recommender host:port]")
 		os.Exit(2)
 	}
-	if err := run(*visionTarget, *recommenderTarget, *imagePath, *user, uint32(*k), *wait); err != nil {
+	options, err := dialOptions(*tlsCA, *tlsCert, *tlsKey, *serverName, os.Getenv("SNAPLEARN_TOKEN"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(2)
+	}
+	if err := run(options, *visionTarget, *recommenderTarget, *imagePath, *user, uint32(*k), *wait); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
 	}
 }
 
-func dial(target string) (*grpc.ClientConn, error) {
-	return grpc.NewClient(target,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultServiceConfig(serviceConfig),
-	)
+// bearerToken sends "authorization: Bearer <token>" with every call.
+type bearerToken struct {
+	token  string
+	secure bool
 }
 
-func run(visionTarget, recommenderTarget, imagePath, user string, k uint32, wait time.Duration) error {
+func (b bearerToken) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + b.token}, nil
+}
+
+// RequireTransportSecurity is false only for plaintext, which the servers accept for localhost
+// development; anywhere else use TLS, or the token travels readable.
+func (b bearerToken) RequireTransportSecurity() bool { return b.secure }
+
+func dialOptions(caFile, certFile, keyFile, serverName, token string) ([]grpc.DialOption, error) {
+	options := []grpc.DialOption{grpc.WithDefaultServiceConfig(serviceConfig)}
+	if (certFile == "") != (keyFile == "") {
+		return nil, errors.New("-tls-cert and -tls-key go together")
+	}
+	if caFile == "" {
+		if certFile != "" {
+			return nil, errors.New("-tls-cert needs -tls-ca")
+		}
+		options = append(options, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	} else {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, err
+		}
+		roots := x509.NewCertPool()
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("%s holds no PEM certificate", caFile)
+		}
+		config := &tls.Config{RootCAs: roots, ServerName: serverName, MinVersion: tls.VersionTLS12}
+		if certFile != "" {
+			pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+			if err != nil {
+				return nil, err
+			}
+			config.Certificates = []tls.Certificate{pair}
+		}
+		options = append(options, grpc.WithTransportCredentials(credentials.NewTLS(config)))
+	}
+	if token != "" {
+		options = append(options, grpc.WithPerRPCCredentials(bearerToken{token: token, secure: caFile != ""}))
+	}
+	return options, nil
+}
+
+func run(options []grpc.DialOption, visionTarget, recommenderTarget, imagePath, user string, k uint32, wait time.Duration) error {
 	image, err := os.ReadFile(imagePath)
 	if err != nil {
 		return err
 	}
-	visionConn, err := dial(visionTarget)
+	visionConn, err := grpc.NewClient(visionTarget, options...)
 	if err != nil {
 		return err
 	}
 	defer visionConn.Close()
-	recommenderConn, err := dial(recommenderTarget)
+	recommenderConn, err := grpc.NewClient(recommenderTarget, options...)
 	if err != nil {
 		return err
 	}

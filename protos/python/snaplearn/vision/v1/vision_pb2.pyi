@@ -67,7 +67,7 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("request_id", "labels", "model_name", "model_version", "queue_ms", "compute_ms", "batch_size")
+    __slots__ = ("request_id", "labels", "model_name", "model_version", "queue_ms", "compute_ms", "batch_size", "not_recognised")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,7 @@ class ClassifyResponse(_message.Message):
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NOT_RECOGNISED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     labels: _containers.RepeatedCompositeFieldContainer[LabelScore]
     model_name: str
@@ -82,4 +83,5 @@ class ClassifyResponse(_message.Message):
     queue_ms: float
     compute_ms: float
     batch_size: int
-    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    not_recognised: bool
+    def __init__(self, request_id: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., not_recognised: _Optional[bool] = ...) -> None: ...

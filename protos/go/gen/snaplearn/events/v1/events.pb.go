@@ -437,8 +437,10 @@ func (x *CatalogFeature) GetNumber() float64 {
 }
 
 // Catalog changes are published (by `python -m snaplearn_recommender.catalog_sync`) on the topic of
-// the student events, keyed by item id, so the changes to one item stay in order and every
-// change is covered by the consumer's offsets, checkpoint and event-id dedupe.
+// the student events, so every change is covered by the consumer's offsets, checkpoint and
+// event-id dedupe; one copy goes to each partition (same event id), so each partition holds an
+// item's change before any feedback on it. A change older (time) than the last one applied to
+// the same item is skipped.
 type CatalogItemAdded struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`

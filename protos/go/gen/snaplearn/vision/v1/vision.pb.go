@@ -409,7 +409,11 @@ type ClassifyResponse struct {
 	// Time spent decoding/preprocessing and running the model for its batch, in milliseconds.
 	ComputeMs float64 `protobuf:"fixed64,6,opt,name=compute_ms,json=computeMs,proto3" json:"compute_ms,omitempty"`
 	// Size of the batch this request was computed in.
-	BatchSize     uint32 `protobuf:"varint,7,opt,name=batch_size,json=batchSize,proto3" json:"batch_size,omitempty"`
+	BatchSize uint32 `protobuf:"varint,7,opt,name=batch_size,json=batchSize,proto3" json:"batch_size,omitempty"`
+	// True when the top label scored below the model's min_confidence (its config.json): the
+	// photo looks like nothing the model knows. The labels are still its best guesses, but no
+	// event was published, so the photo does not steer the student's recommendations.
+	NotRecognised bool `protobuf:"varint,8,opt,name=not_recognised,json=notRecognised,proto3" json:"not_recognised,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -493,6 +497,13 @@ func (x *ClassifyResponse) GetBatchSize() uint32 {
 	return 0
 }
 
+func (x *ClassifyResponse) GetNotRecognised() bool {
+	if x != nil {
+		return x.NotRecognised
+	}
+	return false
+}
+
 var File_snaplearn_vision_v1_vision_proto protoreflect.FileDescriptor
 
 const file_snaplearn_vision_v1_vision_proto_rawDesc = "" +
@@ -526,7 +537,7 @@ const file_snaplearn_vision_v1_vision_proto_rawDesc = "" +
 	"\n" +
 	"LabelScore\x12\x14\n" +
 	"\x05label\x18\x01 \x01(\tR\x05label\x12\x14\n" +
-	"\x05score\x18\x02 \x01(\x02R\x05score\"\x87\x02\n" +
+	"\x05score\x18\x02 \x01(\x02R\x05score\"\xae\x02\n" +
 	"\x10ClassifyResponse\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x01 \x01(\tR\trequestId\x127\n" +
@@ -538,7 +549,8 @@ const file_snaplearn_vision_v1_vision_proto_rawDesc = "" +
 	"\n" +
 	"compute_ms\x18\x06 \x01(\x01R\tcomputeMs\x12\x1d\n" +
 	"\n" +
-	"batch_size\x18\a \x01(\rR\tbatchSize2\xd7\x01\n" +
+	"batch_size\x18\a \x01(\rR\tbatchSize\x12%\n" +
+	"\x0enot_recognised\x18\b \x01(\bR\rnotRecognised2\xd7\x01\n" +
 	"\rVisionService\x12W\n" +
 	"\bClassify\x12$.snaplearn.vision.v1.ClassifyRequest\x1a%.snaplearn.vision.v1.ClassifyResponse\x12m\n" +
 	"\x0eClassifyStream\x12*.snaplearn.vision.v1.ClassifyStreamRequest\x1a+.snaplearn.vision.v1.ClassifyStreamResponse(\x010\x01B\xdf\x01\n" +

@@ -1,7 +1,16 @@
 package dev.snaplearn.example;
 
+import io.grpc.ChannelCredentials;
+import io.grpc.ClientInterceptor;
+import io.grpc.Grpc;
+import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
 import io.grpc.ManagedChannelBuilder;
+import io.grpc.Metadata;
+import io.grpc.TlsChannelCredentials;
+import io.grpc.stub.MetadataUtils;
+import java.io.File;
+import java.io.IOException;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.List;
@@ -23,7 +32,13 @@ import snaplearn.vision.v1.VisionServiceGrpc;
  * <pre>
  *   java -jar target/snaplearn-client-example.jar -image photo.jpg -user student-42 \
  *       [-vision host:port] [-recommender host:port]
+ *   SNAPLEARN_TOKEN=... java -jar target/snaplearn-client-example.jar -tls-ca ca.pem \
+ *       -image photo.jpg -user school-a/s42
  * </pre>
+ *
+ * <p>With -tls-ca it speaks TLS (-tls-cert/-tls-key, a PKCS#8 PEM key, add a client certificate
+ * for mutual TLS; -server-name when the targets are addresses). A bearer token is read from
+ * SNAPLEARN_TOKEN, never from an argument, which any process listing shows.
  *
  * <p>Prints the same lines as the Go and TypeScript examples (tests/e2e/test_app_clients.py reads
  * them).
@@ -60,6 +75,10 @@ public final class SnapLearnExample {
     String user = "java-example";
     int k = 5;
     long waitMs = 30_000;
+    String tlsCa = null;
+    String tlsCert = null;
+    String tlsKey = null;
+    String serverName = null;
     for (int i = 0; i + 1 < args.length; i += 2) {
       switch (args[i]) {
         case "-vision" -> visionTarget = args[i + 1];
@@ -68,14 +87,26 @@ public final class SnapLearnExample {
         case "-user" -> user = args[i + 1];
         case "-k" -> k = Integer.parseInt(args[i + 1]);
         case "-wait-ms" -> waitMs = Long.parseLong(args[i + 1]);
+        case "-tls-ca" -> tlsCa = args[i + 1];
+        case "-tls-cert" -> tlsCert = args[i + 1];
+        case "-tls-key" -> tlsKey = args[i + 1];
+        case "-server-name" -> serverName = args[i + 1];
         default -> usage("unknown option " + args[i]);
       }
     }
     if (image == null || args.length % 2 != 0) {
       usage("-image is required");
     }
-    ManagedChannel visionChannel = channel(visionTarget);
-    ManagedChannel recommenderChannel = channel(recommenderTarget);
+    if ((tlsCert == null) != (tlsKey == null)) {
+      usage("-tls-cert and -tls-key go together");
+    }
+    if (tlsCert != null && tlsCa == null) {
+      usage("-tls-cert needs -tls-ca");
+    }
+    ChannelCredentials credentials = credentials(tlsCa, tlsCert, tlsKey);
+    String token = System.getenv("SNAPLEARN_TOKEN");
+    ManagedChannel visionChannel = channel(visionTarget, credentials, serverName, token);
+    ManagedChannel recommenderChannel = channel(recommenderTarget, credentials, serverName, token);
     try {
       run(visionChannel, recommenderChannel, Files.readAllBytes(Path.of(image)), user, k, waitMs);
     } finally {
@@ -92,12 +123,35 @@ public final class SnapLearnExample {
     System.exit(2);
   }
 
-  private static ManagedChannel channel(String target) {
-    return ManagedChannelBuilder.forTarget(target)
-        .usePlaintext()
-        .defaultServiceConfig(SERVICE_CONFIG)
-        .enableRetry()
-        .build();
+  private static ChannelCredentials credentials(String ca, String cert, String key)
+      throws IOException {
+    if (ca == null) {
+      return InsecureChannelCredentials.create();
+    }
+    TlsChannelCredentials.Builder tls = TlsChannelCredentials.newBuilder().trustManager(new File(ca));
+    if (cert != null) {
+      tls.keyManager(new File(cert), new File(key));
+    }
+    return tls.build();
+  }
+
+  private static ManagedChannel channel(
+      String target, ChannelCredentials credentials, String serverName, String token) {
+    ManagedChannelBuilder<?> builder =
+        Grpc.newChannelBuilder(target, credentials)
+            .defaultServiceConfig(SERVICE_CONFIG)
+            .enableRetry();
+    if (serverName != null) {
+      builder.overrideAuthority(serverName);
+    }
+    if (token != null && !token.isEmpty()) {
+      Metadata headers = new Metadata();
+      headers.put(
+          Metadata.Key.of("authorization", Metadata.ASCII_STRING_MARSHALLER), "Bearer " + token);
+      ClientInterceptor bearer = MetadataUtils.newAttachHeadersInterceptor(headers);
+      builder.intercept(bearer);
+    }
+    return builder.build();
   }
 
   private static void run(

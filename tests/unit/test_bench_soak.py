@@ -1,0 +1,110 @@
+"""The soak command's report logic (snaplearn_bench.soak): RSS growth after warm-up, the targets, the page."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from snaplearn_bench.soak import Sample, SoakResult, checks, render, rss_growth, spread
+
+MB = 2**20
+
+
+def _samples(vision_mb: Sequence[float], recommender_mb: Sequence[float], step_s: float = 10) -> list[Sample]:
+    return [
+        Sample(i * step_s, {"vision": int(v * MB), "recommender": int(r * MB)}, 10 * i, 10 * i, 10 * i, 0)
+        for i, (v, r) in enumerate(zip(vision_mb, recommender_mb, strict=True))
+    ]
+
+
+def _result(samples: list[Sample], **fields: object) -> SoakResult:
+    result = SoakResult(capacity_rps=50.0, rate_rps=35.0, minutes=1.0, warmup_minutes=0.5, samples=samples)
+    result.statuses = {"OK": 900}
+    result.capacity_ok, result.published, result.applied = 100, 1000, 1000
+    for name, value in fields.items():
+        setattr(result, name, value)
+    return result
+
+
+def test_growth_counts_from_the_end_of_the_warm_up_not_the_start() -> None:
+    # Warm-up (t < 30 s) grows from 100 to 400 MB; afterwards the vision server is flat and the
+    # recommender grows 10 %.
+    vision = [100, 200, 300, 400, 400, 400, 400, 400, 400]
+    recommender = [50, 80, 100, 100, 100, 100, 110, 110, 110]
+    rows = {row.name: row for row in rss_growth(_samples(vision, recommender), warmup_s=30.0, window=3)}
+    assert rows["vision"].after_warmup_mb == pytest.approx(400.0)
+    assert rows["vision"].growth_pct == pytest.approx(0.0)
+    assert rows["vision"].peak_mb == pytest.approx(400.0)
+    assert rows["recommender"].after_warmup_mb == pytest.approx(100.0)
+    assert rows["recommender"].end_mb == pytest.approx(110.0)
+    assert rows["recommender"].growth_pct == pytest.approx(10.0)
+
+
+def test_each_end_is_a_mean_so_one_noisy_sample_does_not_decide() -> None:
+    vision = [100, 100, 100, 100, 100, 130, 100]  # one spike among the last three
+    rows = rss_growth(_samples(vision, vision), warmup_s=0.0, window=3)
+    assert rows[0].growth_pct == pytest.approx(10.0)
+    assert rows[0].peak_mb == pytest.approx(130.0)
+
+
+def test_no_sample_after_the_warm_up_is_an_error_not_a_pass() -> None:
+    with pytest.raises(ValueError, match="warm-up"):
+        rss_growth(_samples([100, 100], [100, 100]), warmup_s=60.0)
+
+
+def test_a_clean_run_meets_every_target() -> None:
+    found = checks(_result(_samples([100] * 9, [100] * 9)), max_rss_growth_pct=5.0)
+    assert all(check.ok for check in found), found
+    whats = [check.what for check in found]
+    assert "RSS growth after warm-up, recommender" in whats and "RSS growth after warm-up, vision" in whats
+    assert "events applied = events published (none lost, none twice)" in whats
+
+
+@pytest.mark.parametrize(
+    ("fields", "failed", "seen"),
+    [
+        ({"statuses": {"OK": 898, "DEADLINE_EXCEEDED": 1, "UNAVAILABLE": 1}, "published": 998},
+         "calls not answered OK",
+         "DEADLINE_EXCEEDED 1, UNAVAILABLE 1"),
+        ({"applied": 990}, "events applied = events published (none lost, none twice)", "990"),
+        ({"applied": 1001}, "events applied = events published (none lost, none twice)", "1001"),
+        ({"published": 999}, "events published = calls answered OK", "999"),
+        ({"dropped": 3}, "events dropped by the publisher", "3"),
+    ],
+)  # fmt: skip
+def test_each_missed_target_is_named_with_what_was_seen(
+    fields: dict[str, object], failed: str, seen: str
+) -> None:
+    if "published" in fields:  # the model applied what was published: only the named target is missed
+        fields = {**fields, "applied": fields["published"]}
+    found = checks(_result(_samples([100] * 9, [100] * 9), **fields), max_rss_growth_pct=5.0)
+    missed = [check for check in found if not check.ok]
+    assert [(check.what, check.seen) for check in missed] == [(failed, seen)]
+
+
+def test_rss_growth_over_the_limit_fails_that_process_only() -> None:
+    found = checks(_result(_samples([100] * 9, [100] * 6 + [106] * 3)), max_rss_growth_pct=5.0)
+    missed = [(check.what, check.seen) for check in found if not check.ok]
+    assert missed == [("RSS growth after warm-up, recommender", "+6.0 %")]
+
+
+def test_the_page_has_the_verdict_targets_and_one_row_per_sample() -> None:
+    samples = _samples([100] * 4, [50] * 4)
+    result = _result(samples, statuses={"OK": 899, "UNAVAILABLE": 1}, warmup_minutes=0.0)
+    page = render(result, checks(result, 5.0), "python benchmarks/soak.py --minutes 1", {"bus": "embedded"})
+    assert "Command: `python benchmarks/soak.py --minutes 1`" in page
+    assert "**Verdict: FAIL**" in page
+    assert "| calls not answered OK | 0 | UNAVAILABLE 1 | **no** |" in page
+    assert "| t (s) | recommender RSS (MB) | vision RSS (MB) | published | applied | errors |" in page
+    assert "| 30 | 50 | 100 | 30 | 30 | 0 |" in page
+    assert sum(line.startswith("| ") and line[2].isdigit() for line in page.splitlines()) == len(samples)
+
+
+def test_a_long_run_shows_evenly_spaced_rows_with_both_ends() -> None:
+    samples = _samples([100] * 181, [50] * 181)
+    shown = spread(samples, 7)
+    assert [s.t_s for s in shown] == [0, 300, 600, 900, 1200, 1500, 1800]
+    assert spread(samples[:5], 7) == samples[:5]
+    page = render(_result(samples), [], "soak", {}, max_rows=7)
+    assert "| 1800 | 50 | 100 | 1800 | 1800 | 0 |" in page and "| 10 |" not in page
