@@ -1,262 +1,584 @@
-"""One network in every format: the raw bound of each against our server serving it.
+"""One network in every format: the bare runtime's bound against our server serving that file,
+and the peers on the same network, side by side in one run.
 
-    python benchmarks/model_formats.py                      # ResNet-50 224x224, random weights, CPU
-    python benchmarks/model_formats.py --formats onnx,torchscript --seconds 10
-    python benchmarks/model_formats.py --quick              # MobileNetV3-small 64x64: a smoke run
+    python benchmarks/model_formats.py                       # ResNet-50, MobileNetV3, default model
+    python benchmarks/model_formats.py --models resnet50 --formats onnx,torchscript --seconds 5
+    python benchmarks/model_formats.py --quick --no-write    # MobileNetV3-small 64x64: a smoke run
 
-The network (a torchvision architecture, seeded random weights: serving cost does not depend on
-the weights) is exported in a process of its own to a state_dict, TorchScript (torch.jit.trace),
-an ExportedProgram (torch.export, dynamic batch) and ONNX (dynamic batch), and each file is
-added to a scratch repository with `snaplearn-vision models add` (the command a user runs).
-Then, per format, one after the other on the same machine:
+Per model (torchvision ones with seeded random weights at 224x224: serving cost does not depend
+on the weights; the default model with its trained weights), in a process of its own: export to
+TorchScript (torch.jit.trace), an ExportedProgram (torch.export, dynamic batch, .pt2) and ONNX
+(dynamic batch), and write each into a scratch model repository as a version folder (what
+`snaplearn-vision models add` writes; --models-add runs that command instead). Then per format,
+one after the other:
 
-- raw bound: `snaplearn_bench.raw`: decode + forward back to back through the server's own engine
-  (ImageClassifier), no server, no network, at each --batch-sizes; the best is the bound;
-- ours: `python -m snaplearn_vision.main` serving that version, under a closed loop of Classify
-  calls (`snaplearn_bench.pyloadgen`, --concurrency callers): answers per second, p50/p99.
+- raw: the format's bare runtime (snaplearn_bench.format_runtime: torch.jit.load,
+  torch.export.load, onnxruntime) on a preprocessed batch, at each --batch-sizes, with the
+  server's --torch-threads; the best is the bound;
+- ours: `python -m snaplearn_vision.main` serving that version: capacity (closed loop of
+  --concurrency Classify callers, real JPEG photos) and p99 at half of that rate (open loop).
 
-Writes docs/benchmarks/model_formats.json and the section of docs/benchmarks/models.md between
-its markers (the hot-swap benchmark, benchmarks/model_swap.py, writes its own section there).
+Peers (NVIDIA Triton via PyTriton, Ray Serve, LitServe: snaplearn_bench.peers, the code
+vision_bench.py runs) serve the ResNet-50 state_dict through our engine; a peer that is not
+installed is named so in the table (--install-peers installs them, as vision_bench.py does).
+
+Writes docs/benchmarks/model_formats.json, model_formats.png (matplotlib, when installed) and
+the section of docs/benchmarks/models.md between its markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
+import os
 import platform
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from snaplearn_bench.paths import DOCS, PY, log
-from snaplearn_bench.processes import ready_file_process, torch_env
+from snaplearn_bench.paths import DOCS, MODELS_DIR, PY, log
 
-FORMATS = ("state_dict", "torchscript", "torch_export", "onnx")
-RESULTS_JSON = DOCS / "model_formats.json"
-RESULTS_MD = DOCS / "models.md"
+FORMATS = ("torchscript", "torch_export", "onnx", "state_dict")
+DEFAULT_FORMATS = "torchscript,torch_export,onnx"
+DEFAULT_MODELS = "resnet50,mobilenet_v3_large,worksheet-topics"
+PEER_NAMES = ("triton", "ray", "litserve")
+TARGET_MODEL = "resnet50"
+TARGET_RATIO = 0.9  # issue 19: our capacity >= 90% of the best raw bound for ResNet-50
 BEGIN, END = "<!-- model_formats: begin -->", "<!-- model_formats: end -->"
 
-_EXPORT = """
-import json, sys, warnings
-import torch, torchvision
-from snaplearn_common.topics import DEFAULT_TOPICS
-architecture, size, out, formats = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
-torch.manual_seed(0)
-network = torchvision.models.get_model(architecture, weights=None, num_classes=len(DEFAULT_TOPICS)).eval()
-example = torch.rand(2, 3, size, size)
-files, seconds = {}, {}
-warnings.simplefilter("ignore")
-import time
-for fmt in formats:
-    started = time.perf_counter()
-    if fmt == "state_dict":
-        path = f"{out}/{architecture}.state_dict.pt"
-        torch.save(network.state_dict(), path)
-    elif fmt == "torchscript":
-        path = f"{out}/{architecture}.ts.pt"
-        with torch.no_grad():
-            torch.jit.trace(network, example).save(path)
-    elif fmt == "torch_export":
-        path = f"{out}/{architecture}.pt2"
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        torch.export.save(torch.export.export(network, (example,), dynamic_shapes={"x": {0: batch}}), path)
-    elif fmt == "onnx":
-        path = f"{out}/{architecture}.onnx"
-        torch.onnx.export(network, (example,), path, input_names=["pixels"], output_names=["logits"],
-                          dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-    else:
-        raise SystemExit(f"unknown format {fmt}")
-    files[fmt] = path
-    seconds[fmt] = time.perf_counter() - started
-open(f"{out}/labels.txt", "w").write("\\n".join(DEFAULT_TOPICS) + "\\n")
-print(json.dumps({"files": files, "export_s": seconds}))
-"""
+
+# -- measuring ------------------------------------------------------------------------------------
 
 
-def export(architecture: str, size: int, out: Path, formats: list[str]) -> dict[str, Any]:
-    done = subprocess.run(
-        [PY, "-c", _EXPORT, architecture, str(size), str(out), ",".join(formats)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+def _json_line(argv: list[str], env: dict[str, str], what: str) -> dict[str, Any]:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed ({done.returncode}): {done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def add(root: Path, name: str, file: str, fmt: str, args: argparse.Namespace, labels: Path) -> float:
-    """`snaplearn-vision models add`; returns its wall time (copy, load, checks, warm-up)."""
-    command = [
+def _env(args: argparse.Namespace) -> dict[str, str]:
+    from snaplearn_bench.processes import torch_env
+
+    return torch_env(args.torch_threads)
+
+
+def export(
+    model: str, scratch: Path, root: Path, formats: list[str], args: argparse.Namespace
+) -> dict[str, Any]:
+    argv = [
+        PY, "-m", "snaplearn_bench.format_runtime", "export", "--model", model,
+        "--out", str(scratch / "files"), "--formats", ",".join(formats),
+        "--default-root", str(args.model_repository), "--max-batch-size", str(args.max_batch_size),
+        "--size", str(args.size),
+        *([] if args.models_add else ["--repository", str(root)]),
+    ]  # fmt: skip
+    return _json_line(argv, _env(args), f"exporting {model}")
+
+
+def models_add(
+    root: Path, name: str, file: str, fmt: str, spec: dict[str, Any], args: argparse.Namespace
+) -> float:
+    """`snaplearn-vision models add` (the user's command: copy, load, probe); its wall time."""
+    labels = root.parent / f"{name}.labels.txt"
+    labels.write_text("\n".join(spec["labels"]) + "\n")
+    argv = [
         PY, "-m", "snaplearn_vision.main", "models", "--repository", str(root), "add", name,
         "--file", file, "--labels", str(labels), "--format", fmt,
-        "--input-size", str(args.size), str(args.size), "--channels", "3",
+        "--input-size", *map(str, spec["size"]), "--channels", str(spec["channels"]),
+        "--mean", *map(str, spec["mean"]), "--std", *map(str, spec["std"]),
         "--max-batch-size", str(args.max_batch_size),
     ]  # fmt: skip
     if fmt == "state_dict":
-        command += ["--architecture", args.architecture]
+        argv += ["--architecture", spec["architecture"]]
     started = time.perf_counter()
-    subprocess.run(command, check=True, env=torch_env(args.torch_threads), capture_output=True)
+    done = subprocess.run(argv, env=_env(args), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"models add {name} failed: {done.stderr[-2000:]}")
     return time.perf_counter() - started
 
 
-def raw_bound(root: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [
-        PY, "-m", "snaplearn_bench.raw", "--repository", str(root), "--model", name,
-        "--batch-sizes", args.batch_sizes, "--seconds", str(args.seconds),
-        "--torch-threads", str(args.torch_threads), "--decode-threads", str(args.decode_threads),
+def bare(file: str, fmt: str, spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    argv = [
+        PY, "-m", "snaplearn_bench.format_runtime", "bare", "--file", file, "--format", fmt,
+        "--spec", json.dumps(spec), "--batch-sizes", args.batch_sizes, "--seconds", str(args.raw_seconds),
+        "--torch-threads", str(args.torch_threads), "--device", args.device, "--dtype", args.precision,
+        *(["--channels-last"] if args.channels_last else []),
     ]  # fmt: skip
-    done = subprocess.run(
-        command, check=True, env=torch_env(args.torch_threads), capture_output=True, text=True
+    return _json_line(argv, _env(args), f"the bare {fmt} runtime")
+
+
+@contextlib.contextmanager
+def our_server(root: Path, name: str, scratch: Path, args: argparse.Namespace) -> Iterator[str]:
+    from snaplearn_bench.processes import free_port, ready_file_process
+
+    ready = scratch / f"ready-{name}.json"
+    argv = [
+        PY, "-m", "snaplearn_vision.main", "--no-publish", "--spool-dir", "",
+        "--port", str(free_port()), "--metrics-port", str(free_port()),
+        "--model-repository", str(root), "--model-name", name, "--model-version", "1",
+        "--device", args.device, "--precision", args.precision,
+        "--channels-last" if args.channels_last else "--no-channels-last",
+        "--torch-threads", str(args.torch_threads), "--decode-threads", str(args.decode_threads),
+        "--max-batch-size", str(args.max_batch_size), "--max-queue-delay-ms", str(args.max_queue_delay_ms),
+        "--ready-file", str(ready), "--log-level", "WARNING",
+    ]  # fmt: skip
+    log_path = scratch / f"vision-{name}.log"
+    with ready_file_process(
+        f"vision server ({name})", argv, ready, log_path, _env(args), timeout_s=600
+    ) as proc:
+        yield proc.target
+    time.sleep(0.5)  # let the CPU settle before the next contender
+
+
+def capacity_and_half(
+    target: str, protocol: str, args: argparse.Namespace, model: str = "", rate: float | None = None
+) -> dict[str, Any]:
+    """A closed loop (capacity), then an open loop at half of it (or at `rate`): the latency
+    a server gives when it is not saturated."""
+    from snaplearn_bench.load import load
+
+    common: dict[str, Any] = {"connections": args.connections, "model": model, "warmup_s": args.warmup}
+    closed = load(
+        target, protocol, "closed", args.seconds, concurrency=args.concurrency, timeout_s=60, **common
     )
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    half_rate = rate if rate is not None else max(closed["throughput"] / 2, 0.5)
+    half = load(target, protocol, "open", args.seconds, rate=half_rate, timeout_s=60, **common)
+    return {
+        "capacity": closed["throughput"],
+        "p50_ms": closed["p50_ms"],
+        "p99_ms": closed["p99_ms"],
+        "mean_batch": closed.get("mean_batch_size_seen", float("nan")),
+        "half_rate": half_rate,
+        "half_p50_ms": half["p50_ms"],
+        "half_p99_ms": half["p99_ms"],
+        "errors": _merge_errors(closed.get("errors", {}), half.get("errors", {})),
+    }
+
+
+def _merge_errors(*counts: dict[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for count in counts:
+        for code, n in count.items():
+            merged[code] = merged.get(code, 0) + int(n)
+    return merged
 
 
 def ours(root: Path, name: str, scratch: Path, args: argparse.Namespace) -> dict[str, Any]:
-    ready = scratch / f"ready-{name}.json"
-    argv = [
-        PY, "-m", "snaplearn_vision.main", "--port", "0", "--metrics-port", "0",
-        "--model-repository", str(root), "--model-name", name, "--model-version", "",
-        "--device", "cpu", "--no-publish", "--spool-dir", "", "--ready-file", str(ready),
-        "--torch-threads", str(args.torch_threads), "--decode-threads", str(args.decode_threads),
-        "--max-batch-size", str(args.max_batch_size),
-    ]  # fmt: skip
-    env = torch_env(args.torch_threads)
-    with ready_file_process(f"vision-{name}", argv, ready, scratch / f"vision-{name}.log", env=env) as server:
-        command = [
-            PY, "-m", "snaplearn_bench.pyloadgen", "--target", server.target,
-            "--seconds", str(args.seconds), "--warmup", str(args.warmup), "--timeout", "60",
-            "closed", "--concurrency", str(args.concurrency),
-        ]  # fmt: skip
-        done = subprocess.run(command, check=True, env=env, capture_output=True, text=True)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    with our_server(root, name, scratch, args) as target:
+        return capacity_and_half(target, "grpc", args)
+
+
+def peer_status(install: bool) -> dict[str, str | None]:
+    """peer -> None (runnable) or why it is not run ("not installed ..."), installing first if asked."""
+    from snaplearn_bench.peers import TRITON_VENV
+
+    if install:
+        from snaplearn_bench.peers import ensure_triton
+        from snaplearn_bench.vision_bench import ensure_peers_extra
+
+        ensure_peers_extra()
+        ensure_triton()
+    status: dict[str, str | None] = {}
+    for peer, module in (("ray", "ray"), ("litserve", "litserve")):
+        status[peer] = (
+            None if importlib.util.find_spec(module) else f"not installed ({module}; --install-peers)"
+        )
+    triton_python = TRITON_VENV / "bin" / "python"
+    status["triton"] = (
+        None if triton_python.exists() else "not installed (nvidia-pytriton venv; --install-peers)"
+    )
+    return status
+
+
+def peers(root: Path, name: str, statuses: dict[str, str | None], args: argparse.Namespace) -> dict[str, Any]:
+    from snaplearn_bench.ours import Settings
+    from snaplearn_bench.peers import TRITON_VENV, bench_peer
+
+    settings = Settings(
+        seconds=args.seconds, concurrency=args.concurrency, torch_threads=args.torch_threads,
+        decode_threads=args.decode_threads, max_queue_size=256, max_batch_size=args.max_batch_size,
+        max_queue_delay_ms=args.max_queue_delay_ms, peers=True, perf_analyzer=None, perf_env={},
+        connections=args.connections, triton_python=TRITON_VENV / "bin" / "python",
+    )  # fmt: skip
+    results: dict[str, Any] = {}
+    for peer in PEER_NAMES:
+        if statuses.get(peer):
+            results[peer] = {"status": statuses[peer]}
+            continue
+        log(f"{name}: {peer}")
+        try:
+            measured = bench_peer(peer, root, name, settings, args.max_batch_size, (0.0, 0.0))
+            results[peer] = {
+                "capacity": measured["closed"]["throughput"],
+                "p99_ms": measured["closed"]["p99_ms"],
+            }
+        except Exception as error:  # a peer that fails to start is reported, not fatal
+            results[peer] = {"status": f"failed: {type(error).__name__}: {str(error)[:200]}"}
+    return results
+
+
+def median_of(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-key median of repeated measurements (numbers), errors summed, reps kept."""
+    if len(reps) == 1:
+        return dict(reps[0])
+    merged: dict[str, Any] = {}
+    for key, value in reps[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            merged[key] = statistics.median(rep[key] for rep in reps)
+        elif key == "errors":
+            merged[key] = _merge_errors(*(rep[key] for rep in reps))
+        else:
+            merged[key] = value
+    merged["reps"] = reps
+    return merged
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    formats = [fmt for fmt in args.formats.split(",") if fmt]
+    formats = parse_list(args.formats)
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise SystemExit(f"unknown formats {unknown}; known: {', '.join(FORMATS)}")
-    rows = []
+    models = parse_list(args.models)
+    statuses = (
+        peer_status(args.install_peers) if args.peers else dict.fromkeys(PEER_NAMES, "not run (--no-peers)")
+    )
+    result: dict[str, Any] = {"meta": meta(args), "models": {}}
     with tempfile.TemporaryDirectory(prefix="model-formats-") as scratch_name:
         scratch = Path(scratch_name)
-        log(f"exporting {args.architecture} {args.size}x{args.size} to {', '.join(formats)}")
-        exported = export(args.architecture, args.size, scratch, formats)
-        root = scratch / "models"
-        for fmt in formats:
-            name = f"{args.architecture}-{fmt}".replace("_", "-")
-            log(f"{fmt}: models add")
-            add_s = add(root, name, exported["files"][fmt], fmt, args, scratch / "labels.txt")
-            log(f"{fmt}: raw bound")
-            raw = raw_bound(root, name, args)
-            log(f"{fmt}: our server")
-            served = ours(root, name, scratch, args)
-            rows.append(
-                {
-                    "format": fmt,
-                    "export_s": round(exported["export_s"][fmt], 2),
-                    "models_add_s": round(add_s, 2),
-                    "raw_images_per_s": round(raw["images_per_s"], 2),
-                    "raw_best_batch_size": raw["best_batch_size"],
-                    "raw_by_batch_size": {k: round(v, 2) for k, v in raw["by_batch_size"].items()},
-                    "ours_images_per_s": round(served["throughput"], 2),
-                    "ours_p50_ms": round(served["p50_ms"], 1),
-                    "ours_p99_ms": round(served["p99_ms"], 1),
-                    "ours_mean_batch": round(served["mean_batch_size_seen"], 2),
-                    "ours_errors": served["errors"],
-                    "ours_vs_own_raw": round(served["throughput"] / raw["images_per_s"], 3),
-                }
+        for model in models:
+            if model == "worksheet-topics" and not (args.model_repository / model).is_dir():
+                from snaplearn_bench.models import ensure_default_model
+
+                ensure_default_model(args.model_repository)
+            wants_peers = args.peers and model == TARGET_MODEL and any(v is None for v in statuses.values())
+            exported_formats = sorted(
+                set(formats) | ({"state_dict"} if wants_peers else set()), key=FORMATS.index
             )
-    best_raw = max(rows, key=lambda row: row["raw_images_per_s"])
-    for row in rows:
-        row["ours_vs_best_raw"] = round(row["ours_images_per_s"] / best_raw["raw_images_per_s"], 3)
-    fastest = max(rows, key=lambda row: row["ours_images_per_s"])
-    slowest = min(rows, key=lambda row: row["ours_images_per_s"])
+            root = scratch / "models"
+            log(f"{model}: exporting to {', '.join(exported_formats)}")
+            exported = export(model, scratch, root, exported_formats, args)
+            spec = exported["spec"]
+            entry: dict[str, Any] = {
+                "input": f"{spec['channels']}x{spec['size'][0]}x{spec['size'][1]}",
+                "architecture": spec["architecture"],
+                "formats": {},
+            }
+            for fmt in formats:
+                from snaplearn_bench.format_runtime import served_name
+
+                name = served_name(model, fmt)
+                row: dict[str, Any] = {"export_s": exported["export_s"][fmt]}
+                if args.models_add:
+                    log(f"{model} {fmt}: models add")
+                    row["models_add_s"] = models_add(root, name, exported["files"][fmt], fmt, spec, args)
+                try:
+                    log(f"{model} {fmt}: bare runtime")
+                    row["raw"] = median_of(
+                        [bare(exported["files"][fmt], fmt, spec, args) for _ in range(args.reps)]
+                    )
+                    log(f"{model} {fmt}: our server")
+                    row["ours"] = median_of([ours(root, name, scratch, args) for _ in range(args.reps)])
+                except Exception as error:  # one format that fails is a row that says so
+                    row["failed"] = f"{type(error).__name__}: {str(error)[-600:]}"
+                    log(f"{model} {fmt}: failed: {row['failed']}")
+                entry["formats"][fmt] = row
+            if model == TARGET_MODEL and args.peers:
+                if wants_peers and args.models_add:
+                    models_add(root, served_name(model, "state_dict"), exported["files"]["state_dict"],
+                               "state_dict", spec, args)  # fmt: skip
+                entry["peers"] = peers(root, served_name(model, "state_dict"), statuses, args)
+            elif model == TARGET_MODEL:
+                entry["peers"] = {peer: {"status": why} for peer, why in statuses.items()}
+            result["models"][model] = entry
+    return summarize(result)
+
+
+# -- the report (pure: tested in tests/unit/test_bench_model_formats.py) ------------------------
+
+
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Add the ratios: per format ours / own raw and ours / the model's best raw bound; per
+    model the fastest raw format and its lead over the slowest, the best served format, and for
+    ResNet-50 the target verdict (>= 90% of the best raw bound, above every measured peer)."""
+    for entry in result["models"].values():
+        measured = {fmt: row for fmt, row in entry["formats"].items() if "raw" in row and "ours" in row}
+        if not measured:
+            entry["summary"] = {"measured": False}
+            continue
+        raws = {fmt: row["raw"]["images_per_s"] for fmt, row in measured.items()}
+        served = {fmt: row["ours"]["capacity"] for fmt, row in measured.items()}
+        best_raw_format = max(raws, key=lambda fmt: raws[fmt])
+        best_raw = raws[best_raw_format]
+        slowest_raw_format = min(raws, key=lambda fmt: raws[fmt])
+        for fmt, row in measured.items():
+            row["ours_vs_own_raw"] = _ratio(served[fmt], raws[fmt])
+            row["ours_vs_best_raw"] = _ratio(served[fmt], best_raw)
+        best_served_format = max(served, key=lambda fmt: served[fmt])
+        summary: dict[str, Any] = {
+            "measured": True,
+            "best_raw_format": best_raw_format,
+            "best_raw_images_per_s": best_raw,
+            "raw_lead_over_slowest": _ratio(best_raw, raws[slowest_raw_format]),
+            "slowest_raw_format": slowest_raw_format,
+            "best_served_format": best_served_format,
+            "best_served_images_per_s": served[best_served_format],
+            "best_served_vs_best_raw": _ratio(served[best_served_format], best_raw),
+        }
+        peer_caps = {
+            peer: values["capacity"]
+            for peer, values in entry.get("peers", {}).items()
+            if "capacity" in values
+        }
+        for peer, values in entry.get("peers", {}).items():
+            if "capacity" in values:
+                values["vs_best_raw"] = _ratio(values["capacity"], best_raw)
+        summary["peers_measured"] = sorted(peer_caps)
+        summary["above_every_measured_peer"] = all(
+            served[best_served_format] > cap for cap in peer_caps.values()
+        )
+        summary["meets_target"] = summary["best_served_vs_best_raw"] >= TARGET_RATIO
+        entry["summary"] = summary
+    return result
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
+def _num(value: float, digits: int = 1) -> str:
+    return "n/a" if value != value else f"{value:.{digits}f}"  # NaN != NaN
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """One table: per model, a row per format (bare raw bound, our server) and per peer."""
+    lines = [
+        "| model | served as | raw bound img/s (batch) | capacity img/s | / own raw | / best raw "
+        "| half-load rate /s | half-load p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, entry in result["models"].items():
+        label = f"{model} ({entry['input']})"
+        for fmt, row in entry["formats"].items():
+            if "failed" in row or "raw" not in row:
+                lines.append(
+                    f"| {label} | ours, {fmt} | failed: {row.get('failed', '?')[:120]} | | | | | | |"
+                )
+                continue
+            raw, served = row["raw"], row["ours"]
+            errors = ", ".join(f"{code} {n}" for code, n in served["errors"].items()) or "0"
+            lines.append(
+                f"| {label} | ours, {fmt} | {_num(raw['images_per_s'])} ({raw['best_batch_size']}) "
+                f"| {_num(served['capacity'])} | {row['ours_vs_own_raw']:.0%} | {row['ours_vs_best_raw']:.0%} "
+                f"| {_num(served['half_rate'])} | {_num(served['half_p99_ms'])} | {errors} |"
+            )
+        for peer, values in entry.get("peers", {}).items():
+            if "capacity" in values:
+                lines.append(
+                    f"| {label} | {peer} (state_dict, our engine) | | {_num(values['capacity'])} | "
+                    f"| {values['vs_best_raw']:.0%} | | | |"
+                )
+            else:
+                lines.append(f"| {label} | {peer} | {values['status']} | | | | | | |")
+    return "\n".join(lines)
+
+
+def verdicts(result: dict[str, Any]) -> list[str]:
+    """The sentences the page leads with: fastest raw format and by how much, and the target."""
+    sentences = []
+    for model, entry in result["models"].items():
+        summary = entry.get("summary", {})
+        if not summary.get("measured"):
+            sentences.append(f"{model}: not measured (every format failed).")
+            continue
+        sentence = (
+            f"{model}: fastest bare runtime **{summary['best_raw_format']}** "
+            f"({_num(summary['best_raw_images_per_s'])} img/s, {summary['raw_lead_over_slowest']:.2f}x "
+            f"{summary['slowest_raw_format']}); best served **{summary['best_served_format']}** at "
+            f"{summary['best_served_vs_best_raw']:.0%} of that bound"
+        )
+        if model == TARGET_MODEL:
+            met = "met" if summary["meets_target"] else "NOT met"
+            sentence += f" (target >= {TARGET_RATIO:.0%}: {met}"
+            if summary["peers_measured"]:
+                above = "above" if summary["above_every_measured_peer"] else "NOT above"
+                sentence += f"; {above} every measured peer ({', '.join(summary['peers_measured'])})"
+            else:
+                sentence += "; no peer measured"
+            sentence += ")"
+        sentences.append(sentence + ".")
+    return sentences
+
+
+def section(result: dict[str, Any]) -> str:
+    meta_ = result["meta"]
+    return (
+        f"{BEGIN}\n## One network in every format: bare runtime vs our server vs peers\n\n"
+        f"`{meta_['command']}`: {meta_['machine']}; device {meta_['device']}, precision {meta_['precision']}, "
+        f"channels_last {meta_['channels_last']}; torch threads {meta_['torch_threads']} (bare runtime and "
+        f"server alike), decode threads {meta_['decode_threads']}, max batch {meta_['max_batch_size']}, "
+        f"{meta_['concurrency']} closed-loop callers, {meta_['seconds']} s per load window, "
+        f"{meta_['raw_seconds']} s per raw batch size, {meta_['reps']} rep(s) (median); load average "
+        f"{meta_['load_average_1m']} at the start. Raw numbers: model_formats.json.\n\n"
+        + "\n".join(f"- {sentence}" for sentence in verdicts(result))
+        + "\n\n"
+        + markdown_table(result)
+        + f"\n{END}"
+    )
+
+
+def write_section(text: str, block: str) -> str:
+    """`text` with the marked block replaced by `block` (appended when there is none)."""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1]
+    return text.rstrip("\n") + "\n\n" + block + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> str:
+    """Bars per model and format (raw bound, ours) and peers; the note says what was written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot (matplotlib is not installed: pip install matplotlib)"
+    models = [m for m, e in result["models"].items() if e.get("summary", {}).get("measured")]
+    figure, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
+    for axis, model in zip(axes[0], models, strict=False):
+        entry = result["models"][model]
+        names, raws, served = [], [], []
+        for fmt, row in entry["formats"].items():
+            if "raw" in row and "ours" in row:
+                names.append(fmt)
+                raws.append(row["raw"]["images_per_s"])
+                served.append(row["ours"]["capacity"])
+        for peer, values in entry.get("peers", {}).items():
+            if "capacity" in values:
+                names.append(peer)
+                raws.append(0.0)
+                served.append(values["capacity"])
+        positions = range(len(names))
+        axis.bar([p - 0.2 for p in positions], raws, width=0.4, label="bare runtime (bound)")
+        axis.bar([p + 0.2 for p in positions], served, width=0.4, label="served (capacity)")
+        axis.set_xticks(list(positions), names, rotation=20)
+        axis.set_title(f"{model} ({entry['input']})")
+        axis.set_ylabel("images / s")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return f"plot: {path.name}"
+
+
+def write_results(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    result["meta"]["plot"] = plot(result, out / "model_formats.png")
+    (out / "model_formats.json").write_text(json.dumps(result, indent=2) + "\n")
+    page = out / "models.md"
+    text = page.read_text() if page.exists() else "# Models: formats and live swaps\n"
+    page.write_text(write_section(text, section(result)))
+
+
+def parse_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def meta(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "architecture": args.architecture,
-        "input": f"3x{args.size}x{args.size}",
-        "device": "cpu",
-        "machine": f"{platform.machine()}, {_cpus()} CPUs visible",
+        "command": args.command_line,
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} CPUs visible, "
+        f"Python {platform.python_version()}",
+        "device": args.device,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
         "torch_threads": args.torch_threads,
         "decode_threads": args.decode_threads,
         "max_batch_size": args.max_batch_size,
         "concurrency": args.concurrency,
         "seconds": args.seconds,
-        "best_raw_format": best_raw["format"],
-        "fastest_served_format": fastest["format"],
-        "fastest_vs_slowest_served": round(
-            fastest["ours_images_per_s"] / max(slowest["ours_images_per_s"], 1e-9), 2
-        ),
-        "rows": rows,
+        "raw_seconds": args.raw_seconds,
+        "reps": args.reps,
+        "batch_sizes": args.batch_sizes,
+        "load_generator": args.load_generator,
+        "load_average_1m": round(os.getloadavg()[0], 1),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
 
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
-
-
-def write_results(result: dict[str, Any], command: str) -> None:
-    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_JSON.write_text(json.dumps(result, indent=2) + "\n")
-    table = [
-        "| format | raw bound img/s (batch) | ours img/s | ours / own raw | ours / best raw "
-        "| p50 ms | p99 ms | mean batch | errors | `models add` s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in result["rows"]:
-        errors = ", ".join(f"{code} {n}" for code, n in row["ours_errors"].items()) or "0"
-        table.append(
-            f"| {row['format']} | {row['raw_images_per_s']} ({row['raw_best_batch_size']}) "
-            f"| {row['ours_images_per_s']} | {row['ours_vs_own_raw']:.0%} | {row['ours_vs_best_raw']:.0%} "
-            f"| {row['ours_p50_ms']} | {row['ours_p99_ms']} | {row['ours_mean_batch']} | {errors} "
-            f"| {row['models_add_s']} |"
-        )
-    section = (
-        f"{BEGIN}\n## One network in every format ({result['architecture']}, {result['input']}, CPU)\n\n"
-        f"`{command}`: one run; {result['machine']}, torch threads {result['torch_threads']}, decode "
-        f"threads {result['decode_threads']}, max batch {result['max_batch_size']}, "
-        f"{result['concurrency']} closed-loop callers, {result['seconds']} s per measurement "
-        f"(raw numbers in model_formats.json). Served fastest: **{result['fastest_served_format']}** "
-        f"({result['fastest_vs_slowest_served']}x the slowest); best raw bound: "
-        f"{result['best_raw_format']}.\n\n" + "\n".join(table) + f"\n{END}"
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/model_formats.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Models: formats and live swaps\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text)
+    parser.add_argument("--models", default=DEFAULT_MODELS, help="torchvision names and/or worksheet-topics")
+    parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"among {', '.join(FORMATS)}")
+    parser.add_argument("--size", type=int, default=224, help="input size of the torchvision models")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per load window (closed, half)")
+    parser.add_argument("--raw-seconds", type=float, default=2.0, help="per batch size of the bare runtime")
+    parser.add_argument("--warmup", type=float, default=2.0, help="the load generator's warm-up")
+    parser.add_argument("--reps", type=int, default=1, help="repeat each measurement; report medians")
+    parser.add_argument("--batch-sizes", default="1,8,16", help="the bare runtime's batch sizes")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="our server's batcher")
+    parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=32, help="closed-loop callers")
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--torch-threads", type=int, default=2, help="bare runtime and server alike")
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True, help="on ResNet-50")
+    parser.add_argument("--install-peers", action="store_true", help="pip install the peers first")
+    parser.add_argument(
+        "--models-add", action="store_true", help="add versions with `snaplearn-vision models add`"
+    )
+    parser.add_argument("--load-generator", choices=("python", "go"), default="python")
+    parser.add_argument(
+        "--model-repository", type=Path, default=MODELS_DIR, help="where the default model is"
+    )
+    parser.add_argument("--out", type=Path, default=DOCS, help="where the JSON, plot and page go")
+    parser.add_argument(
+        "--quick", action="store_true", help="MobileNetV3-small 64x64, 1 s windows: a smoke run"
+    )
+    parser.add_argument("--no-write", action="store_true", help="print only; leave --out alone")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--architecture", default="resnet50", help="a torchvision classifier")
-    parser.add_argument("--size", type=int, default=224, help="input height = width")
-    parser.add_argument("--formats", default=",".join(FORMATS))
-    parser.add_argument("--batch-sizes", default="1,8,16", help="the raw bound's batch sizes")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="the server's batcher")
-    parser.add_argument("--concurrency", type=int, default=16, help="closed-loop callers")
-    parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
-    parser.add_argument("--warmup", type=float, default=2.0, help="the load generator's warm-up")
-    parser.add_argument("--torch-threads", type=int, default=2)
-    parser.add_argument("--decode-threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="MobileNetV3-small 64x64, short: a smoke run")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks alone")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    args.command_line = ("python benchmarks/model_formats.py " + " ".join(argv)).strip()
     if args.quick:
-        args.architecture, args.size, args.seconds, args.warmup = "mobilenet_v3_small", 64, 1.0, 0.5
+        args.models, args.size, args.seconds, args.raw_seconds, args.warmup = (
+            "mobilenet_v3_small",
+            64,
+            1.0,
+            0.5,
+            0.5,
+        )
         args.batch_sizes, args.concurrency, args.max_batch_size = "1,8", 8, 8
-    result = run(args)
-    print(json.dumps(result))
+    from snaplearn_bench.load import load_generator
+
+    with load_generator(args.load_generator):
+        result = run(args)
+    print(markdown_table(result))
+    print("\n".join(verdicts(result)))
     if not args.no_write:
-        command = "python benchmarks/model_formats.py " + " ".join(argv if argv is not None else [])
-        write_results(result, command.strip())
-    return 0 if all(not row["ours_errors"] for row in result["rows"]) else 1
+        write_results(result, args.out)
+        log(f"wrote {args.out / 'models.md'}, model_formats.json ({result['meta'].get('plot')})")
+    failed = any("failed" in row for entry in result["models"].values() for row in entry["formats"].values())
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -393,17 +393,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--kafka-bootstrap", default="", help="use this Kafka cluster instead of the embedded bus"
     )
     parser.add_argument("--out", type=Path, default=None, help=f"Markdown page (e.g. {DOCS / 'soak.md'})")
-    parser.add_argument("--json", type=Path, default=None, help="raw result")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw result there")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="judge and render a result --json saved, run nothing"
+    )
     return parser
+
+
+def load_result(data: Mapping[str, Any]) -> SoakResult:
+    """A SoakResult from what --json wrote."""
+    fields = dict(data)
+    samples = [Sample(**sample) for sample in fields.pop("samples", [])]
+    return SoakResult(**fields, samples=samples)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 0 < args.fraction <= 1:
         raise SystemExit("--fraction must be in (0, 1]")
-    if not args.warmup_minutes:
-        args.warmup_minutes = args.minutes / 10
-    result = run(args)
+    if args.from_json:
+        # Judge a saved run again (another warm-up or growth limit) without running it again.
+        result = load_result(json.loads(args.from_json.read_text()))
+        if args.warmup_minutes:
+            result.warmup_minutes = args.warmup_minutes
+    else:
+        if not args.warmup_minutes:
+            args.warmup_minutes = args.minutes / 10
+        result = run(args)
     found = checks(result, args.max_rss_growth, args.rss_window)
     command = "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:])
     context = {
@@ -411,12 +427,14 @@ def main(argv: list[str] | None = None) -> int:
         "bus": "Kafka" if args.kafka_bootstrap else "embedded (SQLite)",
         "run": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
+    if args.from_json:
+        context["run"] = f"judged again from {args.from_json.name}"
     page = render(result, found, command.strip(), context)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(page)
         log(f"wrote {args.out}")
-    if args.json:
+    if args.json and not args.from_json:
         args.json.write_text(json.dumps(asdict(result), indent=1))
     for check in found:
         print(f"{'ok  ' if check.ok else 'FAIL'} {check.what}: wanted {check.target}, seen {check.seen}")

@@ -199,6 +199,7 @@ class RecommenderWorker:
         self.on_subscribed: Callable[[], object] | None = None
         self.outage = BusOutage(self.stats, f"(topic {self.settings.topic})")
         self._partitions: list[TopicPartition] = []
+        self._consumer: Consumer | None = None  # set once subscribed (the worker thread's own)
         self._next_probe = 0.0
         self._probe_backoff_s = self.settings.probe_interval_s
         self._startup_error: BaseException | None = None
@@ -256,6 +257,7 @@ class RecommenderWorker:
             consumer = self._subscribe_until_stopped()
             if consumer is None:
                 return
+            self._consumer = consumer
             backoff_s = 0.5
             while not self._stop.is_set():
                 try:
@@ -521,10 +523,18 @@ class RecommenderWorker:
                 in_flight = []
                 if not to_send:
                     return True
+                self.outage.failed("writing dead letters", exc)
             except Exception as exc:  # send failed, or flush timed out (the producer keeps those)
-                log.warning(
-                    "dead-letter write failed (%s); retrying in %.1f s", type(exc).__name__, backoff_s
-                )
+                if _is_unreachable(exc):
+                    self.outage.failed("writing dead letters", exc)
+                else:
+                    log.warning(
+                        "dead-letter write failed (%s); retrying in %.1f s", type(exc).__name__, backoff_s
+                    )
+            # The batch waits (it is not applied yet), the checkpoint need not: model and positions
+            # are those before this batch.
+            if self._consumer is not None:
+                self._checkpoint_if_due(self._consumer)
             if self._stop.wait(backoff_s):
                 return False
             backoff_s = min(5.0, backoff_s * 2)

@@ -45,8 +45,10 @@ def export_torchscript(path: Path, model: nn.Module | None = None) -> Path:
     return path
 
 
-def export_program(path: Path, model: nn.Module | None = None, channels: int = 3) -> Path:
-    batch = torch.export.Dim("batch", min=1, max=1024)
+def export_program(
+    path: Path, model: nn.Module | None = None, channels: int = 3, max_batch: int = 1024
+) -> Path:
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
     program = torch.export.export(
         (model or ColourNet(channels)).eval(), (example(channels=channels),), dynamic_shapes={"x": {0: batch}}
     )

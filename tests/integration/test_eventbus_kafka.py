@@ -6,15 +6,23 @@ else a throwaway single-node broker started by scripts/kafka.sh for this session
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from snaplearn_common.errors import InvalidInput, NotFound
-from snaplearn_common.eventbus.base import EventBus, TopicPartition, partition_for_key
+from snaplearn_common.errors import InvalidInput, NotFound, Unavailable
+from snaplearn_common.eventbus.base import (
+    DeliveryFailed,
+    EventBus,
+    ProducerRecord,
+    TopicPartition,
+    partition_for_key,
+)
 from snaplearn_common.eventbus.factory import open_bus
 from snaplearn_common.eventbus.kafka import KafkaEventBus, security_config
 from snaplearn_common.eventbus.settings import BusSettings
@@ -184,3 +192,32 @@ class TestSecurityConfig:
     def test_constructing_the_bus_does_not_connect(self) -> None:
         # Clients are created on first use, so a bus for an unreachable cluster costs nothing.
         KafkaEventBus("127.0.0.1:1").close()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again when this returns: nothing listens
+
+
+def test_an_unreachable_cluster_is_unavailable_quietly_and_without_hanging(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No broker at all: a real kafka-python client against a closed port.
+    caplog.set_level(logging.DEBUG, logger="snaplearn_common")
+    with KafkaEventBus(f"127.0.0.1:{_closed_port()}", request_timeout_s=1.0, bootstrap_timeout_s=1.0) as bus:
+        started = time.monotonic()
+        producer = bus.producer()  # handed out at once; it connects on its first batch
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(DeliveryFailed) as failed:
+            producer.send_batch([ProducerRecord("t", b"x")], timeout_s=5)
+        assert failed.value.failed == (0,) and failed.value.permanent == ()
+        with pytest.raises(Unavailable, match="cannot reach Kafka"):
+            bus.create_topic("t", 1)
+        with pytest.raises(Unavailable, match="cannot reach Kafka"):
+            bus.consumer("g", ["t"])
+        assert time.monotonic() - started < 15
+        producer.close()
+    assert logging.getLogger("kafka").level == logging.CRITICAL
+    library = [r for r in caplog.records if r.name.startswith("kafka")]
+    assert library == [], [r.getMessage() for r in library]

@@ -60,6 +60,23 @@ def test_retention_by_size_deletes_only_what_every_group_committed_past(tmp_path
         assert stats.oldest_offsets[tp] == 80 and stats.next_offsets[tp] == 100
 
 
+def test_a_reader_that_has_not_committed_yet_holds_its_partition(tmp_path: Path) -> None:
+    # A recommender before its first checkpoint commits nothing: what it has not read yet stays.
+    topic = unique("first-read")
+    tp = TopicPartition(topic, 0)
+    with SqliteEventBus(tmp_path / "bus.db", retention=RetentionPolicy(max_records_per_partition=5)) as bus:
+        bus.create_topic(topic, 1)
+        _fill(bus, topic, 20)
+        with bus.consumer("new-reader", [topic]) as reader:
+            assert [r.offset for r in poll_until(reader, 20)] == list(range(20))  # it is a member now
+            assert bus.enforce_retention() == 0
+            reader.commit({tp: 8})
+            assert bus.enforce_retention() == 8
+            assert _offsets(bus, topic) == list(range(8, 20))
+        # Gone without committing more: its commit still counts (fresh), the member does not.
+        assert bus.enforce_retention() == 0
+
+
 def test_retention_by_age_waits_for_the_groups_commit(tmp_path: Path) -> None:
     topic = unique("aged")
     tp = TopicPartition(topic, 0)

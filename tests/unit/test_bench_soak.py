@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
-from snaplearn_bench.soak import Sample, SoakResult, checks, render, rss_growth, spread
+from snaplearn_bench.soak import Sample, SoakResult, checks, load_result, main, render, rss_growth, spread
 
 MB = 2**20
 
@@ -22,6 +25,7 @@ def _result(samples: list[Sample], **fields: object) -> SoakResult:
     result = SoakResult(capacity_rps=50.0, rate_rps=35.0, minutes=1.0, warmup_minutes=0.5, samples=samples)
     result.statuses = {"OK": 900}
     result.capacity_ok, result.published, result.applied = 100, 1000, 1000
+    result.send_lag_p99_ms = 12.0
     for name, value in fields.items():
         setattr(result, name, value)
     return result
@@ -108,3 +112,19 @@ def test_a_long_run_shows_evenly_spaced_rows_with_both_ends() -> None:
     assert spread(samples[:5], 7) == samples[:5]
     page = render(_result(samples), [], "soak", {}, max_rows=7)
     assert "| 1800 | 50 | 100 | 1800 | 1800 | 0 |" in page and "| 10 |" not in page
+
+
+def test_a_saved_run_is_judged_again_with_another_warm_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The recommender fills a bounded window in the first half, then is flat: a longer warm-up passes.
+    samples = _samples([100] * 10, [100, 110, 120, 130, 140, 150, 150, 150, 150, 150])
+    saved = tmp_path / "soak.json"
+    saved.write_text(json.dumps(asdict(_result(samples, warmup_minutes=0.1))))
+    assert load_result(json.loads(saved.read_text())) == _result(samples, warmup_minutes=0.1)
+
+    assert main(["--from-json", str(saved)]) == 1
+    assert "FAIL RSS growth after warm-up, recommender" in capsys.readouterr().out
+    page = tmp_path / "soak.md"
+    assert main(["--from-json", str(saved), "--warmup-minutes", "0.8", "--out", str(page)]) == 0
+    assert "**Verdict: PASS**" in page.read_text() and "judged again from soak.json" in page.read_text()

@@ -306,3 +306,34 @@ def test_min_confidence_is_declared_and_checked(tmp_path: Path) -> None:
     labels = write_labels(tmp_path / "l.txt")
     assert add(root, "colour", file, labels, *PREPROCESSING, "--min-confidence", "0.6") == 0
     assert ModelRepository(root).load_config("colour").min_confidence == 0.6
+
+
+def test_an_exported_batch_bound_below_the_batchers_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file = export_program(tmp_path / "m.pt2", max_batch=4)
+    labels = write_labels(tmp_path / "l.txt")
+    assert add(tmp_path / "repo", "colour", file, labels, *PREPROCESSING, "--max-batch-size", "8") == 1
+    assert (
+        "model.pt2 (ExportedProgram) accepts batches of at most 4, but config.json has "
+        "batching.max_batch_size 8" in capsys.readouterr().err
+    )
+    assert add(tmp_path / "repo", "colour", file, labels, *PREPROCESSING, "--max-batch-size", "4") == 0
+
+
+def test_onnx_weights_kept_beside_the_graph_travel_with_it(tmp_path: Path) -> None:
+    """torch.onnx's exporter keeps weights in "<file>.data", named inside the graph."""
+    network = ColourNet().eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    path = tmp_path / "big.onnx"
+    torch.onnx.export(
+        network, (torch.rand(2, 3, SIZE, SIZE),), str(path), dynamic_shapes={"x": {0: batch}},
+        external_data=True, dynamo=True, verbose=False,
+    )  # fmt: skip
+    assert (tmp_path / "big.onnx.data").is_file()
+    root = tmp_path / "repo"
+    assert add(root, "colour", path, write_labels(tmp_path / "l.txt"), *PREPROCESSING) == 0
+    files = sorted(p.name for p in (root / "colour" / "1").iterdir())
+    assert files == ["big.onnx.data", "config.json", "model.onnx"]
+    classifier = ModelRepository(root).load("colour", device="cpu")
+    assert classifier.classify(colour_photo((240, 10, 10)), k=1)[0][0] == "red"

@@ -67,7 +67,7 @@ class AddedVersion:
     version: str
     config: ModelConfig
     load_s: float
-    test_batches_s: dict[int, float]  # seconds per batch size tried
+    tested_batch_sizes: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,9 @@ def add_version(
             # check() ran batches of 1 and 2 at load; the largest batch the batcher may send
             # catches a batch dimension fixed anywhere in between. The server warms every size.
             largest = config.batching.max_batch_size
-            test_batches_s = {rows: classifier.probe(rows) for rows in sorted({1, min(2, largest), largest})}
+            tested = tuple(sorted({1, min(2, largest), largest}))
+            if largest > 2:
+                classifier.probe(largest)
         finally:
             classifier.close()
         try:
@@ -222,7 +224,7 @@ def add_version(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return AddedVersion(name, version, config, load_s, test_batches_s)
+    return AddedVersion(name, version, config, load_s, tested)
 
 
 def remove_version(root: str | os.PathLike[str], name: str, version: str) -> None:
@@ -351,7 +353,7 @@ def _add(args: argparse.Namespace) -> int:
         min_confidence=args.min_confidence,
     )
     added = add_version(args.repository, args.name, args.file, config, args.version, device=args.device)
-    sizes = ", ".join(str(size) for size in added.test_batches_s)
+    sizes = ", ".join(str(size) for size in added.tested_batch_sizes)
     print(
         f"added {added.name} version {added.version}: {config.format}, {len(config.labels)} labels, "
         f"input {config.channels}x{config.input_size[0]}x{config.input_size[1]}; loaded in "

@@ -319,8 +319,9 @@ class RetentionPolicy:
     partition's records after it hold more than `max_bytes_per_partition` bytes of key, value
     and headers (retention.bytes), or when more than `max_records_per_partition` newer
     records follow it. It is consumed when every group that has committed an offset on its
-    partition has committed past it (a group that never committed does not hold records
-    back, as in Kafka). The recommender commits only offsets its checkpoint holds, so what a
+    partition has committed past it, and no member of a group that has not committed on it
+    yet is reading the topic (a group that never committed and has no member does not hold
+    records back). The recommender commits only offsets its checkpoint holds, so what a
     checkpoint may replay from is never deleted. A group's commit stops holding records back
     once it is older than `offsets_retention_ms` and the group has no member (Kafka's
     offsets.retention.minutes): a reader that went away for good does not pin the log.
@@ -381,6 +382,16 @@ def _enforce_retention(conn: sqlite3.Connection, policy: RetentionPolicy, now_ms
             (topic, partition, now_ms - policy.offsets_retention_ms),
         ).fetchall()
         consumed_before = next_offset if floor_row[0][0] is None else int(floor_row[0][0])
+        # A member reading this topic for a group that has not committed on this partition yet
+        # (a recommender before its first checkpoint) may still need all of it.
+        waiting = conn.execute(
+            "SELECT 1 FROM members m WHERE instr(',' || m.topics || ',', ',' || ? || ',') > 0 AND NOT EXISTS "
+            "(SELECT 1 FROM offsets o WHERE o.group_id = m.group_id AND o.topic = ? AND o.partition = ?) "
+            "LIMIT 1",
+            (topic, topic, partition),
+        ).fetchall()
+        if waiting:
+            continue
         delete_before = min(expired_before, consumed_before)
         if delete_before <= 0:
             continue

@@ -77,6 +77,11 @@ class LoadedModel(Protocol):
     ) -> list[tuple[str, float]]: ...
 
 
+def _recognised(model: LoadedModel, labels: Sequence[tuple[str, float]]) -> bool:
+    """Whether the top label reaches the model's min_confidence (config.json; 0 = always)."""
+    return not labels or labels[0][1] >= model.config.min_confidence
+
+
 class ModelSource(Protocol):
     """snaplearn_vision.server.RepositoryModels (over runtime.model_repository): load() raises NotFound.
 
@@ -132,6 +137,8 @@ class ClassificationResult:
     queue_wait_s: float
     compute_s: float  # this image's decode plus its batch's model time
     batch_size: int
+    # False: the top score is below the model's min_confidence (config.json), nothing published.
+    recognised: bool = True
 
 
 @dataclass(slots=True)
@@ -332,7 +339,9 @@ class ClassificationService:
         model = prediction.model
         labels = tuple(model.top_k(prediction.probabilities, k, prediction.order))
         event_id = request_id or self._request_ids.next()
-        self._publish(event_id, user_id, model, labels)
+        recognised = _recognised(model, labels)
+        if recognised:  # a photo unlike anything the model knows must not steer recommendations
+            self._publish(event_id, user_id, model, labels)
         return ClassificationResult(
             request_id=event_id,
             labels=labels,
@@ -341,6 +350,7 @@ class ClassificationService:
             queue_wait_s=prediction.queue_wait_s,
             compute_s=prediction.compute_s,
             batch_size=prediction.batch_size,
+            recognised=recognised,
         )
 
     def publish_prediction(
@@ -354,7 +364,8 @@ class ClassificationService:
         k = self._validated_top_k(top_k, prediction.model)
         event_id = request_id or self._request_ids.next()
         labels = prediction.model.top_k(prediction.probabilities, k, prediction.order)
-        self._publish(event_id, user_id, prediction.model, labels)
+        if _recognised(prediction.model, labels):  # below min_confidence: answered, not published
+            self._publish(event_id, user_id, prediction.model, labels)
         return event_id
 
     async def predict(

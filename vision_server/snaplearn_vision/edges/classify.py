@@ -16,6 +16,7 @@ def classify_response(result: ClassificationResult) -> vision_pb2.ClassifyRespon
         queue_ms=result.queue_wait_s * 1000.0,
         compute_ms=result.compute_s * 1000.0,
         batch_size=result.batch_size,
+        not_recognised=not result.recognised,
     )
 
 
