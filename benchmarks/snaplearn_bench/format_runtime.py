@@ -168,7 +168,7 @@ def _bare_runner(fmt: str, file: str, model_spec: dict[str, Any], device: str, d
 
         return run_onnx
     if fmt == "torchscript":
-        module = torch.jit.load(file, map_location=device)
+        module = torch.jit.load(file, map_location=device).eval()
     elif fmt == "torch_export":
         module = torch.export.load(file).module().to(device)
     else:
@@ -176,6 +176,10 @@ def _bare_runner(fmt: str, file: str, model_spec: dict[str, Any], device: str, d
     module = module.to(torch_dtype)
     if nhwc:
         module = module.to(memory_format=torch.channels_last)
+    if fmt == "torchscript":
+        # Frozen (after the casts: freezing inlines the weights), as a careful user and our
+        # engine run a TorchScript file for inference.
+        module = torch.jit.freeze(module)
 
     def run_torch(batch: Any) -> Any:
         with torch.inference_mode():

@@ -247,7 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown formats {unknown}; known: {', '.join(FORMATS)}")
     models = parse_list(args.models)
-    statuses = (
+    statuses: dict[str, str | None] = (
         peer_status(args.install_peers) if args.peers else dict.fromkeys(PEER_NAMES, "not run (--no-peers)")
     )
     result: dict[str, Any] = {"meta": meta(args), "models": {}}
@@ -337,7 +337,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             for peer, values in entry.get("peers", {}).items()
             if "capacity" in values
         }
-        for peer, values in entry.get("peers", {}).items():
+        for values in entry.get("peers", {}).values():
             if "capacity" in values:
                 values["vs_best_raw"] = _ratio(values["capacity"], best_raw)
         summary["peers_measured"] = sorted(peer_caps)
@@ -376,7 +376,8 @@ def markdown_table(result: dict[str, Any]) -> str:
             errors = ", ".join(f"{code} {n}" for code, n in served["errors"].items()) or "0"
             lines.append(
                 f"| {label} | ours, {fmt} | {_num(raw['images_per_s'])} ({raw['best_batch_size']}) "
-                f"| {_num(served['capacity'])} | {row['ours_vs_own_raw']:.0%} | {row['ours_vs_best_raw']:.0%} "
+                f"| {_num(served['capacity'])} | {row['ours_vs_own_raw']:.0%} "
+                f"| {row['ours_vs_best_raw']:.0%} "
                 f"| {_num(served['half_rate'])} | {_num(served['half_p99_ms'])} | {errors} |"
             )
         for peer, values in entry.get("peers", {}).items():
@@ -421,7 +422,8 @@ def section(result: dict[str, Any]) -> str:
     meta_ = result["meta"]
     return (
         f"{BEGIN}\n## One network in every format: bare runtime vs our server vs peers\n\n"
-        f"`{meta_['command']}`: {meta_['machine']}; device {meta_['device']}, precision {meta_['precision']}, "
+        f"`{meta_['command']}`: {meta_['machine']}; device {meta_['device']}, "
+        f"precision {meta_['precision']}, "
         f"channels_last {meta_['channels_last']}; torch threads {meta_['torch_threads']} (bare runtime and "
         f"server alike), decode threads {meta_['decode_threads']}, max batch {meta_['max_batch_size']}, "
         f"{meta_['concurrency']} closed-loop callers, {meta_['seconds']} s per load window, "
@@ -533,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=32, help="closed-loop callers")
     parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--torch-threads", type=int, default=2, help="bare runtime and server alike")
+    # One intra-op thread by default, as vision_bench: on a shared machine every OpenMP barrier
+    # waits for a descheduled thread (DECISIONS D13).
+    parser.add_argument("--torch-threads", type=int, default=1, help="bare runtime and server alike")
     parser.add_argument("--decode-threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")

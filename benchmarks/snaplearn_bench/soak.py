@@ -19,6 +19,10 @@ Verdict (each target is checked and printed, and the exit status is 1 if one is 
 growth of every process below --max-rss-growth from the end of --warmup-minutes to the end of
 the run (each end the mean of its --rss-window samples, so one sample's noise does not decide),
 no call answered other than OK, and events applied = events published = calls answered OK.
+The warm-up must cover what fills up by design: the recommender keeps the ids of the events it
+applied in a bounded dedupe window (the model parameter dedupe_window), so its RSS rises until
+that many events have been applied, then stays flat. `--from-json` judges a saved run again
+(e.g. with a longer warm-up) without running it.
 
 The machine is shared and noisy: the capacity is the capacity seen at the start of the run.
 """

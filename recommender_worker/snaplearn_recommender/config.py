@@ -78,6 +78,23 @@ def _positive_age(value: float | None) -> float | None:
     return value
 
 
+def parse_band(value: str) -> tuple[float, float]:
+    """ "LOW HIGH" (or "LOW,HIGH") as two numbers with 0 <= LOW <= HIGH <= 1."""
+    parts = value.replace(",", " ").split()
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise ValueError("practise band must be two numbers 'LOW HIGH'") from None
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError("practise band must satisfy 0 <= LOW <= HIGH <= 1")
+    return low, high
+
+
+def _band(value: str) -> str:
+    low, high = parse_band(value)
+    return f"{low:g} {high:g}"
+
+
 class RecommenderSettings(Settings):
     """Learns a LightFM hybrid model from ImageClassified events; serves Recommend over gRPC."""
 
@@ -147,6 +164,16 @@ class RecommenderSettings(Settings):
         validation_alias=_env("SKIP_WINDOW"),
         description="seconds (of event time) a skipped item stays out of that student's recommendations",
     )
+    practise_band: Annotated[str, AfterValidator(_band), Cli(metavar="'LOW HIGH'")] = Field(
+        default=f"{_MODEL.practise_low:g} {_MODEL.practise_high:g}",
+        description="for students with attempts, prefer items whose predicted success lies in this band",
+    )
+    mastery_threshold: Annotated[float, Cli(metavar="P")] = Field(
+        default=_MODEL.mastery_threshold,
+        gt=0,
+        lt=1,
+        description="mastery (predicted success on a concept) at which a prerequisite counts as mastered",
+    )
     # Where RecordFeedback's unconfirmed events wait on disk across a bus outage and a restart.
     feedback_spool_dir: Annotated[Path | None, Cli(metavar="DIR"), _UNSET_IF_EMPTY] = Field(
         default=None,
@@ -215,6 +242,9 @@ class RecommenderSettings(Settings):
             epochs_per_batch=self.epochs_per_batch,
             seed=self.seed,
             skip_window_s=self.skip_window_s,
+            practise_low=parse_band(self.practise_band)[0],
+            practise_high=parse_band(self.practise_band)[1],
+            mastery_threshold=self.mastery_threshold,
         )
 
     def worker_settings(self) -> WorkerSettings:

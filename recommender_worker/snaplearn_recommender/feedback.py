@@ -31,6 +31,7 @@ from snaplearn_common.events import (
     FEEDBACK_RECORDED_TOPIC,
     EncodedEvent,
     FeedbackKind,
+    check_score,
     encode_feedback_recorded,
 )
 from snaplearn_common.ids import check_id
@@ -79,9 +80,14 @@ class FeedbackRecorder:
         kind: FeedbackKind | None,
         request_id: str = "",
         time_s: float | None = None,
+        outcome: bool | None = None,
+        score: float | None = None,
     ) -> FeedbackReceipt:
-        """Publish one feedback event; returns its id. Raises InvalidInput, NotFound, Overloaded."""
+        """Publish one feedback event; returns its id. Raises InvalidInput, NotFound, Overloaded.
+
+        outcome / score: an attempt's (True correct, False incorrect; score in [0, 1])."""
         check_id("user_id", user_id)
+        check_score(score)
         check_id("item_id", item_id)
         check_id("request_id", request_id, required=False)
         if kind is None:
@@ -106,7 +112,7 @@ class FeedbackRecorder:
         if request_id and request_id in self._recorded:
             return FeedbackReceipt(event_id=request_id, accepted=False)
         event_id = request_id or str(uuid.uuid4())
-        event = encode_feedback_recorded(event_id, user_id, item_id, kind, time_s)
+        event = encode_feedback_recorded(event_id, user_id, item_id, kind, time_s, outcome, score)
         if not self._sink.publish(self._topic, event):
             raise Overloaded("too much feedback is waiting to be published; retry with backoff")
         if request_id:

@@ -36,11 +36,12 @@ does the same for a catalog file given at start against a checkpoint's catalog.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -49,7 +50,13 @@ import numpy.typing as npt
 import scipy.sparse as sp
 from lightfm import LightFM
 
-from snaplearn_common.events import FeedbackKind, feedback_kind_from_proto
+from snaplearn_common.events import (
+    FeedbackKind,
+    attempt_correct,
+    check_score,
+    feedback_kind_from_proto,
+    outcome_from_proto,
+)
 from snaplearn_recommender.catalog import (
     Catalog,
     CatalogDiff,
@@ -67,7 +74,8 @@ from snaplearn_recommender.features import (
     feature_matrix,
     positives_matrices,
 )
-from snaplearn_recommender.snapshot import Snapshot, read_only
+from snaplearn_recommender.mastery import MasteryModel, StudentState
+from snaplearn_recommender.snapshot import Attempt, Snapshot, read_only
 
 if TYPE_CHECKING:
     from snaplearn.events.v1 import events_pb2
@@ -112,8 +120,17 @@ class ModelParams:
     completed_weight: float = 1.0
     viewed_weight: float = 0.3
     skip_window_s: float = 24 * 3600.0
+    # "Practise next" for students with attempts: the target band of predicted success and the
+    # mastery above which a prerequisite counts as mastered.
+    practise_low: float = 0.55
+    practise_high: float = 0.85
+    mastery_threshold: float = 0.6
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.practise_low <= self.practise_high <= 1.0:
+            raise ValueError("the practise band must satisfy 0 <= low <= high <= 1")
+        if not 0.0 < self.mastery_threshold < 1.0:
+            raise ValueError("mastery_threshold must be between 0 and 1 (exclusive)")
         if self.no_components < 1 or self.epochs_per_batch < 1 or self.items_per_event < 1:
             raise ValueError("no_components, epochs_per_batch and items_per_event must be >= 1")
         if self.loss not in get_args(Loss):
@@ -154,17 +171,24 @@ class FeedbackEvent:
     item_id: str
     kind: FeedbackKind
     time_s: float
+    # An attempt (an exercise answered): whether it counts as correct (None: not an attempt).
+    correct: bool | None = None
+    score: float | None = None
 
     @classmethod
     def from_proto(cls, message: events_pb2.FeedbackRecorded) -> FeedbackEvent:
-        """InvalidInput for an unknown kind (the worker dead-letters such records)."""
+        """InvalidInput for an unknown kind or outcome (the worker dead-letters such records)."""
         time_s = message.time.ToNanoseconds() / 1e9 if message.HasField("time") else 0.0
+        score = message.score if message.HasField("score") else None
+        check_score(score)
         return cls(
             event_id=message.event_id,
             user_id=message.user_id,
             item_id=message.item_id,
             kind=feedback_kind_from_proto(message.kind),
             time_s=time_s,
+            correct=attempt_correct(outcome_from_proto(message.outcome), score),
+            score=score,
         )
 
 
@@ -239,6 +263,7 @@ class RecentIds:
 
 # Each declared feature's total weight in an item's row (split among a multi feature's values).
 FEATURE_WEIGHT = 0.5
+RECENT_ATTEMPTS = 20  # per student, kept for the student-state view
 
 
 def _item_feature_names(item: LearningItem) -> list[tuple[str, float]]:
@@ -301,6 +326,7 @@ class RecommenderModel:
         self._seen: dict[int, npt.NDArray[np.int64]] = {}
         self._popularity = np.zeros(0, dtype=np.float64)
         self._init_feedback_state()
+        self._init_mastery()
         self.add_items(catalog)
         self._warm_start()
 
@@ -313,6 +339,15 @@ class RecommenderModel:
         self._clock = 0.0
         self._oldest_skip = math.inf
 
+    def _init_mastery(self) -> None:
+        # Knowledge tracing on attempts (DECISIONS D43): item -> its concept (the first of the
+        # catalog's; replaced, never mutated, so snapshots may share it), the live model, and per
+        # student a copy frozen at the last batch that touched them plus the latest attempts.
+        self._concept_of: dict[str, str] = {}
+        self._mastery = MasteryModel(self._concept_of)
+        self._mastery_frozen: dict[Hashable, StudentState] = {}
+        self._attempts: dict[str, tuple[Attempt, ...]] = {}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Checkpoints pickled before HybridLightFM held `lightfm` and `_init_rng` directly.
         if "_hybrid" not in state:
@@ -323,6 +358,12 @@ class RecommenderModel:
         old_item_arrays = "_item_grades" in state  # pickled before declared features
         for name in ("_item_grades", "_item_format_codes", "_concept_items"):
             state.pop(name, None)
+        if "_mastery" not in state:  # pickled before attempts
+            state["params"] = ModelParams.upgraded(state["params"])
+            self._init_mastery()
+            self._concept_of.update(
+                (item.item_id, item.concepts[0]) for item in state["catalog"].items if item.concepts
+            )
         self.__dict__.update(state)
         if old_item_arrays:
             self._rebuild_item_arrays()
@@ -418,6 +459,14 @@ class RecommenderModel:
                 self._item_vocab.add(name)
             for concept in item.concepts:
                 self._add_concept(concept)
+        changed = {
+            i.item_id: i.concepts[0]
+            for i in items
+            if i.concepts and self._concept_of.get(i.item_id) != i.concepts[0]
+        }
+        if changed:
+            self._concept_of = {**self._concept_of, **changed}
+            self._mastery.concept_of = self._concept_of
         self._hybrid.reserve("item", len(self._item_vocab))
         if len(self._popularity) < len(self.catalog):
             grown = np.zeros(len(self.catalog))
@@ -663,6 +712,7 @@ class RecommenderModel:
         applied = duplicates = new_users = without_concepts = feedback = unknown_items = 0
         catalog_changes = 0
         batch_rows: dict[int, int] = {}  # user row -> row in this batch's matrices
+        learners: set[str] = set()  # users with attempts in this batch
         skip_rows: set[int] = set()  # user rows whose skips changed
         rows: list[int] = []
         items: list[int] = []
@@ -686,6 +736,9 @@ class RecommenderModel:
                     unknown_items += 1
                     continue
                 new_users += event.user_id not in self._user_index
+                if event.correct is not None:
+                    self._apply_attempt(event)
+                    learners.add(event.user_id)
                 positive = self._apply_feedback(event, position)
                 if positive is None:
                     skip_rows.add(self._user_index[event.user_id])
@@ -715,6 +768,8 @@ class RecommenderModel:
         for row in batch_rows:  # immutable arrays for snapshots, once per touched user
             self._seen[row] = read_only(np.array(sorted(self._seen_sets[row]), dtype=np.int64))
         self._refresh_skips(skip_rows)
+        for user_id in learners:  # the copies snapshots share, once per touched student
+            self._mastery_frozen[user_id] = copy.deepcopy(self._mastery.students[user_id])
         if catalog_changes:  # once per batch: the feature matrix is O(items)
             self._rebuild_item_arrays()
         if rows and train:
@@ -730,6 +785,15 @@ class RecommenderModel:
             feedback,
             unknown_items,
             catalog_changes,
+        )
+
+    def _apply_attempt(self, event: FeedbackEvent) -> None:
+        assert event.correct is not None
+        predicted = self._mastery.learn(event.user_id, event.item_id, event.correct)
+        attempt = Attempt(event.item_id, event.correct, event.score, event.time_s, predicted)
+        self._attempts[event.user_id] = (
+            *self._attempts.get(event.user_id, ())[-(RECENT_ATTEMPTS - 1) :],
+            attempt,
         )
 
     def _apply_catalog_change(self, change: CatalogChange) -> None:
@@ -796,4 +860,15 @@ class RecommenderModel:
             user_profiles=self._normalised_profiles(user_rows).astype(np.float32),
             seen_items=dict(self._seen),
             skipped_items=dict(self._skipped),
+            mastery=self._mastery_view(),
+            recent_attempts=dict(self._attempts),
+            practise_band=(self.params.practise_low, self.params.practise_high),
+            mastery_threshold=self.params.mastery_threshold,
         )
+
+    def _mastery_view(self) -> MasteryModel:
+        """The knowledge-tracing model as of now, for a snapshot: the live one's weights (fixed
+        online) and concept map (replaced, not mutated) with the students' frozen copies."""
+        view = copy.copy(self._mastery)
+        view.students = dict(self._mastery_frozen)
+        return view

@@ -42,6 +42,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             kind=_FEEDBACK_KINDS.get(request.kind),  # UNSPECIFIED / unknown: None -> INVALID_ARGUMENT
             request_id=request.request_id,
             time_s=_feedback_time_s(request),
+            outcome=_attempt_outcome(request.outcome),
+            score=request.score if request.HasField("score") else None,
         )
         return recommender_pb2.RecordFeedbackResponse(event_id=receipt.event_id, accepted=receipt.accepted)
 
@@ -81,6 +83,19 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
 
 # google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999999Z.
 _TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
+
+
+_OUTCOMES: dict[int, bool | None] = {
+    recommender_pb2.ATTEMPT_OUTCOME_UNSPECIFIED: None,
+    recommender_pb2.ATTEMPT_OUTCOME_CORRECT: True,
+    recommender_pb2.ATTEMPT_OUTCOME_INCORRECT: False,
+}
+
+
+def _attempt_outcome(value: int) -> bool | None:
+    if value not in _OUTCOMES:
+        raise InvalidInput(f"unknown outcome {value}: one of UNSPECIFIED, CORRECT, INCORRECT")
+    return _OUTCOMES[value]
 
 
 def _feedback_time_s(request: recommender_pb2.RecordFeedbackRequest) -> float | None:

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from snaplearn_common.errors import InvalidInput, NotFound
 from snaplearn_recommender.catalog import FORMATS, Catalog, LearningItem, format_number
+from snaplearn_recommender.mastery import MasteryModel, Suggestion, practise_next
 
 DEFAULT_K = 10
 MAX_K = 100
@@ -46,6 +47,8 @@ BoolArray = npt.NDArray[np.bool_]
 
 # How many known values a refusal lists.
 SHOWN_VALUES = 20
+# "Practise next" regroups this many more of the ranking's best than it returns.
+PRACTISE_EXTRA = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +60,17 @@ class FeatureFilter:
     values: tuple[str, ...] = ()
     minimum: float | None = None
     maximum: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One answered exercise, as the model learned it (predicted: P(correct) just before)."""
+
+    item_id: str
+    correct: bool
+    score: float | None
+    time_s: float
+    predicted: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +142,12 @@ class Snapshot:
     # (filters use the catalog's feature index).
     item_grades: IntArray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     item_format_codes: IntArray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # Knowledge tracing (students with attempts only): the model with each student's state as
+    # of this snapshot, their latest attempts, and how "practise next" uses them.
+    mastery: MasteryModel | None = None
+    recent_attempts: Mapping[str, tuple[Attempt, ...]] = field(default_factory=dict)
+    practise_band: tuple[float, float] = (0.55, 0.85)
+    mastery_threshold: float = 0.6
     # Derived per snapshot (see the module docstring).
     # Item-major (d, n_items) layouts: the matvec then streams each row once, where an
     # (n_items, d) @ v product strides across rows.
@@ -166,6 +186,8 @@ class Snapshot:
             object.__setattr__(self, "seen_items", MappingProxyType(dict(self.seen_items)))
         if not isinstance(self.skipped_items, MappingProxyType):
             object.__setattr__(self, "skipped_items", MappingProxyType(dict(self.skipped_items)))
+        if not isinstance(self.recent_attempts, MappingProxyType):
+            object.__setattr__(self, "recent_attempts", MappingProxyType(dict(self.recent_attempts)))
         derived = _derived_arrays(self)
         for name, value in derived.items():
             object.__setattr__(self, name, value)
@@ -201,19 +223,25 @@ class Snapshot:
             excluded = self.seen_items.get(user_row)
         if user_row is not None and user_row in self.skipped_items:
             excluded = _excluded_with_skips(excluded, self.skipped_items[user_row])
+        learner = self.mastery is not None and user_id in self.mastery.students
         if user_row is None:
             # Popularity first; the learned item bias only breaks ties (e.g. before any event).
             positions, scores = self._best(None, k, allowed, excluded)
         else:
             query = np.append(self.user_vectors[user_row], np.float32(1.0))  # x bias column
-            positions, scores = self._best(query, k, allowed, excluded)
-        interests = () if user_row is None else self._interests(user_row)
-        return RecommendResult(
-            user_id=user_id,
-            items=tuple(
+            # A student with attempts: mastery reorders the ranking's best k + 2 (PRACTISE_EXTRA).
+            positions, scores = self._best(query, k + PRACTISE_EXTRA if learner else k, allowed, excluded)
+        if learner:
+            items = self._practise_next(user_id, positions, scores, k)
+        else:
+            interests = () if user_row is None else self._interests(user_row)
+            items = tuple(
                 self._item(int(p), float(s), _reason(self.catalog[int(p)].concepts, interests))
                 for p, s in zip(positions, scores, strict=True)
-            ),
+            )
+        return RecommendResult(
+            user_id=user_id,
+            items=items,
             model_version=self.version,
             cold_start=user_row is None,
             events_applied=self.events_applied,
@@ -381,6 +409,53 @@ class Snapshot:
             if key in masks:
                 union |= masks[key]
         return union
+
+    def concept_of(self, item_id: str) -> str:
+        """The concept an item's attempts train (its first; the item itself when it has none)."""
+        item = self.catalog.get(item_id)
+        return item.concepts[0] if item is not None and item.concepts else item_id
+
+    def practise(self, user_id: str, ranked: Sequence[str]) -> list[Suggestion]:
+        """mastery.practise_next over `ranked` for a student (the settings this snapshot carries)."""
+        model = self.mastery
+        assert model is not None
+
+        def prerequisites(item_id: str) -> tuple[str, ...]:
+            item = self.catalog.get(item_id)
+            return () if item is None else item.prerequisites
+
+        def title(item_id: str) -> str:
+            item = self.catalog.get(item_id)
+            return item_id if item is None else item.title
+
+        tried = model.students[user_id].concepts if user_id in model.students else {}
+
+        def mastery(item_id: str) -> float:
+            # A concept never attempted is not mastered, whatever the student's level elsewhere:
+            # "you have mastered X" must rest on answers about X.
+            concept = self.concept_of(item_id)
+            return model.mastery(user_id, concept) if concept in tried else 0.0
+
+        return practise_next(
+            ranked,
+            success=lambda i: model.predict(user_id, i),
+            mastery=mastery,
+            prerequisites=prerequisites,
+            band=self.practise_band,
+            mastered=self.mastery_threshold,
+            title=title,
+        )
+
+    def _practise_next(
+        self, user_id: str, positions: IntArray, scores: FloatArray, k: int
+    ) -> tuple[RecommendedItem, ...]:
+        ranked = {
+            self.catalog[int(p)].item_id: (int(p), float(s)) for p, s in zip(positions, scores, strict=True)
+        }
+        return tuple(
+            self._item(*ranked[suggestion.item], suggestion.reason)
+            for suggestion in self.practise(user_id, list(ranked))[:k]
+        )
 
     def _no_items(self) -> BoolArray:
         return read_only(np.zeros(self.n_items, dtype=bool))

@@ -59,6 +59,22 @@ _KIND_TO_PROTO = {
 _PROTO_TO_KIND: dict[int, FeedbackKind] = {int(value): kind for kind, value in _KIND_TO_PROTO.items()}
 
 
+_OUTCOME_TO_PROTO: dict[bool | None, events_pb2.AttemptOutcome] = {
+    None: events_pb2.ATTEMPT_OUTCOME_UNSPECIFIED,
+    True: events_pb2.ATTEMPT_OUTCOME_CORRECT,
+    False: events_pb2.ATTEMPT_OUTCOME_INCORRECT,
+}
+_PROTO_TO_OUTCOME: dict[int, bool | None] = {int(value): key for key, value in _OUTCOME_TO_PROTO.items()}
+
+
+def outcome_from_proto(value: int) -> bool | None:
+    """A FeedbackRecorded outcome: True correct, False incorrect, None not an attempt;
+    InvalidInput for an unknown value."""
+    if value not in _PROTO_TO_OUTCOME:
+        raise InvalidInput(f"unknown attempt outcome {value}")
+    return _PROTO_TO_OUTCOME[value]
+
+
 def feedback_kind_from_proto(value: int) -> FeedbackKind:
     """The kind of a FeedbackRecorded payload; InvalidInput for UNSPECIFIED or an unknown value."""
     kind = _PROTO_TO_KIND.get(value)
@@ -109,17 +125,42 @@ def _timestamp(time_s: float) -> Timestamp:
     return ts
 
 
+def check_score(score: float | None) -> None:
+    """An attempt's score must be a number in [0, 1]; InvalidInput otherwise."""
+    if score is not None and not 0.0 <= score <= 1.0:  # NaN fails both comparisons
+        raise InvalidInput(f"score must be a number between 0 and 1, got {score}")
+
+
+def attempt_correct(outcome: bool | None, score: float | None) -> bool | None:
+    """Whether an attempt counts as correct: its outcome, else its score >= 0.5; None: no attempt."""
+    if outcome is not None:
+        return outcome
+    return None if score is None else score >= 0.5
+
+
 def encode_feedback_recorded(
-    event_id: str, user_id: str, item_id: str, kind: FeedbackKind, time_s: float
+    event_id: str,
+    user_id: str,
+    item_id: str,
+    kind: FeedbackKind,
+    time_s: float,
+    outcome: bool | None = None,
+    score: float | None = None,
 ) -> EncodedEvent:
-    """Build the event for one RecordFeedback call (same topic and key as ImageClassified)."""
+    """Build the event for one RecordFeedback call (same topic and key as ImageClassified).
+
+    outcome: True / False for a correct / incorrect attempt, None when it was not one."""
+    check_score(score)
     message = events_pb2.FeedbackRecorded(
         event_id=event_id,
         user_id=user_id,
         item_id=item_id,
         kind=_KIND_TO_PROTO[kind],
         time=_timestamp(time_s),
+        outcome=_OUTCOME_TO_PROTO[outcome],
     )
+    if score is not None:
+        message.score = score
     return EncodedEvent(
         key=user_id.encode(),
         value=message.SerializeToString(),
@@ -168,6 +209,8 @@ def decode_feedback_recorded(record: Record) -> events_pb2.FeedbackRecorded:
     if not message.event_id or not message.user_id or not message.item_id:
         raise InvalidInput("FeedbackRecorded without event_id, user_id or item_id")
     feedback_kind_from_proto(message.kind)
+    outcome_from_proto(message.outcome)
+    check_score(message.score if message.HasField("score") else None)
     return message
 
 

@@ -249,12 +249,12 @@ def test_example_speaks_tls_with_a_token(
 
     # The servers refuse what the token does not allow, and the examples say so.
     refused = _run_example(language, client, [*flags, "-user", user], None)
-    assert refused.returncode != 0 and "UNAUTHENTICATED" in _status_words(refused)
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in _status_words(refused), refused
     foreign = _run_example(language, client, [*flags, "-user", f"school-b/{language}-student"], SCHOOL_TOKEN)
-    assert foreign.returncode != 0 and "PERMISSIONDENIED" in _status_words(foreign)
+    assert foreign.returncode != 0 and "PERMISSIONDENIED" in _status_words(foreign), foreign
     # Plaintext against a TLS port: no answer at all.
     plaintext = [
         f for f in flags if f not in ("-tls-ca", str(secure_system.ca_file), "-server-name", "localhost")
     ]
     insecure = _run_example(language, client, [*plaintext, "-user", user], SCHOOL_TOKEN)
-    assert insecure.returncode != 0
+    assert insecure.returncode != 0, insecure

@@ -36,7 +36,10 @@ from tests.helpers.vision_server import ServerFactory
 from tests.hostile.fuzz import EXAMPLES_ENV, InThread, fuzz_settings, image_bytes
 
 # The long run (scripts/fuzz.py) takes as long as its examples need.
-pytestmark = pytest.mark.timeout(0 if os.environ.get(EXAMPLES_ENV) else 600)
+pytestmark = [
+    pytest.mark.timeout(0 if os.environ.get(EXAMPLES_ENV) else 600),
+    pytest.mark.filterwarnings("ignore::UserWarning:PIL"),  # corrupt EXIF/TIFF tags: expected
+]
 
 CALL_TIMEOUT_S = 20.0
 MODEL = "worksheet-topics"

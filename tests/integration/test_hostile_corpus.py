@@ -40,7 +40,8 @@ CALL_TIMEOUT_S = 20.0
 KNOWN: dict[str, str] = {}
 NEVER = {"INTERNAL", "UNKNOWN"}
 
-pytestmark = pytest.mark.timeout(300)
+# Pillow warns about the corrupt EXIF/TIFF tags of hostile images; expected, and not a failure.
+pytestmark = [pytest.mark.timeout(300), pytest.mark.filterwarnings("ignore::UserWarning:PIL")]
 ON_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")  # the servers fixture lives there
 
 

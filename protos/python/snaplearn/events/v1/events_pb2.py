@@ -25,29 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n snaplearn/events/v1/events.proto\x12\x13snaplearn.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x0fImageClassified\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.snaplearn.events.v1.LabelScore\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xa1\x01\n\x10\x46\x65\x65\x64\x62\x61\x63kRecorded\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12/\n\x04kind\x18\x04 \x01(\x0e\x32!.snaplearn.events.v1.FeedbackKind\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x0b\x43\x61talogItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x03 \x03(\t\x12\x35\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32#.snaplearn.events.v1.CatalogFeature\x12\x15\n\rprerequisites\x18\x05 \x03(\t\"N\n\x0e\x43\x61talogFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x13\n\x06number\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_number\"~\n\x10\x43\x61talogItemAdded\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x04item\x18\x03 \x01(\x0b\x32 .snaplearn.events.v1.CatalogItem\"\x80\x01\n\x12\x43\x61talogItemChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x04item\x18\x03 \x01(\x0b\x32 .snaplearn.events.v1.CatalogItem\"a\n\x12\x43\x61talogItemRetired\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07item_id\x18\x03 \x01(\t*\x7f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_VIEWED\x10\x01\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_COMPLETED\x10\x02\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_SKIPPED\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n snaplearn/events/v1/events.proto\x12\x13snaplearn.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x01\n\x0fImageClassified\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12/\n\x06labels\x18\x06 \x03(\x0b\x32\x1f.snaplearn.events.v1.LabelScore\"*\n\nLabelScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\xf5\x01\n\x10\x46\x65\x65\x64\x62\x61\x63kRecorded\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x0f\n\x07item_id\x18\x03 \x01(\t\x12/\n\x04kind\x18\x04 \x01(\x0e\x32!.snaplearn.events.v1.FeedbackKind\x12(\n\x04time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x34\n\x07outcome\x18\x06 \x01(\x0e\x32#.snaplearn.events.v1.AttemptOutcome\x12\x12\n\x05score\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x08\n\x06_score\"\x8d\x01\n\x0b\x43\x61talogItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x10\n\x08\x63oncepts\x18\x03 \x03(\t\x12\x35\n\x08\x66\x65\x61tures\x18\x04 \x03(\x0b\x32#.snaplearn.events.v1.CatalogFeature\x12\x15\n\rprerequisites\x18\x05 \x03(\t\"N\n\x0e\x43\x61talogFeature\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06values\x18\x02 \x03(\t\x12\x13\n\x06number\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\t\n\x07_number\"~\n\x10\x43\x61talogItemAdded\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x04item\x18\x03 \x01(\x0b\x32 .snaplearn.events.v1.CatalogItem\"\x80\x01\n\x12\x43\x61talogItemChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x04item\x18\x03 \x01(\x0b\x32 .snaplearn.events.v1.CatalogItem\"a\n\x12\x43\x61talogItemRetired\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07item_id\x18\x03 \x01(\t*m\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41TTEMPT_OUTCOME_CORRECT\x10\x01\x12\x1d\n\x19\x41TTEMPT_OUTCOME_INCORRECT\x10\x02*\x7f\n\x0c\x46\x65\x65\x64\x62\x61\x63kKind\x12\x1d\n\x19\x46\x45\x45\x44\x42\x41\x43K_KIND_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46\x45\x45\x44\x42\x41\x43K_KIND_VIEWED\x10\x01\x12\x1b\n\x17\x46\x45\x45\x44\x42\x41\x43K_KIND_COMPLETED\x10\x02\x12\x19\n\x15\x46\x45\x45\x44\x42\x41\x43K_KIND_SKIPPED\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'snaplearn.events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FEEDBACKKIND']._serialized_start=1069
-  _globals['_FEEDBACKKIND']._serialized_end=1196
+  _globals['_ATTEMPTOUTCOME']._serialized_start=1153
+  _globals['_ATTEMPTOUTCOME']._serialized_end=1262
+  _globals['_FEEDBACKKIND']._serialized_start=1264
+  _globals['_FEEDBACKKIND']._serialized_end=1391
   _globals['_IMAGECLASSIFIED']._serialized_start=91
   _globals['_IMAGECLASSIFIED']._serialized_end=277
   _globals['_LABELSCORE']._serialized_start=279
   _globals['_LABELSCORE']._serialized_end=321
   _globals['_FEEDBACKRECORDED']._serialized_start=324
-  _globals['_FEEDBACKRECORDED']._serialized_end=485
-  _globals['_CATALOGITEM']._serialized_start=488
-  _globals['_CATALOGITEM']._serialized_end=629
-  _globals['_CATALOGFEATURE']._serialized_start=631
-  _globals['_CATALOGFEATURE']._serialized_end=709
-  _globals['_CATALOGITEMADDED']._serialized_start=711
-  _globals['_CATALOGITEMADDED']._serialized_end=837
-  _globals['_CATALOGITEMCHANGED']._serialized_start=840
-  _globals['_CATALOGITEMCHANGED']._serialized_end=968
-  _globals['_CATALOGITEMRETIRED']._serialized_start=970
-  _globals['_CATALOGITEMRETIRED']._serialized_end=1067
+  _globals['_FEEDBACKRECORDED']._serialized_end=569
+  _globals['_CATALOGITEM']._serialized_start=572
+  _globals['_CATALOGITEM']._serialized_end=713
+  _globals['_CATALOGFEATURE']._serialized_start=715
+  _globals['_CATALOGFEATURE']._serialized_end=793
+  _globals['_CATALOGITEMADDED']._serialized_start=795
+  _globals['_CATALOGITEMADDED']._serialized_end=921
+  _globals['_CATALOGITEMCHANGED']._serialized_start=924
+  _globals['_CATALOGITEMCHANGED']._serialized_end=1052
+  _globals['_CATALOGITEMRETIRED']._serialized_start=1054
+  _globals['_CATALOGITEMRETIRED']._serialized_end=1151
 # @@protoc_insertion_point(module_scope)

@@ -10,12 +10,21 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AttemptOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTEMPT_OUTCOME_UNSPECIFIED: _ClassVar[AttemptOutcome]
+    ATTEMPT_OUTCOME_CORRECT: _ClassVar[AttemptOutcome]
+    ATTEMPT_OUTCOME_INCORRECT: _ClassVar[AttemptOutcome]
+
 class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FEEDBACK_KIND_UNSPECIFIED: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_VIEWED: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_COMPLETED: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_SKIPPED: _ClassVar[FeedbackKind]
+ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome
+ATTEMPT_OUTCOME_CORRECT: AttemptOutcome
+ATTEMPT_OUTCOME_INCORRECT: AttemptOutcome
 FEEDBACK_KIND_UNSPECIFIED: FeedbackKind
 FEEDBACK_KIND_VIEWED: FeedbackKind
 FEEDBACK_KIND_COMPLETED: FeedbackKind
@@ -46,18 +55,22 @@ class LabelScore(_message.Message):
     def __init__(self, label: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class FeedbackRecorded(_message.Message):
-    __slots__ = ("event_id", "user_id", "item_id", "kind", "time")
+    __slots__ = ("event_id", "user_id", "item_id", "kind", "time", "outcome", "score")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     user_id: str
     item_id: str
     kind: FeedbackKind
     time: _timestamp_pb2.Timestamp
-    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    outcome: AttemptOutcome
+    score: float
+    def __init__(self, event_id: _Optional[str] = ..., user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome: _Optional[_Union[AttemptOutcome, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class CatalogItem(_message.Message):
     __slots__ = ("item_id", "title", "concepts", "features", "prerequisites")

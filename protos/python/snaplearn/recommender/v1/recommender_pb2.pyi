@@ -16,10 +16,19 @@ class FeedbackKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FEEDBACK_KIND_VIEWED: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_COMPLETED: _ClassVar[FeedbackKind]
     FEEDBACK_KIND_SKIPPED: _ClassVar[FeedbackKind]
+
+class AttemptOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ATTEMPT_OUTCOME_UNSPECIFIED: _ClassVar[AttemptOutcome]
+    ATTEMPT_OUTCOME_CORRECT: _ClassVar[AttemptOutcome]
+    ATTEMPT_OUTCOME_INCORRECT: _ClassVar[AttemptOutcome]
 FEEDBACK_KIND_UNSPECIFIED: FeedbackKind
 FEEDBACK_KIND_VIEWED: FeedbackKind
 FEEDBACK_KIND_COMPLETED: FeedbackKind
 FEEDBACK_KIND_SKIPPED: FeedbackKind
+ATTEMPT_OUTCOME_UNSPECIFIED: AttemptOutcome
+ATTEMPT_OUTCOME_CORRECT: AttemptOutcome
+ATTEMPT_OUTCOME_INCORRECT: AttemptOutcome
 
 class RecommendFilters(_message.Message):
     __slots__ = ("grades", "formats", "concepts", "features")
@@ -124,18 +133,22 @@ class SimilarItemsResponse(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RecordFeedbackRequest(_message.Message):
-    __slots__ = ("user_id", "item_id", "kind", "request_id", "time")
+    __slots__ = ("user_id", "item_id", "kind", "request_id", "time", "outcome", "score")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     kind: FeedbackKind
     request_id: str
     time: _timestamp_pb2.Timestamp
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    outcome: AttemptOutcome
+    score: float
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., kind: _Optional[_Union[FeedbackKind, str]] = ..., request_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., outcome: _Optional[_Union[AttemptOutcome, str]] = ..., score: _Optional[float] = ...) -> None: ...
 
 class RecordFeedbackResponse(_message.Message):
     __slots__ = ("event_id", "accepted")

@@ -22,6 +22,55 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type AttemptOutcome int32
+
+const (
+	AttemptOutcome_ATTEMPT_OUTCOME_UNSPECIFIED AttemptOutcome = 0
+	AttemptOutcome_ATTEMPT_OUTCOME_CORRECT     AttemptOutcome = 1
+	AttemptOutcome_ATTEMPT_OUTCOME_INCORRECT   AttemptOutcome = 2
+)
+
+// Enum value maps for AttemptOutcome.
+var (
+	AttemptOutcome_name = map[int32]string{
+		0: "ATTEMPT_OUTCOME_UNSPECIFIED",
+		1: "ATTEMPT_OUTCOME_CORRECT",
+		2: "ATTEMPT_OUTCOME_INCORRECT",
+	}
+	AttemptOutcome_value = map[string]int32{
+		"ATTEMPT_OUTCOME_UNSPECIFIED": 0,
+		"ATTEMPT_OUTCOME_CORRECT":     1,
+		"ATTEMPT_OUTCOME_INCORRECT":   2,
+	}
+)
+
+func (x AttemptOutcome) Enum() *AttemptOutcome {
+	p := new(AttemptOutcome)
+	*p = x
+	return p
+}
+
+func (x AttemptOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AttemptOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_snaplearn_events_v1_events_proto_enumTypes[0].Descriptor()
+}
+
+func (AttemptOutcome) Type() protoreflect.EnumType {
+	return &file_snaplearn_events_v1_events_proto_enumTypes[0]
+}
+
+func (x AttemptOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AttemptOutcome.Descriptor instead.
+func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{0}
+}
+
 type FeedbackKind int32
 
 const (
@@ -58,11 +107,11 @@ func (x FeedbackKind) String() string {
 }
 
 func (FeedbackKind) Descriptor() protoreflect.EnumDescriptor {
-	return file_snaplearn_events_v1_events_proto_enumTypes[0].Descriptor()
+	return file_snaplearn_events_v1_events_proto_enumTypes[1].Descriptor()
 }
 
 func (FeedbackKind) Type() protoreflect.EnumType {
-	return &file_snaplearn_events_v1_events_proto_enumTypes[0]
+	return &file_snaplearn_events_v1_events_proto_enumTypes[1]
 }
 
 func (x FeedbackKind) Number() protoreflect.EnumNumber {
@@ -71,7 +120,7 @@ func (x FeedbackKind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use FeedbackKind.Descriptor instead.
 func (FeedbackKind) EnumDescriptor() ([]byte, []int) {
-	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{0}
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{1}
 }
 
 // Published by the vision server once per successful Classify call, keyed by user_id.
@@ -220,11 +269,15 @@ func (x *LabelScore) GetScore() float32 {
 type FeedbackRecorded struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Unique id (the RecordFeedback request id); consumers deduplicate on it.
-	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
-	UserId        string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
-	ItemId        string                 `protobuf:"bytes,3,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
-	Kind          FeedbackKind           `protobuf:"varint,4,opt,name=kind,proto3,enum=snaplearn.events.v1.FeedbackKind" json:"kind,omitempty"`
-	Time          *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	EventId string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	UserId  string                 `protobuf:"bytes,2,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	ItemId  string                 `protobuf:"bytes,3,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
+	Kind    FeedbackKind           `protobuf:"varint,4,opt,name=kind,proto3,enum=snaplearn.events.v1.FeedbackKind" json:"kind,omitempty"`
+	Time    *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	// An attempt's outcome (RecordFeedback's outcome; UNSPECIFIED: not an attempt) and its
+	// optional score in [0, 1].
+	Outcome       AttemptOutcome `protobuf:"varint,6,opt,name=outcome,proto3,enum=snaplearn.events.v1.AttemptOutcome" json:"outcome,omitempty"`
+	Score         *float32       `protobuf:"fixed32,7,opt,name=score,proto3,oneof" json:"score,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -292,6 +345,20 @@ func (x *FeedbackRecorded) GetTime() *timestamppb.Timestamp {
 		return x.Time
 	}
 	return nil
+}
+
+func (x *FeedbackRecorded) GetOutcome() AttemptOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return AttemptOutcome_ATTEMPT_OUTCOME_UNSPECIFIED
+}
+
+func (x *FeedbackRecorded) GetScore() float32 {
+	if x != nil && x.Score != nil {
+		return *x.Score
+	}
+	return 0
 }
 
 // A catalog item as the catalog-change events carry it: the item's declared features already
@@ -639,13 +706,16 @@ const file_snaplearn_events_v1_events_proto_rawDesc = "" +
 	"\n" +
 	"LabelScore\x12\x14\n" +
 	"\x05label\x18\x01 \x01(\tR\x05label\x12\x14\n" +
-	"\x05score\x18\x02 \x01(\x02R\x05score\"\xc6\x01\n" +
+	"\x05score\x18\x02 \x01(\x02R\x05score\"\xaa\x02\n" +
 	"\x10FeedbackRecorded\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x17\n" +
 	"\auser_id\x18\x02 \x01(\tR\x06userId\x12\x17\n" +
 	"\aitem_id\x18\x03 \x01(\tR\x06itemId\x125\n" +
 	"\x04kind\x18\x04 \x01(\x0e2!.snaplearn.events.v1.FeedbackKindR\x04kind\x12.\n" +
-	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"\xbf\x01\n" +
+	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12=\n" +
+	"\aoutcome\x18\x06 \x01(\x0e2#.snaplearn.events.v1.AttemptOutcomeR\aoutcome\x12\x19\n" +
+	"\x05score\x18\a \x01(\x02H\x00R\x05score\x88\x01\x01B\b\n" +
+	"\x06_score\"\xbf\x01\n" +
 	"\vCatalogItem\x12\x17\n" +
 	"\aitem_id\x18\x01 \x01(\tR\x06itemId\x12\x14\n" +
 	"\x05title\x18\x02 \x01(\tR\x05title\x12\x1a\n" +
@@ -668,7 +738,11 @@ const file_snaplearn_events_v1_events_proto_rawDesc = "" +
 	"\x12CatalogItemRetired\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
-	"\aitem_id\x18\x03 \x01(\tR\x06itemId*\x7f\n" +
+	"\aitem_id\x18\x03 \x01(\tR\x06itemId*m\n" +
+	"\x0eAttemptOutcome\x12\x1f\n" +
+	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17ATTEMPT_OUTCOME_CORRECT\x10\x01\x12\x1d\n" +
+	"\x19ATTEMPT_OUTCOME_INCORRECT\x10\x02*\x7f\n" +
 	"\fFeedbackKind\x12\x1d\n" +
 	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
@@ -688,36 +762,38 @@ func file_snaplearn_events_v1_events_proto_rawDescGZIP() []byte {
 	return file_snaplearn_events_v1_events_proto_rawDescData
 }
 
-var file_snaplearn_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_snaplearn_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_snaplearn_events_v1_events_proto_goTypes = []any{
-	(FeedbackKind)(0),             // 0: snaplearn.events.v1.FeedbackKind
-	(*ImageClassified)(nil),       // 1: snaplearn.events.v1.ImageClassified
-	(*LabelScore)(nil),            // 2: snaplearn.events.v1.LabelScore
-	(*FeedbackRecorded)(nil),      // 3: snaplearn.events.v1.FeedbackRecorded
-	(*CatalogItem)(nil),           // 4: snaplearn.events.v1.CatalogItem
-	(*CatalogFeature)(nil),        // 5: snaplearn.events.v1.CatalogFeature
-	(*CatalogItemAdded)(nil),      // 6: snaplearn.events.v1.CatalogItemAdded
-	(*CatalogItemChanged)(nil),    // 7: snaplearn.events.v1.CatalogItemChanged
-	(*CatalogItemRetired)(nil),    // 8: snaplearn.events.v1.CatalogItemRetired
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(AttemptOutcome)(0),           // 0: snaplearn.events.v1.AttemptOutcome
+	(FeedbackKind)(0),             // 1: snaplearn.events.v1.FeedbackKind
+	(*ImageClassified)(nil),       // 2: snaplearn.events.v1.ImageClassified
+	(*LabelScore)(nil),            // 3: snaplearn.events.v1.LabelScore
+	(*FeedbackRecorded)(nil),      // 4: snaplearn.events.v1.FeedbackRecorded
+	(*CatalogItem)(nil),           // 5: snaplearn.events.v1.CatalogItem
+	(*CatalogFeature)(nil),        // 6: snaplearn.events.v1.CatalogFeature
+	(*CatalogItemAdded)(nil),      // 7: snaplearn.events.v1.CatalogItemAdded
+	(*CatalogItemChanged)(nil),    // 8: snaplearn.events.v1.CatalogItemChanged
+	(*CatalogItemRetired)(nil),    // 9: snaplearn.events.v1.CatalogItemRetired
+	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
 }
 var file_snaplearn_events_v1_events_proto_depIdxs = []int32{
-	9,  // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
-	2,  // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
-	0,  // 2: snaplearn.events.v1.FeedbackRecorded.kind:type_name -> snaplearn.events.v1.FeedbackKind
-	9,  // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
-	5,  // 4: snaplearn.events.v1.CatalogItem.features:type_name -> snaplearn.events.v1.CatalogFeature
-	9,  // 5: snaplearn.events.v1.CatalogItemAdded.time:type_name -> google.protobuf.Timestamp
-	4,  // 6: snaplearn.events.v1.CatalogItemAdded.item:type_name -> snaplearn.events.v1.CatalogItem
-	9,  // 7: snaplearn.events.v1.CatalogItemChanged.time:type_name -> google.protobuf.Timestamp
-	4,  // 8: snaplearn.events.v1.CatalogItemChanged.item:type_name -> snaplearn.events.v1.CatalogItem
-	9,  // 9: snaplearn.events.v1.CatalogItemRetired.time:type_name -> google.protobuf.Timestamp
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	10, // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
+	3,  // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
+	1,  // 2: snaplearn.events.v1.FeedbackRecorded.kind:type_name -> snaplearn.events.v1.FeedbackKind
+	10, // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
+	0,  // 4: snaplearn.events.v1.FeedbackRecorded.outcome:type_name -> snaplearn.events.v1.AttemptOutcome
+	6,  // 5: snaplearn.events.v1.CatalogItem.features:type_name -> snaplearn.events.v1.CatalogFeature
+	10, // 6: snaplearn.events.v1.CatalogItemAdded.time:type_name -> google.protobuf.Timestamp
+	5,  // 7: snaplearn.events.v1.CatalogItemAdded.item:type_name -> snaplearn.events.v1.CatalogItem
+	10, // 8: snaplearn.events.v1.CatalogItemChanged.time:type_name -> google.protobuf.Timestamp
+	5,  // 9: snaplearn.events.v1.CatalogItemChanged.item:type_name -> snaplearn.events.v1.CatalogItem
+	10, // 10: snaplearn.events.v1.CatalogItemRetired.time:type_name -> google.protobuf.Timestamp
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_events_v1_events_proto_init() }
@@ -725,13 +801,14 @@ func file_snaplearn_events_v1_events_proto_init() {
 	if File_snaplearn_events_v1_events_proto != nil {
 		return
 	}
+	file_snaplearn_events_v1_events_proto_msgTypes[2].OneofWrappers = []any{}
 	file_snaplearn_events_v1_events_proto_msgTypes[4].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_events_v1_events_proto_rawDesc), len(file_snaplearn_events_v1_events_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,

@@ -77,6 +77,56 @@ func (FeedbackKind) EnumDescriptor() ([]byte, []int) {
 	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{0}
 }
 
+type AttemptOutcome int32
+
+const (
+	// Not an attempt (or only a score was given).
+	AttemptOutcome_ATTEMPT_OUTCOME_UNSPECIFIED AttemptOutcome = 0
+	AttemptOutcome_ATTEMPT_OUTCOME_CORRECT     AttemptOutcome = 1
+	AttemptOutcome_ATTEMPT_OUTCOME_INCORRECT   AttemptOutcome = 2
+)
+
+// Enum value maps for AttemptOutcome.
+var (
+	AttemptOutcome_name = map[int32]string{
+		0: "ATTEMPT_OUTCOME_UNSPECIFIED",
+		1: "ATTEMPT_OUTCOME_CORRECT",
+		2: "ATTEMPT_OUTCOME_INCORRECT",
+	}
+	AttemptOutcome_value = map[string]int32{
+		"ATTEMPT_OUTCOME_UNSPECIFIED": 0,
+		"ATTEMPT_OUTCOME_CORRECT":     1,
+		"ATTEMPT_OUTCOME_INCORRECT":   2,
+	}
+)
+
+func (x AttemptOutcome) Enum() *AttemptOutcome {
+	p := new(AttemptOutcome)
+	*p = x
+	return p
+}
+
+func (x AttemptOutcome) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (AttemptOutcome) Descriptor() protoreflect.EnumDescriptor {
+	return file_snaplearn_recommender_v1_recommender_proto_enumTypes[1].Descriptor()
+}
+
+func (AttemptOutcome) Type() protoreflect.EnumType {
+	return &file_snaplearn_recommender_v1_recommender_proto_enumTypes[1]
+}
+
+func (x AttemptOutcome) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use AttemptOutcome.Descriptor instead.
+func (AttemptOutcome) EnumDescriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{1}
+}
+
 type RecommendFilters struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Keep only items of these grades (empty: any grade). The same as a FeatureFilter on the
@@ -686,7 +736,13 @@ type RecordFeedbackRequest struct {
 	RequestId string `protobuf:"bytes,4,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
 	// When it happened (default: when the server received it). May be in the past (an offline
 	// app syncing later); at most a few minutes in the future.
-	Time          *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	Time *timestamppb.Timestamp `protobuf:"bytes,5,opt,name=time,proto3" json:"time,omitempty"`
+	// Set when the item was an exercise the student answered (an attempt): it moves the
+	// student's mastery of the item's concept, which shapes "practise next" and its reasons.
+	Outcome AttemptOutcome `protobuf:"varint,6,opt,name=outcome,proto3,enum=snaplearn.recommender.v1.AttemptOutcome" json:"outcome,omitempty"`
+	// Optional score of the attempt in [0, 1] (INVALID_ARGUMENT outside, or not a number); with
+	// an UNSPECIFIED outcome, a score of at least 0.5 counts as correct.
+	Score         *float32 `protobuf:"fixed32,7,opt,name=score,proto3,oneof" json:"score,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -754,6 +810,20 @@ func (x *RecordFeedbackRequest) GetTime() *timestamppb.Timestamp {
 		return x.Time
 	}
 	return nil
+}
+
+func (x *RecordFeedbackRequest) GetOutcome() AttemptOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return AttemptOutcome_ATTEMPT_OUTCOME_UNSPECIFIED
+}
+
+func (x *RecordFeedbackRequest) GetScore() float32 {
+	if x != nil && x.Score != nil {
+		return *x.Score
+	}
+	return 0
 }
 
 type RecordFeedbackResponse struct {
@@ -862,14 +932,17 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x14SimilarItemsResponse\x12\x17\n" +
 	"\aitem_id\x18\x01 \x01(\tR\x06itemId\x12?\n" +
 	"\x05items\x18\x02 \x03(\v2).snaplearn.recommender.v1.RecommendedItemR\x05items\x12#\n" +
-	"\rmodel_version\x18\x03 \x01(\tR\fmodelVersion\"\xd4\x01\n" +
+	"\rmodel_version\x18\x03 \x01(\tR\fmodelVersion\"\xbd\x02\n" +
 	"\x15RecordFeedbackRequest\x12\x17\n" +
 	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x17\n" +
 	"\aitem_id\x18\x02 \x01(\tR\x06itemId\x12:\n" +
 	"\x04kind\x18\x03 \x01(\x0e2&.snaplearn.recommender.v1.FeedbackKindR\x04kind\x12\x1d\n" +
 	"\n" +
 	"request_id\x18\x04 \x01(\tR\trequestId\x12.\n" +
-	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\"O\n" +
+	"\x04time\x18\x05 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12B\n" +
+	"\aoutcome\x18\x06 \x01(\x0e2(.snaplearn.recommender.v1.AttemptOutcomeR\aoutcome\x12\x19\n" +
+	"\x05score\x18\a \x01(\x02H\x00R\x05score\x88\x01\x01B\b\n" +
+	"\x06_score\"O\n" +
 	"\x16RecordFeedbackResponse\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x1a\n" +
 	"\baccepted\x18\x02 \x01(\bR\baccepted*\x7f\n" +
@@ -877,7 +950,11 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
 	"\x17FEEDBACK_KIND_COMPLETED\x10\x02\x12\x19\n" +
-	"\x15FEEDBACK_KIND_SKIPPED\x10\x032\xde\x02\n" +
+	"\x15FEEDBACK_KIND_SKIPPED\x10\x03*m\n" +
+	"\x0eAttemptOutcome\x12\x1f\n" +
+	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
+	"\x17ATTEMPT_OUTCOME_CORRECT\x10\x01\x12\x1d\n" +
+	"\x19ATTEMPT_OUTCOME_INCORRECT\x10\x022\xde\x02\n" +
 	"\x12RecommenderService\x12d\n" +
 	"\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n" +
 	"\fSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponse\x12s\n" +
@@ -896,42 +973,44 @@ func file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP() []byte {
 	return file_snaplearn_recommender_v1_recommender_proto_rawDescData
 }
 
-var file_snaplearn_recommender_v1_recommender_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_snaplearn_recommender_v1_recommender_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
 var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_snaplearn_recommender_v1_recommender_proto_goTypes = []any{
 	(FeedbackKind)(0),              // 0: snaplearn.recommender.v1.FeedbackKind
-	(*RecommendFilters)(nil),       // 1: snaplearn.recommender.v1.RecommendFilters
-	(*FeatureFilter)(nil),          // 2: snaplearn.recommender.v1.FeatureFilter
-	(*ItemFeature)(nil),            // 3: snaplearn.recommender.v1.ItemFeature
-	(*RecommendRequest)(nil),       // 4: snaplearn.recommender.v1.RecommendRequest
-	(*RecommendedItem)(nil),        // 5: snaplearn.recommender.v1.RecommendedItem
-	(*RecommendResponse)(nil),      // 6: snaplearn.recommender.v1.RecommendResponse
-	(*SimilarItemsRequest)(nil),    // 7: snaplearn.recommender.v1.SimilarItemsRequest
-	(*SimilarItemsResponse)(nil),   // 8: snaplearn.recommender.v1.SimilarItemsResponse
-	(*RecordFeedbackRequest)(nil),  // 9: snaplearn.recommender.v1.RecordFeedbackRequest
-	(*RecordFeedbackResponse)(nil), // 10: snaplearn.recommender.v1.RecordFeedbackResponse
-	(*timestamppb.Timestamp)(nil),  // 11: google.protobuf.Timestamp
+	(AttemptOutcome)(0),            // 1: snaplearn.recommender.v1.AttemptOutcome
+	(*RecommendFilters)(nil),       // 2: snaplearn.recommender.v1.RecommendFilters
+	(*FeatureFilter)(nil),          // 3: snaplearn.recommender.v1.FeatureFilter
+	(*ItemFeature)(nil),            // 4: snaplearn.recommender.v1.ItemFeature
+	(*RecommendRequest)(nil),       // 5: snaplearn.recommender.v1.RecommendRequest
+	(*RecommendedItem)(nil),        // 6: snaplearn.recommender.v1.RecommendedItem
+	(*RecommendResponse)(nil),      // 7: snaplearn.recommender.v1.RecommendResponse
+	(*SimilarItemsRequest)(nil),    // 8: snaplearn.recommender.v1.SimilarItemsRequest
+	(*SimilarItemsResponse)(nil),   // 9: snaplearn.recommender.v1.SimilarItemsResponse
+	(*RecordFeedbackRequest)(nil),  // 10: snaplearn.recommender.v1.RecordFeedbackRequest
+	(*RecordFeedbackResponse)(nil), // 11: snaplearn.recommender.v1.RecordFeedbackResponse
+	(*timestamppb.Timestamp)(nil),  // 12: google.protobuf.Timestamp
 }
 var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
-	2,  // 0: snaplearn.recommender.v1.RecommendFilters.features:type_name -> snaplearn.recommender.v1.FeatureFilter
-	1,  // 1: snaplearn.recommender.v1.RecommendRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
-	3,  // 2: snaplearn.recommender.v1.RecommendedItem.features:type_name -> snaplearn.recommender.v1.ItemFeature
-	5,  // 3: snaplearn.recommender.v1.RecommendResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
-	1,  // 4: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
-	5,  // 5: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
+	3,  // 0: snaplearn.recommender.v1.RecommendFilters.features:type_name -> snaplearn.recommender.v1.FeatureFilter
+	2,  // 1: snaplearn.recommender.v1.RecommendRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
+	4,  // 2: snaplearn.recommender.v1.RecommendedItem.features:type_name -> snaplearn.recommender.v1.ItemFeature
+	6,  // 3: snaplearn.recommender.v1.RecommendResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
+	2,  // 4: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
+	6,  // 5: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
 	0,  // 6: snaplearn.recommender.v1.RecordFeedbackRequest.kind:type_name -> snaplearn.recommender.v1.FeedbackKind
-	11, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
-	4,  // 8: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
-	7,  // 9: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
-	9,  // 10: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
-	6,  // 11: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
-	8,  // 12: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
-	10, // 13: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
-	11, // [11:14] is the sub-list for method output_type
-	8,  // [8:11] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	12, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
+	1,  // 8: snaplearn.recommender.v1.RecordFeedbackRequest.outcome:type_name -> snaplearn.recommender.v1.AttemptOutcome
+	5,  // 9: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
+	8,  // 10: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
+	10, // 11: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
+	7,  // 12: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
+	9,  // 13: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
+	11, // 14: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
+	12, // [12:15] is the sub-list for method output_type
+	9,  // [9:12] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_recommender_v1_recommender_proto_init() }
@@ -941,12 +1020,13 @@ func file_snaplearn_recommender_v1_recommender_proto_init() {
 	}
 	file_snaplearn_recommender_v1_recommender_proto_msgTypes[1].OneofWrappers = []any{}
 	file_snaplearn_recommender_v1_recommender_proto_msgTypes[2].OneofWrappers = []any{}
+	file_snaplearn_recommender_v1_recommender_proto_msgTypes[8].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_recommender_v1_recommender_proto_rawDesc), len(file_snaplearn_recommender_v1_recommender_proto_rawDesc)),
-			NumEnums:      1,
+			NumEnums:      2,
 			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   1,
