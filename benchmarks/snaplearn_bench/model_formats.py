@@ -65,22 +65,40 @@ def _json_line(argv: list[str], env: dict[str, str], what: str) -> dict[str, Any
 
 
 def _env(args: argparse.Namespace) -> dict[str, str]:
+    """torch_env, keeping this process's PYTHONPATH (benchmarks/gpu.sh runs from the source
+    folders, nothing installed)."""
     from snaplearn_bench.processes import torch_env
 
-    return torch_env(args.torch_threads)
+    env = torch_env(args.torch_threads)
+    inherited = os.environ.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH", ""), inherited]))
+    return env
 
 
-def export(
-    model: str, scratch: Path, root: Path, formats: list[str], args: argparse.Namespace
-) -> dict[str, Any]:
-    argv = [
-        PY, "-m", "snaplearn_bench.format_runtime", "export", "--model", model,
-        "--out", str(scratch / "files"), "--formats", ",".join(formats),
-        "--default-root", str(args.model_repository), "--max-batch-size", str(args.max_batch_size),
-        "--size", str(args.size),
-        *([] if args.models_add else ["--repository", str(root)]),
-    ]  # fmt: skip
-    return _json_line(argv, _env(args), f"exporting {model}")
+def export(model: str, root: Path, formats: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Export `model` into `out` (reusing an earlier export there: --export-dir) and, unless
+    --models-add, write each file into the repository `root` as a version folder."""
+    from snaplearn_bench.format_runtime import served_name, write_version
+
+    cache = out / f"{model}-{args.size}.export.json"
+    exported: dict[str, Any] | None = json.loads(cache.read_text()) if cache.exists() else None
+    if exported is None or not all(
+        Path(exported["files"].get(fmt, "/nonexistent")).exists() for fmt in formats
+    ):
+        argv = [
+            PY, "-m", "snaplearn_bench.format_runtime", "export", "--model", model,
+            "--out", str(out), "--formats", ",".join(formats),
+            "--default-root", str(args.model_repository), "--size", str(args.size),
+        ]  # fmt: skip
+        exported = _json_line(argv, _env(args), f"exporting {model}")
+        cache.write_text(json.dumps(exported))
+    else:
+        log(f"{model}: reusing the export in {out}")
+    if not args.models_add:
+        for fmt in formats:
+            file = exported["files"][fmt]
+            write_version(root, served_name(model, fmt), file, fmt, exported["spec"], args.max_batch_size)
+    return exported
 
 
 def models_add(
@@ -264,7 +282,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             root = scratch / "models"
             log(f"{model}: exporting to {', '.join(exported_formats)}")
-            exported = export(model, scratch, root, exported_formats, args)
+            out = args.export_dir if args.export_dir is not None else scratch / "files"
+            out.mkdir(parents=True, exist_ok=True)
+            exported = export(model, root, exported_formats, args, out)
             spec = exported["spec"]
             entry: dict[str, Any] = {
                 "input": f"{spec['channels']}x{spec['size'][0]}x{spec['size'][1]}",
@@ -553,9 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", type=Path, default=DOCS, help="where the JSON, plot and page go")
     parser.add_argument(
+        "--export-dir", type=Path, default=None, help="keep (and reuse) the exported files here"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="MobileNetV3-small 64x64, 1 s windows: a smoke run"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave --out alone")
+    parser.add_argument("--from-json", type=Path, default=None, help="no run: page and plot from this JSON")
     return parser
 
 
@@ -572,10 +596,13 @@ def main(argv: list[str] | None = None) -> int:
             0.5,
         )
         args.batch_sizes, args.concurrency, args.max_batch_size = "1,8", 8, 8
-    from snaplearn_bench.load import load_generator
+    if args.from_json is not None:  # re-render a saved run (e.g. once matplotlib is installed)
+        result = summarize(json.loads(args.from_json.read_text()))
+    else:
+        from snaplearn_bench.load import load_generator
 
-    with load_generator(args.load_generator):
-        result = run(args)
+        with load_generator(args.load_generator):
+            result = run(args)
     print(markdown_table(result))
     print("\n".join(verdicts(result)))
     if not args.no_write:

@@ -269,8 +269,9 @@ async def soak(
     metrics_port = int(vision.info["metrics_port"])
 
     async def look(t_s: float) -> None:
-        published = await asyncio.to_thread(metric, metrics_port, "snaplearn_vision_events_published_total")
+        # Applied first: read the other way round, a sample could show more applied than published.
         applied = await asyncio.to_thread(events_applied, recommender.target)
+        published = await asyncio.to_thread(metric, metrics_port, "snaplearn_vision_events_published_total")
         rss = {name: rss_bytes(pid) for name, pid in pids.items()}
         answered = sum(statuses.values())
         result.samples.append(

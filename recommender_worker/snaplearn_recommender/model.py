@@ -344,7 +344,8 @@ class RecommenderModel:
         # catalog's; replaced, never mutated, so snapshots may share it), the live model, and per
         # student a copy frozen at the last batch that touched them plus the latest attempts.
         self._concept_of: dict[str, str] = {}
-        self._mastery = MasteryModel(self._concept_of)
+        self._mastery = MasteryModel()
+        self._mastery.concept_of = self._concept_of  # the same dict (an empty one is falsy there)
         self._mastery_frozen: dict[Hashable, StudentState] = {}
         self._attempts: dict[str, tuple[Attempt, ...]] = {}
 
@@ -361,9 +362,10 @@ class RecommenderModel:
         if "_mastery" not in state:  # pickled before attempts
             state["params"] = ModelParams.upgraded(state["params"])
             self._init_mastery()
-            self._concept_of.update(
-                (item.item_id, item.concepts[0]) for item in state["catalog"].items if item.concepts
-            )
+            self._concept_of = {
+                item.item_id: item.concepts[0] for item in state["catalog"].items if item.concepts
+            }
+            self._mastery.concept_of = self._concept_of
         self.__dict__.update(state)
         if old_item_arrays:
             self._rebuild_item_arrays()

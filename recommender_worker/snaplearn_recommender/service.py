@@ -15,7 +15,13 @@ from threadpoolctl import threadpool_limits
 
 from snaplearn_common.errors import Unavailable
 from snaplearn_recommender.metrics import RecommenderMetrics
-from snaplearn_recommender.snapshot import FeatureFilter, RecommendResult, SimilarItemsResult, Snapshot
+from snaplearn_recommender.snapshot import (
+    FeatureFilter,
+    RecommendResult,
+    SimilarItemsResult,
+    Snapshot,
+    StudentStateResult,
+)
 
 
 class RecommendationService:
@@ -88,3 +94,6 @@ class RecommendationService:
         features: Sequence[FeatureFilter] = (),
     ) -> SimilarItemsResult:
         return self._current().similar_items(item_id, k, grades, formats, concepts, features)
+
+    def student_state(self, user_id: str, k: int = 0) -> StudentStateResult:
+        return self._current().student_state(user_id, k)

@@ -13,7 +13,7 @@ from snaplearn_common.events import FeedbackKind
 from snaplearn_common.ids import check_id, check_user_id
 from snaplearn_recommender.feedback import FeedbackRecorder
 from snaplearn_recommender.service import RecommendationService
-from snaplearn_recommender.snapshot import FeatureFilter, RecommendedItem, RecommendResult
+from snaplearn_recommender.snapshot import FeatureFilter, RecommendedItem, RecommendResult, StudentStateResult
 
 SERVICE_NAME = "snaplearn.recommender.v1.RecommenderService"
 
@@ -63,6 +63,12 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             features=_feature_filters(request.filters),
         )
         return to_response(result)
+
+    async def GetStudentState(
+        self, request: recommender_pb2.GetStudentStateRequest, context: aio.ServicerContext
+    ) -> recommender_pb2.GetStudentStateResponse:
+        check_user_id(request.user_id)
+        return student_state_response(self._service.student_state(request.user_id, request.k))
 
     async def SimilarItems(
         self, request: recommender_pb2.SimilarItemsRequest, context: aio.ServicerContext
@@ -119,6 +125,42 @@ def to_response(result: RecommendResult) -> recommender_pb2.RecommendResponse:
         model_version=result.model_version,
         cold_start=result.cold_start,
         events_applied=result.events_applied,
+    )
+
+
+_OUTCOME_TO_PROTO = {v: k for k, v in _OUTCOMES.items()}
+
+
+def student_state_response(result: StudentStateResult) -> recommender_pb2.GetStudentStateResponse:
+    attempts = []
+    for attempt in result.attempts:
+        message = recommender_pb2.StudentAttempt(
+            item_id=attempt.item_id,
+            outcome=_OUTCOME_TO_PROTO[attempt.correct],  # type: ignore[arg-type]
+            predicted=attempt.predicted,
+        )
+        if attempt.score is not None:
+            message.score = attempt.score
+        if attempt.time_s > 0:
+            message.time.FromNanoseconds(int(attempt.time_s * 1e9))
+        attempts.append(message)
+    recommended = result.recommended
+    return recommender_pb2.GetStudentStateResponse(
+        user_id=result.user_id,
+        concepts=[
+            recommender_pb2.ConceptMastery(
+                concept=c.concept,
+                mastery=c.mastery,
+                mastered=c.mastered,
+                correct=c.correct,
+                incorrect=c.incorrect,
+            )
+            for c in result.concepts
+        ],
+        recent_attempts=attempts,
+        recommended=_items(recommended.items),
+        model_version=recommended.model_version,
+        events_applied=recommended.events_applied,
     )
 
 

@@ -74,6 +74,23 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class ConceptMastery:
+    concept: str
+    mastery: float
+    mastered: bool
+    correct: int
+    incorrect: int
+
+
+@dataclass(frozen=True, slots=True)
+class StudentStateResult:
+    user_id: str
+    concepts: tuple[ConceptMastery, ...]  # weakest first
+    attempts: tuple[Attempt, ...]  # oldest first
+    recommended: RecommendResult
+
+
+@dataclass(frozen=True, slots=True)
 class RecommendedItem:
     item_id: str
     score: float
@@ -409,6 +426,30 @@ class Snapshot:
             if key in masks:
                 union |= masks[key]
         return union
+
+    def student_state(self, user_id: str, k: int = 0) -> StudentStateResult:
+        """Mastery per attempted concept, latest attempts, and Recommend's answer (one snapshot).
+        NotFound for a student this snapshot has no events of."""
+        recommended = self.recommend(user_id, k)  # validates user_id and k
+        if recommended.cold_start:
+            raise NotFound(f"no events of student {user_id!r} in this model")
+        model = self.mastery
+        state = None if model is None else model.students.get(user_id)
+        concepts = (
+            ()
+            if model is None or state is None
+            else tuple(
+                sorted(
+                    (
+                        ConceptMastery(name, level, level >= self.mastery_threshold, c.correct, c.wrong)
+                        for name, c in state.concepts.items()
+                        for level in (model.mastery(user_id, name),)
+                    ),
+                    key=lambda m: (m.mastery, m.concept),
+                )
+            )
+        )
+        return StudentStateResult(user_id, concepts, self.recent_attempts.get(user_id, ()), recommended)
 
     def concept_of(self, item_id: str) -> str:
         """The concept an item's attempts train (its first; the item itself when it has none)."""

@@ -41,10 +41,14 @@ def fuzz_settings(ci_examples: int) -> settings:
     return settings(max_examples=ci_examples, derandomize=True, **common)
 
 
-def seed_images() -> list[bytes]:
-    """The corpus's images: valid and broken ones, the starting points for mutation."""
+def seed_images(only_valid: bool = False) -> list[bytes]:
+    """The corpus's images (valid and broken ones: the starting points for mutation), or the valid ones."""
     cases = json.loads((CORPUS / "manifest.json").read_text())["cases"]
-    return [(CORPUS / case["file"]).read_bytes() for case in cases if case["kind"] == "image"]
+    return [
+        (CORPUS / case["file"]).read_bytes()
+        for case in cases
+        if case["kind"] == "image" and (case["expect"] == "OK" or not only_valid)
+    ]
 
 
 @st.composite
@@ -68,6 +72,12 @@ def mutated(draw: st.DrawFn, seeds: list[bytes]) -> bytes:
 def image_bytes() -> st.SearchStrategy[bytes]:
     seeds = seed_images()
     return st.one_of(st.binary(max_size=2048), mutated(seeds), st.sampled_from(seeds))
+
+
+def mostly_valid_images() -> st.SearchStrategy[bytes]:
+    """For the servicers: valid photos half the time, so that examples reach batching and publishing
+    (the decode path has its own fuzz test)."""
+    return st.one_of(st.sampled_from(seed_images(only_valid=True)), image_bytes())
 
 
 @dataclass

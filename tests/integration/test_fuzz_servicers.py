@@ -21,7 +21,7 @@ from typing import Any, cast
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
@@ -33,7 +33,7 @@ from snaplearn_recommender.trainer import TrainerApp
 from tests.helpers.recommender import in_process_settings
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import ServerFactory
-from tests.hostile.fuzz import EXAMPLES_ENV, InThread, fuzz_settings, image_bytes
+from tests.hostile.fuzz import EXAMPLES_ENV, InThread, fuzz_settings, image_bytes, mostly_valid_images
 
 # The long run (scripts/fuzz.py) takes as long as its examples need.
 pytestmark = [
@@ -51,7 +51,13 @@ ALLOWED_ITEM = ALLOWED | {S.CANCELLED, S.DEADLINE_EXCEEDED}  # a cancelled id, a
 
 uint32 = st.integers(0, 2**32 - 1)
 int64 = st.integers(-(2**63), 2**63 - 1)
-ids = st.one_of(st.text(max_size=40), st.text(min_size=120, max_size=200), st.just("student-1"))
+# Mostly valid ids, so that most examples get past validation into decoding, batching and publishing.
+ids = st.one_of(
+    st.just("student-1"),
+    st.text(min_size=1, max_size=40),
+    st.text(max_size=40),
+    st.text(min_size=120, max_size=200),
+)
 doubles = st.floats(allow_nan=True, allow_infinity=True)
 
 
@@ -107,7 +113,9 @@ def answer(
         code, details = error.code(), error.details() or ""
         assert code in allowed, f"{code.name}: {details!r} for {request!r:.600}"
         assert not any(path in details for path in targets.paths), details
+        event(code.name)  # --hypothesis-show-statistics: how deep the examples got
         return code
+    event("OK")
     return S.OK
 
 
@@ -118,11 +126,11 @@ def classify_requests() -> st.SearchStrategy[vision_pb2.ClassifyRequest]:
     return st.builds(
         vision_pb2.ClassifyRequest,
         user_id=ids,
-        image=image_bytes(),
-        top_k=st.one_of(st.integers(0, 12), uint32),
-        model_name=st.one_of(st.just(""), st.just(MODEL), st.text(max_size=30)),
-        model_version=st.one_of(st.just(""), st.just("1"), st.text(max_size=10)),
-        request_id=st.one_of(st.just(""), st.text(max_size=200)),
+        image=mostly_valid_images(),
+        top_k=st.one_of(st.integers(0, 12), st.integers(0, 12), uint32),
+        model_name=st.one_of(st.just(""), st.just(MODEL), st.just(MODEL), st.text(max_size=30)),
+        model_version=st.one_of(st.just(""), st.just(""), st.just("1"), st.text(max_size=10)),
+        request_id=st.one_of(st.just(""), st.just(""), st.text(max_size=200)),
     )
 
 
@@ -152,6 +160,24 @@ def infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
     return request
 
 
+@st.composite
+def well_formed_infer_requests(draw: st.DrawFn) -> oip.ModelInferRequest:
+    """Requests a client would send, with their values fuzzed: these reach decoding and batching."""
+    images = draw(st.lists(mostly_valid_images(), min_size=1, max_size=4))
+    request = oip.ModelInferRequest(model_name=MODEL, model_version=draw(st.sampled_from(["", "1"])))
+    tensor = request.inputs.add(name="IMAGE", datatype="BYTES", shape=[len(images), 1])
+    if draw(st.booleans()):
+        request.raw_input_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in images))
+    else:
+        tensor.contents.bytes_contents.extend(images)
+    if draw(st.booleans()):
+        output = request.outputs.add(name="PROBABILITIES")
+        output.parameters["classification"].int64_param = draw(st.integers(-1, 12))
+    if draw(st.booleans()):
+        request.parameters["user_id"].string_param = draw(ids)
+    return request
+
+
 def parameters() -> st.SearchStrategy[oip.InferParameter]:
     return st.one_of(
         st.builds(oip.InferParameter, int64_param=int64),
@@ -173,16 +199,26 @@ def filters() -> st.SearchStrategy[recommender_pb2.RecommendFilters]:
         min=st.one_of(st.none(), doubles),
         max=st.one_of(st.none(), doubles),
     )
-    return st.builds(
+    known = st.builds(
         recommender_pb2.RecommendFilters,
-        grades=st.lists(uint32, max_size=3),
-        formats=st.lists(
-            st.one_of(st.sampled_from(["worksheet", "video"]), st.text(max_size=10)), max_size=3
+        grades=st.lists(st.integers(0, 12), max_size=2),
+        formats=st.lists(st.sampled_from(["worksheet", "video", "lesson", "quiz", "game"]), max_size=2),
+        concepts=st.lists(st.sampled_from(["fractions", "addition", "geometry"]), max_size=2),
+    )
+    return st.one_of(
+        st.just(recommender_pb2.RecommendFilters()),
+        known,
+        st.builds(
+            recommender_pb2.RecommendFilters,
+            grades=st.lists(uint32, max_size=3),
+            formats=st.lists(
+                st.one_of(st.sampled_from(["worksheet", "video"]), st.text(max_size=10)), max_size=3
+            ),
+            concepts=st.lists(
+                st.one_of(st.sampled_from(["fractions", "addition"]), st.text(max_size=10)), max_size=3
+            ),
+            features=st.lists(feature, max_size=2),
         ),
-        concepts=st.lists(
-            st.one_of(st.sampled_from(["fractions", "addition"]), st.text(max_size=10)), max_size=3
-        ),
-        features=st.lists(feature, max_size=2),
     )
 
 
@@ -212,7 +248,7 @@ def test_classify(targets: Targets, request: vision_pb2.ClassifyRequest) -> None
 
 
 @fuzz_settings(ci_examples=40)
-@given(request=infer_requests())
+@given(request=st.one_of(well_formed_infer_requests(), infer_requests()))
 def test_model_infer(targets: Targets, request: oip.ModelInferRequest) -> None:
     answer(targets, oip_grpc.GRPCInferenceServiceStub(targets.vision).ModelInfer, request)
 
@@ -334,7 +370,7 @@ def test_model_metadata_rpcs(targets: Targets, method: str, name: str, version: 
     method=st.sampled_from(["RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload"]),
     repository=st.one_of(st.just(""), st.text(max_size=10)),
     # Never the served model: unloading it would leave the other properties only NOT_FOUND to see.
-    name=names.filter(lambda name: name != MODEL),
+    name=st.one_of(PATHISH, st.text(max_size=30).filter(lambda name: name != MODEL)),
     parameter=st.one_of(st.none(), st.text(max_size=10)),
 )
 def test_model_repository_rpcs(

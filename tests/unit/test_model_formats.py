@@ -117,7 +117,7 @@ def test_versions_are_numbered_listed_and_removed(tmp_path: Path, capsys: pytest
         ("1", "torchscript", "model.pt", "ready"),
         ("2", "onnx", "model.onnx", "ready"),
     ]
-    assert models.main(["--repository", str(root), "remove", "colour", "1"]) == 0
+    assert models.main(["remove", "colour", "1", "--repository", str(root)]) == 0  # either place
     assert ModelRepository(root).list_versions("colour") == ["2"]
     assert sorted(p.name for p in (root / "colour").iterdir()) == ["2"]  # nothing hidden left
     assert models.main(["--repository", str(root), "remove", "colour", "1"]) == 1

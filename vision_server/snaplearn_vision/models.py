@@ -289,7 +289,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    add = commands.add_parser("add", help="add a version: staged, loaded, warmed, then made visible")
+    # --repository also after the subcommand (`models add NAME ... --repository DIR`).
+    where = argparse.ArgumentParser(add_help=False)
+    where.add_argument("--repository", default=argparse.SUPPRESS, help="model repository root")
+    add = commands.add_parser(
+        "add", parents=[where], help="add a version: staged, loaded, tested, then made visible"
+    )
     add.add_argument("name")
     add.add_argument("--file", required=True, type=Path, help="model.pt | model.pt2 | model.onnx")
     add.add_argument("--labels", required=True, type=Path, help="labels.txt, one per line, output order")
@@ -310,12 +315,12 @@ def _parser() -> argparse.ArgumentParser:
         "--device", choices=("cpu", "auto", "cuda"), default="cpu", help="where the test load runs"
     )
 
-    listing = commands.add_parser("list", help="versions and their states")
+    listing = commands.add_parser("list", parents=[where], help="versions and their states")
     listing.add_argument("name", nargs="?")
     listing.add_argument("--check", action="store_true", help="load and warm each version (slow)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    remove = commands.add_parser("remove", help="remove one version")
+    remove = commands.add_parser("remove", parents=[where], help="remove one version")
     remove.add_argument("name")
     remove.add_argument("version")
     return parser

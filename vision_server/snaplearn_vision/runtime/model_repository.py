@@ -58,8 +58,7 @@ class ModelRepository:
         versions = self._versions(self.root / name) if NAME_PATTERN.match(name) else []
         if not versions:
             raise NotFound(
-                f"model {name!r} not found; available models: "
-                f"{', '.join(self.list_models()) or 'none'}"
+                f"model {name!r} not found; available models: {', '.join(self.list_models()) or 'none'}"
             )
         return versions
 

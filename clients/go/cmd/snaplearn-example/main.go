@@ -45,7 +45,7 @@ const serviceConfig = `{"loadBalancingConfig": [{"round_robin": {}}], "methodCon
 func main() {
 	visionTarget := flag.String("vision", "127.0.0.1:50051", "vision server host:port (dns:///name:port for round-robin over a headless Service)")
 	recommenderTarget := flag.String("recommender", "127.0.0.1:50052", "recommender host:port")
-	imagePath := flag.String("image", "", "photo to classify (JPEG, PNG, WebP, BMP)")
+	imagePath := flag.String("image", "", "photo to classify (JPEG, PNG, WebP, BMP, GIF or TIFF)")
 	user := flag.String("user", "go-example", "student id")
 	k := flag.Uint("k", 5, "how many practice items")
 	wait := flag.Duration("wait", 30*time.Second, "how long to wait for the recommender to learn from the photo")

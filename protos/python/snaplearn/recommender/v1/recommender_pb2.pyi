@@ -157,3 +157,55 @@ class RecordFeedbackResponse(_message.Message):
     event_id: str
     accepted: bool
     def __init__(self, event_id: _Optional[str] = ..., accepted: _Optional[bool] = ...) -> None: ...
+
+class GetStudentStateRequest(_message.Message):
+    __slots__ = ("user_id", "k")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    k: int
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+
+class GetStudentStateResponse(_message.Message):
+    __slots__ = ("user_id", "concepts", "recent_attempts", "recommended", "model_version", "events_applied")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    CONCEPTS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    concepts: _containers.RepeatedCompositeFieldContainer[ConceptMastery]
+    recent_attempts: _containers.RepeatedCompositeFieldContainer[StudentAttempt]
+    recommended: _containers.RepeatedCompositeFieldContainer[RecommendedItem]
+    model_version: str
+    events_applied: int
+    def __init__(self, user_id: _Optional[str] = ..., concepts: _Optional[_Iterable[_Union[ConceptMastery, _Mapping]]] = ..., recent_attempts: _Optional[_Iterable[_Union[StudentAttempt, _Mapping]]] = ..., recommended: _Optional[_Iterable[_Union[RecommendedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., events_applied: _Optional[int] = ...) -> None: ...
+
+class ConceptMastery(_message.Message):
+    __slots__ = ("concept", "mastery", "mastered", "correct", "incorrect")
+    CONCEPT_FIELD_NUMBER: _ClassVar[int]
+    MASTERY_FIELD_NUMBER: _ClassVar[int]
+    MASTERED_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_FIELD_NUMBER: _ClassVar[int]
+    INCORRECT_FIELD_NUMBER: _ClassVar[int]
+    concept: str
+    mastery: float
+    mastered: bool
+    correct: int
+    incorrect: int
+    def __init__(self, concept: _Optional[str] = ..., mastery: _Optional[float] = ..., mastered: _Optional[bool] = ..., correct: _Optional[int] = ..., incorrect: _Optional[int] = ...) -> None: ...
+
+class StudentAttempt(_message.Message):
+    __slots__ = ("item_id", "outcome", "score", "time", "predicted")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    outcome: AttemptOutcome
+    score: float
+    time: _timestamp_pb2.Timestamp
+    predicted: float
+    def __init__(self, item_id: _Optional[str] = ..., outcome: _Optional[_Union[AttemptOutcome, str]] = ..., score: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., predicted: _Optional[float] = ...) -> None: ...

@@ -51,6 +51,11 @@ class RecommenderServiceStub:
                 request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.SerializeToString,
                 response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.FromString,
                 _registered_method=True)
+        self.GetStudentState = channel.unary_unary(
+                '/snaplearn.recommender.v1.RecommenderService/GetStudentState',
+                request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateRequest.SerializeToString,
+                response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -83,6 +88,15 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStudentState(self, request, context):
+        """A student's state for a teacher's dashboard: mastery per concept they have attempted,
+        their latest attempts, and what Recommend suggests now and why, all from one snapshot.
+        NOT_FOUND for a student the model has no events of.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -100,6 +114,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.RecordFeedback,
                     request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.FromString,
                     response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.SerializeToString,
+            ),
+            'GetStudentState': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStudentState,
+                    request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateRequest.FromString,
+                    response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +204,33 @@ class RecommenderService:
             '/snaplearn.recommender.v1.RecommenderService/RecordFeedback',
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackRequest.SerializeToString,
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.RecordFeedbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStudentState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snaplearn.recommender.v1.RecommenderService/GetStudentState',
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateRequest.SerializeToString,
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

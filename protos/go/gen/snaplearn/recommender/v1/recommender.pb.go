@@ -881,6 +881,302 @@ func (x *RecordFeedbackResponse) GetAccepted() bool {
 	return false
 }
 
+type GetStudentStateRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// How many recommendations; 0 means the server default (10). At most 100.
+	K             uint32 `protobuf:"varint,2,opt,name=k,proto3" json:"k,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStudentStateRequest) Reset() {
+	*x = GetStudentStateRequest{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStudentStateRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStudentStateRequest) ProtoMessage() {}
+
+func (x *GetStudentStateRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStudentStateRequest.ProtoReflect.Descriptor instead.
+func (*GetStudentStateRequest) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *GetStudentStateRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *GetStudentStateRequest) GetK() uint32 {
+	if x != nil {
+		return x.K
+	}
+	return 0
+}
+
+type GetStudentStateResponse struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	UserId string                 `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Concepts the student has attempted, weakest first.
+	Concepts []*ConceptMastery `protobuf:"bytes,2,rep,name=concepts,proto3" json:"concepts,omitempty"`
+	// The latest attempts, oldest first.
+	RecentAttempts []*StudentAttempt `protobuf:"bytes,3,rep,name=recent_attempts,json=recentAttempts,proto3" json:"recent_attempts,omitempty"`
+	// What Recommend answers now (its reasons say why).
+	Recommended   []*RecommendedItem `protobuf:"bytes,4,rep,name=recommended,proto3" json:"recommended,omitempty"`
+	ModelVersion  string             `protobuf:"bytes,5,opt,name=model_version,json=modelVersion,proto3" json:"model_version,omitempty"`
+	EventsApplied uint64             `protobuf:"varint,6,opt,name=events_applied,json=eventsApplied,proto3" json:"events_applied,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStudentStateResponse) Reset() {
+	*x = GetStudentStateResponse{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStudentStateResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStudentStateResponse) ProtoMessage() {}
+
+func (x *GetStudentStateResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStudentStateResponse.ProtoReflect.Descriptor instead.
+func (*GetStudentStateResponse) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *GetStudentStateResponse) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *GetStudentStateResponse) GetConcepts() []*ConceptMastery {
+	if x != nil {
+		return x.Concepts
+	}
+	return nil
+}
+
+func (x *GetStudentStateResponse) GetRecentAttempts() []*StudentAttempt {
+	if x != nil {
+		return x.RecentAttempts
+	}
+	return nil
+}
+
+func (x *GetStudentStateResponse) GetRecommended() []*RecommendedItem {
+	if x != nil {
+		return x.Recommended
+	}
+	return nil
+}
+
+func (x *GetStudentStateResponse) GetModelVersion() string {
+	if x != nil {
+		return x.ModelVersion
+	}
+	return ""
+}
+
+func (x *GetStudentStateResponse) GetEventsApplied() uint64 {
+	if x != nil {
+		return x.EventsApplied
+	}
+	return 0
+}
+
+type ConceptMastery struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Concept string                 `protobuf:"bytes,1,opt,name=concept,proto3" json:"concept,omitempty"`
+	// Predicted success on an item of average difficulty of the concept, in (0, 1).
+	Mastery float64 `protobuf:"fixed64,2,opt,name=mastery,proto3" json:"mastery,omitempty"`
+	// At or above the server's mastery threshold.
+	Mastered      bool   `protobuf:"varint,3,opt,name=mastered,proto3" json:"mastered,omitempty"`
+	Correct       uint32 `protobuf:"varint,4,opt,name=correct,proto3" json:"correct,omitempty"`
+	Incorrect     uint32 `protobuf:"varint,5,opt,name=incorrect,proto3" json:"incorrect,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConceptMastery) Reset() {
+	*x = ConceptMastery{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConceptMastery) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConceptMastery) ProtoMessage() {}
+
+func (x *ConceptMastery) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConceptMastery.ProtoReflect.Descriptor instead.
+func (*ConceptMastery) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *ConceptMastery) GetConcept() string {
+	if x != nil {
+		return x.Concept
+	}
+	return ""
+}
+
+func (x *ConceptMastery) GetMastery() float64 {
+	if x != nil {
+		return x.Mastery
+	}
+	return 0
+}
+
+func (x *ConceptMastery) GetMastered() bool {
+	if x != nil {
+		return x.Mastered
+	}
+	return false
+}
+
+func (x *ConceptMastery) GetCorrect() uint32 {
+	if x != nil {
+		return x.Correct
+	}
+	return 0
+}
+
+func (x *ConceptMastery) GetIncorrect() uint32 {
+	if x != nil {
+		return x.Incorrect
+	}
+	return 0
+}
+
+type StudentAttempt struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	ItemId  string                 `protobuf:"bytes,1,opt,name=item_id,json=itemId,proto3" json:"item_id,omitempty"`
+	Outcome AttemptOutcome         `protobuf:"varint,2,opt,name=outcome,proto3,enum=snaplearn.recommender.v1.AttemptOutcome" json:"outcome,omitempty"`
+	Score   *float32               `protobuf:"fixed32,3,opt,name=score,proto3,oneof" json:"score,omitempty"`
+	Time    *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
+	// The model's predicted success just before this answer.
+	Predicted     float64 `protobuf:"fixed64,5,opt,name=predicted,proto3" json:"predicted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StudentAttempt) Reset() {
+	*x = StudentAttempt{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StudentAttempt) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StudentAttempt) ProtoMessage() {}
+
+func (x *StudentAttempt) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StudentAttempt.ProtoReflect.Descriptor instead.
+func (*StudentAttempt) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *StudentAttempt) GetItemId() string {
+	if x != nil {
+		return x.ItemId
+	}
+	return ""
+}
+
+func (x *StudentAttempt) GetOutcome() AttemptOutcome {
+	if x != nil {
+		return x.Outcome
+	}
+	return AttemptOutcome_ATTEMPT_OUTCOME_UNSPECIFIED
+}
+
+func (x *StudentAttempt) GetScore() float32 {
+	if x != nil && x.Score != nil {
+		return *x.Score
+	}
+	return 0
+}
+
+func (x *StudentAttempt) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *StudentAttempt) GetPredicted() float64 {
+	if x != nil {
+		return x.Predicted
+	}
+	return 0
+}
+
 var File_snaplearn_recommender_v1_recommender_proto protoreflect.FileDescriptor
 
 const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
@@ -945,7 +1241,30 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x06_score\"O\n" +
 	"\x16RecordFeedbackResponse\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x1a\n" +
-	"\baccepted\x18\x02 \x01(\bR\baccepted*\x7f\n" +
+	"\baccepted\x18\x02 \x01(\bR\baccepted\"?\n" +
+	"\x16GetStudentStateRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\f\n" +
+	"\x01k\x18\x02 \x01(\rR\x01k\"\xe4\x02\n" +
+	"\x17GetStudentStateResponse\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12D\n" +
+	"\bconcepts\x18\x02 \x03(\v2(.snaplearn.recommender.v1.ConceptMasteryR\bconcepts\x12Q\n" +
+	"\x0frecent_attempts\x18\x03 \x03(\v2(.snaplearn.recommender.v1.StudentAttemptR\x0erecentAttempts\x12K\n" +
+	"\vrecommended\x18\x04 \x03(\v2).snaplearn.recommender.v1.RecommendedItemR\vrecommended\x12#\n" +
+	"\rmodel_version\x18\x05 \x01(\tR\fmodelVersion\x12%\n" +
+	"\x0eevents_applied\x18\x06 \x01(\x04R\reventsApplied\"\x98\x01\n" +
+	"\x0eConceptMastery\x12\x18\n" +
+	"\aconcept\x18\x01 \x01(\tR\aconcept\x12\x18\n" +
+	"\amastery\x18\x02 \x01(\x01R\amastery\x12\x1a\n" +
+	"\bmastered\x18\x03 \x01(\bR\bmastered\x12\x18\n" +
+	"\acorrect\x18\x04 \x01(\rR\acorrect\x12\x1c\n" +
+	"\tincorrect\x18\x05 \x01(\rR\tincorrect\"\xe0\x01\n" +
+	"\x0eStudentAttempt\x12\x17\n" +
+	"\aitem_id\x18\x01 \x01(\tR\x06itemId\x12B\n" +
+	"\aoutcome\x18\x02 \x01(\x0e2(.snaplearn.recommender.v1.AttemptOutcomeR\aoutcome\x12\x19\n" +
+	"\x05score\x18\x03 \x01(\x02H\x00R\x05score\x88\x01\x01\x12.\n" +
+	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1c\n" +
+	"\tpredicted\x18\x05 \x01(\x01R\tpredictedB\b\n" +
+	"\x06_score*\x7f\n" +
 	"\fFeedbackKind\x12\x1d\n" +
 	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
@@ -954,11 +1273,12 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17ATTEMPT_OUTCOME_CORRECT\x10\x01\x12\x1d\n" +
-	"\x19ATTEMPT_OUTCOME_INCORRECT\x10\x022\xde\x02\n" +
+	"\x19ATTEMPT_OUTCOME_INCORRECT\x10\x022\xd6\x03\n" +
 	"\x12RecommenderService\x12d\n" +
 	"\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n" +
 	"\fSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponse\x12s\n" +
-	"\x0eRecordFeedback\x12/.snaplearn.recommender.v1.RecordFeedbackRequest\x1a0.snaplearn.recommender.v1.RecordFeedbackResponseB\x87\x02\n" +
+	"\x0eRecordFeedback\x12/.snaplearn.recommender.v1.RecordFeedbackRequest\x1a0.snaplearn.recommender.v1.RecordFeedbackResponse\x12v\n" +
+	"\x0fGetStudentState\x120.snaplearn.recommender.v1.GetStudentStateRequest\x1a1.snaplearn.recommender.v1.GetStudentStateResponseB\x87\x02\n" +
 	"\x1ccom.snaplearn.recommender.v1B\x10RecommenderProtoP\x01ZSgithub.com/snaplearn/snaplearn/protos/go/gen/snaplearn/recommender/v1;recommenderv1\xa2\x02\x03SRX\xaa\x02\x18Snaplearn.Recommender.V1\xca\x02\x18Snaplearn\\Recommender\\V1\xe2\x02$Snaplearn\\Recommender\\V1\\GPBMetadata\xea\x02\x1aSnaplearn::Recommender::V1b\x06proto3"
 
 var (
@@ -974,21 +1294,25 @@ func file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP() []byte {
 }
 
 var file_snaplearn_recommender_v1_recommender_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_snaplearn_recommender_v1_recommender_proto_goTypes = []any{
-	(FeedbackKind)(0),              // 0: snaplearn.recommender.v1.FeedbackKind
-	(AttemptOutcome)(0),            // 1: snaplearn.recommender.v1.AttemptOutcome
-	(*RecommendFilters)(nil),       // 2: snaplearn.recommender.v1.RecommendFilters
-	(*FeatureFilter)(nil),          // 3: snaplearn.recommender.v1.FeatureFilter
-	(*ItemFeature)(nil),            // 4: snaplearn.recommender.v1.ItemFeature
-	(*RecommendRequest)(nil),       // 5: snaplearn.recommender.v1.RecommendRequest
-	(*RecommendedItem)(nil),        // 6: snaplearn.recommender.v1.RecommendedItem
-	(*RecommendResponse)(nil),      // 7: snaplearn.recommender.v1.RecommendResponse
-	(*SimilarItemsRequest)(nil),    // 8: snaplearn.recommender.v1.SimilarItemsRequest
-	(*SimilarItemsResponse)(nil),   // 9: snaplearn.recommender.v1.SimilarItemsResponse
-	(*RecordFeedbackRequest)(nil),  // 10: snaplearn.recommender.v1.RecordFeedbackRequest
-	(*RecordFeedbackResponse)(nil), // 11: snaplearn.recommender.v1.RecordFeedbackResponse
-	(*timestamppb.Timestamp)(nil),  // 12: google.protobuf.Timestamp
+	(FeedbackKind)(0),               // 0: snaplearn.recommender.v1.FeedbackKind
+	(AttemptOutcome)(0),             // 1: snaplearn.recommender.v1.AttemptOutcome
+	(*RecommendFilters)(nil),        // 2: snaplearn.recommender.v1.RecommendFilters
+	(*FeatureFilter)(nil),           // 3: snaplearn.recommender.v1.FeatureFilter
+	(*ItemFeature)(nil),             // 4: snaplearn.recommender.v1.ItemFeature
+	(*RecommendRequest)(nil),        // 5: snaplearn.recommender.v1.RecommendRequest
+	(*RecommendedItem)(nil),         // 6: snaplearn.recommender.v1.RecommendedItem
+	(*RecommendResponse)(nil),       // 7: snaplearn.recommender.v1.RecommendResponse
+	(*SimilarItemsRequest)(nil),     // 8: snaplearn.recommender.v1.SimilarItemsRequest
+	(*SimilarItemsResponse)(nil),    // 9: snaplearn.recommender.v1.SimilarItemsResponse
+	(*RecordFeedbackRequest)(nil),   // 10: snaplearn.recommender.v1.RecordFeedbackRequest
+	(*RecordFeedbackResponse)(nil),  // 11: snaplearn.recommender.v1.RecordFeedbackResponse
+	(*GetStudentStateRequest)(nil),  // 12: snaplearn.recommender.v1.GetStudentStateRequest
+	(*GetStudentStateResponse)(nil), // 13: snaplearn.recommender.v1.GetStudentStateResponse
+	(*ConceptMastery)(nil),          // 14: snaplearn.recommender.v1.ConceptMastery
+	(*StudentAttempt)(nil),          // 15: snaplearn.recommender.v1.StudentAttempt
+	(*timestamppb.Timestamp)(nil),   // 16: google.protobuf.Timestamp
 }
 var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
 	3,  // 0: snaplearn.recommender.v1.RecommendFilters.features:type_name -> snaplearn.recommender.v1.FeatureFilter
@@ -998,19 +1322,26 @@ var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
 	2,  // 4: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
 	6,  // 5: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
 	0,  // 6: snaplearn.recommender.v1.RecordFeedbackRequest.kind:type_name -> snaplearn.recommender.v1.FeedbackKind
-	12, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
+	16, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
 	1,  // 8: snaplearn.recommender.v1.RecordFeedbackRequest.outcome:type_name -> snaplearn.recommender.v1.AttemptOutcome
-	5,  // 9: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
-	8,  // 10: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
-	10, // 11: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
-	7,  // 12: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
-	9,  // 13: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
-	11, // 14: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
-	12, // [12:15] is the sub-list for method output_type
-	9,  // [9:12] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	14, // 9: snaplearn.recommender.v1.GetStudentStateResponse.concepts:type_name -> snaplearn.recommender.v1.ConceptMastery
+	15, // 10: snaplearn.recommender.v1.GetStudentStateResponse.recent_attempts:type_name -> snaplearn.recommender.v1.StudentAttempt
+	6,  // 11: snaplearn.recommender.v1.GetStudentStateResponse.recommended:type_name -> snaplearn.recommender.v1.RecommendedItem
+	1,  // 12: snaplearn.recommender.v1.StudentAttempt.outcome:type_name -> snaplearn.recommender.v1.AttemptOutcome
+	16, // 13: snaplearn.recommender.v1.StudentAttempt.time:type_name -> google.protobuf.Timestamp
+	5,  // 14: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
+	8,  // 15: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
+	10, // 16: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
+	12, // 17: snaplearn.recommender.v1.RecommenderService.GetStudentState:input_type -> snaplearn.recommender.v1.GetStudentStateRequest
+	7,  // 18: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
+	9,  // 19: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
+	11, // 20: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
+	13, // 21: snaplearn.recommender.v1.RecommenderService.GetStudentState:output_type -> snaplearn.recommender.v1.GetStudentStateResponse
+	18, // [18:22] is the sub-list for method output_type
+	14, // [14:18] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_recommender_v1_recommender_proto_init() }
@@ -1021,13 +1352,14 @@ func file_snaplearn_recommender_v1_recommender_proto_init() {
 	file_snaplearn_recommender_v1_recommender_proto_msgTypes[1].OneofWrappers = []any{}
 	file_snaplearn_recommender_v1_recommender_proto_msgTypes[2].OneofWrappers = []any{}
 	file_snaplearn_recommender_v1_recommender_proto_msgTypes[8].OneofWrappers = []any{}
+	file_snaplearn_recommender_v1_recommender_proto_msgTypes[13].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_recommender_v1_recommender_proto_rawDesc), len(file_snaplearn_recommender_v1_recommender_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   10,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

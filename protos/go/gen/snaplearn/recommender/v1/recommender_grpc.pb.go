@@ -19,9 +19,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	RecommenderService_Recommend_FullMethodName      = "/snaplearn.recommender.v1.RecommenderService/Recommend"
-	RecommenderService_SimilarItems_FullMethodName   = "/snaplearn.recommender.v1.RecommenderService/SimilarItems"
-	RecommenderService_RecordFeedback_FullMethodName = "/snaplearn.recommender.v1.RecommenderService/RecordFeedback"
+	RecommenderService_Recommend_FullMethodName       = "/snaplearn.recommender.v1.RecommenderService/Recommend"
+	RecommenderService_SimilarItems_FullMethodName    = "/snaplearn.recommender.v1.RecommenderService/SimilarItems"
+	RecommenderService_RecordFeedback_FullMethodName  = "/snaplearn.recommender.v1.RecommenderService/RecordFeedback"
+	RecommenderService_GetStudentState_FullMethodName = "/snaplearn.recommender.v1.RecommenderService/GetStudentState"
 )
 
 // RecommenderServiceClient is the client API for RecommenderService service.
@@ -41,6 +42,10 @@ type RecommenderServiceClient interface {
 	// left out of that student's recommendations for a while). INVALID_ARGUMENT for an empty
 	// user_id or item_id or an unspecified kind; NOT_FOUND for an item_id not in the catalog.
 	RecordFeedback(ctx context.Context, in *RecordFeedbackRequest, opts ...grpc.CallOption) (*RecordFeedbackResponse, error)
+	// A student's state for a teacher's dashboard: mastery per concept they have attempted,
+	// their latest attempts, and what Recommend suggests now and why, all from one snapshot.
+	// NOT_FOUND for a student the model has no events of.
+	GetStudentState(ctx context.Context, in *GetStudentStateRequest, opts ...grpc.CallOption) (*GetStudentStateResponse, error)
 }
 
 type recommenderServiceClient struct {
@@ -81,6 +86,16 @@ func (c *recommenderServiceClient) RecordFeedback(ctx context.Context, in *Recor
 	return out, nil
 }
 
+func (c *recommenderServiceClient) GetStudentState(ctx context.Context, in *GetStudentStateRequest, opts ...grpc.CallOption) (*GetStudentStateResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetStudentStateResponse)
+	err := c.cc.Invoke(ctx, RecommenderService_GetStudentState_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RecommenderServiceServer is the server API for RecommenderService service.
 // All implementations must embed UnimplementedRecommenderServiceServer
 // for forward compatibility.
@@ -98,6 +113,10 @@ type RecommenderServiceServer interface {
 	// left out of that student's recommendations for a while). INVALID_ARGUMENT for an empty
 	// user_id or item_id or an unspecified kind; NOT_FOUND for an item_id not in the catalog.
 	RecordFeedback(context.Context, *RecordFeedbackRequest) (*RecordFeedbackResponse, error)
+	// A student's state for a teacher's dashboard: mastery per concept they have attempted,
+	// their latest attempts, and what Recommend suggests now and why, all from one snapshot.
+	// NOT_FOUND for a student the model has no events of.
+	GetStudentState(context.Context, *GetStudentStateRequest) (*GetStudentStateResponse, error)
 	mustEmbedUnimplementedRecommenderServiceServer()
 }
 
@@ -116,6 +135,9 @@ func (UnimplementedRecommenderServiceServer) SimilarItems(context.Context, *Simi
 }
 func (UnimplementedRecommenderServiceServer) RecordFeedback(context.Context, *RecordFeedbackRequest) (*RecordFeedbackResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method RecordFeedback not implemented")
+}
+func (UnimplementedRecommenderServiceServer) GetStudentState(context.Context, *GetStudentStateRequest) (*GetStudentStateResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetStudentState not implemented")
 }
 func (UnimplementedRecommenderServiceServer) mustEmbedUnimplementedRecommenderServiceServer() {}
 func (UnimplementedRecommenderServiceServer) testEmbeddedByValue()                            {}
@@ -192,6 +214,24 @@ func _RecommenderService_RecordFeedback_Handler(srv interface{}, ctx context.Con
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RecommenderService_GetStudentState_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetStudentStateRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RecommenderServiceServer).GetStudentState(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RecommenderService_GetStudentState_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RecommenderServiceServer).GetStudentState(ctx, req.(*GetStudentStateRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RecommenderService_ServiceDesc is the grpc.ServiceDesc for RecommenderService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -210,6 +250,10 @@ var RecommenderService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "RecordFeedback",
 			Handler:    _RecommenderService_RecordFeedback_Handler,
+		},
+		{
+			MethodName: "GetStudentState",
+			Handler:    _RecommenderService_GetStudentState_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
