@@ -28,7 +28,8 @@ MAX_EXPORT_BATCH = 1024
 
 def export_network(network: Any, example: Any, out: Path, stem: str, formats: list[str]) -> dict[str, Any]:
     """Write `network` (an eval-mode nn.Module) in each of `formats` as out/<stem><suffix>, each
-    with a dynamic batch dimension: {"files": {format: path}, "export_s": {format: seconds}}."""
+    with a dynamic batch dimension: {"files": {format: path}, "export_s": {format: seconds},
+    "failed": {format: why}}."""
     import torch
 
     unknown = sorted(set(formats) - set(FORMATS))
@@ -37,9 +38,24 @@ def export_network(network: Any, example: Any, out: Path, stem: str, formats: li
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
     seconds: dict[str, float] = {}
+    failed: dict[str, str] = {}
     for fmt in formats:
         path = out / f"{stem}{SUFFIXES[fmt]}"
         started = time.perf_counter()
+        try:
+            _export_one(network, example, path, fmt)
+        except Exception as error:  # one format that cannot be exported leaves the others
+            failed[fmt] = f"export: {type(error).__name__}: {str(error)[-400:]}"
+            continue
+        files[fmt] = str(path)
+        seconds[fmt] = time.perf_counter() - started
+    return {"files": files, "export_s": seconds, "failed": failed}
+
+
+def _export_one(network: Any, example: Any, path: Path, fmt: str) -> None:
+    import torch
+
+    if True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer and exporter chatter, not our concern here
             if fmt == "state_dict":
@@ -61,9 +77,6 @@ def export_network(network: Any, example: Any, out: Path, stem: str, formats: li
                     dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
                     dynamo=False,
                 )
-        files[fmt] = str(path)
-        seconds[fmt] = time.perf_counter() - started
-    return {"files": files, "export_s": seconds}
 
 
 def spec(model: str, default_root: Path | None = None, size: int = 224) -> dict[str, Any]:
