@@ -30,7 +30,6 @@ def export_network(network: Any, example: Any, out: Path, stem: str, formats: li
     """Write `network` (an eval-mode nn.Module) in each of `formats` as out/<stem><suffix>, each
     with a dynamic batch dimension: {"files": {format: path}, "export_s": {format: seconds},
     "failed": {format: why}}."""
-    import torch
 
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
@@ -55,28 +54,27 @@ def export_network(network: Any, example: Any, out: Path, stem: str, formats: li
 def _export_one(network: Any, example: Any, path: Path, fmt: str) -> None:
     import torch
 
-    if True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer and exporter chatter, not our concern here
-            if fmt == "state_dict":
-                torch.save(network.state_dict(), path)
-            elif fmt == "torchscript":
-                with torch.no_grad():
-                    torch.jit.trace(network, example).save(str(path))
-            elif fmt == "torch_export":
-                batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
-                program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
-                torch.export.save(program, str(path))
-            else:
-                torch.onnx.export(
-                    network,
-                    (example,),
-                    str(path),
-                    input_names=["pixels"],
-                    output_names=["logits"],
-                    dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
-                    dynamo=False,
-                )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer and exporter chatter, not our concern here
+        if fmt == "state_dict":
+            torch.save(network.state_dict(), path)
+        elif fmt == "torchscript":
+            with torch.no_grad():
+                torch.jit.trace(network, example).save(str(path))
+        elif fmt == "torch_export":
+            batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+            program = torch.export.export(network, (example,), dynamic_shapes=({0: batch},))
+            torch.export.save(program, str(path))
+        else:
+            torch.onnx.export(
+                network,
+                (example,),
+                str(path),
+                input_names=["pixels"],
+                output_names=["logits"],
+                dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
+            )
 
 
 def spec(model: str, default_root: Path | None = None, size: int = 224) -> dict[str, Any]:

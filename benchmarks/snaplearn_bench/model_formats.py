@@ -95,7 +95,7 @@ def export(model: str, root: Path, formats: list[str], args: argparse.Namespace,
     else:
         log(f"{model}: reusing the export in {out}")
     if not args.models_add:
-        for fmt in formats:
+        for fmt in exported["files"]:
             file = exported["files"][fmt]
             write_version(root, served_name(model, fmt), file, fmt, exported["spec"], args.max_batch_size)
     return exported
@@ -295,6 +295,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from snaplearn_bench.format_runtime import served_name
 
                 name = served_name(model, fmt)
+                if fmt in exported.get("failed", {}):
+                    entry["formats"][fmt] = {"failed": exported["failed"][fmt]}
+                    log(f"{model} {fmt}: {exported['failed'][fmt]}")
+                    continue
                 row: dict[str, Any] = {"export_s": exported["export_s"][fmt]}
                 if args.models_add:
                     log(f"{model} {fmt}: models add")
@@ -311,7 +315,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"{model} {fmt}: failed: {row['failed']}")
                 entry["formats"][fmt] = row
             if model == TARGET_MODEL and args.peers:
-                if wants_peers and args.models_add:
+                if wants_peers and args.models_add and "state_dict" in exported["files"]:
                     models_add(root, served_name(model, "state_dict"), exported["files"]["state_dict"],
                                "state_dict", spec, args)  # fmt: skip
                 entry["peers"] = peers(root, served_name(model, "state_dict"), statuses, args)

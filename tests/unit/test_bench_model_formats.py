@@ -236,3 +236,18 @@ def test_quick_flags_parse() -> None:
         "cpu",
     )
     assert model_formats.parse_list(" a, ,b ") == ["a", "b"]
+
+
+class DataDependent(Tiny):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if bool(logits.sum() > 0) else -logits  # torch.export cannot capture this
+
+
+def test_a_format_that_fails_to_export_leaves_the_others(tmp_path: Path) -> None:
+    result = format_runtime.export_network(
+        DataDependent().eval(), torch.rand(2, 3, 16, 16), tmp_path, "dd", ["torch_export", "onnx"]
+    )
+    assert sorted(result["files"]) == ["onnx"]
+    assert Path(result["files"]["onnx"]).exists()
+    assert result["failed"]["torch_export"].startswith("export: ")
