@@ -50,7 +50,8 @@ done
 PURE="grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 prometheus-client==0.26.0 pydantic==2.14.4
 pydantic-settings==2.16.3 python-dotenv==1.2.4 annotated-types==0.8.0 typing-inspection==0.4.5 PyJWT==2.15.1
 tqdm==4.70.1 pycparser==3.12 typing-extensions==4.16.0"
-BINARY="pydantic-core==2.50.5 cffi==2.1.1 grpcio==1.85.1 protobuf==7.36.2 cryptography==51.0.1"
+BINARY="pydantic-core==2.50.5 cffi==2.1.1 grpcio==1.85.1 protobuf==7.36.2"
+ABI3="cryptography==51.0.1" # one abi3 wheel for every CPython >= 3.9
 ONNX="onnx==1.23.2 ml-dtypes==0.5.4" # torch.onnx.export needs them; CPython 3.11 and 3.12+ only (size)
 
 if [[ $FETCH == 1 ]]; then
@@ -65,6 +66,8 @@ if [[ $FETCH == 1 ]]; then
       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
       $wanted
   done
+  "$PY" -m pip download --no-deps -q -d "$WHEELS" --only-binary=:all: --python-version 310 \
+    --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 $ABI3
   du -sh "$WHEELS"
   exit 0
 fi
@@ -157,7 +160,8 @@ EOF
 export PYTHONPATH="$REPO/$SITE:$REPO/protos/python:$REPO/services:$REPO/vision_server:$REPO/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 
 # -- 2. preflight: everything the run imports, and the device ----------------------------------
-"$PY" - "$DEVICE" <<'EOF'
+mkdir -p "$RUNS"
+"$PY" - "$DEVICE" >"$RUNS/preflight.txt" <<'EOF'
 import sys
 
 import onnxruntime
@@ -173,8 +177,11 @@ device = sys.argv[1]
 if device == "cuda" and not torch.cuda.is_available():
     sys.exit("preflight: --device cuda but torch.cuda.is_available() is False")
 name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-print(f"preflight ok: torch {torch.__version__}, torchvision {torchvision.__version__}, onnxruntime "
-      f"{onnxruntime.__version__} {onnxruntime.get_available_providers()}, device {name}", file=sys.stderr)
+line = (f"preflight ok: torch {torch.__version__}, torchvision {torchvision.__version__}, onnxruntime "
+      f"{onnxruntime.__version__} {onnxruntime.get_available_providers()}, device {name}, Python "
+      f"{sys.version.split()[0]}")
+print(line, file=sys.stderr)
+print(line)
 EOF
 log "preflight done"
 
@@ -197,8 +204,10 @@ else
   fi
   PER_RUN_S=240
 fi
-rm -rf "$RUNS"
 mkdir -p "$RUNS" "$EXPORTS"
+mv "$RUNS/preflight.txt" "$SITE/preflight.txt"
+find "$RUNS" -mindepth 1 -delete
+mv "$SITE/preflight.txt" "$RUNS/preflight.txt"
 for config in "${CONFIGS[@]}"; do
   read -r precision layout formats <<<"$config"
   if [[ -e $SITE/.no-onnx ]]; then
@@ -206,7 +215,9 @@ for config in "${CONFIGS[@]}"; do
     [[ -z $formats ]] && continue
   fi
   name="$precision-$layout"
-  if (($(date +%s) - started > BUDGET_S)); then
+  left=$((BUDGET_S + 30 - ($(date +%s) - started)))
+  ((left > PER_RUN_S)) && left=$PER_RUN_S
+  if ((left < 60)); then
     log "$name: skipped (past the ${BUDGET_S} s budget)"
     echo "skipped: past the ${BUDGET_S} s budget" >"$RUNS/$name.skipped"
     continue
@@ -214,7 +225,7 @@ for config in "${CONFIGS[@]}"; do
   flag=--channels-last
   [[ $layout == nchw ]] && flag=--no-channels-last
   log "$name: $formats"
-  if ! timeout "$PER_RUN_S" "$PY" benchmarks/model_formats.py "${COMMON[@]}" --device "$DEVICE" \
+  if ! timeout "$left" "$PY" benchmarks/model_formats.py "${COMMON[@]}" --device "$DEVICE" \
     --precision "$precision" "$flag" --formats "$formats" --no-peers --export-dir "$EXPORTS" \
     --out "$RUNS/$name" >"$RUNS/$name.out" 2>"$RUNS/$name.err"; then
     log "$name: exited with an error (kept: $RUNS/$name.err; its rows say which format failed)"
@@ -231,6 +242,10 @@ from snaplearn_bench.model_formats import markdown_table, verdicts
 
 runs, out, device, elapsed = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 lines = [f"# ResNet-50 formats on {device} (benchmarks/gpu.sh)", ""]
+if (runs / "preflight.txt").exists():
+    lines += [(runs / "preflight.txt").read_text().strip(), ""]
+if pathlib.Path("var/gpu-site/.no-onnx").exists():
+    lines += ["ONNX left out: no onnx/ml_dtypes for this CPython in the wheelhouse.", ""]
 combined = {}
 for folder in sorted(p for p in runs.iterdir() if p.is_dir()):
     result = json.loads((folder / "model_formats.json").read_text()) if (folder / "model_formats.json").exists() else None
