@@ -410,6 +410,8 @@ class Snapshot:
             assert column is not None
             low = -np.inf if spec.minimum is None else spec.minimum
             high = np.inf if spec.maximum is None else spec.maximum
+            if np.isnan(low) or np.isnan(high):  # NaN compares false both ways: it would match nothing
+                raise InvalidInput(f"feature {name!r}: min/max must be numbers, not NaN")
             if low > high:
                 raise InvalidInput(f"feature {name!r}: min {low} is above max {high}")
             with np.errstate(invalid="ignore"):

@@ -602,7 +602,7 @@ def streams(photo: bytes) -> list[tuple[str, list[bytes], dict[str, str], str, s
         (
             "stream_item_and_cancel_same_message",
             [message(items=[stream_item(1, photo)], cancel_ids=[1]).SerializeToString()],
-            {"1": "CANCELLED|OK"},
+            {"1": "CANCELLED"},
             OK,
             "an item and its id in cancel_ids in one message is answered",
         ),
@@ -638,7 +638,7 @@ def streams(photo: bytes) -> list[tuple[str, list[bytes], dict[str, str], str, s
         (
             "stream_timeout_negative",
             [message(items=[stream_item(1, photo, timeout_ms=-5.0)]).SerializeToString()],
-            {"1": INVALID + "|DEADLINE_EXCEEDED"},
+            {"1": INVALID},
             OK,
             "negative time left",
         ),
@@ -652,7 +652,7 @@ def streams(photo: bytes) -> list[tuple[str, list[bytes], dict[str, str], str, s
         (
             "stream_timeout_inf",
             [message(items=[stream_item(1, photo, timeout_ms=float("inf"))]).SerializeToString()],
-            {"1": INVALID + "|OK"},
+            {"1": INVALID},
             OK,
             "infinite time left",
         ),
