@@ -13,6 +13,7 @@ locked).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Protocol
 
 from prometheus_client import CollectorRegistry
 
-from snaplearn_common.errors import InvalidInput, NotFound, Overloaded
+from snaplearn_common.errors import InvalidInput, NotFound, Overloaded, Unavailable
 from snaplearn_common.eventbus.base import EventBus, Producer
 from snaplearn_common.eventbus.publisher import EventPublisher
 from snaplearn_common.eventbus.spool import DiskSpool
@@ -42,6 +43,8 @@ from snaplearn_recommender.snapshot import Snapshot
 # (and with it every student's skip window) into the future.
 MAX_FUTURE_SKEW_S = 300.0
 REMEMBERED_REQUEST_IDS = 10_000
+
+_log = logging.getLogger(__name__)
 
 
 class FeedbackSink(Protocol):
@@ -144,7 +147,15 @@ class FeedbackChannel:
         spool_dir: where unconfirmed feedback waits across a bus outage and a restart (one
         process per directory: it is locked); None keeps it in memory only.
         """
-        bus.create_topic(topic, partitions)  # idempotent; a query replica may start before the worker
+        try:
+            bus.create_topic(topic, partitions)  # idempotent; a query replica may start before the worker
+        except Unavailable:
+            # A query replica must come up while the bus restarts (a pod should not crash-loop on
+            # it): the producer connects on its first batch and the publisher spools until then;
+            # the trainer creates the topic once the bus is back.
+            _log.warning(
+                "event bus unreachable: topic %s is created once it is back; feedback is spooled", topic
+            )
         spool = DiskSpool(spool_dir) if spool_dir is not None else None
         producer = bus.producer()
         publisher = EventPublisher(

@@ -27,6 +27,7 @@ def test_scopes_per_method() -> None:
     assert scope_for("/inference.GRPCInferenceService/ModelInfer") is Scope.CLASSIFY
     assert scope_for("/snaplearn.recommender.v1.RecommenderService/SimilarItems") is Scope.RECOMMEND
     assert scope_for("/snaplearn.recommender.v1.RecommenderService/RecordFeedback") is Scope.FEEDBACK
+    assert scope_for("/snaplearn.recommender.v1.RecommenderService/GetStudentState") is Scope.RECOMMEND
     # Model repository management, and any method nobody listed, need admin.
     assert scope_for("/inference.GRPCInferenceService/RepositoryModelLoad") is Scope.ADMIN
     assert scope_for("/snaplearn.new.v1.Service/Anything") is Scope.ADMIN

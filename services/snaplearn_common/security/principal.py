@@ -61,6 +61,8 @@ SCOPE_BY_METHOD: dict[str, Scope] = {
     _OIP + "ModelStatistics": Scope.CLASSIFY,
     _RECOMMENDER + "Recommend": Scope.RECOMMEND,
     _RECOMMENDER + "SimilarItems": Scope.RECOMMEND,
+    # A teacher's dashboard reads one student's state: the tenant rule applies to its user_id.
+    _RECOMMENDER + "GetStudentState": Scope.RECOMMEND,
     _RECOMMENDER + "RecordFeedback": Scope.FEEDBACK,
 }
 
