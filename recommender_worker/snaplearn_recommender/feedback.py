@@ -34,6 +34,7 @@ from snaplearn_common.events import (
     FeedbackKind,
     check_score,
     encode_feedback_recorded,
+    encode_student_forgotten,
 )
 from snaplearn_common.ids import check_id
 from snaplearn_recommender.model import RecentIds
@@ -118,6 +119,22 @@ class FeedbackRecorder:
         event = encode_feedback_recorded(event_id, user_id, item_id, kind, time_s, outcome, score)
         if not self._sink.publish(self._topic, event):
             raise Overloaded("too much feedback is waiting to be published; retry with backoff")
+        if request_id:
+            self._recorded.add(request_id)
+        return FeedbackReceipt(event_id=event_id, accepted=True)
+
+    def forget(self, user_id: str, request_id: str = "") -> FeedbackReceipt:
+        """Publish a StudentForgotten tombstone for user_id (ForgetStudent). It goes on the same
+        topic and key as the student's events, so the worker applies it after them. Any id is
+        accepted, known or not: a replica's snapshot may lag, and forgetting twice is harmless.
+        Raises InvalidInput, Overloaded."""
+        check_id("user_id", user_id)
+        check_id("request_id", request_id, required=False)
+        if request_id and request_id in self._recorded:
+            return FeedbackReceipt(event_id=request_id, accepted=False)
+        event_id = request_id or str(uuid.uuid4())
+        if not self._sink.publish(self._topic, encode_student_forgotten(event_id, user_id, self._clock())):
+            raise Overloaded("too many events are waiting to be published; retry with backoff")
         if request_id:
             self._recorded.add(request_id)
         return FeedbackReceipt(event_id=event_id, accepted=True)

@@ -86,6 +86,7 @@ __all__ = [
     "CatalogChange",
     "ClassifiedEvent",
     "FeedbackEvent",
+    "ForgetEvent",
     "Loss",
     "ModelEvent",
     "ModelParams",
@@ -223,7 +224,21 @@ class CatalogChange:
         return None
 
 
-ModelEvent = ClassifiedEvent | FeedbackEvent | CatalogChange
+@dataclass(frozen=True, slots=True)
+class ForgetEvent:
+    """A StudentForgotten tombstone: erase everything the model holds about this student."""
+
+    event_id: str
+    user_id: str
+    time_s: float = 0.0
+
+    @classmethod
+    def from_proto(cls, message: events_pb2.StudentForgotten) -> ForgetEvent:
+        time_s = message.time.ToNanoseconds() / 1e9 if message.HasField("time") else 0.0
+        return cls(event_id=message.event_id, user_id=message.user_id, time_s=time_s)
+
+
+ModelEvent = ClassifiedEvent | FeedbackEvent | CatalogChange | ForgetEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +251,10 @@ class ApplyResult:
     feedback: int = 0  # FeedbackRecorded events among `applied`
     unknown_items: int = 0  # feedback for items not in the catalog (ignored)
     catalog_changes: int = 0  # catalog events among `applied`
+    forgotten: int = 0  # StudentForgotten tombstones among `applied`
+
+    def __add__(self, other: ApplyResult) -> ApplyResult:
+        return ApplyResult(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
 
 class RecentIds:
@@ -710,7 +729,66 @@ class RecommenderModel:
         """Learn from one micro-batch of events, in order (duplicates by event_id are skipped).
 
         train=False updates profiles, seen items, skips and popularity but runs no fit_partial.
+        A tombstone (ForgetEvent) splits the batch: what came before it is learned first, so the
+        student's rows are erased after their last update and later events start a new student.
         """
+        result = ApplyResult(0, 0, 0, 0, 0)
+        segment: list[ModelEvent] = []
+        for event in events:
+            if not isinstance(event, ForgetEvent):
+                segment.append(event)
+                continue
+            if segment:
+                result += self._apply_segment(segment, train)
+                segment = []
+            if event.event_id in self._recent_event_ids:
+                result += ApplyResult(0, 1, 0, 0, 0)
+                continue
+            self._recent_event_ids.add(event.event_id)
+            self.forget(event.user_id)
+            self.events_applied += 1
+            result += ApplyResult(1, 0, 0, 0, 0, forgotten=1)
+        if segment or not result.applied + result.duplicates:
+            result += self._apply_segment(segment, train)
+        return result
+
+    def forget(self, user_id: str) -> bool:
+        """Erase one student: user row, identity feature (name and learned parameters), profile,
+        seen items, skips, mastery and attempts. Returns False for a student the model does not
+        know. What the student taught the shared parameters (item and concept embeddings, item
+        popularity) is aggregate and holds no id; it stays. The row of the last user moves into
+        the freed row, so rows stay dense (snapshots index them 0..n_users-1)."""
+        known = self._mastery.students.pop(user_id, None) is not None
+        known = self._mastery_frozen.pop(user_id, None) is not None or known
+        known = self._attempts.pop(user_id, None) is not None or known
+        row = self._user_index.pop(user_id, None)
+        if row is None:
+            return known
+        column = int(self._user_identity_feature[row])
+        names = list(self._user_vocab.names)
+        names[column] = f"forgotten:{column}"  # keeps the column (LightFM's arrays) but not the id
+        self._user_vocab = Vocabulary(names)
+        accumulator_start = 1.0 if self.lightfm.learning_schedule == "adagrad" else 0.0
+        for name in PARAMETER_ARRAYS:
+            getattr(self.lightfm, f"user_{name}")[column] = accumulator_start if "gradients" in name else 0.0
+        last = len(self._user_index)  # the old last row
+        by_row: list[dict[int, Any]] = [self._seen_sets, self._seen, self._skips, self._skipped]
+        for mapping in by_row:
+            mapping.pop(row, None)
+        if row != last:
+            moved = next(u for u, r in self._user_index.items() if r == last)
+            self._user_index[moved] = row
+            for array in (self._user_identity_feature, self._profiles, self._profile_time):
+                array[row] = array[last]
+            for mapping in by_row:
+                if last in mapping:
+                    mapping[row] = mapping.pop(last)
+        self._user_identity_feature[last] = 0
+        self._profiles[last] = 0.0
+        self._profile_time[last] = 0.0
+        return True
+
+    def _apply_segment(self, events: Iterable[ModelEvent], train: bool) -> ApplyResult:
         applied = duplicates = new_users = without_concepts = feedback = unknown_items = 0
         catalog_changes = 0
         batch_rows: dict[int, int] = {}  # user row -> row in this batch's matrices
@@ -731,6 +809,7 @@ class RecommenderModel:
                 self._apply_catalog_change(event)
                 continue
             self._clock = max(self._clock, event.time_s)
+            assert not isinstance(event, ForgetEvent)  # apply splits batches at tombstones
             if isinstance(event, FeedbackEvent):
                 feedback += 1
                 position = self.catalog.position(event.item_id)

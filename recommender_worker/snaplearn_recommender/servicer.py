@@ -47,6 +47,16 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         )
         return recommender_pb2.RecordFeedbackResponse(event_id=receipt.event_id, accepted=receipt.accepted)
 
+    async def ForgetStudent(
+        self, request: recommender_pb2.ForgetStudentRequest, context: aio.ServicerContext
+    ) -> recommender_pb2.ForgetStudentResponse:
+        if self._feedback is None:  # the tombstone travels on the bus like feedback
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not publish events")
+        assert self._feedback is not None
+        check_user_id(request.user_id)
+        receipt = self._feedback.forget(request.user_id, request_id=request.request_id)
+        return recommender_pb2.ForgetStudentResponse(event_id=receipt.event_id, accepted=receipt.accepted)
+
     async def Recommend(
         self, request: recommender_pb2.RecommendRequest, context: aio.ServicerContext
     ) -> recommender_pb2.RecommendResponse:

@@ -59,6 +59,7 @@ from snaplearn_recommender.model import (
     CatalogChange,
     ClassifiedEvent,
     FeedbackEvent,
+    ForgetEvent,
     ModelEvent,
     RecommenderModel,
 )
@@ -395,6 +396,8 @@ class RecommenderWorker:
         message = decode_event(record)
         if isinstance(message, events_pb2.ImageClassified):
             return ClassifiedEvent.from_proto(message)
+        if isinstance(message, events_pb2.StudentForgotten):  # a tombstone (ForgetStudent)
+            return ForgetEvent.from_proto(message)
         change = CatalogChange.from_proto(message)  # catalog add / change / retire (issue 20)
         if change is not None:
             if change.item is not None:  # feedback later in this batch may name it

@@ -40,6 +40,8 @@ _CATALOG_MESSAGES: dict[str, type[CatalogEvent]] = {
     CATALOG_ITEM_CHANGED_TYPE: events_pb2.CatalogItemChanged,
     CATALOG_ITEM_RETIRED_TYPE: events_pb2.CatalogItemRetired,
 }
+# A tombstone (ForgetStudent): keyed by user id like the student's events, so it follows them.
+STUDENT_FORGOTTEN_TYPE = "snaplearn.events.v1.StudentForgotten"
 SCHEMA_VERSION = "1"
 
 
@@ -245,9 +247,34 @@ def decode_catalog_change(record: Record) -> CatalogEvent:
     return message
 
 
+def encode_student_forgotten(event_id: str, user_id: str, time_s: float) -> EncodedEvent:
+    """The tombstone for one student (same topic and key as the student's other events)."""
+    message = events_pb2.StudentForgotten(event_id=event_id, user_id=user_id, time=_timestamp(time_s))
+    return EncodedEvent(
+        key=user_id.encode(),
+        value=message.SerializeToString(),
+        headers=_headers(STUDENT_FORGOTTEN_TYPE, event_id),
+    )
+
+
+def decode_student_forgotten(record: Record) -> events_pb2.StudentForgotten:
+    """Parse a StudentForgotten record; InvalidInput for a malformed one or one without ids."""
+    if event_type(record) != STUDENT_FORGOTTEN_TYPE:
+        raise InvalidInput(f"unexpected event type {record.header(HEADER_EVENT_TYPE)!r}")
+    _check_version(record)
+    message = events_pb2.StudentForgotten()
+    try:
+        message.ParseFromString(record.value)
+    except Exception as exc:
+        raise InvalidInput(f"malformed StudentForgotten payload: {exc}") from exc
+    if not message.event_id or not message.user_id:
+        raise InvalidInput("StudentForgotten without event_id or user_id")
+    return message
+
+
 def decode_event(
     record: Record,
-) -> events_pb2.ImageClassified | events_pb2.FeedbackRecorded | CatalogEvent:
+) -> events_pb2.ImageClassified | events_pb2.FeedbackRecorded | CatalogEvent | events_pb2.StudentForgotten:
     """Parse any event of this topic by its `event-type` header; InvalidInput for unknown types."""
     kind = event_type(record)
     if kind == IMAGE_CLASSIFIED_TYPE:
@@ -256,4 +283,6 @@ def decode_event(
         return decode_feedback_recorded(record)
     if kind in _CATALOG_MESSAGES:
         return decode_catalog_change(record)
+    if kind == STUDENT_FORGOTTEN_TYPE:
+        return decode_student_forgotten(record)
     raise InvalidInput(f"unexpected event type {kind!r}")

@@ -2,8 +2,12 @@
 
 snaplearn-client classify IMAGE [IMAGE ...] --user U [--top-k 3] [--vision HOST:PORT]
 snaplearn-client recommend --user U [--k 10] [--exclude-seen] [--grade 5] [--format video]
+                           [--feature topic=Fractions,Geometry] [--feature minutes<=20]
 snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--concept fractions]
+                         [--feature NAME=V[,V]] [--feature NAME>=N]
 snaplearn-client feedback --user U --item ID --kind completed|viewed|skipped [--request-id R]
+                          [--outcome correct|incorrect] [--score 0.8]
+snaplearn-client student-state --user U [--k 10]
 snaplearn-client demo --photos DIR [--vision HOST:PORT] [--recommender HOST:PORT]
 """
 
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -19,12 +24,46 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToJson
 
+from snaplearn.recommender.v1 import recommender_pb2
 from snaplearn_client.client import (
+    ATTEMPT_OUTCOMES,
     DEFAULT_RECOMMENDER_TARGET,
     DEFAULT_VISION_TARGET,
     FEEDBACK_KINDS,
+    OUTCOME_NAMES,
     ChannelSecurity,
 )
+
+FEATURE_HELP = (
+    "filter on a declared feature of the catalog: NAME=V[,V...] (any of these values), "
+    "NAME<=N or NAME>=N (a numeric feature's bound); repeat for more (an item passes all)"
+)
+
+
+def parse_feature(text: str) -> recommender_pb2.FeatureFilter:
+    """One --feature flag: "topic=Fractions,Geometry", "minutes<=20" or "minutes>=10"."""
+    operators = [(text.find(op), op) for op in ("<=", ">=", "=") if text.find(op) > 0]
+    if not operators:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=V[,V], NAME<=N or NAME>=N")
+    position, operator = min(operators)
+    name, value = text[:position].strip(), text[position + len(operator) :].strip()
+    if operator == "=":
+        values = [v.strip() for v in value.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: no value after '='")
+        return recommender_pb2.FeatureFilter(name=name, values=values)
+    try:
+        bound = float(value)
+    except ValueError:
+        bound = math.nan
+    if not math.isfinite(bound):
+        raise argparse.ArgumentTypeError(f"{text!r}: {value!r} is not a number")
+    result = recommender_pb2.FeatureFilter(name=name)
+    if operator == "<=":
+        result.max = bound
+    else:
+        result.min = bound
+    return result
 
 
 def _security(args: argparse.Namespace) -> ChannelSecurity | None:
@@ -73,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--grade", type=int, action="append", default=[])
     recommend.add_argument("--format", action="append", default=[])
     recommend.add_argument("--concept", action="append", default=[])
+    recommend.add_argument("--feature", type=parse_feature, action="append", default=[], help=FEATURE_HELP)
 
     similar = commands.add_parser("similar", help="items like this one (the model's item space)")
     similar.add_argument("--item", required=True, help="an item_id of the catalog")
@@ -80,12 +120,23 @@ def _parser() -> argparse.ArgumentParser:
     similar.add_argument("--grade", type=int, action="append", default=[])
     similar.add_argument("--format", action="append", default=[])
     similar.add_argument("--concept", action="append", default=[])
+    similar.add_argument("--feature", type=parse_feature, action="append", default=[], help=FEATURE_HELP)
 
     feedback = commands.add_parser("feedback", help="record that a student viewed/completed/skipped an item")
     feedback.add_argument("--user", required=True)
     feedback.add_argument("--item", required=True, help="an item_id of the catalog")
     feedback.add_argument("--kind", required=True, choices=tuple(FEEDBACK_KINDS))
     feedback.add_argument("--request-id", default="", help="idempotency key (default: a new UUID)")
+    feedback.add_argument(
+        "--outcome", choices=tuple(ATTEMPT_OUTCOMES), default=None, help="an answered exercise: how it went"
+    )
+    feedback.add_argument("--score", type=float, default=None, help="the attempt's score in [0, 1]")
+
+    state = commands.add_parser(
+        "student-state", help="a student's mastery per concept, latest attempts and recommendations"
+    )
+    state.add_argument("--user", required=True)
+    state.add_argument("--k", type=int, default=10, help="how many recommendations")
 
     demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
     demo.add_argument(
@@ -112,6 +163,34 @@ def _print_classified(reply: Any, indent: str = "") -> None:
 def _to_json(message: Any) -> str:
     """A response as JSON, non-ASCII text (students' names, titles) kept as it is."""
     return MessageToJson(message, ensure_ascii=False)
+
+
+def _print_items(items: Any, indent: str = "  ") -> None:
+    for rank, item in enumerate(items, 1):
+        print(f"{indent}{rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
+        print(f"{indent}    {item.reason}")
+
+
+def _print_student_state(state: recommender_pb2.GetStudentStateResponse) -> None:
+    print(f"student {state.user_id}, model {state.model_version}, {state.events_applied} events")
+    print("mastery (weakest first):")
+    if not state.concepts:
+        print("  (no attempts yet)")
+    width = max((len(c.concept) for c in state.concepts), default=0)
+    for concept in state.concepts:
+        mark = "mastered" if concept.mastered else "practising"
+        counts = f"{concept.correct} right, {concept.incorrect} wrong"
+        print(f"  {concept.concept:<{width}}  {concept.mastery:.2f}  {mark:<10}  ({counts})")
+    print("recent attempts (oldest first):")
+    if not state.recent_attempts:
+        print("  (none)")
+    for attempt in state.recent_attempts:
+        when = attempt.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S") if attempt.HasField("time") else "-"
+        outcome = OUTCOME_NAMES.get(attempt.outcome) or "scored"
+        score = f"  score {attempt.score:.2f}" if attempt.HasField("score") else ""
+        print(f"  {when}  {attempt.item_id}  {outcome}{score}  (predicted {attempt.predicted:.2f})")
+    print("recommended:")
+    _print_items(state.recommended)
 
 
 class _Unreadable(Exception):
@@ -172,7 +251,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.recommender, timeout_s=args.timeout, security=_security(args)
             ) as recommender:
                 recommendation = recommender.recommend(
-                    args.user, args.k, args.exclude_seen, args.grade, args.format, args.concept
+                    args.user,
+                    args.k,
+                    args.exclude_seen,
+                    args.grade,
+                    args.format,
+                    args.concept,
+                    features=args.feature,
                 )
             if args.json:
                 print(_to_json(recommendation))
@@ -180,31 +265,42 @@ def main(argv: list[str] | None = None) -> int:
             cold = " (cold start)" if recommendation.cold_start else ""
             model = f"model {recommendation.model_version}, {recommendation.events_applied} events"
             print(f"for {recommendation.user_id}{cold}, {model}")
-            for rank, item in enumerate(recommendation.items, 1):
-                print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
-                print(f"      {item.reason}")
+            _print_items(recommendation.items)
         elif args.command == "similar":
             with RecommenderClient(
                 args.recommender, timeout_s=args.timeout, security=_security(args)
             ) as recommender:
-                similar = recommender.similar_items(args.item, args.k, args.grade, args.format, args.concept)
+                similar = recommender.similar_items(
+                    args.item, args.k, args.grade, args.format, args.concept, features=args.feature
+                )
             if args.json:
                 print(_to_json(similar))
                 return 0
             print(f"like {similar.item_id}, model {similar.model_version}")
-            for rank, item in enumerate(similar.items, 1):
-                print(f"  {rank:>2}. {item.title}  [{', '.join(item.concepts)}]  {item.score:.2f}")
-                print(f"      {item.reason}")
+            _print_items(similar.items)
         elif args.command == "feedback":
             with RecommenderClient(
                 args.recommender, timeout_s=args.timeout, security=_security(args)
             ) as recommender:
-                recorded = recommender.record_feedback(args.user, args.item, args.kind, args.request_id)
+                recorded = recommender.record_feedback(
+                    args.user, args.item, args.kind, args.request_id, outcome=args.outcome, score=args.score
+                )
             if args.json:
                 print(_to_json(recorded))
                 return 0
             state = "recorded" if recorded.accepted else "already recorded"
-            print(f"{args.kind} {args.item} for {args.user}: {state} (event {recorded.event_id})")
+            attempt = f", {args.outcome}" if args.outcome else ""
+            attempt += f", score {args.score:g}" if args.score is not None else ""
+            print(f"{args.kind}{attempt} {args.item} for {args.user}: {state} (event {recorded.event_id})")
+        elif args.command == "student-state":
+            with RecommenderClient(
+                args.recommender, timeout_s=args.timeout, security=_security(args)
+            ) as recommender:
+                student = recommender.student_state(args.user, args.k)
+            if args.json:
+                print(_to_json(student))
+                return 0
+            _print_student_state(student)
         else:
             from snaplearn_client.demo import run_demo
 

@@ -7,17 +7,27 @@ retrying cannot fix (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...) fails at once.
 A server secured with TLS and tokens takes `security=ChannelSecurity(ca_file=..., token=...)`
 (a client certificate and key too, for mutual TLS); `ChannelSecurity.from_env()` reads
 SNAPLEARN_TLS_CA, SNAPLEARN_TLS_CLIENT_CERT, SNAPLEARN_TLS_CLIENT_KEY and SNAPLEARN_TOKEN.
+
+Filters on the catalog's declared features (`features=` of recommend and similar_items) are
+FeatureFilter messages or a mapping, feature name -> what to keep:
+
+    {"topic": ["Fractions", "Geometry"], "minutes": (None, 20), "grade": 4}
+
+a list (or one value) keeps items with any of those values; a 2-tuple (min, max), either of them
+None, keeps items of a numeric feature within that inclusive range; a dict may give both
+({"values": [...], "min": 10, "max": 20}).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeAlias
 
 import grpc
 
@@ -36,6 +46,97 @@ FEEDBACK_KINDS = {
     "completed": recommender_pb2.FEEDBACK_KIND_COMPLETED,
     "skipped": recommender_pb2.FEEDBACK_KIND_SKIPPED,
 }
+ATTEMPT_OUTCOMES = {
+    "correct": recommender_pb2.ATTEMPT_OUTCOME_CORRECT,
+    "incorrect": recommender_pb2.ATTEMPT_OUTCOME_INCORRECT,
+}
+OUTCOME_NAMES = {
+    recommender_pb2.ATTEMPT_OUTCOME_UNSPECIFIED: "",
+    **{value: name for name, value in ATTEMPT_OUTCOMES.items()},
+}
+
+FeatureValue: TypeAlias = str | int | float
+# What one feature of the friendly mapping may say: one value, several, a (min, max) range, or a
+# dict of values / min / max.
+FeatureSpec: TypeAlias = (
+    FeatureValue | Sequence[FeatureValue] | tuple[float | None, float | None] | Mapping[str, Any]
+)
+# Mapping values are FeatureSpecs; typed Any so that a literal dict of mixed kinds type-checks.
+FeatureFilters: TypeAlias = Mapping[str, Any] | Iterable[recommender_pb2.FeatureFilter]
+
+
+def _number(name: str, which: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"feature {name!r}: {which} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _value_text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"a feature value must be a string or a number, got {value!r}")
+    return value if isinstance(value, str) else format(value, "g")
+
+
+def _is_range(spec: object) -> bool:
+    return (
+        isinstance(spec, tuple)
+        and len(spec) == 2
+        and all(v is None or (isinstance(v, int | float) and not isinstance(v, bool)) for v in spec)
+    )
+
+
+def feature_filter(name: str, spec: FeatureSpec) -> recommender_pb2.FeatureFilter:
+    """One FeatureFilter from the friendly form (see the module's docstring)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("a feature filter needs a feature name")
+    values: Iterable[object]
+    minimum = maximum = None
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"values", "min", "max"})
+        if unknown:
+            raise ValueError(f"feature {name!r}: unknown key {unknown[0]!r} (use values, min, max)")
+        raw = spec.get("values", ())
+        values = [raw] if isinstance(raw, str | int | float) else raw
+        minimum, maximum = spec.get("min"), spec.get("max")
+    elif _is_range(spec):
+        assert isinstance(spec, tuple)
+        values, (minimum, maximum) = (), spec
+    elif isinstance(spec, str | int | float):
+        values = [spec]
+    elif isinstance(spec, Iterable):
+        values = spec
+    else:
+        raise ValueError(f"feature {name!r}: expected values, a (min, max) range or a dict, got {spec!r}")
+    result = recommender_pb2.FeatureFilter(name=name, values=[_value_text(v) for v in values])
+    if minimum is not None:
+        result.min = _number(name, "min", minimum)
+    if maximum is not None:
+        result.max = _number(name, "max", maximum)
+    if not result.values and not result.HasField("min") and not result.HasField("max"):
+        raise ValueError(f"feature {name!r}: give at least one value or a bound")
+    return result
+
+
+def feature_filters(features: FeatureFilters | None) -> list[recommender_pb2.FeatureFilter]:
+    """FeatureFilter messages from messages or the friendly mapping (see the module's docstring)."""
+    if features is None:
+        return []
+    if isinstance(features, Mapping):
+        return [feature_filter(name, spec) for name, spec in features.items()]
+    result = []
+    for item in features:
+        if not isinstance(item, recommender_pb2.FeatureFilter):
+            raise ValueError(f"expected FeatureFilter messages or a mapping, got {item!r}")
+        result.append(item)
+    return result
+
+
+def _filters(
+    grades: Sequence[int], formats: Sequence[str], concepts: Sequence[str], features: FeatureFilters | None
+) -> recommender_pb2.RecommendFilters:
+    return recommender_pb2.RecommendFilters(
+        grades=grades, formats=formats, concepts=concepts, features=feature_filters(features)
+    )
 
 
 def _service_config(service: str, max_attempts: int) -> str:
@@ -207,12 +308,16 @@ class RecommenderClient(_Client):
         formats: Sequence[str] = (),
         concepts: Sequence[str] = (),
         timeout_s: float | None = None,
+        *,
+        features: FeatureFilters | None = None,
     ) -> recommender_pb2.RecommendResponse:
+        """What `user_id` should practise next. `features`: filters on the catalog's declared
+        features (FeatureFilter messages or the friendly mapping of the module's docstring)."""
         request = recommender_pb2.RecommendRequest(
             user_id=user_id,
             k=k,
             exclude_seen=exclude_seen,
-            filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
+            filters=_filters(grades, formats, concepts, features),
         )
         return self._stub.Recommend(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
 
@@ -224,12 +329,15 @@ class RecommenderClient(_Client):
         formats: Sequence[str] = (),
         concepts: Sequence[str] = (),
         timeout_s: float | None = None,
+        *,
+        features: FeatureFilters | None = None,
     ) -> recommender_pb2.SimilarItemsResponse:
-        """Items closest to `item_id` in the model's item space (NOT_FOUND for an unknown id)."""
+        """Items closest to `item_id` in the model's item space (NOT_FOUND for an unknown id);
+        `features` as for recommend."""
         request = recommender_pb2.SimilarItemsRequest(
             item_id=item_id,
             k=k,
-            filters=recommender_pb2.RecommendFilters(grades=grades, formats=formats, concepts=concepts),
+            filters=_filters(grades, formats, concepts, features),
         )
         return self._stub.SimilarItems(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
 
@@ -241,11 +349,17 @@ class RecommenderClient(_Client):
         request_id: str = "",
         time_s: float | None = None,
         timeout_s: float | None = None,
+        *,
+        outcome: str | int | None = None,
+        score: float | None = None,
     ) -> recommender_pb2.RecordFeedbackResponse:
         """The student viewed, completed or skipped an item (`kind`: one of FEEDBACK_KINDS).
 
         Without a request_id one is generated here, so that gRPC's retries of this call (on
         UNAVAILABLE) record the feedback once. time_s: when it happened (default: now, server side).
+        An answered exercise (an attempt) gives `outcome` ("correct" / "incorrect", or an
+        ATTEMPT_OUTCOME_* value) and/or `score` in [0, 1]: they move the student's mastery of the
+        item's concept. The server checks the score (INVALID_ARGUMENT outside [0, 1]).
         """
         if kind not in FEEDBACK_KINDS:
             raise ValueError(f"kind must be one of {', '.join(FEEDBACK_KINDS)}, got {kind!r}")
@@ -254,10 +368,35 @@ class RecommenderClient(_Client):
             item_id=item_id,
             kind=FEEDBACK_KINDS[kind],
             request_id=request_id or str(uuid.uuid4()),
+            outcome=_outcome(outcome),
         )
+        if score is not None:
+            request.score = score
         if time_s is not None:
             request.time.FromNanoseconds(int(time_s * 1e9))
         return self._stub.RecordFeedback(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+    def student_state(
+        self, user_id: str, k: int = 10, timeout_s: float | None = None
+    ) -> recommender_pb2.GetStudentStateResponse:
+        """A student's mastery per concept (weakest first), latest attempts (oldest first) and what
+        Recommend suggests now with its reasons, from one snapshot (NOT_FOUND for a student the
+        model has no events of)."""
+        request = recommender_pb2.GetStudentStateRequest(user_id=user_id, k=k)
+        return self._stub.GetStudentState(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
+
+def _outcome(outcome: str | int | None) -> recommender_pb2.AttemptOutcome:
+    if outcome is None or outcome == "":
+        return recommender_pb2.ATTEMPT_OUTCOME_UNSPECIFIED
+    if isinstance(outcome, str):
+        if outcome not in ATTEMPT_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(ATTEMPT_OUTCOMES)}, got {outcome!r}")
+        return ATTEMPT_OUTCOMES[outcome]
+    for value in OUTCOME_NAMES:
+        if value == outcome and not isinstance(outcome, bool):
+            return value
+    raise ValueError(f"unknown attempt outcome {outcome!r}")
 
 
 class VisionClient(_Client):

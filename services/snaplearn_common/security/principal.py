@@ -64,6 +64,8 @@ SCOPE_BY_METHOD: dict[str, Scope] = {
     # A teacher's dashboard reads one student's state: the tenant rule applies to its user_id.
     _RECOMMENDER + "GetStudentState": Scope.RECOMMEND,
     _RECOMMENDER + "RecordFeedback": Scope.FEEDBACK,
+    # Erases a student (issue 20): an operator's call, never a student's or a teacher's.
+    _RECOMMENDER + "ForgetStudent": Scope.ADMIN,
 }
 
 

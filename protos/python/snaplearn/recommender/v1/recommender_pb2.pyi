@@ -209,3 +209,19 @@ class StudentAttempt(_message.Message):
     time: _timestamp_pb2.Timestamp
     predicted: float
     def __init__(self, item_id: _Optional[str] = ..., outcome: _Optional[_Union[AttemptOutcome, str]] = ..., score: _Optional[float] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., predicted: _Optional[float] = ...) -> None: ...
+
+class ForgetStudentRequest(_message.Message):
+    __slots__ = ("user_id", "request_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    request_id: str
+    def __init__(self, user_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ForgetStudentResponse(_message.Message):
+    __slots__ = ("event_id", "accepted")
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    event_id: str
+    accepted: bool
+    def __init__(self, event_id: _Optional[str] = ..., accepted: _Optional[bool] = ...) -> None: ...

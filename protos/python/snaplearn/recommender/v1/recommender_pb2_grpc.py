@@ -56,6 +56,11 @@ class RecommenderServiceStub:
                 request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateRequest.SerializeToString,
                 response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateResponse.FromString,
                 _registered_method=True)
+        self.ForgetStudent = channel.unary_unary(
+                '/snaplearn.recommender.v1.RecommenderService/ForgetStudent',
+                request_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.ForgetStudentRequest.SerializeToString,
+                response_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.ForgetStudentResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServiceServicer:
@@ -97,6 +102,16 @@ class RecommenderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetStudent(self, request, context):
+        """Admin: erase one student. Publishes a StudentForgotten tombstone on the bus; once the worker
+        applies it (in order, after the student's earlier events), the student's rows, profile,
+        mastery, attempts and skips are gone from the model, the next snapshot and the next
+        checkpoint, and Recommend treats the id as new. A replay re-applies the tombstone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -119,6 +134,11 @@ def add_RecommenderServiceServicer_to_server(servicer, server):
                     servicer.GetStudentState,
                     request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateRequest.FromString,
                     response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateResponse.SerializeToString,
+            ),
+            'ForgetStudent': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetStudent,
+                    request_deserializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.ForgetStudentRequest.FromString,
+                    response_serializer=snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.ForgetStudentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +251,33 @@ class RecommenderService:
             '/snaplearn.recommender.v1.RecommenderService/GetStudentState',
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateRequest.SerializeToString,
             snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.GetStudentStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetStudent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/snaplearn.recommender.v1.RecommenderService/ForgetStudent',
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.ForgetStudentRequest.SerializeToString,
+            snaplearn_dot_recommender_dot_v1_dot_recommender__pb2.ForgetStudentResponse.FromString,
             options,
             channel_credentials,
             insecure,

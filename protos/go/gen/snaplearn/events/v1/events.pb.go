@@ -690,6 +690,70 @@ func (x *CatalogItemRetired) GetItemId() string {
 	return ""
 }
 
+// A tombstone: erase this student (RecommenderService/ForgetStudent). Keyed by user_id like the
+// student's other events, so it follows them in their partition; the worker drops everything it
+// holds about the student, and a replay from an older checkpoint applies it again, so the student
+// does not come back. Later events with the same user_id start a new student.
+type StudentForgotten struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	EventId       string                 `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	Time          *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	UserId        string                 `protobuf:"bytes,3,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StudentForgotten) Reset() {
+	*x = StudentForgotten{}
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StudentForgotten) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StudentForgotten) ProtoMessage() {}
+
+func (x *StudentForgotten) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_events_v1_events_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StudentForgotten.ProtoReflect.Descriptor instead.
+func (*StudentForgotten) Descriptor() ([]byte, []int) {
+	return file_snaplearn_events_v1_events_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *StudentForgotten) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *StudentForgotten) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *StudentForgotten) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
 var File_snaplearn_events_v1_events_proto protoreflect.FileDescriptor
 
 const file_snaplearn_events_v1_events_proto_rawDesc = "" +
@@ -738,7 +802,11 @@ const file_snaplearn_events_v1_events_proto_rawDesc = "" +
 	"\x12CatalogItemRetired\x12\x19\n" +
 	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12.\n" +
 	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
-	"\aitem_id\x18\x03 \x01(\tR\x06itemId*m\n" +
+	"\aitem_id\x18\x03 \x01(\tR\x06itemId\"v\n" +
+	"\x10StudentForgotten\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
+	"\auser_id\x18\x03 \x01(\tR\x06userId*m\n" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17ATTEMPT_OUTCOME_CORRECT\x10\x01\x12\x1d\n" +
@@ -763,7 +831,7 @@ func file_snaplearn_events_v1_events_proto_rawDescGZIP() []byte {
 }
 
 var file_snaplearn_events_v1_events_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_snaplearn_events_v1_events_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_snaplearn_events_v1_events_proto_goTypes = []any{
 	(AttemptOutcome)(0),           // 0: snaplearn.events.v1.AttemptOutcome
 	(FeedbackKind)(0),             // 1: snaplearn.events.v1.FeedbackKind
@@ -775,25 +843,27 @@ var file_snaplearn_events_v1_events_proto_goTypes = []any{
 	(*CatalogItemAdded)(nil),      // 7: snaplearn.events.v1.CatalogItemAdded
 	(*CatalogItemChanged)(nil),    // 8: snaplearn.events.v1.CatalogItemChanged
 	(*CatalogItemRetired)(nil),    // 9: snaplearn.events.v1.CatalogItemRetired
-	(*timestamppb.Timestamp)(nil), // 10: google.protobuf.Timestamp
+	(*StudentForgotten)(nil),      // 10: snaplearn.events.v1.StudentForgotten
+	(*timestamppb.Timestamp)(nil), // 11: google.protobuf.Timestamp
 }
 var file_snaplearn_events_v1_events_proto_depIdxs = []int32{
-	10, // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
+	11, // 0: snaplearn.events.v1.ImageClassified.time:type_name -> google.protobuf.Timestamp
 	3,  // 1: snaplearn.events.v1.ImageClassified.labels:type_name -> snaplearn.events.v1.LabelScore
 	1,  // 2: snaplearn.events.v1.FeedbackRecorded.kind:type_name -> snaplearn.events.v1.FeedbackKind
-	10, // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
+	11, // 3: snaplearn.events.v1.FeedbackRecorded.time:type_name -> google.protobuf.Timestamp
 	0,  // 4: snaplearn.events.v1.FeedbackRecorded.outcome:type_name -> snaplearn.events.v1.AttemptOutcome
 	6,  // 5: snaplearn.events.v1.CatalogItem.features:type_name -> snaplearn.events.v1.CatalogFeature
-	10, // 6: snaplearn.events.v1.CatalogItemAdded.time:type_name -> google.protobuf.Timestamp
+	11, // 6: snaplearn.events.v1.CatalogItemAdded.time:type_name -> google.protobuf.Timestamp
 	5,  // 7: snaplearn.events.v1.CatalogItemAdded.item:type_name -> snaplearn.events.v1.CatalogItem
-	10, // 8: snaplearn.events.v1.CatalogItemChanged.time:type_name -> google.protobuf.Timestamp
+	11, // 8: snaplearn.events.v1.CatalogItemChanged.time:type_name -> google.protobuf.Timestamp
 	5,  // 9: snaplearn.events.v1.CatalogItemChanged.item:type_name -> snaplearn.events.v1.CatalogItem
-	10, // 10: snaplearn.events.v1.CatalogItemRetired.time:type_name -> google.protobuf.Timestamp
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	11, // 10: snaplearn.events.v1.CatalogItemRetired.time:type_name -> google.protobuf.Timestamp
+	11, // 11: snaplearn.events.v1.StudentForgotten.time:type_name -> google.protobuf.Timestamp
+	12, // [12:12] is the sub-list for method output_type
+	12, // [12:12] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_snaplearn_events_v1_events_proto_init() }
@@ -809,7 +879,7 @@ func file_snaplearn_events_v1_events_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_events_v1_events_proto_rawDesc), len(file_snaplearn_events_v1_events_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   8,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1177,6 +1177,114 @@ func (x *StudentAttempt) GetPredicted() float64 {
 	return 0
 }
 
+type ForgetStudentRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Required.
+	UserId string `protobuf:"bytes,1,opt,name=user_id,json=userId,proto3" json:"user_id,omitempty"`
+	// Optional idempotency key, as RecordFeedback's: a retry with the same id publishes nothing.
+	RequestId     string `protobuf:"bytes,2,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetStudentRequest) Reset() {
+	*x = ForgetStudentRequest{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetStudentRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetStudentRequest) ProtoMessage() {}
+
+func (x *ForgetStudentRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetStudentRequest.ProtoReflect.Descriptor instead.
+func (*ForgetStudentRequest) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *ForgetStudentRequest) GetUserId() string {
+	if x != nil {
+		return x.UserId
+	}
+	return ""
+}
+
+func (x *ForgetStudentRequest) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+type ForgetStudentResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The tombstone's event id (the request_id when given).
+	EventId string `protobuf:"bytes,1,opt,name=event_id,json=eventId,proto3" json:"event_id,omitempty"`
+	// False: this request_id was accepted before (a retry); nothing was published.
+	Accepted      bool `protobuf:"varint,2,opt,name=accepted,proto3" json:"accepted,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ForgetStudentResponse) Reset() {
+	*x = ForgetStudentResponse{}
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ForgetStudentResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ForgetStudentResponse) ProtoMessage() {}
+
+func (x *ForgetStudentResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_snaplearn_recommender_v1_recommender_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ForgetStudentResponse.ProtoReflect.Descriptor instead.
+func (*ForgetStudentResponse) Descriptor() ([]byte, []int) {
+	return file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *ForgetStudentResponse) GetEventId() string {
+	if x != nil {
+		return x.EventId
+	}
+	return ""
+}
+
+func (x *ForgetStudentResponse) GetAccepted() bool {
+	if x != nil {
+		return x.Accepted
+	}
+	return false
+}
+
 var File_snaplearn_recommender_v1_recommender_proto protoreflect.FileDescriptor
 
 const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
@@ -1264,7 +1372,14 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x05score\x18\x03 \x01(\x02H\x00R\x05score\x88\x01\x01\x12.\n" +
 	"\x04time\x18\x04 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x1c\n" +
 	"\tpredicted\x18\x05 \x01(\x01R\tpredictedB\b\n" +
-	"\x06_score*\x7f\n" +
+	"\x06_score\"N\n" +
+	"\x14ForgetStudentRequest\x12\x17\n" +
+	"\auser_id\x18\x01 \x01(\tR\x06userId\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\x02 \x01(\tR\trequestId\"N\n" +
+	"\x15ForgetStudentResponse\x12\x19\n" +
+	"\bevent_id\x18\x01 \x01(\tR\aeventId\x12\x1a\n" +
+	"\baccepted\x18\x02 \x01(\bR\baccepted*\x7f\n" +
 	"\fFeedbackKind\x12\x1d\n" +
 	"\x19FEEDBACK_KIND_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14FEEDBACK_KIND_VIEWED\x10\x01\x12\x1b\n" +
@@ -1273,12 +1388,13 @@ const file_snaplearn_recommender_v1_recommender_proto_rawDesc = "" +
 	"\x0eAttemptOutcome\x12\x1f\n" +
 	"\x1bATTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17ATTEMPT_OUTCOME_CORRECT\x10\x01\x12\x1d\n" +
-	"\x19ATTEMPT_OUTCOME_INCORRECT\x10\x022\xd6\x03\n" +
+	"\x19ATTEMPT_OUTCOME_INCORRECT\x10\x022\xc8\x04\n" +
 	"\x12RecommenderService\x12d\n" +
 	"\tRecommend\x12*.snaplearn.recommender.v1.RecommendRequest\x1a+.snaplearn.recommender.v1.RecommendResponse\x12m\n" +
 	"\fSimilarItems\x12-.snaplearn.recommender.v1.SimilarItemsRequest\x1a..snaplearn.recommender.v1.SimilarItemsResponse\x12s\n" +
 	"\x0eRecordFeedback\x12/.snaplearn.recommender.v1.RecordFeedbackRequest\x1a0.snaplearn.recommender.v1.RecordFeedbackResponse\x12v\n" +
-	"\x0fGetStudentState\x120.snaplearn.recommender.v1.GetStudentStateRequest\x1a1.snaplearn.recommender.v1.GetStudentStateResponseB\x87\x02\n" +
+	"\x0fGetStudentState\x120.snaplearn.recommender.v1.GetStudentStateRequest\x1a1.snaplearn.recommender.v1.GetStudentStateResponse\x12p\n" +
+	"\rForgetStudent\x12..snaplearn.recommender.v1.ForgetStudentRequest\x1a/.snaplearn.recommender.v1.ForgetStudentResponseB\x87\x02\n" +
 	"\x1ccom.snaplearn.recommender.v1B\x10RecommenderProtoP\x01ZSgithub.com/snaplearn/snaplearn/protos/go/gen/snaplearn/recommender/v1;recommenderv1\xa2\x02\x03SRX\xaa\x02\x18Snaplearn.Recommender.V1\xca\x02\x18Snaplearn\\Recommender\\V1\xe2\x02$Snaplearn\\Recommender\\V1\\GPBMetadata\xea\x02\x1aSnaplearn::Recommender::V1b\x06proto3"
 
 var (
@@ -1294,7 +1410,7 @@ func file_snaplearn_recommender_v1_recommender_proto_rawDescGZIP() []byte {
 }
 
 var file_snaplearn_recommender_v1_recommender_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_snaplearn_recommender_v1_recommender_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_snaplearn_recommender_v1_recommender_proto_goTypes = []any{
 	(FeedbackKind)(0),               // 0: snaplearn.recommender.v1.FeedbackKind
 	(AttemptOutcome)(0),             // 1: snaplearn.recommender.v1.AttemptOutcome
@@ -1312,7 +1428,9 @@ var file_snaplearn_recommender_v1_recommender_proto_goTypes = []any{
 	(*GetStudentStateResponse)(nil), // 13: snaplearn.recommender.v1.GetStudentStateResponse
 	(*ConceptMastery)(nil),          // 14: snaplearn.recommender.v1.ConceptMastery
 	(*StudentAttempt)(nil),          // 15: snaplearn.recommender.v1.StudentAttempt
-	(*timestamppb.Timestamp)(nil),   // 16: google.protobuf.Timestamp
+	(*ForgetStudentRequest)(nil),    // 16: snaplearn.recommender.v1.ForgetStudentRequest
+	(*ForgetStudentResponse)(nil),   // 17: snaplearn.recommender.v1.ForgetStudentResponse
+	(*timestamppb.Timestamp)(nil),   // 18: google.protobuf.Timestamp
 }
 var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
 	3,  // 0: snaplearn.recommender.v1.RecommendFilters.features:type_name -> snaplearn.recommender.v1.FeatureFilter
@@ -1322,23 +1440,25 @@ var file_snaplearn_recommender_v1_recommender_proto_depIdxs = []int32{
 	2,  // 4: snaplearn.recommender.v1.SimilarItemsRequest.filters:type_name -> snaplearn.recommender.v1.RecommendFilters
 	6,  // 5: snaplearn.recommender.v1.SimilarItemsResponse.items:type_name -> snaplearn.recommender.v1.RecommendedItem
 	0,  // 6: snaplearn.recommender.v1.RecordFeedbackRequest.kind:type_name -> snaplearn.recommender.v1.FeedbackKind
-	16, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
+	18, // 7: snaplearn.recommender.v1.RecordFeedbackRequest.time:type_name -> google.protobuf.Timestamp
 	1,  // 8: snaplearn.recommender.v1.RecordFeedbackRequest.outcome:type_name -> snaplearn.recommender.v1.AttemptOutcome
 	14, // 9: snaplearn.recommender.v1.GetStudentStateResponse.concepts:type_name -> snaplearn.recommender.v1.ConceptMastery
 	15, // 10: snaplearn.recommender.v1.GetStudentStateResponse.recent_attempts:type_name -> snaplearn.recommender.v1.StudentAttempt
 	6,  // 11: snaplearn.recommender.v1.GetStudentStateResponse.recommended:type_name -> snaplearn.recommender.v1.RecommendedItem
 	1,  // 12: snaplearn.recommender.v1.StudentAttempt.outcome:type_name -> snaplearn.recommender.v1.AttemptOutcome
-	16, // 13: snaplearn.recommender.v1.StudentAttempt.time:type_name -> google.protobuf.Timestamp
+	18, // 13: snaplearn.recommender.v1.StudentAttempt.time:type_name -> google.protobuf.Timestamp
 	5,  // 14: snaplearn.recommender.v1.RecommenderService.Recommend:input_type -> snaplearn.recommender.v1.RecommendRequest
 	8,  // 15: snaplearn.recommender.v1.RecommenderService.SimilarItems:input_type -> snaplearn.recommender.v1.SimilarItemsRequest
 	10, // 16: snaplearn.recommender.v1.RecommenderService.RecordFeedback:input_type -> snaplearn.recommender.v1.RecordFeedbackRequest
 	12, // 17: snaplearn.recommender.v1.RecommenderService.GetStudentState:input_type -> snaplearn.recommender.v1.GetStudentStateRequest
-	7,  // 18: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
-	9,  // 19: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
-	11, // 20: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
-	13, // 21: snaplearn.recommender.v1.RecommenderService.GetStudentState:output_type -> snaplearn.recommender.v1.GetStudentStateResponse
-	18, // [18:22] is the sub-list for method output_type
-	14, // [14:18] is the sub-list for method input_type
+	16, // 18: snaplearn.recommender.v1.RecommenderService.ForgetStudent:input_type -> snaplearn.recommender.v1.ForgetStudentRequest
+	7,  // 19: snaplearn.recommender.v1.RecommenderService.Recommend:output_type -> snaplearn.recommender.v1.RecommendResponse
+	9,  // 20: snaplearn.recommender.v1.RecommenderService.SimilarItems:output_type -> snaplearn.recommender.v1.SimilarItemsResponse
+	11, // 21: snaplearn.recommender.v1.RecommenderService.RecordFeedback:output_type -> snaplearn.recommender.v1.RecordFeedbackResponse
+	13, // 22: snaplearn.recommender.v1.RecommenderService.GetStudentState:output_type -> snaplearn.recommender.v1.GetStudentStateResponse
+	17, // 23: snaplearn.recommender.v1.RecommenderService.ForgetStudent:output_type -> snaplearn.recommender.v1.ForgetStudentResponse
+	19, // [19:24] is the sub-list for method output_type
+	14, // [14:19] is the sub-list for method input_type
 	14, // [14:14] is the sub-list for extension type_name
 	14, // [14:14] is the sub-list for extension extendee
 	0,  // [0:14] is the sub-list for field type_name
@@ -1359,7 +1479,7 @@ func file_snaplearn_recommender_v1_recommender_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_snaplearn_recommender_v1_recommender_proto_rawDesc), len(file_snaplearn_recommender_v1_recommender_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   14,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -23,6 +23,7 @@ const (
 	RecommenderService_SimilarItems_FullMethodName    = "/snaplearn.recommender.v1.RecommenderService/SimilarItems"
 	RecommenderService_RecordFeedback_FullMethodName  = "/snaplearn.recommender.v1.RecommenderService/RecordFeedback"
 	RecommenderService_GetStudentState_FullMethodName = "/snaplearn.recommender.v1.RecommenderService/GetStudentState"
+	RecommenderService_ForgetStudent_FullMethodName   = "/snaplearn.recommender.v1.RecommenderService/ForgetStudent"
 )
 
 // RecommenderServiceClient is the client API for RecommenderService service.
@@ -46,6 +47,11 @@ type RecommenderServiceClient interface {
 	// their latest attempts, and what Recommend suggests now and why, all from one snapshot.
 	// NOT_FOUND for a student the model has no events of.
 	GetStudentState(ctx context.Context, in *GetStudentStateRequest, opts ...grpc.CallOption) (*GetStudentStateResponse, error)
+	// Admin: erase one student. Publishes a StudentForgotten tombstone on the bus; once the worker
+	// applies it (in order, after the student's earlier events), the student's rows, profile,
+	// mastery, attempts and skips are gone from the model, the next snapshot and the next
+	// checkpoint, and Recommend treats the id as new. A replay re-applies the tombstone.
+	ForgetStudent(ctx context.Context, in *ForgetStudentRequest, opts ...grpc.CallOption) (*ForgetStudentResponse, error)
 }
 
 type recommenderServiceClient struct {
@@ -96,6 +102,16 @@ func (c *recommenderServiceClient) GetStudentState(ctx context.Context, in *GetS
 	return out, nil
 }
 
+func (c *recommenderServiceClient) ForgetStudent(ctx context.Context, in *ForgetStudentRequest, opts ...grpc.CallOption) (*ForgetStudentResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ForgetStudentResponse)
+	err := c.cc.Invoke(ctx, RecommenderService_ForgetStudent_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // RecommenderServiceServer is the server API for RecommenderService service.
 // All implementations must embed UnimplementedRecommenderServiceServer
 // for forward compatibility.
@@ -117,6 +133,11 @@ type RecommenderServiceServer interface {
 	// their latest attempts, and what Recommend suggests now and why, all from one snapshot.
 	// NOT_FOUND for a student the model has no events of.
 	GetStudentState(context.Context, *GetStudentStateRequest) (*GetStudentStateResponse, error)
+	// Admin: erase one student. Publishes a StudentForgotten tombstone on the bus; once the worker
+	// applies it (in order, after the student's earlier events), the student's rows, profile,
+	// mastery, attempts and skips are gone from the model, the next snapshot and the next
+	// checkpoint, and Recommend treats the id as new. A replay re-applies the tombstone.
+	ForgetStudent(context.Context, *ForgetStudentRequest) (*ForgetStudentResponse, error)
 	mustEmbedUnimplementedRecommenderServiceServer()
 }
 
@@ -138,6 +159,9 @@ func (UnimplementedRecommenderServiceServer) RecordFeedback(context.Context, *Re
 }
 func (UnimplementedRecommenderServiceServer) GetStudentState(context.Context, *GetStudentStateRequest) (*GetStudentStateResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStudentState not implemented")
+}
+func (UnimplementedRecommenderServiceServer) ForgetStudent(context.Context, *ForgetStudentRequest) (*ForgetStudentResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ForgetStudent not implemented")
 }
 func (UnimplementedRecommenderServiceServer) mustEmbedUnimplementedRecommenderServiceServer() {}
 func (UnimplementedRecommenderServiceServer) testEmbeddedByValue()                            {}
@@ -232,6 +256,24 @@ func _RecommenderService_GetStudentState_Handler(srv interface{}, ctx context.Co
 	return interceptor(ctx, in, info, handler)
 }
 
+func _RecommenderService_ForgetStudent_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ForgetStudentRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(RecommenderServiceServer).ForgetStudent(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: RecommenderService_ForgetStudent_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(RecommenderServiceServer).ForgetStudent(ctx, req.(*ForgetStudentRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // RecommenderService_ServiceDesc is the grpc.ServiceDesc for RecommenderService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -254,6 +296,10 @@ var RecommenderService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetStudentState",
 			Handler:    _RecommenderService_GetStudentState_Handler,
+		},
+		{
+			MethodName: "ForgetStudent",
+			Handler:    _RecommenderService_ForgetStudent_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},
