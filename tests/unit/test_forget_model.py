@@ -16,6 +16,7 @@ from snaplearn_common.events import (
     encode_student_forgotten,
 )
 from snaplearn_common.records import Record
+from snaplearn_common.security.principal import SCOPE_BY_METHOD, Principal, Scope, scope_for
 from snaplearn_recommender.catalog import generate_sample_catalog
 from snaplearn_recommender.model import ClassifiedEvent, FeedbackEvent, ForgetEvent, RecommenderModel
 from snaplearn_recommender.snapshot_store import CatalogCache, dump_snapshot
@@ -99,3 +100,9 @@ def test_a_tombstone_splits_the_batch_and_applies_exactly_once() -> None:
     assert set(model.profile(GONE)) == {"geometry"}  # only what came after the tombstone
     assert model.apply([ForgetEvent("t2", "never-seen")]).forgotten == 1  # unknown: a harmless no-op
     assert model.n_users == 1
+
+
+def test_forget_student_needs_the_admin_scope() -> None:
+    method = "/snaplearn.recommender.v1.RecommenderService/ForgetStudent"
+    assert SCOPE_BY_METHOD[method] is Scope.ADMIN and scope_for(method) is Scope.ADMIN
+    assert not Principal("teacher", scopes=frozenset({"recommend", "feedback"})).allows(scope_for(method))
