@@ -255,3 +255,31 @@ async def test_declared_feature_filters_through_the_client_and_the_cli(
     finally:
         client.close()
         await app.stop()
+
+
+async def test_forget_a_student_through_the_client_and_the_cli(
+    tmp_path: Path, bus: SqliteEventBus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = in_process_settings(tmp_path / "checkpoints")
+    app, client = await _started(settings, bus)
+    try:
+        for user in ("ada", "bo"):
+            await asyncio.to_thread(client.record_feedback, user, FIRST, "completed", outcome="correct")
+        await _wait_applied(client, 2)
+        assert not (await asyncio.to_thread(client.recommend, "ada", 3)).cold_start
+
+        rc, out, err = await _cli(capsys, app.port, "forget", "--user", "ada", "--request-id", "gdpr-17")
+        assert (rc, err) == (0, "")
+        assert out.strip() == "ada: forgotten (tombstone event gdpr-17)"
+        retry = await asyncio.to_thread(client.forget_student, "ada", "gdpr-17")
+        assert (retry.accepted, retry.event_id) == (False, "gdpr-17")  # a retry publishes nothing
+        await _wait_applied(client, 3)
+
+        assert (await asyncio.to_thread(client.recommend, "ada", 3)).cold_start
+        with pytest.raises(grpc.RpcError) as missing:
+            await asyncio.to_thread(client.student_state, "ada")
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert not (await asyncio.to_thread(client.recommend, "bo", 3)).cold_start  # only ada is gone
+    finally:
+        client.close()
+        await app.stop()

@@ -8,6 +8,7 @@ snaplearn-client similar --item ID [--k 10] [--grade 5] [--format video] [--conc
 snaplearn-client feedback --user U --item ID --kind completed|viewed|skipped [--request-id R]
                           [--outcome correct|incorrect] [--score 0.8]
 snaplearn-client student-state --user U [--k 10]
+snaplearn-client forget --user U [--request-id ID]
 snaplearn-client demo --photos DIR [--vision HOST:PORT] [--recommender HOST:PORT]
 """
 
@@ -137,6 +138,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     state.add_argument("--user", required=True)
     state.add_argument("--k", type=int, default=10, help="how many recommendations")
+
+    forget = commands.add_parser("forget", help="erase a student from the recommender (admin)")
+    forget.add_argument("--user", required=True)
+    forget.add_argument("--request-id", default="", help="idempotency key: a retry publishes nothing")
 
     demo = commands.add_parser("demo", help="simulated students photograph worksheets; show recommendations")
     demo.add_argument(
@@ -301,6 +306,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(_to_json(student))
                 return 0
             _print_student_state(student)
+        elif args.command == "forget":
+            with RecommenderClient(
+                args.recommender, timeout_s=args.timeout, security=_security(args)
+            ) as recommender:
+                forgotten = recommender.forget_student(args.user, args.request_id)
+            if args.json:
+                print(_to_json(forgotten))
+                return 0
+            state = "forgotten" if forgotten.accepted else "already forgotten"
+            print(f"{args.user}: {state} (tombstone event {forgotten.event_id})")
         else:
             from snaplearn_client.demo import run_demo
 

@@ -385,6 +385,15 @@ class RecommenderClient(_Client):
         request = recommender_pb2.GetStudentStateRequest(user_id=user_id, k=k)
         return self._stub.GetStudentState(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
 
+    def forget_student(
+        self, user_id: str, request_id: str = "", timeout_s: float | None = None
+    ) -> recommender_pb2.ForgetStudentResponse:
+        """Erase a student: a tombstone on the bus removes their rows, profile, mastery and attempts
+        from the model, the next snapshot and the next checkpoint (needs the admin scope).
+        request_id makes a retry publish nothing (accepted is then False)."""
+        request = recommender_pb2.ForgetStudentRequest(user_id=user_id, request_id=request_id)
+        return self._stub.ForgetStudent(request, timeout=timeout_s or self.timeout_s, wait_for_ready=True)
+
 
 def _outcome(outcome: str | int | None) -> recommender_pb2.AttemptOutcome:
     if outcome is None or outcome == "":
