@@ -136,6 +136,25 @@ class MasteryOptions:
     l2: float = 1.0  # on the per-item and per-concept weights (the dense ones get l2 / 100)
 
 
+def _vector(state: StudentState, c: ConceptState, easiness: float) -> list[float]:
+    """The model's features of one student on one concept; easiness is minus the item's
+    difficulty (0: an item of average difficulty, what mastery() asks about)."""
+    return [
+        1.0,
+        state.ability,
+        c.ability,
+        easiness,
+        math.log1p(c.correct),
+        math.log1p(c.wrong),
+        c.recent,
+        c.last,
+        math.log1p(state.correct),
+        math.log1p(state.answers - state.correct),
+        state.recent,
+        state.last,
+    ]
+
+
 class MasteryModel:
     """Elo + PFA features with fitted logistic weights; per-student state updated per attempt."""
 
@@ -170,21 +189,7 @@ class MasteryModel:
     def _features(self, state: StudentState, item: Item) -> tuple[list[float], ConceptState | None]:
         concept_state = state.concepts.get(self.concept(item))
         c = concept_state or self._new_concept()
-        x = [
-            1.0,
-            state.ability,
-            c.ability,
-            -self.difficulty.get(item, 0.0),
-            math.log1p(c.correct),
-            math.log1p(c.wrong),
-            c.recent,
-            c.last,
-            math.log1p(state.correct),
-            math.log1p(state.answers - state.correct),
-            state.recent,
-            state.last,
-        ]
-        return x, concept_state
+        return _vector(state, c, -self.difficulty.get(item, 0.0)), concept_state
 
     def _logit(self, x: Sequence[float], item: Item) -> float:
         concept = self.concept(item)
@@ -204,20 +209,7 @@ class MasteryModel:
         """Predicted success on an item of average difficulty of the concept."""
         state = self.students.get(student) or StudentState()
         c = state.concepts.get(concept) or self._new_concept()
-        x = [
-            1.0,
-            state.ability,
-            c.ability,
-            0.0,
-            math.log1p(c.correct),
-            math.log1p(c.wrong),
-            c.recent,
-            c.last,
-            math.log1p(state.correct),
-            math.log1p(state.answers - state.correct),
-            state.recent,
-            state.last,
-        ]
+        x = _vector(state, c, 0.0)
         logit = float(np.dot(self.dense, x)) + self.concept_bias.get(concept, 0.0)
         logit += self.concept_correct.get(concept, 0.0) * x[4] + self.concept_wrong.get(concept, 0.0) * x[5]
         return sigmoid(logit)

@@ -37,7 +37,6 @@ CASES: list[dict[str, Any]] = MANIFEST["cases"]
 MAX_IMAGE_BYTES = 256 * 1024  # small, so the oversized cases stay cheap to build and send
 CALL_TIMEOUT_S = 20.0
 # Findings whose owner has not fixed them yet: name -> reason (strict: the fix makes it pass).
-KNOWN: dict[str, str] = {}
 NEVER = {"INTERNAL", "UNKNOWN"}
 
 # Pillow warns about the corrupt EXIF/TIFF tags of hostile images; expected, and not a failure.
@@ -76,17 +75,7 @@ async def servers(
 
 
 def case_params(kinds: tuple[str, ...]) -> list[Any]:
-    return [
-        pytest.param(
-            case,
-            id=case["name"],
-            marks=[pytest.mark.xfail(strict=True, reason=KNOWN[case["name"]])]
-            if case["name"] in KNOWN
-            else [],
-        )
-        for case in CASES
-        if case["kind"] in kinds
-    ]
+    return [pytest.param(case, id=case["name"]) for case in CASES if case["kind"] in kinds]
 
 
 def check(servers: Servers, where: str, code: str, details: str, expected: str) -> None:

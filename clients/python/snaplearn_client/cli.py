@@ -33,6 +33,7 @@ from snaplearn_client.client import (
     FEEDBACK_KINDS,
     OUTCOME_NAMES,
     ChannelSecurity,
+    RecommenderClient,
 )
 
 FEATURE_HELP = (
@@ -65,6 +66,10 @@ def parse_feature(text: str) -> recommender_pb2.FeatureFilter:
     else:
         result.min = bound
     return result
+
+
+def _recommender(args: argparse.Namespace) -> RecommenderClient:
+    return RecommenderClient(args.recommender, timeout_s=args.timeout, security=_security(args))
 
 
 def _security(args: argparse.Namespace) -> ChannelSecurity | None:
@@ -233,7 +238,7 @@ def _classify_many(args: argparse.Namespace, images: list[bytes]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from snaplearn_client.client import RecommenderClient, VisionClient
+    from snaplearn_client.client import VisionClient
 
     args = _parser().parse_args(argv)
     try:
@@ -252,9 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             _print_classified(reply)
         elif args.command == "recommend":
-            with RecommenderClient(
-                args.recommender, timeout_s=args.timeout, security=_security(args)
-            ) as recommender:
+            with _recommender(args) as recommender:
                 recommendation = recommender.recommend(
                     args.user,
                     args.k,
@@ -272,9 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"for {recommendation.user_id}{cold}, {model}")
             _print_items(recommendation.items)
         elif args.command == "similar":
-            with RecommenderClient(
-                args.recommender, timeout_s=args.timeout, security=_security(args)
-            ) as recommender:
+            with _recommender(args) as recommender:
                 similar = recommender.similar_items(
                     args.item, args.k, args.grade, args.format, args.concept, features=args.feature
                 )
@@ -284,9 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"like {similar.item_id}, model {similar.model_version}")
             _print_items(similar.items)
         elif args.command == "feedback":
-            with RecommenderClient(
-                args.recommender, timeout_s=args.timeout, security=_security(args)
-            ) as recommender:
+            with _recommender(args) as recommender:
                 recorded = recommender.record_feedback(
                     args.user, args.item, args.kind, args.request_id, outcome=args.outcome, score=args.score
                 )
@@ -298,18 +297,14 @@ def main(argv: list[str] | None = None) -> int:
             attempt += f", score {args.score:g}" if args.score is not None else ""
             print(f"{args.kind}{attempt} {args.item} for {args.user}: {state} (event {recorded.event_id})")
         elif args.command == "student-state":
-            with RecommenderClient(
-                args.recommender, timeout_s=args.timeout, security=_security(args)
-            ) as recommender:
+            with _recommender(args) as recommender:
                 student = recommender.student_state(args.user, args.k)
             if args.json:
                 print(_to_json(student))
                 return 0
             _print_student_state(student)
         elif args.command == "forget":
-            with RecommenderClient(
-                args.recommender, timeout_s=args.timeout, security=_security(args)
-            ) as recommender:
+            with _recommender(args) as recommender:
                 forgotten = recommender.forget_student(args.user, args.request_id)
             if args.json:
                 print(_to_json(forgotten))
