@@ -18,12 +18,18 @@ one after the other:
 - ours: `python -m snaplearn_vision.main` serving that version: capacity (closed loop of
   --concurrency Classify callers, real JPEG photos) and p99 at half of that rate (open loop).
 
-Peers (NVIDIA Triton via PyTriton, Ray Serve, LitServe: snaplearn_bench.peers, the code
-vision_bench.py runs) serve the ResNet-50 state_dict through our engine; a peer that is not
-installed is named so in the table (--install-peers installs them, as vision_bench.py does).
+Then the peers on --peer-models (NVIDIA Triton via PyTriton, Ray Serve, LitServe:
+snaplearn_bench.peers and peer_servers, the code vision_bench.py runs), one after the other,
+each with its own dynamic batching (the same max batch and delay as ours) and serving the
+version folder of --peer-format (default: this run's fastest bare runtime of that model)
+through our engine, the same decode and forward code as our server: only the serving layer
+differs. Capacity with our callers, and p99 at our half-load rate (the same offered load). A
+peer that is not installed is named so in the table (--install-peers installs them, as
+vision_bench.py does).
 
 Writes docs/benchmarks/model_formats.json, model_formats.png (matplotlib, when installed) and
-the section of docs/benchmarks/models.md between its markers.
+the section of docs/benchmarks/model_formats.md between its markers (the page's reading, written
+by hand, stays around it).
 """
 
 from __future__ import annotations
@@ -194,52 +200,102 @@ def ours(root: Path, name: str, scratch: Path, args: argparse.Namespace) -> dict
         return capacity_and_half(target, "grpc", args)
 
 
-def peer_status(install: bool) -> dict[str, str | None]:
-    """peer -> None (runnable) or why it is not run ("not installed ..."), installing first if asked."""
-    from snaplearn_bench.peers import TRITON_VENV
+# What each peer runs, for the page (the network itself: the version folder it is given).
+PEER_RUNS = {
+    "triton": "NVIDIA Triton through PyTriton: tritonserver's dynamic batcher and gRPC OIP, one "
+    "model instance whose Python callable runs our engine's decode + forward",
+    "ray": "Ray Serve: its gRPC proxy (our Classify proto), one replica, @serve.batch around our "
+    "engine's decode + forward",
+    "litserve": "LitServe: HTTP JSON (photo base64), one worker, LitAPI batching, our engine's decode "
+    "per request and forward per batch",
+}
+
+
+def peer_setup(install: bool) -> tuple[dict[str, str | None], Path | None, dict[str, str]]:
+    """(peer -> None (runnable) or why it is not run, Triton's python, Triton's environment),
+    installing the peers first if asked (the code vision_bench.py runs)."""
+    from snaplearn_bench.peers import TRITON_VENV, ensure_triton
 
     if install:
-        from snaplearn_bench.peers import ensure_triton
         from snaplearn_bench.vision_bench import ensure_peers_extra
 
         ensure_peers_extra()
-        ensure_triton()
     status: dict[str, str | None] = {}
     for peer, module in (("ray", "ray"), ("litserve", "litserve")):
         status[peer] = (
             None if importlib.util.find_spec(module) else f"not installed ({module}; --install-peers)"
         )
-    triton_python = TRITON_VENV / "bin" / "python"
-    status["triton"] = (
-        None if triton_python.exists() else "not installed (nvidia-pytriton venv; --install-peers)"
-    )
-    return status
+    triton_python: Path | None = None
+    triton_env: dict[str, str] = {}
+    if install or (TRITON_VENV / "bin" / "python").exists():
+        triton_python, triton_env, note = ensure_triton()  # installs only when asked or broken
+        status["triton"] = None if triton_python is not None else note
+    else:
+        status["triton"] = "not installed (nvidia-pytriton venv; --install-peers)"
+    return status, triton_python, triton_env
 
 
-def peers(root: Path, name: str, statuses: dict[str, str | None], args: argparse.Namespace) -> dict[str, Any]:
+def peer_format(entry: dict[str, Any], wanted: str) -> str | None:
+    """The format the peers serve: `wanted`, or with "best" the fastest bare runtime measured
+    for this model in this run (None: nothing measured)."""
+    if wanted != "best":
+        return wanted
+    raws = {
+        fmt: row["raw"]["images_per_s"]
+        for fmt, row in entry["formats"].items()
+        if "raw" in row and "ours" in row
+    }
+    return max(raws, key=lambda fmt: raws[fmt]) if raws else None
+
+
+def peers(
+    root: Path,
+    name: str,
+    fmt: str,
+    half_rate: float,
+    setup: tuple[dict[str, str | None], Path | None, dict[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Each runnable peer serving version folder `name` (format `fmt`): capacity (closed loop,
+    our callers) and p99 at `half_rate` (our half load: the same offered rate), --reps times."""
     from snaplearn_bench.ours import Settings
-    from snaplearn_bench.peers import TRITON_VENV, bench_peer
+    from snaplearn_bench.peers import bench_peer
 
+    statuses, triton_python, triton_env = setup
     settings = Settings(
         seconds=args.seconds, concurrency=args.concurrency, torch_threads=args.torch_threads,
         decode_threads=args.decode_threads, max_queue_size=256, max_batch_size=args.max_batch_size,
         max_queue_delay_ms=args.max_queue_delay_ms, peers=True, perf_analyzer=None, perf_env={},
-        connections=args.connections, triton_python=TRITON_VENV / "bin" / "python",
+        connections=args.connections, triton_python=triton_python, triton_env=triton_env,
     )  # fmt: skip
     results: dict[str, Any] = {}
     for peer in PEER_NAMES:
         if statuses.get(peer):
             results[peer] = {"status": statuses[peer]}
             continue
-        log(f"{name}: {peer}")
+        reps = []
         try:
-            measured = bench_peer(peer, root, name, settings, args.max_batch_size, (0.0, 0.0))
-            results[peer] = {
-                "capacity": measured["closed"]["throughput"],
-                "p99_ms": measured["closed"]["p99_ms"],
-            }
+            for rep in range(args.reps):
+                log(f"{name}: {peer} (rep {rep + 1} of {args.reps})")
+                measured = bench_peer(
+                    peer, root, name, settings, args.max_batch_size, (half_rate, 0.0),
+                    timeout_s=60, warmup_s=args.warmup,
+                )  # fmt: skip
+                closed, half = measured["closed"], measured.get("half", {})
+                reps.append(
+                    {
+                        "capacity": closed["throughput"],
+                        "p99_ms": closed["p99_ms"],
+                        "mean_batch": closed.get("mean_batch_size_seen", float("nan")),
+                        "half_rate": half_rate,
+                        "half_p99_ms": half.get("p99_ms", float("nan")),
+                        "errors": _merge_errors(closed.get("errors", {}), half.get("errors", {})),
+                    }
+                )
         except Exception as error:  # a peer that fails to start is reported, not fatal
-            results[peer] = {"status": f"failed: {type(error).__name__}: {str(error)[:200]}"}
+            results[peer] = {"status": f"failed: {type(error).__name__}: {str(error)[-300:]}"}
+            continue
+        results[peer] = {**median_of(reps), "format": fmt, "runs": PEER_RUNS[peer]}
     return results
 
 
@@ -265,8 +321,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"unknown formats {unknown}; known: {', '.join(FORMATS)}")
     models = parse_list(args.models)
-    statuses: dict[str, str | None] = (
-        peer_status(args.install_peers) if args.peers else dict.fromkeys(PEER_NAMES, "not run (--no-peers)")
+    peer_models = set(parse_list(args.peer_models))
+    setup: tuple[dict[str, str | None], Path | None, dict[str, str]] = (
+        peer_setup(args.install_peers)
+        if args.peers
+        else (dict.fromkeys(PEER_NAMES, "not run (--no-peers)"), None, {})
     )
     result: dict[str, Any] = {"meta": meta(args), "models": {}}
     with tempfile.TemporaryDirectory(prefix="model-formats-") as scratch_name:
@@ -276,10 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from snaplearn_bench.models import ensure_default_model
 
                 ensure_default_model(args.model_repository)
-            wants_peers = args.peers and model == TARGET_MODEL and any(v is None for v in statuses.values())
-            exported_formats = sorted(
-                set(formats) | ({"state_dict"} if wants_peers else set()), key=FORMATS.index
-            )
+            exported_formats = sorted(set(formats), key=FORMATS.index)
             root = scratch / "models"
             log(f"{model}: exporting to {', '.join(exported_formats)}")
             out = args.export_dir if args.export_dir is not None else scratch / "files"
@@ -314,15 +370,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["failed"] = f"{type(error).__name__}: {str(error)[-600:]}"
                     log(f"{model} {fmt}: failed: {row['failed']}")
                 entry["formats"][fmt] = row
-            if model == TARGET_MODEL and args.peers:
-                if wants_peers and args.models_add and "state_dict" in exported["files"]:
-                    models_add(root, served_name(model, "state_dict"), exported["files"]["state_dict"],
-                               "state_dict", spec, args)  # fmt: skip
-                entry["peers"] = peers(root, served_name(model, "state_dict"), statuses, args)
-            elif model == TARGET_MODEL:
-                entry["peers"] = {peer: {"status": why} for peer, why in statuses.items()}
+            if model in peer_models:
+                entry["peers"] = run_peers(model, entry, root, setup, args)
             result["models"][model] = entry
+    result["meta"]["load_average_1m_end"] = round(os.getloadavg()[0], 1)
     return summarize(result)
+
+
+def run_peers(
+    model: str,
+    entry: dict[str, Any],
+    root: Path,
+    setup: tuple[dict[str, str | None], Path | None, dict[str, str]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """The peers on `model` in the format --peer-format picks, at our best served half rate."""
+    from snaplearn_bench.format_runtime import served_name
+
+    statuses = setup[0]
+    if all(statuses.get(peer) for peer in PEER_NAMES):  # none runnable (--no-peers, not installed)
+        return {peer: {"status": statuses[peer]} for peer in PEER_NAMES}
+    fmt = peer_format(entry, args.peer_format)
+    if fmt is None or not (root / served_name(model, fmt)).is_dir():
+        why = f"not run (no {fmt} version of {model} measured)" if fmt else "not run (nothing measured)"
+        return {peer: {"status": statuses.get(peer) or why} for peer in PEER_NAMES}
+    served = [row["ours"] for row in entry["formats"].values() if "ours" in row]
+    half_rate = max(row["half_rate"] for row in served) if served else 0.0
+    return peers(root, served_name(model, fmt), fmt, half_rate, setup, args)
 
 
 # -- the report (pure: tested in tests/unit/test_bench_model_formats.py) ------------------------
@@ -381,38 +455,56 @@ def _num(value: float, digits: int = 1) -> str:
     return "n/a" if value != value else f"{value:.{digits}f}"  # NaN != NaN
 
 
+def _errors(counts: dict[str, int]) -> str:
+    return ", ".join(f"{code} {n}" for code, n in counts.items()) or "0"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    """One table: per model, a row per format (bare raw bound, our server) and per peer."""
+    """One table: per model, a row per format (bare raw bound, our server) and per peer (the
+    format it serves; its half load is ours, so the p99s are at the same offered rate)."""
     lines = [
-        "| model | served as | raw bound img/s (batch) | capacity img/s | / own raw | / best raw "
-        "| half-load rate /s | half-load p99 ms | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | served as | raw bound img/s (batch) | capacity img/s | mean batch | / own raw "
+        "| / best raw | half-load rate /s | half-load p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, entry in result["models"].items():
         label = f"{model} ({entry['input']})"
         for fmt, row in entry["formats"].items():
             if "failed" in row or "raw" not in row:
                 lines.append(
-                    f"| {label} | ours, {fmt} | failed: {row.get('failed', '?')[:120]} | | | | | | |"
+                    f"| {label} | ours, {fmt} | failed: {row.get('failed', '?')[:120]} | | | | | | | |"
                 )
                 continue
             raw, served = row["raw"], row["ours"]
-            errors = ", ".join(f"{code} {n}" for code, n in served["errors"].items()) or "0"
             lines.append(
                 f"| {label} | ours, {fmt} | {_num(raw['images_per_s'])} ({raw['best_batch_size']}) "
-                f"| {_num(served['capacity'])} | {row['ours_vs_own_raw']:.0%} "
-                f"| {row['ours_vs_best_raw']:.0%} "
-                f"| {_num(served['half_rate'])} | {_num(served['half_p99_ms'])} | {errors} |"
+                f"| {_num(served['capacity'])} | {_num(served.get('mean_batch', float('nan')))} "
+                f"| {row['ours_vs_own_raw']:.0%} | {row['ours_vs_best_raw']:.0%} "
+                f"| {_num(served['half_rate'])} | {_num(served['half_p99_ms'])} "
+                f"| {_errors(served['errors'])} |"
             )
         for peer, values in entry.get("peers", {}).items():
             if "capacity" in values:
                 lines.append(
-                    f"| {label} | {peer} (state_dict, our engine) | | {_num(values['capacity'])} | "
-                    f"| {values['vs_best_raw']:.0%} | | | |"
+                    f"| {label} | {peer}, {values.get('format', '?')} | | {_num(values['capacity'])} "
+                    f"| {_num(values.get('mean_batch', float('nan')))} | | {values['vs_best_raw']:.0%} "
+                    f"| {_num(values.get('half_rate', float('nan')))} "
+                    f"| {_num(values.get('half_p99_ms', float('nan')))} "
+                    f"| {_errors(values.get('errors', {}))} |"
                 )
             else:
-                lines.append(f"| {label} | {peer} | {values['status']} | | | | | | |")
+                lines.append(f"| {label} | {peer} | {values['status']} | | | | | | | |")
     return "\n".join(lines)
+
+
+def peer_notes(result: dict[str, Any]) -> list[str]:
+    """What each measured peer ran, once per peer."""
+    notes: dict[str, str] = {}
+    for entry in result["models"].values():
+        for peer, values in entry.get("peers", {}).items():
+            if "runs" in values and peer not in notes:
+                notes[peer] = f"{peer}: {values['runs']}, on the {values.get('format', '?')} version folder"
+    return list(notes.values())
 
 
 def verdicts(result: dict[str, Any]) -> list[str]:
@@ -448,14 +540,17 @@ def section(result: dict[str, Any]) -> str:
         f"{BEGIN}\n## One network in every format: bare runtime vs our server vs peers\n\n"
         f"`{meta_['command']}`: {meta_['machine']}; device {meta_['device']}, "
         f"precision {meta_['precision']}, "
-        f"channels_last {meta_['channels_last']}; torch threads {meta_['torch_threads']} (bare runtime and "
-        f"server alike), decode threads {meta_['decode_threads']}, max batch {meta_['max_batch_size']}, "
-        f"{meta_['concurrency']} closed-loop callers, {meta_['seconds']} s per load window, "
-        f"{meta_['raw_seconds']} s per raw batch size, {meta_['reps']} rep(s) (median); load average "
-        f"{meta_['load_average_1m']} at the start. Raw numbers: model_formats.json.\n\n"
+        f"channels_last {meta_['channels_last']}; torch threads {meta_['torch_threads']} (bare runtime, "
+        f"server and peers alike), decode threads {meta_['decode_threads']}, max batch "
+        f"{meta_['max_batch_size']} (every server), {meta_['concurrency']} closed-loop callers, "
+        f"{meta_['seconds']} s per load window, {meta_['raw_seconds']} s per raw batch size, "
+        f"{meta_['reps']} rep(s) (median); load average {meta_['load_average_1m']} at the start"
+        + (f", {meta_['load_average_1m_end']} at the end" if "load_average_1m_end" in meta_ else "")
+        + ". Raw numbers: model_formats.json.\n\n"
         + "\n".join(f"- {sentence}" for sentence in verdicts(result))
         + "\n\n"
         + markdown_table(result)
+        + "".join(f"\n\n- {note}" if i == 0 else f"\n- {note}" for i, note in enumerate(peer_notes(result)))
         + f"\n{END}"
     )
 
@@ -510,8 +605,8 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result["meta"]["plot"] = plot(result, out / "model_formats.png")
     (out / "model_formats.json").write_text(json.dumps(result, indent=2) + "\n")
-    page = out / "models.md"
-    text = page.read_text() if page.exists() else "# Models: formats and live swaps\n"
+    page = out / "model_formats.md"
+    text = page.read_text() if page.exists() else "# One network in every format\n"
     page.write_text(write_section(text, section(result)))
 
 
@@ -566,7 +661,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True, help="on ResNet-50")
+    parser.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--peer-models", default=TARGET_MODEL, help="the models the peers serve too")
+    parser.add_argument(
+        "--peer-format",
+        default="best",
+        choices=("best", *FORMATS),
+        help="the version the peers serve (best: this run's fastest bare runtime of that model)",
+    )
     parser.add_argument("--install-peers", action="store_true", help="pip install the peers first")
     parser.add_argument(
         "--models-add", action="store_true", help="add versions with `snaplearn-vision models add`"
@@ -600,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             0.5,
         )
         args.batch_sizes, args.concurrency, args.max_batch_size = "1,8", 8, 8
+        if args.peer_models == TARGET_MODEL:  # the default: the peers serve the smoke model instead
+            args.peer_models = args.models
     if args.from_json is not None:  # re-render a saved run (e.g. once matplotlib is installed)
         result = summarize(json.loads(args.from_json.read_text()))
     else:
@@ -611,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(verdicts(result)))
     if not args.no_write:
         write_results(result, args.out)
-        log(f"wrote {args.out / 'models.md'}, model_formats.json ({result['meta'].get('plot')})")
+        log(f"wrote {args.out / 'model_formats.md'}, model_formats.json ({result['meta'].get('plot')})")
     failed = any("failed" in row for entry in result["models"].values() for row in entry["formats"].values())
     return 1 if failed else 0
 

@@ -7,8 +7,9 @@
 Version 1 is added with `snaplearn-vision models add` before the server starts; the server
 (`python -m snaplearn_vision.main`, its own process, polling the repository) serves it to
 `--clients` closed-loop callers; after `--steady` seconds version 2 is added with the same
-command while the calls go on, and once version 2 answers, version 1 is removed with
-`models remove`. Reported: calls that failed (any status but OK), the time from starting
+command while the calls go on (with `--server`, so the server loads it at once instead of at
+its next poll; `--poll-only` leaves it to the poll), and once version 2 answers, version 1 is
+removed with `models remove`. Reported: calls that failed (any status but OK), the time from starting
 `models add` to the first answer from version 2 (and how much of it was the command itself),
 the first version-2 call's latency against version 2's steady state (median), and the
 server's own load-and-warm-up time (snaplearn_vision_model_load_seconds). Writes
@@ -91,6 +92,13 @@ def models_command(root: Path, *args: str) -> float:
     return time.perf_counter() - started
 
 
+def import_seconds() -> float:
+    """What a fresh `models` process spends importing before it does anything."""
+    started = time.perf_counter()
+    subprocess.run([PY, "-c", "import snaplearn_vision.main, snaplearn_vision.models"], check=True)
+    return time.perf_counter() - started
+
+
 def add_args(model: Path, channels: int, size: int, max_batch: int) -> list[str]:
     normalise = ["--mean", "0.5", "--std", "0.25"] if channels == 1 else []
     return [
@@ -165,9 +173,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await asyncio.sleep(args.steady)
             log("adding version 2 while the calls go on")
             added_at = time.perf_counter()
-            add_s = await asyncio.to_thread(
-                models_command, root, *add_args(scratch / "v2.pt", channels, args.size, args.max_batch_size)
-            )
+            v2_args = add_args(scratch / "v2.pt", channels, args.size, args.max_batch_size)
+            if not args.poll_only:
+                v2_args += ["--server", target]
+            add_s = await asyncio.to_thread(models_command, root, *v2_args)
             while not any(call.version == "2" for call in loop.calls):
                 if caller.done():
                     raise RuntimeError("the closed loop stopped before version 2 answered")
@@ -179,9 +188,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             loop.stop.set()
             await caller
             load_sum, load_count = server_load_seconds(int(server.info["metrics_port"]))
-        return summarise(
+        result = summarise(
             args, loop.calls, added_at, answered_at, add_s, remove_s, first_v2, load_sum, load_count
         )
+        result["import_s"] = round(import_seconds(), 2)
+        return result
 
 
 def summarise(
@@ -203,6 +214,8 @@ def summarise(
         "architecture": args.architecture,
         "input": f"{args.size}x{args.size}",
         "format": "torchscript",
+        "picked_up_by": "the poll" if args.poll_only else "models add --server (RepositoryModelLoad)",
+        "poll_interval_s": args.poll,
         "clients": args.clients,
         "max_batch_size": args.max_batch_size,
         "calls": len(calls),
@@ -230,9 +243,11 @@ def write_results(result: dict[str, Any], command: str) -> None:
     section = (
         f"{BEGIN}\n## A hot swap under load\n\n`{command}`, one run on CPU (load average while it ran: "
         f"{result['load_average_1m']} on {result['cpu_cores']} cores; raw numbers in models_swap.json). "
-        "`add_to_first_v2_s` counts from starting `models add`, which loads, probes and warms the "
-        "version in its own process before it becomes visible (`models_add_command_s`), to the "
-        f"first answer from version 2.\n\n| measure | value |\n|---|---|\n{rows}\n{END}"
+        "`add_to_first_v2_s` counts from starting `models add` to the first answer from version 2. "
+        "The command (`models_add_command_s`) loads the version in its own process and runs one test "
+        "batch before it becomes visible; with `--server` it also waits while the server loads and "
+        "warms it (`server_load_and_warm_up_mean_s`) and swaps it in. `import_s`: a fresh process "
+        f"importing the command's modules.\n\n| measure | value |\n|---|---|\n{rows}\n{END}"
     )
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Models: formats and live swaps\n\n"
     if BEGIN in text and END in text:
@@ -253,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         "--steady", type=float, default=15.0, help="seconds before the add and after the swap"
     )
     parser.add_argument("--poll", type=float, default=0.5, help="the server's --model-poll-interval")
+    parser.add_argument(
+        "--poll-only", action="store_true", help="add version 2 without --server: the poll picks it up"
+    )
     parser.add_argument("--quick", action="store_true", help="SnapNet 64x64, short: a smoke run")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks alone")
     args = parser.parse_args(argv)

@@ -96,9 +96,18 @@ def ensure_triton() -> tuple[Path | None, dict[str, str], str]:
 
 
 def bench_peer(
-    peer: str, root: Path, model: str, settings: Settings, max_batch_size: int, rates: tuple[float, float]
+    peer: str,
+    root: Path,
+    model: str,
+    settings: Settings,
+    max_batch_size: int,
+    rates: tuple[float, float],
+    *,
+    timeout_s: float = 5.0,
+    warmup_s: float | None = None,
 ) -> dict[str, Any]:
-    """One peer: capacity (closed loop), then open loops at our rates (half, overload)."""
+    """One peer: capacity (closed loop), then open loops at our rates (half, overload; a rate
+    <= 0 skips its phase). `timeout_s` per call; `warmup_s` the generator's (None: its own)."""
     port = free_port()
     python = settings.triton_python if peer == "triton" else PY
     argv = [
@@ -125,18 +134,18 @@ def bench_peer(
         target, protocol = f"http://127.0.0.1:{port}/predict", "http"
     with process(argv, env, "ready", timeout_s=300):
         result: dict[str, Any] = {}
-        conns = settings.connections
+        common: dict[str, Any] = {"connections": settings.connections, "model": model, "timeout_s": timeout_s}
+        if warmup_s is not None:
+            common["warmup_s"] = warmup_s
         before = scrape(metrics_port) if peer == "triton" else {}
         result["closed"] = load(
-            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency,
-            connections=conns, model=model,
-        )  # fmt: skip
+            target, protocol, "closed", settings.seconds, concurrency=settings.concurrency, **common
+        )
         if peer == "triton":  # the protocol's answers do not say; Triton's metrics do
             result["closed"]["mean_batch_size_seen"] = triton_mean_batch(before, scrape(metrics_port))
         for phase, rate in (("half", rates[0]), ("overload", rates[1])):
-            result[phase] = load(
-                target, protocol, "open", settings.seconds, rate=rate, connections=conns, model=model
-            )
+            if rate > 0:
+                result[phase] = load(target, protocol, "open", settings.seconds, rate=rate, **common)
     return result
 
 

@@ -53,6 +53,7 @@ RESERVED = frozenset({"item_id", "title", "concepts", "prerequisites"})
 
 FeatureKind = Literal["categorical", "multi", "numeric"]
 FEATURE_KINDS: tuple[FeatureKind, ...] = get_args(FeatureKind)
+FEATURE_FLAG = "--catalog-feature"  # features declared on the command line (parse_feature_flag)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -121,6 +122,24 @@ class CatalogSchema:
     def feature(self, name: str) -> FeatureSpec | None:
         return next((spec for spec in self.features if spec.name == name), None)
 
+    def with_features(self, specs: Sequence[FeatureSpec], source: str = FEATURE_FLAG) -> CatalogSchema:
+        """This schema with `specs` added; one named like a declared feature replaces it whole.
+        CatalogError (naming `source`) for a column already used by another feature or the item."""
+        if not specs:
+            return self
+        names = {spec.name for spec in specs}
+        kept = [spec for spec in self.features if spec.name not in names]
+        for index, spec in enumerate(specs):
+            if spec.column in (self.id_column, self.title_column):
+                raise CatalogError(f"{source} {spec.name}: column {spec.column!r} is the item's id or title")
+            other = next((o for o in [*kept, *specs[:index]] if o.column == spec.column), None)
+            if other is not None:
+                raise CatalogError(
+                    f"{source} {spec.name}: column {spec.column!r} is already used by feature {other.name!r}"
+                )
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return CatalogSchema(**{**values, "features": (*kept, *specs)})
+
     def restricted_to(self, columns: Iterable[str]) -> CatalogSchema:
         """This schema without the (optional) features whose column is absent."""
         present = set(columns)
@@ -168,6 +187,67 @@ _ITEM_KEYS = {
     "prerequisite_separator": "prerequisite_separator",
 }
 _FEATURE_KEYS = {"type", "column", "separator", "buckets", "required"}
+
+
+_FLAG_EXAMPLES = "e.g. topic=categorical, tags=multi:|, minutes=numeric:0,10,20"
+
+
+def parse_feature_flag(text: str) -> FeatureSpec:
+    """One feature declared on the command line (the file's kinds, one flag each):
+
+        NAME[@COLUMN][=KIND]     KIND: categorical (the default) | multi[:SEPARATOR] (";" by
+                                 default) | numeric[:EDGE,EDGE,...] (one bucket per whole value
+                                 without edges)
+
+    CatalogError in one sentence naming the flag and its value.
+    """
+    where = f"{FEATURE_FLAG} {text!r}"
+    target, _, kind_text = text.partition("=")
+    name, at, column = (part.strip() for part in target.partition("@"))
+    if not name:
+        raise CatalogError(f"{where}: give a feature name before '=' ({_FLAG_EXAMPLES})")
+    if at and not column:
+        raise CatalogError(f"{where}: give the column after '@' ({_FLAG_EXAMPLES})")
+    kind, colon, argument = kind_text.partition(":")
+    kind = kind.strip().lower() or "categorical"
+    if kind not in FEATURE_KINDS:
+        raise CatalogError(f"{where}: the type must be one of {', '.join(FEATURE_KINDS)} ({_FLAG_EXAMPLES})")
+    separator = CONCEPT_SEPARATOR
+    buckets: tuple[float, ...] = ()
+    if kind == "categorical" and colon:
+        raise CatalogError(f"{where}: a categorical feature takes nothing after ':' ({_FLAG_EXAMPLES})")
+    if kind == "multi" and argument:
+        separator = argument  # taken as given: a space or ", " is a separator too
+    if kind == "numeric" and argument.strip():
+        edges = [edge.strip() for edge in argument.split(",")]
+        try:
+            buckets = tuple(float(edge) for edge in edges)
+        except ValueError:
+            raise CatalogError(f"{where}: bucket edges must be numbers separated by commas") from None
+    try:
+        return FeatureSpec(name=name, kind=kind, column=column, separator=separator, buckets=buckets)
+    except CatalogError as exc:
+        raise CatalogError(f"{where}: {exc}") from None
+
+
+def parse_feature_flags(texts: Sequence[str]) -> tuple[FeatureSpec, ...]:
+    """Every --catalog-feature value; CatalogError for a bad one or a feature given twice."""
+    specs = tuple(parse_feature_flag(text) for text in texts)
+    names = [spec.name for spec in specs]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise CatalogError(f"{FEATURE_FLAG} declares feature {twice!r} twice; give each feature once")
+    return specs
+
+
+def checked_feature_flags(values: list[str]) -> list[str]:
+    """A settings validator of --catalog-feature values (the trainer's and catalog-sync's): a bad
+    one is a ValueError, which the settings report under the flag and its variable."""
+    try:
+        parse_feature_flags(values)
+    except CatalogError as error:
+        raise ValueError(str(error).removeprefix(FEATURE_FLAG + " ")) from None
+    return values
 
 
 def declaration_path(catalog_path: str | os.PathLike[str]) -> Path | None:
@@ -777,10 +857,16 @@ def generate_sample_catalog(seed: int = 0, items_per_topic: int = 12) -> Catalog
 
 
 def load_catalog(
-    path: str | os.PathLike[str], schema: CatalogSchema | str | os.PathLike[str] | None = None
+    path: str | os.PathLike[str],
+    schema: CatalogSchema | str | os.PathLike[str] | None = None,
+    features: Sequence[FeatureSpec] = (),
 ) -> Catalog:
     """Load a .csv or .jsonl catalog with its declaration (`schema`: a CatalogSchema, a declaration
     file, or None for the one beside the catalog, else SAMPLE_SCHEMA's columns where present).
+
+    features: declared by flags (parse_feature_flags), merged into that declaration: a flag's
+    feature replaces the declared one of its name, the others are added; a CSV must have their
+    columns.
 
     CatalogError names the file, the 1-based line and the column of the first problem.
     """
@@ -808,7 +894,9 @@ def load_catalog(
             f"{path}, line {line}, column {column}: not UTF-8 text (save it as UTF-8)"
         ) from None
     if suffix == ".csv":
-        return _load_csv(path, text, declared)
+        return _load_csv(path, text, declared, tuple(features))
+    if features:
+        declared = (declared or SAMPLE_SCHEMA).with_features(features)
     return _load_jsonl(path, text, declared)
 
 
@@ -962,7 +1050,9 @@ class _Row:
     columns: Mapping[str, int]  # field -> 1-based column
 
 
-def _load_csv(path: Path, text: str, declared: CatalogSchema | None) -> Catalog:
+def _load_csv(
+    path: Path, text: str, declared: CatalogSchema | None, flagged: tuple[FeatureSpec, ...] = ()
+) -> Catalog:
     lines = text.splitlines(keepends=True)
     reader = csv.reader(lines)
     try:
@@ -972,7 +1062,7 @@ def _load_csv(path: Path, text: str, declared: CatalogSchema | None) -> Catalog:
     except csv.Error as exc:
         raise CatalogError(f"{path}, line 1: not a readable CSV header ({exc})") from None
     names = [name.strip() for name in header]
-    schema = declared if declared is not None else SAMPLE_SCHEMA.restricted_to(names)
+    schema = (declared if declared is not None else SAMPLE_SCHEMA.restricted_to(names)).with_features(flagged)
     seen: dict[str, int] = {}
     for position, name in enumerate(names, start=1):
         if name and name in seen:
@@ -981,11 +1071,13 @@ def _load_csv(path: Path, text: str, declared: CatalogSchema | None) -> Catalog:
             )
         seen[name] = position
     needed = [schema.id_column, schema.title_column]
-    needed += [spec.column for spec in schema.features if declared is not None]
+    needed += [spec.column for spec in schema.features if declared is not None or spec in flagged]
     missing = [name for name in needed if name not in seen]
     if missing:
+        by_flag = next((spec.name for spec in flagged if spec.column == missing[0]), None)
+        declared_by = f", declared by {FEATURE_FLAG} {by_flag}" if by_flag else ""
         raise CatalogError(
-            f"{path}, line 1: missing column {missing[0]!r} "
+            f"{path}, line 1: missing column {missing[0]!r}{declared_by} "
             f"(the header has {', '.join(repr(n) for n in names)})"
         )
     rows: list[_Row] = []

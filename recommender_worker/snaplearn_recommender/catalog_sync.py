@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, ClassVar, Self
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from snaplearn.events.v1 import events_pb2
 from snaplearn_common.eventbus.base import EventBus, partition_for_key
@@ -38,12 +38,15 @@ from snaplearn_common.eventbus.settings import BusSettings
 from snaplearn_common.events import EncodedEvent, encode_catalog_change
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_recommender.catalog import (
+    FEATURE_FLAG,
     Catalog,
     CatalogDiff,
     CatalogError,
+    checked_feature_flags,
     diff_catalogs,
     item_to_proto,
     load_catalog,
+    parse_feature_flags,
 )
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.snapshot_store import SnapshotStore, open_storage
@@ -65,6 +68,11 @@ class CatalogSyncSettings(Settings):
     catalog_features_path: Annotated[
         Path | None, Cli(flag="--catalog-features", metavar="PATH"), _UNSET_IF_EMPTY
     ] = Field(default=None, description="its declaration (unset: the one beside the catalog)")
+    catalog_feature: Annotated[
+        list[str],
+        Cli(flag=FEATURE_FLAG, metavar="NAME[@COLUMN][=KIND[:ARG]]", repeatable=True),
+        AfterValidator(checked_feature_flags),
+    ] = Field(default_factory=list, description="a feature declared as the trainer's flag declares it")
     checkpoint_dir: Annotated[Path | None, Cli(metavar="DIR"), _UNSET_IF_EMPTY] = Field(
         default=None, description="the trainer's checkpoint directory (its catalog is the serving one)"
     )
@@ -171,7 +179,9 @@ def publish_changes(bus: EventBus, topic: str, partitions: int, changes: Catalog
 
 
 def sync(settings: CatalogSyncSettings, bus: EventBus | None = None) -> SyncResult:
-    wanted = load_catalog(settings.catalog_path, settings.catalog_features_path)
+    wanted = load_catalog(
+        settings.catalog_path, settings.catalog_features_path, parse_feature_flags(settings.catalog_feature)
+    )
     changes = diff_catalogs(serving_catalog(settings.checkpoint_dir, settings.snapshot_dir), wanted)
     if settings.dry_run or not changes:
         return SyncResult(changes, 0)

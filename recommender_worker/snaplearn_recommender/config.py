@@ -18,8 +18,15 @@ from typing import Annotated, ClassVar, Literal, Self
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from snaplearn_common.eventbus.settings import BusSettings
+from snaplearn_common.pseudonym import PseudonymSettings
 from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
+from snaplearn_recommender.catalog import (
+    FEATURE_FLAG,
+    FeatureSpec,
+    checked_feature_flags,
+    parse_feature_flags,
+)
 from snaplearn_recommender.model import Loss, ModelParams
 from snaplearn_recommender.snapshot_store import DEFAULT_RETAIN, open_storage
 from snaplearn_recommender.worker import WorkerSettings
@@ -107,6 +114,8 @@ class RecommenderSettings(Settings):
     bus: BusSettings = Field(default_factory=BusSettings.from_env)
     # TLS, tokens, rate limit, reflection (--tls-cert, SNAPLEARN_TLS_CERT, ...; none: plaintext, open).
     security: SecuritySettings = Field(default_factory=SecuritySettings.from_env)
+    # Pseudonymous user ids (SNAPLEARN_PSEUDONYM_KEY or --pseudonym-key-file; none: ids as sent, D54).
+    pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings.from_env)
     catalog_path: Annotated[Path | None, Cli(flag="--catalog", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
         default=None,
         validation_alias=_env("CATALOG"),
@@ -119,6 +128,16 @@ class RecommenderSettings(Settings):
         validation_alias=_env("CATALOG_FEATURES"),
         description="the catalog's feature declaration, .toml or .json (unset: <catalog stem>.features.toml "
         "or .json beside the catalog, else its grade/format/difficulty columns)",
+    )
+    catalog_feature: Annotated[
+        list[str],
+        Cli(flag=FEATURE_FLAG, metavar="NAME[@COLUMN][=KIND[:ARG]]", repeatable=True),
+        AfterValidator(checked_feature_flags),
+    ] = Field(
+        default_factory=list,
+        description="a catalog feature, merged into the declaration (a flag's feature replaces the "
+        "declared one of its name): KIND categorical (default), multi[:SEPARATOR] or "
+        "numeric[:EDGE,EDGE,...], e.g. topic=categorical, tags=multi:|, minutes=numeric:0,10,20",
     )
     label_map_path: Annotated[Path | None, Cli(flag="--label-map", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
         default=None,
@@ -173,6 +192,33 @@ class RecommenderSettings(Settings):
         gt=0,
         lt=1,
         description="mastery (predicted success on a concept) at which a prerequisite counts as mastered",
+    )
+    practise_readiness_weight: Annotated[float, Cli(metavar="W")] = Field(
+        default=_MODEL.readiness_weight,
+        allow_inf_nan=False,
+        description="practise next: weight of the share of an item's prerequisites mastered against the "
+        "standardised ranking score",
+    )
+    practise_band_weight: Annotated[float, Cli(metavar="W")] = Field(
+        default=_MODEL.band_weight,
+        allow_inf_nan=False,
+        description="practise next: weight of predicted success in the band against the ranking score",
+    )
+    practise_next_step_weight: Annotated[float, Cli(metavar="W")] = Field(
+        default=_MODEL.next_step_weight,
+        allow_inf_nan=False,
+        description="practise next: weight of an item having the concept practised last as a prerequisite",
+    )
+    practise_extra: Annotated[int, Cli(metavar="N")] = Field(
+        default=_MODEL.practise_extra,
+        ge=0,
+        description="practise next reorders the ranking's best k + N for a student with attempts",
+    )
+    mastery_online_rate: Annotated[float, Cli(metavar="R")] = Field(
+        default=_MODEL.mastery_online_rate,
+        ge=0,
+        lt=1,
+        description="learning rate of the mastery model's weights, one step per attempt (0: fixed weights)",
     )
     # Where RecordFeedback's unconfirmed events wait on disk across a bus outage and a restart.
     feedback_spool_dir: Annotated[Path | None, Cli(metavar="DIR"), _UNSET_IF_EMPTY] = Field(
@@ -234,6 +280,16 @@ class RecommenderSettings(Settings):
             raise ValueError(f"role {self.role} needs a snapshot directory ({where})")
         return self
 
+    @model_validator(mode="after")
+    def _features_need_a_catalog(self) -> Self:
+        if self.catalog_feature and self.catalog_path is None:
+            raise ValueError(f"{FEATURE_FLAG} declares features of a catalog file: give --catalog too")
+        return self
+
+    def catalog_feature_specs(self) -> tuple[FeatureSpec, ...]:
+        """The features declared by --catalog-feature (checked when the settings were built)."""
+        return parse_feature_flags(self.catalog_feature)
+
     def model_params(self) -> ModelParams:
         return ModelParams(
             no_components=self.no_components,
@@ -245,6 +301,11 @@ class RecommenderSettings(Settings):
             practise_low=parse_band(self.practise_band)[0],
             practise_high=parse_band(self.practise_band)[1],
             mastery_threshold=self.mastery_threshold,
+            readiness_weight=self.practise_readiness_weight,
+            band_weight=self.practise_band_weight,
+            practise_extra=self.practise_extra,
+            mastery_online_rate=self.mastery_online_rate,
+            next_step_weight=self.practise_next_step_weight,
         )
 
     def worker_settings(self) -> WorkerSettings:

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2
 
 from snaplearn_common.eventbus.base import EventBus
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
+from snaplearn_common.pseudonym import UserIds
 from snaplearn_common.server import GrpcServer, start_grpc_server
 from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.feedback import FeedbackChannel
@@ -63,7 +64,14 @@ class Frontend:
         )
         try:
             grpc_server = await start_grpc_server(
-                [functools.partial(add_to_server, service, feedback=feedback.recorder)],
+                [
+                    functools.partial(
+                        add_to_server,
+                        service,
+                        feedback=feedback.recorder,
+                        user_ids=UserIds.from_settings(settings.pseudonym),
+                    )
+                ],
                 [SERVICE_NAME],
                 host=settings.host,
                 port=settings.port,

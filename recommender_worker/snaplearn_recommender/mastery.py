@@ -10,7 +10,9 @@ Two models share one interface (`predict` before `learn`, one attempt at a time,
   of right and wrong answers (per concept, with per-concept slopes, and overall), exponentially
   weighted recent correctness and the last answer (per concept and overall), and the item's
   difficulty. The weights are fitted once on training students (`fit`: L2 logistic regression,
-  L-BFGS); the per-student state is what moves online. Items are exercises; each belongs to one
+  L-BFGS), or learned online from the attempts themselves (`MasteryOptions.online_rate`: one SGD
+  step of the same loss per attempt, what the recommender does); the per-student state moves
+  online either way. Items are exercises; each belongs to one
   concept (skill). Where the two coincide (ASSISTments' skills) pass no mapping.
 
 The mastery of a concept is the predicted success on an item of average difficulty of it.
@@ -99,6 +101,8 @@ _NON_NEGATIVE = (
     "last",
 )
 _NON_POSITIVE = ("concept_wrong", "total_wrong")
+_LOW = np.array([0.0 if name in _NON_NEGATIVE else -np.inf for name in FEATURES])
+_HIGH = np.array([0.0 if name in _NON_POSITIVE else np.inf for name in FEATURES])
 
 
 @dataclass(slots=True)
@@ -120,6 +124,10 @@ class StudentState:
     concepts: dict[Item, ConceptState] = field(default_factory=dict)
 
 
+# The online learning rate the recommender uses (MasteryOptions.online_rate there).
+ONLINE_RATE = 0.003
+
+
 @dataclass(frozen=True, slots=True)
 class MasteryOptions:
     ability_rate: float = 1.0  # a in a/(1 + b*n)
@@ -134,6 +142,10 @@ class MasteryOptions:
     new_recent: float = -0.5
     new_last: float = -1.0
     l2: float = 1.0  # on the per-item and per-concept weights (the dense ones get l2 / 100)
+    # Online learning of the weights (and the items' Elo difficulties) from every attempt `learn`
+    # sees: one projected SGD step of the same logistic loss (the fit's sign bounds kept). 0 keeps
+    # the weights fixed (a model fitted offline and evaluated as such).
+    online_rate: float = 0.0
 
 
 def _vector(state: StudentState, c: ConceptState, easiness: float) -> list[float]:
@@ -228,6 +240,8 @@ class MasteryModel:
         state.ability += o.ability_rate / (1.0 + o.ability_decay * state.answers) * surprise
         c.ability += o.concept_rate / (1.0 + o.ability_decay * (c.correct + c.wrong)) * surprise
         if learn_difficulty:
+            if "_seen" not in self.__dict__:  # online learning keeps it; pickles from before lack it
+                self._seen = {}
             seen = self._seen.get(item, 0)
             self.difficulty[item] = difficulty - o.difficulty_rate / (1.0 + o.ability_decay * seen) * surprise
             self._seen[item] = seen + 1
@@ -243,14 +257,33 @@ class MasteryModel:
         state.answers += 1
 
     def learn(self, student: Student, item: Item, correct: bool) -> float:
-        """Updates the student's state on one answer; returns the prediction made before it."""
+        """Updates the student's state on one answer (and, learning online, the weights); returns
+        the prediction made before it."""
         state = self.students.get(student)
         if state is None:
             state = self.students[student] = StudentState()
         x, _ = self._features(state, item)
         p = sigmoid(self._logit(x, item))
-        self._update(state, item, correct, learn_difficulty=False)
+        rate = self.options.online_rate
+        if rate > 0:
+            self._sgd_step(x, item, float(correct) - p, rate)
+        self._update(state, item, correct, learn_difficulty=rate > 0)
         return p
+
+    def _sgd_step(self, x: Sequence[float], item: Item, residual: float, rate: float) -> None:
+        """One projected gradient step of the log loss on this attempt. The dense weights get a
+        new array (never written in place: snapshots share the old one); the per-item and
+        per-concept dictionaries are updated in place (a snapshot copies them)."""
+        step = rate * residual
+        self.dense = np.clip(self.dense + step * np.asarray(x), _LOW, _HIGH)
+        concept = self.concept(item)
+        self.item_bias[item] = self.item_bias.get(item, 0.0) + step
+        self.concept_correct[concept] = max(0.0, self.concept_correct.get(concept, 0.0) + step * x[4])
+        self.concept_wrong[concept] = min(0.0, self.concept_wrong.get(concept, 0.0) + step * x[5])
+        # An average item of the concept: a running mean of its attempted items' terms.
+        term = self.item_bias[item] + float(self.dense[3]) * x[3]  # x[3]: the item's easiness
+        bias = self.concept_bias.get(concept)
+        self.concept_bias[concept] = term if bias is None else 0.99 * bias + 0.01 * term
 
     def forget(self, student: Student) -> None:
         self.students.pop(student, None)
@@ -311,7 +344,7 @@ class MasteryModel:
             term = self.item_bias[item] - easiness * self.difficulty.get(item, 0.0)
             totals.setdefault(self.concept(item), []).append(term)
         self.concept_bias = {concept: float(np.mean(terms)) for concept, terms in totals.items()}
-        del self._seen
+        # _seen stays: learning online goes on from these counts.
         return self
 
 
@@ -373,6 +406,34 @@ def _fit_logistic(
 # ---- "practise next": mastery shapes the ranking model's best candidates, with reasons ----------
 
 
+# The defaults of PractiseWeights (see there).
+READINESS_WEIGHT = 0.5
+BAND_WEIGHT = 0.25
+NEXT_STEP_WEIGHT = 16.0
+PRACTISE_EXTRA = 40
+
+
+@dataclass(frozen=True, slots=True)
+class PractiseWeights:
+    """How mastery shapes the ranking's head (DECISIONS D53): each of the ranking's first
+    candidates (its top k + `extra`) is keyed by its ranking score standardised over that head,
+    plus `readiness` x the share of its prerequisites mastered, plus `next_step` x how strongly it
+    follows the concept the student practised last (a prerequisite of it: 0..1), plus `band` x
+    (predicted success in the target band). The defaults are the values tuned on a validation
+    split of ASSIST2015's training students by `python -m snaplearn_offline.knowledge_tracing`
+    (its report prints them)."""
+
+    readiness: float = READINESS_WEIGHT
+    band: float = BAND_WEIGHT
+    extra: int = PRACTISE_EXTRA
+    next_step: float = NEXT_STEP_WEIGHT
+
+    def __post_init__(self) -> None:
+        finite = all(math.isfinite(w) for w in (self.readiness, self.band, self.next_step))
+        if not finite or self.extra < 0:
+            raise ValueError("practise weights must be finite and extra >= 0")
+
+
 @dataclass(frozen=True, slots=True)
 class Suggestion:
     item: Item
@@ -380,6 +441,40 @@ class Suggestion:
     ready: bool  # every prerequisite mastered
     in_band: bool  # success in the target band
     reason: str
+    readiness: float = 1.0  # share of its prerequisites mastered (1 without any)
+    next_step: float = 0.0  # how strongly it follows what the student practised last (0..1)
+
+
+def readiness(required: Sequence[Item], level: Callable[[Item], float], mastered: float) -> float:
+    """The share of `required` whose mastery level is at least `mastered` (1.0 when none)."""
+    if not required:
+        return 1.0
+    return sum(level(r) >= mastered for r in required) / len(required)
+
+
+def head_keys(
+    scores: npt.ArrayLike,
+    ready: npt.ArrayLike,
+    in_band: npt.ArrayLike,
+    weights: PractiseWeights,
+    valid: npt.ArrayLike | None = None,
+    next_step: npt.ArrayLike | None = None,
+) -> npt.NDArray[np.float64]:
+    """The order keys (higher first) of a ranking's head, over the last axis (vectorised over any
+    leading ones: the evaluation keys many students at once with the same code). Entries not
+    `valid` get -inf."""
+    s = np.asarray(scores, dtype=np.float64)
+    ok = np.isfinite(s) if valid is None else np.asarray(valid, dtype=bool) & np.isfinite(s)
+    count = np.maximum(ok.sum(axis=-1, keepdims=True), 1)
+    filled = np.where(ok, s, 0.0)
+    mean = filled.sum(axis=-1, keepdims=True) / count
+    spread = np.sqrt((np.where(ok, s - mean, 0.0) ** 2).sum(axis=-1, keepdims=True) / count)
+    z = (filled - mean) / np.where(spread > 0, spread, 1.0)
+    key = z + weights.readiness * np.asarray(ready, dtype=np.float64)
+    key = key + weights.band * np.asarray(in_band, dtype=np.float64)
+    if next_step is not None:
+        key = key + weights.next_step * np.asarray(next_step, dtype=np.float64)
+    return np.where(ok, key, -np.inf)
 
 
 def practise_next(
@@ -391,10 +486,16 @@ def practise_next(
     mastered: float = 0.6,
     window: int | None = None,
     title: Callable[[Item], str] = str,
+    scores: Sequence[float] | None = None,
+    weights: PractiseWeights | None = None,
+    next_step: Callable[[Item], float] | None = None,
 ) -> list[Suggestion]:
-    """The first `window` (default all) of `ranked` (the ranking model's order, best first),
-    regrouped: items whose prerequisites are all mastered first, and in each group those whose
-    predicted success is in `band`; the ranking's order inside each group. The rest follows.
+    """The first `window` (default all) of `ranked` (the ranking model's order, best first, with
+    its `scores`; without them, minus the position), reordered by `head_keys`: the ranking's
+    score blended with readiness (the share of prerequisites mastered), the next step (how
+    strongly the item follows what the student practised last; none without `next_step`) and
+    the success band.
+    Ties keep the ranking's order; the rest follows unchanged.
 
     Shaping only the head keeps the ranking model in charge: mastery reorders its best
     candidates, it does not promote items the ranking thinks unlikely.
@@ -402,6 +503,7 @@ def practise_next(
     low, high = band
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"band must satisfy 0 <= low <= high <= 1, got {band}")
+    weights = weights or PractiseWeights()
     levels: dict[Item, float] = {}
 
     def level(item: Item) -> float:
@@ -413,6 +515,7 @@ def practise_next(
         p = success(item)
         required = list(prerequisites(item))
         missing = [r for r in required if level(r) < mastered]
+        share = readiness(required, level, mastered)
         ready, in_band = not missing, low <= p <= high
         if missing:
             reason = f"first master {_names(missing, title)}"
@@ -424,10 +527,21 @@ def practise_next(
             reason = "you will probably find this easy: good for review"
         else:
             reason = "a stretch for now: try it once you have practised more"
-        return Suggestion(item, p, ready, in_band, reason)
+        step = next_step(item) if next_step is not None else 0.0
+        return Suggestion(item, p, ready, in_band, reason, share, step)
 
     size = len(ranked) if window is None else max(0, window)
-    head = sorted((suggest(item) for item in ranked[:size]), key=lambda s: (not s.ready, not s.in_band))
+    head = [suggest(item) for item in ranked[:size]]
+    if head:
+        given = scores[: len(head)] if scores is not None else [-float(i) for i in range(len(head))]
+        keys = head_keys(
+            given,
+            [s.readiness for s in head],
+            [s.in_band for s in head],
+            weights,
+            next_step=[s.next_step for s in head],
+        )
+        head = [head[i] for i in np.argsort(-keys, kind="stable").tolist()]
     return [*head, *(suggest(item) for item in ranked[size:])]
 
 

@@ -42,7 +42,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
@@ -74,7 +74,17 @@ from snaplearn_recommender.features import (
     feature_matrix,
     positives_matrices,
 )
-from snaplearn_recommender.mastery import MasteryModel, StudentState
+from snaplearn_recommender.mastery import (
+    BAND_WEIGHT,
+    NEXT_STEP_WEIGHT,
+    ONLINE_RATE,
+    PRACTISE_EXTRA,
+    READINESS_WEIGHT,
+    MasteryModel,
+    MasteryOptions,
+    PractiseWeights,
+    StudentState,
+)
 from snaplearn_recommender.snapshot import Attempt, Snapshot, read_only
 
 if TYPE_CHECKING:
@@ -126,12 +136,22 @@ class ModelParams:
     practise_low: float = 0.55
     practise_high: float = 0.85
     mastery_threshold: float = 0.6
+    # How mastery reorders the ranking's head (mastery.PractiseWeights, DECISIONS D53) and the
+    # mastery model's online learning rate (its weights learn from every attempt).
+    readiness_weight: float = READINESS_WEIGHT
+    band_weight: float = BAND_WEIGHT
+    practise_extra: int = PRACTISE_EXTRA
+    mastery_online_rate: float = ONLINE_RATE
+    next_step_weight: float = NEXT_STEP_WEIGHT
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.practise_low <= self.practise_high <= 1.0:
             raise ValueError("the practise band must satisfy 0 <= low <= high <= 1")
         if not 0.0 < self.mastery_threshold < 1.0:
             raise ValueError("mastery_threshold must be between 0 and 1 (exclusive)")
+        self.practise_weights  # noqa: B018 (validates them)
+        if not 0.0 <= self.mastery_online_rate < 1.0:
+            raise ValueError("mastery_online_rate must be in [0, 1)")
         if self.no_components < 1 or self.epochs_per_batch < 1 or self.items_per_event < 1:
             raise ValueError("no_components, epochs_per_batch and items_per_event must be >= 1")
         if self.loss not in get_args(Loss):
@@ -140,6 +160,12 @@ class ModelParams:
             raise ValueError("learning_rate and profile_half_life_s must be > 0")
         if not self.completed_weight > 0 or not self.viewed_weight > 0 or not self.skip_window_s >= 0:
             raise ValueError("completed_weight and viewed_weight must be > 0, skip_window_s >= 0")
+
+    @property
+    def practise_weights(self) -> PractiseWeights:
+        return PractiseWeights(
+            self.readiness_weight, self.band_weight, self.practise_extra, self.next_step_weight
+        )
 
     @classmethod
     def upgraded(cls, params: ModelParams) -> ModelParams:
@@ -345,7 +371,7 @@ class RecommenderModel:
         self._seen: dict[int, npt.NDArray[np.int64]] = {}
         self._popularity = np.zeros(0, dtype=np.float64)
         self._init_feedback_state()
-        self._init_mastery()
+        self._init_mastery(self.params.mastery_online_rate)
         self.add_items(catalog)
         self._warm_start()
 
@@ -358,12 +384,12 @@ class RecommenderModel:
         self._clock = 0.0
         self._oldest_skip = math.inf
 
-    def _init_mastery(self) -> None:
+    def _init_mastery(self, online_rate: float) -> None:
         # Knowledge tracing on attempts (DECISIONS D43): item -> its concept (the first of the
         # catalog's; replaced, never mutated, so snapshots may share it), the live model, and per
         # student a copy frozen at the last batch that touched them plus the latest attempts.
         self._concept_of: dict[str, str] = {}
-        self._mastery = MasteryModel()
+        self._mastery = MasteryModel(options=MasteryOptions(online_rate=online_rate))
         self._mastery.concept_of = self._concept_of  # the same dict (an empty one is falsy there)
         self._mastery_frozen: dict[Hashable, StudentState] = {}
         self._attempts: dict[str, tuple[Attempt, ...]] = {}
@@ -380,7 +406,7 @@ class RecommenderModel:
             state.pop(name, None)
         if "_mastery" not in state:  # pickled before attempts
             state["params"] = ModelParams.upgraded(state["params"])
-            self._init_mastery()
+            self._init_mastery(state["params"].mastery_online_rate)
             self._concept_of = {
                 item.item_id: item.concepts[0] for item in state["catalog"].items if item.concepts
             }
@@ -388,6 +414,28 @@ class RecommenderModel:
         self.__dict__.update(state)
         if old_item_arrays:
             self._rebuild_item_arrays()
+        if not all(hasattr(self.params, f.name) for f in fields(ModelParams)):  # older fields only
+            self.params = ModelParams.upgraded(self.params)
+        self.use_settings(self.params)
+
+    def use_settings(self, params: ModelParams) -> None:
+        """Takes the settings that hold no learned state (practise band, mastery threshold, how
+        mastery shapes the ranking, the mastery model's online rate) from `params`: a restored
+        checkpoint serves with the process's current settings, not the ones it was saved with."""
+        self.params = replace(
+            self.params,
+            practise_low=params.practise_low,
+            practise_high=params.practise_high,
+            mastery_threshold=params.mastery_threshold,
+            readiness_weight=params.readiness_weight,
+            band_weight=params.band_weight,
+            practise_extra=params.practise_extra,
+            mastery_online_rate=params.mastery_online_rate,
+            next_step_weight=params.next_step_weight,
+        )
+        options = self._mastery.options
+        known = {f.name: getattr(options, f.name) for f in fields(MasteryOptions) if hasattr(options, f.name)}
+        self._mastery.options = MasteryOptions(**{**known, "online_rate": params.mastery_online_rate})
 
     # --- sizes (for tests and metrics) ---------------------------------------------------------
 
@@ -945,6 +993,7 @@ class RecommenderModel:
             recent_attempts=dict(self._attempts),
             practise_band=(self.params.practise_low, self.params.practise_high),
             mastery_threshold=self.params.mastery_threshold,
+            practise_weights=self.params.practise_weights,
         )
 
     def _mastery_view(self) -> MasteryModel:
@@ -952,4 +1001,8 @@ class RecommenderModel:
         online) and concept map (replaced, not mutated) with the students' frozen copies."""
         view = copy.copy(self._mastery)
         view.students = dict(self._mastery_frozen)
+        # Learning online updates these in place (the dense weights are replaced, not written).
+        for name in ("difficulty", "item_bias", "concept_correct", "concept_wrong", "concept_bias"):
+            setattr(view, name, dict(getattr(self._mastery, name)))
+        view.__dict__.pop("_seen", None)
         return view

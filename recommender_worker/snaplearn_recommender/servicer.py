@@ -8,9 +8,10 @@ import grpc
 from grpc import aio
 
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
-from snaplearn_common.errors import InvalidInput
+from snaplearn_common.errors import InvalidInput, NotFound
 from snaplearn_common.events import FeedbackKind
-from snaplearn_common.ids import check_id, check_user_id
+from snaplearn_common.ids import check_id
+from snaplearn_common.pseudonym import UserIds
 from snaplearn_recommender.feedback import FeedbackRecorder
 from snaplearn_recommender.service import RecommendationService
 from snaplearn_recommender.snapshot import FeatureFilter, RecommendedItem, RecommendResult, StudentStateResult
@@ -26,9 +27,18 @@ _FEEDBACK_KINDS = {
 
 
 class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
-    def __init__(self, service: RecommendationService, feedback: FeedbackRecorder | None = None) -> None:
+    """user_ids: the id the model knows for the id a caller sends (its pseudonym when a key is set,
+    D54); answers carry the id the caller sent."""
+
+    def __init__(
+        self,
+        service: RecommendationService,
+        feedback: FeedbackRecorder | None = None,
+        user_ids: UserIds | None = None,
+    ) -> None:
         self._service = service
         self._feedback = feedback
+        self._user_ids = user_ids or UserIds()
 
     async def RecordFeedback(
         self, request: recommender_pb2.RecordFeedbackRequest, context: aio.ServicerContext
@@ -37,7 +47,7 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not record feedback")
         assert self._feedback is not None
         receipt = self._feedback.record(
-            user_id=request.user_id,
+            user_id=self._user_ids.internal(request.user_id),
             item_id=request.item_id,
             kind=_FEEDBACK_KINDS.get(request.kind),  # UNSPECIFIED / unknown: None -> INVALID_ARGUMENT
             request_id=request.request_id,
@@ -53,8 +63,8 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
         if self._feedback is None:  # the tombstone travels on the bus like feedback
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server does not publish events")
         assert self._feedback is not None
-        check_user_id(request.user_id)
-        receipt = self._feedback.forget(request.user_id, request_id=request.request_id)
+        user_id = self._user_ids.internal(request.user_id)
+        receipt = self._feedback.forget(user_id, request_id=request.request_id)
         return recommender_pb2.ForgetStudentResponse(event_id=receipt.event_id, accepted=receipt.accepted)
 
     async def Recommend(
@@ -62,9 +72,10 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
     ) -> recommender_pb2.RecommendResponse:
         # One matvec over the catalog: cheaper inline on the event loop than a hop to a thread
         # (docs/BENCHMARKS.md, recommender serving). SimilarItems likewise.
-        check_user_id(request.user_id)  # the limit and message Classify and RecordFeedback use
+        # The limit and message Classify and RecordFeedback use, then the id the model knows.
+        user_id = self._user_ids.internal(request.user_id)
         result = self._service.recommend(
-            user_id=request.user_id,
+            user_id=user_id,
             k=request.k,
             exclude_seen=request.exclude_seen,
             grades=tuple(request.filters.grades),
@@ -72,13 +83,21 @@ class RecommenderServicer(recommender_pb2_grpc.RecommenderServiceServicer):
             concepts=tuple(request.filters.concepts),
             features=_feature_filters(request.filters),
         )
-        return to_response(result)
+        response = to_response(result)
+        response.user_id = request.user_id
+        return response
 
     async def GetStudentState(
         self, request: recommender_pb2.GetStudentStateRequest, context: aio.ServicerContext
     ) -> recommender_pb2.GetStudentStateResponse:
-        check_user_id(request.user_id)
-        return student_state_response(self._service.student_state(request.user_id, request.k))
+        user_id = self._user_ids.internal(request.user_id)
+        try:
+            result = self._service.student_state(user_id, request.k)
+        except NotFound as error:  # it names the student: by the id the caller sent
+            raise NotFound(str(error).replace(repr(user_id), repr(request.user_id))) from None
+        response = student_state_response(result)
+        response.user_id = request.user_id
+        return response
 
     async def SimilarItems(
         self, request: recommender_pb2.SimilarItemsRequest, context: aio.ServicerContext
@@ -214,8 +233,11 @@ def _items(items: Sequence[RecommendedItem]) -> list[recommender_pb2.Recommended
 
 
 def add_to_server(
-    service: RecommendationService, server: aio.Server, feedback: FeedbackRecorder | None = None
+    service: RecommendationService,
+    server: aio.Server,
+    feedback: FeedbackRecorder | None = None,
+    user_ids: UserIds | None = None,
 ) -> None:
     recommender_pb2_grpc.add_RecommenderServiceServicer_to_server(
-        RecommenderServicer(service, feedback), server
+        RecommenderServicer(service, feedback, user_ids), server
     )

@@ -26,7 +26,7 @@ import numpy.typing as npt
 
 from snaplearn_common.errors import InvalidInput, NotFound
 from snaplearn_recommender.catalog import FORMATS, Catalog, LearningItem, format_number
-from snaplearn_recommender.mastery import MasteryModel, Suggestion, practise_next
+from snaplearn_recommender.mastery import MasteryModel, PractiseWeights, Suggestion, practise_next
 
 DEFAULT_K = 10
 MAX_K = 100
@@ -47,8 +47,6 @@ BoolArray = npt.NDArray[np.bool_]
 
 # How many known values a refusal lists.
 SHOWN_VALUES = 20
-# "Practise next" regroups this many more of the ranking's best than it returns.
-PRACTISE_EXTRA = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +163,7 @@ class Snapshot:
     recent_attempts: Mapping[str, tuple[Attempt, ...]] = field(default_factory=dict)
     practise_band: tuple[float, float] = (0.55, 0.85)
     mastery_threshold: float = 0.6
+    practise_weights: PractiseWeights = field(default_factory=PractiseWeights)
     # Derived per snapshot (see the module docstring).
     # Item-major (d, n_items) layouts: the matvec then streams each row once, where an
     # (n_items, d) @ v product strides across rows.
@@ -246,8 +245,9 @@ class Snapshot:
             positions, scores = self._best(None, k, allowed, excluded)
         else:
             query = np.append(self.user_vectors[user_row], np.float32(1.0))  # x bias column
-            # A student with attempts: mastery reorders the ranking's best k + 2 (PRACTISE_EXTRA).
-            positions, scores = self._best(query, k + PRACTISE_EXTRA if learner else k, allowed, excluded)
+            # A student with attempts: mastery reorders the ranking's best k + extra.
+            extra = self.practise_weights.extra if learner else 0
+            positions, scores = self._best(query, k + extra, allowed, excluded)
         if learner:
             items = self._practise_next(user_id, positions, scores, k)
         else:
@@ -458,7 +458,9 @@ class Snapshot:
         item = self.catalog.get(item_id)
         return item.concepts[0] if item is not None and item.concepts else item_id
 
-    def practise(self, user_id: str, ranked: Sequence[str]) -> list[Suggestion]:
+    def practise(
+        self, user_id: str, ranked: Sequence[str], scores: Sequence[float] | None = None
+    ) -> list[Suggestion]:
         """mastery.practise_next over `ranked` for a student (the settings this snapshot carries)."""
         model = self.mastery
         assert model is not None
@@ -479,6 +481,14 @@ class Snapshot:
             concept = self.concept_of(item_id)
             return model.mastery(user_id, concept) if concept in tried else 0.0
 
+        attempts = self.recent_attempts.get(user_id, ())
+        latest = self.concept_of(attempts[-1].item_id) if attempts else None
+
+        def next_step(item_id: str) -> float:
+            # The catalog's declared prerequisites are the direct ones: an item that builds on
+            # the concept just practised is the next step.
+            return float(any(self.concept_of(p) == latest for p in prerequisites(item_id)))
+
         return practise_next(
             ranked,
             success=lambda i: model.predict(user_id, i),
@@ -487,6 +497,9 @@ class Snapshot:
             band=self.practise_band,
             mastered=self.mastery_threshold,
             title=title,
+            scores=scores,
+            weights=self.practise_weights,
+            next_step=next_step,
         )
 
     def _practise_next(
@@ -497,7 +510,7 @@ class Snapshot:
         }
         return tuple(
             self._item(*ranked[suggestion.item], suggestion.reason)
-            for suggestion in self.practise(user_id, list(ranked))[:k]
+            for suggestion in self.practise(user_id, list(ranked), [s for _, s in ranked.values()])[:k]
         )
 
     def _no_items(self) -> BoolArray:

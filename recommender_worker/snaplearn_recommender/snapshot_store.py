@@ -14,10 +14,12 @@ without changes here, and the derived arrays are rebuilt (read-only) by Snapshot
 load instead of being stored.
 
 Publishing writes the version file atomically (snaplearn_common.files), then LATEST the same
-way, then deletes versions beyond the newest `retain`. A reader polls LATEST with a cheap change
-token (a stat; an ETag on an object store), loads the newest version it has not loaded, verifies
-size and sha256 and falls back to older retained versions when a file is corrupt or partial: a bad
-file is logged once and skipped, and whatever was serving keeps serving.
+way, then deletes versions beyond the newest `retain`, or every older version when the new
+snapshot lacks a student an older one holds (ForgetStudent, D48): a forgotten id then stays in no
+file of the store, and replicas, which follow LATEST, load the new version. A reader polls LATEST
+with a cheap change token (a stat; an ETag on an object store), loads the newest version it has
+not loaded, verifies size and sha256 and falls back to older retained versions when a file is
+corrupt or partial: a bad file is logged once and skipped, and whatever was serving keeps serving.
 
 The payload is a pickle: the store must be writable by the trainer only (the sha256 guards against
 torn or damaged files, not against someone who can write the store).
@@ -161,6 +163,11 @@ class SnapshotManifest:
         return cls(**{k: v for k, v in values.items() if k in known})
 
 
+def _students(snapshot: Snapshot) -> frozenset[str]:
+    """Every user id a snapshot holds (rows, and attempts of students it keeps them for)."""
+    return frozenset(snapshot.user_index).union(snapshot.recent_attempts)
+
+
 def version_file(version: int) -> str:
     return f"snapshot-{version:012d}.snap"
 
@@ -289,6 +296,8 @@ class SnapshotStore:
         self.storage = storage
         self.retain = retain
         self._catalogs = CatalogCache()
+        # The students of the version this store published last (None: not yet in this process).
+        self._published_students: frozenset[str] | None = None
 
     def versions(self) -> list[int]:
         """Versions present, oldest first."""
@@ -322,16 +331,35 @@ class SnapshotStore:
             catalog_size=catalog_size,
             file=version_file(version),
         )
+        students = _students(snapshot)
+        forgotten = self._forgets_since_last(students, latest)
         # The version file first: LATEST never names a file that is not whole.
         self.storage.put(manifest.file, encode_version_file(manifest, payload))
         self.storage.put(LATEST, manifest.to_json())
-        self._prune(version)
+        self._published_students = students
+        self._prune(version, keep=1 if forgotten else self.retain)
+        if forgotten:
+            log.info(
+                "snapshot store %s: a student was forgotten; older versions deleted", self.storage.location
+            )
         return manifest
 
-    def _prune(self, newest: int) -> None:
-        """Keep the newest `retain` versions; readers fall back among them."""
+    def _forgets_since_last(self, students: frozenset[str], latest: SnapshotManifest | None) -> bool:
+        """Whether an older version may hold a student `students` lacks. Students leave a model only
+        by ForgetStudent, and each publish prunes when one left, so comparing with the version
+        published last suffices; after a restart that is the newest one in the store."""
+        previous = self._published_students
+        if previous is None and latest is not None:
+            try:
+                previous = _students(self.load(latest.version)[1])
+            except (FileNotFoundError, CorruptSnapshot):
+                return True  # unknown: prune rather than keep a copy of a forgotten student
+        return previous is not None and not previous <= students
+
+    def _prune(self, newest: int, keep: int) -> None:
+        """Keep the newest `keep` versions; readers fall back among them."""
         for version in self.versions():
-            if version <= newest - self.retain:
+            if version <= newest - keep:
                 self.storage.delete(version_file(version))
 
     def load(self, version: int) -> tuple[SnapshotManifest, Snapshot]:

@@ -82,6 +82,7 @@ def restore_or_build(
     if checkpoint is None:
         return RecommenderModel(catalog, settings.model_params(), labels), {}
     model = checkpoint.model
+    model.use_settings(settings.model_params())  # practise band, threshold, ...: the current ones
     if model.params != settings.model_params():
         log.warning("model parameters come from the checkpoint (%s), not the command line", model.params)
     if labels is not None:
@@ -130,7 +131,9 @@ class TrainerApp:
             store = SnapshotStore(open_storage(settings.snapshot_dir), settings.snapshot_retain)
         metrics = RecommenderMetrics()
         catalog = (
-            load_catalog(settings.catalog_path, settings.catalog_features_path)
+            load_catalog(
+                settings.catalog_path, settings.catalog_features_path, settings.catalog_feature_specs()
+            )
             if settings.catalog_path
             else generate_sample_catalog()
         )

@@ -13,7 +13,8 @@
 // the backend's status, message and metadata come back unchanged. Inference calls go to the
 // backend connection carrying the fewest of them (--backend-connections per --backend); with
 // --classify-stream, Classify calls go as items of one stream per backend process instead, to
-// the process carrying the fewest (placement.go).
+// the process carrying the fewest (placement.go), one stream per caller token (streams.go),
+// so that the server acts for each item's own caller.
 //
 // Prints "gateway ready on HOST:PORT (metrics :M)" and writes --ready-file once listening;
 // SIGTERM/SIGINT stop it gracefully (in-flight calls finish within --shutdown-grace).
@@ -60,6 +61,9 @@ type options struct {
 	classifyStream     bool
 	groupByProcess     bool
 	streamMaxAge       time.Duration
+	streamIdle         time.Duration                    // a caller token's stream unused this long is closed
+	maxTokenStreams    int                              // caller tokens with a stream per backend connection
+	requireToken       bool                             // refuse calls without `authorization` (probes excepted) UNAUTHENTICATED
 	gcPercent          int                              // 0: leave the Go runtime's own setting (GOGC, else 100)
 	serverTLS          *tls.Config                      // nil: plaintext (tls.go)
 	backendCreds       credentials.TransportCredentials // TLS to the backends, or insecure
@@ -105,7 +109,7 @@ func envBool(name string, fallback bool) bool {
 func parseArgs(args []string, stderr io.Writer) (options, error) {
 	var o options
 	var backends, admitted string
-	var grace, streamAge float64
+	var grace, streamAge, streamIdle float64
 	flags := flag.NewFlagSet("snaplearn-gateway", flag.ContinueOnError)
 	flags.SetOutput(stderr)
 	flags.StringVar(&o.host, "host", env("HOST", "127.0.0.1"), "interface to bind")
@@ -124,6 +128,13 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 		"send the items for one backend process (named in its ClassifyStream headers) on one stream, "+
 			"however many connections reach it (false: one stream per connection)")
 	flags.Float64Var(&streamAge, "stream-max-age", 20, "seconds a ClassifyStream takes new items before a fresh one replaces it")
+	flags.Float64Var(&streamIdle, "stream-idle", 10,
+		"seconds a caller token's ClassifyStream may go unused before it is closed (each token has its own streams)")
+	flags.IntVar(&o.maxTokenStreams, "max-token-streams", envInt("MAX_TOKEN_STREAMS", 1000),
+		"caller tokens with a ClassifyStream per backend connection; callers beyond it are forwarded call by call")
+	flags.BoolVar(&o.requireToken, "require-token", envBool("REQUIRE_TOKEN", false),
+		"refuse calls that send no 'authorization' UNAUTHENTICATED in the gateway (health and OIP liveness/readiness "+
+			"stay open); the servers check every token either way")
 	// The gateway's heap is mostly request and answer bytes that live for one call, so Go's
 	// default (collect after 100% growth) collects many times a second under load; 400 cost the
 	// gateway less CPU per photo and left its own latency per call as it was (DECISIONS D24).
@@ -157,6 +168,7 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 	}
 	o.shutdownGrace = time.Duration(grace * float64(time.Second))
 	o.streamMaxAge = time.Duration(streamAge * float64(time.Second))
+	o.streamIdle = time.Duration(streamIdle * float64(time.Second))
 	switch {
 	case flags.NArg() > 0:
 		return o, fmt.Errorf("unexpected arguments: %s", strings.Join(flags.Args(), " "))
@@ -172,6 +184,10 @@ func parseArgs(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("--shutdown-grace must be >= 0")
 	case !(streamAge > 0):
 		return o, errors.New("--stream-max-age must be > 0")
+	case !(streamIdle > 0):
+		return o, errors.New("--stream-idle must be > 0")
+	case o.maxTokenStreams < 1:
+		return o, errors.New("--max-token-streams must be >= 1")
 	case o.gcPercent < 0:
 		return o, errors.New("--gc-percent must be >= 0 (0: leave it to GOGC)")
 	}
@@ -187,6 +203,7 @@ func newProxy(o options) (*proxy, error) {
 	p := &proxy{
 		admitted: map[string]bool{}, maxInFlight: int64(o.maxInFlight), refusal: refusalFor(int64(o.maxInFlight)),
 		stats: newStats(), multiplexed: o.classifyStream, groupByProcess: o.groupByProcess,
+		requireToken: o.requireToken,
 	}
 	for _, m := range o.admitted {
 		p.admitted[m] = true
@@ -206,7 +223,7 @@ func newProxy(o options) (*proxy, error) {
 			conn.Connect()
 			backend := &backendConn{conn: conn}
 			if o.classifyStream {
-				backend.mux = newMultiplexer(conn, o.streamMaxAge, p.regroup)
+				backend.mux = newMuxPool(conn, o.streamMaxAge, o.streamIdle, o.maxTokenStreams, p.regroup)
 			}
 			p.conns = append(p.conns, backend)
 		}
@@ -295,7 +312,7 @@ func run(o options) error {
 	}
 	mode := "each Classify forwarded as a call"
 	if o.classifyStream {
-		mode = "Classify multiplexed onto one ClassifyStream per connection"
+		mode = "Classify multiplexed onto one ClassifyStream per backend process and caller token"
 	}
 	log.Printf("forwarding to %s over %d connection(s) each (%s); at most %d inference calls in flight",
 		strings.Join(o.backends, ", "), o.backendConnections, mode, o.maxInFlight)

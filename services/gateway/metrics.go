@@ -16,6 +16,9 @@ import (
 type stats struct {
 	byCode  [17]atomic.Uint64 // admitted calls forwarded, by the status they ended with
 	refused atomic.Uint64     // admitted calls refused at the in-flight limit
+	// Classify calls forwarded call by call because their connection had --max-token-streams
+	// credentials' streams already, and calls refused for lacking a token (--require-token).
+	overflowed, tokenless atomic.Uint64
 	// Where a forwarded call's time goes: all of it (from the call's arrival to its answer),
 	// the part spent waiting on the backend (from handing the request on, its wait for the
 	// stream's sender included, to the backend's answer) and, per call, the rest: the
@@ -70,14 +73,29 @@ func (p *proxy) metricsHandler(w http.ResponseWriter, _ *http.Request) {
 		"Admitted inference calls forwarded: seconds from handing the request to a backend to its answer.")
 	p.stats.ownTime.write(&b, "snaplearn_gateway_own_seconds",
 		"Admitted inference calls the backend answered: seconds in the gateway itself (the call's time less the backend's).")
+	b.WriteString("# HELP snaplearn_gateway_tokenless_refused_total Calls refused UNAUTHENTICATED for sending no token (--require-token).\n")
+	b.WriteString("# TYPE snaplearn_gateway_tokenless_refused_total counter\n")
+	fmt.Fprintf(&b, "snaplearn_gateway_tokenless_refused_total %d\n", p.stats.tokenless.Load())
 	if p.conns[0].mux != nil {
-		var opened uint64
+		var opened, idleClosed uint64
+		credentials := 0
 		for _, c := range p.conns {
 			opened += c.mux.opened.Load()
+			idleClosed += c.mux.idleClosed.Load()
+			credentials += c.mux.credentials()
 		}
-		b.WriteString("# HELP snaplearn_gateway_classify_streams_opened_total ClassifyStream calls opened to the backends (one per connection, more after breaks and rotations).\n")
+		b.WriteString("# HELP snaplearn_gateway_classify_streams_opened_total ClassifyStream calls opened to the backends (one per connection and caller token, more after breaks and rotations).\n")
 		b.WriteString("# TYPE snaplearn_gateway_classify_streams_opened_total counter\n")
 		fmt.Fprintf(&b, "snaplearn_gateway_classify_streams_opened_total %d\n", opened)
+		b.WriteString("# HELP snaplearn_gateway_classify_streams_idle_closed_total Caller tokens' ClassifyStreams closed after --stream-idle unused.\n")
+		b.WriteString("# TYPE snaplearn_gateway_classify_streams_idle_closed_total counter\n")
+		fmt.Fprintf(&b, "snaplearn_gateway_classify_streams_idle_closed_total %d\n", idleClosed)
+		b.WriteString("# HELP snaplearn_gateway_classify_stream_credentials Caller tokens with a ClassifyStream, summed over backend connections.\n")
+		b.WriteString("# TYPE snaplearn_gateway_classify_stream_credentials gauge\n")
+		fmt.Fprintf(&b, "snaplearn_gateway_classify_stream_credentials %d\n", credentials)
+		b.WriteString("# HELP snaplearn_gateway_classify_overflowed_total Classify calls forwarded call by call: their connection had --max-token-streams tokens' streams.\n")
+		b.WriteString("# TYPE snaplearn_gateway_classify_overflowed_total counter\n")
+		fmt.Fprintf(&b, "snaplearn_gateway_classify_overflowed_total %d\n", p.stats.overflowed.Load())
 	}
 	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 	_, _ = w.Write([]byte(b.String()))

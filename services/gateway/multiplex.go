@@ -13,6 +13,7 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
@@ -33,6 +34,7 @@ const (
 	maxPackedBytes       = 1 << 20 // an item larger than this goes alone (the server takes one as large as a call)
 	streamOpenPatience   = time.Second
 	streamRetryPause     = 20 * time.Millisecond
+	retiredStreamGrace   = 30 * time.Second // a retired stream's last items get this long before it is cut
 )
 
 // muxResult is one item's answer: a status, and the ClassifyResponse bytes when it is OK.
@@ -40,6 +42,7 @@ type muxResult struct {
 	code     codes.Code
 	message  string
 	response []byte
+	trailer  metadata.MD // a stream refused for its credential: the server's trailer (e.g. its retry delay)
 }
 
 // muxCall is one admitted Classify waiting for its item's answer.
@@ -80,18 +83,20 @@ type muxStream struct {
 	cancels chan uint64
 	idle    chan struct{} // poked when a retired stream may have no items left
 
-	mu      sync.Mutex
-	pending map[uint64]*muxCall
-	failed  bool // no new items: the stream broke
-	retired bool // no new items: a newer stream took over; closes once its items are answered
+	mu       sync.Mutex
+	pending  map[uint64]*muxCall
+	failed   bool   // no new items: the stream broke
+	retired  bool   // no new items: a newer stream took over, or it was idle; closes once its items are answered
+	instance string // the process its headers named ("": none yet, or refused before its handler ran)
 }
 
-// multiplexer owns the ClassifyStream of one backend connection, reopening it when it breaks
-// and replacing it when it is older than maxAge (a server's max connection age then never
-// cuts one short with items on it).
+// multiplexer owns the ClassifyStream of one backend connection for one caller credential
+// (streams.go), opened with that credential's metadata, reopening it when it breaks and
+// replacing it when it is older than maxAge (a server's max connection age then never cuts
+// one short with items on it).
 type multiplexer struct {
-	conn    *grpc.ClientConn
-	maxAge  time.Duration
+	pool    *muxPool
+	md      metadata.MD // sent when a stream opens: the callers' authorization, nothing else
 	nextID  atomic.Uint64
 	mu      sync.Mutex
 	current *muxStream
@@ -99,18 +104,41 @@ type multiplexer struct {
 	openErr error         // why the last opening failed
 	ctx     context.Context
 	stop    context.CancelFunc
-	opened  atomic.Uint64 // streams opened (a metric)
 
-	instance   string // the backend process the current stream reaches (placement.go); "" unknown
-	onInstance func() // called, without mu, when instance changes
+	users    int       // callers holding it now (pool.mu)
+	lastUsed time.Time // when the last of them let go (pool.mu)
 }
 
-func newMultiplexer(conn *grpc.ClientConn, maxAge time.Duration, onInstance func()) *multiplexer {
+func newMultiplexer(pool *muxPool, md metadata.MD) *multiplexer {
 	ctx, stop := context.WithCancel(context.Background())
-	return &multiplexer{conn: conn, maxAge: maxAge, ctx: ctx, stop: stop, onInstance: onInstance}
+	return &multiplexer{pool: pool, md: md, ctx: ctx, stop: stop}
 }
 
 func (m *multiplexer) close() { m.stop() }
+
+// retire takes no new items: the current stream finishes what it carries, then closes its
+// side (the server ends it OK), and the multiplexer is stopped once it has ended.
+func (m *multiplexer) retire() {
+	m.mu.Lock()
+	s := m.current
+	m.current = nil
+	m.mu.Unlock()
+	if s == nil {
+		m.stop()
+		return
+	}
+	s.mu.Lock()
+	s.retired = true
+	s.mu.Unlock()
+	s.poke()
+	go func() {
+		select {
+		case <-s.client.Context().Done():
+		case <-time.After(retiredStreamGrace):
+		}
+		m.stop()
+	}()
+}
 
 // stream returns the stream new items go to, opening one when there is none, it broke or it
 // is too old. Opening runs apart from the caller, so a caller waits at most until its own
@@ -153,7 +181,7 @@ func (m *multiplexer) usableLocked() *muxStream {
 	}
 	s.mu.Lock()
 	broken := s.failed
-	tooOld := !broken && time.Since(s.opened) >= m.maxAge
+	tooOld := !broken && time.Since(s.opened) >= m.pool.maxAge
 	if tooOld {
 		s.retired = true // its items finish on it; new ones go to the next stream
 	}
@@ -171,7 +199,10 @@ func (m *multiplexer) usableLocked() *muxStream {
 // open opens a ClassifyStream, makes it current (or records why it could not), and closes done.
 func (m *multiplexer) open(done chan struct{}) {
 	ctx, cancel := context.WithCancel(m.ctx)
-	client, err := m.conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true},
+	if len(m.md) > 0 {
+		ctx = metadata.NewOutgoingContext(ctx, m.md)
+	}
+	client, err := m.pool.conn.NewStream(ctx, &grpc.StreamDesc{ServerStreams: true, ClientStreams: true},
 		classifyStreamMethod, grpc.ForceCodec(rawCodec{}))
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -187,7 +218,7 @@ func (m *multiplexer) open(done chan struct{}) {
 		cancels: make(chan uint64, 1024), idle: make(chan struct{}, 1), pending: map[uint64]*muxCall{},
 	}
 	m.current, m.openErr = s, nil
-	m.opened.Add(1)
+	m.pool.opened.Add(1)
 	go s.sendLoop()
 	go s.receiveLoop()
 }
@@ -270,12 +301,25 @@ func (s *muxStream) poke() {
 }
 
 // fail answers every unanswered item UNAVAILABLE (nothing is lost silently) and ends the stream.
-func (s *muxStream) fail(err error) {
+// A stream the server refused for its credential (no or a bad token, a scope it lacks, the
+// caller's rate limit) was that caller's alone (streams.go), so its items get the server's own
+// status, message and trailer instead: what the same Classify sent as a call would have got.
+// fromServer: err is the status RecvMsg returned (the server's, its trailer readable).
+func (s *muxStream) fail(err error, fromServer bool) {
 	calls := s.end()
-	message := fmt.Sprintf("the vision server's stream ended (%v); retry", status.Convert(err).Message())
-	for _, call := range calls {
-		call.answer(muxResult{code: codes.Unavailable, message: message})
+	st := status.Convert(err)
+	r := muxResult{code: codes.Unavailable, message: fmt.Sprintf("the vision server's stream ended (%v); retry", st.Message())}
+	if fromServer && callerStatus(st.Code()) {
+		r = muxResult{code: st.Code(), message: st.Message(), trailer: s.client.Trailer()}
 	}
+	for _, call := range calls {
+		call.answer(r)
+	}
+}
+
+// callerStatus: a status a stream ends with that is about its caller's credential, not the server.
+func callerStatus(code codes.Code) bool {
+	return code == codes.Unauthenticated || code == codes.PermissionDenied || code == codes.ResourceExhausted
 }
 
 // endedByServer is the server ending the stream OK with items unanswered: it is shutting down,
@@ -373,7 +417,11 @@ func (s *muxStream) sendLoop() {
 		// A fresh buffer each time: grpc-go may still be writing the last one after SendMsg returns.
 		buf := encodeStreamRequest(make([]byte, 0, size+16*len(live)+8*len(cancels)+16), live, cancels, now)
 		if err := s.client.SendMsg(&frame{payload: buf}); err != nil {
-			s.fail(err) // the receive loop sees the status; everything pending is answered there or here
+			if !errors.Is(err, io.EOF) {
+				s.fail(err, false) // the receive loop sees the status; everything pending is answered there or here
+			}
+			// io.EOF: the server ended the stream; its status (a refusal of this stream's token, or
+			// OK at shutdown) reaches the receive loop, which answers or resends what is pending.
 			return
 		}
 	}
@@ -396,6 +444,9 @@ func (s *muxStream) finished() bool {
 func (s *muxStream) receiveLoop() {
 	if header, err := s.client.Header(); err == nil {
 		if instance := header.Get(instanceHeader); len(instance) > 0 {
+			s.mu.Lock()
+			s.instance = instance[0]
+			s.mu.Unlock()
 			s.mux.noteInstance(s, instance[0])
 		}
 	}
@@ -407,11 +458,11 @@ func (s *muxStream) receiveLoop() {
 			return
 		}
 		if err != nil {
-			s.fail(err)
+			s.fail(err, true)
 			return
 		}
 		if err := decodeStreamResponse(f.payload, s.deliver); err != nil {
-			s.fail(status.Errorf(codes.Internal, "undecodable ClassifyStreamResponse: %v", err))
+			s.fail(status.Errorf(codes.Internal, "undecodable ClassifyStreamResponse: %v", err), false)
 			return
 		}
 		if s.isRetired() { // it may have answered its last item: the sender closes it then
@@ -531,7 +582,17 @@ func decodeStreamResult(data []byte) (uint64, muxResult, error) {
 
 // classifyMultiplexed serves one admitted Classify as an item on the backend connection's
 // stream; waited is the time from handing the item on to its answer (0 if none came).
+// The item goes on the stream of the caller's own credential (streams.go); a caller whose
+// credential finds no room is forwarded as a call.
 func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStream, backend *backendConn) (waited time.Duration, err error) {
+	incoming, _ := metadata.FromIncomingContext(ctx)
+	key, md := credentialOf(incoming)
+	mux := backend.mux.acquire(key, md)
+	if mux == nil {
+		p.stats.overflowed.Add(1)
+		return p.forwardUnary(outgoingContext(ctx), stream, classifyMethod, backend)
+	}
+	defer backend.mux.release(mux)
 	var in frame
 	if err := stream.RecvMsg(&in); err != nil {
 		return 0, err
@@ -539,13 +600,16 @@ func (p *proxy) classifyMultiplexed(ctx context.Context, stream grpc.ServerStrea
 	call := &muxCall{request: in.payload, done: make(chan muxResult, 1)}
 	call.deadline, _ = ctx.Deadline()
 	handedOn := time.Now()
-	if err := backend.mux.submit(ctx, call); err != nil {
+	if err := mux.submit(ctx, call); err != nil {
 		return 0, err
 	}
 	select {
 	case r := <-call.done:
 		waited = time.Since(handedOn)
 		if r.code != codes.OK {
+			if len(r.trailer) > 0 {
+				stream.SetTrailer(r.trailer)
+			}
 			return waited, status.Error(r.code, r.message)
 		}
 		return waited, stream.SendMsg(&frame{payload: r.response})

@@ -35,6 +35,15 @@ var (
 func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.ClassifyStreamRequest, visionv1.ClassifyStreamResponse]) error {
 	streamNo := streamsOpened.Add(1)
 	defer streamsEnded.Add(1)
+	md, _ := metadata.FromIncomingContext(stream.Context())
+	auth := strings.Join(md.Get("authorization"), ",")
+	switch auth {
+	case "Bearer refused": // like the server's interceptor: refused before the handler names itself
+		return status.Error(codes.Unauthenticated, "the token is not valid")
+	case "Bearer limited":
+		stream.SetTrailer(metadata.Pairs("grpc-retry-pushback-ms", "250"))
+		return status.Error(codes.ResourceExhausted, "rate limit for this caller; retry in 250 ms")
+	}
 	if b.instance != "" {
 		if err := stream.SendHeader(metadata.Pairs(instanceHeader, b.instance)); err != nil {
 			return err
@@ -70,6 +79,7 @@ func (b *heldBackend) ClassifyStream(stream grpc.BidiStreamingServer[visionv1.Cl
 		}
 		for _, item := range message.GetItems() {
 			b.streamOf.Store(item.GetRequest().GetUserId(), streamNo)
+			b.authOf.Store(item.GetRequest().GetUserId(), auth)
 			if item.GetRequest().GetUserId() == "shutting-down-once" && endedOnce.CompareAndSwap(false, true) {
 				return nil // like a server shutting down: ends OK without starting this item
 			}

@@ -67,22 +67,38 @@ func (p *proxy) pickStream() *backendConn {
 }
 
 // noteInstance records the process stream s reaches (its header), or "" once it broke or
-// ended; only the current stream (or a stream when there is none) speaks for the connection.
+// ended. Only the current stream (or a stream when there is none) speaks for the connection,
+// and only a stream that named the process can unname it: a retired stream ending, or a
+// stream the server refused for its caller's token before naming itself, says nothing about
+// the connection, which other callers' streams still use.
 func (m *multiplexer) noteInstance(s *muxStream, instance string) {
 	m.mu.Lock()
-	changed := (m.current == s || m.current == nil) && m.instance != instance
-	if changed {
-		m.instance = instance
-	}
+	speaks := m.current == s || m.current == nil
 	m.mu.Unlock()
-	if changed && m.onInstance != nil {
-		m.onInstance()
+	if instance == "" {
+		s.mu.Lock()
+		speaks = speaks && s.instance != "" && !s.retired
+		s.mu.Unlock()
+	}
+	if speaks {
+		m.pool.noteInstance(instance)
+	}
+}
+
+// noteInstance records the process this connection reaches; on a change it regroups.
+func (p *muxPool) noteInstance(instance string) {
+	p.mu.Lock()
+	changed := p.instance != instance
+	p.instance = instance
+	p.mu.Unlock()
+	if changed && p.onInstance != nil {
+		p.onInstance()
 	}
 }
 
 // backendInstance is the process this connection's streams reach, "" if unknown.
-func (m *multiplexer) backendInstance() string {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.instance
+func (p *muxPool) backendInstance() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.instance
 }

@@ -47,7 +47,7 @@ func (rawCodec) Name() string { return "proto" }
 // backendConn is one connection to a backend, with the admitted calls it carries now.
 type backendConn struct {
 	conn     *grpc.ClientConn
-	mux      *multiplexer // Classify calls go to its ClassifyStream; nil: forwarded as calls
+	mux      *muxPool // Classify calls go to its ClassifyStreams (one per caller token); nil: forwarded as calls
 	inFlight atomic.Int64
 }
 
@@ -65,7 +65,20 @@ type proxy struct {
 	groupByProcess bool                        // one stream per backend process, not per connection (placement.go)
 	groups         atomic.Pointer[[]connGroup] // the connections by backend process (placement.go)
 	groupsMu       sync.Mutex                  // serialises regroup
+	requireToken   bool                        // calls without `authorization` are refused in the tap
 }
+
+// tokenFreeMethods answer without a token on the servers (probes), so the gateway never asks for one.
+var tokenFreeMethods = map[string]bool{
+	"/grpc.health.v1.Health/Check":                true,
+	"/grpc.health.v1.Health/Watch":                true,
+	"/inference.GRPCInferenceService/ServerLive":  true,
+	"/inference.GRPCInferenceService/ServerReady": true,
+	"/inference.GRPCInferenceService/ModelReady":  true,
+}
+
+// errNoToken is what a call without a token gets with --require-token: the servers' own words.
+var errNoToken = status.Error(codes.Unauthenticated, "no bearer token: send 'authorization: Bearer <token>'")
 
 // refusalFor is the RESOURCE_EXHAUSTED a client gets from the gateway: what is full, and what to do.
 func refusalFor(maxInFlight int64) error {
@@ -93,7 +106,15 @@ func (p *proxy) pick() *backendConn {
 // reads its message, which makes a refusal cheaper for the gateway's one core under heavy
 // overload. It never reserves a slot: handle's own check stays the authority, so a call that
 // passes here may still be refused there, and nothing admitted here can leak a slot.
+//
+// With --require-token a call without `authorization` (probes excepted) is refused here too,
+// UNAUTHENTICATED: the gateway does not verify tokens (the servers do, every one), it only
+// spares them calls that cannot pass.
 func (p *proxy) refuseEarly(ctx context.Context, info *tap.Info) (context.Context, error) {
+	if p.requireToken && !tokenFreeMethods[info.FullMethodName] && len(info.Header.Get("authorization")) == 0 {
+		p.stats.tokenless.Add(1)
+		return ctx, errNoToken
+	}
 	if p.admitted[info.FullMethodName] && p.inFlight.Load() >= p.maxInFlight {
 		return ctx, p.refuse()
 	}

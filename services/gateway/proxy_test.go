@@ -39,6 +39,7 @@ type heldBackend struct {
 	messages    atomic.Int64 // ClassifyStream request messages carrying items
 	items       atomic.Int64 // items in them
 	streamOf    sync.Map     // user id -> the number of the stream its item came on
+	authOf      sync.Map     // user id -> the authorization its item's stream (or its call) came with
 }
 
 func (b *heldBackend) Classify(ctx context.Context, req *visionv1.ClassifyRequest) (*visionv1.ClassifyResponse, error) {
@@ -47,6 +48,9 @@ func (b *heldBackend) Classify(ctx context.Context, req *visionv1.ClassifyReques
 	}
 	b.received <- req.GetUserId()
 	md, _ := metadata.FromIncomingContext(ctx)
+	if _, onAStream := b.authOf.Load(req.GetUserId()); !onAStream {
+		b.authOf.Store(req.GetUserId(), strings.Join(md.Get("authorization"), ","))
+	}
 	if echo := md.Get("x-test"); len(echo) > 0 {
 		_ = grpc.SetHeader(ctx, metadata.Pairs("x-test-header", echo[0]))
 		grpc.SetTrailer(ctx, metadata.Pairs("x-test-trailer", echo[0]))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 
 from snaplearn_common import errors
+from snaplearn_common.interceptors import WrappingInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -75,38 +76,16 @@ async def _checked(requests: AsyncIterator[Any], context: aio.ServicerContext) -
         yield request
 
 
-class ErrorMappingInterceptor(aio.ServerInterceptor):
+class ErrorMappingInterceptor(WrappingInterceptor):
     """Turns SnapLearnError (and unexpected exceptions) into a status with a clear message,
     and request bytes that do not parse into INVALID_ARGUMENT in words.
 
     Unary-unary handlers get both; streaming handlers (ClassifyStream, which answers per item
-    through its own wrapper, edges/call.py) get the request check only. A method's wrapped
-    handler is built once and reused: gRPC asks for the handler on every call, and a new
-    closure and handler per call is a cost the event loop pays on every request.
+    through its own wrapper, edges/call.py) get the request check only. Each method's wrapped
+    handler is built once (WrappingInterceptor).
     """
 
-    def __init__(self) -> None:
-        # method -> (the registered handler, its wrapped version)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
-
-    @staticmethod
-    def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         deserializer = _tolerant(handler.request_deserializer)
         serializer = handler.response_serializer
         if handler.unary_unary is not None:

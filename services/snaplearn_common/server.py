@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from snaplearn_common.grpc_errors import ErrorMappingInterceptor
+from snaplearn_common.ports import PortInUse, port_is_busy
 from snaplearn_common.security.bootstrap import ServerSecurity
 from snaplearn_common.security.settings import SecuritySettings
 
@@ -87,6 +88,9 @@ async def start_grpc_server(
     Clients see CANCELLED ("Cancelled"), not RESOURCE_EXHAUSTED: grpc's choice. Keep it well
     above the concurrency of legitimate bursts (docs/DECISIONS.md, D17).
 
+    A port another process holds raises PortInUse (snaplearn_common.ports): one sentence naming
+    the port, which the servers' mains print before exiting 2.
+
     reuse_port: bind with SO_REUSEPORT, so that several processes (worker processes behind
     one port) listen on the same port and the kernel spreads new connections over them. Off
     by default: a second server started on a busy port by mistake should fail, not share it.
@@ -130,10 +134,18 @@ async def start_grpc_server(
         health_name = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
         reflection.enable_server_reflection([*service_names, health_name, reflection.SERVICE_NAME], server)
     address = f"{host}:{port}"
-    if protection.credentials is not None:
-        bound = server.add_secure_port(address, protection.credentials)
-    else:
-        bound = server.add_insecure_port(address)
+    # Checked first so that a busy port is one sentence (PortInUse), not grpc's bind error.
+    if port_is_busy(host, port, reuse_port=reuse_port):
+        raise PortInUse(host, port)
+    try:
+        if protection.credentials is not None:
+            bound = server.add_secure_port(address, protection.credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as error:  # grpc's "Failed to bind to address ..."
+        if port_is_busy(host, port, reuse_port=reuse_port):  # taken between the check and the bind
+            raise PortInUse(host, port) from None
+        raise OSError(f"could not bind gRPC server to {host}:{port}: {error}") from None
     if bound == 0:
         raise OSError(f"could not bind gRPC server to {host}:{port}")
     await server.start()

@@ -74,6 +74,8 @@ class Cli:
     group: the title of the --help group the flag is listed in.
     hidden: accepted but left out of --help (set by a supervisor for its workers).
     metavar: the placeholder shown in --help.
+    repeatable: a list field whose flag may be given several times, one value each (its
+      environment variable holds a JSON list).
     """
 
     flag: str | None = None
@@ -81,6 +83,7 @@ class Cli:
     group: str | None = None
     hidden: bool = False
     metavar: str | None = None
+    repeatable: bool = False
 
 
 class InvalidSettings(ValueError):
@@ -301,6 +304,8 @@ def add_arguments(
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
             kwargs["metavar"] = option.metavar
+        if option.repeatable:
+            kwargs["action"] = "append"
         target.add_argument(option.flag, **kwargs)
 
 
@@ -320,6 +325,7 @@ class _Option:
     metavar: str | None
     boolean: bool
     secret: bool
+    repeatable: bool = False
 
     @property
     def dest(self) -> str:
@@ -330,7 +336,7 @@ class _Option:
 
     def help(self) -> str:
         description = (self.field.description or "").replace("%", "%%")
-        facts = [f"env {self.env}"]
+        facts = [f"repeatable; env {self.env}, a JSON list" if self.repeatable else f"env {self.env}"]
         default = self.default_text()
         if default is not None:
             facts.append(f"default {default}")
@@ -365,7 +371,7 @@ def _options(settings_cls: type[Settings], prefix: tuple[str, ...] = ()) -> Iter
         annotation = _strip_optional(field.annotation)
         boolean = annotation is bool
         secret = annotation is SecretStr
-        if not cli.env_only and _is_complex(annotation):
+        if not cli.env_only and not cli.repeatable and _is_complex(annotation):
             raise TypeError(f"{settings_cls.__name__}.{name}: a flag takes one value; use Cli(env_only=True)")
         flag = None if cli.env_only else (cli.flag or "--" + name.replace("_", "-"))
         yield _Option(
@@ -380,6 +386,7 @@ def _options(settings_cls: type[Settings], prefix: tuple[str, ...] = ()) -> Iter
             metavar=cli.metavar or _metavar(annotation, (flag or name).lstrip("-")),
             boolean=boolean,
             secret=secret,
+            repeatable=cli.repeatable,
         )
 
 

@@ -1,8 +1,8 @@
 """Forget a student end to end: ForgetStudent over a real grpc.aio recommender (port 0, role trainer,
 so it also writes snapshot files) on a real SqliteEventBus. The tombstone travels on the bus and
 the worker applies it in order; afterwards Recommend treats the id as new, and no checkpoint or
-snapshot file written after the forget holds the id's bytes, including after a replay from a
-checkpoint taken before the forget."""
+snapshot file holds the id's bytes (older snapshot versions are pruned), including after a
+replay from a checkpoint taken before the forget."""
 
 from __future__ import annotations
 
@@ -154,6 +154,9 @@ async def test_forget_erases_the_student_from_model_snapshots_and_checkpoints_ev
     assert snapshots and all(p in written_after for p in snapshots)
     assert _holding([checkpoint, *snapshots], FORGOTTEN) == []
     assert _holding([checkpoint], KEPT)  # the same grep finds a student who was not forgotten
+    # No version published before the forget is left either: the first publish without the
+    # student deleted them (D48), so every file in the store is one of those above.
+    assert sorted(_every_snapshot(tmp_path)) == sorted(snapshots)
 
     # 3. Replay from the checkpoint taken before the forget: the tombstone is applied again.
     shutil.copy2(before_forget / checkpoint.name, checkpoint)
@@ -171,6 +174,12 @@ async def test_forget_erases_the_student_from_model_snapshots_and_checkpoints_ev
     replayed = [p for p in _snapshots_after(tmp_path, sent + 3) if p in written_after]
     assert replayed, "the replayed model published no snapshot"
     assert _holding([checkpoint, *replayed], FORGOTTEN) == []
+    # The restored pre-forget model was published at start; the replayed tombstone pruned it.
+    assert _holding(_every_snapshot(tmp_path), FORGOTTEN) == []
+
+
+def _every_snapshot(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "snapshots").glob("snapshot-*.snap"))
 
 
 def _checkpoint_file(tmp_path: Path) -> Path:

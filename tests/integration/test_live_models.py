@@ -13,6 +13,7 @@ import json
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,18 @@ import tritonclient.grpc.aio as triton_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from snaplearn.vision.v1 import vision_pb2_grpc
+from snaplearn_oip import grpc_service_pb2 as oip
+from snaplearn_oip import grpc_service_pb2_grpc as oip_grpc
 from snaplearn_vision import config as vision_config
+from snaplearn_vision import models as snaplearn_models
 from snaplearn_vision.core.versions import LOADING, READY, UNAVAILABLE
 from snaplearn_vision.runtime.architectures import build_model
 from snaplearn_vision.runtime.model_repository import ModelRepository
 from snaplearn_vision.schema import BatchingConfig, ModelConfig
 from snaplearn_vision.server import VisionServer, model_health_name
 from snaplearn_vision.worksheets import sample_image_bytes
+from tests.helpers.model_formats import SIZE, ColourNet, colour_photo, export_torchscript, write_labels
 from tests.helpers.vision_server import (
     GatedModels,
     Gates,
@@ -386,3 +392,152 @@ async def expect_triton(call: Any, status: str) -> str:
         await call
     assert raised.value.status() == status, raised.value.message()
     return raised.value.message() or ""
+
+
+async def test_a_loading_model_answers_unavailable_with_a_retry_pushback(
+    repository: Path, tmp_path: Path, image: bytes
+) -> None:
+    """A call naming a model whose load is held at a gate: UNAVAILABLE, the hint in words and as
+    the grpc-retry-pushback-ms trailer (what a gRPC retry policy waits for), on Classify and OIP."""
+    add_version(repository, "other", "1", seed=4, labels=("a", "b"))
+    settings = vision_config.VisionSettings.from_env(
+        {},
+        port=0,
+        metrics_port=0,
+        model_repository=repository,
+        model_name=NAME,
+        model_version="",
+        device="cpu",
+        publish=False,
+        spool_dir=None,
+        model_poll_interval_s=POLL_S,
+        shutdown_grace_s=2.0,
+    )
+    models = SlowLoads(repository, Gates(), "other")
+    server = VisionServer(settings, models=models)
+    await server.start()
+    channel = grpc.aio.insecure_channel(server.target)
+    try:
+        assert server.service is not None
+        load = asyncio.ensure_future(server.service.load_model("other"))
+        await asyncio.to_thread(models.started.wait, 30)
+        stub = vision_pb2_grpc.VisionServiceStub(channel)
+        oip_stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        for call in (
+            stub.Classify(request(image, model_name="other"), timeout=30),
+            stub.Classify(request(image, model_name="other", model_version="1"), timeout=30),
+            oip_stub.ModelMetadata(oip.ModelMetadataRequest(name="other"), timeout=30),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await call
+            error = raised.value
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            trailers = dict(error.trailing_metadata() or ())
+            pushback_ms = int(trailers["grpc-retry-pushback-ms"])
+            # The server's own last load (the default model's) is the estimate, within the bounds.
+            assert 250 <= pushback_ms <= 30_000
+            details = error.details() or ""
+            assert "is loading" in details and f"retry in {pushback_ms / 1000:.1f} s" in details
+        models.proceed.set()
+        await load
+        reply = await stub.Classify(request(image, model_name="other"), timeout=30)
+        assert reply.model_name == "other" and reply.model_version == "1"
+    finally:
+        models.proceed.set()
+        await channel.close()
+        await server.stop()
+
+
+# -- `models add --server`: the version goes live through the server at once ------------------
+
+
+class SmallBatchesOnly(torch.nn.Module):
+    """Runs batches of 1 and 2 (what `models add` tests) but fails above: the server's warm-up,
+    which runs every batch size up to the max, is what refuses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = ColourNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 2:
+            raise RuntimeError("batches above 2 are not supported")
+        return self.net(x)
+
+
+COLOUR_PREPROCESSING = ["--input-size", str(SIZE), str(SIZE), "--mean", "0", "0", "0", "--std", "1", "1", "1"]
+
+
+def colour_add(root: Path, labels: Path, file: Path, *extra: str) -> list[str]:
+    return [
+        "--repository", str(root), "add", "colour", "--file", str(file), "--labels", str(labels),
+        "--max-batch-size", "4", *COLOUR_PREPROCESSING, *extra,
+    ]  # fmt: skip
+
+
+async def test_models_add_with_server_swaps_at_once_under_calls_and_takes_back_a_refused_version(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "colour-repo"
+    labels = write_labels(tmp_path / "labels.txt")
+    assert snaplearn_models.main(colour_add(root, labels, export_torchscript(tmp_path / "v1.pt"))) == 0
+    factory = ServerFactory(root, tmp_path)
+    try:
+        # No poll in this test's lifetime: only the command's RepositoryModelLoad can swap.
+        running = await factory.start(
+            model_name="colour", model_version="", model_poll_interval_s=3600.0, max_batch_size=4
+        )
+        red = request(colour_photo((250, 20, 20)))
+        answers: list[tuple[float, str]] = []  # (sent at, version)
+        failures: list[str] = []
+        stop = asyncio.Event()
+
+        async def caller() -> None:
+            while not stop.is_set():
+                sent = time.monotonic()
+                try:
+                    reply = await running.stub.Classify(red, timeout=30)
+                    assert reply.labels[0].label == "red"
+                    answers.append((sent, reply.model_version))
+                except grpc.aio.AioRpcError as error:
+                    failures.append(f"{error.code().name}: {error.details()}")
+
+        callers = [asyncio.create_task(caller()) for _ in range(3)]
+        await until(lambda: len(answers) >= 10, "calls answered by version 1")
+        target = running.server.target
+        v2 = export_torchscript(tmp_path / "v2.pt")
+        code = await asyncio.to_thread(
+            snaplearn_models.main, colour_add(root, labels, v2, "--server", target)
+        )
+        returned = time.monotonic()
+        out = capfd.readouterr().out
+        assert code == 0
+        assert "tested at batch sizes 1, 2" in out
+        assert f"server {target} serves colour version 2" in out
+        count = len(answers)
+        await until(lambda: len(answers) >= count + 10, "calls after the command returned")
+
+        # A version that passes the command's test batch but fails the server's warm-up.
+        refused = tmp_path / "v3.pt"
+        export_torchscript(refused, SmallBatchesOnly())
+        code = await asyncio.to_thread(
+            snaplearn_models.main, colour_add(root, labels, refused, "--server", target)
+        )
+        err = capfd.readouterr().err
+        assert code == 1
+        assert f"server {target} refused colour version 3" in err and "failed to load" in err
+        assert "batches above 2" in err and str(root) not in err
+        assert "taken out of the repository" in err
+        assert sorted(p.name for p in (root / "colour").iterdir()) == ["1", "2"]
+        count = len(answers)
+        await until(lambda: len(answers) >= count + 10, "calls after the refusal")
+        stop.set()
+        await asyncio.gather(*callers)
+
+        assert failures == []
+        assert {version for sent, version in answers if sent > returned} == {"2"}
+        assert answers[0][1] == "1"
+        assert states(running, "colour")["2"] == (READY, "")
+        assert metric(running, 'snaplearn_vision_model_swaps_total{model="colour"}') == 1
+    finally:
+        await factory.close()

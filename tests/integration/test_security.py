@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_client.client import ChannelSecurity, RecommenderClient
+from snaplearn_common.security.interceptor import ITEM_CHECKS
 from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.server import GrpcServer, start_grpc_server
 from tests.helpers.certificates import CertificateAuthority
@@ -45,11 +46,18 @@ class _EchoRecommender(recommender_pb2_grpc.RecommenderServiceServicer):
 
 
 class _EchoVision(vision_pb2_grpc.VisionServiceServicer):
+    """Answers each stream item with the interceptor's per-item refusal, as edges/stream.py does."""
+
     async def ClassifyStream(
         self, request_iterator: AsyncIterator[Any], context: Any
     ) -> AsyncIterator[vision_pb2.ClassifyStreamResponse]:
+        checks = ITEM_CHECKS.get()
         async for message in request_iterator:
-            results = [vision_pb2.ClassifyStreamResult(id=item.id) for item in message.items]
+            results = []
+            for item in message.items:
+                refusal = checks.refusal(item.request.user_id) if checks is not None else None
+                code, text = (refusal[0].value[0], refusal[1]) if refusal is not None else (0, "")
+                results.append(vision_pb2.ClassifyStreamResult(id=item.id, code=code, message=text))
             yield vision_pb2.ClassifyStreamResponse(results=results)
 
 
@@ -287,7 +295,8 @@ async def test_tenant_rule(keys: Keys) -> None:
             ] == grpc.StatusCode.PERMISSION_DENIED
             assert (await _recommend(channel, "school-z/s1", service)).user_id == "school-z/s1"
 
-            # On a stream, the first item for another tenant ends the stream.
+            # On ClassifyStream each item is one Classify call: an item for another tenant is
+            # refused on its own, the stream goes on and ends OK.
             stream = vision_pb2_grpc.VisionServiceStub(channel).ClassifyStream(metadata=_bearer(school_a))
 
             def item(item_id: int, user: str) -> vision_pb2.ClassifyStreamRequest:
@@ -296,12 +305,16 @@ async def test_tenant_rule(keys: Keys) -> None:
                     items=[vision_pb2.ClassifyStreamItem(id=item_id, request=request)]
                 )
 
-            await stream.write(item(1, "school-a/s1"))
-            assert [r.id for r in (await stream.read()).results] == [1]
-            await stream.write(item(2, "school-b/s1"))
-            await _code(stream.read())
-            assert await stream.code() == grpc.StatusCode.PERMISSION_DENIED
-            assert "school-b/s1" in (await stream.details() or "")
+            answers = []
+            for item_id, user in ((1, "school-a/s1"), (2, "school-b/s1"), (3, "school-a/s2")):
+                await stream.write(item(item_id, user))
+                answers += [(r.id, r.code, r.message) for r in (await stream.read()).results]
+            await stream.done_writing()
+            assert await stream.read() is aio.EOF
+            assert await stream.code() == grpc.StatusCode.OK
+            refused = grpc.StatusCode.PERMISSION_DENIED.value[0]
+            assert [(i, c) for i, c, _ in answers] == [(1, 0), (2, refused), (3, 0)]
+            assert "school-b/s1" in answers[1][2]
     finally:
         await server.stop(0)
 
@@ -329,6 +342,33 @@ async def test_rate_limit_per_caller(keys: Keys) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             for _ in range(5):
                 await health.Check(health_pb2.HealthCheckRequest())
+    finally:
+        await server.stop(0)
+
+
+async def test_rate_limit_takes_a_token_per_stream_item(keys: Keys) -> None:
+    """Through the gateway a caller's Classify calls are items of one ClassifyStream: each item
+    takes a token from the caller's bucket (the stream's opening takes one too)."""
+    server = await _start(auth_jwt_keys=keys.path, rate_limit_per_s=0.01, rate_limit_burst=3)
+    token = keys.token("app-a", "classify", ["*"])
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stream = vision_pb2_grpc.VisionServiceStub(channel).ClassifyStream(metadata=_bearer(token))
+            answers = []
+            for item_id in (1, 2, 3):
+                request = vision_pb2.ClassifyRequest(user_id="s", image=b"x")
+                await stream.write(
+                    vision_pb2.ClassifyStreamRequest(
+                        items=[vision_pb2.ClassifyStreamItem(id=item_id, request=request)]
+                    )
+                )
+                answers += [(r.id, r.code, r.message) for r in (await stream.read()).results]
+            await stream.done_writing()
+            assert await stream.read() is aio.EOF
+            assert await stream.code() == grpc.StatusCode.OK
+            exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert [(i, c) for i, c, _ in answers] == [(1, 0), (2, 0), (3, exhausted)]
+            assert "rate limit of 0.01 calls/s" in answers[2][2] and "retry in" in answers[2][2]
     finally:
         await server.stop(0)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from snaplearn.vision.v1 import vision_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import decode_image_classified
 from snaplearn_common.metrics import scrape
+from snaplearn_vision import models as snaplearn_models
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401 (session fixture)
 from tests.helpers.vision_server import correctly_classified_images, read_events, request
 
@@ -178,3 +180,65 @@ def test_workers_stop_when_the_supervisor_is_killed(
     process.kill()  # SIGKILL: no chance to stop its workers itself
     process.wait()
     wait_for(lambda: not any(alive(pid) for pid in worker_pids), "the orphaned workers to stop")
+
+
+def versions_on_new_connections(port: int, image: bytes, count: int) -> list[str]:
+    """The model version that answers one call on each of `count` new connections."""
+    versions = []
+    for index in range(count):
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            stub = vision_pb2_grpc.VisionServiceStub(channel)
+            versions.append(stub.Classify(request(image, user=f"after-{index}"), timeout=30).model_version)
+    return versions
+
+
+def loaded_versions(worker: dict[str, Any]) -> set[str]:
+    """The versions of the default model a worker has loaded, from its own /metrics."""
+    prefix = 'snaplearn_vision_queue_capacity{model="worksheet-topics:'
+    keys = scrape(worker["metrics_port"])
+    return {key[len(prefix) :].split('"')[0] for key in keys if key.startswith(prefix)}
+
+
+def test_every_worker_serves_a_version_added_with_models_add_within_a_poll(
+    model_root: Path, tmp_path: Path, images: dict[str, bytes]
+) -> None:
+    """Each worker reads the repository itself: after `models add` every worker loads, warms and
+    swaps to version 2 on its own next poll and drops version 1 (outside its latest-1 policy)."""
+    root = tmp_path / "models"
+    shutil.copytree(model_root, root)
+    version_1 = root / "worksheet-topics" / "1"
+    config = json.loads((version_1 / "config.json").read_text())
+    (tmp_path / "labels.txt").write_text("\n".join(config["labels"]) + "\n")
+    poll_s = 0.2
+    process = start_supervisor(root, tmp_path, "--model-version", "", "--model-poll-interval", str(poll_s))
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("vision server ready on"), process.poll()
+        ready = json.loads((tmp_path / "run" / "vision.json").read_text())
+        assert [loaded_versions(worker) for worker in ready["workers"]] == [{"1"}, {"1"}]
+
+        added_at = time.monotonic()
+        add = [
+            "--repository", str(root), "add", "worksheet-topics",
+            "--file", str(version_1 / "model.pt"), "--architecture", "snapnet",
+            "--labels", str(tmp_path / "labels.txt"), "--channels", "1",
+            "--input-size", *map(str, config["input_size"]),
+            "--mean", *map(str, config["mean"]), "--std", *map(str, config["std"]),
+        ]  # fmt: skip
+        assert snaplearn_models.main(add) == 0
+        # The bound: a poll, then the load and warm-up of a small model, on a busy machine.
+        wait_for(
+            lambda: all(loaded_versions(worker) == {"2"} for worker in ready["workers"]),
+            "every worker to serve version 2 alone",
+            timeout_s=30,
+        )
+        swapped_in_s = time.monotonic() - added_at
+        assert versions_on_new_connections(ready["port"], images["geometry"], 8) == ["2"] * 8
+        assert swapped_in_s < 30
+
+        assert snaplearn_models.main(["--repository", str(root), "remove", "worksheet-topics", "1"]) == 0
+        assert all(loaded_versions(worker) == {"2"} for worker in ready["workers"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)

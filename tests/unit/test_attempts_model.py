@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +14,11 @@ from snaplearn_common.errors import InvalidInput
 from snaplearn_common.events import FeedbackKind, decode_feedback_recorded, encode_feedback_recorded
 from snaplearn_common.records import Record
 from snaplearn_recommender.catalog import generate_sample_catalog
+from snaplearn_recommender.checkpoint import Checkpointer
+from snaplearn_recommender.mastery import PractiseWeights
 from snaplearn_recommender.model import FeedbackEvent, ModelParams, RecommenderModel
+from snaplearn_recommender.trainer import restore_or_build
+from tests.helpers.recommender import in_process_settings
 
 CATALOG = generate_sample_catalog()
 T0 = 1_700_000_000.0
@@ -108,3 +114,78 @@ def test_a_checkpoint_from_before_attempts_loads_and_learns() -> None:
 def test_model_params_refuse_a_bad_band_or_threshold(fields: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         ModelParams(**fields)  # type: ignore[arg-type]
+
+
+def test_a_restored_checkpoint_serves_with_the_current_practise_settings(tmp_path: Path) -> None:
+    """The band, threshold, practise weights and online rate are settings, not learned state:
+    restoring a checkpoint saved under other values applies the process's current ones."""
+    saved_with = in_process_settings(tmp_path, practise_band="0.55 0.85", mastery_threshold=0.6)
+    model = RecommenderModel(CATALOG, saved_with.model_params())
+    model.apply([_attempt(n, "geometry-001", True) for n in range(3)])
+    Checkpointer(tmp_path).save(model, {})
+    now = in_process_settings(
+        tmp_path,
+        practise_band="0.2 0.4",
+        mastery_threshold=0.9,
+        practise_readiness_weight=3.0,
+        practise_band_weight=0.5,
+        practise_next_step_weight=1.5,
+        practise_extra=7,
+        mastery_online_rate=0.01,
+    )
+    restored, _ = restore_or_build(now, CATALOG, Checkpointer(tmp_path))
+    params = restored.params
+    assert (params.practise_low, params.practise_high, params.mastery_threshold) == (0.2, 0.4, 0.9)
+    assert params.practise_weights == PractiseWeights(3.0, 0.5, 7, 1.5)
+    snapshot = restored.snapshot()
+    assert (snapshot.practise_band, snapshot.mastery_threshold) == ((0.2, 0.4), 0.9)
+    assert snapshot.practise_weights == PractiseWeights(3.0, 0.5, 7, 1.5)
+    assert restored._mastery.options.online_rate == 0.01
+    # The learned state came back with it.
+    assert snapshot.mastery is not None and snapshot.mastery.students["ada"].concepts["geometry"].correct == 3
+    # Mastered by the threshold it was saved with (0.6), not by the current one (0.9).
+    (geometry,) = snapshot.student_state("ada").concepts
+    assert 0.6 <= geometry.mastery < 0.9 and not geometry.mastered
+
+
+def test_the_models_mastery_weights_learn_online_and_snapshots_keep_theirs() -> None:
+    model = RecommenderModel(CATALOG)
+    assert model.params.mastery_online_rate > 0
+    model.apply([_attempt(0, "geometry-001", True)])
+    first = model.snapshot().mastery
+    assert first is not None
+    dense, bias = first.dense.copy(), dict(first.item_bias)
+    model.apply([_attempt(n, "geometry-002", n % 3 == 0) for n in range(1, 30)])
+    live = model.snapshot().mastery
+    assert live is not None and not (live.dense == dense).all()
+    assert "geometry-002" in live.item_bias
+    # The earlier snapshot still holds the weights it was made with.
+    assert (first.dense == dense).all() and first.item_bias == bias
+    restored = pickle.loads(pickle.dumps(model))
+    assert (restored._mastery.dense == model._mastery.dense).all()
+
+
+def test_items_building_on_the_concept_just_practised_are_the_next_step() -> None:
+    """Online, the catalog's declared prerequisites are the direct ones: after answers on
+    geometry, an item with a geometry prerequisite has next_step 1 and leads the answer."""
+    model = RecommenderModel(CATALOG)
+    model.apply([_attempt(n, "geometry-001", True) for n in range(4)])
+    snapshot = model.snapshot()
+    ranked = [item.item_id for item in CATALOG.items]
+    suggestions = {s.item: s for s in snapshot.practise("ada", ranked)}
+    builds_on_geometry = {
+        item.item_id
+        for item in CATALOG.items
+        if any(snapshot.concept_of(p) == "geometry" for p in item.prerequisites)
+    }
+    assert builds_on_geometry
+    assert {i for i, s in suggestions.items() if s.next_step == 1.0} == builds_on_geometry
+    assert snapshot.recommend("ada", k=5).items[0].item_id in builds_on_geometry
+    # Ranked a little below an item that does not build on it, the next step overtakes it.
+    other = next(
+        i.item_id for i in CATALOG.items if not i.prerequisites and i.item_id not in builds_on_geometry
+    )
+    step = sorted(builds_on_geometry)[0]
+    assert [s.item for s in snapshot.practise("ada", [other, step], [1.0, 0.9])] == [step, other]
+    unshaped = replace(snapshot, practise_weights=PractiseWeights(0.0, 0.0, 40, 0.0))
+    assert [s.item for s in unshaped.practise("ada", [other, step], [1.0, 0.9])] == [other, step]

@@ -327,6 +327,39 @@ async def test_a_deadline_the_queue_would_outlast_is_refused_at_once() -> None:
     assert metrics.rejections == [REJECT_DEADLINE_UNMEETABLE]
 
 
+async def test_the_batch_computing_counts_only_for_the_time_it_has_left() -> None:
+    clock = ManualClock()
+    metrics = RecordingMetrics()
+    process = GatedDoubler()
+    batcher = make_batcher(process, max_batch_size=2, max_queue_delay_s=0, clock=clock, metrics=metrics)
+    try:
+        assert (await batcher.submit(1)).value == 2
+        batch_s = metrics.batches[0][1]  # the estimate's batch time: the one batch measured so far
+        process.gate.clear()
+        process.entered.clear()  # set by the first batch: wait for the second one's start
+        computing = spawn(batcher.submit(2))
+        await process.wait_entered()
+        clock.advance(0.9 * batch_s)  # the batch computing is nine tenths done
+        # What is left of it and then its own batch: 1.1 batch times, inside the 1.5 it has. Counting
+        # the computing batch whole (2 batch times) refused it, although it meets its deadline.
+        deadline = clock() + 1.5 * batch_s
+        admitted = spawn(batcher.submit(3, deadline=deadline))
+        await until(lambda: batcher.queue_depth == 1, "admitted")
+        # Less time than that rest and a batch of its own: still refused at once.
+        with pytest.raises(errors.Overloaded, match="longer than the request's deadline allows"):
+            await batcher.submit(4, deadline=clock() + 1.05 * batch_s)
+        clock.advance(0.1 * batch_s)  # the computing batch ends on time
+        process.gate.set()
+        assert (await computing).value == 4
+        assert (await admitted).value == 6
+        assert clock() < deadline  # its batch began in time (the check before compute passed too)
+    finally:
+        process.gate.set()  # a failed assertion must not leave the batch waiting on its gate
+        await batcher.stop()
+    assert process.seen == [[1], [2], [3]]
+    assert metrics.rejections == [REJECT_DEADLINE_UNMEETABLE]
+
+
 async def test_batch_failure_is_fanned_out_to_every_request() -> None:
     calls: list[list[int]] = []
 

@@ -98,7 +98,13 @@ def _row(raw: float, served: float, p99: float = 40.0) -> dict[str, Any]:
     return {
         "export_s": 1.0,
         "raw": {"images_per_s": raw, "best_batch_size": 16, "by_batch_size": {"16": raw}},
-        "ours": {"capacity": served, "half_rate": served / 2, "half_p99_ms": p99, "errors": {}},
+        "ours": {
+            "capacity": served,
+            "mean_batch": 6.0,
+            "half_rate": served / 2,
+            "half_p99_ms": p99,
+            "errors": {},
+        },
     }
 
 
@@ -129,7 +135,26 @@ def _result() -> dict[str, Any]:
                     "torch_export": {"export_s": 2.0, "failed": "RuntimeError: boom"},
                 },
                 "peers": {
-                    "ray": {"capacity": 10.0, "p99_ms": 90.0},
+                    "triton": {
+                        "capacity": 21.0,
+                        "p99_ms": 80.0,
+                        "mean_batch": 7.5,
+                        "half_rate": 11.5,
+                        "half_p99_ms": 70.25,
+                        "errors": {"DEADLINE_EXCEEDED": 2},
+                        "format": "onnx",
+                        "runs": model_formats.PEER_RUNS["triton"],
+                    },
+                    "ray": {
+                        "capacity": 10.0,
+                        "p99_ms": 90.0,
+                        "mean_batch": 4.0,
+                        "half_rate": 11.5,
+                        "half_p99_ms": 300.0,
+                        "errors": {},
+                        "format": "onnx",
+                        "runs": model_formats.PEER_RUNS["ray"],
+                    },
                     "litserve": {"status": "not installed (litserve; --install-peers)"},
                 },
             },
@@ -152,11 +177,12 @@ def test_summary_ratios_against_the_best_raw_bound() -> None:
     assert summary["best_served_format"] == "onnx"
     assert summary["best_served_vs_best_raw"] == pytest.approx(0.92)
     assert summary["meets_target"] is True
-    assert summary["peers_measured"] == ["ray"]
+    assert summary["peers_measured"] == ["ray", "triton"]
     assert summary["above_every_measured_peer"] is True
     assert resnet["formats"]["torchscript"]["ours_vs_own_raw"] == pytest.approx(0.95)
     assert resnet["formats"]["torchscript"]["ours_vs_best_raw"] == pytest.approx(0.76)
     assert resnet["peers"]["ray"]["vs_best_raw"] == pytest.approx(0.4)
+    assert resnet["peers"]["triton"]["vs_best_raw"] == pytest.approx(0.84)
     assert "ours_vs_best_raw" not in resnet["formats"]["torch_export"]  # failed: no ratio
     mobilenet = result["models"]["mobilenet_v3_large"]["summary"]
     assert mobilenet["best_served_vs_best_raw"] == pytest.approx(0.7)
@@ -177,32 +203,72 @@ def test_a_model_whose_every_format_failed_is_said_so() -> None:
 def test_table_and_verdicts_name_formats_peers_and_target() -> None:
     result = model_formats.summarize(_result())
     table = model_formats.markdown_table(result).splitlines()
-    assert table[0].startswith("| model | served as | raw bound img/s (batch) | capacity img/s")
-    assert "| resnet50 (3x224x224) | ours, onnx | 25.0 (16) | 23.0 | 92% | 92% | 11.5 | 55.5 | 0 |" in table
+    assert table[0].startswith("| model | served as | raw bound img/s (batch) | capacity img/s | mean batch")
+    assert all(line.count("|") == table[0].count("|") for line in table), "every row has every column"
     assert (
-        "| resnet50 (3x224x224) | ours, torchscript | 20.0 (16) | 19.0 | 95% | 76% | 9.5 | 40.0 | 0 |"
+        "| resnet50 (3x224x224) | ours, onnx | 25.0 (16) | 23.0 | 6.0 | 92% | 92% | 11.5 | 55.5 | 0 |"
         in table
     )
-    assert "| resnet50 (3x224x224) | ours, torch_export | failed: RuntimeError: boom | | | | | | |" in table
-    assert "| resnet50 (3x224x224) | ray (state_dict, our engine) | | 10.0 | | 40% | | | |" in table
     assert (
-        "| resnet50 (3x224x224) | litserve | not installed (litserve; --install-peers) | | | | | | |" in table
+        "| resnet50 (3x224x224) | ours, torchscript | 20.0 (16) | 19.0 | 6.0 | 95% | 76% | 9.5 | 40.0 | 0 |"
+        in table
+    )
+    assert "| resnet50 (3x224x224) | ours, torch_export | failed: RuntimeError: boom | | | | | | | |" in table
+    # A peer's row: the format it served, its batches, its share of the bound, and its p99 at
+    # our half-load rate (the same offered load as ours).
+    assert (
+        "| resnet50 (3x224x224) | triton, onnx | | 21.0 | 7.5 | | 84% | 11.5 | 70.2 | DEADLINE_EXCEEDED 2 |"
+        in table
+    )
+    assert "| resnet50 (3x224x224) | ray, onnx | | 10.0 | 4.0 | | 40% | 11.5 | 300.0 | 0 |" in table
+    assert (
+        "| resnet50 (3x224x224) | litserve | not installed (litserve; --install-peers) | | | | | | | |"
+        in table
     )
     verdicts = model_formats.verdicts(result)
     assert verdicts[0] == (
         "resnet50: fastest bare runtime **onnx** (25.0 img/s, 1.25x torchscript); best served **onnx** at "
-        "92% of that bound (target >= 90%: met; above every measured peer (ray))."
+        "92% of that bound (target >= 90%: met; above every measured peer (ray, triton))."
     )
     assert verdicts[1].startswith(
         "mobilenet_v3_large: fastest bare runtime **onnx** (100.0 img/s, 1.00x onnx)"
     )
 
 
+def test_a_peer_above_us_is_said_so() -> None:
+    result = _result()
+    result["models"]["resnet50"]["peers"]["triton"]["capacity"] = 24.0  # ours: 23.0
+    verdict = model_formats.verdicts(model_formats.summarize(result))[0]
+    assert verdict.endswith("(target >= 90%: met; NOT above every measured peer (ray, triton)).")
+
+
+def test_the_peers_serve_the_fastest_bare_format_unless_told() -> None:
+    entry = _result()["models"]["resnet50"]
+    assert model_formats.peer_format(entry, "best") == "onnx"  # 25.0 vs 20.0; torch_export failed
+    assert model_formats.peer_format(entry, "torchscript") == "torchscript"
+    assert model_formats.peer_format({"formats": {"onnx": {"failed": "x"}}}, "best") is None
+
+
+def test_peer_notes_say_what_each_peer_ran_once() -> None:
+    notes = model_formats.peer_notes(model_formats.summarize(_result()))
+    assert notes == [
+        f"triton: {model_formats.PEER_RUNS['triton']}, on the onnx version folder",
+        f"ray: {model_formats.PEER_RUNS['ray']}, on the onnx version folder",
+    ]
+    assert "Python callable runs our engine" in notes[0]
+
+
 def test_section_replaces_only_its_own_block() -> None:
     result = model_formats.summarize(_result())
     block = model_formats.section(result)
     assert block.startswith(model_formats.BEGIN) and block.endswith(model_formats.END)
-    assert "load average 3.0 at the start" in block
+    assert "load average 3.0 at the start." in block
+    assert (
+        f"- ray: {model_formats.PEER_RUNS['ray']}, on the onnx version folder\n{model_formats.END}" in block
+    )
+    ended = model_formats.summarize(_result())
+    ended["meta"]["load_average_1m_end"] = 1.5
+    assert "load average 3.0 at the start, 1.5 at the end." in model_formats.section(ended)
     page = f"# Models\n\nswap text\n\n{model_formats.BEGIN}\nold table\n{model_formats.END}\n\nafter\n"
     written = model_formats.write_section(page, block)
     assert "old table" not in written
@@ -235,6 +301,7 @@ def test_quick_flags_parse() -> None:
         1,
         "cpu",
     )
+    assert (args.peer_models, args.peer_format) == ("resnet50", "best")
     assert model_formats.parse_list(" a, ,b ") == ["a", "b"]
 
 

@@ -12,6 +12,7 @@ import pytest
 from snaplearn_offline import evaluate
 from snaplearn_offline import knowledge_tracing as kt
 from snaplearn_offline.datasets import load_attempts, load_concept_map
+from snaplearn_recommender.mastery import PractiseWeights, practise_next
 
 
 def test_three_line_format_is_parsed_in_order(tmp_path: Path) -> None:
@@ -57,13 +58,97 @@ def test_prerequisites_are_what_most_students_start_before() -> None:
     assert "a" not in prerequisites  # 3 of 11 started b first: not a majority
 
 
-def test_practise_next_regroups_only_the_head_of_the_ranking() -> None:
-    mastery = {"a": 0.9, "b": 0.3, "c": 0.7, "d": 0.6, "e": 0.7}
-    prerequisites = {"c": frozenset({"b"}), "d": frozenset({"a"})}
-    ranked = ["c", "b", "d", "e"]
-    shaped = kt.practise_next(ranked, mastery.__getitem__, prerequisites, (0.55, 0.85), 0.8, window=3)
-    # d: prerequisite a mastered, in band; b: no prerequisites, out of band; c: b not mastered.
-    assert shaped == ["d", "b", "c", "e"]
+def _events(seed: int, n: int = 40, concepts: int = 12) -> kt.Events:
+    rng = np.random.default_rng(seed)
+    done = rng.random((n, concepts)) < 0.3
+    done[:, 0] = True  # every event has a concept practised before
+    target = np.array([int(rng.choice(np.flatnonzero(~row))) for row in done])
+    future = ~done & (rng.random((n, concepts)) < 0.5)
+    future[np.arange(n), target] = True
+    last = np.array([int(rng.choice(np.flatnonzero(row))) for row in done])
+    required = (rng.random((concepts, concepts)) < 0.2).astype(np.float32)
+    np.fill_diagonal(required, 0.0)
+    follows = rng.random((concepts, concepts)).astype(np.float32)
+    return kt.Events(
+        [f"c{i}" for i in range(concepts)],
+        rng.normal(size=(n, concepts)).astype(np.float32),
+        rng.random((n, concepts)).astype(np.float32),
+        done,
+        target,
+        future,
+        last,
+        {0.5: required},
+        follows / follows.sum(axis=1, keepdims=True),
+    )
+
+
+def test_the_evaluations_practise_next_is_the_online_one() -> None:
+    """shaped_order (all events at once) gives, event by event, mastery.practise_next's order:
+    the evaluation measures the recommender's own mechanism."""
+    events = _events(seed=1)
+    k, band = 3, (0.55, 0.85)
+    shaping = kt.Shaping(PractiseWeights(readiness=1.5, band=0.4, extra=4, next_step=3.0), 0.5, 0.5)
+    by_lightfm = kt._order(events.lightfm, events.done)
+    shaped = kt.shaped_order(events, by_lightfm, shaping, band, k)
+    names = events.concepts
+    column = {c: i for i, c in enumerate(names)}
+    required = events.prerequisites[0.5]
+    moved = 0
+    for e in range(len(events.target)):
+        open_order = [names[c] for c in by_lightfm[e] if not events.done[e, c]]
+
+        def level(concept: str, e: int = e) -> float:
+            c = column[concept]
+            return float(events.success[e, c]) if events.done[e, c] else 0.0
+
+        online = practise_next(
+            open_order,
+            success=lambda concept, e=e: float(events.success[e, column[concept]]),
+            mastery=level,
+            prerequisites=lambda concept: [names[r] for r in np.flatnonzero(required[column[concept]])],
+            band=band,
+            mastered=shaping.mastered,
+            window=k + shaping.weights.extra,
+            scores=[float(events.lightfm[e, column[c]]) for c in open_order],
+            weights=shaping.weights,
+            next_step=lambda concept, e=e: float(events.follows[events.last[e], column[concept]]),
+        )
+        ours = [names[c] for c in shaped[e] if not events.done[e, c]]
+        assert [s.item for s in online] == ours
+        moved += ours[:k] != open_order[:k]
+    assert moved > 10  # the shaping does change the top k
+
+
+def test_tuning_picks_the_shaping_that_does_best_on_validation() -> None:
+    """An order signal the ranking lacks: the next-step weight wins, and zero weights are LightFM."""
+    events = _events(seed=2, n=200)
+    # The student goes on to what follows the last concept most.
+    masked = np.where(events.done, -1.0, events.follows[events.last])
+    events.target = masked.argmax(axis=1)
+    events.future[np.arange(len(events.target)), events.target] = True
+    grid = [
+        kt.Shaping(PractiseWeights(0.0, 0.0, 0, 0.0), 0.6, 0.5),
+        kt.Shaping(PractiseWeights(1.0, 0.0, 9, 0.0), 0.6, 0.5),
+        kt.Shaping(PractiseWeights(0.0, 0.0, 9, 8.0), 0.6, 0.5),
+    ]
+    chosen, validation = kt.tune(events, grid, (0.55, 0.85), 3)
+    assert chosen == grid[2]
+    assert validation["hit"] > validation["lightfm_hit"] + 0.1
+    lightfm, *_ = [r for r in kt.policy_results(events, {}, (0.55, 0.85), 3) if r.policy == "lightfm"]
+    unshaped = kt.policy_results(events, {"none": grid[0]}, (0.55, 0.85), 3)[-1]
+    assert (unshaped.hit, unshaped.recall) == (lightfm.hit, lightfm.recall)
+
+
+def test_follow_matrix_counts_the_concept_started_after_each_attempt() -> None:
+    students = [
+        [("a", True), ("a", False), ("b", True), ("a", True), ("c", True)],
+        [("a", True), ("c", False)],
+    ]
+    column = {"a": 0, "b": 1, "c": 2}
+    follows = kt.follow_matrix(students, {}, column)
+    # After a: b once, c twice (the second student; the first reached c from a revisited a).
+    assert follows[0].tolist() == pytest.approx([0.0, 1 / 3, 2 / 3])
+    assert follows[1].tolist() == [0.0, 0.0, 0.0]  # from b the first student went back to a
 
 
 def _tracks(students: int, seed: int) -> list[list[tuple[str, bool]]]:
@@ -114,15 +199,26 @@ def test_evaluation_command_on_a_synthetic_curriculum(tmp_path: Path) -> None:
     assert report["auc"]["mastery"] > 0.65
     assert report["auc"]["mastery"] > report["auc"]["elo"]
     policies = {p["policy"]: p for p in report["policies"]}
-    assert set(policies) == {"popularity", "lightfm", "practise-next"}
+    assert set(policies) == {
+        "popularity",
+        "lightfm",
+        "practise-next (tuned)",
+        "practise-next (defaults)",
+        "regrouping (D44)",
+    }
     # Popularity recommends the big track's skills to the small track's students; the others
     # know from the skills practised which track a student is on.
     assert policies["lightfm"]["hit"] > policies["popularity"]["hit"] + 0.1
-    assert policies["practise-next"]["hit"] > policies["popularity"]["hit"] + 0.1
+    assert policies["practise-next (tuned)"]["hit"] > policies["popularity"]["hit"] + 0.1
+    # Tuned on the training students' validation split, never below the ranking it shapes there
+    # (no shaping is in the grid); here both tracks are easy for LightFM.
+    assert policies["practise-next (tuned)"]["hit"] >= policies["lightfm"]["hit"]
+    assert report["validation"]["hit"] >= report["validation"]["lightfm_hit"]
+    assert report["auc"]["online"] > report["auc"]["elo"]
     for policy in policies.values():
         assert 0.0 <= policy["recall"] <= 1.0 and policy["events"] > 100
     table = (out / "kt.md").read_text()
-    assert "| tracks | practise-next |" in table and "--name tracks" in table
+    assert "| tracks | practise-next (tuned) |" in table and "--name tracks" in table
     # Deterministic: the same command gives the same numbers.
     assert kt.main([*argv[:-4], "--json", str(out / "again.json")]) == 0
     (again,) = json.loads((out / "again.json").read_text())["reports"]

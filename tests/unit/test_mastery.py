@@ -8,7 +8,16 @@ import pickle
 import numpy as np
 import pytest
 
-from snaplearn_recommender.mastery import Elo, MasteryModel, practise_next
+from snaplearn_offline.knowledge_tracing import roc_auc
+from snaplearn_recommender.mastery import (
+    FEATURES,
+    Elo,
+    MasteryModel,
+    MasteryOptions,
+    PractiseWeights,
+    head_keys,
+    practise_next,
+)
 
 
 def _curriculum(students: int, seed: int) -> list[list[tuple[str, bool]]]:
@@ -106,7 +115,7 @@ def test_bad_learning_rate_is_refused() -> None:
         Elo(learning_rate=0.0)
 
 
-def test_practise_next_orders_the_head_by_readiness_then_band_and_says_why() -> None:
+def test_practise_next_with_heavy_weights_orders_the_head_by_readiness_then_band_and_says_why() -> None:
     success = {"frac-2": 0.7, "frac-3": 0.7, "dec-1": 0.95, "dec-2": 0.3, "geo-1": 0.6}
     mastery_of = {"frac-1": 0.9, "frac-2": 0.4, "dec-1": 0.8}
     prerequisites = {"frac-2": ["frac-1"], "frac-3": ["frac-2"], "dec-2": ["dec-1"]}
@@ -121,6 +130,7 @@ def test_practise_next_orders_the_head_by_readiness_then_band_and_says_why() -> 
         mastered=0.6,
         window=4,
         title=lambda item: titles.get(item, item),
+        weights=PractiseWeights(readiness=100.0, band=10.0),  # groups: ready, then in band
     )
     assert [s.item for s in shaped] == ["frac-2", "dec-1", "dec-2", "frac-3", "geo-1"]
     reasons = {s.item: s.reason for s in shaped}
@@ -132,6 +142,66 @@ def test_practise_next_orders_the_head_by_readiness_then_band_and_says_why() -> 
     assert [(s.ready, s.in_band) for s in shaped[:2]] == [(True, True), (True, False)]
     with pytest.raises(ValueError, match="band"):
         practise_next(ranked, success.__getitem__, success.__getitem__, lambda _: [], band=(0.9, 0.5))
+
+
+def test_practise_next_blends_the_ranking_score_with_readiness() -> None:
+    """z(score) + readiness x share of prerequisites mastered: a ready item overtakes one ranked a
+    little above it, not one the ranking puts far ahead; without readiness the ranking stands."""
+    ranked = ["far", "near", "ready", "half"]
+    scores = [3.0, 1.1, 1.0, 0.9]
+    prerequisites = {"far": ["x"], "near": ["x"], "half": ["x", "y"]}
+    mastery_of = {"x": 0.2, "y": 0.9}
+
+    def order(weights: PractiseWeights) -> list[str]:
+        shaped = practise_next(
+            ranked,
+            lambda _: 0.7,
+            lambda item: mastery_of.get(item, 0.0),
+            lambda item: prerequisites.get(item, []),
+            scores=scores,
+            weights=weights,
+        )
+        return [s.item for s in shaped]
+
+    assert order(PractiseWeights(readiness=1.0, band=0.0)) == ["far", "ready", "half", "near"]
+    assert order(PractiseWeights(readiness=0.0, band=0.0)) == ranked
+    shaped = practise_next(ranked, lambda _: 0.7, mastery_of.__getitem__, lambda i: prerequisites.get(i, []))
+    assert {s.item: s.readiness for s in shaped} == {"far": 0.0, "near": 0.0, "ready": 1.0, "half": 0.5}
+    # The keys are one vectorised function: two students at once give each one's own keys.
+    both = head_keys(
+        [[3.0, 1.0], [1.0, 3.0]], [[0.0, 1.0], [0.0, 0.0]], [[False, False]] * 2, PractiseWeights()
+    )
+    assert both[0, 1] > both[1, 0] and both[0, 0] == both[1, 1]
+
+
+def test_online_learned_weights_predict_a_stream_better_than_fixed_defaults() -> None:
+    """The recommender's mastery model starts unfitted and learns its weights from the attempts
+    it sees: on a later stretch of the same kind of stream it predicts better than the defaults."""
+    stream = _curriculum(600, seed=5)
+    fixed = MasteryModel()
+    online = MasteryModel(options=MasteryOptions(online_rate=0.003))
+    scores: dict[str, list[tuple[bool, float]]] = {"fixed": [], "online": []}
+    for index, attempts in enumerate(stream):
+        for item, correct in attempts:
+            for name, model in (("fixed", fixed), ("online", online)):
+                p = model.learn(index, item, correct)
+                if index >= 400:
+                    scores[name].append((correct, p))
+    auc = {name: roc_auc([y for y, _ in pairs], [p for _, p in pairs]) for name, pairs in scores.items()}
+    loss = {
+        name: -float(np.mean([np.log(p if y else 1 - p) for y, p in pairs])) for name, pairs in scores.items()
+    }
+    assert auc["online"] > auc["fixed"] + 0.01, auc
+    assert loss["online"] < loss["fixed"], loss
+    assert not np.array_equal(online.dense, fixed.dense)
+    assert online.options.online_rate > 0 and online.item_bias  # the per-item terms learned too
+    # The fit's signs hold online: a right answer never lowers a prediction.
+    for name in ("ability", "concept_correct", "concept_recent", "last"):
+        assert online.dense[FEATURES.index(name)] >= 0.0
+    for name in ("concept_wrong", "total_wrong"):
+        assert online.dense[FEATURES.index(name)] <= 0.0
+    restored = pickle.loads(pickle.dumps(online))  # checkpointed with the model
+    assert np.array_equal(restored.dense, online.dense) and restored.item_bias == online.item_bias
 
 
 def test_the_model_and_its_students_survive_a_checkpoint(fitted: MasteryModel) -> None:

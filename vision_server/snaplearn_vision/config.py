@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field, field_validator
 
 from snaplearn_common.eventbus.settings import BusSettings
+from snaplearn_common.pseudonym import PseudonymSettings
 from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_vision.schema import (
@@ -232,6 +233,8 @@ class VisionSettings(Settings):
     event_bus: BusSettings = Field(default_factory=BusSettings.from_env)
     # TLS, tokens, rate limit, reflection (--tls-cert, SNAPLEARN_TLS_CERT, ...; none: plaintext, open).
     security: SecuritySettings = Field(default_factory=SecuritySettings.from_env)
+    # Pseudonymous user ids (SNAPLEARN_PSEUDONYM_KEY or --pseudonym-key-file; none: ids as sent, D54).
+    pseudonym: PseudonymSettings = Field(default_factory=PseudonymSettings.from_env)
     # Where events wait, on disk, while the bus is unreachable (and across restarts); None
     # keeps them in memory only.
     spool_dir: Annotated[

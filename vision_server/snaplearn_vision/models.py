@@ -8,9 +8,17 @@
 
 `add` stages the new version in a hidden folder beside the model's versions
 (<root>/<name>/.add-XXXX: the repository lists only <root>/<name>/<integer>), copies the file and
-writes config.json there durably, loads it as the server would, runs test batches of 1, 2 and
-the largest batch the batcher may send, and only then renames the folder to its version number:
-a running server (or a crash) sees the whole version or none of it, never one that cannot serve.
+writes config.json there durably, loads it as the server would and runs test batches of 1 and
+2 images (it runs, takes config.json's input, returns one score per label per image, its batch
+dimension is not fixed), and only then renames the folder to its version number: a running server
+(or a crash) sees the whole version or none of it, never one that cannot load. The server warms
+every batch size before a version takes a call and refuses (never swaps in) one that fails there,
+so the command does not run those batches a second time (D49).
+
+With `--server HOST:PORT` the command then asks that server to load the model now
+(RepositoryModelLoad), instead of leaving it to the server's next poll, waits until it serves,
+and reads the version's state back (RepositoryIndex): a version the server refused is taken
+out of the repository again and the command fails. TLS: `--tls-ca`; a token from SNAPLEARN_TOKEN.
 `remove` renames the version away first, for the same reason, then deletes it.
 """
 
@@ -29,8 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snaplearn_common.errors import NotFound, SnapLearnError
+from snaplearn_common.errors import NotFound, SnapLearnError, Unavailable
 from snaplearn_common.files import atomic_write, fsync_directory
+from snaplearn_vision.core.versions import READY
 from snaplearn_vision.runtime.engine import InferenceSettings
 from snaplearn_vision.runtime.formats import declared_input
 from snaplearn_vision.runtime.model_repository import ModelRepository, load_version_directory
@@ -55,6 +64,10 @@ GREY_MEAN = (0.5,)
 GREY_STD = (0.25,)
 DEFAULT_USER_INPUT_SIZE = (224, 224)
 _SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "torch_export"}
+# How long `--server` waits for the server to load and warm a version: a large network on a
+# busy CPU takes minutes in the worst case.
+SERVER_LOAD_TIMEOUT_S = 600.0
+TOKEN_ENV = "SNAPLEARN_TOKEN"  # as the client library: a token is never a flag (process listings)
 
 
 class ModelAdminError(SnapLearnError):
@@ -198,21 +211,16 @@ def add_version(
             _copy_durably(external, staging / external.name)
         atomic_write(staging / CONFIG_FILENAME, json.dumps(config.to_dict(), indent=2) + "\n")
         started = time.perf_counter()
+        tested = tuple(sorted({1, min(2, config.batching.max_batch_size)}))
         # Loaded as the server loads it, but not frozen: freezing is an optimisation of the
-        # server's (it falls back to eager, never fails a load) and costs seconds here.
+        # server's (it falls back to eager, never fails a load) and costs seconds here. The
+        # load's own check (batches of 1 and 2) is the test: the largest batches cost the most
+        # and the server runs every batch size itself before the version takes a call.
         classifier = load_version_directory(
             staging, name, version, device=device, inference=InferenceSettings(torchscript=False)
         )
         load_s = time.perf_counter() - started
-        try:
-            # check() ran batches of 1 and 2 at load; the largest batch the batcher may send
-            # catches a batch dimension fixed anywhere in between. The server warms every size.
-            largest = config.batching.max_batch_size
-            tested = tuple(sorted({1, min(2, largest), largest}))
-            if largest > 2:
-                classifier.probe(largest)
-        finally:
-            classifier.close()
+        classifier.close()
         try:
             # rename(2) replaces an empty directory silently: refuse a target that appeared.
             if target.exists():
@@ -225,6 +233,64 @@ def add_version(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return AddedVersion(name, version, config, load_s, tested)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """A version's state on a running server after `load_on_server` (RepositoryIndex's row)."""
+
+    state: str
+    reason: str
+    seconds: float
+
+
+def load_on_server(
+    target: str,
+    name: str,
+    version: str,
+    *,
+    tls_ca: Path | None = None,
+    token: str | None = None,
+    timeout_s: float = SERVER_LOAD_TIMEOUT_S,
+) -> ServerState:
+    """Asks the server at `target` to load `name` now (RepositoryModelLoad: the versions its policy
+    selects are loaded, warmed and swapped in before it answers), then reads `version`'s state
+    there (RepositoryIndex). Raises Unavailable when the server does not do it.
+
+    Under `--workers N` the call reaches one worker; the others load at their next poll.
+    """
+    import grpc  # only this path talks to a server
+
+    from snaplearn_oip import grpc_service_pb2 as oip
+    from snaplearn_oip import grpc_service_pb2_grpc as oip_grpc
+
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    if tls_ca is not None:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(tls_ca.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(target)
+    started = time.perf_counter()
+    with channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            try:
+                stub.RepositoryModelLoad(
+                    oip.RepositoryModelLoadRequest(model_name=name), timeout=timeout_s, metadata=metadata
+                )
+            except grpc.RpcError as error:
+                # FAILED_PRECONDITION: no version of the model could load; the index says why ours not.
+                if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+            index = stub.RepositoryIndex(oip.RepositoryIndexRequest(), timeout=60, metadata=metadata)
+        except grpc.RpcError as error:
+            raise Unavailable(
+                f"the server at {target} did not load {name}: {error.code().name}: {error.details()}"
+            ) from None
+    seconds = time.perf_counter() - started
+    for row in index.models:
+        if (row.name, row.version) == (name, version):
+            return ServerState(row.state, row.reason, seconds)
+    return ServerState("", "not in the server's repository (is --repository the server's?)", seconds)
 
 
 def remove_version(root: str | os.PathLike[str], name: str, version: str) -> None:
@@ -314,6 +380,13 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument(
         "--device", choices=("cpu", "auto", "cuda"), default="cpu", help="where the test load runs"
     )
+    add.add_argument(
+        "--server",
+        metavar="HOST:PORT",
+        help="a running vision server: it loads the version now (RepositoryModelLoad), not at its next "
+        f"poll; a version it refuses is taken back (token: ${TOKEN_ENV})",
+    )
+    add.add_argument("--tls-ca", type=Path, help="with --server: the CA certificate of its TLS (PEM)")
 
     listing = commands.add_parser("list", parents=[where], help="versions and their states")
     listing.add_argument("name", nargs="?")
@@ -362,8 +435,36 @@ def _add(args: argparse.Namespace) -> int:
     print(
         f"added {added.name} version {added.version}: {config.format}, {len(config.labels)} labels, "
         f"input {config.channels}x{config.input_size[0]}x{config.input_size[1]}; loaded in "
-        f"{added.load_s:.2f}s, tested at batch sizes {sizes}"
+        f"{added.load_s:.2f}s, tested at batch sizes {sizes}",
+        flush=True,
     )
+    if args.server:
+        return _load_on_server(args, added)
+    return 0
+
+
+def _load_on_server(args: argparse.Namespace, added: AddedVersion) -> int:
+    where = f"server {args.server}"
+    try:
+        on_server = load_on_server(
+            args.server, added.name, added.version, tls_ca=args.tls_ca, token=os.environ.get(TOKEN_ENV)
+        )
+    except Unavailable as error:
+        print(f"warning: {error}; the server picks the version up at its next poll", file=sys.stderr)
+        return 0
+    if on_server.state == READY:
+        print(f"{where} serves {added.name} version {added.version} (loaded in {on_server.seconds:.2f}s)")
+        return 0
+    if on_server.reason.startswith("failed to load"):
+        # The server's warm-up ran a batch size the command's test did not: it stays out.
+        remove_version(args.repository, added.name, added.version)
+        print(
+            f"error: {where} refused {added.name} version {added.version} ({on_server.reason}); "
+            "the version was taken out of the repository again",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"{where}: {added.name} version {added.version} is {on_server.state or '?'}: {on_server.reason}")
     return 0
 
 

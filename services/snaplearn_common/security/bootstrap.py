@@ -8,7 +8,7 @@ import grpc
 from grpc import aio
 
 from snaplearn_common.security.interceptor import SecurityInterceptor
-from snaplearn_common.security.ratelimit import RateLimiter
+from snaplearn_common.security.ratelimit import Limiter, RateLimiter, SharedRateLimiter
 from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.security.tls import ReloadingServerCredentials
 from snaplearn_common.security.tokens import TokenVerifier
@@ -47,8 +47,13 @@ class ServerSecurity:
                 static_tokens=settings.auth_tokens_file,
                 dev_token=dev or None,
             )
-        limiter = None
-        if settings.rate_limit_per_s > 0:
+        limiter: Limiter | None = None
+        if settings.rate_limit_per_s > 0 and settings.rate_limit_table is not None:
+            # One of several worker processes on one port: one bucket per caller for all of them.
+            limiter = SharedRateLimiter(
+                settings.rate_limit_table, settings.rate_limit_per_s, settings.rate_limit_burst
+            )
+        elif settings.rate_limit_per_s > 0:
             limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         interceptors: list[aio.ServerInterceptor] = []
         if verifier is not None or limiter is not None:

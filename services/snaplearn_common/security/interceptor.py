@@ -5,27 +5,81 @@ the bearer token in `authorization` is verified (none or a bad one: UNAUTHENTICA
 method's scope is checked (PERMISSION_DENIED), then the caller's token bucket (RESOURCE_EXHAUSTED,
 with the delay in the message and in the `grpc-retry-pushback-ms` trailer, which grpc's own
 retry policy honours). Each request message's user ids are checked against the tenant rule
-(PERMISSION_DENIED); on a stream, the first refused item ends the stream.
+(PERMISSION_DENIED); on a stream, the first refused message ends the stream.
+
+A stream that carries many calls as items (PER_ITEM_METHODS: ClassifyStream, what the gateway
+multiplexes callers' Classify calls over) is admitted once, then each ITEM is checked as a
+Classify call would be, by its handler through ITEM_CHECKS: the token's expiry, the tenant rule
+and one token of the rate limit per item, so one refused item does not end the others.
 
 With authentication off (development) only the rate limit applies, per peer address.
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from snaplearn_common.interceptors import WrappingInterceptor
 from snaplearn_common.security.principal import OPEN_METHODS, Principal, scope_for
-from snaplearn_common.security.ratelimit import RateLimiter
+from snaplearn_common.security.ratelimit import Limiter
 from snaplearn_common.security.tokens import InvalidToken, TokenVerifier
 
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _BEARER = "bearer "
+
+# Calls that carry many calls as items: the handler checks each item (ItemChecks), the
+# interceptor does not check their request messages.
+PER_ITEM_METHODS = frozenset({"/snaplearn.vision.v1.VisionService/ClassifyStream"})
+
+
+def _rate_refusal(limiter: Limiter, key: str) -> tuple[int, str] | None:
+    """(milliseconds to wait, message) when the caller's bucket is empty, else None (a token taken)."""
+    wait_s = limiter.take(key)
+    if wait_s <= 0.0:
+        return None
+    wait_ms = max(1, math.ceil(wait_s * 1000))
+    return wait_ms, f"rate limit of {limiter.rate_per_s:g} calls/s for this caller; retry in {wait_ms} ms"
+
+
+class ItemChecks:
+    """Per item of a PER_ITEM_METHODS stream: the token's expiry (with the verifier's leeway,
+    so an item is refused exactly when a Classify call with that token would be), the tenant
+    rule, the rate limit (one token per item, from the caller's bucket)."""
+
+    def __init__(
+        self, principal: Principal | None, limiter: Limiter | None, key: str, *, leeway_s: float = 0.0
+    ) -> None:
+        self._principal = principal
+        self._limiter = limiter
+        self._key = key
+        self._leeway_s = leeway_s
+
+    def refusal(self, user_id: str) -> tuple[grpc.StatusCode, str] | None:
+        principal = self._principal
+        if principal is not None:
+            if principal.expires_at is not None and time.time() >= principal.expires_at + self._leeway_s:
+                return grpc.StatusCode.UNAUTHENTICATED, "the token has expired"
+            refused = principal.refusal_for((user_id,))
+            if refused is not None:
+                return grpc.StatusCode.PERMISSION_DENIED, refused
+        if self._limiter is not None:
+            limited = _rate_refusal(self._limiter, self._key)
+            if limited is not None:
+                return grpc.StatusCode.RESOURCE_EXHAUSTED, limited[1]
+        return None
+
+
+ITEM_CHECKS: contextvars.ContextVar[ItemChecks | None] = contextvars.ContextVar(
+    "snaplearn_item_checks", default=None
+)
 
 
 def user_ids_of(request: Any) -> Iterable[str]:
@@ -49,31 +103,19 @@ def _peer_host(context: aio.ServicerContext) -> str:
     return peer.rsplit(":", 1)[0]  # "ipv4:127.0.0.1:53412": one bucket per host, not per connection
 
 
-class SecurityInterceptor(aio.ServerInterceptor):
-    def __init__(self, verifier: TokenVerifier | None, limiter: RateLimiter | None) -> None:
+class SecurityInterceptor(WrappingInterceptor):
+    def __init__(self, verifier: TokenVerifier | None, limiter: Limiter | None) -> None:
+        super().__init__()
         self._verifier = verifier
         self._limiter = limiter
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method in OPEN_METHODS:
-            return handler
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def _passes(self, method: str) -> bool:
+        return method in OPEN_METHODS
 
     # -- the checks ---------------------------------------------------------------------------
 
-    async def _admit(self, context: aio.ServicerContext, method: str) -> Principal | None:
+    async def _admit(self, context: aio.ServicerContext, method: str) -> tuple[Principal | None, str]:
+        """The caller's principal (None without authentication) and its rate-limit key."""
         principal = None
         if self._verifier is not None:
             principal = await self._authenticate(context)
@@ -84,18 +126,14 @@ class SecurityInterceptor(aio.ServerInterceptor):
                     f"{method} needs scope {scope.value if scope else 'any'!r}; the token has "
                     f"{', '.join(sorted(principal.scopes)) or 'none'}",
                 )
+        key = principal.subject if principal is not None else _peer_host(context)
         if self._limiter is not None:
-            key = principal.subject if principal is not None else _peer_host(context)
-            wait_s = self._limiter.take(key)
-            if wait_s > 0.0:
-                wait_ms = max(1, math.ceil(wait_s * 1000))
+            limited = _rate_refusal(self._limiter, key)
+            if limited is not None:
+                wait_ms, message = limited
                 context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(wait_ms)),))
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"rate limit of {self._limiter.rate_per_s:g} calls/s for this caller; "
-                    f"retry in {wait_ms} ms",
-                )
-        return principal
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        return principal, key
 
     async def _authenticate(self, context: aio.ServicerContext) -> Principal:
         assert self._verifier is not None
@@ -148,7 +186,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
             unary_unary = handler.unary_unary
 
             async def uu(request: Any, context: aio.ServicerContext) -> Any:
-                principal = await admit(context, method)
+                principal, _ = await admit(context, method)
                 await check(context, principal, request)
                 return await unary_unary(request, context)
 
@@ -158,7 +196,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
             stream_unary = handler.stream_unary
 
             async def su(requests: AsyncIterator[Any], context: aio.ServicerContext) -> Any:
-                principal = await admit(context, method)
+                principal, _ = await admit(context, method)
                 return await stream_unary(checked_requests(requests, context, principal), context)
 
             return grpc.stream_unary_rpc_method_handler(su, **kwargs)
@@ -167,7 +205,7 @@ class SecurityInterceptor(aio.ServerInterceptor):
             unary_stream = handler.unary_stream
 
             async def us(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
-                principal = await admit(context, method)
+                principal, _ = await admit(context, method)
                 await check(context, principal, request)
                 async for response in _responses(unary_stream(request, context)):
                     yield response
@@ -175,10 +213,18 @@ class SecurityInterceptor(aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(us, **kwargs)
 
         stream_stream = handler.stream_stream
+        per_item = method in PER_ITEM_METHODS
+        limiter = self._limiter
+        leeway_s = self._verifier.leeway_s if self._verifier is not None else 0.0
 
         async def ss(requests: AsyncIterator[Any], context: aio.ServicerContext) -> AsyncIterator[Any]:
-            principal = await admit(context, method)
-            checked = checked_requests(requests, context, principal)
+            principal, key = await admit(context, method)
+            if per_item:
+                # Set in the call's own task: the handler and the tasks it starts see it.
+                ITEM_CHECKS.set(ItemChecks(principal, limiter, key, leeway_s=leeway_s))
+                checked = requests
+            else:
+                checked = checked_requests(requests, context, principal)
             async for response in _responses(stream_stream(checked, context)):
                 yield response
 

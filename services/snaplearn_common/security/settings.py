@@ -12,6 +12,7 @@ flags and variables keep their names whatever the server's own prefix:
   --auth-tokens-file PATH               SNAPLEARN_AUTH_TOKENS_FILE: static tokens (JSON), development
   SNAPLEARN_AUTH_DEV_TOKEN              one static token with every scope and tenant (environment only)
   --rate-limit-per-s R / --rate-limit-burst N
+  --rate-limit-table PATH               (hidden) buckets shared by worker processes (D51)
   --reflection / --no-reflection
 
 Nothing set is the zero-config development mode: plaintext, no authentication, and the server
@@ -69,6 +70,11 @@ class SecuritySettings(Settings):
     )
     rate_limit_burst: Annotated[int, Cli(metavar="N")] = Field(
         default=20, ge=1, description="calls a caller may make at once before the rate applies"
+    )
+    rate_limit_table: Annotated[Path | None, Cli(hidden=True, metavar="PATH"), _PATH] = Field(
+        default=None,
+        description="the rate-limit buckets shared by the worker processes of one port (set by the "
+        "vision supervisor for its workers; unset: this process's own buckets)",
     )
     reflection: Annotated[bool, Field(description="serve gRPC server reflection")] = True
 

@@ -138,6 +138,11 @@ class TokenVerifier:
         self._cache: dict[str, Principal] = {}
         self._cache_version = 0  # of the key file the cached tokens were verified with
 
+    @property
+    def leeway_s(self) -> float:
+        """Seconds past a JWT's exp that it is still accepted (clock skew)."""
+        return self._leeway_s
+
     def verify(self, token: str) -> Principal:
         if self._dev_token is not None and hmac.compare_digest(token.encode(), self._dev_token.encode()):
             return Principal("dev", scopes=frozenset(ALL_SCOPES), tenants=frozenset({ANY_TENANT}))

@@ -16,8 +16,9 @@ executor thread.
 
 Admission is decided at once, so overload is answered right away rather than after a
 wait: a full queue refuses (Overloaded), and so does a queue whose estimated drain time
-(batches ahead x a moving average of batch compute time) would finish the request after its
-deadline: it would only have taken a slot and then expired. Right before compute, requests
+(what is left of the batch computing now, then the batches ahead and its own, each a moving
+average of batch compute time) would finish the request after its deadline: it would only have
+taken a slot and then expired. Right before compute, requests
 whose deadline has passed fail with DeadlineExpired and requests whose caller went away
 (future cancelled, as gRPC does when a call is cancelled) are skipped, so the batch function
 never sees them.
@@ -164,6 +165,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._incoming_grace_s = incoming_grace_s
         self._awaiting_incoming = False  # the loop waits for them: every submit must wake it
         self._batch_seconds = 0.0  # moving average of batch compute time; 0 until one ran
+        self._compute_started: list[float] = []  # when each batch computing now began (clock)
         self._pending: collections.deque[_Request[ItemT, ResultT]] = collections.deque()
         self._executor: ThreadPoolExecutor | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -251,10 +253,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         # Only when work stands ahead: an idle batcher always admits, so one slow batch (a
         # first compilation, a stall) cannot leave an estimate that refuses everything forever.
         if deadline is not None and self._batch_seconds > 0.0 and (depth or self._computing):
-            # Its own batch, the full batches ahead of it, and the one computing now.
-            batches = depth // self.limits.max_batch_size + 1 + (1 if self._computing else 0)
-            expected_s = batches * self._batch_seconds
-            if self._clock() + expected_s > deadline:
+            now = self._clock()
+            # Its own batch, the full batches ahead of it, and what is left of the one computing
+            # now: counted whole, a batch nearly done would refuse calls that meet their deadline.
+            batches = depth // self.limits.max_batch_size + 1
+            left_s = 0.0
+            if self._compute_started:
+                left_s = max(0.0, self._batch_seconds - (now - min(self._compute_started)))
+            expected_s = batches * self._batch_seconds + left_s
+            if now + expected_s > deadline:
                 self._count(REJECT_DEADLINE_UNMEETABLE)
                 raise errors.Overloaded(
                     f"server overloaded: {depth} requests wait in {self.name}'s queue, about "
@@ -434,6 +441,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         loop = asyncio.get_running_loop()
         self._computing += len(batch)
         self._metrics.set_computing(self._computing)
+        self._compute_started.append(started)
         try:
             outputs, compute_s = await loop.run_in_executor(self._executor, self._timed_process, items)
         except Exception as exc:
@@ -442,6 +450,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             for request in batch:
                 self._settle_exception(request, exc)
             return
+        finally:
+            self._compute_started.remove(started)
         stats = self.stats
         stats.batches += 1
         stats.computed += len(batch)

@@ -51,6 +51,23 @@ MAX_USER_ID_CHARS = 128
 MAX_REQUEST_ID_CHARS = 128
 # Model names and versions become repository paths: allow no separators or "..".
 _MODEL_REF = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A loading model's retry hint: what its last load took, less the time this one has run, within
+# these bounds; a model never loaded here before is expected to take as long as the last model did.
+_RETRY_MIN_S = 0.25
+_RETRY_MAX_S = 30.0
+_FIRST_LOAD_GUESS_S = 2.0
+
+
+class ModelLoading(errors.Unavailable):
+    """A model (or version) still loading: UNAVAILABLE, with when to try again.
+
+    retry_after_s travels in the message and, at the gRPC edge, as the grpc-retry-pushback-ms
+    trailer, which a client's retry policy (gRPC's retry design, A6) waits for.
+    """
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class LoadedModel(Protocol):
@@ -234,6 +251,8 @@ class ClassificationService:
         self._managed: dict[str, None] = {}  # models kept in step with the repository (ordered set)
         self._unloaded: set[str] = set()  # unloaded on request: not loaded again by a call
         self._states: dict[tuple[str, str], str] = {}  # LOADING / UNLOADING versions
+        self._load_started: dict[tuple[str, str], float] = {}  # LOADING versions: since when
+        self._load_seconds: dict[str, float] = {}  # each model's last load + warm-up (the retry hint)
         self._failed: dict[tuple[str, str], tuple[str, BaseException]] = {}  # (public reason, error)
         self._failed_stamps: dict[tuple[str, str], object] = {}  # what the failed version's files were
         self._problems: dict[str, str] = {}  # a model's own config (its version policy) is invalid
@@ -604,7 +623,10 @@ class ClassificationService:
         serving = self._serving_versions(name)
         if version is not None:
             if self._states.get((name, version)) == LOADING:
-                raise errors.Unavailable(f"model {name} version {version} is loading; retry in a few seconds")
+                retry_s = self._retry_after(name, version)
+                raise ModelLoading(
+                    f"model {name} version {version} is loading; retry in {retry_s:.1f} s", retry_s
+                )
             failed = self._failed.get((name, version))
             if failed is not None:
                 raise errors.FailedPrecondition(f"model {name} version {version} failed to load: {failed[0]}")
@@ -619,7 +641,8 @@ class ClassificationService:
                     f"{self._policy_text(name)}); versions that can serve: {', '.join(serving) or 'none'}"
                 )
         if any(key[0] == name and state == LOADING for key, state in self._states.items()):
-            raise errors.Unavailable(f"model {name} is loading; retry in a few seconds")
+            retry_s = self._retry_after(name, None)
+            raise ModelLoading(f"model {name} is loading; retry in {retry_s:.1f} s", retry_s)
         if name in self._problems:
             raise errors.FailedPrecondition(f"model {name} cannot serve: {self._problems[name]}")
         failures = sorted((key[1], reason) for key, (reason, _) in self._failed.items() if key[0] == name)
@@ -628,7 +651,23 @@ class ClassificationService:
             raise errors.FailedPrecondition(
                 f"model {name} cannot serve: version {failed_version} failed to load: {reason}"
             )
-        raise errors.Unavailable(f"model {name} has no version loaded yet; retry in a few seconds")
+        retry_s = self._retry_after(name, None)
+        raise ModelLoading(f"model {name} has no version loaded yet; retry in {retry_s:.1f} s", retry_s)
+
+    def _retry_after(self, name: str, version: str | None) -> float:
+        """Seconds until `name` (`version`) should be loaded: its last load time less this one's so far."""
+        started = [at for (n, v), at in self._load_started.items() if n == name and version in (None, v)]
+        if name in self._load_seconds:
+            expected = self._load_seconds[name]
+        elif self._load_seconds:
+            expected = max(self._load_seconds.values())
+        else:
+            expected = _FIRST_LOAD_GUESS_S
+        if started:
+            expected -= time.monotonic() - min(started)
+        elif self._poll_interval_s is not None:
+            expected = max(expected, self._poll_interval_s)  # not loading yet: the next poll starts it
+        return round(min(_RETRY_MAX_S, max(_RETRY_MIN_S, expected)), 2)
 
     def _serving_versions(self, name: str) -> list[str]:
         versions = {served.model.version for served in self._served.values() if served.model.name == name}
@@ -828,6 +867,7 @@ class ClassificationService:
     async def _load_version(self, name: str, version: str) -> None:
         started = time.perf_counter()
         self._states[(name, version)] = LOADING
+        self._load_started[(name, version)] = time.monotonic()
         stamp = self._catalog.stamp(name, version)  # before loading: a rewrite during it is seen
         try:
             model = await asyncio.to_thread(self._load_and_warm_up, name, version)
@@ -840,11 +880,13 @@ class ClassificationService:
             return
         finally:
             self._states.pop((name, version), None)
+            self._load_started.pop((name, version), None)
         if not self._accepting:
             return
         served = self._start_batcher(model)
         self._aliases[(name, version)] = served.key
         elapsed = time.perf_counter() - started
+        self._load_seconds[name] = elapsed
         self.metrics.model_loads.labels(model=name).inc()
         self.metrics.model_load_seconds.labels(model=name).observe(elapsed)
         log.info(

@@ -4,7 +4,9 @@ Classify, each ClassifyStream item and ModelInfer all need the same three things
 on the core's clock, the domain error turned into a gRPC status (through the one table,
 snaplearn_common.grpc_errors), and the call counted in the request metrics by that status.
 `observed` does all three; the edges only differ in how they deliver a Failed (a unary call
-sets its status, a stream item becomes a per-item result).
+sets its status, a stream item becomes a per-item result). An error that says when to retry
+(a model still loading: `retry_after_s`) gives a unary call the `grpc-retry-pushback-ms` trailer
+too, the key gRPC's retry policy honours; a stream item has it in its message only.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 ResponseT = TypeVar("ResponseT")
+# gRPC's retry design (A6): a server's "retry after this many milliseconds", as a trailer. The
+# security interceptor's rate limit sends the same key (snaplearn_common.security.interceptor).
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
 class RequestMetrics(Protocol):
@@ -40,6 +45,7 @@ class Failed:
 
     status: grpc.StatusCode
     message: str
+    retry_after_ms: int | None = None  # when the client may retry (grpc-retry-pushback-ms)
 
 
 def unary_deadline(context: aio.ServicerContext, now: float) -> float | None:
@@ -71,13 +77,25 @@ async def observed(
         metrics.observe_request(cancelled_status(deadline).name, time.monotonic() - started)
         raise
     except SnapLearnError as exc:
-        outcome = Failed(status_for(exc), str(exc))
+        outcome = Failed(status_for(exc), str(exc), retry_after_ms(exc))
     except Exception:
         log.exception("unexpected error in %s", method)
         outcome = Failed(grpc.StatusCode.INTERNAL, f"internal error in {method}; see server logs")
     code = outcome.status.name if isinstance(outcome, Failed) else "OK"
     metrics.observe_request(code, time.monotonic() - started)
     return outcome
+
+
+def retry_after_ms(error: BaseException) -> int | None:
+    """The retry hint an error carries (`retry_after_s`, e.g. a model loading), in milliseconds."""
+    seconds = getattr(error, "retry_after_s", None)
+    return max(0, round(seconds * 1000)) if isinstance(seconds, (int, float)) else None
+
+
+def set_retry_pushback(context: aio.ServicerContext, milliseconds: int | None) -> None:
+    """The grpc-retry-pushback-ms trailer, for a call that ends with a status saying when to retry."""
+    if milliseconds is not None:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(milliseconds)),))
 
 
 def reply_failed(context: aio.ServicerContext, failed: Failed, empty: ResponseT) -> ResponseT:
@@ -89,4 +107,5 @@ def reply_failed(context: aio.ServicerContext, failed: Failed, empty: ResponseT)
     """
     context.set_code(failed.status)
     context.set_details(failed.message)
+    set_retry_pushback(context, failed.retry_after_ms)
     return empty

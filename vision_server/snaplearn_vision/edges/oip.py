@@ -30,7 +30,14 @@ from snaplearn_common import errors
 from snaplearn_oip import grpc_service_pb2 as oip
 from snaplearn_oip import grpc_service_pb2_grpc as oip_grpc
 from snaplearn_vision.core.service import ClassificationService, LoadedModel, Prediction
-from snaplearn_vision.edges.call import Failed, observed, reply_failed, unary_deadline
+from snaplearn_vision.edges.call import (
+    Failed,
+    observed,
+    reply_failed,
+    retry_after_ms,
+    set_retry_pushback,
+    unary_deadline,
+)
 
 SERVICE_NAME = oip.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 _INFER_METHOD = f"/{SERVICE_NAME}/ModelInfer"
@@ -155,7 +162,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: oip.ModelMetadataRequest, context: aio.ServicerContext
     ) -> oip.ModelMetadataResponse:
-        model = await self._model(request.name, request.version)
+        model = await self._model(request.name, request.version, context)
         tensor = oip.ModelMetadataResponse.TensorMetadata
         return oip.ModelMetadataResponse(
             name=model.name,
@@ -168,7 +175,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelConfig(
         self, request: oip.ModelConfigRequest, context: aio.ServicerContext
     ) -> oip.ModelConfigResponse:
-        model = await self._model(request.name, request.version)
+        model = await self._model(request.name, request.version, context)
         batcher = self._service.batcher_for(model.name, model.version)
         assert batcher is not None, "a served model always has a batcher"
         limits = batcher.limits
@@ -198,7 +205,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: oip.ModelStatisticsRequest, context: aio.ServicerContext
     ) -> oip.ModelStatisticsResponse:
-        models = [await self._model(request.name, request.version)] if request.name else []
+        models = [await self._model(request.name, request.version, context)] if request.name else []
         if not request.name and self._service.default_model is not None:
             models = [self._service.default_model]
         response = oip.ModelStatisticsResponse()
@@ -350,10 +357,15 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             elements.extend(f"{row[i]:f}:{i}:{labels[i]}".encode() for i in order)
         return tensor(name=name, datatype="BYTES", shape=[len(predictions), k]), encode_bytes_tensor(elements)
 
-    async def _model(self, name: str, version: str) -> LoadedModel:
+    async def _model(self, name: str, version: str, context: aio.ServicerContext) -> LoadedModel:
         if not name:
             raise errors.InvalidInput("the model name is required")
-        return await self._service.served_model(name, self._version(name, version))
+        try:
+            return await self._service.served_model(name, self._version(name, version))
+        except errors.Unavailable as error:
+            # The shared interceptor sets the status from the error; the trailer set here stays.
+            set_retry_pushback(context, retry_after_ms(error))
+            raise
 
     def _version(self, name: str, version: str) -> str:
         """No version means the server's choice: for the default model, the version it serves."""

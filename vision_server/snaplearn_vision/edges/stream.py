@@ -4,6 +4,12 @@ A front end that multiplexes many callers onto a few connections (snaplearn-gate
 grpc's per-call work once per stream message instead of once per photo, and packs whatever is
 waiting into each message. Every item is one Classify: the same core call (validation,
 batching, deadline, event, metrics), its outcome a per-item status, never the stream's.
+
+With tokens on, a stream is one caller's (the gateway opens one per caller token): the
+security interceptor admits it once, and each item is then checked as a Classify call would
+be, by the interceptor's ItemChecks: the token's expiry (a JWT that expires while its stream
+is open stops working), the tenant rule, and the caller's rate limit, one token per item.
+A refused item gets its status; the stream and the caller's other items go on.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import grpc
 from grpc import aio
 
 from snaplearn.vision.v1 import vision_pb2
+from snaplearn_common.security import interceptor as security
 from snaplearn_vision.core.service import ClassificationService
 from snaplearn_vision.edges.call import Failed, cancelled_status, observed
 from snaplearn_vision.edges.classify import classify_request, classify_response
@@ -48,6 +56,7 @@ class ClassifyStreamSession:
         self._wake = asyncio.Event()
         self._reading = True
         self._draining = False
+        self._checks = _item_checks()  # None: authentication and the rate limit are off
 
     async def serve(
         self, requests: AsyncIterator[vision_pb2.ClassifyStreamRequest], context: aio.ServicerContext
@@ -109,6 +118,11 @@ class ClassifyStreamSession:
         if not (timeout_ms >= 0.0 and math.isfinite(timeout_ms)):
             self._answer(_error(item.id, INVALID, f"timeout_ms must be >= 0 and finite, got {timeout_ms}"))
             return
+        if self._checks is not None:
+            refusal = self._checks.refusal(item.request.user_id)
+            if refusal is not None:
+                self._answer(_error(item.id, *refusal))
+                return
         deadline = time.monotonic() + timeout_ms / 1000.0 if timeout_ms > 0.0 else None
         task = self._loop.create_task(self._classify(item.id, item.request, deadline))
         # Like grpc does for a call: the item's work is cancelled when its deadline passes
@@ -160,6 +174,19 @@ class ClassifyStreamSession:
 
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ItemChecks(Protocol):
+    """What the security interceptor's ItemChecks answer for one item: None, or its status."""
+
+    def refusal(self, user_id: str) -> tuple[grpc.StatusCode, str] | None: ...
+
+
+def _item_checks() -> ItemChecks | None:
+    """The per-item checks the security interceptor set for this stream's call, if any."""
+    var = getattr(security, "ITEM_CHECKS", None)  # absent from an interceptor without them
+    checks: ItemChecks | None = var.get() if var is not None else None
+    return checks
 
 
 def _error(item_id: int, status: grpc.StatusCode, message: str) -> vision_pb2.ClassifyStreamResult:

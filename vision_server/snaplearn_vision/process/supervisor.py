@@ -10,6 +10,9 @@ them. This supervisor:
   concrete port every worker joins, and no other program takes it while workers restart;
 - starts the workers and waits until each has loaded its model and joined the port (a
   worker listens only once it can answer), then writes the ready file and the ready line;
+- with a rate limit, creates the one table of per-caller buckets every worker takes from
+  (snaplearn_common.security.ratelimit.SharedRateLimiter), so a caller whose connections land
+  on different workers still gets one rate limit, not N;
 - serves one /metrics: the sum of the workers' (snaplearn_common.metrics_merge), plus
   snaplearn_vision_workers and snaplearn_vision_worker_restarts_total;
 - restarts a worker that dies once serving (a worker that fails before its first ready
@@ -42,6 +45,7 @@ from prometheus_client import Counter, Gauge
 from snaplearn_common.files import write_ready_file
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.metrics_merge import worker_metrics_registry
+from snaplearn_common.security.ratelimit import SharedRateLimiter
 from snaplearn_vision.config import VisionSettings
 from snaplearn_vision.process.worker import SUPERVISOR_PID_ENV
 
@@ -109,6 +113,7 @@ class WorkerSupervisor:
         self._argv = list(argv)
         self._run_dir: tempfile.TemporaryDirectory[str] | None = None  # the workers' ready files
         self._port_holder: socket.socket | None = None
+        self._rate_limit_table: Path | None = None
         self.port = 0
         self.workers: list[Worker] = []
         self._keepers: list[asyncio.Task[None]] = []
@@ -144,6 +149,8 @@ class WorkerSupervisor:
         self.port = self._port_holder.getsockname()[1]
         self._run_dir = tempfile.TemporaryDirectory(prefix="snaplearn-vision-workers-")
         run_dir = Path(self._run_dir.name)
+        if settings.security.rate_limit_per_s > 0:
+            self._rate_limit_table = SharedRateLimiter.create(run_dir / "rate-limit.table")
         self._metrics_endpoint = serve_metrics(self.registry, settings.host, settings.metrics_port)
         self.workers = [Worker(i, run_dir / f"worker-{i}.json") for i in range(settings.workers)]
         loop = asyncio.get_running_loop()
@@ -167,6 +174,7 @@ class WorkerSupervisor:
             "--metrics-port", "0",
             "--ready-file", str(worker.ready_file),
             "--spool-dir", "" if spool is None else str(spool),
+            *(["--rate-limit-table", str(self._rate_limit_table)] if self._rate_limit_table else []),
         ]  # fmt: skip
 
     async def _keep_running(self, worker: Worker, first_ready: asyncio.Future[None]) -> None:

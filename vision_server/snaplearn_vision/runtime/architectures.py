@@ -4,17 +4,30 @@ A torchvision architecture can start from random weights (the repository then ho
 state_dict) or from torchvision's pretrained weights ("torchvision:DEFAULT",
 "torchvision:IMAGENET1K_V1"), in which case its classifier head is replaced for our labels.
 Pretrained weights are downloaded by torchvision (or read from its cache in $TORCH_HOME).
+
+torchvision is imported only when a torchvision network is named: importing it costs seconds
+(it pulls in torch._dynamo), which a TorchScript, exported or ONNX version never needs, and
+`models add` pays every import on the way to a new version going live.
 """
 
 from __future__ import annotations
 
+import importlib
 from functools import lru_cache
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision
 from torch import nn
 
 from snaplearn_vision.schema import DEFAULT_ARCHITECTURE, PRETRAINED_PREFIX, InvalidModelConfig, ModelConfig
+
+if TYPE_CHECKING:
+    import torchvision
+
+
+def _torchvision() -> ModuleType:
+    return importlib.import_module("torchvision")
 
 
 class UnknownArchitecture(ValueError):
@@ -58,7 +71,8 @@ class SnapNet(nn.Module):
 @lru_cache(maxsize=1)
 def torchvision_architectures() -> tuple[str, ...]:
     """Names of torchvision's image classifiers (resnet18, mobilenet_v3_small, ...)."""
-    return tuple(torchvision.models.list_models(module=torchvision.models))
+    models = _torchvision().models
+    return tuple(models.list_models(module=models))
 
 
 def available_architectures() -> tuple[str, ...]:
@@ -116,7 +130,8 @@ def build_model(
         return _pretrained_torchvision(architecture, num_classes, pretrained)
     if architecture == DEFAULT_ARCHITECTURE:
         return SnapNet(num_classes, in_channels)
-    return torchvision.models.get_model(architecture, weights=None, num_classes=num_classes)
+    network: nn.Module = _torchvision().models.get_model(architecture, weights=None, num_classes=num_classes)
+    return network
 
 
 def parse_pretrained(architecture: str, spec: str) -> torchvision.models.WeightsEnum:
@@ -126,7 +141,7 @@ def parse_pretrained(architecture: str, spec: str) -> torchvision.models.Weights
     if architecture == DEFAULT_ARCHITECTURE:
         raise ValueError(f"{DEFAULT_ARCHITECTURE!r} has no pretrained weights; give a weights file")
     enum_name = spec.removeprefix(PRETRAINED_PREFIX)
-    weights_enum = torchvision.models.get_model_weights(architecture)
+    weights_enum = _torchvision().models.get_model_weights(architecture)
     try:
         return weights_enum[enum_name]
     except KeyError:
@@ -139,7 +154,7 @@ def parse_pretrained(architecture: str, spec: str) -> torchvision.models.Weights
 def _pretrained_torchvision(architecture: str, num_classes: int, spec: str) -> nn.Module:
     weights = parse_pretrained(architecture, spec)
     try:
-        model = torchvision.models.get_model(architecture, weights=weights)
+        model: nn.Module = _torchvision().models.get_model(architecture, weights=weights)
     except Exception as error:  # urllib/HTTP/SSL/hash errors all mean the same thing to an operator
         raise PretrainedWeightsUnavailable(
             f"could not load pretrained weights {weights} for {architecture!r} from {weights.url} "

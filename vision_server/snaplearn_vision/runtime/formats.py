@@ -48,9 +48,21 @@ class ModelLoadError(RuntimeError, FailedPrecondition):
     """
 
 
+_TORCHSCRIPT_TRACEBACK = "The following operation failed in the TorchScript interpreter"
+
+
 def short_error(error: BaseException) -> str:
-    """The first line of an error, bounded: torch's messages can run to pages of graph."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    """The first line of an error, bounded: torch's messages can run to pages of graph.
+
+    An error raised inside a TorchScript graph opens with a generic line and a traceback of
+    the model's source (with the exporter's paths): its last line is the error itself.
+    """
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    text = lines[0]
+    if text.startswith(_TORCHSCRIPT_TRACEBACK) and len(lines) > 1:
+        text = lines[-1].removeprefix("builtins.")
     return text if len(text) <= 300 else text[:297] + "..."
 
 
