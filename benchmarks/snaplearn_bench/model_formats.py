@@ -373,6 +373,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if model in peer_models:
                 entry["peers"] = run_peers(model, entry, root, setup, args)
             result["models"][model] = entry
+            if not args.no_write:  # what is measured so far survives a run cut short (--from-json)
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / "model_formats.partial.json").write_text(json.dumps(result, indent=2) + "\n")
     result["meta"]["load_average_1m_end"] = round(os.getloadavg()[0], 1)
     return summarize(result)
 
@@ -426,6 +429,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             "best_raw_images_per_s": best_raw,
             "raw_lead_over_slowest": _ratio(best_raw, raws[slowest_raw_format]),
             "slowest_raw_format": slowest_raw_format,
+            # The fastest's lead over each other format, fastest first.
+            "raw_lead_over": {
+                fmt: _ratio(best_raw, raws[fmt])
+                for fmt in sorted(raws, key=lambda fmt: -raws[fmt])
+                if fmt != best_raw_format
+            },
             "best_served_format": best_served_format,
             "best_served_images_per_s": served[best_served_format],
             "best_served_vs_best_raw": _ratio(served[best_served_format], best_raw),
@@ -439,6 +448,11 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             if "capacity" in values:
                 values["vs_best_raw"] = _ratio(values["capacity"], best_raw)
         summary["peers_measured"] = sorted(peer_caps)
+        if peer_caps:
+            best_peer = max(peer_caps, key=lambda peer: peer_caps[peer])
+            summary["best_peer"] = best_peer
+            summary["best_peer_images_per_s"] = peer_caps[best_peer]
+            summary["ours_vs_best_peer"] = _ratio(served[best_served_format], peer_caps[best_peer])
         summary["above_every_measured_peer"] = all(
             served[best_served_format] > cap for cap in peer_caps.values()
         )
@@ -453,6 +467,13 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def _num(value: float, digits: int = 1) -> str:
     return "n/a" if value != value else f"{value:.{digits}f}"  # NaN != NaN
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    """A message as one table cell: one line, no pipes, its last `limit` characters (where a
+    traceback says what went wrong)."""
+    flat = " ".join(text.replace("|", "/").split())
+    return flat if len(flat) <= limit else "..." + flat[-limit:]
 
 
 def _errors(counts: dict[str, int]) -> str:
@@ -472,7 +493,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         for fmt, row in entry["formats"].items():
             if "failed" in row or "raw" not in row:
                 lines.append(
-                    f"| {label} | ours, {fmt} | failed: {row.get('failed', '?')[:120]} | | | | | | | |"
+                    f"| {label} | ours, {fmt} | failed: {_cell(row.get('failed', '?'))} | | | | | | | |"
                 )
                 continue
             raw, served = row["raw"], row["ours"]
@@ -493,7 +514,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                     f"| {_errors(values.get('errors', {}))} |"
                 )
             else:
-                lines.append(f"| {label} | {peer} | {values['status']} | | | | | | | |")
+                lines.append(f"| {label} | {peer} | {_cell(values['status'])} | | | | | | | |")
     return "\n".join(lines)
 
 
@@ -517,21 +538,34 @@ def verdicts(result: dict[str, Any]) -> list[str]:
             continue
         sentence = (
             f"{model}: fastest bare runtime **{summary['best_raw_format']}** "
-            f"({_num(summary['best_raw_images_per_s'])} img/s, {summary['raw_lead_over_slowest']:.2f}x "
-            f"{summary['slowest_raw_format']}); best served **{summary['best_served_format']}** at "
+            f"({_num(summary['best_raw_images_per_s'])} img/s; {_leads(summary)}); best served "
+            f"**{summary['best_served_format']}** at "
             f"{summary['best_served_vs_best_raw']:.0%} of that bound"
         )
+        notes = []
         if model == TARGET_MODEL:
-            met = "met" if summary["meets_target"] else "NOT met"
-            sentence += f" (target >= {TARGET_RATIO:.0%}: {met}"
-            if summary["peers_measured"]:
-                above = "above" if summary["above_every_measured_peer"] else "NOT above"
-                sentence += f"; {above} every measured peer ({', '.join(summary['peers_measured'])})"
-            else:
-                sentence += "; no peer measured"
-            sentence += ")"
-        sentences.append(sentence + ".")
+            notes.append(f"target >= {TARGET_RATIO:.0%}: {'met' if summary['meets_target'] else 'NOT met'}")
+        if summary.get("peers_measured"):
+            above = "above" if summary["above_every_measured_peer"] else "NOT above"
+            note = f"{above} every measured peer ({', '.join(summary['peers_measured'])})"
+            if "best_peer" in summary:
+                note += (
+                    f"; the fastest, {summary['best_peer']}, "
+                    f"{_num(summary['best_peer_images_per_s'])} img/s: "
+                    f"ours {summary['ours_vs_best_peer']:.2f}x"
+                )
+            notes.append(note)
+        elif model == TARGET_MODEL:
+            notes.append("no peer measured")
+        sentences.append(sentence + (f" ({'; '.join(notes)})" if notes else "") + ".")
     return sentences
+
+
+def _leads(summary: dict[str, Any]) -> str:
+    leads = summary.get("raw_lead_over")
+    if leads is None:  # a run saved before the per-format leads
+        return f"{summary['raw_lead_over_slowest']:.2f}x {summary['slowest_raw_format']}"
+    return ", ".join(f"{lead:.2f}x {fmt}" for fmt, lead in leads.items()) or "the only format measured"
 
 
 def section(result: dict[str, Any]) -> str:
@@ -551,6 +585,12 @@ def section(result: dict[str, Any]) -> str:
         + "\n\n"
         + markdown_table(result)
         + "".join(f"\n\n- {note}" if i == 0 else f"\n- {note}" for i, note in enumerate(peer_notes(result)))
+        + (
+            "\n\nA peer's half-load row is at our half-load rate (the same offered load as ours): a peer "
+            "whose capacity is below that rate queues, and its p99 says so."
+            if peer_notes(result)
+            else ""
+        )
         + f"\n{END}"
     )
 
@@ -579,18 +619,18 @@ def plot(result: dict[str, Any], path: Path) -> str:
         names, raws, served = [], [], []
         for fmt, row in entry["formats"].items():
             if "raw" in row and "ours" in row:
-                names.append(fmt)
+                names.append(f"ours\n{fmt}")
                 raws.append(row["raw"]["images_per_s"])
                 served.append(row["ours"]["capacity"])
         for peer, values in entry.get("peers", {}).items():
             if "capacity" in values:
-                names.append(peer)
+                names.append(f"{peer}\n{values.get('format', '')}")
                 raws.append(0.0)
                 served.append(values["capacity"])
         positions = range(len(names))
         axis.bar([p - 0.2 for p in positions], raws, width=0.4, label="bare runtime (bound)")
         axis.bar([p + 0.2 for p in positions], served, width=0.4, label="served (capacity)")
-        axis.set_xticks(list(positions), names, rotation=20)
+        axis.set_xticks(list(positions), names, fontsize=8)
         axis.set_title(f"{model} ({entry['input']})")
         axis.set_ylabel("images / s")
         axis.legend(fontsize=8)
@@ -605,6 +645,7 @@ def write_results(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     result["meta"]["plot"] = plot(result, out / "model_formats.png")
     (out / "model_formats.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "model_formats.partial.json").unlink(missing_ok=True)
     page = out / "model_formats.md"
     text = page.read_text() if page.exists() else "# One network in every format\n"
     page.write_text(write_section(text, section(result)))

@@ -71,8 +71,10 @@ def run_ray(args: argparse.Namespace) -> None:
             self, repository: str, model: str, torch_threads: int, max_batch: int, wait_s: float
         ) -> None:
             self.model = load_model(Path(repository), model, torch_threads)
-            self.classify_batch.set_max_batch_size(max_batch)
-            self.classify_batch.set_batch_wait_timeout_s(wait_s)
+            # serve.batch's setters, untyped in Ray's stubs where Ray is installed.
+            batched: Any = self.classify_batch
+            batched.set_max_batch_size(max_batch)
+            batched.set_batch_wait_timeout_s(wait_s)
 
         @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
         async def classify_batch(self, images: list[bytes]) -> list[tuple[Any, int]]:

@@ -100,6 +100,7 @@ class SoakResult:
     send_lag_max_ms: float = float("nan")
     # The vision server's own count of what it refused, by reason (snaplearn_vision_rejections).
     rejections: dict[str, int] = field(default_factory=dict)
+    capacity_given: bool = False  # --capacity said it, rather than a closed loop measuring it
     load_before: str = ""  # /proc/loadavg as the soak started and as it ended
     load_after: str = ""
 
@@ -276,7 +277,9 @@ def render(
         "",
         ", ".join(f"{key}: {value}" for key, value in context.items()),
         "",
-        f"Capacity {result.capacity_rps:.1f} Classify/s (closed loop), soak at {result.rate_rps:.1f}/s "
+        f"Capacity {result.capacity_rps:.1f} Classify/s "
+        f"({'given by --capacity' if result.capacity_given else 'closed loop'}), "
+        f"soak at {result.rate_rps:.1f}/s "
         f"for {result.minutes:g} min, warm-up {result.warmup_minutes:g} min; "
         f"{sum(result.statuses.values())} calls in the soak; generator lateness against its schedule "
         f"p99 {result.send_lag_p99_ms:.0f} ms, max {result.send_lag_max_ms:.0f} ms; machine load "
@@ -443,6 +446,8 @@ async def soak(
             due = start + n / rate  # a fixed schedule: a slow answer never delays the next call
             if due >= end:
                 break
+            if sampling.done():
+                sampling.result()  # a look that failed stops the soak now, not after --minutes
             delay = due - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -537,7 +542,9 @@ def run(args: argparse.Namespace) -> SoakResult:
             # Every OK call of the measurement (its warm-up included) published one event: the
             # soak's baseline, read once the publisher has confirmed them all.
             capacity_ok = settled_published(metrics_port)
-            return asyncio.run(soak(vision, recommender, args, capacity, capacity_ok))
+            result = asyncio.run(soak(vision, recommender, args, capacity, capacity_ok))
+            result.capacity_given = bool(args.capacity)
+            return result
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,9 +13,11 @@ everything else is optional and declared, not fixed:
 
 Users bring their own catalog as CSV or JSONL with a small declaration beside it
 (`<catalog stem>.features.toml` or `.json`, see `load_schema`); without one the sample's columns
-(grade, format, difficulty) are declared where present. Without a catalog the recommender uses
-`generate_sample_catalog`, tied to the default vision labels (DEFAULT_TOPICS), whose grade,
-format and difficulty are ordinary declared features (SAMPLE_SCHEMA).
+(grade, format, difficulty) are declared where present. Flags declare the same things
+(`--catalog-feature`, `--catalog-item`: parse_feature_flag, parse_item_flags), merged into that
+declaration: what a flag names replaces what the declaration says of it. Without a catalog the
+recommender uses `generate_sample_catalog`, tied to the default vision labels (DEFAULT_TOPICS),
+whose grade, format and difficulty are ordinary declared features (SAMPLE_SCHEMA).
 
 Every refusal is one CatalogError sentence naming the file, the 1-based line and the column.
 """
@@ -54,6 +56,7 @@ RESERVED = frozenset({"item_id", "title", "concepts", "prerequisites"})
 FeatureKind = Literal["categorical", "multi", "numeric"]
 FEATURE_KINDS: tuple[FeatureKind, ...] = get_args(FeatureKind)
 FEATURE_FLAG = "--catalog-feature"  # features declared on the command line (parse_feature_flag)
+ITEM_FLAG = "--catalog-item"  # the item's own columns on the command line (parse_item_flags)
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 
 
@@ -139,6 +142,11 @@ class CatalogSchema:
                 )
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         return CatalogSchema(**{**values, "features": (*kept, *specs)})
+
+    def with_item(self, columns: Mapping[str, str]) -> CatalogSchema:
+        """This schema with the item's own columns (CatalogSchema field -> value) replaced."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return CatalogSchema(**{**values, **columns}) if columns else self
 
     def restricted_to(self, columns: Iterable[str]) -> CatalogSchema:
         """This schema without the (optional) features whose column is absent."""
@@ -238,6 +246,38 @@ def parse_feature_flags(texts: Sequence[str]) -> tuple[FeatureSpec, ...]:
     if twice is not None:
         raise CatalogError(f"{FEATURE_FLAG} declares feature {twice!r} twice; give each feature once")
     return specs
+
+
+def parse_item_flags(texts: Sequence[str]) -> dict[str, str]:
+    """The item's own columns on the command line, KEY=VALUE with the keys of a declaration's
+    [item] table (id, title, concepts, concept_separator, prerequisites, prerequisite_separator),
+    as CatalogSchema field -> value. CatalogError in one sentence naming the flag."""
+    columns: dict[str, str] = {}
+    for text in texts:
+        where = f"{ITEM_FLAG} {text!r}"
+        key, equals, value = text.partition("=")
+        key = key.strip()
+        if not equals or key not in _ITEM_KEYS:
+            raise CatalogError(f"{where}: expected KEY=VALUE with KEY one of {', '.join(_ITEM_KEYS)}")
+        if not key.endswith("separator"):
+            value = value.strip()  # a column name; a separator is taken as given
+        if not value and key in ("id", "title"):
+            raise CatalogError(f"{where}: the {key} column must be named")
+        if key.endswith("separator") and not value:
+            raise CatalogError(f"{where}: a separator must not be empty")
+        if _ITEM_KEYS[key] in columns:
+            raise CatalogError(f"{ITEM_FLAG} gives {key} twice; give it once")
+        columns[_ITEM_KEYS[key]] = value
+    return columns
+
+
+def checked_item_flags(values: list[str]) -> list[str]:
+    """A settings validator of --catalog-item values, like checked_feature_flags."""
+    try:
+        parse_item_flags(values)
+    except CatalogError as error:
+        raise ValueError(str(error).removeprefix(ITEM_FLAG + " ")) from None
+    return values
 
 
 def checked_feature_flags(values: list[str]) -> list[str]:
@@ -860,13 +900,14 @@ def load_catalog(
     path: str | os.PathLike[str],
     schema: CatalogSchema | str | os.PathLike[str] | None = None,
     features: Sequence[FeatureSpec] = (),
+    item: Mapping[str, str] | None = None,
 ) -> Catalog:
     """Load a .csv or .jsonl catalog with its declaration (`schema`: a CatalogSchema, a declaration
     file, or None for the one beside the catalog, else SAMPLE_SCHEMA's columns where present).
 
     features: declared by flags (parse_feature_flags), merged into that declaration: a flag's
     feature replaces the declared one of its name, the others are added; a CSV must have their
-    columns.
+    columns. item: the item's own columns by flags (parse_item_flags), replacing the declared ones.
 
     CatalogError names the file, the 1-based line and the column of the first problem.
     """
@@ -894,9 +935,9 @@ def load_catalog(
             f"{path}, line {line}, column {column}: not UTF-8 text (save it as UTF-8)"
         ) from None
     if suffix == ".csv":
-        return _load_csv(path, text, declared, tuple(features))
-    if features:
-        declared = (declared or SAMPLE_SCHEMA).with_features(features)
+        return _load_csv(path, text, declared, tuple(features), dict(item or {}))
+    if features or item:
+        declared = (declared or SAMPLE_SCHEMA).with_item(item or {}).with_features(features)
     return _load_jsonl(path, text, declared)
 
 
@@ -1051,7 +1092,11 @@ class _Row:
 
 
 def _load_csv(
-    path: Path, text: str, declared: CatalogSchema | None, flagged: tuple[FeatureSpec, ...] = ()
+    path: Path,
+    text: str,
+    declared: CatalogSchema | None,
+    flagged: tuple[FeatureSpec, ...] = (),
+    item_columns: Mapping[str, str] | None = None,
 ) -> Catalog:
     lines = text.splitlines(keepends=True)
     reader = csv.reader(lines)
@@ -1062,7 +1107,8 @@ def _load_csv(
     except csv.Error as exc:
         raise CatalogError(f"{path}, line 1: not a readable CSV header ({exc})") from None
     names = [name.strip() for name in header]
-    schema = (declared if declared is not None else SAMPLE_SCHEMA.restricted_to(names)).with_features(flagged)
+    schema = declared if declared is not None else SAMPLE_SCHEMA.restricted_to(names)
+    schema = schema.with_item(item_columns or {}).with_features(flagged)
     seen: dict[str, int] = {}
     for position, name in enumerate(names, start=1):
         if name and name in seen:

@@ -39,14 +39,17 @@ from snaplearn_common.events import EncodedEvent, encode_catalog_change
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_recommender.catalog import (
     FEATURE_FLAG,
+    ITEM_FLAG,
     Catalog,
     CatalogDiff,
     CatalogError,
     checked_feature_flags,
+    checked_item_flags,
     diff_catalogs,
     item_to_proto,
     load_catalog,
     parse_feature_flags,
+    parse_item_flags,
 )
 from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.snapshot_store import SnapshotStore, open_storage
@@ -73,6 +76,11 @@ class CatalogSyncSettings(Settings):
         Cli(flag=FEATURE_FLAG, metavar="NAME[@COLUMN][=KIND[:ARG]]", repeatable=True),
         AfterValidator(checked_feature_flags),
     ] = Field(default_factory=list, description="a feature declared as the trainer's flag declares it")
+    catalog_item: Annotated[
+        list[str],
+        Cli(flag=ITEM_FLAG, metavar="KEY=VALUE", repeatable=True),
+        AfterValidator(checked_item_flags),
+    ] = Field(default_factory=list, description="the item's own columns, as the trainer's flag gives them")
     checkpoint_dir: Annotated[Path | None, Cli(metavar="DIR"), _UNSET_IF_EMPTY] = Field(
         default=None, description="the trainer's checkpoint directory (its catalog is the serving one)"
     )
@@ -180,7 +188,10 @@ def publish_changes(bus: EventBus, topic: str, partitions: int, changes: Catalog
 
 def sync(settings: CatalogSyncSettings, bus: EventBus | None = None) -> SyncResult:
     wanted = load_catalog(
-        settings.catalog_path, settings.catalog_features_path, parse_feature_flags(settings.catalog_feature)
+        settings.catalog_path,
+        settings.catalog_features_path,
+        parse_feature_flags(settings.catalog_feature),
+        parse_item_flags(settings.catalog_item),
     )
     changes = diff_catalogs(serving_catalog(settings.checkpoint_dir, settings.snapshot_dir), wanted)
     if settings.dry_run or not changes:

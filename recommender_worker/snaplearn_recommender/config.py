@@ -18,14 +18,17 @@ from typing import Annotated, ClassVar, Literal, Self
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from snaplearn_common.eventbus.settings import BusSettings
-from snaplearn_common.pseudonym import PseudonymSettings
+from snaplearn_common.pseudonym_settings import PseudonymSettings
 from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_recommender.catalog import (
     FEATURE_FLAG,
+    ITEM_FLAG,
     FeatureSpec,
     checked_feature_flags,
+    checked_item_flags,
     parse_feature_flags,
+    parse_item_flags,
 )
 from snaplearn_recommender.model import Loss, ModelParams
 from snaplearn_recommender.snapshot_store import DEFAULT_RETAIN, open_storage
@@ -138,6 +141,15 @@ class RecommenderSettings(Settings):
         description="a catalog feature, merged into the declaration (a flag's feature replaces the "
         "declared one of its name): KIND categorical (default), multi[:SEPARATOR] or "
         "numeric[:EDGE,EDGE,...], e.g. topic=categorical, tags=multi:|, minutes=numeric:0,10,20",
+    )
+    catalog_item: Annotated[
+        list[str],
+        Cli(flag=ITEM_FLAG, metavar="KEY=VALUE", repeatable=True),
+        AfterValidator(checked_item_flags),
+    ] = Field(
+        default_factory=list,
+        description="the item's own columns, replacing the declaration's [item] keys: id, title, concepts, "
+        "concept_separator, prerequisites, prerequisite_separator, e.g. id='Exercise ID'",
     )
     label_map_path: Annotated[Path | None, Cli(flag="--label-map", metavar="PATH"), _UNSET_IF_EMPTY] = Field(
         default=None,
@@ -282,9 +294,14 @@ class RecommenderSettings(Settings):
 
     @model_validator(mode="after")
     def _features_need_a_catalog(self) -> Self:
-        if self.catalog_feature and self.catalog_path is None:
-            raise ValueError(f"{FEATURE_FLAG} declares features of a catalog file: give --catalog too")
+        if (self.catalog_feature or self.catalog_item) and self.catalog_path is None:
+            flag = FEATURE_FLAG if self.catalog_feature else ITEM_FLAG
+            raise ValueError(f"{flag} declares columns of a catalog file: give --catalog too")
         return self
+
+    def catalog_item_columns(self) -> dict[str, str]:
+        """The item's columns given by --catalog-item (checked when the settings were built)."""
+        return parse_item_flags(self.catalog_item)
 
     def catalog_feature_specs(self) -> tuple[FeatureSpec, ...]:
         """The features declared by --catalog-feature (checked when the settings were built)."""

@@ -16,7 +16,6 @@ from grpc_health.v1 import health_pb2
 
 from snaplearn_common.eventbus.base import EventBus
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
-from snaplearn_common.pseudonym import UserIds
 from snaplearn_common.server import GrpcServer, start_grpc_server
 from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.feedback import FeedbackChannel
@@ -69,7 +68,7 @@ class Frontend:
                         add_to_server,
                         service,
                         feedback=feedback.recorder,
-                        user_ids=UserIds.from_settings(settings.pseudonym),
+                        user_ids=settings.pseudonym.user_ids(),
                     )
                 ],
                 [SERVICE_NAME],

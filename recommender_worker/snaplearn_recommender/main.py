@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from snaplearn_common.eventbus.base import EventBus
 from snaplearn_common.eventbus.factory import open_bus
 from snaplearn_common.files import write_ready_file
+from snaplearn_common.ports import PortInUse, check_free
 from snaplearn_recommender.catalog import CatalogError
 from snaplearn_recommender.config import RecommenderSettings, settings_from_args
 from snaplearn_recommender.query import QueryApp
@@ -65,8 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_args(argv)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        # Before opening the bus or the catalog: a busy port is one sentence, not a traceback.
+        check_free(settings.host, {"--port": settings.port, "--metrics-port": settings.metrics_port})
         asyncio.run(run(settings))
-    except CatalogError as exc:  # a refusal of the user's catalog files: one sentence, no traceback
+    except (CatalogError, PortInUse) as exc:  # the user's files or ports: one sentence, no traceback
         print(f"snaplearn-recommender: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -132,7 +132,10 @@ class TrainerApp:
         metrics = RecommenderMetrics()
         catalog = (
             load_catalog(
-                settings.catalog_path, settings.catalog_features_path, settings.catalog_feature_specs()
+                settings.catalog_path,
+                settings.catalog_features_path,
+                settings.catalog_feature_specs(),
+                settings.catalog_item_columns(),
             )
             if settings.catalog_path
             else generate_sample_catalog()

@@ -2,7 +2,8 @@
 event, the model, a snapshot or a checkpoint. Off by default (DECISIONS D54).
 
 With a key set (SNAPLEARN_PSEUDONYM_KEY, or a file: --pseudonym-key-file /
-SNAPLEARN_PSEUDONYM_KEY_FILE), both servers replace every user id by
+SNAPLEARN_PSEUDONYM_KEY_FILE; declared in pseudonym_settings), both servers replace every user
+id by
 
     <tenant>/<26 base32 characters>   for an id `<tenant>/<rest>` (the tenant rule, D46, reads it)
     <26 base32 characters>            for an id without a tenant prefix
@@ -20,15 +21,12 @@ import base64
 import hashlib
 import hmac
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Protocol, Self, TypeVar
-
-from pydantic import Field, SecretStr, model_validator
+from typing import Any, Protocol, TypeVar
 
 from snaplearn.events.v1 import events_pb2
 from snaplearn_common.errors import InvalidInput
 from snaplearn_common.events import HEADER_EVENT_TYPE, IMAGE_CLASSIFIED_TYPE, EncodedEvent
 from snaplearn_common.ids import MAX_ID_CHARS, check_user_id
-from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 
 # 128 bits: collisions between students are out of reach for any school's population, and the
 # id stays short enough for a tenant prefix within the one id limit.
@@ -38,47 +36,25 @@ MIN_KEY_BYTES = 16
 MAX_TENANT_CHARS = MAX_ID_CHARS - 1 - DIGEST_CHARS
 # Domain separation: the same key used elsewhere never yields these values.
 _CONTEXT = b"snaplearn user id v1\0"
-_KEY_FILE = "--pseudonym-key-file (env SNAPLEARN_PSEUDONYM_KEY_FILE)"
+KEY_FILE_NAMES = "--pseudonym-key-file (env SNAPLEARN_PSEUDONYM_KEY_FILE)"
 
 
-class PseudonymSettings(Settings):
-    """The pseudonymisation key of a server that puts user ids into events (both servers)."""
-
-    model_config = SettingsConfigDict(env_prefix="SNAPLEARN_", env_ignore_empty=True)
-    cli_group: ClassVar[str | None] = "privacy"
-
-    pseudonym_key: Annotated[SecretStr | None, Cli(env_only=True)] = None
-    pseudonym_key_file: Annotated[Path | None, Cli(metavar="PATH"), none_for("")] = Field(
-        default=None,
-        description="file holding the key (at least 16 bytes) that pseudonymises user ids before they "
-        "enter events, the model, snapshots and checkpoints (keyed HMAC); unset with "
-        "SNAPLEARN_PSEUDONYM_KEY unset: ids are kept as sent",
-    )
-
-    @model_validator(mode="after")
-    def _one_usable_key(self) -> Self:
-        if self.pseudonym_key is not None and self.pseudonym_key_file is not None:
-            raise ValueError("give the pseudonym key once: SNAPLEARN_PSEUDONYM_KEY or --pseudonym-key-file")
-        read_key(self)  # a missing file or a short key stops the start, in words
-        return self
-
-
-def read_key(settings: PseudonymSettings) -> bytes | None:
+def load_key(key: str | None, key_file: Path | None) -> bytes | None:
     """The key's bytes (a file's without trailing whitespace), None when none is set; ValueError
     for a key file that cannot be read or a key shorter than MIN_KEY_BYTES."""
-    if settings.pseudonym_key is not None:
-        key, where = settings.pseudonym_key.get_secret_value().encode(), "SNAPLEARN_PSEUDONYM_KEY"
-    elif settings.pseudonym_key_file is not None:
+    if key is not None:
+        raw, where = key.encode(), "SNAPLEARN_PSEUDONYM_KEY"
+    elif key_file is not None:
         try:
-            key = settings.pseudonym_key_file.read_bytes().rstrip()
+            raw = key_file.read_bytes().rstrip()
         except OSError as error:
-            raise ValueError(f"{_KEY_FILE} cannot be read: {error.strerror}") from None
-        where = _KEY_FILE
+            raise ValueError(f"{KEY_FILE_NAMES} cannot be read: {error.strerror}") from None
+        where = KEY_FILE_NAMES
     else:
         return None
-    if len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"{where} holds {len(key)} bytes; a pseudonym key needs at least {MIN_KEY_BYTES}")
-    return key
+    if len(raw) < MIN_KEY_BYTES:
+        raise ValueError(f"{where} holds {len(raw)} bytes; a pseudonym key needs at least {MIN_KEY_BYTES}")
+    return raw
 
 
 class UserIds:
@@ -89,10 +65,6 @@ class UserIds:
         if key is not None and len(key) < MIN_KEY_BYTES:
             raise ValueError(f"a pseudonym key needs at least {MIN_KEY_BYTES} bytes, got {len(key)}")
         self._key = key
-
-    @classmethod
-    def from_settings(cls, settings: PseudonymSettings) -> UserIds:
-        return cls(read_key(settings))
 
     @property
     def pseudonymous(self) -> bool:
@@ -145,9 +117,8 @@ class PseudonymisingSink:
         return self._sink.publish(topic, rewritten)
 
 
-def pseudonymising_sink(sink: S | None, settings: PseudonymSettings) -> S | PseudonymisingSink | None:
+def pseudonymising_sink(sink: S | None, user_ids: UserIds) -> S | PseudonymisingSink | None:
     """`sink` itself when no key is set (or there is no sink), else a PseudonymisingSink before it."""
-    user_ids = UserIds.from_settings(settings)
     if sink is None or not user_ids.pseudonymous:
         return sink
     return PseudonymisingSink(sink, user_ids)

@@ -6,10 +6,12 @@ to replication factor 3 and min.insync.replicas 2, like a production cluster: wi
 snaplearn_common.eventbus.kafka's producers use) a write is confirmed once two replicas have it,
 and a partition keeps accepting writes while one node is down.
 
-The jars are those `scripts/kafka.sh fetch` puts in the cache (the script itself runs one
-node; it is run here only to fetch). Ports are drawn below the ephemeral range (as
-tests/helpers/kafka_broker.py does), because a SIGKILLed node is restarted on the same ports
-and data: a port from the ephemeral range could meanwhile be handed to any socket bound to 0.
+The jars are those `scripts/kafka.sh fetch` puts in the cache, and each node's settings are
+what `scripts/kafka.sh config` writes (the script itself runs one node; here it only fetches
+and writes configs), so the single-node and cluster brokers stay alike. Ports are drawn below
+the ephemeral range (as tests/helpers/kafka_broker.py does), because a SIGKILLed node is
+restarted on the same ports and data: a port from the ephemeral range could meanwhile be
+handed to any socket bound to 0.
 
     with KafkaCluster(tmp_path) as cluster:
         cluster.create_topic("t", partitions=4)
@@ -51,21 +53,6 @@ JVM_OPTS = [
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
 ]
-LOG4J = """\
-status = warn
-appender.stdout.type = Console
-appender.stdout.name = STDOUT
-appender.stdout.layout.type = PatternLayout
-appender.stdout.layout.pattern = [%d] %p %m (%c)%n
-rootLogger.level = INFO
-rootLogger.appenderRef.stdout.ref = STDOUT
-logger.state.name = state.change.logger
-logger.state.level = WARN
-logger.request.name = kafka.request.logger
-logger.request.level = WARN
-logger.config.name = org.apache.kafka.common.config.AbstractConfig
-logger.config.level = WARN
-"""
 
 
 def kafka_libs() -> Path:
@@ -134,40 +121,23 @@ class KafkaCluster:
     # -- lifecycle ----------------------------------------------------------------------
 
     def _write_config(self, node: KafkaNode) -> None:
+        """The node's server.properties and log4j2.properties, written by `scripts/kafka.sh
+        config`: the single-node broker's settings, with this cluster's quorum and replication."""
         voters = ",".join(f"{n.node_id}@{HOST}:{n.controller_port}" for n in self.nodes)
-        node.directory.mkdir(parents=True, exist_ok=True)
-        (node.directory / "log4j2.properties").write_text(LOG4J)
-        node.config_file.write_text(
-            f"""\
-process.roles=broker,controller
-node.id={node.node_id}
-controller.quorum.voters={voters}
-listeners=PLAINTEXT://{HOST}:{node.port},CONTROLLER://{HOST}:{node.controller_port}
-advertised.listeners=PLAINTEXT://{HOST}:{node.port}
-controller.listener.names=CONTROLLER
-inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
-log.dirs={node.directory / "data"}
-num.partitions=4
-default.replication.factor={REPLICATION_FACTOR}
-min.insync.replicas={MIN_INSYNC_REPLICAS}
-unclean.leader.election.enable=false
-offsets.topic.replication.factor={REPLICATION_FACTOR}
-offsets.topic.num.partitions=5
-transaction.state.log.replication.factor={REPLICATION_FACTOR}
-transaction.state.log.min.isr={MIN_INSYNC_REPLICAS}
-transaction.state.log.num.partitions=5
-share.coordinator.state.topic.replication.factor={REPLICATION_FACTOR}
-share.coordinator.state.topic.min.isr={MIN_INSYNC_REPLICAS}
-group.initial.rebalance.delay.ms=0
-auto.create.topics.enable=false
-num.network.threads=2
-num.io.threads=2
-background.threads=2
-# A killed node's replicas leave the ISR within this long, so acks=all writes go on with two.
-replica.lag.time.max.ms=10000
-"""
-        )
+        env = {
+            **os.environ,
+            "SNAPLEARN_KAFKA_DIR": str(node.directory),
+            "SNAPLEARN_KAFKA_NODE_ID": str(node.node_id),
+            "SNAPLEARN_KAFKA_PORT": str(node.port),
+            "SNAPLEARN_KAFKA_CONTROLLER_PORT": str(node.controller_port),
+            "SNAPLEARN_KAFKA_VOTERS": voters,
+            "SNAPLEARN_KAFKA_PARTITIONS": "4",
+            "SNAPLEARN_KAFKA_REPLICATION": str(REPLICATION_FACTOR),
+            "SNAPLEARN_KAFKA_MIN_ISR": str(MIN_INSYNC_REPLICAS),
+        }
+        written = _run_script("config", env, 60.0)
+        if written.returncode != 0:
+            raise RuntimeError(f"scripts/kafka.sh config failed:\n{written.stderr[-3000:]}")
 
     def _java(self, node: KafkaNode, *args: str) -> list[str]:
         log4j = f"-Dlog4j2.configurationFile={node.directory / 'log4j2.properties'}"

@@ -24,28 +24,9 @@ from snaplearn_recommender.checkpoint import Checkpointer
 from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.trainer import TrainerApp
 from tests.contract.eventbus_contract import poll_until
+from tests.helpers.catalogs import SCHOOL_DECLARATION as DECLARATION
 
 WAIT_S = 30.0
-DECLARATION = """
-[item]
-id = "Exercise ID"
-title = "Title"
-concepts = "Concepts"
-prerequisites = "Needs"
-
-[features.topic]
-column = "Topic"
-
-[features.area]
-type = "multi"
-column = "Areas"
-separator = "|"
-
-[features.minutes]
-type = "numeric"
-column = "Minutes"
-buckets = [10, 20]
-"""
 HEADER = "\ufeffExercise ID,Title,Concepts,Topic,Areas,Minutes,Needs\r\n"
 ROWS = {
     "frac-1": "frac-1,Comparing fractions,fractions,Fractions,number|visual,5,",

@@ -20,6 +20,7 @@ from snaplearn_client.client import RecommenderClient
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_recommender.config import RecommenderSettings
 from snaplearn_recommender.trainer import TrainerApp
+from tests.helpers.catalogs import SCHOOL_DECLARATION as DECLARATION
 from tests.helpers.recommender import in_process_settings
 
 WAIT_S = 30.0
@@ -27,26 +28,6 @@ CORRECT = recommender_pb2.ATTEMPT_OUTCOME_CORRECT
 INCORRECT = recommender_pb2.ATTEMPT_OUTCOME_INCORRECT
 # The sample catalog chains each topic: geometry-002 needs geometry-001, and so on.
 FIRST, SECOND = "geometry-001", "geometry-002"
-DECLARATION = """
-[item]
-id = "Exercise ID"
-title = "Title"
-concepts = "Concepts"
-prerequisites = "Needs"
-
-[features.topic]
-column = "Topic"
-
-[features.area]
-type = "multi"
-column = "Areas"
-separator = "|"
-
-[features.minutes]
-type = "numeric"
-column = "Minutes"
-buckets = [10, 20]
-"""
 ROWS = [
     "Exercise ID,Title,Concepts,Topic,Areas,Minutes,Needs",
     "frac-1,Comparing fractions,fractions,Fractions,number|visual,5,",

@@ -28,7 +28,8 @@ from snaplearn.recommender.v1 import recommender_pb2, recommender_pb2_grpc
 from snaplearn.vision.v1 import vision_pb2, vision_pb2_grpc
 from snaplearn_common.eventbus.sqlite import SqliteEventBus
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC, decode_event
-from snaplearn_common.pseudonym import PseudonymSettings, UserIds
+from snaplearn_common.pseudonym import UserIds
+from snaplearn_common.pseudonym_settings import PseudonymSettings
 from snaplearn_common.records import Record
 from snaplearn_recommender.trainer import TrainerApp
 from snaplearn_vision import config as vision_config

@@ -174,11 +174,14 @@ def test_summary_ratios_against_the_best_raw_bound() -> None:
     assert summary["best_raw_format"] == "onnx"
     assert summary["slowest_raw_format"] == "torchscript"
     assert summary["raw_lead_over_slowest"] == pytest.approx(1.25)
+    assert summary["raw_lead_over"] == {"torchscript": pytest.approx(1.25)}
     assert summary["best_served_format"] == "onnx"
     assert summary["best_served_vs_best_raw"] == pytest.approx(0.92)
     assert summary["meets_target"] is True
     assert summary["peers_measured"] == ["ray", "triton"]
     assert summary["above_every_measured_peer"] is True
+    assert (summary["best_peer"], summary["best_peer_images_per_s"]) == ("triton", 21.0)
+    assert summary["ours_vs_best_peer"] == pytest.approx(23.0 / 21.0)
     assert resnet["formats"]["torchscript"]["ours_vs_own_raw"] == pytest.approx(0.95)
     assert resnet["formats"]["torchscript"]["ours_vs_best_raw"] == pytest.approx(0.76)
     assert resnet["peers"]["ray"]["vs_best_raw"] == pytest.approx(0.4)
@@ -227,19 +230,60 @@ def test_table_and_verdicts_name_formats_peers_and_target() -> None:
     )
     verdicts = model_formats.verdicts(result)
     assert verdicts[0] == (
-        "resnet50: fastest bare runtime **onnx** (25.0 img/s, 1.25x torchscript); best served **onnx** at "
-        "92% of that bound (target >= 90%: met; above every measured peer (ray, triton))."
+        "resnet50: fastest bare runtime **onnx** (25.0 img/s; 1.25x torchscript); best served **onnx** at "
+        "92% of that bound (target >= 90%: met; above every measured peer (ray, triton); the fastest, "
+        "triton, 21.0 img/s: ours 1.10x)."
     )
     assert verdicts[1].startswith(
-        "mobilenet_v3_large: fastest bare runtime **onnx** (100.0 img/s, 1.00x onnx)"
+        "mobilenet_v3_large: fastest bare runtime **onnx** (100.0 img/s; the only format measured)"
     )
+
+
+def test_the_fastest_format_is_given_its_lead_over_each_other_format() -> None:
+    result = _result()
+    formats = result["models"]["resnet50"]["formats"]
+    formats["torch_export"] = _row(raw=10.0, served=9.0)
+    summary = model_formats.summarize(result)["models"]["resnet50"]["summary"]
+    assert list(summary["raw_lead_over"]) == ["torchscript", "torch_export"]  # fastest first
+    assert summary["raw_lead_over"]["torch_export"] == pytest.approx(2.5)
+    verdict = model_formats.verdicts(model_formats.summarize(result))[0]
+    assert verdict.startswith(
+        "resnet50: fastest bare runtime **onnx** (25.0 img/s; 1.25x torchscript, 2.50x torch_export)"
+    )
+
+
+def test_a_multi_line_failure_stays_one_table_cell() -> None:
+    result = _result()
+    traceback = (
+        "RuntimeError: server failed\n  File x.py | line 3\n" + "y" * 300 + "\nAttributeError: no user_ids"
+    )
+    result["models"]["resnet50"]["formats"]["torch_export"]["failed"] = traceback
+    table = model_formats.markdown_table(model_formats.summarize(result)).splitlines()
+    row = next(line for line in table if "ours, torch_export" in line)
+    assert row.endswith("AttributeError: no user_ids | | | | | | | |")
+    assert row.count("|") == table[0].count("|") and "| failed: ..." in row
 
 
 def test_a_peer_above_us_is_said_so() -> None:
     result = _result()
     result["models"]["resnet50"]["peers"]["triton"]["capacity"] = 24.0  # ours: 23.0
     verdict = model_formats.verdicts(model_formats.summarize(result))[0]
-    assert verdict.endswith("(target >= 90%: met; NOT above every measured peer (ray, triton)).")
+    assert verdict.endswith(
+        "(target >= 90%: met; NOT above every measured peer (ray, triton); the fastest, triton, "
+        "24.0 img/s: ours 0.96x)."
+    )
+
+
+def test_peers_on_another_model_are_compared_without_the_target() -> None:
+    result = _result()
+    mobilenet = result["models"]["mobilenet_v3_large"]
+    mobilenet["peers"] = {"litserve": {"capacity": 50.0, "format": "onnx", "runs": "x", "errors": {}}}
+    verdict = model_formats.verdicts(model_formats.summarize(result))[1]
+    assert verdict.endswith(
+        "at 70% of that bound (above every measured peer (litserve); the fastest, litserve, 50.0 img/s: "
+        "ours 1.40x)."
+    )
+    assert "target" not in verdict
 
 
 def test_the_peers_serve_the_fastest_bare_format_unless_told() -> None:
@@ -264,8 +308,9 @@ def test_section_replaces_only_its_own_block() -> None:
     assert block.startswith(model_formats.BEGIN) and block.endswith(model_formats.END)
     assert "load average 3.0 at the start." in block
     assert (
-        f"- ray: {model_formats.PEER_RUNS['ray']}, on the onnx version folder\n{model_formats.END}" in block
+        f"- ray: {model_formats.PEER_RUNS['ray']}, on the onnx version folder\n\nA peer's half-load" in block
     )
+    assert block.endswith(f"queues, and its p99 says so.\n{model_formats.END}")
     ended = model_formats.summarize(_result())
     ended["meta"]["load_average_1m_end"] = 1.5
     assert "load average 3.0 at the start, 1.5 at the end." in model_formats.section(ended)

@@ -176,6 +176,9 @@ def test_the_page_names_the_servers_reasons_the_lateness_and_the_load() -> None:
         applied=993,
     )
     page = render(result, checks(result, 5.0), "soak", {})
+    assert "Capacity 50.0 Classify/s (closed loop), soak at 35.0/s" in page
+    result.capacity_given = True
+    assert "Capacity 50.0 Classify/s (given by --capacity)" in render(result, [], "soak", {})
     assert "Refused by the vision server, by its reason (snaplearn_vision_rejections): queue_full 7." in page
     assert "p99 12 ms, max 420 ms; machine load 0.12 0.30 0.41 before, 3.50 2.10 1.00 after." in page
     assert "| 20 | 50 | 100 | 0.25 | 0.50 | 1.50 | 20 | 20 | 7 | 420 |" in page

@@ -1,6 +1,6 @@
-"""Catalog features declared by flags (`--catalog-feature NAME[@COLUMN][=KIND[:ARG]]`): the file's
-three kinds, merged into the declaration in force (a flag replaces the declared feature of its
-name), and every refusal one sentence naming the flag."""
+"""A catalog declared by flags: `--catalog-feature NAME[@COLUMN][=KIND[:ARG]]` (the file's three
+kinds) and `--catalog-item KEY=COLUMN` (the file's [item] keys), merged into the declaration in
+force (a flag replaces what it names), and every refusal one sentence naming the flag."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from snaplearn_recommender.catalog import (
     load_catalog,
     parse_feature_flag,
     parse_feature_flags,
+    parse_item_flags,
 )
 from snaplearn_recommender.catalog_sync import CatalogSyncSettings
 from snaplearn_recommender.config import RecommenderSettings
@@ -140,7 +141,7 @@ def test_the_flag_repeats_reads_a_json_list_from_the_environment_and_refuses_in_
         (["--catalog", "s.csv", "--catalog-feature", "topic=colour"], "'topic=colour': the type must be"),
         (
             ["--catalog-feature", "topic"],
-            "--catalog-feature declares features of a catalog file: give --catalog",
+            "--catalog-feature declares columns of a catalog file: give --catalog",
         ),
     ):
         with pytest.raises(SystemExit) as exited:
@@ -148,3 +149,57 @@ def test_the_flag_repeats_reads_a_json_list_from_the_environment_and_refuses_in_
         assert exited.value.code == 2
         error = capsys.readouterr().err.strip().splitlines()[-1]
         assert "--catalog-feature" in error and reason in error
+
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "recommender_worker" / "examples" / "school_catalog.csv"
+# The example's declaration file (school_catalog.features.toml), as flags.
+EXAMPLE_ITEM_FLAGS = ["id=Exercise ID", "title=Title", "concepts=Concepts", "prerequisites=Needs"]
+EXAMPLE_FEATURE_FLAGS = [
+    "topic@Topic",
+    "area@Area=multi:|",
+    "grade@Grade=numeric",
+    "minutes@Minutes=numeric:15,25",
+]
+
+
+def test_flags_alone_declare_what_the_example_file_declares(tmp_path: Path) -> None:
+    alone = tmp_path / EXAMPLE.name  # without the declaration beside it
+    alone.write_bytes(EXAMPLE.read_bytes())  # its BOM included
+    by_flags = load_catalog(
+        alone, features=parse_feature_flags(EXAMPLE_FEATURE_FLAGS), item=parse_item_flags(EXAMPLE_ITEM_FLAGS)
+    )
+    by_file = load_catalog(EXAMPLE)
+    assert len(by_flags) == len(by_file) > 0
+    assert list(by_flags) == list(by_file)
+    assert any(item.prerequisites for item in by_flags)
+
+
+@pytest.mark.parametrize(
+    ("flag", "reason"),
+    [
+        ("identifier=Exercise ID", "expected KEY=VALUE with KEY one of id, title, concepts"),
+        ("id", "expected KEY=VALUE"),
+        ("title= ", "the title column must be named"),
+        ("concept_separator=", "a separator must not be empty"),
+    ],
+)
+def test_a_bad_item_flag_is_refused_in_one_sentence_naming_it(flag: str, reason: str) -> None:
+    with pytest.raises(CatalogError) as refused:
+        parse_item_flags([flag])
+    assert str(refused.value).startswith(f"--catalog-item {flag!r}: ") and reason in str(refused.value)
+    with pytest.raises(CatalogError, match="--catalog-item gives id twice"):
+        parse_item_flags(["id=a", "id=b"])
+
+
+def test_item_flags_replace_the_files_item_columns(tmp_path: Path) -> None:
+    path = tmp_path / "renamed.csv"
+    path.write_text("code,name,concepts\nx-1,One,fractions\n", encoding="utf-8")
+    (tmp_path / "renamed.features.toml").write_text('[item]\nid = "item_id"\n', encoding="utf-8")
+    with pytest.raises(CatalogError, match="missing column 'item_id'"):
+        load_catalog(path)
+    catalog = load_catalog(path, item=parse_item_flags(["id=code", "title=name"]))
+    assert [(item.item_id, item.title) for item in catalog] == [("x-1", "One")]
+    settings = RecommenderSettings.from_argv(
+        ["--catalog", str(path), "--catalog-item", "id=code"], environ={}
+    )
+    assert settings.catalog_item_columns() == {"id_column": "code"}

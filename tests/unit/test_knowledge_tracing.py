@@ -101,9 +101,15 @@ def test_the_evaluations_practise_next_is_the_online_one() -> None:
             c = column[concept]
             return float(events.success[e, c]) if events.done[e, c] else 0.0
 
+        def success(concept: str, e: int = e) -> float:
+            return float(events.success[e, column[concept]])
+
+        def step(concept: str, e: int = e) -> float:
+            return float(events.follows[events.last[e], column[concept]])
+
         online = practise_next(
             open_order,
-            success=lambda concept, e=e: float(events.success[e, column[concept]]),
+            success=success,
             mastery=level,
             prerequisites=lambda concept: [names[r] for r in np.flatnonzero(required[column[concept]])],
             band=band,
@@ -111,7 +117,7 @@ def test_the_evaluations_practise_next_is_the_online_one() -> None:
             window=k + shaping.weights.extra,
             scores=[float(events.lightfm[e, column[c]]) for c in open_order],
             weights=shaping.weights,
-            next_step=lambda concept, e=e: float(events.follows[events.last[e], column[concept]]),
+            next_step=step,
         )
         ours = [names[c] for c in shaped[e] if not events.done[e, c]]
         assert [s.item for s in online] == ours
@@ -137,6 +143,35 @@ def test_tuning_picks_the_shaping_that_does_best_on_validation() -> None:
     lightfm, *_ = [r for r in kt.policy_results(events, {}, (0.55, 0.85), 3) if r.policy == "lightfm"]
     unshaped = kt.policy_results(events, {"none": grid[0]}, (0.55, 0.85), 3)[-1]
     assert (unshaped.hit, unshaped.recall) == (lightfm.hit, lightfm.recall)
+
+
+def test_tuning_must_beat_lightfm_on_both_metrics() -> None:
+    """The next step finds the concept started next (hit) but, weighted too much, pushes out the
+    concepts LightFM rightly ranks first (recall). The best hit + recall alone takes that; tuning
+    takes the best of the settings above LightFM on both by the margin, or, when none is, the
+    one with the largest worst margin."""
+    events = _events(seed=2, n=300)
+    masked = np.where(events.done, -1.0, events.follows[events.last])
+    events.target = masked.argmax(axis=1)
+    by_lightfm = kt._order(events.lightfm, events.done)
+    events.future = np.zeros_like(events.done)
+    events.future[np.arange(len(by_lightfm))[:, None], by_lightfm[:, :2]] = True
+    events.future[np.arange(len(events.target)), events.target] = True
+    band, k = (0.55, 0.85), 3
+
+    def grid(*steps: float) -> list[kt.Shaping]:
+        return [kt.Shaping(PractiseWeights(0.0, 0.0, 9, step), 0.6, 0.5) for step in steps]
+
+    by_sum, _ = kt.tune(events, grid(0.0, 4.0, 8.0, 32.0), band, k, min_margin=-np.inf)
+    assert by_sum.weights.next_step == 32.0
+    chosen, validation = kt.tune(events, grid(0.0, 4.0, 8.0, 32.0), band, k, min_margin=0.02)
+    assert chosen.weights.next_step == 8.0
+    assert validation["hit"] >= validation["lightfm_hit"] + 0.02
+    assert validation["recall"] >= validation["lightfm_recall"] + 0.02
+    # None clears 0.05: the largest worst margin (2 gains a little recall; 32 loses much).
+    chosen, validation = kt.tune(events, grid(0.0, 2.0, 32.0), band, k, min_margin=0.05)
+    assert chosen.weights.next_step == 2.0
+    assert validation["recall"] > validation["lightfm_recall"]
 
 
 def test_follow_matrix_counts_the_concept_started_after_each_attempt() -> None:

@@ -22,10 +22,10 @@ from snaplearn_common.pseudonym import (
     DIGEST_CHARS,
     MAX_TENANT_CHARS,
     PseudonymisingSink,
-    PseudonymSettings,
     UserIds,
     pseudonymising_sink,
 )
+from snaplearn_common.pseudonym_settings import PseudonymSettings
 from snaplearn_common.records import Record
 from snaplearn_common.settings import InvalidSettings
 
@@ -65,12 +65,12 @@ def test_a_pseudonym_fits_the_id_limit_or_the_tenant_is_refused_in_words() -> No
 
 
 def test_the_key_comes_from_the_environment_or_a_file_and_is_checked(tmp_path: Path) -> None:
-    assert UserIds.from_settings(PseudonymSettings.from_env({})).pseudonymous is False
+    assert PseudonymSettings.from_env({}).user_ids().pseudonymous is False
     from_env = PseudonymSettings.from_env({"SNAPLEARN_PSEUDONYM_KEY": KEY.decode()})
     key_file = tmp_path / "key"
     key_file.write_bytes(KEY + b"\n")  # `echo key > file` and Kubernetes Secrets alike
     from_file = PseudonymSettings.from_env({"SNAPLEARN_PSEUDONYM_KEY_FILE": str(key_file)})
-    assert UserIds.from_settings(from_env).internal("amy") == UserIds.from_settings(from_file).internal("amy")
+    assert from_env.user_ids().internal("amy") == from_file.user_ids().internal("amy")
     assert "a-test-key" not in repr(from_env)  # a secret, never printed
     with pytest.raises(InvalidSettings, match=r"SNAPLEARN_PSEUDONYM_KEY holds 5 bytes; .* at least 16"):
         PseudonymSettings.from_env({"SNAPLEARN_PSEUDONYM_KEY": "short"})
@@ -93,7 +93,7 @@ class _Collect:
 
 def test_the_sink_rewrites_an_image_classified_events_id_in_payload_and_key() -> None:
     sink = _Collect()
-    front = pseudonymising_sink(sink, PseudonymSettings(pseudonym_key=SecretStr(KEY.decode())))
+    front = pseudonymising_sink(sink, UserIds(KEY))
     assert isinstance(front, PseudonymisingSink)
     raw = encode_image_classified("e-1", "school-a/amy", 1_700_000_000.0, "m", "1", [("fractions", 0.9)])
     assert front.publish("topic", raw) is True
@@ -107,5 +107,5 @@ def test_the_sink_rewrites_an_image_classified_events_id_in_payload_and_key() ->
     with pytest.raises(ValueError, match="cannot pseudonymise"):
         front.publish("topic", feedback)
     # No key: the sink itself, nothing changes.
-    assert pseudonymising_sink(sink, PseudonymSettings()) is sink
-    assert pseudonymising_sink(None, PseudonymSettings(pseudonym_key=SecretStr(KEY.decode()))) is None
+    assert pseudonymising_sink(sink, UserIds()) is sink
+    assert pseudonymising_sink(None, UserIds(KEY)) is None

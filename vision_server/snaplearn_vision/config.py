@@ -17,7 +17,7 @@ from typing import Annotated, ClassVar
 from pydantic import Field, field_validator
 
 from snaplearn_common.eventbus.settings import BusSettings
-from snaplearn_common.pseudonym import PseudonymSettings
+from snaplearn_common.pseudonym_settings import PseudonymSettings
 from snaplearn_common.security.settings import SecuritySettings
 from snaplearn_common.settings import Cli, Settings, SettingsConfigDict, none_for
 from snaplearn_vision.schema import (

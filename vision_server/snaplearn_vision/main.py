@@ -15,19 +15,26 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from snaplearn_common.errors import NotFound
 from snaplearn_common.files import write_ready_file
-from snaplearn_vision.config import VisionSettings, settings_from_args
-from snaplearn_vision.process.supervisor import supervise
-from snaplearn_vision.process.worker import stop_with_parent, supervisor_pid
-from snaplearn_vision.server import VisionServer
+from snaplearn_common.ports import PortInUse, check_free
+
+if TYPE_CHECKING:
+    from snaplearn_vision.config import VisionSettings
+
+# The server stack (gRPC, numpy, the core, the settings) is imported where it is used, so that
+# `snaplearn-vision models ...` does not pay for it.
 
 log = logging.getLogger("snaplearn_vision")
 
 
 async def serve(settings: VisionSettings) -> int:
     """Run one server until SIGTERM/SIGINT; returns the process exit code."""
+    from snaplearn_vision.process.worker import stop_with_parent, supervisor_pid
+    from snaplearn_vision.server import VisionServer
+
     # The event loop thread answers every RPC (refusals included) and must win the GIL back
     # quickly from the decode and model threads, and they from it: a thread that releases the
     # GIL around C work (a JPEG decode, a forward pass) waits up to this long to get it back.
@@ -81,6 +88,9 @@ async def serve(settings: VisionSettings) -> int:
             settings.model_repository,
         )
         exit_code = 1
+    except PortInUse as exc:  # taken while the model loaded: one sentence, no traceback
+        print(f"snaplearn-vision: {exc}", file=sys.stderr)
+        exit_code = 2
     except Exception:
         log.exception("vision server failed")
         exit_code = 1
@@ -100,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from snaplearn_vision.models import main as models_main
 
         return models_main(args[1:])
+    from snaplearn_vision.config import settings_from_args
+
     settings = settings_from_args(argv)
     worker = "" if settings.worker_index is None else f"[worker {settings.worker_index}] "
     logging.basicConfig(
@@ -107,7 +119,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s {worker}%(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if settings.worker_index is None:  # a worker joins its supervisor's port
+        try:  # before loading anything: a busy port is one sentence, not a traceback
+            check_free(settings.host, {"--port": settings.port, "--metrics-port": settings.metrics_port})
+        except PortInUse as exc:
+            print(f"snaplearn-vision: {exc}", file=sys.stderr)
+            return 2
     if settings.workers > 1:
+        from snaplearn_vision.process.supervisor import supervise
+
         return asyncio.run(supervise(settings, list(sys.argv[1:] if argv is None else argv)))
     if settings.torch_threads is not None:
         import torch

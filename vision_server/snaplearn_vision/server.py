@@ -33,6 +33,7 @@ from snaplearn_common.eventbus.publisher import EventPublisher
 from snaplearn_common.eventbus.spool import DiskSpool
 from snaplearn_common.events import IMAGE_CLASSIFIED_TOPIC
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
+from snaplearn_common.pseudonym import pseudonymising_sink
 from snaplearn_common.server import GrpcServer, start_grpc_server
 from snaplearn_vision.config import VisionSettings
 from snaplearn_vision.core.metrics import VisionMetrics
@@ -249,7 +250,7 @@ class VisionServer:
             model_poll_interval_s=settings.model_poll_interval_s,
             default_model_name=settings.model_name,
             default_model_version=settings.model_version or None,
-            publisher=self.publisher,
+            publisher=pseudonymising_sink(self.publisher, settings.pseudonym.user_ids()),
             metrics=self.metrics,
             batching=BatchingOverrides(
                 max_batch_size=settings.max_batch_size,

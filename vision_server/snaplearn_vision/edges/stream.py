@@ -20,7 +20,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
 
 import grpc
 from grpc import aio
@@ -176,17 +175,9 @@ class ClassifyStreamSession:
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class ItemChecks(Protocol):
-    """What the security interceptor's ItemChecks answer for one item: None, or its status."""
-
-    def refusal(self, user_id: str) -> tuple[grpc.StatusCode, str] | None: ...
-
-
-def _item_checks() -> ItemChecks | None:
+def _item_checks() -> security.ItemChecks | None:
     """The per-item checks the security interceptor set for this stream's call, if any."""
-    var = getattr(security, "ITEM_CHECKS", None)  # absent from an interceptor without them
-    checks: ItemChecks | None = var.get() if var is not None else None
-    return checks
+    return security.ITEM_CHECKS.get()
 
 
 def _error(item_id: int, status: grpc.StatusCode, message: str) -> vision_pb2.ClassifyStreamResult:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from prometheus_client import Counter, Gauge
 from snaplearn_common.files import write_ready_file
 from snaplearn_common.metrics import MetricsEndpoint, serve_metrics
 from snaplearn_common.metrics_merge import worker_metrics_registry
+from snaplearn_common.ports import PortInUse
 from snaplearn_common.security.ratelimit import SharedRateLimiter
 from snaplearn_vision.config import VisionSettings
 from snaplearn_vision.process.worker import SUPERVISOR_PID_ENV
@@ -76,8 +78,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
     try:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind(address)
-    except OSError:
+    except OSError as error:
         holder.close()
+        if error.errno == errno.EADDRINUSE:
+            raise PortInUse(host, port) from None
         raise
     return holder
 
@@ -326,6 +330,9 @@ async def supervise(settings: VisionSettings, argv: Sequence[str]) -> int:
     except RuntimeError as exc:  # a worker failed to start; its own log lines say why
         log.error("%s", exc)
         exit_code = 1
+    except PortInUse as exc:  # one sentence, no traceback
+        print(f"snaplearn-vision: {exc}", file=sys.stderr)
+        exit_code = 2
     except Exception:
         log.exception("vision server workers failed")
         exit_code = 1
