@@ -335,6 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 from snaplearn_bench.models import ensure_default_model
 
                 ensure_default_model(args.model_repository)
+            reps = reps_for(args, model)
             exported_formats = sorted(set(formats), key=FORMATS.index)
             root = scratch / "models"
             log(f"{model}: exporting to {', '.join(exported_formats)}")
@@ -345,6 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             entry: dict[str, Any] = {
                 "input": f"{spec['channels']}x{spec['size'][0]}x{spec['size'][1]}",
                 "architecture": spec["architecture"],
+                "reps": reps,
                 "formats": {},
             }
             for fmt in formats:
@@ -362,16 +364,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 try:
                     log(f"{model} {fmt}: bare runtime")
                     row["raw"] = median_of(
-                        [bare(exported["files"][fmt], fmt, spec, args) for _ in range(args.reps)]
+                        [bare(exported["files"][fmt], fmt, spec, args) for _ in range(reps)]
                     )
-                    log(f"{model} {fmt}: our server")
-                    row["ours"] = median_of([ours(root, name, scratch, args) for _ in range(args.reps)])
+                    row["window_s"] = window_s(args, row["raw"]["images_per_s"])
+                    served_args = argparse.Namespace(**{**vars(args), "seconds": row["window_s"]})
+                    log(f"{model} {fmt}: our server ({row['window_s']:.1f} s windows)")
+                    row["ours"] = median_of([ours(root, name, scratch, served_args) for _ in range(reps)])
                 except Exception as error:  # one format that fails is a row that says so
                     row["failed"] = f"{type(error).__name__}: {str(error)[-600:]}"
                     log(f"{model} {fmt}: failed: {row['failed']}")
                 entry["formats"][fmt] = row
             if model in peer_models:
-                entry["peers"] = run_peers(model, entry, root, setup, args)
+                entry["peers"] = run_peers(
+                    model, entry, root, setup, argparse.Namespace(**{**vars(args), "reps": reps})
+                )
             result["models"][model] = entry
             if not args.no_write:  # what is measured so far survives a run cut short (--from-json)
                 args.out.mkdir(parents=True, exist_ok=True)
@@ -399,7 +405,26 @@ def run_peers(
         return {peer: {"status": statuses.get(peer) or why} for peer in PEER_NAMES}
     served = [row["ours"] for row in entry["formats"].values() if "ours" in row]
     half_rate = max(row["half_rate"] for row in served) if served else 0.0
-    return peers(root, served_name(model, fmt), fmt, half_rate, setup, args)
+    # The windows of the served format's rows: the peers are counted over as many batches as ours.
+    seconds = entry["formats"].get(fmt, {}).get("window_s", args.seconds)
+    peer_args = argparse.Namespace(**{**vars(args), "seconds": seconds})
+    return peers(root, served_name(model, fmt), fmt, half_rate, setup, peer_args)
+
+
+def window_s(args: argparse.Namespace, raw_rate: float) -> float:
+    """A load window long enough to hold --min-batches full batches at the bare rate (a closed
+    loop's answers come a batch at a time, so a short window's count is a batch off), between
+    --seconds and 3x --seconds."""
+    if args.min_batches <= 0 or not raw_rate > 0:
+        return float(args.seconds)
+    wanted = args.min_batches * args.max_batch_size / raw_rate
+    return float(round(min(max(args.seconds, wanted), 3 * args.seconds), 1))
+
+
+def reps_for(args: argparse.Namespace, model: str) -> int:
+    """--reps for the models of --reps-models (all when empty), one for the others."""
+    chosen = parse_list(args.reps_models)
+    return args.reps if not chosen or model in chosen else 1
 
 
 # -- the report (pure: tested in tests/unit/test_bench_model_formats.py) ------------------------
@@ -568,6 +593,28 @@ def _leads(summary: dict[str, Any]) -> str:
     return ", ".join(f"{lead:.2f}x {fmt}" for fmt, lead in leads.items()) or "the only format measured"
 
 
+def _windows(result: dict[str, Any]) -> str:
+    """The load windows: --seconds, or per model the range --min-batches stretched them to."""
+    meta_ = result["meta"]
+    spans = []
+    for model, entry in result["models"].items():
+        windows = [row["window_s"] for row in entry["formats"].values() if "window_s" in row]
+        if windows and max(windows) > meta_["seconds"]:
+            low, high = min(windows), max(windows)
+            spans.append(f"{model} {_num(low)}" + (f"-{_num(high)}" if high > low else ""))
+    text = f"{meta_['seconds']} s per load window"
+    if spans:
+        text += f" (stretched to hold {meta_.get('min_batches')} full batches: {', '.join(spans)} s)"
+    return text
+
+
+def _reps(result: dict[str, Any]) -> str:
+    counts = {model: entry.get("reps", result["meta"]["reps"]) for model, entry in result["models"].items()}
+    if len(set(counts.values())) <= 1:
+        return f"{result['meta']['reps']} rep(s) (median)"
+    return "reps (median): " + ", ".join(f"{model} {n}" for model, n in counts.items())
+
+
 def section(result: dict[str, Any]) -> str:
     meta_ = result["meta"]
     return (
@@ -577,8 +624,8 @@ def section(result: dict[str, Any]) -> str:
         f"channels_last {meta_['channels_last']}; torch threads {meta_['torch_threads']} (bare runtime, "
         f"server and peers alike), decode threads {meta_['decode_threads']}, max batch "
         f"{meta_['max_batch_size']} (every server), {meta_['concurrency']} closed-loop callers, "
-        f"{meta_['seconds']} s per load window, {meta_['raw_seconds']} s per raw batch size, "
-        f"{meta_['reps']} rep(s) (median); load average {meta_['load_average_1m']} at the start"
+        f"{_windows(result)}, {meta_['raw_seconds']} s per raw batch size, "
+        f"{_reps(result)}; load average {meta_['load_average_1m']} at the start"
         + (f", {meta_['load_average_1m_end']} at the end" if "load_average_1m_end" in meta_ else "")
         + ". Raw numbers: model_formats.json.\n\n"
         + "\n".join(f"- {sentence}" for sentence in verdicts(result))
@@ -670,6 +717,8 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "raw_seconds": args.raw_seconds,
         "reps": args.reps,
+        "reps_models": args.reps_models,
+        "min_batches": args.min_batches,
         "batch_sizes": args.batch_sizes,
         "load_generator": args.load_generator,
         "load_average_1m": round(os.getloadavg()[0], 1),
@@ -690,6 +739,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--raw-seconds", type=float, default=2.0, help="per batch size of the bare runtime")
     parser.add_argument("--warmup", type=float, default=2.0, help="the load generator's warm-up")
     parser.add_argument("--reps", type=int, default=1, help="repeat each measurement; report medians")
+    parser.add_argument("--reps-models", default="", help="the models --reps applies to (default: all)")
+    parser.add_argument(
+        "--min-batches",
+        type=int,
+        default=30,
+        help="stretch a format's load windows (up to 3x --seconds) to hold this many full batches "
+        "at its bare rate; 0: --seconds exactly",
+    )
     parser.add_argument("--batch-sizes", default="1,8,16", help="the bare runtime's batch sizes")
     parser.add_argument("--max-batch-size", type=int, default=16, help="our server's batcher")
     parser.add_argument("--max-queue-delay-ms", type=float, default=5.0)

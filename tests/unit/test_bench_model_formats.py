@@ -363,3 +363,35 @@ def test_a_format_that_fails_to_export_leaves_the_others(tmp_path: Path) -> None
     assert sorted(result["files"]) == ["onnx"]
     assert Path(result["files"]["onnx"]).exists()
     assert result["failed"]["torch_export"].startswith("export: ")
+
+
+def test_load_windows_hold_enough_batches_within_bounds() -> None:
+    args = model_formats.build_parser().parse_args(["--seconds", "5", "--max-batch-size", "8"])
+    assert args.min_batches == 30
+    assert model_formats.window_s(args, 16.0) == 15.0  # 30 x 8 / 16 = 15 s
+    assert model_formats.window_s(args, 8.0) == 15.0  # 30 s wanted, capped at 3 x 5 s
+    assert model_formats.window_s(args, 40.0) == 6.0
+    assert model_formats.window_s(args, 3000.0) == 5.0  # never below --seconds
+    assert model_formats.window_s(args, float("nan")) == 5.0
+    off = model_formats.build_parser().parse_args(["--seconds", "5", "--min-batches", "0"])
+    assert model_formats.window_s(off, 16.0) == 5.0
+
+
+def test_reps_apply_to_the_chosen_models_and_the_page_says_so() -> None:
+    args = model_formats.build_parser().parse_args(["--reps", "3", "--reps-models", "resnet50"])
+    assert (model_formats.reps_for(args, "resnet50"), model_formats.reps_for(args, "worksheet-topics")) == (
+        3,
+        1,
+    )
+    every = model_formats.build_parser().parse_args(["--reps", "2"])
+    assert model_formats.reps_for(every, "worksheet-topics") == 2
+    result = model_formats.summarize(_result())
+    result["meta"]["min_batches"] = 30
+    result["models"]["resnet50"]["reps"] = 3
+    result["models"]["mobilenet_v3_large"]["reps"] = 1
+    result["models"]["resnet50"]["formats"]["onnx"]["window_s"] = 12.5
+    result["models"]["resnet50"]["formats"]["torchscript"]["window_s"] = 15.0
+    result["models"]["mobilenet_v3_large"]["formats"]["onnx"]["window_s"] = 5.0
+    block = model_formats.section(result)
+    assert "5.0 s per load window (stretched to hold 30 full batches: resnet50 12.5-15.0 s)" in block
+    assert "reps (median): resnet50 3, mobilenet_v3_large 1;" in block
