@@ -523,7 +523,7 @@ def markdown_table(result: dict[str, Any]) -> str:
                 continue
             raw, served = row["raw"], row["ours"]
             lines.append(
-                f"| {label} | ours, {fmt} | {_num(raw['images_per_s'])} ({raw['best_batch_size']}) "
+                f"| {label} | ours, {fmt} | {_num(raw['images_per_s'])} ({int(raw['best_batch_size'])}) "
                 f"| {_num(served['capacity'])} | {_num(served.get('mean_batch', float('nan')))} "
                 f"| {row['ours_vs_own_raw']:.0%} | {row['ours_vs_best_raw']:.0%} "
                 f"| {_num(served['half_rate'])} | {_num(served['half_p99_ms'])} "

@@ -24,6 +24,7 @@ import json
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -244,9 +245,9 @@ def write_results(result: dict[str, Any], command: str) -> None:
         f"{BEGIN}\n## A hot swap under load\n\n`{command}`, one run on CPU (load average while it ran: "
         f"{result['load_average_1m']} on {result['cpu_cores']} cores; raw numbers in models_swap.json). "
         "`add_to_first_v2_s` counts from starting `models add` to the first answer from version 2. "
-        "The command (`models_add_command_s`) loads the version in its own process and runs one test "
-        "batch before it becomes visible; with `--server` it also waits while the server loads and "
-        "warms it (`server_load_and_warm_up_mean_s`) and swaps it in. `import_s`: a fresh process "
+        "The command (`models_add_command_s`) loads the version in its own process and runs test "
+        "batches of 1 and 2 before it becomes visible; with `--server` it also waits while the server "
+        "loads and warms it (`server_load_and_warm_up_mean_s`) and swaps it in. `import_s`: a fresh process "
         f"importing the command's modules.\n\n| measure | value |\n|---|---|\n{rows}\n{END}"
     )
     text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Models: formats and live swaps\n\n"
@@ -279,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     result = asyncio.run(run(args))
     print(json.dumps(result))
     if not args.no_write:
-        command = "python benchmarks/model_swap.py " + " ".join(argv if argv is not None else [])
+        command = "python benchmarks/model_swap.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_results(result, command.strip())
     return 0 if result["failed_calls"] == 0 else 1
 

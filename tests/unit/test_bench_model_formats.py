@@ -264,6 +264,13 @@ def test_a_multi_line_failure_stays_one_table_cell() -> None:
     assert row.count("|") == table[0].count("|") and "| failed: ..." in row
 
 
+def test_a_median_batch_size_is_printed_as_a_whole_number() -> None:
+    result = _result()
+    result["models"]["resnet50"]["formats"]["onnx"]["raw"]["best_batch_size"] = 8.0  # median of reps
+    table = model_formats.markdown_table(model_formats.summarize(result))
+    assert "| ours, onnx | 25.0 (8) |" in table
+
+
 def test_a_peer_above_us_is_said_so() -> None:
     result = _result()
     result["models"]["resnet50"]["peers"]["triton"]["capacity"] = 24.0  # ours: 23.0
