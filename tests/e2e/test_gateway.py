@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from snaplearn.vision.v1 import vision_pb2_grpc
 from snaplearn_common.metrics import scrape
+from tests.helpers.gateway import gateway_processes
 from tests.helpers.go_build import BUILD_TIMEOUT_S, GO_COMMANDS, build_go_command, go_or_skip
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 from tests.helpers.vision_server import (
@@ -55,32 +56,18 @@ def images(trained_model_repository: Path) -> dict[str, bytes]:  # noqa: F811
 
 @pytest.fixture
 def start_gateway(gateway_binary: Path, tmp_path: Path) -> Iterator[StartGateway]:
-    started: list[subprocess.Popen[str]] = []
+    with gateway_processes(gateway_binary, tmp_path) as start_gateway:
 
-    def start(backend: str, max_in_flight: int) -> tuple[str, int]:
-        ready_file = tmp_path / f"gateway-{len(started)}.json"
-        process = subprocess.Popen(
-            [
-                str(gateway_binary), "--port", "0", "--metrics-port", "0", "--backend", backend,
-                "--max-in-flight", str(max_in_flight), "--ready-file", str(ready_file),
-                "--backend-connections", str(GATEWAY_BACKEND_CONNECTIONS),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("gateway ready on"), f"gateway exited with {process.poll()}: {line!r}"
-        ready = json.loads(ready_file.read_text())
-        return f"127.0.0.1:{ready['port']}", int(ready["metrics_port"])
+        def start(backend: str, max_in_flight: int) -> tuple[str, int]:
+            port, metrics_port = start_gateway(
+                [
+                    "--backend", backend, "--max-in-flight", str(max_in_flight),
+                    "--backend-connections", str(GATEWAY_BACKEND_CONNECTIONS),
+                ]
+            )  # fmt: skip
+            return f"127.0.0.1:{port}", metrics_port
 
-    yield start
-    for process in started:
-        process.terminate()
-        process.communicate(timeout=30)
-        assert process.returncode == 0
+        yield start
 
 
 def test_the_gateways_go_unit_tests_pass() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from snaplearn.vision.v1 import vision_pb2_grpc
 from snaplearn_common.metrics import scrape
 from snaplearn_common.security.settings import SecuritySettings
 from tests.helpers.certificates import CertificateAuthority
+from tests.helpers.gateway import gateway_processes
 from tests.helpers.go_build import BUILD_TIMEOUT_S, build_go_command
 from tests.helpers.vision_model import trained_model_repository  # noqa: F401  (fixture)
 from tests.helpers.vision_server import (
@@ -108,34 +108,20 @@ def keys(tmp_path: Path) -> Keys:
 
 @pytest.fixture
 def gateways(gateway_binary: Path, tmp_path: Path, keys: Keys) -> Iterator[Any]:
-    started: list[subprocess.Popen[str]] = []
+    with gateway_processes(gateway_binary, tmp_path) as start_gateway:
 
-    def start(backend_port: int, *extra: str) -> tuple[str, int]:
-        ready_file = tmp_path / f"gateway-{len(started)}.json"
-        process = subprocess.Popen(
-            [
-                str(gateway_binary), "--port", "0", "--metrics-port", "0",
-                "--backend", f"localhost:{backend_port}", "--backend-connections", "2",
-                "--backend-tls-ca", str(keys.ca_file),
-                "--tls-cert", str(keys.cert), "--tls-key", str(keys.key),
-                "--ready-file", str(ready_file), "--stream-max-age", "120", "--stream-idle", "60", *extra,
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        started.append(process)
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.startswith("gateway ready on"), f"gateway exited with {process.poll()}: {line!r}"
-        ready = json.loads(ready_file.read_text())
-        return f"localhost:{ready['port']}", int(ready["metrics_port"])
+        def start(backend_port: int, *extra: str) -> tuple[str, int]:
+            port, metrics_port = start_gateway(
+                [
+                    "--backend", f"localhost:{backend_port}", "--backend-connections", "2",
+                    "--backend-tls-ca", str(keys.ca_file),
+                    "--tls-cert", str(keys.cert), "--tls-key", str(keys.key),
+                    "--stream-max-age", "120", "--stream-idle", "60", *extra,
+                ]
+            )  # fmt: skip
+            return f"localhost:{port}", metrics_port
 
-    yield start
-    for process in started:
-        process.terminate()
-        process.communicate(timeout=30)
-        assert process.returncode == 0
+        yield start
 
 
 def backend_port(running: Any) -> int:
